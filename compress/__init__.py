@@ -1,0 +1,1 @@
+"""Compression stages' building blocks: the shared trainer, distillation, pruning, QAT, MoE helpers."""

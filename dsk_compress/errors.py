@@ -1,0 +1,51 @@
+"""Errors that the CLI turns into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+
+class DskError(Exception):
+    """Base class: a problem the user can fix. ``hint`` says how."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class RecipeError(DskError):
+    """A recipe that does not load, validate or plan."""
+
+
+class ModelSourceError(DskError):
+    """A model source that cannot be resolved or loaded."""
+
+
+class TaskError(DskError):
+    """A task that cannot be built or does not fit the model."""
+
+
+class ExportError(DskError):
+    """Export failed or the exported model does not match torch."""
+
+
+class MissingBackendError(DskError):
+    """An optional backend is not installed; the hint names the pip extra."""
+
+    def __init__(self, backend: str, extra: str) -> None:
+        super().__init__(
+            f"the {backend} backend is not installed",
+            hint=f"pip install 'dsk-compress[{extra}]'",
+        )
+        self.backend = backend
+        self.extra = extra
+
+
+class DeviceError(DskError):
+    """An unknown device profile or an unreachable device."""
+
+
+class RunError(DskError):
+    """A run directory that is missing, corrupt or cannot be resumed."""

@@ -1,0 +1,1 @@
+"""Model sources: the built-in zoo, local Hugging Face directories and torch factories."""

@@ -1,0 +1,204 @@
+"""``dsk-compress``: distill, prune, quantize, export and benchmark models for the edge."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dsk_compress import __version__
+from dsk_compress.cli._options import OutDir, SetOpt
+from dsk_compress.errors import DskError
+
+app = typer.Typer(
+    name="dsk-compress",
+    help="Distill MoE teachers into dense students, prune, quantize, export to ONNX/TensorRT and benchmark.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+zoo_app = typer.Typer(help="Built-in zoo models: list them or train one.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dsk-compress {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Distill MoE teachers into dense students, prune, quantize, export and benchmark.
+
+    Example: dsk-compress recipe quant-prune-distill
+    """
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the bundled recipes.
+
+    Example: dsk-compress recipes
+    """
+    from rich.table import Table
+
+    from dsk_compress.recipes import recipe_descriptions
+
+    t = Table("recipe", "description")
+    for name, desc in recipe_descriptions():
+        t.add_row(name, desc)
+    _console().print(t)
+
+
+@app.command("recipe")
+def recipe_cmd(
+    recipe: Annotated[str, typer.Argument(help="A bundled recipe name or a path to a recipe YAML.")],
+    set_: SetOpt = None,
+    out: OutDir = Path("runs"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run of this recipe under --out.")] = False,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Use (or, with --resume, continue) exactly this run directory.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, print the resolved plan and exit.")] = False,
+) -> None:
+    """Run a compression recipe end to end and print where the report is.
+
+    Example: dsk-compress recipe quant-prune-distill --set stages.1.ffn_ratio=0.4
+    """
+    import json
+
+    from dsk_compress import api
+
+    spec = api.load_recipe(recipe, set_ or [])
+    if dry_run:
+        from dsk_compress.recipes.runner import describe_plan
+
+        c = _console()
+        c.print(f"[bold]{spec.name}[/bold] (recipe version {spec.version}, seed {spec.seed})")
+        c.print(f"teacher: {spec.teacher.model_dump(exclude_none=True)}  student: {spec.student.model_dump(exclude_none=True)}")
+        c.print(f"task: {spec.task.model_dump()}")
+        for st in describe_plan(spec):
+            c.print(f"  {st['index']}. {st['stage']}: " + json.dumps({k: v for k, v in st.items() if k not in ('index', 'stage')}))
+        return
+    resume_arg: bool | Path = (run_dir if run_dir else True) if resume else False
+    rd = api.run_recipe(spec, out=out, resume=resume_arg, run_dir=None if resume else run_dir)
+    from dsk_compress.report import load_report, render_summary_table
+
+    c = _console()
+    rep_path = rd / "report.md"
+    if rep_path.is_file():
+        render_summary_table(load_report(rd), c)
+        c.print(f"report: {rep_path}  (also {rd / 'report.html'}, {rd / 'report.json'})")
+    else:
+        c.print(f"run finished: {rd} (no bench stage, so no report)")
+
+
+@app.command("devices")
+def devices_cmd() -> None:
+    """List the device profiles.
+
+    Example: dsk-compress devices
+    """
+    from rich.table import Table
+
+    from dsk_compress.devices import list_devices
+
+    t = Table("device", "arch", "cores", "memory GB", "runtime", "precision", "peak GFLOP/s", "GB/s")
+    for d in list_devices():
+        t.add_row(d.name, d.arch, str(d.cores), f"{d.memory_gb:g}", d.preferred_runtime, d.preferred_precision,
+                  f"{d.peak_gflops:g} ({d.peak_gflops_precision})", f"{d.memory_bandwidth_gbs:g}")
+    _console().print(t)
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One run directory to show, or several to compare.")],
+) -> None:
+    """Show a run's report, or compare several runs side by side.
+
+    Example: dsk-compress report runs/quant-prune-distill-20261123-101500 runs/other-run
+    """
+    from dsk_compress.report import compare_reports, load_report, render_comparison, render_summary_table
+
+    c = _console()
+    if len(run_dirs) == 1:
+        render_summary_table(load_report(run_dirs[0]), c)
+    else:
+        render_comparison(compare_reports(run_dirs), c)
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List the zoo models and whether their weights are present.
+
+    Example: dsk-compress zoo list
+    """
+    from rich.table import Table
+
+    from dsk_compress.models.zoo import ZOO, zoo_card
+
+    t = Table("model", "description", "weights", "val accuracy %", "bits/byte", "trained tokens")
+    for name in ZOO:
+        card = zoo_card(name)
+        v = (card or {}).get("validation", {})
+        t.add_row(name, ZOO.get(name).description, "yes" if card else "no",
+                  f"{v['accuracy']:.2f}" if v else "-", f"{v['bits_per_byte']:.3f}" if v else "-",
+                  f"{card['training']['tokens']:,}" if card else "-")
+    _console().print(t)
+
+
+@zoo_app.command("train")
+def zoo_train(
+    name: Annotated[str, typer.Argument(help="Zoo model to train, e.g. code-lm-moe.")],
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the model's own).", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step.", min=1)] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.", min=0)] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (default runs/zoo-NAME).")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = True,
+    install: Annotated[bool, typer.Option("--install/--no-install", help="Write weights + card into the package's zoo.")] = True,
+) -> None:
+    """Train a zoo model on its task (bf16 autocast on CUDA, resumable) and write its weights and card.
+
+    Example: dsk-compress zoo train code-lm-moe --steps 2000
+    """
+    from dsk_compress.models.zoo import train_zoo
+
+    card = train_zoo(name, work_dir=work_dir, steps=steps, batch_size=batch_size, lr=lr, resume=resume, install=install)
+    v = card["validation"]
+    _console().print(f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after {card['training']['tokens']:,} tokens")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except DskError as e:
+        typer.secho(f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), err=True, fg="red")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished stages are kept; continue with --resume", err=True, fg="yellow")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Knowledge distillation: logit KD with temperature plus hard-label cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
+            temperature: float = 2.0, kd_weight: float = 0.8) -> tuple[torch.Tensor, dict[str, float]]:
+    """``kd_weight * T^2 * KL(teacher_T || student_T) + (1 - kd_weight) * CE(student, next token)``.
+
+    Logits are ``[B, T, V]`` for causal LMs; position t predicts token t+1.
+    """
+    s = student_logits[:, :-1].float()
+    t = teacher_logits[:, :-1].float()
+    v = s.shape[-1]
+    ce = F.cross_entropy(s.reshape(-1, v), input_ids[:, 1:].reshape(-1))
+    if kd_weight == 0:
+        return ce, {"ce": float(ce.detach())}
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temperature**2
+    loss = kd_weight * kl + (1 - kd_weight) * ce
+    return loss, {"ce": float(ce.detach()), "kl": float(kl.detach())}
+
+
+def make_kd_loss_fn(teacher: torch.nn.Module, temperature: float, kd_weight: float):
+    """A trainer ``loss_fn`` that runs ``teacher`` online (no grad) and distills into the trained model."""
+
+    def loss_fn(model, x, step):
+        if kd_weight > 0:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x, use_cache=False).logits
+        else:
+            t_logits = None
+        s_logits = model(input_ids=x, use_cache=False).logits
+        if t_logits is None:
+            return kd_loss(s_logits, s_logits.detach(), x, temperature, 0.0)
+        return kd_loss(s_logits, t_logits, x, temperature, kd_weight)
+
+    return loss_fn

@@ -1,0 +1,134 @@
+"""INT8 quantization-aware training.
+
+Weights: per-output-channel symmetric fake quant (scale = absmax / qmax). With ``avx2_safe`` the
+8-bit range is cut to +-63 so ONNX Runtime's u8s8 integer kernels cannot saturate on CPUs without
+VNNI (the exported tensor is still int8). Activations: per-tensor asymmetric uint8, an observer
+phase (running min/max) and then a learned scale (LSQ). Each Linear has its own activation
+quantizer, so the exported graph has one Q/DQ pair per quantized Linear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def weight_qmax(bits: int, avx2_safe: bool) -> int:
+    qmax = 2 ** (bits - 1) - 1
+    return 63 if (avx2_safe and bits == 8) else qmax
+
+
+class QuantLinear(nn.Module):
+    """A Linear with fake-quantized input activations and weights."""
+
+    def __init__(self, linear: nn.Linear, weight_bits: int = 8, avx2_safe: bool = True) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_bits = weight_bits
+        self.qmax = weight_qmax(weight_bits, avx2_safe)
+        self.act_scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("act_zero_point", torch.tensor(0.0))
+        self.register_buffer("act_min", torch.tensor(float("inf")))
+        self.register_buffer("act_max", torch.tensor(float("-inf")))
+        self.register_buffer("observing", torch.tensor(True))
+
+    def weight_scale(self) -> torch.Tensor:
+        frozen = getattr(self, "frozen_weight_scale", None)
+        if frozen is not None:
+            return frozen
+        return (self.weight.detach().abs().amax(dim=1) / self.qmax).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def freeze_weight_scale(self) -> None:
+        """Fix the weight scales (for export: they become constants in the graph)."""
+        self.frozen_weight_scale = None
+        self.frozen_weight_scale = self.weight_scale().clone()
+
+    def quantized_weight(self) -> torch.Tensor:
+        scale = self.weight_scale()
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(self.weight, scale, zp, 0, -128, 127)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.min().float(), x.max().float()
+        self.act_min.copy_(torch.minimum(self.act_min, lo))
+        self.act_max.copy_(torch.maximum(self.act_max, hi))
+
+    @torch.no_grad()
+    def freeze_observer(self) -> None:
+        lo = min(float(self.act_min), 0.0)
+        hi = max(float(self.act_max), 0.0)
+        scale = max((hi - lo) / 255.0, 1e-8)
+        self.act_scale.fill_(scale)
+        self.act_zero_point.fill_(float(min(255, max(0, round(-lo / scale)))))
+        self.observing.fill_(False)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing.item():
+            self._observe(x)
+            return x
+        if self.training:
+            grad_factor = 1.0 / math.sqrt(x.numel() / x.shape[-1] * 255)
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.act_scale.reshape(1), self.act_zero_point.reshape(1), 0, 255, grad_factor
+            )
+        return torch.fake_quantize_per_tensor_affine(x, self.act_scale.item(), int(self.act_zero_point.item()), 0, 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}(qmax={self.qmax}), a8"
+
+
+def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, skip: list[str] | None = None) -> list[str]:
+    """Replace every ``nn.Linear`` not named in ``skip`` with a QuantLinear (in place); return their names."""
+    skip = skip or []
+    names = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
+                setattr(module, child_name, QuantLinear(child, weight_bits, avx2_safe))
+                names.append(full)
+    return names
+
+
+def quant_layers(model: nn.Module) -> list[QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+def freeze_observers(model: nn.Module) -> None:
+    for m in quant_layers(model):
+        m.freeze_observer()
+
+
+def freeze_for_export(model: nn.Module) -> None:
+    for m in quant_layers(model):
+        m.freeze_weight_scale()
+
+
+def calibrate(model: nn.Module, batches) -> None:
+    """Run ``batches`` through the model with observers on, then freeze activation ranges."""
+    dev = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        for x in batches:
+            model(input_ids=torch.as_tensor(x, device=dev), use_cache=False)
+    freeze_observers(model)
+
+
+def sqnr_db(reference: torch.Tensor | "np.ndarray", test) -> float:  # noqa: F821
+    """Signal-to-quantization-noise ratio in dB of ``test`` against ``reference``."""
+    import numpy as np
+
+    ref = np.asarray(reference, dtype=np.float64)
+    err = ref - np.asarray(test, dtype=np.float64)
+    return float(10 * np.log10((ref**2).mean() / max((err**2).mean(), 1e-30)))

@@ -1,0 +1,189 @@
+"""Self-contained HTML page and accuracy-vs-latency plot for a run report.
+
+The page has no external assets: CSS sits in a ``<style>`` block and the plot is an
+embedded base64 PNG. matplotlib is imported inside :func:`render_pareto_png` and drawn
+with the Agg canvas directly (no pyplot, no global backend switch).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+
+from dsk_compress.report.build import (
+    TABLE_COLUMNS,
+    _num,
+    _p50,
+    header_fields,
+    measurement_note,
+    pareto_front,
+    table_rows,
+)
+
+_ROLE_COLOURS = {"teacher": "#6b7280", "student": "#2563eb", "final": "#dc2626"}
+_OTHER_COLOUR = "#0891b2"
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       margin: 2rem auto; max-width: 1100px; color: #111827; padding: 0 1rem; }
+h1 { font-size: 1.5rem; margin-bottom: 0.5rem; }
+ul.meta { list-style: none; padding: 0; color: #374151; }
+ul.meta li { display: inline-block; margin-right: 1.5rem; }
+table { border-collapse: collapse; width: 100%; font-size: 0.9rem; margin: 1rem 0; }
+th, td { border-bottom: 1px solid #e5e7eb; padding: 0.4rem 0.6rem; text-align: left; }
+th { background: #f3f4f6; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.recommended td { background: #ecfdf5; font-weight: 600; }
+tr.pareto td:first-child::after { content: " \\25C6"; color: #059669; }
+.rec { background: #f0fdf4; border-left: 4px solid #16a34a; padding: 0.6rem 1rem; }
+.note { color: #6b7280; font-size: 0.85rem; }
+img.plot { max-width: 100%; border: 1px solid #e5e7eb; }
+code { background: #f3f4f6; padding: 0 0.2rem; border-radius: 3px; }
+"""
+
+
+def _esc(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _esc_code(text: str) -> str:
+    """Escape ``text`` and turn `backticked` spans into ``<code>``."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", _esc(text))
+
+
+def render_pareto_png(report: dict) -> bytes:
+    """Draw accuracy vs p50 latency for the report's variants and return PNG bytes.
+
+    Each point is labelled with the variant name; the Pareto front (lowest latency,
+    highest accuracy) is drawn as a step line. The x axis is logarithmic when every
+    latency is positive. Variants without a p50 latency or an accuracy are left out.
+
+    Args:
+        report: a report dict from :func:`dsk_compress.report.build_report`.
+
+    Returns:
+        The PNG image.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    variants = report.get("variants", [])
+    recommended = report.get("summary", {}).get("recommended")
+    pts = [(v, _p50(v), _num(v.get("accuracy"))) for v in variants]
+    pts = [(v, x, y) for v, x, y in pts if x is not None and y is not None]
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if not pts:
+        ax.text(0.5, 0.5, "no variant has both a latency and an accuracy", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        front = pareto_front([(x, y) for _, x, y in pts])
+        fx = sorted(((pts[i][1], pts[i][2]) for i in front))
+        if len(fx) > 1:
+            ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color="#059669",
+                    linewidth=1.5, alpha=0.8, label="Pareto front", zorder=1)
+        for i, (v, x, y) in enumerate(pts):
+            colour = _ROLE_COLOURS.get(str(v.get("role")), _OTHER_COLOUR)
+            on_front = i in front
+            ax.scatter([x], [y], s=70 if on_front else 45, color=colour, zorder=3,
+                       marker="D" if on_front else "o",
+                       edgecolors="black" if v.get("name") == recommended else "none", linewidths=1.2)
+            label = str(v.get("name")).replace("$", r"\$")
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+        if all(x > 0 for _, x, _ in pts):
+            ax.set_xscale("log")
+            xs = [x for _, x, _ in pts]
+            lo, hi = min(xs), max(xs)
+            ax.set_xlim(lo / 1.6, hi * 1.8)  # room for the labels
+            plain = FuncFormatter(lambda val, _pos: f"{val:g}")
+            ax.xaxis.set_major_formatter(plain)
+            if hi / lo < 30:  # few decades: label minor ticks too, else they crowd
+                ax.xaxis.set_minor_formatter(plain)
+                ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel("p50 latency, ms (batch 1" + (", log scale)" if ax.get_xscale() == "log" else ")"))
+        ax.set_ylabel("accuracy, %")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.set_title("Accuracy vs latency  (◆ Pareto-optimal, outlined = recommended)", fontsize=10)
+        if len(fx) > 1:
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def render_html(report: dict) -> tuple[str, bytes]:
+    """Render ``report.html`` as one self-contained page.
+
+    Args:
+        report: a report dict from :func:`dsk_compress.report.build_report`.
+
+    Returns:
+        ``(page, png)``: the HTML text and the PNG bytes of the plot embedded in it
+        (also written as ``pareto.png`` by ``build_report``).
+    """
+    png = render_pareto_png(report)
+    summary = report.get("summary", {})
+    recommended = summary.get("recommended")
+    pareto = set(summary.get("pareto") or [])
+    title = f"Compression report: {report.get('run') or 'run'}"
+
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{_esc(title)}</h1>",
+        '<ul class="meta">',
+    ]
+    for label, value in header_fields(report):
+        out.append(f"<li><strong>{_esc(label)}:</strong> {_esc(value)}</li>")
+    if report.get("created"):
+        out.append(f"<li><strong>Created:</strong> {_esc(report['created'])}</li>")
+    out.append("</ul>")
+
+    rows = table_rows(report)
+    if rows:
+        numeric = {i for i in range(len(TABLE_COLUMNS)) if 2 <= i <= 9}
+        out.append("<table>")
+        out.append(
+            "<thead><tr>"
+            + "".join(f'<th class="num">{_esc(c)}</th>' if i in numeric else f"<th>{_esc(c)}</th>"
+                      for i, c in enumerate(TABLE_COLUMNS))
+            + "</tr></thead>"
+        )
+        out.append("<tbody>")
+        for v, row in zip(report.get("variants", []), rows):
+            classes = []
+            if v.get("name") == recommended:
+                classes.append("recommended")
+            if v.get("name") in pareto:
+                classes.append("pareto")
+            cls = f' class="{" ".join(classes)}"' if classes else ""
+            cells = "".join(
+                f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>"
+                for i, c in enumerate(row)
+            )
+            out.append(f"<tr{cls}>{cells}</tr>")
+        out.append("</tbody></table>")
+    else:
+        out.append("<p><em>No variants were measured.</em></p>")
+
+    if summary.get("recommendation"):
+        out.append(f'<p class="rec"><strong>Recommendation:</strong> {_esc_code(summary["recommendation"])}</p>')
+    b64 = base64.b64encode(png).decode("ascii")
+    out.append(f'<p><img class="plot" alt="accuracy vs p50 latency" src="data:image/png;base64,{b64}"></p>')
+    out.append(f'<p class="note">{_esc(measurement_note(report))} ◆ marks Pareto-optimal variants.</p>')
+    out.append("</body>")
+    out.append("</html>")
+    return "\n".join(out) + "\n", png

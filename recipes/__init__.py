@@ -1,0 +1,135 @@
+"""Recipes: load + validate YAML (bundled name or path), apply ``--set`` overrides, list bundled ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dsk_compress.errors import RecipeError
+
+RECIPES_DIR = Path(__file__).parent
+
+
+def bundled_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_descriptions() -> list[tuple[str, str]]:
+    import yaml
+
+    out = []
+    for name, p in bundled_recipes().items():
+        data = yaml.safe_load(p.read_text()) or {}
+        out.append((name, str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""))
+    return out
+
+
+def _read_raw(name_or_path: str) -> dict:
+    import yaml
+
+    p = Path(name_or_path)
+    if not p.suffix and name_or_path in bundled_recipes():
+        p = bundled_recipes()[name_or_path]
+    elif not p.is_file():
+        names = ", ".join(bundled_recipes())
+        raise RecipeError(f"no recipe named or found at {name_or_path!r}", hint=f"bundled recipes: {names}; or give a path to a .yaml file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{p} is not valid YAML{where}", hint="fix the syntax") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p} must contain a mapping at the top level")
+    return data
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``0.4``, ``true``, ``[1, 2]``)."""
+    import yaml
+
+    if "=" not in assignment:
+        raise RecipeError(f"bad --set {assignment!r}", hint="use --set key.path=value, e.g. --set stages.1.ffn_ratio=0.4")
+    key, _, raw = assignment.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _index(node, last, key)
+        node[idx] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping or list")
+
+
+def _index(node: list, part: str, path: str) -> int:
+    try:
+        idx = int(part)
+    except ValueError:
+        raise RecipeError(f"--set {path}: {part!r} is not a list index") from None
+    if not -len(node) <= idx < len(node):
+        raise RecipeError(f"--set {path}: index {idx} out of range (the list has {len(node)} items)")
+    return idx
+
+
+def _child(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            if not create:
+                raise RecipeError(f"--set {path}: no such key")
+            node[part] = {}
+        return node[part]
+    raise RecipeError(f"--set {path}: cannot descend into a {type(node).__name__}")
+
+
+def format_validation_error(err) -> str:
+    """One line per problem: ``stages.1.ffn_ratio: Input should be less than 1``."""
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        # drop the discriminator tag pydantic inserts for unions (e.g. stages.1.prune.ratio)
+        if len(loc) >= 3 and loc[0] == "stages" and loc[2] in ("distill", "prune", "qat", "export", "bench"):
+            loc.pop(2)
+        where = ".".join(loc) or "recipe"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `dsk-compress recipe NAME --dry-run` for valid fields)"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown stage {e.get('input')!r}; valid stages: distill, prune, qat, export, bench"
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None):
+    """Load, override and validate a recipe.
+
+    Args:
+        name_or_path: a bundled recipe name (``quant-prune-distill``) or a path to a YAML file.
+        overrides: ``key.path=value`` strings applied before validation.
+
+    Returns:
+        RecipeSpec: the validated recipe.
+
+    Raises:
+        RecipeError: with one line naming each bad field and how to fix it.
+    """
+    from pydantic import ValidationError
+
+    from dsk_compress.recipes.schema import RecipeSpec
+
+    data = _read_raw(name_or_path)
+    for ov in overrides or []:
+        apply_override(data, ov)
+    try:
+        return RecipeSpec.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"invalid recipe {name_or_path!r}: {format_validation_error(e)}") from None

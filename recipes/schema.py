@@ -1,0 +1,163 @@
+"""The recipe schema: one declarative YAML for the whole distill -> prune -> qat -> export -> bench chain."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSourceSpec(_Strict):
+    """Where a model comes from: exactly one of ``zoo``, ``hf`` or ``torch``."""
+
+    zoo: str | None = Field(None, description="name of a built-in zoo model, e.g. code-lm-moe")
+    hf: str | None = Field(None, description="path to a local Hugging Face model directory")
+    torch: str | None = Field(None, description="'pkg.module:factory' returning an nn.Module")
+    checkpoint: str | None = Field(None, description="safetensors weights for a torch factory")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("zoo", "hf", "torch") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of zoo, hf, torch (got {given or 'none'})")
+        return self
+
+
+class FromTeacherSpec(_Strict):
+    """A dense student cut from the teacher: its layers, width and FFN initialisation."""
+
+    layers: list[int] | None = Field(None, description="teacher layer indices to keep, e.g. [0, 2, 5]")
+    keep_every: int | None = Field(None, ge=1, description="keep every k-th teacher layer (and the last)")
+    intermediate_size: int | None = Field(None, gt=0, description="dense FFN width (default: one expert's)")
+    ffn_init: Literal["merge", "top", "random"] = Field(
+        "merge", description="router-frequency-weighted merge of experts, the most-used expert, or random"
+    )
+    calibration_batches: int = Field(8, ge=1, description="batches used to measure router frequencies")
+
+
+class StudentSpec(_Strict):
+    from_teacher: FromTeacherSpec | None = None
+    zoo: str | None = None
+    hf: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if sum(x is not None for x in (self.from_teacher, self.zoo, self.hf)) != 1:
+            raise ValueError("give exactly one of from_teacher, zoo, hf")
+        return self
+
+
+class TaskSpec(_Strict):
+    name: Literal["code-lm"] = "code-lm"
+    seq_len: int = Field(256, ge=8, le=4096)
+    eval_sequences: int = Field(128, ge=1)
+
+
+class StageConfig(_Strict):
+    """Base of every stage config; ``stage`` is the discriminator."""
+
+    stage: str
+
+
+class _TrainSettings(_Strict):
+    steps: int = Field(200, ge=0, description="optimizer steps")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    warmup: int = Field(20, ge=0)
+    temperature: float = Field(2.0, gt=0, description="KD softmax temperature")
+    kd_weight: float = Field(0.8, ge=0, le=1, description="weight of the KD term; the rest is hard-label CE")
+    eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
+
+
+class DistillConfig(StageConfig, _TrainSettings):
+    stage: Literal["distill"] = "distill"
+
+
+class PruneConfig(StageConfig, _TrainSettings):
+    stage: Literal["prune"] = "prune"
+    ffn_ratio: float = Field(0.5, ge=0, lt=1, description="fraction of FFN channels removed")
+    head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed")
+    importance: Literal["l1", "l2", "taylor"] = "l2"
+    iterations: int = Field(1, ge=1, description="progressive pruning: prune a slice, fine-tune, repeat")
+    round_to: int = Field(8, ge=1, description="channel counts rounded to a multiple of this")
+    steps: int = Field(100, ge=0, description="KD fine-tune steps after each pruning step")
+    timeout_s: float = Field(300, gt=0, description="abort pruning a model that takes longer (torch-pruning GQA hang)")
+
+
+class QATConfig(StageConfig, _TrainSettings):
+    stage: Literal["qat"] = "qat"
+    weight_bits: int = Field(8, ge=4, le=8)
+    activation_bits: Literal[8] = 8
+    avx2_safe: bool = Field(True, description="use 7-bit weight range so ORT's u8s8 kernels never saturate without VNNI")
+    observer_steps: int = Field(20, ge=1, description="steps of min/max observation before scales are learned")
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module names kept in float")
+    lr: float = Field(2e-4, gt=0, le=1)
+
+
+class ExportConfig(StageConfig):
+    stage: Literal["export"] = "export"
+    opset: int = Field(17, ge=13, le=21)
+    optimization: Literal["basic", "extended"] = "extended"
+    parity_atol: float = Field(1e-3, gt=0, description="max |torch - onnx| for float exports")
+    qdq_min_sqnr_db: float = Field(30.0, description="min SQNR of the INT8 ONNX vs the torch fake-quant model")
+
+
+class BenchStageConfig(StageConfig):
+    stage: Literal["bench"] = "bench"
+    device: str = "host-cpu"
+    batch_size: int = Field(1, ge=1)
+    warmup: int = Field(5, ge=0)
+    runs: int = Field(30, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
+AnyStage = Annotated[
+    Union[DistillConfig, PruneConfig, QATConfig, ExportConfig, BenchStageConfig],
+    Field(discriminator="stage"),
+]
+
+STAGE_ORDER = ["distill", "prune", "qat", "export", "bench"]
+
+
+class ReportSpec(_Strict):
+    max_accuracy_drop: float = Field(3.0, ge=0, description="accuracy points a shippable variant may lose")
+
+
+class RecipeSpec(_Strict):
+    """A whole compression recipe."""
+
+    version: int = RECIPE_VERSION
+    name: str
+    description: str = ""
+    seed: int = 0
+    teacher: ModelSourceSpec
+    student: StudentSpec
+    task: TaskSpec = TaskSpec()
+    stages: list[AnyStage] = Field(min_length=1)
+    report: ReportSpec = ReportSpec()
+
+    @model_validator(mode="after")
+    def _stage_order(self):
+        if self.version > RECIPE_VERSION:
+            raise ValueError(f"recipe version {self.version} is newer than this dsk-compress supports ({RECIPE_VERSION})")
+        seen: list[str] = []
+        for i, st in enumerate(self.stages):
+            if st.stage in seen and st.stage in ("distill", "qat", "export", "bench"):
+                raise ValueError(f"stages.{i}: a second {st.stage!r} stage is not supported")
+            for later in seen:
+                if STAGE_ORDER.index(later) > STAGE_ORDER.index(st.stage):
+                    raise ValueError(
+                        f"stages.{i}: {st.stage!r} cannot come after {later!r}; order stages as {' -> '.join(STAGE_ORDER)}"
+                    )
+            seen.append(st.stage)
+        if "bench" in seen and "export" not in seen:
+            raise ValueError("a 'bench' stage needs an 'export' stage before it")
+        if self.student.from_teacher is None and "distill" in seen and self.teacher is None:
+            raise ValueError("distill needs a teacher")
+        return self

@@ -1,0 +1,43 @@
+"""Inference runtimes (onnxruntime, eager torch, TensorRT) and isolated benchmarking.
+
+Importing this package imports neither ``onnxruntime``, ``tensorrt`` nor ``torch``: each backend
+is imported inside the functions that need it, and a missing optional backend raises
+:class:`~dsk_compress.errors.MissingBackendError`.
+"""
+
+from __future__ import annotations
+
+from dsk_compress.runtimes.base import (
+    BenchConfig,
+    BenchmarkError,
+    BenchResult,
+    RuntimeBackendError,
+    fit_batch,
+    run_worker,
+    summarize,
+)
+from dsk_compress.runtimes.onnxruntime import available_providers, benchmark_onnx, make_session, session_predict
+from dsk_compress.runtimes.tensorrt import TensorRTSession, benchmark_tensorrt, build_engine, load_engine, trt_predict
+from dsk_compress.runtimes.torch import benchmark_torch, load_hf_model, torch_forward
+
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "BenchmarkError",
+    "RuntimeBackendError",
+    "TensorRTSession",
+    "available_providers",
+    "benchmark_onnx",
+    "benchmark_tensorrt",
+    "benchmark_torch",
+    "build_engine",
+    "fit_batch",
+    "load_engine",
+    "load_hf_model",
+    "make_session",
+    "run_worker",
+    "session_predict",
+    "summarize",
+    "torch_forward",
+    "trt_predict",
+]

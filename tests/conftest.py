@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models saved to temp dirs (nothing from a hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_mixtral_config(**kw):
+    from transformers import MixtralConfig
+
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.update(kw)
+    return MixtralConfig(**cfg)
+
+
+def tiny_llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    m.config._attn_implementation = "eager"
+    return m
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory) -> Path:
+    """A tiny Mixtral, briefly trained on code-lm so distillation has a signal, saved as an HF directory."""
+    from transformers import MixtralForCausalLM
+
+    from dsk_compress.compress.trainer import TrainConfig, train
+    from dsk_compress.models.zoo import lm_loss
+    from dsk_compress.tasks.code_lm import CodeLMTask
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(tiny_mixtral_config())
+    model.config._attn_implementation = "eager"
+    task = CodeLMTask(seq_len=64, eval_sequences=16)
+    train(model, lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}), task.train_batch,
+          TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup=5), desc="tiny teacher")
+    d = tmp_path_factory.mktemp("tiny-moe")
+    model.save_pretrained(d, safe_serialization=True)
+    return d
+
+
+@pytest.fixture()
+def tiny_recipe(tmp_path, tiny_moe_dir):
+    """Write a small end-to-end recipe on the tiny MoE teacher; returns a function taking overrides."""
+
+    def make(stages=None, **top) -> Path:
+        data = {
+            "name": "tiny",
+            "teacher": {"hf": str(tiny_moe_dir)},
+            "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 2}},
+            "task": {"name": "code-lm", "seq_len": 64, "eval_sequences": 16},
+            "stages": stages or [
+                {"stage": "distill", "steps": 12, "batch_size": 8, "lr": 2e-3},
+                {"stage": "prune", "ffn_ratio": 0.5, "steps": 6, "batch_size": 8},
+                {"stage": "qat", "steps": 6, "batch_size": 8, "observer_steps": 2},
+                {"stage": "export"},
+                {"stage": "bench", "runs": 5, "warmup": 1},
+            ],
+        }
+        data.update(top)
+        p = tmp_path / "tiny.yaml"
+        p.write_text(yaml.safe_dump(data))
+        return p
+
+    return make

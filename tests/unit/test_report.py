@@ -1,0 +1,370 @@
+"""Unit tests for dsk_compress.report: derived numbers, Pareto front, recommendation, files, loading."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsk_compress.errors import RunError
+from dsk_compress.report import (
+    REPORT_SCHEMA_VERSION,
+    build_report,
+    compare_reports,
+    comparison_rows,
+    format_params,
+    load_report,
+    make_report,
+    pareto_front,
+    render_comparison,
+    render_summary_table,
+)
+
+
+def variant(name, role, *, p50, acc, size, params=1_000_000, p99=None, bpb=None, runtime="onnxruntime-cpu", precision="fp32"):
+    return {
+        "name": name,
+        "role": role,
+        "stage": f"stage-{name}",
+        "params": params,
+        "size_bytes": size,
+        "accuracy": acc,
+        "bits_per_byte": bpb,
+        "latency_ms": {"p50": p50, "p90": p50 * 1.2, "p99": p99 if p99 is not None else p50 * 1.5, "mean": p50 * 1.1},
+        "throughput": 1000.0 / p50,
+        "peak_memory_mb": None,
+        "runtime": runtime,
+        "device": "host-cpu",
+        "precision": precision,
+        "artifact": f"artifacts/{name}.onnx",
+        "notes": "",
+    }
+
+
+@pytest.fixture
+def variants():
+    return [
+        variant("teacher", "teacher", p50=10.0, p99=14.5, acc=90.0, size=40_000_000, params=12_345_678, bpb=0.8123,
+                runtime="torch-eager-cpu"),
+        variant("student", "student", p50=4.0, acc=86.0, size=10_000_000, params=3_090_000),
+        variant("final", "final", p50=2.5, p99=3.75, acc=88.5, size=8_000_000, params=3_090_000),
+        variant("ptq-dynamic", "ptq-dynamic", p50=2.0, acc=85.0, size=5_000_000, params=3_090_000, precision="int8"),
+    ]
+
+
+META = {"run": "demo-run", "recipe": "moe-to-dense", "task": "code-lm", "host": "testbox"}
+
+
+@pytest.fixture(scope="module")
+def built_runs(tmp_path_factory):
+    """Two finished runs written by build_report (matplotlib runs once per run, not per test)."""
+    root = tmp_path_factory.mktemp("runs")
+    vs = [
+        variant("teacher", "teacher", p50=10.0, p99=14.5, acc=90.0, size=40_000_000, params=12_345_678, bpb=0.8123),
+        variant("final", "final", p50=2.5, p99=3.75, acc=88.5, size=8_000_000, params=3_090_000),
+        variant("ptq-static", "ptq-static", p50=2.0, acc=85.0, size=5_000_000, params=3_090_000),
+    ]
+    a = root / "run-alpha"
+    b = root / "run-beta"
+    build_report(a, vs, {**META, "run": "run-alpha"})
+    vs_b = copy.deepcopy(vs)
+    vs_b[1]["accuracy"] = 80.0
+    build_report(b, vs_b, {**META, "run": "run-beta"})
+    return a, b
+
+
+# ----------------------------------------------------------------------------- derived numbers
+
+
+def test_derived_fields_computed_exactly_from_inputs(variants):
+    rep = make_report(variants, META)
+    by = {v["name"]: v for v in rep["variants"]}
+    assert by["final"]["speedup_vs_teacher"] == 4.0  # 10 / 2.5
+    assert by["final"]["size_ratio_vs_teacher"] == 5.0  # 40e6 / 8e6
+    assert by["final"]["accuracy_delta_vs_teacher"] == pytest.approx(-1.5)
+    assert by["student"]["speedup_vs_teacher"] == 2.5
+    assert by["student"]["size_ratio_vs_teacher"] == 4.0
+    assert by["ptq-dynamic"]["speedup_vs_teacher"] == 5.0
+    assert by["ptq-dynamic"]["accuracy_delta_vs_teacher"] == pytest.approx(-5.0)
+    assert by["teacher"]["speedup_vs_teacher"] == 1.0
+    assert by["teacher"]["size_ratio_vs_teacher"] == 1.0
+    assert by["teacher"]["accuracy_delta_vs_teacher"] == 0.0
+
+
+def test_derived_fields_none_without_teacher(variants):
+    rep = make_report(variants[1:], META)
+    for v in rep["variants"]:
+        assert v["speedup_vs_teacher"] is None
+        assert v["size_ratio_vs_teacher"] is None
+        assert v["accuracy_delta_vs_teacher"] is None
+    assert rep["summary"]["teacher"] is None
+
+
+def test_make_report_keeps_meta_and_does_not_mutate_input(variants):
+    before = copy.deepcopy(variants)
+    rep = make_report(variants, META)
+    assert variants == before
+    assert rep["schema_version"] == REPORT_SCHEMA_VERSION == 1
+    assert (rep["run"], rep["recipe"], rep["task"], rep["host"]) == ("demo-run", "moe-to-dense", "code-lm", "testbox")
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", rep["created"])
+    assert [v["name"] for v in rep["variants"]] == ["teacher", "student", "final", "ptq-dynamic"]
+
+
+def test_make_report_rejects_variant_missing_key(variants):
+    del variants[2]["latency_ms"]
+    with pytest.raises(RunError, match="final lacks latency_ms"):
+        make_report(variants, META)
+
+
+def test_make_report_rejects_duplicate_names(variants):
+    variants[1]["name"] = "final"
+    with pytest.raises(RunError, match="two variants"):
+        make_report(variants, META)
+
+
+# ----------------------------------------------------------------------------- pareto
+
+
+def test_pareto_front_hand_made_set_returns_expected_indices():
+    points = [
+        (1.0, 50.0),  # 0 on front
+        (2.0, 60.0),  # 1 on front
+        (2.0, 55.0),  # 2 dominated by 1 (same latency, less accurate)
+        (3.0, 60.0),  # 3 dominated by 1 (slower, same accuracy)
+        (0.5, 40.0),  # 4 on front (fastest)
+        (4.0, 70.0),  # 5 on front (most accurate)
+        (4.0, 70.0),  # 6 identical to 5: neither dominates the other
+        (5.0, 65.0),  # 7 dominated by 5
+        (float("nan"), 99.0),  # 8 not a number: never on the front
+    ]
+    assert pareto_front(points) == [0, 1, 4, 5, 6]
+
+
+def test_pareto_front_empty_and_single():
+    assert pareto_front([]) == []
+    assert pareto_front([(3.0, 1.0)]) == [0]
+
+
+def test_summary_pareto_names_variants(variants):
+    rep = make_report(variants, META)
+    # student (4 ms, 86 %) is dominated by final (2.5 ms, 88.5 %)
+    assert rep["summary"]["pareto"] == ["teacher", "final", "ptq-dynamic"]
+
+
+# ----------------------------------------------------------------------------- recommendation
+
+
+def test_recommendation_picks_final_within_drop(variants):
+    s = make_report(variants, META)["summary"]
+    assert (s["teacher"], s["final"], s["recommended"]) == ("teacher", "final", "final")
+    assert "88.50%" in s["recommendation"] and "4.00×" in s["recommendation"]
+
+
+def test_recommendation_final_exactly_at_budget_counts_as_within(variants):
+    variants[0]["accuracy"] = 90.1
+    variants[2]["accuracy"] = 87.1  # 90.1 - 87.1 is 3.0 up to float rounding
+    assert make_report(variants, META)["summary"]["recommended"] == "final"
+
+
+def test_recommendation_falls_back_to_fastest_within_drop(variants):
+    variants[2]["accuracy"] = 86.0  # final loses 4 points: outside the 3-point budget
+    variants.append(variant("pruned", "pruned-oneshot", p50=5.0, acc=87.5, size=9_000_000))
+    variants.append(variant("pruned-slow", "pruned-oneshot", p50=7.0, acc=89.0, size=9_000_000))
+    s = make_report(variants, META)["summary"]
+    assert s["recommended"] == "pruned"
+    assert "loses 4.00 points" in s["recommendation"]
+
+
+def test_recommendation_uses_max_accuracy_drop_from_meta(variants):
+    s = make_report(variants, {**META, "max_accuracy_drop": 5.0})["summary"]
+    assert s["recommended"] == "final"
+    variants[2]["accuracy"] = 80.0
+    s = make_report(variants, {**META, "max_accuracy_drop": 5.0})["summary"]
+    assert s["recommended"] == "ptq-dynamic"  # 85.0 is within 5 points and 2.0 ms is fastest
+    assert s["max_accuracy_drop"] == 5.0
+
+
+def test_recommendation_teacher_when_nothing_compressed_within_drop(variants):
+    s = make_report(variants, {**META, "max_accuracy_drop": 0.5})["summary"]
+    assert s["recommended"] == "teacher"
+
+
+def test_recommendation_without_teacher_prefers_final_then_most_accurate(variants):
+    assert make_report(variants[1:], META)["summary"]["recommended"] == "final"
+    no_final = [v for v in variants[1:] if v["role"] != "final"]
+    assert make_report(no_final, META)["summary"]["recommended"] == "student"
+
+
+def test_recommendation_empty_variants():
+    s = make_report([], META)["summary"]
+    assert s["recommended"] is None and s["pareto"] == []
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_format_params_human_readable():
+    assert format_params(12_345_678) == "12.35M"
+    assert format_params(1_230_000) == "1.23M"
+    assert format_params(45_600) == "45.60K"
+    assert format_params(2_500_000_000) == "2.50B"
+    assert format_params(999) == "999"
+    assert format_params(None) == "—"
+
+
+def test_build_report_writes_all_files(built_runs):
+    a, _ = built_runs
+    for name in ("report.json", "report.md", "report.html", "pareto.png"):
+        assert (a / name).is_file(), name
+    assert not list(a.glob(".*.tmp"))
+    data = json.loads((a / "report.json").read_text())
+    assert data["schema_version"] == 1
+    assert data["summary"]["recommended"] == "final"
+    assert (a / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_md_has_row_per_variant_with_formatted_numbers(built_runs):
+    a, _ = built_runs
+    md = (a / "report.md").read_text()
+    lines = md.splitlines()
+    assert lines[0] == "# Compression report: run-alpha"
+    assert "- **Recipe:** moe-to-dense" in lines and "- **Task:** code-lm" in lines
+    assert "- **Host:** testbox" in lines and "- **Device:** host-cpu" in lines
+    assert "| teacher | teacher | 12.35M | 40.00 | 90.00 | 0.812 | 10.00 | 14.50 | 1.00× | 1.00× | onnxruntime-cpu |" in lines
+    assert "| final | final | 3.09M | 8.00 | 88.50 | — | 2.50 | 3.75 | 4.00× | 5.00× | onnxruntime-cpu |" in lines
+    assert "| ptq-static | ptq-static | 3.09M | 5.00 | 85.00 | — | 2.00 | 3.00 | 5.00× | 8.00× | onnxruntime-cpu |" in lines
+    table_rows = [ln for ln in lines if ln.startswith("| ") and "Variant" not in ln]
+    assert len(table_rows) == 3
+    rec = [ln for ln in lines if ln.startswith("**Recommendation:**")]
+    assert len(rec) == 1 and "`final`" in rec[0] and "1.50 points below" in rec[0]
+    assert "batch size 1" in md and "runtime named in each row" in md
+
+
+def test_report_html_is_self_contained(built_runs):
+    a, _ = built_runs
+    page = (a / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "<script" not in page and "<link" not in page
+    for cell in ("88.50", "4.00×", "5.00×", "run-alpha"):
+        assert cell in page
+    b64 = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1)
+    assert base64.b64decode(b64) == (a / "pareto.png").read_bytes()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_load_report_round_trips(built_runs):
+    a, _ = built_runs
+    rep = load_report(a)
+    assert rep == json.loads((a / "report.json").read_text())
+
+
+def test_load_report_missing_dir_raises_run_error(tmp_path):
+    with pytest.raises(RunError, match="run directory not found") as e:
+        load_report(tmp_path / "nope")
+    assert "\n" not in e.value.message
+
+
+def test_load_report_missing_file_raises_run_error(tmp_path):
+    with pytest.raises(RunError, match="no report.json") as e:
+        load_report(tmp_path)
+    assert e.value.hint
+
+
+def test_load_report_corrupt_json_raises_run_error(tmp_path):
+    (tmp_path / "report.json").write_text('{"schema_version": 1, "variants": [')
+    with pytest.raises(RunError, match="corrupt JSON") as e:
+        load_report(tmp_path)
+    assert "\n" not in e.value.message
+
+
+def test_load_report_newer_schema_raises_run_error(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"schema_version": REPORT_SCHEMA_VERSION + 1, "variants": []}))
+    with pytest.raises(RunError, match="newer than the supported") as e:
+        load_report(tmp_path)
+    assert e.value.hint == "upgrade dsk-compress"
+
+
+def test_load_report_not_a_report_raises_run_error(tmp_path):
+    (tmp_path / "report.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match="not a report"):
+        load_report(tmp_path)
+
+
+# ----------------------------------------------------------------------------- console
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=200, record=True, color_system=None)
+
+
+def test_compare_output_contains_both_run_names(built_runs):
+    a, b = built_runs
+    reports = compare_reports([a, b])
+    rows = comparison_rows(reports)
+    assert [(r["run"], r["variant"]) for r in rows][:2] == [("run-alpha", "teacher"), ("run-alpha", "final")]
+    assert {r["run"] for r in rows} == {"run-alpha", "run-beta"}
+    beta_final = next(r for r in rows if r["run"] == "run-beta" and r["variant"] == "final")
+    assert beta_final["accuracy"] == 80.0 and beta_final["speedup"] == 4.0 and beta_final["size_mb"] == 8.0
+    assert not beta_final["recommended"]  # run-beta's final loses 10 points
+    console = _console()
+    render_comparison(reports, console)
+    text = console.export_text()
+    assert "run-alpha" in text and "run-beta" in text
+    assert "88.50" in text and "80.00" in text and "4.00×" in text
+
+
+def test_compare_reports_errors_on_missing_run(built_runs, tmp_path):
+    a, _ = built_runs
+    with pytest.raises(RunError):
+        compare_reports([a, tmp_path / "missing"])
+    with pytest.raises(RunError):
+        compare_reports([])
+
+
+def test_render_summary_table_prints_rows_and_recommendation(built_runs):
+    a, _ = built_runs
+    console = _console()
+    render_summary_table(load_report(a), console)
+    text = console.export_text()
+    for cell in ("teacher", "ptq-static", "12.35M", "88.50", "4.00×", "8.00×", "Recommendation:"):
+        assert cell in text
+
+
+def test_render_summary_table_keeps_brackets_in_names(variants):
+    variants[1]["name"] = "student[kd]"
+    console = _console()
+    render_summary_table(make_report(variants, META), console)
+    assert "student[kd]" in console.export_text()
+
+
+# ----------------------------------------------------------------------------- import weight
+
+
+def test_import_package_stays_light():
+    code = (
+        "import sys, dsk_compress, dsk_compress.report; "
+        "heavy = [m for m in ('matplotlib', 'rich', 'torch') if m in sys.modules]; "
+        "assert not heavy, heavy; "
+        "import dsk_compress as d; assert not hasattr(d, 'build_report')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_speedup_none_when_latency_zero(variants):
+    variants[2]["latency_ms"]["p50"] = 0.0
+    v = make_report(variants, META)["variants"][2]
+    assert v["speedup_vs_teacher"] is None
+    assert not math.isnan(v["size_ratio_vs_teacher"])

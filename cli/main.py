@@ -14,19 +14,23 @@ from dsk_compress.errors import DskError
 
 app = typer.Typer(
     name="dsk-compress",
-    help="Distill MoE teachers into dense students, prune, quantize, export to ONNX/TensorRT and benchmark.",
+    help="Distill MoE teachers into dense students, prune, quantize, export to ONNX/TensorRT and benchmark.\n\n"
+    "Example: dsk-compress recipe quant-prune-distill",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-zoo_app = typer.Typer(help="Built-in zoo models: list them or train one.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Built-in zoo models: list them or train one.\n\nExample: dsk-compress zoo list", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
 
 def _console():
+    import sys
+
     from rich.console import Console
 
-    return Console()
+    # off a terminal (CI logs, pipes) rich would wrap tables at 80 columns
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _version(value: bool) -> None:
@@ -190,12 +194,15 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors
-        import click
+        try:  # typer >= 0.2x vendors click as typer._click and does not install click
+            from typer._click import exceptions as click_exceptions
+        except ImportError:
+            from click import exceptions as click_exceptions
 
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, click_exceptions.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             sys.exit(1)
         raise
 

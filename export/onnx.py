@@ -129,10 +129,14 @@ def fold_weight_quantizers(path: str | Path) -> int:
 
 def simplify(path: str | Path) -> None:
     """Simplify the graph with onnxslim (constant folding, dead-code removal), in place."""
+    import contextlib
+    import io
+
     import onnxslim
 
     tmp, final = atomic_path(path)
-    onnxslim.slim(str(path), str(tmp))
+    with contextlib.redirect_stdout(io.StringIO()):  # onnxslim prints a summary table
+        onnxslim.slim(str(path), str(tmp))
     commit(tmp, final)
 
 

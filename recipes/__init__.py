@@ -35,6 +35,8 @@ def _read_raw(name_or_path: str) -> dict:
         raise RecipeError(f"no recipe named or found at {name_or_path!r}", hint=f"bundled recipes: {names}; or give a path to a .yaml file")
     try:
         data = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read {p}: {e}", hint="give a readable UTF-8 YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -104,7 +106,9 @@ def format_validation_error(err) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `dsk-compress recipe NAME --dry-run` for valid fields)"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown stage {e.get('input')!r}; valid stages: distill, prune, qat, export, bench"
+            # the error's input is the whole stage mapping; name only the bad tag
+            tag = (e.get("ctx") or {}).get("tag", e.get("input"))
+            msg = f"unknown stage {tag!r}; valid stages: distill, prune, qat, export, bench"
         lines.append(f"{where}: {msg}")
     return "; ".join(lines)
 

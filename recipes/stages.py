@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import torch
@@ -337,8 +338,10 @@ class BenchStage(Stage[BenchStageConfig]):
                 "runtime": runtime, "device": device.name, "precision": art.get("precision", "fp32"),
                 "artifact": art.get("path"), "notes": art.get("notes", ""),
             })
-        meta = {"run": ctx.run_dir.name, "recipe": ctx.spec.name, "task": ctx.task.describe(),
-                "host": {"name": device.name, "threads": threads, "batch_size": c.batch_size, "seq_len": ctx.task.seq_len},
+        td = ctx.task.describe()
+        meta = {"run": ctx.run_dir.name, "recipe": ctx.spec.name,
+                "task": f"{td['name']} (seq {td['seq_len']}, {td.get('eval_tokens', '?')} validation tokens)",
+                "host": f"{device.name}: {platform.node()} {platform.machine()}, {threads} threads, batch {c.batch_size}, seq {ctx.task.seq_len}",
                 "max_accuracy_drop": ctx.spec.report.max_accuracy_drop}
         report = build_report(ctx.run_dir, variants, meta)
         return StageResult(outputs={"report": "report.json"}, metrics={"variants": variants, "summary": report.get("summary")})

@@ -1,0 +1,142 @@
+"""A small end-to-end recipe on a tiny MoE teacher: every stage runs for real, the report holds measured numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsk_compress import run_recipe
+from dsk_compress.errors import DskError
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_moe_dir):
+    import yaml
+
+    d = tmp_path_factory.mktemp("e2e")
+    data = {
+        "name": "tiny",
+        "teacher": {"hf": str(tiny_moe_dir)},
+        "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 2}},
+        "task": {"name": "code-lm", "seq_len": 64, "eval_sequences": 16},
+        "stages": [
+            {"stage": "distill", "steps": 30, "batch_size": 8, "lr": 3e-3},
+            {"stage": "prune", "ffn_ratio": 0.5, "steps": 10, "batch_size": 8},
+            {"stage": "qat", "steps": 10, "batch_size": 8, "observer_steps": 2},
+            {"stage": "export"},
+            {"stage": "bench", "runs": 5, "warmup": 1},
+        ],
+    }
+    p = d / "tiny.yaml"
+    p.write_text(yaml.safe_dump(data))
+    rd = run_recipe(str(p), out=d / "runs")
+    return rd
+
+
+def test_e2e_report_has_all_variants_with_measured_numbers(finished_run):
+    rep = json.loads((finished_run / "report.json").read_text())
+    roles = {v["name"]: v["role"] for v in rep["variants"]}
+    assert roles == {"teacher": "teacher", "student-distill": "student", "student-prune": "student", "final": "final"}
+    for v in rep["variants"]:
+        assert v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
+        assert v["size_bytes"] == (finished_run / v["artifact"]).stat().st_size
+        assert 0 <= v["accuracy"] <= 100 and v["runtime"] == "onnxruntime-cpu"
+        assert v["peak_memory_mb"] > 0
+    by = {v["name"]: v for v in rep["variants"]}
+    # INT8 weights: the final artifact is well under half the fp32 pruned student's size
+    assert by["final"]["size_bytes"] < 0.5 * by["student-prune"]["size_bytes"]
+    assert by["final"]["precision"] == "int8"
+    for name in ("report.md", "report.html", "pareto.png", "manifest.json"):
+        assert (finished_run / name).is_file()
+
+
+def test_e2e_distilled_student_learned_something(finished_run):
+    m = json.loads((finished_run / "distill" / "metrics.json").read_text())
+    # the byte distribution alone gives ~10%; KD training must clearly beat the student's init
+    assert m["accuracy"] > m["init"]["accuracy"] + 5
+
+
+def test_e2e_prune_halves_ffn_and_reports_mac_reduction(finished_run):
+    m = json.loads((finished_run / "prune" / "metrics.json").read_text())
+    assert [layer["ffn"] for layer in m["structure_after"]["layers"]] == [48, 48]
+    assert [layer["ffn"] for layer in m["structure_before"]["layers"]] == [96, 96]
+    assert m["params_after"] < m["params_before"] and 0.05 < m["mac_reduction"] < 0.5
+
+
+def test_e2e_export_parity_and_integer_ops(finished_run):
+    arts = json.loads((finished_run / "export" / "metrics.json").read_text())["artifacts"]
+    for name in ("teacher", "student-distill", "student-prune"):
+        assert arts[name]["parity_max_abs_diff"] < 1e-3
+    assert arts["final"]["integer_matmuls"] == arts["final"]["quantized_linears"] == 14
+    assert arts["final"]["sqnr_db_vs_fake_quant"] > 30
+
+
+def test_e2e_int8_artifact_accuracy_close_to_qat_torch(finished_run):
+    rep = json.loads((finished_run / "report.json").read_text())
+    final = next(v for v in rep["variants"] if v["role"] == "final")
+    qat = json.loads((finished_run / "qat" / "metrics.json").read_text())
+    assert abs(final["accuracy"] - qat["accuracy"]) < 1.0
+
+
+def test_e2e_manifest_records_versions_and_stage_status(finished_run):
+    man = json.loads((finished_run / "manifest.json").read_text())
+    assert man["status"] == "done" and man["versions"]["torch"]
+    assert [s["status"] for s in man["stages"]] == ["done"] * 5
+    assert all(s["seconds"] > 0 for s in man["stages"])
+
+
+def test_resume_skips_done_stages_and_reruns_failed_one(finished_run, tmp_path):
+    import shutil
+
+    rd = tmp_path / "copy"
+    shutil.copytree(finished_run, rd)
+    man = json.loads((rd / "manifest.json").read_text())
+    # simulate a bench stage that failed: earlier artifacts must be reused, not recomputed
+    man["stages"][4]["status"] = "failed"
+    man["status"] = "failed"
+    (rd / "manifest.json").write_text(json.dumps(man))
+    (rd / "report.json").unlink()
+    before = (rd / "distill" / "model" / "model.safetensors").stat().st_mtime_ns
+    from dsk_compress.recipes.runner import run_recipe as _run
+    from dsk_compress.recipes.schema import RecipeSpec
+
+    out = _run(RecipeSpec.model_validate(man["recipe"]), resume=rd)
+    assert out == rd and (rd / "report.json").is_file()
+    assert (rd / "distill" / "model" / "model.safetensors").stat().st_mtime_ns == before
+    man2 = json.loads((rd / "manifest.json").read_text())
+    assert man2["status"] == "done"
+
+
+def test_resume_refuses_a_changed_recipe(finished_run, tmp_path):
+    import shutil
+
+    from dsk_compress.recipes.runner import run_recipe as _run
+    from dsk_compress.recipes.schema import RecipeSpec
+
+    rd = tmp_path / "copy"
+    shutil.copytree(finished_run, rd)
+    man = json.loads((rd / "manifest.json").read_text())
+    changed = dict(man["recipe"])
+    changed["seed"] = 5
+    with pytest.raises(DskError, match="differs"):
+        _run(RecipeSpec.model_validate(changed), resume=rd)
+
+
+def test_failed_stage_keeps_earlier_artifacts(tmp_path, tiny_moe_dir):
+    from dsk_compress.recipes.runner import run_recipe as _run
+    from dsk_compress.recipes.schema import RecipeSpec
+
+    spec = RecipeSpec.model_validate({
+        "name": "tiny-fail",
+        "teacher": {"hf": str(tiny_moe_dir)},
+        "student": {"from_teacher": {"layers": [0], "ffn_init": "random"}},
+        "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
+        "stages": [{"stage": "distill", "steps": 2, "batch_size": 2},
+                   {"stage": "prune", "ffn_ratio": 0.99, "round_to": 8, "steps": 0}],
+    })
+    with pytest.raises(DskError, match="ffn_ratio"):
+        _run(spec, run_dir=tmp_path / "r")
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert [s["status"] for s in man["stages"]] == ["done", "failed"]
+    assert (tmp_path / "r" / "distill" / "model" / "model.safetensors").is_file()

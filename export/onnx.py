@@ -147,14 +147,10 @@ def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> P
     elimination is disabled so the per-Linear activation quantizers stay distinct and every
     quantized Linear fuses into an integer op.
     """
-    import onnxruntime as ort
+    from dsk_compress.runtimes.onnxruntime import make_session
 
-    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
-    so = ort.SessionOptions()
-    so.graph_optimization_level = levels[level]
     tmp, final = atomic_path(dst)
-    so.optimized_model_filepath = str(tmp)
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=["CommonSubexpressionElimination"])
+    make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination"])
     return commit(tmp, final)
 
 
@@ -171,18 +167,9 @@ def fused_ops(hist: dict[str, int]) -> dict[str, int]:
 
 def ort_predict(path: str | Path, threads: int | None = None):
     """A task ``predict`` function backed by an ONNX Runtime CPU session."""
-    import onnxruntime as ort
+    from dsk_compress.runtimes.onnxruntime import make_session, session_predict
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: np.asarray(x, dtype=np.int64)})[0]
-
-    return predict
+    return session_predict(make_session(path, threads=threads))
 
 
 def file_size(path: str | Path) -> int:

@@ -447,6 +447,14 @@ def render_markdown(report: dict) -> str:
     else:
         lines.append("_No variants were measured._")
     lines.append("")
+    notes = [v for v in report.get("variants", []) if v.get("notes") or v.get("peak_memory_mb")]
+    if notes:
+        lines.append("**Variants:**")
+        for v in notes:
+            mem = f"peak RSS {v['peak_memory_mb']:.0f} MB" if v.get("peak_memory_mb") else ""
+            detail = "; ".join(x for x in (v.get("notes") or "", f"{v.get('precision', '')}", mem) if x)
+            lines.append(f"- `{v['name']}`: {detail}")
+        lines.append("")
     summary = report.get("summary", {})
     if summary.get("recommendation"):
         lines.append(f"**Recommendation:** {summary['recommendation']}")

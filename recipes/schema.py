@@ -106,6 +106,8 @@ class ExportConfig(StageConfig):
     optimization: Literal["basic", "extended"] = "extended"
     parity_atol: float = Field(1e-3, gt=0, description="max |torch - onnx| for float exports")
     qdq_min_sqnr_db: float = Field(30.0, description="min SQNR of the INT8 ONNX vs the torch fake-quant model")
+    ptq_baselines: bool = Field(True, description="also export ORT dynamic and static PTQ of the float student (report baselines)")
+    ptq_calibration_batches: int = Field(16, ge=1, description="batches of 4 training windows for static PTQ calibration")
 
 
 class BenchStageConfig(StageConfig):

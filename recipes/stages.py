@@ -214,7 +214,7 @@ class QATStage(Stage[QATConfig]):
 class ExportStage(Stage[ExportConfig]):
     """ONNX for the teacher (dense routing), each student stage (fp32) and the QAT student (INT8 Q/DQ)."""
 
-    def _float(self, ctx, model, name: str, d: Path, example) -> dict:
+    def _float(self, ctx, model, name: str, d: Path, example, keep_raw: bool = False) -> dict:
         import numpy as np
 
         from dsk_compress.export.onnx import export_causal_lm, fused_ops, op_histogram, ort_optimize, ort_predict, simplify
@@ -222,7 +222,8 @@ class ExportStage(Stage[ExportConfig]):
         raw = export_causal_lm(model, example, d / f"{name}.raw.onnx", self.config.opset)
         simplify(raw)
         out = ort_optimize(raw, d / f"{name}.onnx", self.config.optimization)
-        raw.unlink()
+        if not keep_raw:
+            raw.unlink()
         with torch.no_grad():
             ref = model(input_ids=torch.as_tensor(example), use_cache=False).logits.numpy()
         diff = float(np.abs(ort_predict(out)(example) - ref).max())
@@ -230,6 +231,23 @@ class ExportStage(Stage[ExportConfig]):
             raise ExportError(f"{name}: ONNX output differs from torch by {diff:.2e} (> parity_atol {self.config.parity_atol})",
                               hint="raise stages.N.parity_atol or report a bug")
         return {"path": ctx.rel(out), "precision": "fp32", "parity_max_abs_diff": diff, "fused_ops": fused_ops(op_histogram(out))}
+
+    def _ptq(self, ctx, d: Path, raw: Path, params: int, source: str) -> dict:
+        """ORT dynamic and static INT8 quantization of the float student: the baselines QAT must beat."""
+        from dsk_compress.export.onnx import fused_ops, op_histogram, ort_optimize
+        from dsk_compress.export.ptq import quantize_dynamic_int8, quantize_static_int8
+
+        out = {}
+        dyn = quantize_dynamic_int8(raw, d / "ptq-dynamic.raw.onnx")
+        calib = ctx.task.calibration_batches(self.config.ptq_calibration_batches, 4)
+        sta = quantize_static_int8(raw, d / "ptq-static.raw.onnx", calib)
+        for name, q, how in (("ptq-dynamic", dyn, "ORT quantize_dynamic"), ("ptq-static", sta, "ORT quantize_static (QDQ, min/max calibration)")):
+            final = ort_optimize(q, d / f"{name}.onnx", self.config.optimization)
+            q.unlink()
+            out[name] = {"path": ctx.rel(final), "role": name, "precision": "int8", "params": params,
+                         "fused_ops": fused_ops(op_histogram(final)), "notes": f"{how} of {source}, per-channel int8 weights, no fine-tune"}
+        raw.unlink()
+        return out
 
     def run(self, ctx: RunContext) -> StageResult:
         import numpy as np
@@ -255,14 +273,17 @@ class ExportStage(Stage[ExportConfig]):
             tdir = save_hf_dir(teacher, d / "teacher-torch")
             artifacts["teacher"] = {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher),
                                     "precision": "fp32", "notes": f"ONNX export failed ({e.message}); measured in PyTorch eager"}
+        qat_input = ctx.latest_output("model", before="qat")  # the float student QAT started from
         for stage in ("distill", "prune"):
             rel = ctx.outputs.get(stage, {}).get("model")
             if rel is None:
                 continue
             m = load_hf_dir(ctx.path(rel))
             name = f"student-{stage}"
-            artifacts[name] = {**self._float(ctx, m, name, d, example), "role": "student", "params": count_params(m),
-                               "stage": stage, "model_dir": rel, "notes": f"after {stage}, fp32"}
+            artifacts[name] = {**self._float(ctx, m, name, d, example, keep_raw=self.config.ptq_baselines and rel == qat_input),
+                               "role": "student", "params": count_params(m), "stage": stage, "model_dir": rel, "notes": f"after {stage}, fp32"}
+            if self.config.ptq_baselines and rel == qat_input and "qat" in ctx.outputs:
+                artifacts.update(self._ptq(ctx, d, d / f"{name}.raw.onnx", artifacts[name]["params"], name))
         metrics: dict = {}
         qrel = ctx.latest_output("qat_model")
         if qrel is not None:

@@ -37,7 +37,8 @@ def finished_run(tmp_path_factory, tiny_moe_dir):
 def test_e2e_report_has_all_variants_with_measured_numbers(finished_run):
     rep = json.loads((finished_run / "report.json").read_text())
     roles = {v["name"]: v["role"] for v in rep["variants"]}
-    assert roles == {"teacher": "teacher", "student-distill": "student", "student-prune": "student", "final": "final"}
+    assert roles == {"teacher": "teacher", "student-distill": "student", "student-prune": "student",
+                     "ptq-dynamic": "ptq-dynamic", "ptq-static": "ptq-static", "final": "final"}
     for v in rep["variants"]:
         assert v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
         assert v["size_bytes"] == (finished_run / v["artifact"]).stat().st_size
@@ -73,6 +74,9 @@ def test_e2e_export_parity_and_integer_ops(finished_run):
         assert arts[name]["parity_max_abs_diff"] < 1e-3
     assert arts["final"]["integer_matmuls"] == arts["final"]["quantized_linears"] == 14
     assert arts["final"]["sqnr_db_vs_fake_quant"] > 30
+    # the PTQ baselines really are integer models in ONNX Runtime
+    assert arts["ptq-dynamic"]["fused_ops"].get("DynamicQuantizeMatMul", 0) + arts["ptq-dynamic"]["fused_ops"].get("MatMulIntegerToFloat", 0) >= 12
+    assert sum(v for k, v in arts["ptq-static"]["fused_ops"].items() if k in ("QLinearMatMul", "MatMulIntegerToFloat")) >= 12
 
 
 def test_e2e_int8_artifact_accuracy_close_to_qat_torch(finished_run):

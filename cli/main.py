@@ -140,6 +140,22 @@ def report_cmd(
         render_comparison(compare_reports(run_dirs), c)
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with report.json).")],
+    device: Annotated[str, typer.Option("--device", "-d", help="Target device profile (see `dsk-compress devices`) or a profile YAML.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default RUN_DIR/bundles/DEVICE).")] = None,
+) -> None:
+    """Write a deploy bundle for a device: model, model card, run.py (numpy + onnxruntime) and requirements.
+
+    Example: dsk-compress export runs/quant-prune-distill-20261123-070000 --device rpi5
+    """
+    from dsk_compress.export.bundle import make_bundle
+
+    dest = make_bundle(run_dir, device, out)
+    _console().print(f"bundle: {dest}  (on the device: pip install -r requirements.txt && python3 run.py)")
+
+
 @zoo_app.command("list")
 def zoo_list() -> None:
     """List the zoo models and whether their weights are present.

@@ -147,3 +147,21 @@ def test_failed_stage_keeps_earlier_artifacts(tmp_path, tiny_moe_dir):
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert [s["status"] for s in man["stages"]] == ["done", "failed"]
     assert (tmp_path / "r" / "distill" / "model" / "model.safetensors").is_file()
+
+
+def test_bundle_run_py_reproduces_report_accuracy(finished_run, tmp_path):
+    import subprocess
+    import sys
+
+    from dsk_compress.export.bundle import make_bundle
+
+    b = make_bundle(finished_run, "rpi5", tmp_path / "rpi5")
+    assert {p.name for p in b.iterdir()} == {"model.onnx", "model_card.json", "run.py", "requirements.txt", "README.md", "eval_windows.npy"}
+    card = json.loads((b / "model_card.json").read_text())
+    assert card["precision"] == "int8" and card["runtime"] == "onnxruntime"
+    r = subprocess.run([sys.executable, "run.py", "--runs", "3", "--out", str(tmp_path / "res.json")], cwd=b, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "res.json").read_text())
+    # same artifact, same validation windows, a different ORT session: the same accuracy
+    assert res["accuracy"] == pytest.approx(card["measured_on_build_host"]["accuracy"], abs=0.01)
+    assert res["latency_ms"]["p50"] > 0

@@ -77,6 +77,10 @@ class _TrainSettings(_Strict):
 
 class DistillConfig(StageConfig, _TrainSettings):
     stage: Literal["distill"] = "distill"
+    baselines: list[Literal["nokd", "random-init"]] = Field(
+        default_factory=list,
+        description="also train, on the same token budget: the same student without KD (nokd) and a KD student with random FFN init",
+    )
 
 
 class PruneConfig(StageConfig, _TrainSettings):

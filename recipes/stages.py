@@ -97,7 +97,39 @@ class DistillStage(Stage[DistillConfig]):
         metrics = {"init": init_metrics, "student_init": info, "params": count_params(student),
                    "train": _train_summary(res), **_evaluate(ctx, student)}
         save_hf_dir(student, d / "model")
-        return StageResult(outputs={"model": ctx.rel(d / "model")}, metrics=metrics)
+        baselines = {}
+        for name in self.config.baselines:
+            baselines[name], metrics[f"baseline_{name}"] = self._baseline(ctx, name, init_dir, d / "baselines" / name)
+        return StageResult(outputs={"model": ctx.rel(d / "model"), "baselines": baselines}, metrics=metrics)
+
+    def _baseline(self, ctx: RunContext, name: str, init_dir: Path, bdir: Path) -> tuple[str, dict]:
+        """The comparison students: same token budget, without KD (same init) or with a random FFN init."""
+        from dsk_compress.compress.student import build_student
+        from dsk_compress.models.source import load_hf_dir, save_hf_dir
+
+        if (bdir / "model" / "config.json").is_file() and (bdir / "metrics.json").is_file():
+            return ctx.rel(bdir / "model"), json.loads((bdir / "metrics.json").read_text())
+        c = self.config
+        ft = ctx.spec.student.from_teacher
+        if name == "nokd":
+            model = load_hf_dir(init_dir)
+            cfg = c.model_copy(update={"kd_weight": 0.0})
+        else:
+            if ft is None:
+                from dsk_compress.errors import RecipeError
+
+                raise RecipeError("the random-init baseline needs student.from_teacher")
+            model, _ = build_student(ctx.teacher(), layers=ft.layers, keep_every=ft.keep_every,
+                                     intermediate_size=ft.intermediate_size, ffn_init="random", seed=ctx.spec.seed)
+            cfg = c
+        init = _evaluate(ctx, model)
+        res = _kd_train(ctx, model, cfg, "distill", bdir / "checkpoint")
+        metrics = {"init": init, "train": _train_summary(res), **_evaluate(ctx, model)}
+        save_hf_dir(model, bdir / "model")
+        from dsk_compress.io import atomic_write_json
+
+        atomic_write_json(bdir / "metrics.json", metrics)
+        return ctx.rel(bdir / "model"), metrics
 
 
 @STAGES.register("prune")
@@ -273,6 +305,12 @@ class ExportStage(Stage[ExportConfig]):
             tdir = save_hf_dir(teacher, d / "teacher-torch")
             artifacts["teacher"] = {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher),
                                     "precision": "fp32", "notes": f"ONNX export failed ({e.message}); measured in PyTorch eager"}
+        for bname, rel in ctx.outputs.get("distill", {}).get("baselines", {}).items():
+            m = load_hf_dir(ctx.path(rel))
+            role = f"student-{bname}"
+            artifacts[role] = {**self._float(ctx, m, role, d, example), "role": role, "params": count_params(m), "stage": "distill",
+                               "model_dir": rel, "notes": {"nokd": "same init and token budget, trained without KD (hard labels only)",
+                                                          "random-init": "KD with a randomly initialised FFN, same token budget"}[bname]}
         qat_input = ctx.latest_output("model", before="qat")  # the float student QAT started from
         for stage in ("distill", "prune"):
             rel = ctx.outputs.get(stage, {}).get("model")

@@ -21,7 +21,7 @@ def finished_run(tmp_path_factory, tiny_moe_dir):
         "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 2}},
         "task": {"name": "code-lm", "seq_len": 64, "eval_sequences": 16},
         "stages": [
-            {"stage": "distill", "steps": 30, "batch_size": 8, "lr": 3e-3},
+            {"stage": "distill", "steps": 30, "batch_size": 8, "lr": 3e-3, "baselines": ["nokd", "random-init"]},
             {"stage": "prune", "ffn_ratio": 0.5, "steps": 10, "batch_size": 8},
             {"stage": "qat", "steps": 10, "batch_size": 8, "observer_steps": 2},
             {"stage": "export"},
@@ -38,6 +38,7 @@ def test_e2e_report_has_all_variants_with_measured_numbers(finished_run):
     rep = json.loads((finished_run / "report.json").read_text())
     roles = {v["name"]: v["role"] for v in rep["variants"]}
     assert roles == {"teacher": "teacher", "student-distill": "student", "student-prune": "student",
+                     "student-nokd": "student-nokd", "student-random-init": "student-random-init",
                      "ptq-dynamic": "ptq-dynamic", "ptq-static": "ptq-static", "final": "final"}
     for v in rep["variants"]:
         assert v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
@@ -59,6 +60,14 @@ def test_e2e_distilled_student_learned_something(finished_run):
     teacher = next(v for v in rep["variants"] if v["role"] == "teacher")
     assert m["accuracy"] > m["init"]["accuracy"] + 0.5
     assert m["accuracy"] > teacher["accuracy"] - 10
+
+
+def test_e2e_baselines_trained_on_the_same_token_budget(finished_run):
+    m = json.loads((finished_run / "distill" / "metrics.json").read_text())
+    for name in ("nokd", "random-init"):
+        assert m[f"baseline_{name}"]["train"]["tokens"] == m["train"]["tokens"] > 0
+    # the no-KD baseline starts from the very same weights as the KD student
+    assert m["baseline_nokd"]["init"]["accuracy"] == m["init"]["accuracy"]
 
 
 def test_e2e_prune_halves_ffn_and_reports_mac_reduction(finished_run):

@@ -65,9 +65,11 @@ def build_student(teacher: nn.Module, layers: list[int] | None = None, keep_ever
     """Cut a dense Llama-family student from ``teacher``.
 
     Attention, norms, embeddings and the LM head are copied from the kept teacher layers. Each dense
-    FFN is initialised from that layer's experts: ``merge`` averages the experts weighted by how
-    often the router picks them on ``calibration`` batches, ``top`` copies the most-used expert,
-    ``random`` keeps the fresh initialisation. A dense teacher's FFN is copied.
+    FFN is initialised from that layer's experts: ``merge`` places all experts side by side with each
+    down projection scaled by its router frequency on ``calibration`` batches (the MoE with its gates
+    replaced by their expected values) and keeps the ``intermediate_size`` channels with the largest
+    down-projection norm; ``top`` copies the most-used expert; ``random`` keeps the fresh
+    initialisation. A dense teacher's FFN is copied.
 
     Returns:
         (student, info) where info records the kept layers and router frequencies.
@@ -110,8 +112,12 @@ def build_student(teacher: nn.Module, layers: list[int] | None = None, keep_ever
                 if ffn_init == "top":
                     ws = _expert_ffn(block.experts[int(f.argmax())])
                 else:
+                    # merge in function space: the MoE output with its gates replaced by their expected
+                    # values (router frequencies) is one wide FFN, all experts side by side with each down
+                    # projection scaled by its frequency; the channels that carry most of it are kept below
                     parts = [_expert_ffn(e) for e in block.experts]
-                    ws = tuple(sum(float(f[e]) * parts[e][j] for e in range(len(parts))) for j in range(3))
+                    ws = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                          torch.cat([float(f[e]) * parts[e][2] for e in range(len(parts))], dim=1))
             inter = cfg.intermediate_size
             if ws[0].shape[0] < inter:
                 raise RecipeError(f"student.from_teacher.intermediate_size {inter} is wider than the teacher's FFN ({ws[0].shape[0]})")

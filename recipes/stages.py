@@ -282,6 +282,20 @@ class ExportStage(Stage[ExportConfig]):
         return out
 
     def run(self, ctx: RunContext) -> StageResult:
+        import logging
+        import warnings
+
+        with warnings.catch_warnings():
+            # TracerWarnings for the constant quantizer scales and ORT's "consider pre-processing" hints are expected
+            warnings.simplefilter("ignore")
+            level = logging.getLogger().level
+            logging.getLogger().setLevel(logging.ERROR)
+            try:
+                return self._run(ctx)
+            finally:
+                logging.getLogger().setLevel(level)
+
+    def _run(self, ctx: RunContext) -> StageResult:
         import numpy as np
 
         from dsk_compress.compress.moe import densify_moe, is_moe
@@ -358,7 +372,7 @@ class BenchStage(Stage[BenchStageConfig]):
     """Measure every exported variant: accuracy of the artifact in its runtime, latency, size, memory."""
 
     def run(self, ctx: RunContext) -> StageResult:
-        from dsk_compress.devices import load_device
+        from dsk_compress.devices import host_profile, load_device
         from dsk_compress.export.onnx import file_size, ort_predict
         from dsk_compress.models.zoo import torch_predict
         from dsk_compress.report import build_report
@@ -366,7 +380,8 @@ class BenchStage(Stage[BenchStageConfig]):
         from dsk_compress.runtimes.onnxruntime import benchmark_onnx
 
         c = self.config
-        device = load_device(c.device)
+        # the bench runs here: "host-cpu" means this machine's real core count and memory
+        device = host_profile() if c.device == "host-cpu" else load_device(c.device)
         threads = c.threads or device.threads
         artifacts = ctx.latest_output("artifacts") or {}
         inputs = ctx.task.example_inputs(c.batch_size)

@@ -28,6 +28,7 @@ def load_model_source(src: dict[str, Any]):
 
 def load_hf_dir(path: str | Path):
     """Load a local Hugging Face causal LM directory from safetensors weights (no remote code)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(path)
@@ -37,7 +38,7 @@ def load_hf_dir(path: str | Path):
         cfg = AutoConfig.from_pretrained(p, trust_remote_code=False, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             p, config=cfg, use_safetensors=True, trust_remote_code=False, local_files_only=True,
-            attn_implementation="eager", torch_dtype="float32",
+            attn_implementation="eager", dtype=torch.float32,
         )
     except (OSError, ValueError, KeyError) as e:
         raise ModelSourceError(f"cannot load the model in {p}: {str(e).splitlines()[0][:200]}", hint="the directory needs config.json and *.safetensors weights") from None

@@ -18,6 +18,7 @@ import torch
 
 from dsk_compress.io import atomic_path, atomic_write_json, commit, load_state_dict, read_json, save_state_dict
 
+# (model, batch, index of the batch in the data stream) -> (loss, logs)
 LossFn = Callable[[torch.nn.Module, Any, int], "tuple[torch.Tensor, dict[str, float]]"]
 
 
@@ -103,7 +104,7 @@ def train(
     """Train ``model`` for ``cfg.steps`` optimizer steps.
 
     Args:
-        loss_fn: ``(model, batch, step) -> (loss, logs)``.
+        loss_fn: ``(model, batch, index) -> (loss, logs)``; ``index`` is the batch's position in the data stream.
         batch_fn: ``(step, batch_size) -> batch``; deterministic in ``step`` for exact resume.
         ckpt_dir: where checkpoints go; with ``resume`` an existing complete checkpoint is loaded.
         evaluate: called every ``cfg.eval_every`` steps and at the end; its dict joins the history.
@@ -136,10 +137,11 @@ def train(
             logs: dict[str, float] = {}
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
-                batch = batch_fn(cfg.data_offset + step * cfg.grad_accum + micro, cfg.batch_size)
+                index = cfg.data_offset + step * cfg.grad_accum + micro
+                batch = batch_fn(index, cfg.batch_size)
                 batch = batch.to(device) if hasattr(batch, "to") else batch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, logs = loss_fn(model, batch, step)
+                    loss, logs = loss_fn(model, batch, index)
                 (loss / cfg.grad_accum).backward()
                 step_loss += float(loss.detach()) / cfg.grad_accum
                 tokens += int(batch.numel()) if hasattr(batch, "numel") else cfg.batch_size

@@ -40,6 +40,7 @@ class RunContext:
         self.metrics: dict[str, dict[str, Any]] = {}
         self._task = None
         self._teacher = None
+        self._cache = None
 
     @property
     def task(self):
@@ -56,6 +57,16 @@ class RunContext:
 
             self._teacher = load_model_source(self.spec.teacher.model_dump(exclude_none=True))
         return self._teacher
+
+    def logit_cache(self):
+        """The run's teacher-logit cache, or None when the recipe does not enable it."""
+        if not self.spec.logit_cache.enabled:
+            return None
+        if self._cache is None:
+            from dsk_compress.compress.logit_cache import TeacherLogitCache
+
+            self._cache = TeacherLogitCache(self.run_dir / "teacher_logits", self.teacher(), self.task.fingerprint(), self.spec.logit_cache.top_k)
+        return self._cache
 
     def stage_dir(self, name: str) -> Path:
         d = self.run_dir / name

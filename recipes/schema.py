@@ -131,6 +131,13 @@ AnyStage = Annotated[
 STAGE_ORDER = ["distill", "prune", "qat", "export", "bench"]
 
 
+class LogitCacheSpec(_Strict):
+    """Cache the teacher's top-k logits on disk and reuse them in every KD stage (which then share the data stream)."""
+
+    enabled: bool = False
+    top_k: int = Field(32, ge=1, le=4096, description="teacher logits kept per position (fp16 values + int indices)")
+
+
 class ReportSpec(_Strict):
     max_accuracy_drop: float = Field(3.0, ge=0, description="accuracy points a shippable variant may lose")
 
@@ -146,6 +153,7 @@ class RecipeSpec(_Strict):
     student: StudentSpec
     task: TaskSpec = TaskSpec()
     stages: list[AnyStage] = Field(min_length=1)
+    logit_cache: LogitCacheSpec = LogitCacheSpec()
     report: ReportSpec = ReportSpec()
 
     @model_validator(mode="after")

@@ -34,19 +34,26 @@ def _kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | No
     from dsk_compress.compress.distill import make_kd_loss_fn
     from dsk_compress.compress.trainer import train
 
-    cfg = _train_cfg(c, _DATA_OFFSETS[stage] + data_offset, ctx.spec.seed, steps)
+    cache = ctx.logit_cache() if c.kd_weight > 0 else None
+    # with a logit cache every KD stage reads the same data stream, so later stages hit the cache
+    offset = 0 if cache is not None else _DATA_OFFSETS[stage] + data_offset
+    cfg = _train_cfg(c, offset, ctx.spec.seed, steps)
     if cfg.steps == 0:
         return None
-    loss_fn = make_kd_loss_fn(ctx.teacher(), c.temperature, c.kd_weight)
+    loss_fn = make_kd_loss_fn(ctx.teacher(), c.temperature, c.kd_weight, cache=cache)
     ev = (lambda m: _evaluate(ctx, m)) if c.eval_every else None
-    return train(model, loss_fn, ctx.task.train_batch, cfg, ckpt_dir=ckpt, resume=ctx.resume, evaluate=ev, desc=stage, params=params)
+    hits0, misses0 = (cache.hits, cache.misses) if cache else (0, 0)
+    res = train(model, loss_fn, ctx.task.train_batch, cfg, ckpt_dir=ckpt, resume=ctx.resume, evaluate=ev, desc=stage, params=params)
+    res.kd = {"teacher": "cached top-%d logits" % cache.k, "cache_hits": cache.hits - hits0, "cache_misses": cache.misses - misses0} if cache else \
+        {"teacher": "online" if c.kd_weight > 0 else "none"}
+    return res
 
 
 def _train_summary(res) -> dict:
     if res is None:
         return {"steps": 0}
     return {"steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 1), "tokens_per_s": round(res.tokens_per_s, 1),
-            "final_loss": round(res.final_loss, 4), "history": res.history}
+            "final_loss": round(res.final_loss, 4), "kd": getattr(res, "kd", None), "history": res.history}
 
 
 def _student_model(ctx: RunContext, before: str):

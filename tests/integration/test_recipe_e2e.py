@@ -174,3 +174,25 @@ def test_bundle_run_py_reproduces_report_accuracy(finished_run, tmp_path):
     # same artifact, same validation windows, a different ORT session: the same accuracy
     assert res["accuracy"] == pytest.approx(card["measured_on_build_host"]["accuracy"], abs=0.01)
     assert res["latency_ms"]["p50"] > 0
+
+
+def test_logit_cache_is_built_once_and_reused_by_later_stages(tmp_path, tiny_moe_dir):
+    from dsk_compress.recipes.runner import run_recipe as _run
+    from dsk_compress.recipes.schema import RecipeSpec
+
+    spec = RecipeSpec.model_validate({
+        "name": "tiny-cache",
+        "teacher": {"hf": str(tiny_moe_dir)},
+        "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 2}},
+        "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
+        "logit_cache": {"enabled": True, "top_k": 16},
+        "stages": [{"stage": "distill", "steps": 8, "batch_size": 4},
+                   {"stage": "prune", "ffn_ratio": 0.5, "steps": 6, "batch_size": 4},
+                   {"stage": "qat", "steps": 4, "batch_size": 4, "observer_steps": 1}],
+    })
+    rd = _run(spec, run_dir=tmp_path / "r")
+    kd = {s: json.loads((rd / s / "metrics.json").read_text()) for s in ("distill", "prune", "qat")}
+    assert kd["distill"]["train"]["kd"] == {"teacher": "cached top-16 logits", "cache_hits": 0, "cache_misses": 8}
+    assert kd["prune"]["iterations"][0]["train"]["kd"]["cache_hits"] == 6
+    assert kd["qat"]["train"]["kd"] == {"teacher": "cached top-16 logits", "cache_hits": 4, "cache_misses": 0}
+    assert len(list((rd / "teacher_logits").glob("b*.safetensors"))) == 8

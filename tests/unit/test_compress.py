@@ -218,3 +218,31 @@ def test_trainer_resume_is_exact(tmp_path):
         assert torch.equal(p, q), n
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_logit_cache_hits_and_matches_online_teacher(tmp_path):
+    from dsk_compress.compress.distill import make_kd_loss_fn
+    from dsk_compress.compress.logit_cache import TeacherLogitCache
+
+    teacher = tiny_llama(num_hidden_layers=1)
+    student = tiny_llama()
+    cache = TeacherLogitCache(tmp_path / "c", teacher, "task", k=256)  # k = vocab: exact
+    x = torch.randint(0, 256, (2, 12))
+    online = make_kd_loss_fn(teacher, 2.0, 1.0)(student, x, 0)[0]
+    first = make_kd_loss_fn(teacher, 2.0, 1.0, cache=cache)(student, x, 0)[0]
+    again = make_kd_loss_fn(teacher, 2.0, 1.0, cache=cache)(student, x, 0)[0]
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert float(first) == pytest.approx(float(online), rel=1e-3)  # fp16 storage of the values
+    assert float(again) == float(first)
+
+
+def test_logit_cache_refuses_another_teacher(tmp_path):
+    from dsk_compress.compress.logit_cache import TeacherLogitCache
+    from dsk_compress.errors import RunError
+
+    TeacherLogitCache(tmp_path / "c", tiny_llama(num_hidden_layers=1), "task", k=8)
+    other = tiny_llama(num_hidden_layers=1)
+    with torch.no_grad():
+        other.lm_head.weight.add_(1.0)
+    with pytest.raises(RunError, match="another teacher"):
+        TeacherLogitCache(tmp_path / "c", other, "task", k=8)

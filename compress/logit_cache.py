@@ -1,0 +1,73 @@
+"""A disk cache of the teacher's top-k logits per training batch, shared by every KD stage of a run.
+
+Each batch of the data stream is keyed by its index; values are stored as fp16 and indices as int16
+/ int32 in one safetensors file per batch. The cache records a hash of the teacher's weights and
+of the task, and refuses to serve another teacher's logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from dsk_compress.errors import RunError
+from dsk_compress.io import atomic_write_json
+
+
+def teacher_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TeacherLogitCache:
+    """Top-``k`` teacher logits per batch index under ``root``."""
+
+    def __init__(self, root: str | Path, teacher: torch.nn.Module, task_fingerprint: str, k: int = 32) -> None:
+        self.root = Path(root)
+        self.teacher = teacher
+        self.k = k
+        self.hits = 0
+        self.misses = 0
+        meta = {"version": 1, "teacher": teacher_hash(teacher), "task": task_fingerprint, "k": k}
+        mpath = self.root / "cache.json"
+        if mpath.is_file():
+            old = json.loads(mpath.read_text())
+            if old.get("teacher") != meta["teacher"]:
+                raise RunError(f"the logit cache in {self.root} was made by another teacher (hash {old.get('teacher')}, this one {meta['teacher']})",
+                               hint="delete that cache directory or use the teacher it was made with")
+            if old != meta:
+                raise RunError(f"the logit cache in {self.root} was made for another task or k ({old})", hint="delete it to rebuild")
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(mpath, meta)
+        self.meta = meta
+
+    def _path(self, index: int) -> Path:
+        return self.root / f"b{index:08d}.safetensors"
+
+    @torch.no_grad()
+    def get(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [B, T, k] float32, indices [B, T, k] int64) of the teacher's logits on batch ``index``."""
+        from safetensors.torch import load_file, save_file
+
+        p = self._path(index)
+        if p.is_file():
+            d = load_file(str(p))
+            if d["input_ids"].shape == x.shape and torch.equal(d["input_ids"].to(x.device, torch.long), x):
+                self.hits += 1
+                return d["values"].to(x.device, torch.float32), d["indices"].to(x.device, torch.long)
+        self.misses += 1
+        logits = self.teacher(input_ids=x, use_cache=False).logits.float()
+        values, indices = logits.topk(self.k, dim=-1)
+        idx_dtype = torch.int16 if logits.shape[-1] < 2**15 else torch.int32
+        tmp = p.with_name(p.name + ".tmp")
+        save_file({"values": values.half().cpu().contiguous(), "indices": indices.to(idx_dtype).cpu().contiguous(),
+                   "input_ids": x.to(torch.int32 if logits.shape[-1] >= 2**15 else torch.int16).cpu().contiguous()}, str(tmp))
+        tmp.replace(p)
+        return values.half().float(), indices

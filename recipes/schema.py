@@ -92,6 +92,9 @@ class PruneConfig(StageConfig, _TrainSettings):
     round_to: int = Field(8, ge=1, description="channel counts rounded to a multiple of this")
     steps: int = Field(100, ge=0, description="KD fine-tune steps after each pruning step")
     timeout_s: float = Field(300, gt=0, description="abort pruning a model that takes longer (torch-pruning GQA hang)")
+    baselines: list[Literal["oneshot"]] = Field(
+        default_factory=list, description="also prune one-shot to the same size with the same total fine-tune budget (role pruned-oneshot)"
+    )
 
 
 class QATConfig(StageConfig, _TrainSettings):

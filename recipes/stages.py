@@ -143,33 +143,24 @@ class DistillStage(Stage[DistillConfig]):
 class PruneStage(Stage[PruneConfig]):
     """Structured pruning of FFN channels / heads (uniform per layer), KD fine-tune after each step."""
 
-    def run(self, ctx: RunContext) -> StageResult:
-        import torch_pruning as tp
-
+    def _schedule(self, ctx: RunContext, model, before: dict, iterations: int, steps: int, d: Path, example) -> tuple:
+        """Prune to the target in ``iterations`` slices with ``steps`` KD fine-tune steps after each slice."""
         from dsk_compress.compress.distill import kd_loss
-        from dsk_compress.compress.prune import check_prunable, prune_step, structure
+        from dsk_compress.compress.prune import prune_step, structure
+        from dsk_compress.io import atomic_write_json
         from dsk_compress.models.source import load_hf_dir, save_hf_dir
 
         c = self.config
-        d = ctx.stage_dir("prune")
-        model = _student_model(ctx, "prune")
-        check_prunable(model.config, c.ffn_ratio, c.head_ratio, c.round_to)
-        example = torch.as_tensor(ctx.task.example_inputs(1))
-        macs0, params0 = tp.utils.count_ops_and_params(model, example_inputs={"input_ids": example, "use_cache": False})
-        before = structure(model)
-        acc_before = _evaluate(ctx, model)
-        keep = 1 - c.ffn_ratio
-        head_keep = 1 - c.head_ratio
-        steps_log = []
-        for it in range(c.iterations):
+        log = []
+        for it in range(iterations):
             step_dir = d / f"iter{it}"
             if (step_dir / "model" / "config.json").is_file():  # resume: this iteration is complete
                 model = load_hf_dir(step_dir / "model")
-                steps_log.append(json.loads((step_dir / "metrics.json").read_text()))
+                log.append(json.loads((step_dir / "metrics.json").read_text()))
                 continue
             # ratio of the *current* size that brings the model to keep**((it+1)/iterations) of the original
-            target_ffn = before["layers"][0]["ffn"] * keep ** ((it + 1) / c.iterations)
-            target_heads = before["layers"][0]["heads"] * head_keep ** ((it + 1) / c.iterations)
+            target_ffn = before["layers"][0]["ffn"] * (1 - c.ffn_ratio) ** ((it + 1) / iterations)
+            target_heads = before["layers"][0]["heads"] * (1 - c.head_ratio) ** ((it + 1) / iterations)
             cur = structure(model)["layers"][0]
             ffn_r = max(0.0, 1 - target_ffn / cur["ffn"])
             head_r = max(0.0, 1 - round(target_heads) / cur["heads"]) if c.head_ratio > 0 else 0.0
@@ -183,22 +174,46 @@ class PruneStage(Stage[PruneConfig]):
 
             after = prune_step(model, example, ffn_r, head_r, c.importance, c.round_to, c.timeout_s, taylor_loss)
             pruned_acc = _evaluate(ctx, model)
-            res = _kd_train(ctx, model, c, "prune", step_dir / "checkpoint", data_offset=it * 100_000)
+            res = _kd_train(ctx, model, c, "prune", step_dir / "checkpoint", steps=steps, data_offset=it * 100_000)
             entry = {"iteration": it, "structure": after, "accuracy_after_prune": pruned_acc["accuracy"],
                      "train": _train_summary(res), **_evaluate(ctx, model)}
             save_hf_dir(model, step_dir / "model")
-            from dsk_compress.io import atomic_write_json
-
             atomic_write_json(step_dir / "metrics.json", entry)
-            steps_log.append(entry)
+            log.append(entry)
+        return model, log
+
+    def run(self, ctx: RunContext) -> StageResult:
+        import torch_pruning as tp
+
+        from dsk_compress.compress.prune import check_prunable, structure
+        from dsk_compress.models.source import save_hf_dir
+
+        c = self.config
+        d = ctx.stage_dir("prune")
+        model = _student_model(ctx, "prune")
+        check_prunable(model.config, c.ffn_ratio, c.head_ratio, c.round_to)
+        example = torch.as_tensor(ctx.task.example_inputs(1))
+        macs0, params0 = tp.utils.count_ops_and_params(model, example_inputs={"input_ids": example, "use_cache": False})
+        before = structure(model)
+        acc_before = _evaluate(ctx, model)
+        start = {k: v.clone() for k, v in model.state_dict().items()} if c.baselines else None
+        model, log = self._schedule(ctx, model, before, c.iterations, c.steps, d, example)
         macs1, params1 = tp.utils.count_ops_and_params(model, example_inputs={"input_ids": example, "use_cache": False})
         save_hf_dir(model, d / "model")
         metrics = {
             "structure_before": before, "structure_after": structure(model), "accuracy_before": acc_before["accuracy"],
             "params_before": int(params0), "params_after": int(params1), "macs_before": int(macs0), "macs_after": int(macs1),
-            "mac_reduction": round(1 - macs1 / macs0, 4), "iterations": steps_log, **_evaluate(ctx, model),
+            "mac_reduction": round(1 - macs1 / macs0, 4), "iterations": log, **_evaluate(ctx, model),
         }
-        return StageResult(outputs={"model": ctx.rel(d / "model")}, metrics=metrics)
+        baselines = {}
+        if "oneshot" in c.baselines:  # same target, one slice, the same total fine-tune budget
+            one = _student_model(ctx, "prune")
+            one.load_state_dict(start)
+            one, one_log = self._schedule(ctx, one, before, 1, c.steps * c.iterations, d / "baselines" / "oneshot", example)
+            save_hf_dir(one, d / "baselines" / "oneshot" / "model")
+            baselines["oneshot"] = ctx.rel(d / "baselines" / "oneshot" / "model")
+            metrics["baseline_oneshot"] = {"iterations": one_log, **_evaluate(ctx, one)}
+        return StageResult(outputs={"model": ctx.rel(d / "model"), "baselines": baselines}, metrics=metrics)
 
 
 def save_qat_model(model, path: Path, qat_info: dict) -> Path:
@@ -326,12 +341,15 @@ class ExportStage(Stage[ExportConfig]):
             tdir = save_hf_dir(teacher, d / "teacher-torch")
             artifacts["teacher"] = {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher),
                                     "precision": "fp32", "notes": f"ONNX export failed ({e.message}); measured in PyTorch eager"}
-        for bname, rel in ctx.outputs.get("distill", {}).get("baselines", {}).items():
-            m = load_hf_dir(ctx.path(rel))
-            role = f"student-{bname}"
-            artifacts[role] = {**self._float(ctx, m, role, d, example), "role": role, "params": count_params(m), "stage": "distill",
-                               "model_dir": rel, "notes": {"nokd": "same init and token budget, trained without KD (hard labels only)",
-                                                          "random-init": "KD with a randomly initialised FFN, same token budget"}[bname]}
+        baseline_roles = {("distill", "nokd"): ("student-nokd", "same init and token budget, trained without KD (hard labels only)"),
+                          ("distill", "random-init"): ("student-random-init", "KD with a randomly initialised FFN, same token budget"),
+                          ("prune", "oneshot"): ("pruned-oneshot", "pruned to the same size in one step, same total fine-tune budget")}
+        for stage in ("distill", "prune"):
+            for bname, rel in ctx.outputs.get(stage, {}).get("baselines", {}).items():
+                m = load_hf_dir(ctx.path(rel))
+                role, note = baseline_roles[(stage, bname)]
+                artifacts[role] = {**self._float(ctx, m, role, d, example), "role": role, "params": count_params(m), "stage": stage,
+                                   "model_dir": rel, "notes": note + ", fp32"}
         qat_input = ctx.latest_output("model", before="qat")  # the float student QAT started from
         for stage in ("distill", "prune"):
             rel = ctx.outputs.get(stage, {}).get("model")

@@ -22,7 +22,7 @@ def finished_run(tmp_path_factory, tiny_moe_dir):
         "task": {"name": "code-lm", "seq_len": 64, "eval_sequences": 16},
         "stages": [
             {"stage": "distill", "steps": 30, "batch_size": 8, "lr": 3e-3, "baselines": ["nokd", "random-init"]},
-            {"stage": "prune", "ffn_ratio": 0.5, "steps": 10, "batch_size": 8},
+            {"stage": "prune", "ffn_ratio": 0.5, "steps": 5, "iterations": 2, "batch_size": 8, "baselines": ["oneshot"]},
             {"stage": "qat", "steps": 10, "batch_size": 8, "observer_steps": 2},
             {"stage": "export"},
             {"stage": "bench", "runs": 5, "warmup": 1},
@@ -38,7 +38,7 @@ def test_e2e_report_has_all_variants_with_measured_numbers(finished_run):
     rep = json.loads((finished_run / "report.json").read_text())
     roles = {v["name"]: v["role"] for v in rep["variants"]}
     assert roles == {"teacher": "teacher", "student-distill": "student", "student-prune": "student",
-                     "student-nokd": "student-nokd", "student-random-init": "student-random-init",
+                     "student-nokd": "student-nokd", "student-random-init": "student-random-init", "pruned-oneshot": "pruned-oneshot",
                      "ptq-dynamic": "ptq-dynamic", "ptq-static": "ptq-static", "final": "final"}
     for v in rep["variants"]:
         assert v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
@@ -75,6 +75,11 @@ def test_e2e_prune_halves_ffn_and_reports_mac_reduction(finished_run):
     assert [layer["ffn"] for layer in m["structure_after"]["layers"]] == [48, 48]
     assert [layer["ffn"] for layer in m["structure_before"]["layers"]] == [96, 96]
     assert m["params_after"] < m["params_before"] and 0.05 < m["mac_reduction"] < 0.5
+    # progressive: 96 -> 68 (rounded to 8: 64 or 72) -> 48; one-shot: 96 -> 48 with the same fine-tune budget
+    assert [it["structure"]["layers"][0]["ffn"] for it in m["iterations"]] in ([72, 48], [64, 48])
+    one = m["baseline_oneshot"]["iterations"]
+    assert [it["structure"]["layers"][0]["ffn"] for it in one] == [48]
+    assert one[0]["train"]["steps"] == sum(it["train"]["steps"] for it in m["iterations"]) == 10
 
 
 def test_e2e_export_parity_and_integer_ops(finished_run):

@@ -40,8 +40,9 @@ def load_hf_dir(path: str | Path):
             p, config=cfg, use_safetensors=True, trust_remote_code=False, local_files_only=True,
             attn_implementation="eager", dtype=torch.float32,
         )
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelSourceError(f"cannot load the model in {p}: {str(e).splitlines()[0][:200]}", hint="the directory needs config.json and *.safetensors weights") from None
+    except Exception as e:  # transformers / safetensors raise OSError, ValueError, SafetensorError, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ModelSourceError(f"cannot load the model in {p}: {first}", hint="the directory needs config.json and valid *.safetensors weights") from None
     return model.eval()
 
 

@@ -86,8 +86,8 @@ def device_names() -> list[str]:
 
 
 def list_devices() -> list[DeviceProfile]:
-    """All bundled profiles (generic ``host-cpu`` values, not :func:`host_profile`)."""
-    return [_load_file(DEVICES_DIR / f"{n}.yaml") for n in device_names()]
+    """All bundled profiles; ``host-cpu`` is read off this machine (see :func:`host_profile`)."""
+    return [load_device(n) for n in device_names()]
 
 
 def load_device(name_or_path: str | os.PathLike) -> DeviceProfile:
@@ -99,6 +99,8 @@ def load_device(name_or_path: str | os.PathLike) -> DeviceProfile:
         if not p.is_file():
             raise DeviceError(f"device profile file not found: {p}", hint=f"or use a bundled name: {', '.join(device_names())}")
         return _load_file(p)
+    if s == "host-cpu":  # the machine running this code, not generic figures
+        return host_profile()
     bundled = DEVICES_DIR / f"{s}.yaml"
     if not bundled.is_file():
         raise DeviceError(
@@ -154,7 +156,7 @@ def host_profile() -> DeviceProfile:
     limit); ``peak_gflops`` re-estimated from the physical core count, SIMD flags and max clock.
     Anything that cannot be read keeps the generic value.
     """
-    base = load_device("host-cpu")
+    base = _load_file(DEVICES_DIR / "host-cpu.yaml")
     data = base.model_dump()
     sources = dict(base.sources)
 

@@ -397,7 +397,7 @@ class BenchStage(Stage[BenchStageConfig]):
     """Measure every exported variant: accuracy of the artifact in its runtime, latency, size, memory."""
 
     def run(self, ctx: RunContext) -> StageResult:
-        from dsk_compress.devices import host_profile, load_device
+        from dsk_compress.devices import load_device
         from dsk_compress.export.onnx import file_size, ort_predict
         from dsk_compress.models.zoo import torch_predict
         from dsk_compress.report import build_report
@@ -405,8 +405,7 @@ class BenchStage(Stage[BenchStageConfig]):
         from dsk_compress.runtimes.onnxruntime import benchmark_onnx
 
         c = self.config
-        # the bench runs here: "host-cpu" means this machine's real core count and memory
-        device = host_profile() if c.device == "host-cpu" else load_device(c.device)
+        device = load_device(c.device)
         threads = c.threads or device.threads
         artifacts = ctx.latest_output("artifacts") or {}
         inputs = ctx.task.example_inputs(c.batch_size)

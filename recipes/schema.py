@@ -54,9 +54,26 @@ class StudentSpec(_Strict):
 
 
 class TaskSpec(_Strict):
+    """The built-in ``code-lm`` task (Python standard-library source, byte level)."""
+
     name: Literal["code-lm"] = "code-lm"
     seq_len: int = Field(256, ge=8, le=4096)
     eval_sequences: int = Field(128, ge=1)
+
+
+class TextTaskSpec(_Strict):
+    """``text-lm``: the user's own .txt / .jsonl files, tokenized with a local tokenizer (the teacher's)."""
+
+    name: Literal["text-lm"]
+    train: list[str] = Field(min_length=1, description="training files (.txt or .jsonl)")
+    eval: list[str] = Field(min_length=1, description="validation files (.txt or .jsonl)")
+    tokenizer: str = Field(description="local tokenizer directory, usually the teacher's")
+    text_field: str = "text"
+    seq_len: int = Field(256, ge=8, le=8192)
+    eval_sequences: int = Field(64, ge=1)
+
+
+AnyTask = Annotated[Union[TaskSpec, TextTaskSpec], Field(discriminator="name")]
 
 
 class StageConfig(_Strict):
@@ -154,7 +171,7 @@ class RecipeSpec(_Strict):
     seed: int = 0
     teacher: ModelSourceSpec
     student: StudentSpec
-    task: TaskSpec = TaskSpec()
+    task: AnyTask = TaskSpec()
     stages: list[AnyStage] = Field(min_length=1)
     logit_cache: LogitCacheSpec = LogitCacheSpec()
     report: ReportSpec = ReportSpec()

@@ -95,6 +95,12 @@ class DistillStage(Stage[DistillConfig]):
             save_hf_dir(student, init_dir, extra=info)
         else:
             student = load_model_source(st.model_dump(exclude_none=True, exclude={"from_teacher"}))
+        task_vocab = getattr(ctx.task, "vocab_size", None)
+        if task_vocab is not None and task_vocab > teacher.config.vocab_size:
+            from dsk_compress.errors import RecipeError
+
+            raise RecipeError(f"the task's tokenizer has {task_vocab} tokens but the teacher's vocabulary has {teacher.config.vocab_size}",
+                              hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)")
         if getattr(student.config, "vocab_size", None) != getattr(teacher.config, "vocab_size", None):
             from dsk_compress.errors import RecipeError
 
@@ -430,7 +436,9 @@ class BenchStage(Stage[BenchStageConfig]):
             b = bench.as_dict()
             variants.append({
                 "name": name, "role": art["role"], "stage": art.get("stage", name), "params": art["params"], "size_bytes": int(size),
-                "accuracy": round(acc["accuracy"], 3), "bits_per_byte": round(acc.get("bits_per_byte", float("nan")), 4),
+                "accuracy": round(acc["accuracy"], 3),
+                "bits_per_byte": round(acc["bits_per_byte"], 4) if "bits_per_byte" in acc else None,
+                "metrics": {k: round(v, 4) for k, v in acc.items()},
                 "latency_ms": {k: round(b[k], 3) for k in ("p50", "p90", "p99", "mean")},
                 "throughput": round(b["throughput"], 2), "peak_memory_mb": b.get("peak_memory_mb"),
                 "runtime": runtime, "device": device.name, "precision": art.get("precision", "fp32"),

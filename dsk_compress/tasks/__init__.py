@@ -7,7 +7,7 @@ from typing import Any
 from dsk_compress.errors import TaskError
 from dsk_compress.tasks.base import Metrics, PredictFn, Task
 
-BUILTIN_TASKS = ("code-lm",)
+BUILTIN_TASKS = ("code-lm", "text-lm")
 
 
 def build_task(spec: dict[str, Any]) -> Task:
@@ -21,6 +21,10 @@ def build_task(spec: dict[str, Any]) -> Task:
             return CodeLMTask(**spec)
         except TypeError as e:
             raise TaskError(f"bad option for task code-lm: {e}", hint="options: seq_len, eval_sequences, val_percent, seed") from None
+    if name == "text-lm":
+        from dsk_compress.tasks.text_lm import TextLMTask
+
+        return TextLMTask(**spec)
     raise TaskError(f"unknown task {name!r}", hint=f"valid: {', '.join(BUILTIN_TASKS)}")
 
 

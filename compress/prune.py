@@ -97,6 +97,8 @@ def prune_step(model: nn.Module, example_inputs: torch.Tensor, ffn_ratio: float,
             num_heads[attn.v_proj] = cfg.num_key_value_heads
         else:
             ignored += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    # RMSNorm weights are plain parameters torch-pruning cannot see through; they live on the hidden dim
+    unwrapped = [(m.weight, 0) for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     model.eval()
     with _time_limit(timeout_s):
         pruner = tp.pruner.MetaPruner(
@@ -112,6 +114,7 @@ def prune_step(model: nn.Module, example_inputs: torch.Tensor, ffn_ratio: float,
             prune_head_dims=False,
             head_pruning_ratio=head_ratio,
             round_to=round_to,
+            unwrapped_parameters=unwrapped,
         )
         if importance == "taylor":
             model.zero_grad()

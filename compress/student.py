@@ -110,7 +110,15 @@ def build_student(teacher: nn.Module, layers: list[int] | None = None, keep_ever
                 block = blocks[moe_name]
                 f = freqs[moe_name]
                 if ffn_init == "top":
-                    ws = _expert_ffn(block.experts[int(f.argmax())])
+                    # the most-used expert; a wider student takes the next most-used ones beside it,
+                    # each down projection weighted by its share of the chosen experts' routing
+                    order = f.argsort(descending=True).tolist()
+                    n = -(-cfg.intermediate_size // _expert_ffn(block.experts[0])[0].shape[0])
+                    chosen = order[:n]
+                    share = f[chosen] / f[chosen].sum()
+                    parts = [_expert_ffn(block.experts[e]) for e in chosen]
+                    ws = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                          torch.cat([float(w) * p[2] for w, p in zip(share, parts)], dim=1))
                 else:
                     # merge in function space: the MoE output with its gates replaced by their expected
                     # values (router frequencies) is one wide FFN, all experts side by side with each down

@@ -4,7 +4,7 @@
         --warmup 5 --runs 30 [--threads 4] --out RESULT.json
 
 Run by :func:`dsk_compress.runtimes.base.run_worker` in a fresh process per model, so
-``peak_memory_mb`` (``ru_maxrss`` of this process) is the real peak RSS of a process that loaded
+``peak_memory_mb`` (VmHWM of this process) is the real peak RSS of a process that loaded
 and ran exactly that model. Only the chosen backend is imported.
 
 Kinds: ``onnx`` (an .onnx file, onnxruntime), ``torch`` (a Hugging Face model directory, eager
@@ -26,7 +26,18 @@ KINDS = ("onnx", "torch", "tensorrt")
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
+    """Peak resident set size of this process so far, in MiB.
+
+    On Linux this reads VmHWM from /proc/self/status: ``ru_maxrss`` would carry over the parent's
+    peak through fork + exec and report the launcher's memory instead of this worker's.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
 

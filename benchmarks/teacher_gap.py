@@ -18,9 +18,9 @@ import torch
 
 from dsk_compress.compress.student import build_student, select_layers
 from dsk_compress.compress.trainer import TrainConfig, train
-from dsk_compress.io import atomic_write_json
+from dsk_compress.io import atomic_write_json, atomic_write_text
 from dsk_compress.models.source import count_params
-from dsk_compress.models.zoo import ZOO, build_model, lm_loss, torch_predict, zoo_card, zoo_path
+from dsk_compress.models.zoo import ZOO, build_model, lm_loss, render_card_md, torch_predict, zoo_card, zoo_path
 from dsk_compress.recipes import load_recipe
 from dsk_compress.tasks import build_task
 
@@ -70,6 +70,7 @@ def main() -> None:
     if args.update_card and card:
         card["baseline_student_alone"] = {"recipe": args.recipe, **out["student_alone"], "accuracy_gap_points": out["accuracy_gap_points"]}
         atomic_write_json(zoo_path(name) / "card.json", card)
+        atomic_write_text(zoo_path(name) / "README.md", render_card_md(card))
     print(json.dumps(out, indent=2))
 
 

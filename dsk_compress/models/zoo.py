@@ -205,8 +205,34 @@ def train_zoo(
     out_dir = zoo_path(name) if install else work / "final"
     save_state_dict(state16, out_dir / "model.safetensors")
     atomic_write_json(out_dir / "card.json", card)
+    atomic_write_text(out_dir / "README.md", render_card_md(card))
     atomic_write_text(out_dir / "config.json", model.config.to_json_string())
     return card
+
+
+def render_card_md(card: dict) -> str:
+    """The human-readable model card (README.md beside the weights) from ``card.json``."""
+    t, v = card["training"], card["validation"]
+    lines = [
+        f"# {card['name']}", "", card["description"], "",
+        f"- Architecture: `{card['architecture']}`, {card['params']:,} parameters, stored as {card['stored_dtype']} safetensors",
+        "- Config: " + ", ".join(f"{k}={val}" for k, val in card["config"].items() if val is not None),
+        f"- Task: `{card['task']['name']}` on Python {card['task']['python']}'s standard library "
+        f"({card['task']['train_bytes']:,} train bytes, {card['task']['val_bytes']:,} validation bytes), seq {t['seq_len']}",
+        f"- Training: {t['steps']} steps x {t['batch_size']} sequences = {t['tokens']:,} tokens on {t['device']} "
+        f"in {t['seconds'] / 60:.1f} min ({t['tokens_per_s']:,.0f} tokens/s), peak lr {t['lr']}, torch {t['torch']}",
+        f"- Validation ({int(v['eval_tokens']):,} tokens, measured on the stored weights): **{v['accuracy']:.2f}%** next-byte accuracy, "
+        f"**{v['bits_per_byte']:.3f}** bits/byte",
+    ]
+    b = card.get("baseline_student_alone")
+    if b:
+        lines.append(
+            f"- The default recipe's student architecture (layers {b['layers']}, {b['params']:,} parameters) trained alone from random "
+            f"init on the same data for {b['tokens']:,} tokens: {b['accuracy']:.2f}% ({b['bits_per_byte']:.3f} bits/byte); "
+            f"the teacher is {b['accuracy_gap_points']:+.2f} points ahead"
+        )
+    lines += ["", "Reproduce: `dsk-compress zoo train " + card["name"] + f" --steps {t['steps']}`.", ""]
+    return "\n".join(lines)
 
 
 class _SubsetTask:

@@ -65,11 +65,16 @@ def test_load_recipe_bundled_returns_stages_in_pipeline_order():
 
 
 def test_load_recipe_bundled_keeps_yaml_values():
+    import yaml
+
+    from dsk_compress.recipes import bundled_recipes
+
+    raw = yaml.safe_load(bundled_recipes()[BUNDLED].read_text())
     spec = load_recipe(BUNDLED)
     assert spec.teacher.zoo == "code-lm-moe"
-    assert spec.student.from_teacher.layers == [0, 2, 4, 5]
-    assert spec.stages[0].steps == 300
-    assert spec.stages[0].lr == pytest.approx(2e-3)
+    assert spec.student.from_teacher.layers == raw["student"]["from_teacher"]["layers"]
+    assert spec.stages[0].steps == raw["stages"][0]["steps"]
+    assert spec.stages[0].lr == pytest.approx(raw["stages"][0]["lr"])
     assert isinstance(spec.stages[1], PruneConfig)
     assert spec.stages[1].ffn_ratio == 0.5
     assert spec.stages[4].device == "host-cpu"

@@ -2,7 +2,7 @@
 
 They quantize the same float student QAT starts from, so the report can show what QAT buys.
 ``reduce_range`` (7-bit weights) keeps ORT's u8s8 kernels from saturating on CPUs without VNNI;
-the LM head is left in float as in QAT.
+exactly the Linear layers QAT quantizes are quantized (attention score MatMuls and the LM head stay float).
 """
 
 from __future__ import annotations
@@ -15,19 +15,24 @@ import numpy as np
 from dsk_compress.io import atomic_path, commit
 
 
-def _exclude_lm_head(path: Path) -> list[str]:
+def _weight_matmuls(src: Path, dst: Path) -> list[str]:
+    """Name every node, and list the MatMuls with a constant weight (the Linear layers) except the LM head.
+
+    Activation x activation MatMuls (attention scores) and the LM head stay float, as in QAT, so
+    the baselines quantize exactly what QAT quantizes. Writes the named graph to ``dst``.
+    """
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
-    # the last MatMul producing the logits is the LM head
-    out = m.graph.output[0].name
-    producers = {o: n for n in m.graph.node for o in n.output}
-    node = producers.get(out)
-    seen = 0
-    while node is not None and node.op_type != "MatMul" and seen < 8:
-        node = producers.get(node.input[0])
-        seen += 1
-    return [node.name] if node is not None and node.op_type == "MatMul" else []
+    m = onnx.load(str(src))
+    for i, n in enumerate(m.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    consts = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    outputs = {o.name for o in m.graph.output}
+    names = [n.name for n in m.graph.node
+             if n.op_type == "MatMul" and n.input[1] in consts and not (set(n.output) & outputs)]
+    onnx.save(m, str(dst))
+    return names
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
@@ -35,8 +40,11 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp, final = atomic_path(dst)
-    quantize_dynamic(str(src), str(tmp), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=_exclude_lm_head(Path(src)))
+    named = Path(str(tmp) + ".named.onnx")
+    nodes = _weight_matmuls(Path(src), named)
+    quantize_dynamic(str(named), str(tmp), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                     weight_type=QuantType.QInt8, nodes_to_quantize=nodes)
+    named.unlink()
     return commit(tmp, final)
 
 
@@ -52,7 +60,10 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable
             return next(self._it, None)
 
     tmp, final = atomic_path(dst)
-    quantize_static(str(src), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+    named = Path(str(tmp) + ".named.onnx")
+    nodes = _weight_matmuls(Path(src), named)
+    quantize_static(str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                     per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=_exclude_lm_head(Path(src)))
+                    nodes_to_quantize=nodes)
+    named.unlink()
     return commit(tmp, final)

@@ -38,6 +38,7 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 0
     data_offset: int = 0  # shifts the data stream so stages do not see the same batches
+    early_stop_patience: int = 0  # stop after this many validations without a better accuracy (0: never)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainResult:
     final_loss: float
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
+    stopped_early: bool = False
 
 
 def default_device() -> torch.device:
@@ -65,7 +67,8 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def _save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, step: int, history: list, tokens: int, seconds: float) -> None:
+def _save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, step: int, history: list, tokens: int, seconds: float,
+                     stopped: bool = False) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     save_state_dict(model.state_dict(), ckpt_dir / "model.safetensors")
     tmp, final = atomic_path(ckpt_dir / "optim.pt")
@@ -75,10 +78,10 @@ def _save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, step: i
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp)
     commit(tmp, final)
     # state.json is written last: its presence means the checkpoint is complete
-    atomic_write_json(ckpt_dir / "state.json", {"step": step, "history": history, "tokens": tokens, "seconds": seconds})
+    atomic_write_json(ckpt_dir / "state.json", {"step": step, "history": history, "tokens": tokens, "seconds": seconds, "stopped": stopped})
 
 
-def _load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched) -> tuple[int, list, int, float]:
+def _load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched) -> tuple[int, list, int, float, bool]:
     state = read_json(ckpt_dir / "state.json")
     model.load_state_dict(load_state_dict(ckpt_dir / "model.safetensors"))
     blob = torch.load(ckpt_dir / "optim.pt", weights_only=True, map_location="cpu")
@@ -87,7 +90,7 @@ def _load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched) -> tupl
     torch.set_rng_state(blob["rng"]["torch"])
     if "cuda" in blob["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    return int(state["step"]), list(state["history"]), int(state["tokens"]), float(state["seconds"])
+    return int(state["step"]), list(state["history"]), int(state["tokens"]), float(state["seconds"]), bool(state.get("stopped", False))
 
 
 def train(
@@ -123,16 +126,17 @@ def train(
         betas=(0.9, 0.95),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    start, history, tokens, seconds = 0, [], 0, 0.0
+    start, history, tokens, seconds, stopped = 0, [], 0, 0.0, False
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     if ckpt is not None and resume and (ckpt / "state.json").is_file():
-        start, history, tokens, seconds = _load_checkpoint(ckpt, model, opt, sched)
+        start, history, tokens, seconds, stopped = _load_checkpoint(ckpt, model, opt, sched)
+    resumed_from = start
     use_amp = device.type == "cuda"
     model.train()
     loss_val = float("nan")
     t0 = time.perf_counter() - seconds
     with train_progress(desc, total=cfg.steps, completed=start) as prog:
-        for step in range(start, cfg.steps):
+        for step in range(start, cfg.steps if not stopped else start):
             opt.zero_grad(set_to_none=True)
             logs: dict[str, float] = {}
             step_loss = 0.0
@@ -158,20 +162,33 @@ def train(
                 entry = {"step": done, "tokens": tokens, "loss": loss_val, **evaluate(model)}
                 model.train()
                 history.append(entry)
+                stopped = _plateaued(history, cfg.early_stop_patience)
             prog.update(done, loss=loss_val, tokens_per_s=tokens / max(elapsed, 1e-9), extra=entry)
-            if ckpt is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-                _save_checkpoint(ckpt, model, opt, sched, done, history, tokens, elapsed)
+            if ckpt is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps or stopped):
+                _save_checkpoint(ckpt, model, opt, sched, done, history, tokens, elapsed, stopped)
+            if stopped:
+                start = done
+                break
     model.eval()
     elapsed = time.perf_counter() - t0
     return TrainResult(
-        steps=cfg.steps,
+        steps=start if stopped else cfg.steps,
         tokens=tokens,
         seconds=elapsed,
         tokens_per_s=tokens / max(elapsed, 1e-9),
         final_loss=loss_val,
         history=history,
-        resumed_from=start,
+        resumed_from=resumed_from,
+        stopped_early=stopped,
     )
+
+
+def _plateaued(history: list[dict], patience: int) -> bool:
+    """True when the last ``patience`` validations did not beat the best accuracy before them."""
+    accs = [h["accuracy"] for h in history if "accuracy" in h]
+    if patience <= 0 or len(accs) <= patience:
+        return False
+    return max(accs[-patience:]) <= max(accs[:-patience])
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -89,7 +89,9 @@ class _TrainSettings(_Strict):
     warmup: int = Field(20, ge=0)
     temperature: float = Field(2.0, gt=0, description="KD softmax temperature")
     kd_weight: float = Field(0.8, ge=0, le=1, description="weight of the KD term; the rest is hard-label CE")
+    reverse_kl: float = Field(0.0, ge=0, description="weight of the reverse KL(student || teacher) inside the KD term (online teacher only)")
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
+    early_stop_patience: int = Field(0, ge=0, description="stop after N validations without improvement (needs eval_every)")
 
 
 class DistillConfig(StageConfig, _TrainSettings):

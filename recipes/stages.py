@@ -27,7 +27,8 @@ def _train_cfg(c, data_offset: int, seed: int, steps: int | None = None):
     from dsk_compress.compress.trainer import TrainConfig
 
     return TrainConfig(steps=c.steps if steps is None else steps, batch_size=c.batch_size, lr=c.lr, warmup=min(c.warmup, max(0, (steps or c.steps) // 5)),
-                       eval_every=c.eval_every, ckpt_every=50, seed=seed, data_offset=data_offset)
+                       eval_every=c.eval_every, ckpt_every=50, seed=seed, data_offset=data_offset,
+                       early_stop_patience=c.early_stop_patience)
 
 
 def _kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | None = None, data_offset: int = 0, params=None):
@@ -40,7 +41,11 @@ def _kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | No
     cfg = _train_cfg(c, offset, ctx.spec.seed, steps)
     if cfg.steps == 0:
         return None
-    loss_fn = make_kd_loss_fn(ctx.teacher(), c.temperature, c.kd_weight, cache=cache)
+    if cache is not None and c.reverse_kl > 0:
+        from dsk_compress.errors import RecipeError
+
+        raise RecipeError("reverse_kl needs the full teacher distribution", hint="disable logit_cache or set reverse_kl: 0")
+    loss_fn = make_kd_loss_fn(ctx.teacher(), c.temperature, c.kd_weight, cache=cache, reverse_kl=c.reverse_kl)
     ev = (lambda m: _evaluate(ctx, m)) if c.eval_every else None
     hits0, misses0 = (cache.hits, cache.misses) if cache else (0, 0)
     res = train(model, loss_fn, ctx.task.train_batch, cfg, ckpt_dir=ckpt, resume=ctx.resume, evaluate=ev, desc=stage, params=params)

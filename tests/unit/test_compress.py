@@ -126,6 +126,20 @@ def test_kd_loss_is_zero_kl_for_identical_logits_and_matches_formula():
     assert float(loss) == pytest.approx(float(0.5 * kl + 0.5 * ce), rel=1e-5)
 
 
+def test_reverse_kl_term_matches_formula():
+    from dsk_compress.compress.distill import kd_loss
+
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 6, 9), torch.randn(2, 6, 9)
+    x = torch.randint(0, 9, (2, 6))
+    fwd, _ = kd_loss(s, t, x, temperature=1.0, kd_weight=1.0)
+    both, logs = kd_loss(s, t, x, temperature=1.0, kd_weight=1.0, reverse_kl=0.5)
+    ps, pt = torch.softmax(s[:, :-1], -1), torch.softmax(t[:, :-1], -1)
+    rkl = (ps * (ps.log() - pt.log())).sum(-1).mean()
+    assert logs["reverse_kl"] == pytest.approx(float(rkl), rel=1e-5)
+    assert float(both) == pytest.approx(float(fwd + 0.5 * rkl), rel=1e-5)
+
+
 def _kept_rows(orig: torch.Tensor, pruned: torch.Tensor) -> list[int]:
     idx = []
     for row in pruned:
@@ -246,3 +260,21 @@ def test_logit_cache_refuses_another_teacher(tmp_path):
         other.lm_head.weight.add_(1.0)
     with pytest.raises(RunError, match="another teacher"):
         TeacherLogitCache(tmp_path / "c", other, "task", k=8)
+
+
+def test_trainer_early_stops_on_plateau_and_resume_keeps_it_stopped(tmp_path):
+    from dsk_compress.compress.trainer import TrainConfig, train
+    from dsk_compress.models.zoo import lm_loss
+
+    def loss_fn(m, x, i):
+        return lm_loss(m(input_ids=x, use_cache=False).logits, x), {}
+
+    def batch(i, bs):
+        return torch.randint(0, 256, (bs, 8), generator=torch.Generator().manual_seed(i))
+
+    scores = iter([50.0, 51.0, 50.5, 50.9, 60.0, 61.0])
+    cfg = TrainConfig(steps=6, batch_size=2, lr=1e-3, warmup=1, eval_every=1, early_stop_patience=2)
+    res = train(tiny_llama(), loss_fn, batch, cfg, ckpt_dir=tmp_path / "c", evaluate=lambda m: {"accuracy": next(scores)})
+    assert res.stopped_early and res.steps == 4 and len(res.history) == 4
+    again = train(tiny_llama(), loss_fn, batch, cfg, ckpt_dir=tmp_path / "c", evaluate=lambda m: {"accuracy": 99.0})
+    assert again.stopped_early and again.steps == 4 and len(again.history) == 4

@@ -44,3 +44,55 @@ class Task(Protocol):
     def evaluate(self, predict: PredictFn, batch_size: int = 16) -> Metrics: ...
 
     def fingerprint(self) -> str: ...
+
+
+class WindowedLMTask:
+    """Data plumbing shared by next-token tasks over one token stream per split.
+
+    Subclasses set ``train`` and ``val`` (1-D integer arrays), ``seq_len``, ``seed`` and the fixed
+    validation window starts ``_eval_starts``. Training batch ``step`` is a pure function of
+    (seed, step), so a resumed run sees exactly the batches it would have seen.
+    """
+
+    seq_len: int
+    seed: int
+    train: np.ndarray
+    val: np.ndarray
+    _eval_starts: np.ndarray
+    logits_dtype: type = np.float64  # dtype the scores are computed in (float32 for large vocabularies)
+
+    def train_batch(self, step: int, batch_size: int):
+        """Batch ``step`` of the training stream as an int64 tensor ``[batch_size, seq_len]``."""
+        import torch
+
+        rng = np.random.default_rng((self.seed, step))
+        starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=batch_size)
+        idx = starts[:, None] + np.arange(self.seq_len)[None, :]
+        return torch.from_numpy(self.train[idx].astype(np.int64))
+
+    def eval_batches(self, batch_size: int = 16) -> Iterator[np.ndarray]:
+        idx_all = self._eval_starts[:, None] + np.arange(self.seq_len)[None, :]
+        for i in range(0, len(idx_all), batch_size):
+            yield self.val[idx_all[i : i + batch_size]].astype(np.int64)
+
+    def calibration_batches(self, n: int, batch_size: int = 8) -> Iterator[np.ndarray]:
+        """Training windows for PTQ calibration and importance estimation (never validation data)."""
+        for i in range(n):
+            yield self.train_batch(10_000_000 + i, batch_size).numpy()
+
+    def example_inputs(self, batch_size: int = 1) -> np.ndarray:
+        return next(self.eval_batches(batch_size))[:batch_size]
+
+    def score(self, predict: PredictFn, batch_size: int) -> tuple[int, float, int]:
+        """``(correct, total negative log-likelihood in nats, count)`` of next-token predictions on the validation windows."""
+        correct, nll, count = 0, 0.0, 0
+        for x in self.eval_batches(batch_size):
+            logits = np.asarray(predict(x), dtype=self.logits_dtype)[:, :-1]
+            target = x[:, 1:]
+            m = logits.max(-1, keepdims=True)
+            logz = np.log(np.exp(logits - m).sum(-1, dtype=np.float64)) + m[..., 0]
+            picked = np.take_along_axis(logits, target[..., None], -1)[..., 0]
+            nll += float((logz - picked).sum())
+            correct += int((logits.argmax(-1) == target).sum())
+            count += target.size
+        return correct, nll, count

@@ -12,13 +12,12 @@ import math
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from dsk_compress.io import atomic_path, commit
-from dsk_compress.tasks.base import Metrics, PredictFn
+from dsk_compress.tasks.base import Metrics, PredictFn, WindowedLMTask
 
 VOCAB_SIZE = 256
 DOC_SEPARATOR = 0  # NUL never occurs in source text; it marks file boundaries
@@ -77,7 +76,7 @@ def build_corpus(root: str | Path | None = None, val_percent: int = 5) -> tuple[
     return arrays["train"], arrays["val"], fp
 
 
-class CodeLMTask:
+class CodeLMTask(WindowedLMTask):
     """Byte-level next-token prediction on standard-library source code.
 
     Args:
@@ -113,42 +112,9 @@ class CodeLMTask:
             "eval_tokens": int(self.eval_sequences * (self.seq_len - 1)),
         }
 
-    def train_batch(self, step: int, batch_size: int):
-        """Batch ``step`` of the training stream: a pure function of (seed, step), so resume is exact."""
-        import torch
-
-        rng = np.random.default_rng((self.seed, step))
-        starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=batch_size)
-        idx = starts[:, None] + np.arange(self.seq_len)[None, :]
-        return torch.from_numpy(self.train[idx].astype(np.int64))
-
-    def eval_batches(self, batch_size: int = 16) -> Iterator[np.ndarray]:
-        idx_all = self._eval_starts[:, None] + np.arange(self.seq_len)[None, :]
-        for i in range(0, len(idx_all), batch_size):
-            yield self.val[idx_all[i : i + batch_size]].astype(np.int64)
-
-    def calibration_batches(self, n: int, batch_size: int = 8) -> Iterator[np.ndarray]:
-        """Training windows for PTQ calibration and importance estimation (never validation data)."""
-        for i in range(n):
-            yield self.train_batch(10_000_000 + i, batch_size).numpy()
-
-    def example_inputs(self, batch_size: int = 1) -> np.ndarray:
-        return next(self.eval_batches(batch_size))[:batch_size]
-
     def evaluate(self, predict: PredictFn, batch_size: int = 16) -> Metrics:
         """Next-byte accuracy (%) and bits per byte of ``predict`` on the fixed validation sample."""
-        correct = 0
-        nll = 0.0
-        count = 0
-        for x in self.eval_batches(batch_size):
-            logits = np.asarray(predict(x), dtype=np.float64)[:, :-1]
-            target = x[:, 1:]
-            m = logits.max(-1, keepdims=True)
-            logz = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
-            picked = np.take_along_axis(logits, target[..., None], -1)[..., 0]
-            nll += float((logz - picked).sum())
-            correct += int((logits.argmax(-1) == target).sum())
-            count += target.size
+        correct, nll, count = self.score(predict, batch_size)
         return Metrics(
             accuracy=100.0 * correct / count,
             extra={"bits_per_byte": nll / count / math.log(2), "eval_tokens": float(count)},

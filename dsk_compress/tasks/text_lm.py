@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from dsk_compress.errors import TaskError
-from dsk_compress.tasks.base import Metrics, PredictFn
+from dsk_compress.tasks.base import Metrics, PredictFn, WindowedLMTask
 
 
 def read_documents(paths: list[str], text_field: str = "text") -> list[str]:
@@ -62,10 +61,11 @@ def tokenize(docs: list[str], tok) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
-class TextLMTask:
+class TextLMTask(WindowedLMTask):
     """Next-token prediction on the user's own documents with the teacher's tokenizer."""
 
     name = "text-lm"
+    logits_dtype = np.float32  # [B, T, vocab] in float64 would be large for real tokenizers
 
     def __init__(self, train: list[str], eval: list[str], tokenizer: str, text_field: str = "text", seq_len: int = 256,
                  eval_sequences: int = 64, seed: int = 0) -> None:
@@ -90,35 +90,6 @@ class TextLMTask:
         return {"name": self.name, "train_tokens": int(len(self.train)), "val_tokens": int(len(self.val)), "seq_len": self.seq_len,
                 "vocab_size": self.vocab_size, "eval_tokens": int(len(self._eval_starts) * (self.seq_len - 1))}
 
-    def train_batch(self, step: int, batch_size: int):
-        import torch
-
-        rng = np.random.default_rng((self.seed, step))
-        starts = rng.integers(0, len(self.train) - self.seq_len, size=batch_size)
-        return torch.from_numpy(self.train[starts[:, None] + np.arange(self.seq_len)[None, :]].astype(np.int64))
-
-    def eval_batches(self, batch_size: int = 8) -> Iterator[np.ndarray]:
-        idx = self._eval_starts[:, None] + np.arange(self.seq_len)[None, :]
-        for i in range(0, len(idx), batch_size):
-            yield self.val[idx[i : i + batch_size]].astype(np.int64)
-
-    def calibration_batches(self, n: int, batch_size: int = 8) -> Iterator[np.ndarray]:
-        for i in range(n):
-            yield self.train_batch(10_000_000 + i, batch_size).numpy()
-
-    def example_inputs(self, batch_size: int = 1) -> np.ndarray:
-        return next(self.eval_batches(batch_size))[:batch_size]
-
     def evaluate(self, predict: PredictFn, batch_size: int = 4) -> Metrics:
-        correct = count = 0
-        nll = 0.0
-        for x in self.eval_batches(batch_size):
-            logits = np.asarray(predict(x), dtype=np.float32)[:, :-1]
-            target = x[:, 1:]
-            m = logits.max(-1, keepdims=True)
-            logz = np.log(np.exp(logits - m).sum(-1, dtype=np.float64)) + m[..., 0]
-            picked = np.take_along_axis(logits, target[..., None], -1)[..., 0]
-            nll += float((logz - picked).sum())
-            correct += int((logits.argmax(-1) == target).sum())
-            count += target.size
+        correct, nll, count = self.score(predict, batch_size)
         return Metrics(accuracy=100.0 * correct / count, extra={"perplexity": math.exp(nll / count), "nll": nll / count, "eval_tokens": float(count)})

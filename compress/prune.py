@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dsk_compress.errors import DskError, RecipeError
+from dsk_compress.models.source import count_params
 
 
 class PruneTimeout(DskError):
@@ -37,10 +38,6 @@ def _time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-
-
-def count_params(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
 
 
 def structure(model: nn.Module) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 
@@ -52,17 +51,3 @@ def train_progress(desc: str, total: int, completed: int = 0):
         tid = p.add_task(desc, total=total, completed=completed, stats="")
         yield _Bar(p, tid, desc, total)
 
-
-@contextmanager
-def task_progress(desc: str, total: int):
-    """A plain progress bar for non-training loops (evaluation, benchmarking)."""
-    if not console.is_terminal:
-        yield lambda n=1: None
-        return
-    with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as p:
-        tid = p.add_task(desc, total=total)
-        yield lambda n=1: p.advance(tid, n)
-
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()

@@ -22,7 +22,7 @@ FUSED_OPS = {
     "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm",
     "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
     "SkipLayerNormalization", "FusedMatMul", "FusedGemm", "Attention", "MultiHeadAttention", "GroupQueryAttention",
-    "RotaryEmbedding", "BiasGelu", "FastGelu", "QuickGelu", "Gelu", "QuickGelu",
+    "RotaryEmbedding", "BiasGelu", "FastGelu", "QuickGelu", "Gelu",
 }
 INTEGER_MATMULS = {"MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm"}
 
@@ -92,7 +92,6 @@ def fold_weight_quantizers(path: str | Path) -> int:
             return numpy_helper.to_array(inits[name])
         return consts.get(name)
 
-    # resolve Transpose(initializer) chains created by the exporter
     keep_nodes, folded = [], 0
     new_inits = []
     for n in g.node:

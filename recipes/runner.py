@@ -216,7 +216,7 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
             atomic_write_json(mpath, manifest)
             raise
         entry.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     seconds=round(time.perf_counter() - t0, 2) + float(entry.get("seconds_before_resume", 0)),
+                     seconds=round(time.perf_counter() - t0, 2),
                      outputs=result.outputs, metrics=result.metrics)
         ctx.outputs[name] = result.outputs
         ctx.metrics[name] = result.metrics
@@ -227,10 +227,3 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
     atomic_write_json(mpath, manifest)
     return rd
 
-
-def check_plan_against_models(spec) -> None:
-    """Rules that need the model config (e.g. a head ratio that leaves zero heads); raises RecipeError."""
-    for i, cfg in enumerate(spec.stages):
-        if cfg.stage == "prune" and cfg.head_ratio > 0:
-            if cfg.head_ratio >= 1:
-                raise RecipeError(f"stages.{i}.head_ratio must be below 1")

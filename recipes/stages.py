@@ -375,8 +375,6 @@ class ExportStage(Stage[ExportConfig]):
         metrics: dict = {}
         qrel = ctx.latest_output("qat_model")
         if qrel is not None:
-            from dsk_compress.recipes.stages import load_qat_model
-
             q = load_qat_model(ctx.path(qrel))
             freeze_for_export(q)
             with torch.no_grad():

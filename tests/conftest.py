@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -55,28 +54,3 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
     model.save_pretrained(d, safe_serialization=True)
     return d
 
-
-@pytest.fixture()
-def tiny_recipe(tmp_path, tiny_moe_dir):
-    """Write a small end-to-end recipe on the tiny MoE teacher; returns a function taking overrides."""
-
-    def make(stages=None, **top) -> Path:
-        data = {
-            "name": "tiny",
-            "teacher": {"hf": str(tiny_moe_dir)},
-            "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 2}},
-            "task": {"name": "code-lm", "seq_len": 64, "eval_sequences": 16},
-            "stages": stages or [
-                {"stage": "distill", "steps": 12, "batch_size": 8, "lr": 2e-3},
-                {"stage": "prune", "ffn_ratio": 0.5, "steps": 6, "batch_size": 8},
-                {"stage": "qat", "steps": 6, "batch_size": 8, "observer_steps": 2},
-                {"stage": "export"},
-                {"stage": "bench", "runs": 5, "warmup": 1},
-            ],
-        }
-        data.update(top)
-        p = tmp_path / "tiny.yaml"
-        p.write_text(yaml.safe_dump(data))
-        return p
-
-    return make

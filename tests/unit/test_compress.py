@@ -208,13 +208,9 @@ def test_trainer_resume_is_exact(tmp_path):
     a = tiny_llama()
     train(a, loss_fn, batch, cfg, ckpt_dir=tmp_path / "a")
     b = tiny_llama()
-    train(b, loss_fn, batch, TrainConfig(**{**cfg.__dict__, "steps": 6}), ckpt_dir=tmp_path / "b")
-    # interrupt: train a fresh model only to step 3, then resume to 6 from its checkpoint
+    train(b, loss_fn, batch, cfg, ckpt_dir=tmp_path / "b")
+    # interrupt a fresh run during step 4 (after the step-3 checkpoint), then resume to 6
     c = tiny_llama()
-    cfg3 = TrainConfig(**{**cfg.__dict__})
-    cfg3.steps = 6
-    import dsk_compress.compress.trainer as tr
-
     calls = {"n": 0}
 
     def stopping_loss(m, x, step):
@@ -224,9 +220,9 @@ def test_trainer_resume_is_exact(tmp_path):
         return loss_fn(m, x, step)
 
     with pytest.raises(KeyboardInterrupt):
-        tr.train(c, stopping_loss, batch, cfg3, ckpt_dir=tmp_path / "c")
+        train(c, stopping_loss, batch, cfg, ckpt_dir=tmp_path / "c")
     d = tiny_llama()
-    res = tr.train(d, loss_fn, batch, cfg3, ckpt_dir=tmp_path / "c")
+    res = train(d, loss_fn, batch, cfg, ckpt_dir=tmp_path / "c")
     assert res.resumed_from == 3
     for (n, p), q in zip(a.named_parameters(), d.parameters()):
         assert torch.equal(p, q), n

@@ -2,19 +2,19 @@
 
 Each batch of the data stream is keyed by its index; values are stored as fp16 and indices as int16
 / int32 in one safetensors file per batch. The cache records a hash of the teacher's weights and
-of the task, and refuses to serve another teacher's logits.
+of the task, and refuses to serve another teacher's logits. Under torchrun each rank caches its own
+slice of every global batch (``b<index>-r<rank>of<world>.safetensors``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from dsk_compress.errors import RunError
-from dsk_compress.io import atomic_write_json
+from dsk_compress.io import atomic_write_json, read_json
 
 
 def teacher_hash(model: torch.nn.Module) -> str:
@@ -37,19 +37,28 @@ class TeacherLogitCache:
         meta = {"version": 1, "teacher": teacher_hash(teacher), "task": task_fingerprint, "k": k}
         mpath = self.root / "cache.json"
         if mpath.is_file():
-            old = json.loads(mpath.read_text())
+            old = read_json(mpath)
             if old.get("teacher") != meta["teacher"]:
-                raise RunError(f"the logit cache in {self.root} was made by another teacher (hash {old.get('teacher')}, this one {meta['teacher']})",
-                               hint="delete that cache directory or use the teacher it was made with")
+                raise RunError(f"the logit cache {mpath} was made by another teacher (weights hash {old.get('teacher')}, this teacher {meta['teacher']})",
+                               hint=f"delete {self.root} to rebuild it with this teacher, or use --resume with the teacher it was made with")
             if old != meta:
-                raise RunError(f"the logit cache in {self.root} was made for another task or k ({old})", hint="delete it to rebuild")
+                what = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in meta.items() if old.get(k) != v)
+                raise RunError(f"the logit cache {mpath} was made with other settings ({what})",
+                               hint=f"delete {self.root} to rebuild it, or use --resume with the recipe it was made with")
         else:
+            from dsk_compress.compress import dist
+
             self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(mpath, meta)
+            if dist.env().is_main:  # torchrun: one writer
+                atomic_write_json(mpath, meta)
         self.meta = meta
 
     def _path(self, index: int) -> Path:
-        return self.root / f"b{index:08d}.safetensors"
+        from dsk_compress.compress import dist
+
+        # under torchrun each rank sees its own slice of the global batch and caches that slice
+        e = dist.env()
+        return self.root / (f"b{index:08d}.safetensors" if not e.enabled else f"b{index:08d}-r{e.rank}of{e.world_size}.safetensors")
 
     @torch.no_grad()
     def get(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

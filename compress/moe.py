@@ -1,74 +1,189 @@
-"""MoE helpers: dense routing for export/pruning, and router statistics measured on task data.
+"""MoE families, dense routing for export/pruning, and router statistics measured on task data.
+
+One :class:`Family` entry per Hugging Face ``config.model_type`` says where a decoder layer keeps its
+FFN, which layers are sparse, how its routed experts name their projections, how it routes, and
+which shared expert it adds. Everything else (dense routing, router statistics, student init) is
+written once against that table.
 
 A traced MoE with data-dependent routing bakes in which experts the example hit. The dense path
-below computes every expert and weights it by the (renormalised) top-k gate, which equals the
-sparse block's output exactly, and traces into a static graph.
+below computes every expert and weights it by the family's own top-k gate (zero for the experts a
+token does not use), which equals the sparse block's output, and traces into a static graph.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def _all_layers(cfg, i: int) -> bool:
+    return True
+
+
+def _no_layer(cfg, i: int) -> bool:
+    return False
+
+
+def _qwen_sparse(cfg, i: int) -> bool:
+    # Qwen2-MoE / Qwen3-MoE: mlp_only_layers and decoder_sparse_step make some layers dense
+    return i not in cfg.mlp_only_layers and cfg.num_experts > 0 and (i + 1) % cfg.decoder_sparse_step == 0
+
+
+def _deepseek_sparse(cfg, i: int) -> bool:
+    return i >= cfg.first_k_dense_replace  # the first first_k_dense_replace layers are dense
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family lays out its decoder FFNs (attribute names, routing, shared expert)."""
+
+    student: str                                         # model_type of the dense student (same attention numerics)
+    sparse: Callable = _no_layer                         # (config, layer index) -> is that layer an MoE block
+    ffn: str = "mlp"                                     # decoder-layer attribute holding the FFN or MoE block
+    expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # routed experts' gate / up / down
+    routing: str = "softmax"                             # softmax top-k on gate logits | "router": block.gate returns (idx, w)
+    shared: str | None = None                            # shared expert added to every token
+    shared_gate: str | None = None                       # its sigmoid gate (Qwen2-MoE), if any
+    returns_logits: bool = True                          # block returns (hidden, router_logits)
+
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family("llama", _all_layers, ffn="block_sparse_moe", expert=("w1", "w3", "w2")),
+    "qwen2_moe": Family("qwen2", _qwen_sparse, shared="shared_expert", shared_gate="shared_expert_gate"),
+    "qwen3_moe": Family("qwen3", _qwen_sparse),
+    # DeepSeek-V3's student keeps its MLA attention: a DeepseekV3 config with every layer dense
+    "deepseek_v3": Family("deepseek_v3", _deepseek_sparse, routing="router", shared="shared_experts", returns_logits=False),
+    "llama": Family("llama"),
+    "mistral": Family("mistral"),
+    "qwen2": Family("qwen2"),
+    "qwen3": Family("qwen3"),
+}
+DENSE_PROJ = ("gate_proj", "up_proj", "down_proj")  # every family's dense MLP
+
+
+def family(cfg) -> Family:
+    """The :class:`Family` of a Hugging Face config; an unknown ``model_type`` is a ModelSourceError."""
+    mt = getattr(cfg, "model_type", None)
+    if mt not in FAMILIES:
+        from dsk_compress.errors import ModelSourceError
+
+        raise ModelSourceError(f"teacher: architecture {mt!r} is not supported for MoE routing / student.from_teacher",
+                               hint=f"supported: {', '.join(FAMILIES)}; or give a dense student with student: {{hf: DIR}}")
+    return FAMILIES[mt]
+
+
 def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """All sparse MoE blocks in ``model`` (modules with a ``gate`` router and an ``experts`` list)."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "gate", None), nn.Linear) and isinstance(getattr(m, "experts", None), nn.ModuleList)
-    ]
+    """All sparse MoE blocks of ``model`` as (module name, block); [] for a dense or non-HF model.
+
+    A model of an unknown family that has expert lists is refused (dense routing would be wrong).
+    """
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in FAMILIES:
+        if any(isinstance(getattr(m, "experts", None), nn.ModuleList) for m in model.modules()):
+            family(cfg)  # raises, listing the supported families
+        return []
+    fam = family(cfg)
+    base = model.base_model_prefix if hasattr(model, model.base_model_prefix) else None
+    layers = getattr(model, base).layers if base else model.layers
+    prefix = f"{base}.layers" if base else "layers"
+    return [(f"{prefix}.{i}.{fam.ffn}", getattr(layer, fam.ffn)) for i, layer in enumerate(layers) if fam.sparse(cfg, i)]
 
 
 def is_moe(model: nn.Module) -> bool:
     return bool(moe_blocks(model))
 
 
+def expert_weights(module: nn.Module, names: tuple[str, str, str] = DENSE_PROJ) -> tuple[torch.Tensor, ...]:
+    """(gate, up, down) weight matrices of one expert or dense MLP."""
+    return tuple(getattr(module, n).weight for n in names)
+
+
+def route(fam: Family, block: nn.Module, x: torch.Tensor):
+    """The family's own top-k routing of tokens ``x`` [N, H]: (indices [N, k], weights [N, k], router logits or None)."""
+    if fam.routing == "router":  # DeepSeek-V3: sigmoid scores, group-limited top-k with e_score_correction_bias,
+        idx, w = block.gate(x)   # norm_topk_prob and routed_scaling_factor, all inside its router module
+        return idx, w, None
+    logits = block.gate(x)
+    probs = F.softmax(logits, dim=1, dtype=torch.float)
+    w, idx = torch.topk(probs, block.top_k, dim=-1)
+    if getattr(block, "norm_topk_prob", True):  # Mixtral always renormalises; Qwen reads norm_topk_prob
+        w = w / w.sum(dim=-1, keepdim=True)
+    return idx, w, logits
+
+
+def shared_output(fam: Family, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    if fam.shared is None:
+        return None
+    out = getattr(block, fam.shared)(x)
+    return out if fam.shared_gate is None else torch.sigmoid(getattr(block, fam.shared_gate)(x)) * out
+
+
 def _dense_forward(self, hidden_states: torch.Tensor):
-    b, t, h = hidden_states.shape
-    x = hidden_states.reshape(-1, h)
-    router_logits = self.gate(x)
-    probs = F.softmax(router_logits, dim=1, dtype=torch.float)
-    top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
-    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-    weights = torch.zeros_like(probs).scatter(1, top_i, top_w).to(x.dtype)
+    fam = self._dsk_family
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    idx, w, logits = route(fam, self, x)
+    weights = torch.zeros(x.shape[0], len(self.experts), dtype=w.dtype, device=x.device).scatter(1, idx, w).to(x.dtype)
     out = self.experts[0](x) * weights[:, 0:1]
     for e in range(1, len(self.experts)):
         out = out + self.experts[e](x) * weights[:, e : e + 1]
-    return out.reshape(b, t, h), router_logits
+    shared = shared_output(fam, self, x)
+    if shared is not None:
+        out = out + shared
+    out = out.reshape(shape)
+    return (out, logits) if fam.returns_logits else out
+
+
+_DENSE_CLASSES: dict[type, type] = {}
 
 
 def densify_moe(model: nn.Module) -> nn.Module:
-    """Switch every Mixtral-style MoE block of ``model`` (in place) to the exact dense-routing path."""
-    for _, block in moe_blocks(model):
-        if getattr(block, "_dsk_dense", False):
-            continue
-        if not hasattr(block, "top_k"):
-            from dsk_compress.errors import ModelSourceError
-
-            raise ModelSourceError(f"unsupported MoE block {type(block).__name__}", hint="supported: Mixtral-style blocks")
+    """Switch every MoE block of ``model`` (in place) to the exact dense-routing path (any supported family)."""
+    blocks = moe_blocks(model)
+    fam = family(model.config) if blocks else None
+    for _, block in blocks:
         cls = type(block)
-        dense_cls = type(f"Dense{cls.__name__}", (cls,), {"forward": _dense_forward, "_dsk_dense": True})
-        block.__class__ = dense_cls
+        if getattr(cls, "_dsk_dense", False):
+            continue
+        if cls not in _DENSE_CLASSES:
+            _DENSE_CLASSES[cls] = type(f"Dense{cls.__name__}", (cls,), {"forward": _dense_forward, "_dsk_dense": True, "_dsk_family": fam})
+        block.__class__ = _DENSE_CLASSES[cls]
     return model
 
 
+@dataclass
+class RouterStats:
+    """Per MoE block, measured on calibration data."""
+
+    freq: torch.Tensor          # fraction of the top-k routing slots each routed expert receives (sums to 1)
+    mass: float                 # mean total routed weight per token (1 with renormalised top-k; DeepSeek: x routed_scaling_factor)
+    shared_gate: float | None   # mean shared-expert gate (1.0 ungated, mean sigmoid for Qwen2-MoE), None without one
+
+
 @torch.no_grad()
-def router_frequencies(model: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """Fraction of top-k routing slots each expert receives, per MoE block, on ``batches`` of input ids."""
-    counts: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, block in moe_blocks(model):
-        k = block.top_k
+def router_stats(model: nn.Module, batches) -> dict[str, RouterStats]:
+    """Routing statistics of every MoE block on ``batches`` of input ids, from the family's own router."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return {}
+    fam = family(model.config)
+    acc: dict[str, list] = {name: [0, 0.0, 0.0, 0] for name, _ in blocks}  # counts, mass sum, gate sum, tokens
 
-        def hook(mod, inp, out, name=name, k=k):
-            logits = out.reshape(-1, out.shape[-1])
-            sel = logits.topk(k, dim=-1).indices.reshape(-1)
-            c = torch.bincount(sel, minlength=logits.shape[-1]).double()
-            counts[name] = counts.get(name, 0) + c
+    def hook(block, args, name):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        idx, w, _ = route(fam, block, x)
+        a = acc[name]
+        a[0] = a[0] + torch.bincount(idx.reshape(-1), minlength=len(block.experts)).double()
+        a[1] += float(w.double().sum())
+        if fam.shared_gate is not None:
+            a[2] += float(torch.sigmoid(getattr(block, fam.shared_gate)(x)).double().sum())
+        a[3] += x.shape[0]
 
-        hooks.append(block.gate.register_forward_hook(hook))
+    hooks = [b.register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n)) for n, b in blocks]
     try:
         dev = next(model.parameters()).device
         for x in batches:
@@ -76,4 +191,10 @@ def router_frequencies(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     finally:
         for h in hooks:
             h.remove()
-    return {n: (c / c.sum()).float() for n, c in counts.items()}
+    shared = (lambda a: None) if fam.shared is None else (lambda a: 1.0) if fam.shared_gate is None else (lambda a: a[2] / a[3])
+    return {n: RouterStats((a[0] / a[0].sum()).float(), a[1] / a[3], shared(a)) for n, a in acc.items()}
+
+
+def router_frequencies(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Fraction of top-k routing slots each expert receives, per MoE block, on ``batches`` of input ids."""
+    return {n: s.freq for n, s in router_stats(model, batches).items()}

@@ -2,9 +2,11 @@
 
 Weights: per-output-channel symmetric fake quant (scale = absmax / qmax). With ``avx2_safe`` the
 8-bit range is cut to +-63 so ONNX Runtime's u8s8 integer kernels cannot saturate on CPUs without
-VNNI (the exported tensor is still int8). Activations: per-tensor asymmetric uint8, an observer
-phase (running min/max) and then a learned scale (LSQ). Each Linear has its own activation
-quantizer, so the exported graph has one Q/DQ pair per quantized Linear.
+VNNI (the exported tensor is still int8). Activations: per-tensor, an observer phase (running
+min/max) and then a learned scale (LSQ), either ``asymmetric`` (uint8 with a zero point, ONNX
+Runtime's preferred form) or ``symmetric`` (int8, zero point 0: the only form TensorRT's explicit
+quantization accepts). Each Linear has its own activation quantizer; the exporter may merge
+quantizers that see the same tensor with the same scale.
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+ACTIVATION_MODES = ("asymmetric", "symmetric")
+
+
+def activation_range(activations: str) -> tuple[int, int]:
+    """The integer range of an activation quantizer: uint8 [0, 255] or int8 [-128, 127]."""
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
+    return (-128, 127) if activations == "symmetric" else (0, 255)
+
+
 def weight_qmax(bits: int, avx2_safe: bool) -> int:
     qmax = 2 ** (bits - 1) - 1
     return 63 if (avx2_safe and bits == 8) else qmax
@@ -24,8 +36,10 @@ def weight_qmax(bits: int, avx2_safe: bool) -> int:
 class QuantLinear(nn.Module):
     """A Linear with fake-quantized input activations and weights."""
 
-    def __init__(self, linear: nn.Linear, weight_bits: int = 8, avx2_safe: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, weight_bits: int = 8, avx2_safe: bool = True, activations: str = "asymmetric") -> None:
         super().__init__()
+        self.activations = activations
+        self.act_qmin, self.act_qmax = activation_range(activations)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
@@ -65,9 +79,15 @@ class QuantLinear(nn.Module):
     def freeze_observer(self) -> None:
         lo = min(float(self.act_min), 0.0)
         hi = max(float(self.act_max), 0.0)
-        scale = max((hi - lo) / 255.0, 1e-8)
+        if self.activations == "symmetric":
+            # zero point 0; +-absmax maps to +-127 (TensorRT quantizes to [-128, 127])
+            scale = max(max(-lo, hi) / self.act_qmax, 1e-8)
+            zp = 0.0
+        else:
+            scale = max((hi - lo) / 255.0, 1e-8)
+            zp = float(min(255, max(0, round(-lo / scale))))
         self.act_scale.fill_(scale)
-        self.act_zero_point.fill_(float(min(255, max(0, round(-lo / scale)))))
+        self.act_zero_point.fill_(zp)
         self.observing.fill_(False)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,28 +95,34 @@ class QuantLinear(nn.Module):
             self._observe(x)
             return x
         if self.training:
-            grad_factor = 1.0 / math.sqrt(x.numel() / x.shape[-1] * 255)
+            # LSQ gradient scale 1/sqrt(N * Qp), Qp the largest positive level
+            grad_factor = 1.0 / math.sqrt(x.numel() / x.shape[-1] * self.act_qmax)
             return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.act_scale.reshape(1), self.act_zero_point.reshape(1), 0, 255, grad_factor
+                x, self.act_scale.reshape(1), self.act_zero_point.reshape(1), self.act_qmin, self.act_qmax, grad_factor
             )
-        return torch.fake_quantize_per_tensor_affine(x, self.act_scale.item(), int(self.act_zero_point.item()), 0, 255)
+        return torch.fake_quantize_per_tensor_affine(x, self.act_scale.item(), int(self.act_zero_point.item()), self.act_qmin, self.act_qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}(qmax={self.qmax}), a8"
+        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}(qmax={self.qmax}), a8 {self.activations}"
 
 
-def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, skip: list[str] | None = None) -> list[str]:
-    """Replace every ``nn.Linear`` not named in ``skip`` with a QuantLinear (in place); return their names."""
+def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, skip: list[str] | None = None,
+                activations: str = "asymmetric") -> list[str]:
+    """Replace every ``nn.Linear`` not named in ``skip`` with a QuantLinear (in place); return their names.
+
+    ``activations``: ``asymmetric`` (uint8 + zero point) or ``symmetric`` (int8, zero point 0, for TensorRT).
+    """
+    activation_range(activations)  # validate before touching the model
     skip = skip or []
     names = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
-                setattr(module, child_name, QuantLinear(child, weight_bits, avx2_safe))
+                setattr(module, child_name, QuantLinear(child, weight_bits, avx2_safe, activations))
                 names.append(full)
     return names
 

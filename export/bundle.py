@@ -38,29 +38,56 @@ def ort_predict(model, threads):
 
 
 def trt_predict(model):
-    # Jetson: build a TensorRT engine from the ONNX on the device (engines are device-specific)
+    # TensorRT engines are specific to the GPU and the TensorRT version: build one here on first run
+    # (with the precision and shape profile the model card names) and cache it next to the model.
     import tensorrt as trt
     import torch
+    if not torch.cuda.is_available():
+        raise ImportError("no CUDA device")
+    spec = CARD.get("tensorrt") or {}
+    precision = CARD["precision"]
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(model).read_bytes()):
-        raise SystemExit("TensorRT could not parse the model: " + str(parser.get_error(0)))
-    config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.INT8)
-    config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    seq = CARD["seq_len"]
-    profile.set_shape("input_ids", (1, 1), (1, seq), (8, seq))
-    config.add_optimization_profile(profile)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(builder.build_serialized_network(network, config))
+    runtime = trt.Runtime(logger)
+    gpu = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in torch.cuda.get_device_name(0))
+    engine_path = HERE / ("model.%s.%s.engine" % (trt.__version__, gpu))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes()) if engine_path.is_file() else None
+    if engine is None:
+        # TensorRT 10: weakly typed + precision flags (int8: Q/DQ in int8, FP16 elsewhere); 11+ has only strong typing.
+        # An fp16 model is built strongly typed: it keeps exactly the fp16 / fp32 split of the ONNX.
+        weak = hasattr(trt.BuilderFlag, "INT8") and precision != "fp16"
+        builder = trt.Builder(logger)
+        network = builder.create_network(0 if weak else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(model)):
+            raise SystemExit("TensorRT could not parse the model: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.get("workspace_gb", 1.0) * (1 << 30)))
+        if weak and precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if weak and precision == "int8":  # explicit quantization: the Q/DQ nodes in the model say what runs in int8
+            config.set_flag(trt.BuilderFlag.INT8)
+        seq = spec.get("max_seq_len") or CARD["seq_len"]
+        profile = builder.create_optimization_profile()
+        profile.set_shape("input_ids", (1, 1), (spec.get("opt_batch", 1), seq), (spec.get("max_batch", 8), seq))
+        config.add_optimization_profile(profile)
+        cache_file = HERE / "timing.cache"
+        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+        config.set_timing_cache(cache, False)
+        print("building the TensorRT engine (%s, once per device)..." % precision)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise SystemExit("TensorRT failed to build the engine (see the log above)")
+        engine_path.write_bytes(bytes(plan))
+        cache_file.write_bytes(bytes(cache.serialize()))
+        engine = runtime.deserialize_cuda_engine(bytes(plan))
     ctx = engine.create_execution_context()
     stream = torch.cuda.Stream()
+    dtype = {trt.DataType.INT32: torch.int32}.get(engine.get_tensor_dtype("input_ids"), torch.int64)
 
     def predict(x):
-        inp = torch.as_tensor(x, dtype=torch.int64, device="cuda").contiguous()
-        ctx.set_input_shape("input_ids", tuple(inp.shape))
+        inp = torch.as_tensor(x, device="cuda").to(dtype).contiguous()
+        if not ctx.set_input_shape("input_ids", tuple(inp.shape)):
+            raise SystemExit("input shape %s is outside the engine's profile" % (tuple(inp.shape),))
         out = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=torch.float32, device="cuda")
         ctx.set_tensor_address("input_ids", inp.data_ptr())
         ctx.set_tensor_address("logits", out.data_ptr())
@@ -101,8 +128,8 @@ def main():
     if a.runtime == "tensorrt":
         try:
             predict = trt_predict(model)
-        except ImportError:
-            print("tensorrt is not installed: falling back to onnxruntime")
+        except ImportError as e:
+            print("TensorRT is not usable here (%s): falling back to onnxruntime" % e)
             a.runtime = "onnxruntime"
     if a.runtime == "onnxruntime":
         predict = ort_predict(model, a.threads)
@@ -129,15 +156,42 @@ if __name__ == "__main__":
 '''
 
 
+_ROLE_FOR = {"int8": "final", "fp16": "student-fp16", "fp32": "student"}
+_HINT_FOR = {"int8": "run a recipe with qat, export and bench stages",
+             "fp16": "rerun the export stage with precisions: [fp32, fp16] (or device: <this device>) and bench",
+             "fp32": "run a recipe with export and bench stages"}
+
+
 def _pick_variant(report: dict, precision: str) -> dict:
-    variants = report["variants"]
-    if precision == "int8":
-        want = [v for v in variants if v["role"] == "final"]
-    else:
-        want = [v for v in variants if v["role"] == "student"][-1:]
+    """The report row that ships at ``precision``: the QAT student (int8), its fp16 export, or the last fp32 student."""
+    want = [v for v in report["variants"] if v["role"] == _ROLE_FOR[precision]][-1:]
     if not want or not want[0].get("artifact"):
-        raise RunError(f"the run has no {precision} student artifact to bundle", hint="run a recipe with export and bench stages")
+        raise RunError(f"the run has no {precision} student artifact to bundle", hint=_HINT_FOR[precision])
     return want[0]
+
+
+def _export_artifacts(manifest: dict) -> dict:
+    for st in manifest.get("stages", []):
+        if st.get("stage") == "export":
+            return (st.get("outputs") or {}).get("artifacts", {})
+    return {}
+
+
+def _tensorrt_model(run_dir: Path, v: dict, art: dict, device: str) -> tuple[Path, dict]:
+    """The portable ONNX TensorRT parses for this variant (the ORT-optimized file holds contrib ops) and its check."""
+    from dsk_compress.export.trt_check import check_tensorrt_onnx, format_problems
+
+    rel = art.get("qdq_path") if v["precision"] == "int8" else v["artifact"]
+    if not rel:
+        raise RunError(f"the run's {v['name']} has no TensorRT-portable ONNX (it predates portable exports)",
+                       hint=f"rerun the export stage with device: {device}")
+    path = run_dir / rel
+    problems = check_tensorrt_onnx(path)
+    if problems:
+        hint = ("retrain with the qat stage's activations: symmetric, then export with device: " + device
+                if any(p.kind in ("uint8", "zero_point") for p in problems) else "rerun the export stage with device: " + device)
+        raise RunError(f"{v['name']} cannot run in TensorRT on {device}: {format_problems(problems, 3)}", hint=hint)
+    return path, {"checked": "dsk_compress.export.trt_check: 0 problems"}
 
 
 def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None) -> Path:
@@ -150,22 +204,29 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     run_dir = Path(run_dir)
     report = load_report(run_dir)
     prof = load_device(device)
-    precision = prof.preferred_precision if prof.preferred_precision == "int8" else "fp32"
+    precision = prof.preferred_precision  # fp32, fp16 or int8, as the device profile prefers
     v = _pick_variant(report, precision)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    spec = RecipeSpec.model_validate(manifest["recipe"])
+    runtime = "tensorrt" if prof.preferred_runtime == "tensorrt" else "onnxruntime"
+    model_src, trt_card = run_dir / v["artifact"], None
+    if runtime == "tensorrt":
+        model_src, trt_card = _tensorrt_model(run_dir, v, _export_artifacts(manifest).get(v["name"], {}), prof.name)
+        exp = next((st for st in spec.stages if st.stage == "export"), None)
+        t = exp.tensorrt if exp is not None else None
+        trt_card.update({"precision": precision, "workspace_gb": t.workspace_gb if t else 1.0, "max_batch": t.max_batch if t else 8,
+                         "opt_batch": t.opt_batch if t else 1, "max_seq_len": t.max_seq_len if t else None})
     dest = Path(out) if out else run_dir / "bundles" / prof.name
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(run_dir / v["artifact"], tmp / "model.onnx")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    spec = RecipeSpec.model_validate(manifest["recipe"])
+    shutil.copy2(model_src, tmp / "model.onnx")
     task = build_task(spec.task.model_dump())
     windows = np.concatenate(list(task.eval_batches(64))).astype(np.uint8)
     np.save(tmp / "eval_windows.npy", windows)
-    runtime = "tensorrt" if prof.preferred_runtime == "tensorrt" else "onnxruntime"
     card = {
         "version": 1, "model": "model.onnx", "variant": v["name"], "precision": v["precision"], "device": prof.name,
-        "runtime": runtime, "threads": prof.threads, "seq_len": task.seq_len, "task": task.describe(),
+        "runtime": runtime, "threads": prof.threads, "seq_len": task.seq_len, "task": task.describe(), "tensorrt": trt_card,
         "params": v["params"], "size_bytes": v["size_bytes"],
         "measured_on_build_host": {"accuracy": v["accuracy"], "bits_per_byte": v["bits_per_byte"], "latency_ms": v["latency_ms"],
                                    "runtime": v["runtime"], "host": report.get("host")},
@@ -183,6 +244,9 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
         f"Measured on the build host ({v['runtime']}): accuracy {v['accuracy']:.2f}%, p50 {v['latency_ms']['p50']:.2f} ms at batch 1.\n"
         "These are not device figures: measure on the device with\n\n"
         "```bash\npip install -r requirements.txt\npython3 run.py --out results.json\n```\n"
+        + ("\nWith TensorRT (JetPack) and torch present, the first run builds a TensorRT engine for this GPU "
+           f"({precision}, profile batch 1..{trt_card['max_batch']}) and caches it as `model.<trt version>.<gpu>.engine`; "
+           "later runs load it. Without them, run.py falls back to onnxruntime.\n" if runtime == "tensorrt" else "")
     ))
     if dest.exists():
         shutil.rmtree(dest)

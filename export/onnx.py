@@ -3,7 +3,10 @@
 TorchScript export (``dynamo=False``) turns ``torch.fake_quantize_*`` into QuantizeLinear /
 DequantizeLinear pairs; the wrapper passes an explicit 4-D causal mask because transformers'
 mask code does not trace. Weight quantizers are folded into int8 initializers so the file really
-stores 8-bit weights.
+stores 8-bit weights, stored pre-transposed so each weight DequantizeLinear feeds its MatMul
+directly; activation Q/DQ pairs that onnxslim merged are split again, one per consumer, which both
+ONNX Runtime (integer fusion of every Linear, int8 activations included) and TensorRT (Q/DQ on
+the MatMul inputs) want. ``convert_fp16`` writes a float16 graph with float32 inputs/outputs.
 """
 
 from __future__ import annotations
@@ -126,6 +129,193 @@ def fold_weight_quantizers(path: str | Path) -> int:
     return folded
 
 
+def _save(m, path: str | Path) -> None:
+    import onnx
+
+    tmp, final = atomic_path(path)
+    onnx.save(m, str(tmp))
+    commit(tmp, final)
+
+
+def toposort(g) -> bool:
+    """Reorder ``g.node`` topologically (stable: original order where free); return whether it changed.
+
+    The ONNX spec (and TensorRT's parser) requires topological order; graph rewriters that append
+    nodes (ONNX Runtime's float16 converter appends its Casts) break it.
+    """
+    known = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    nodes = list(g.node)
+    waiting = {id(n): sum(1 for i in set(n.input) if i not in known) for n in nodes}
+    users: dict[str, list] = {}
+    for n in nodes:
+        for i in set(n.input):
+            if i not in known:
+                users.setdefault(i, []).append(n)
+    import heapq
+
+    pos = {id(n): k for k, n in enumerate(nodes)}
+    ready = [(pos[id(n)], id(n), n) for n in nodes if waiting[id(n)] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        order.append(n)
+        for o in n.output:
+            for u in users.get(o, []):
+                waiting[id(u)] -= 1
+                if waiting[id(u)] == 0:
+                    heapq.heappush(ready, (pos[id(u)], id(u), u))
+    if len(order) != len(nodes):
+        raise ExportError(f"the ONNX graph has a cycle or an undefined input ({len(nodes) - len(order)} nodes unreachable)")
+    changed = any(a is not b for a, b in zip(order, nodes))
+    if changed:
+        del g.node[:]
+        g.node.extend(order)
+    return changed
+
+
+def _consumers(g) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def fold_weight_transposes(path: str | Path) -> int:
+    """Store folded int8 weights transposed where a DequantizeLinear feeds only a 2-D Transpose (in place).
+
+    ``F.linear`` exports as ``MatMul(x, Transpose(DQ(W[out, in])))``; afterwards the int8
+    initializer is ``W.T [in, out]`` with the per-channel axis moved to 1, and the DQ feeds the
+    MatMul directly (the result is bit-identical). Returns the number of Transposes removed.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    users = _consumers(g)
+    drop, folded = set(), 0
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits or len(users.get(n.input[0], [])) != 1:
+            continue
+        outs = users.get(n.output[0], [])
+        if len(outs) != 1 or outs[0].op_type != "Transpose":
+            continue
+        t = outs[0]
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[n.input[0]])
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        inits[n.input[0]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), n.input[0]))
+        axis = next((a for a in n.attribute if a.name == "axis"), None)
+        if axis is None:
+            n.attribute.append(helper.make_attribute("axis", 1))
+        else:
+            axis.i = 1 - (axis.i % 2)
+        for u in users.get(t.output[0], []):
+            for j, i in enumerate(u.input):
+                if i == t.output[0]:
+                    u.input[j] = n.output[0]
+        drop.add(id(t))
+        folded += 1
+    if folded:
+        keep = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(keep)
+        _save(m, path)
+    return folded
+
+
+def unshare_activation_qdq(path: str | Path) -> int:
+    """Give every consumer of a shared activation Q -> DQ pair its own copy (in place); return the copies made.
+
+    onnxslim (and ORT's common-subexpression elimination) merge the quantizers of Linears that read
+    the same tensor with the same scale (q/k/v, gate/up after calibration). ONNX Runtime then fuses
+    only the Linears with a private DQ into integer ops when activations are int8.
+    """
+    import copy
+
+    import onnx
+
+    m = onnx.load(str(path))
+    g = m.graph
+    prod = {o: n for n in g.node for o in n.output}
+    users = _consumers(g)
+    taken = {n.name for n in g.node} | set(prod)
+
+    def fresh(base: str) -> str:
+        k = 1
+        while f"{base}_split{k}" in taken:
+            k += 1
+        taken.add(f"{base}_split{k}")
+        return f"{base}_split{k}"
+
+    out_nodes, added = [], 0
+    for n in g.node:
+        out_nodes.append(n)
+        if n.op_type != "DequantizeLinear":
+            continue
+        q = prod.get(n.input[0])
+        readers = users.get(n.output[0], [])
+        if q is None or q.op_type != "QuantizeLinear" or len(readers) < 2 or len(users.get(q.output[0], [])) != 1:
+            continue
+        for u in readers[1:]:
+            q2, dq2 = copy.deepcopy(q), copy.deepcopy(n)
+            q2.name, dq2.name = fresh(q.name), fresh(n.name)
+            q2.output[0] = fresh(q.output[0])
+            dq2.input[0], dq2.output[0] = q2.output[0], fresh(n.output[0])
+            for j, i in enumerate(u.input):
+                if i == n.output[0]:
+                    u.input[j] = dq2.output[0]
+            out_nodes += [q2, dq2]  # right after the shared DQ: inputs are defined, consumers come later
+            added += 1
+    if added:
+        del g.node[:]
+        g.node.extend(out_nodes)
+        _save(m, path)
+    return added
+
+
+# ops whose float16 error would matter: the RMSNorm / LayerNorm reduction chain and softmax stay float32
+FP16_KEEP_FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LogSoftmax")
+
+
+def convert_fp16(src: str | Path, dst: str | Path) -> dict:
+    """Write a float16 copy of a float32 ONNX model to ``dst``; return what was kept in float32.
+
+    Uses ONNX Runtime's graph converter (``onnxruntime.transformers.float16``, a maintained copy of
+    onnxconverter-common's): weights and activations become float16, the model's inputs and outputs
+    stay float32, and the normalization reduction chain (``x**2 -> mean -> + eps -> sqrt -> 1/x``)
+    and softmax run in float32 behind Cast nodes (fp16 squares overflow above 256; the attention
+    mask's large negative constant is clipped to -65504). The result runs in ONNX Runtime on CPU
+    (which computes most float16 ops in float32 behind its own casts) and in TensorRT.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    m = onnx.load(str(src))
+    g = m.graph
+    users = _consumers(g)
+    keep_nodes = []
+    for n in g.node:  # the eps Add after a ReduceMean and the 1/sqrt Div after a Sqrt
+        if n.op_type in ("ReduceMean", "Sqrt"):
+            for u in users.get(n.output[0], []):
+                if u.op_type in ("Add", "Div"):
+                    keep_nodes.append(u.name)
+    try:
+        m16 = convert_float_to_float16(m, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
+                                       node_block_list=keep_nodes)
+    except Exception as e:  # the converter raises assorted types on graphs it cannot type
+        raise ExportError(f"float16 conversion of {Path(src).name} failed: {str(e).splitlines()[0][:300]}") from e
+    toposort(m16.graph)  # the converter appends its Cast nodes at the end
+    onnx.checker.check_model(m16)
+    _save(m16, dst)
+    hist = collections.Counter(n.op_type for n in m.graph.node)
+    return {"fp32_ops": {k: hist[k] for k in FP16_KEEP_FP32_OPS if hist.get(k)}, "fp32_nodes": len(keep_nodes)}
+
+
 def simplify(path: str | Path) -> None:
     """Simplify the graph with onnxslim (constant folding, dead-code removal), in place."""
     import contextlib
@@ -151,6 +341,23 @@ def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> P
     tmp, final = atomic_path(dst)
     make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination"])
     return commit(tmp, final)
+
+
+def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path, opset: int = 17) -> dict:
+    """Export a QAT model (weight scales frozen) to a portable int8 Q/DQ ONNX at ``qdq_path``.
+
+    Export, simplify, fold the weight quantizers into int8 initializers stored ``[in, out]``, and
+    give each Linear its own activation Q/DQ. The file holds only standard ONNX operators, so
+    TensorRT parses it and ONNX Runtime fuses it at load; ``ort_optimize`` it for an offline-
+    optimized ORT file. Returns the counts of folded weights, removed transposes and split Q/DQ.
+    """
+    qdq_path = Path(qdq_path)
+    raw = export_causal_lm(model, example, qdq_path.with_name(qdq_path.stem + ".raw.onnx"), opset)
+    simplify(raw)
+    info = {"folded_weights": fold_weight_quantizers(raw), "weight_transposes_folded": fold_weight_transposes(raw),
+            "activation_qdq_split": unshare_activation_qdq(raw)}
+    commit(raw, qdq_path)
+    return info
 
 
 def op_histogram(path: str | Path) -> dict[str, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RECIPE_VERSION = 1
 
@@ -34,9 +34,11 @@ class FromTeacherSpec(_Strict):
 
     layers: list[int] | None = Field(None, description="teacher layer indices to keep, e.g. [0, 2, 5]")
     keep_every: int | None = Field(None, ge=1, description="keep every k-th teacher layer (and the last)")
-    intermediate_size: int | None = Field(None, gt=0, description="dense FFN width (default: one expert's)")
+    intermediate_size: int | None = Field(
+        None, gt=0, description="dense FFN width (default: one routed expert's; at most a layer's experts + shared expert side by side)"
+    )
     ffn_init: Literal["merge", "top", "random"] = Field(
-        "merge", description="router-frequency-weighted merge of experts, the most-used expert, or random"
+        "merge", description="router-frequency-weighted merge of all experts (+ shared expert), the most-used expert(s) (+ shared), or random"
     )
     calibration_batches: int = Field(8, ge=1, description="batches used to measure router frequencies")
 
@@ -92,21 +94,64 @@ class _TrainSettings(_Strict):
     reverse_kl: float = Field(0.0, ge=0, description="weight of the reverse KL(student || teacher) inside the KD term (online teacher only)")
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
     early_stop_patience: int = Field(0, ge=0, description="stop after N validations without improvement (needs eval_every)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 autocast, fp16 autocast + gradient scaler (CUDA only)"
+    )
 
 
 class DistillConfig(StageConfig, _TrainSettings):
     stage: Literal["distill"] = "distill"
+    hidden_mse: float = Field(0.0, ge=0, description="weight of the hidden-state MSE (projected student layer vs teacher layer; online teacher only)")
+    hidden_pairs: list[tuple[int, int]] | None = Field(
+        None, description="[[student_layer, teacher_layer], ...] for hidden_mse (default: each student layer and the teacher layer it was cut from)"
+    )
     baselines: list[Literal["nokd", "random-init"]] = Field(
         default_factory=list,
         description="also train, on the same token budget: the same student without KD (nokd) and a KD student with random FFN init",
     )
 
 
+class PruneTargetSpec(_Strict):
+    """Prune to a budget instead of fixed ratios: exactly one of ``params``, ``macs`` or ``latency_ms``."""
+
+    params: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of the parameters, e.g. 0.5")
+    macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of the MACs of one forward pass (batch 1, the task's seq_len)")
+    latency_ms: float | None = Field(None, gt=0, description="p50 latency budget in ms: ONNX Runtime on this host, batch 1, the task's seq_len")
+    device: str = Field("host-cpu", description="where latency_ms is measured; only host-cpu (this machine) can be measured during pruning")
+    structures: list[Literal["ffn", "heads", "layers"]] = Field(
+        default_factory=lambda: ["ffn"], min_length=1, description="what the target prunes, all by one common ratio (heads go in whole KV groups)"
+    )
+    max_ratio: float = Field(0.9, gt=0, lt=1, description="largest fraction of each structure the target may remove")
+    step: float = Field(0.1, gt=0, lt=1, description="latency_ms: ratio added per progressive step (export + measure + fine-tune)")
+    runs: int = Field(20, ge=1, description="latency_ms: timed runs per measurement")
+    warmup: int = Field(3, ge=0, description="latency_ms: untimed runs per measurement")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [k for k in ("params", "macs", "latency_ms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"target: give exactly one of params, macs, latency_ms (got {', '.join(given) or 'none'})")
+        if self.device != "host-cpu":
+            raise ValueError(f"target.device {self.device!r}: latency is measured on this host while pruning; use device: host-cpu "
+                             "(measure a device with `dsk-compress export RUN --device D` and its run.py)")
+        if len(set(self.structures)) != len(self.structures):
+            raise ValueError(f"target.structures {self.structures} names a structure twice")
+        return self
+
+
 class PruneConfig(StageConfig, _TrainSettings):
     stage: Literal["prune"] = "prune"
-    ffn_ratio: float = Field(0.5, ge=0, lt=1, description="fraction of FFN channels removed")
-    head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed")
-    importance: Literal["l1", "l2", "taylor"] = "l2"
+    ffn_ratio: float | None = Field(
+        None, ge=0, lt=1, description="fraction of FFN channels removed (default 0.5, or 0 when layers_removed, depth_ratio or target is given)"
+    )
+    head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed, in whole KV groups with their query heads")
+    layers_removed: int = Field(0, ge=0, description="decoder layers removed, lowest block influence (1 - cos(input, output) on calibration data) first")
+    depth_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of decoder layers removed (rounded down); alternative to layers_removed")
+    importance: Literal["l1", "l2", "taylor", "activation"] = Field(
+        "l2", description="channel/head importance: weight magnitude (l1, l2), first-order Taylor, or mean |activation| on calibration data"
+    )
+    calibration_batches: int = Field(8, ge=1, description="batches of 8 training windows for activation importance and layer block influence")
+    target: PruneTargetSpec | None = Field(None, description="prune to a budget instead of ratios: {params: F}, {macs: F} or {latency_ms: X, device: host-cpu}")
     iterations: int = Field(1, ge=1, description="progressive pruning: prune a slice, fine-tune, repeat")
     round_to: int = Field(8, ge=1, description="channel counts rounded to a multiple of this")
     steps: int = Field(100, ge=0, description="KD fine-tune steps after each pruning step")
@@ -115,15 +160,55 @@ class PruneConfig(StageConfig, _TrainSettings):
         default_factory=list, description="also prune one-shot to the same size with the same total fine-tune budget (role pruned-oneshot)"
     )
 
+    @model_validator(mode="after")
+    def _ratios_or_target(self):
+        if self.layers_removed and self.depth_ratio:
+            raise ValueError("give layers_removed or depth_ratio, not both")
+        if self.target is not None:
+            given = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio") if getattr(self, k)]
+            if given:
+                raise ValueError(f"give either target or ratios, not both (got target and {', '.join(given)}); "
+                                 f"remove target or set {given[0]}: 0")
+            if self.target.latency_ms is not None and self.iterations != 1:
+                raise ValueError("target.latency_ms prunes in steps of target.step until the budget is met; remove iterations")
+        return self
+
+    @property
+    def effective_ffn_ratio(self) -> float:
+        """``ffn_ratio``, or its default: 0.5 for plain width pruning, 0 next to depth pruning or a target."""
+        if self.ffn_ratio is not None:
+            return self.ffn_ratio
+        return 0.0 if (self.target is not None or self.layers_removed or self.depth_ratio) else 0.5
+
 
 class QATConfig(StageConfig, _TrainSettings):
     stage: Literal["qat"] = "qat"
     weight_bits: int = Field(8, ge=4, le=8)
     activation_bits: Literal[8] = 8
     avx2_safe: bool = Field(True, description="use 7-bit weight range so ORT's u8s8 kernels never saturate without VNNI")
+    activations: Literal["asymmetric", "symmetric"] = Field(
+        "asymmetric",
+        description="activation quantizers: asymmetric (uint8 + zero point, ONNX Runtime) or symmetric (int8, zero point 0, required by TensorRT)",
+    )
     observer_steps: int = Field(20, ge=1, description="steps of min/max observation before scales are learned")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module names kept in float")
     lr: float = Field(2e-4, gt=0, le=1)
+
+
+class TensorRTBuildSpec(_Strict):
+    """TensorRT engine settings for an export whose device prefers the tensorrt runtime."""
+
+    build_engine: bool = Field(True, description="build the engine at export when tensorrt and a CUDA GPU are there (else run.py builds it on the device)")
+    workspace_gb: float = Field(2.0, gt=0, le=1024, description="builder workspace memory pool limit in GiB")
+    max_batch: int = Field(8, ge=1, description="largest batch of the engine's optimization profile")
+    opt_batch: int = Field(1, ge=1, description="batch size the builder tunes kernels for")
+    max_seq_len: int | None = Field(None, ge=1, description="longest sequence of the profile (default: the task's seq_len)")
+
+    @model_validator(mode="after")
+    def _batches(self):
+        if self.opt_batch > self.max_batch:
+            raise ValueError(f"opt_batch ({self.opt_batch}) must be <= max_batch ({self.max_batch})")
+        return self
 
 
 class ExportConfig(StageConfig):
@@ -134,6 +219,35 @@ class ExportConfig(StageConfig):
     qdq_min_sqnr_db: float = Field(30.0, description="min SQNR of the INT8 ONNX vs the torch fake-quant model")
     ptq_baselines: bool = Field(True, description="also export ORT dynamic and static PTQ of the float student (report baselines)")
     ptq_calibration_batches: int = Field(16, ge=1, description="batches of 4 training windows for static PTQ calibration")
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+        default_factory=lambda: ["fp32", "int8"],
+        description="what to write: fp32 (every student stage, always), fp16 (the last float student) and int8 (the QAT student)",
+    )
+    fp16_max_rel_err: float = Field(0.01, gt=0, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|")
+    device: str | None = Field(
+        None, description="target device profile: its preferred precision is exported too; a tensorrt device gets a TensorRT-checked graph (and an engine where tensorrt runs)"
+    )
+    tensorrt: TensorRTBuildSpec = Field(default_factory=lambda: TensorRTBuildSpec(), description="TensorRT engine build settings")
+
+    @field_validator("precisions")
+    @classmethod
+    def _fp32_always(cls, v: list[str]) -> list[str]:
+        if "fp32" not in v:
+            raise ValueError("must include fp32 (the float student exports are the report's reference rows), e.g. [fp32, fp16, int8]")
+        return list(dict.fromkeys(v))
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str | None) -> str | None:
+        if v is not None:
+            from dsk_compress.devices import load_device
+            from dsk_compress.errors import DeviceError
+
+            try:
+                load_device(v)
+            except DeviceError as e:
+                raise ValueError(str(e)) from None
+        return v
 
 
 class BenchStageConfig(StageConfig):

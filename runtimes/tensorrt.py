@@ -6,7 +6,13 @@ Written against TensorRT's Python API (``tensorrt`` >= 10): name-based I/O tenso
 ``tensorrt`` extra. Device buffers are torch CUDA tensors, so no pycuda/cuda-python is needed.
 
 INT8 engines use *explicit* quantization: the ONNX model must carry QuantizeLinear /
-DequantizeLinear nodes (implicit calibration is deprecated in TensorRT 10).
+DequantizeLinear nodes (implicit calibration is deprecated since TensorRT 10.1), int8 with zero
+point 0 (``dsk_compress.export.trt_check`` checks that statically). Precision control: TensorRT 10
+builds *weakly typed* networks by default, where ``BuilderFlag.FP16`` / ``BuilderFlag.INT8`` allow
+the builder to pick those kernels; weak typing is deprecated from 10.12 and the flags are gone in
+TensorRT 11, where networks are *strongly typed* (every tensor keeps the type the ONNX gives it:
+an fp16 ONNX builds in fp16, Q/DQ pairs in int8, no flags). ``build_engine`` picks weak typing when
+the flags exist and strong typing otherwise, unless told.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dsk_compress.errors import ExportError, MissingBackendError
 from dsk_compress.io import atomic_write_bytes
 from dsk_compress.runtimes.base import BenchConfig, BenchResult, RuntimeBackendError, run_worker
 
-PRECISIONS = ("fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIME_NAME = "tensorrt"
 
 Shape = Sequence[int]
@@ -77,13 +83,19 @@ def build_engine(
     timing_cache_path: str | os.PathLike | None = None,
     profiles: Mapping[str, tuple[Shape, Shape, Shape]] | None = None,
     verbose: bool = False,
+    strongly_typed: bool | None = None,
 ) -> Path:
     """Build a serialized TensorRT engine from an ONNX model and write it to ``engine_path``.
 
-    ``precision``: ``fp16`` (FP16 kernels allowed) or ``int8`` (INT8 + FP16; the ONNX must hold
-    Q/DQ nodes). ``workspace_gb``: builder workspace pool limit. ``timing_cache_path``: a timing
-    cache file that is loaded if present and written back after the build. ``profiles``: for each
-    input with dynamic dims, ``(min_shape, opt_shape, max_shape)`` for one optimization profile.
+    ``precision``: ``fp32``, ``fp16`` (FP16 kernels allowed) or ``int8`` (explicit quantization:
+    the ONNX must hold Q/DQ nodes; layers outside Q/DQ may use FP16). ``workspace_gb``: builder
+    workspace pool limit. ``timing_cache_path``: a timing cache file that is loaded if present and
+    written back after the build. ``profiles``: for each input with dynamic dims,
+    ``(min_shape, opt_shape, max_shape)`` for one optimization profile. ``strongly_typed``: None
+    picks strong typing for an fp16 ONNX built at ``fp16`` (its float32 islands, e.g. RMSNorm
+    reductions, stay float32) and where this TensorRT has no precision flags (11+), and weak typing
+    with precision flags otherwise (10.x: fp32 ONNX, Q/DQ int8 with FP16 allowed elsewhere);
+    strong typing builds an ``fp16`` engine only from an fp16 ONNX.
     """
     trt = _trt()
     if precision not in PRECISIONS:
@@ -93,10 +105,23 @@ def build_engine(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ExportError(f"ONNX model not found: {onnx_path}", hint="export the model first")
+    has_flags = hasattr(trt.BuilderFlag, "INT8") and hasattr(trt.BuilderFlag, "FP16")
+    if strongly_typed is None:  # an fp16 ONNX says exactly what runs in fp16 (and which islands stay fp32): keep it
+        strong = not has_flags or (precision == "fp16" and _onnx_has_fp16(onnx_path))
+    else:
+        strong = bool(strongly_typed)
+    if not strong and not has_flags:
+        raise ExportError(f"TensorRT {trt.__version__} has no precision flags (weak typing was removed)", hint="build with strongly_typed=True")
+    if strong and precision == "fp16" and not _onnx_has_fp16(onnx_path):
+        raise ExportError(
+            f"{onnx_path.name} holds no float16 tensors, so a strongly typed TensorRT network builds it in fp32",
+            hint="export an fp16 ONNX first (export stage precisions: [fp32, fp16]) or build with precision='fp32'",
+        )
 
     logger = _make_logger(trt, verbose)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0  # explicit batch is implied in TensorRT 10
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -104,14 +129,16 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        if not _has_qdq(trt, network):
-            raise ExportError(
-                f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so TensorRT cannot build it in int8",
-                hint="quantize it to QDQ ONNX first, or build with precision='fp16'",
-            )
-        config.set_flag(trt.BuilderFlag.INT8)
+    if precision == "int8" and not _has_qdq(trt, network):
+        raise ExportError(
+            f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so TensorRT cannot build it in int8",
+            hint="quantize it to QDQ ONNX first, or build with precision='fp16'",
+        )
+    if not strong:
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":  # weakly typed networks need INT8 allowed for their Q/DQ layers to run in int8
+            config.set_flag(trt.BuilderFlag.INT8)
 
     _add_profile(builder, network, config, profiles or {})
 
@@ -125,13 +152,40 @@ def build_engine(
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path}", hint="rerun with verbose=True to see the builder log")
     out = atomic_write_bytes(engine_path, bytes(serialized))
     if cache is not None:
-        atomic_write_bytes(timing_cache_path, bytes(cache.serialize()))
+        atomic_write_bytes(timing_cache_path, bytes(cache.serialize()))  # the builder updated it in place
     return out
 
 
+def lm_profiles(input_name: str, seq_len: int, max_batch: int = 8, opt_batch: int = 1) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """The optimization profile of a causal LM with ``input_ids [batch, sequence]`` both dynamic."""
+    if not 1 <= opt_batch <= max_batch or seq_len < 1:
+        raise ExportError(f"bad TensorRT profile: need 1 <= opt_batch ({opt_batch}) <= max_batch ({max_batch}) and seq_len >= 1 ({seq_len})")
+    return {input_name: ((1, 1), (opt_batch, seq_len), (max_batch, seq_len))}
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """``(True, version)`` when an engine can be built here (tensorrt importable and a CUDA GPU), else ``(False, why)``."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "tensorrt is not installed on the build host"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "the build host has no CUDA GPU"
+    return True, _trt().__version__
+
+
+def _onnx_has_fp16(path: Path) -> bool:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer)
+
+
 def _has_qdq(trt, network) -> bool:
-    q = getattr(trt.LayerType, "QUANTIZE", None)
-    return any(network.get_layer(i).type == q for i in range(network.num_layers))
+    kinds = {getattr(trt.LayerType, k, None) for k in ("QUANTIZE", "DEQUANTIZE")} - {None}
+    return any(network.get_layer(i).type in kinds for i in range(network.num_layers))
 
 
 def _add_profile(builder, network, config, profiles: Mapping[str, tuple[Shape, Shape, Shape]]) -> None:

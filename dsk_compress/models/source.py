@@ -34,6 +34,7 @@ def load_hf_dir(path: str | Path):
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ModelSourceError(f"no Hugging Face model at {p} (config.json missing)", hint="point to a directory saved with save_pretrained")
+    _refuse_quantized(p)
     try:
         cfg = AutoConfig.from_pretrained(p, trust_remote_code=False, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
@@ -44,6 +45,18 @@ def load_hf_dir(path: str | Path):
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise ModelSourceError(f"cannot load the model in {p}: {first}", hint="the directory needs config.json and valid *.safetensors weights") from None
     return model.eval()
+
+
+def _refuse_quantized(p: Path) -> None:
+    """Distillation copies and merges float weights; a quantized checkpoint (e.g. DeepSeek-V3's FP8) must be dequantized first."""
+    try:
+        qc = json.loads((p / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config below
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise ModelSourceError(f"the model in {p} is quantized (config.json quantization_config.quant_method={method})",
+                               hint="dequantize it to bf16/fp32 safetensors (e.g. DeepSeek-V3's fp8_cast_bf16.py) and point to that directory")
 
 
 def save_hf_dir(model, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

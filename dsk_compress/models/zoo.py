@@ -155,7 +155,9 @@ def train_zoo(
         ckpt_every=100,
         seed=seed,
     )
-    is_moe = hasattr(model.config, "num_local_experts") or hasattr(model.config, "num_experts")
+    from dsk_compress.compress.moe import is_moe as _is_moe
+
+    is_moe = _is_moe(model) and hasattr(model.config, "output_router_logits")  # families that return an aux loss
 
     def loss_fn(m, x, step):
         out = m(input_ids=x, use_cache=False, output_router_logits=is_moe)

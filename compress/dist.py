@@ -1,0 +1,141 @@
+"""Data-parallel training under ``torchrun``: process group, rank-0-only side effects, batch shards.
+
+``torchrun --nproc_per_node N ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in each
+process. When ``WORLD_SIZE > 1`` the trainer joins the process group (NCCL on CUDA, Gloo on CPU),
+wraps the model in ``DistributedDataParallel`` and gives each rank a disjoint, equal slice of every
+global batch, so N processes take the same optimizer steps as one process with the same global
+batch. Outside ``torchrun`` every helper here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job: ``rank`` of ``world_size``, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env() -> DistEnv:
+    """The job layout from torchrun's environment variables (a single process when they are absent)."""
+    from dsk_compress.errors import RunError
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise RunError("RANK / WORLD_SIZE / LOCAL_RANK must be integers", hint="launch with torchrun, which sets them") from None
+    if world < 1 or not 0 <= rank < world:
+        raise RunError(f"RANK {rank} is not within WORLD_SIZE {world}", hint="launch with torchrun, which sets them")
+    return DistEnv(rank=rank, world_size=world, local_rank=local)
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init() -> DistEnv:
+    """Join the process group once per process when launched by torchrun with more than one process.
+
+    NCCL with one GPU per process (``cuda:LOCAL_RANK``) when CUDA is available, Gloo on CPU.
+    """
+    e = env()
+    if not e.enabled or is_initialized():
+        return e
+    from dsk_compress.errors import RunError
+
+    if not torch.distributed.is_available():
+        raise RunError("this torch build has no torch.distributed", hint="install a torch build with distributed support")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RunError(f"WORLD_SIZE={e.world_size} but {', '.join(missing)} is not set", hint="launch with torchrun, which sets them")
+    if torch.cuda.is_available():
+        if e.local_rank >= torch.cuda.device_count():
+            raise RunError(f"LOCAL_RANK {e.local_rank} but this node has {torch.cuda.device_count()} GPUs",
+                           hint="use --nproc_per_node at most the number of GPUs")
+        torch.cuda.set_device(e.local_rank)
+        torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", e.local_rank))
+    else:
+        torch.distributed.init_process_group("gloo")
+    atexit.register(_shutdown)
+    return e
+
+
+def _shutdown() -> None:
+    if is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def device(e: DistEnv, fallback: torch.device) -> torch.device:
+    """The device a rank trains on: its own GPU under a multi-process CUDA job, else ``fallback``."""
+    if e.enabled and torch.cuda.is_available():
+        return torch.device("cuda", e.local_rank)
+    return fallback
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the one process that writes files and logs."""
+    return not is_initialized() or torch.distributed.get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """Average ``t`` over ranks in place (a no-op in a single process)."""
+    if is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t /= torch.distributed.get_world_size()
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it, on every rank (picklable objects only)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard_size(batch_size: int, e: DistEnv) -> int:
+    """Rows of each global batch one rank takes; the global batch must split evenly."""
+    if batch_size % e.world_size:
+        from dsk_compress.errors import RecipeError
+
+        raise RecipeError(f"batch_size {batch_size} is not divisible by WORLD_SIZE {e.world_size}",
+                          hint=f"set batch_size to a multiple of {e.world_size} (it is the global batch, split across processes)")
+    return batch_size // e.world_size
+
+
+def shard(batch: Any, e: DistEnv) -> Any:
+    """This rank's rows ``[rank * n, (rank + 1) * n)`` of a global batch (tensor, array, dict, list or tuple)."""
+    if not e.enabled:
+        return batch
+    if isinstance(batch, dict):
+        return {k: shard(v, e) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(shard(v, e) for v in batch)
+    n = shard_size(len(batch), e)
+    return batch[e.rank * n:(e.rank + 1) * n]

@@ -29,7 +29,7 @@ class _Bar:
             now = time.monotonic()
             if now - self._last_log > 30 or completed == self.total or extra:
                 self._last_log = now
-                console.print(f"[{self.desc}] step {completed}/{self.total} | {stats}", highlight=False)
+                console.print(f"[{self.desc}] step {completed}/{self.total} | {stats}", highlight=False, markup=False)
 
 
 @contextmanager

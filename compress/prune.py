@@ -193,6 +193,28 @@ def _batches(calibration, example_inputs) -> list[torch.Tensor]:
     return [torch.as_tensor(example_inputs)]
 
 
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Run the block in eval mode and restore the model's train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _run_hooked(model: nn.Module, batches, handles) -> None:
+    """Forward ``batches`` through ``model`` in eval mode, then remove the hook ``handles``."""
+    try:
+        with _eval_mode(model):
+            for x in batches:
+                model(input_ids=torch.as_tensor(x), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def block_influence(model: nn.Module, batches) -> list[float]:
     """Per decoder layer: mean over tokens of ``1 - cos(h_in, h_out)`` (ShortGPT's block influence).
@@ -213,15 +235,7 @@ def block_influence(model: nn.Module, batches) -> list[float]:
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        for x in batches:
-            model(input_ids=torch.as_tensor(x), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run_hooked(model, batches, handles)
     return [s / max(1, c) for s, c in zip(sums, counts)]
 
 
@@ -275,15 +289,7 @@ def activation_scores(model: nn.Module, batches) -> dict[str, list[torch.Tensor]
     for i, layer in enumerate(layers):
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(ffn_hook(i)))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i, layer.self_attn.head_dim)))
-    was_training = model.training
-    model.eval()
-    try:
-        for x in batches:
-            model(input_ids=torch.as_tensor(x), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run_hooked(model, batches, handles)
     return {"ffn": [f / max(1, t) for f, t in zip(ffn, tokens)], "heads": [h / max(1, t) for h, t in zip(heads, tokens)]}
 
 
@@ -293,14 +299,9 @@ def count_macs(model: nn.Module, seq_len: int, batch_size: int = 1) -> int:
     ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
     x = torch.zeros(batch_size, seq_len, dtype=torch.long)
-    try:
-        with FlopCounterMode(display=False) as fc:
-            model(input_ids=x, use_cache=False)
-    finally:
-        model.train(was_training)
+    with _eval_mode(model), FlopCounterMode(display=False) as fc:
+        model(input_ids=x, use_cache=False)
     return int(fc.get_total_flops()) // 2
 
 

@@ -22,6 +22,16 @@ def tiny_mixtral_config(**kw):
     return MixtralConfig(**cfg)
 
 
+def kept_rows(orig, pruned) -> list[int]:
+    """Index in ``orig`` of every row of ``pruned`` (each must occur exactly once): which channels pruning kept."""
+    idx = []
+    for row in pruned:
+        hits = (orig == row).all(dim=1).nonzero()
+        assert len(hits) == 1
+        idx.append(int(hits[0]))
+    return idx
+
+
 def tiny_llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama, tiny_mixtral_config
+from conftest import kept_rows, tiny_llama, tiny_mixtral_config
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +140,6 @@ def test_reverse_kl_term_matches_formula():
     assert float(both) == pytest.approx(float(fwd + 0.5 * rkl), rel=1e-5)
 
 
-def _kept_rows(orig: torch.Tensor, pruned: torch.Tensor) -> list[int]:
-    idx = []
-    for row in pruned:
-        hits = (orig == row).all(dim=1).nonzero()
-        assert len(hits) == 1
-        idx.append(int(hits[0]))
-    return idx
-
-
 def test_prune_ffn_exact_counts_and_equals_zeroed_model():
     from dsk_compress.compress.prune import prune_step
 
@@ -160,7 +151,7 @@ def test_prune_ffn_exact_counts_and_equals_zeroed_model():
     assert m.config.intermediate_size == 64
     with torch.no_grad():
         for lo, lp in zip(ref.model.layers, m.model.layers):
-            keep = _kept_rows(lo.mlp.gate_proj.weight, lp.mlp.gate_proj.weight)
+            keep = kept_rows(lo.mlp.gate_proj.weight, lp.mlp.gate_proj.weight)
             mask = torch.zeros(128, dtype=torch.bool)
             mask[keep] = True
             lo.mlp.down_proj.weight[:, ~mask] = 0  # zeroed channels contribute nothing

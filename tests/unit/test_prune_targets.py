@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import kept_rows, tiny_llama
 
 V, HID, D = 256, 64, 16  # tiny_llama: vocab, hidden, head_dim
 
@@ -39,16 +39,6 @@ def _calib(n=2, bs=4, t=16, seed=0):
 def _logits(m, x):
     with torch.no_grad():
         return m(input_ids=x, use_cache=False).logits
-
-
-def _rows_in(orig: torch.Tensor, pruned: torch.Tensor) -> list[int]:
-    """Index in ``orig`` of every row of ``pruned`` (each must occur exactly once)."""
-    idx = []
-    for row in pruned:
-        hits = (orig == row).all(dim=1).nonzero()
-        assert len(hits) == 1
-        idx.append(int(hits[0]))
-    return idx
 
 
 def _cached_decode_matches(m, x, atol=1e-5) -> float:
@@ -153,13 +143,13 @@ def test_activation_importance_prunes_exactly_the_silenced_ffn_channels():
     after = prune_step(m, x, ffn_ratio=0.5, head_ratio=0.0, importance="activation", calibration=_calib())
     assert [layer["ffn"] for layer in after["layers"]] == [64, 64]
     for o, layer, s in zip(orig, m.model.layers, silenced):
-        assert set(range(128)) - set(_rows_in(o, layer.mlp.gate_proj.weight)) == s
+        assert set(range(128)) - set(kept_rows(o, layer.mlp.gate_proj.weight)) == s
     y = torch.randint(0, V, (2, 12))
     assert float((_logits(m, y) - _logits(by_l2, y)).abs().max()) <= 1e-5  # the removed channels carried nothing (by_l2: unpruned copy)
     # weight magnitude picks the opposite set on the same model
     prune_step(by_l2, x, ffn_ratio=0.5, head_ratio=0.0, importance="l2")
     for o, layer, s in zip(orig, by_l2.model.layers, silenced):
-        assert set(_rows_in(o, layer.mlp.gate_proj.weight)) == s
+        assert set(kept_rows(o, layer.mlp.gate_proj.weight)) == s
 
 
 def test_activation_importance_prunes_the_silent_kv_group():
@@ -201,9 +191,9 @@ def test_gqa_head_pruning_removes_whole_kv_groups_and_equals_zeroed_o_proj(famil
     assert all(layer.self_attn.num_key_value_groups == 2 for layer in m.model.layers)
     with torch.no_grad():
         for o, lr, lp in zip(orig_k, ref.model.layers, m.model.layers):
-            kept_rows = _rows_in(o, lp.self_attn.k_proj.weight)
-            group = kept_rows[0] // D
-            assert kept_rows == list(range(group * D, (group + 1) * D))  # one whole KV head
+            kv_rows = kept_rows(o, lp.self_attn.k_proj.weight)
+            group = kv_rows[0] // D
+            assert kv_rows == list(range(group * D, (group + 1) * D))  # one whole KV head
             gone = [h for h in range(4) if h // 2 != group]  # the other group's two query heads
             for h in gone:
                 lr.self_attn.o_proj.weight[:, h * D:(h + 1) * D] = 0

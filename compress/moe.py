@@ -12,6 +12,7 @@ token does not use), which equals the sparse block's output, and traces into a s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,14 +50,16 @@ class Family:
     shared: str | None = None                            # shared expert added to every token
     shared_gate: str | None = None                       # its sigmoid gate (Qwen2-MoE), if any
     returns_logits: bool = True                          # block returns (hidden, router_logits)
+    n_experts: str = "num_experts"                       # config key: routed experts per MoE layer
 
 
 FAMILIES: dict[str, Family] = {
-    "mixtral": Family("llama", _all_layers, ffn="block_sparse_moe", expert=("w1", "w3", "w2")),
+    "mixtral": Family("llama", _all_layers, ffn="block_sparse_moe", expert=("w1", "w3", "w2"), n_experts="num_local_experts"),
     "qwen2_moe": Family("qwen2", _qwen_sparse, shared="shared_expert", shared_gate="shared_expert_gate"),
     "qwen3_moe": Family("qwen3", _qwen_sparse),
     # DeepSeek-V3's student keeps its MLA attention: a DeepseekV3 config with every layer dense
-    "deepseek_v3": Family("deepseek_v3", _deepseek_sparse, routing="router", shared="shared_experts", returns_logits=False),
+    "deepseek_v3": Family("deepseek_v3", _deepseek_sparse, routing="router", shared="shared_experts", returns_logits=False,
+                          n_experts="n_routed_experts"),
     "llama": Family("llama"),
     "mistral": Family("mistral"),
     "qwen2": Family("qwen2"),
@@ -198,3 +201,92 @@ def router_stats(model: nn.Module, batches) -> dict[str, RouterStats]:
 def router_frequencies(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     """Fraction of top-k routing slots each expert receives, per MoE block, on ``batches`` of input ids."""
     return {n: s.freq for n, s in router_stats(model, batches).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# expert pruning
+
+
+def expert_groups(cfg) -> int:
+    """Routing groups of a layer's experts (DeepSeek-V3's ``n_group``; 1 for softmax routers)."""
+    return int(getattr(cfg, "n_group", None) or 1) if family(cfg).routing == "router" else 1
+
+
+def experts_keep(cfg, ratio: float) -> int:
+    """Routed experts per MoE layer left after removing ``ratio`` of them (the count removed is rounded
+    up, the same number in every routing group). A RecipeError names ``expert_ratio`` when the router
+    could no longer pick its ``num_experts_per_tok`` experts."""
+    from dsk_compress.errors import RecipeError
+
+    fam = family(cfg)
+    n = int(getattr(cfg, fam.n_experts))
+    groups = expert_groups(cfg)
+    per = n // groups
+    keep_per = per - math.ceil(per * ratio - 1e-9) if ratio > 0 else per
+    keep = keep_per * groups
+    top_k = int(cfg.num_experts_per_tok)
+    # DeepSeek scores a group by its two best experts and picks top_k inside topk_group groups
+    reachable = keep_per * int(getattr(cfg, "topk_group", 1) or 1) if groups > 1 else keep
+    if keep_per < (2 if groups > 1 else 1) or reachable < top_k:
+        what = f"{n} experts" + (f" in {groups} routing groups" if groups > 1 else "")
+        raise RecipeError(f"expert_ratio {ratio} leaves {keep} experts per MoE layer, too few for the router "
+                          f"(num_experts_per_tok {top_k}; the model has {what})", hint="lower expert_ratio")
+    return keep
+
+
+@torch.no_grad()
+def prune_experts(model: nn.Module, keep: int, batches) -> dict:
+    """Keep the ``keep`` most-used routed experts of every MoE layer (router frequencies measured on
+    ``batches``; DeepSeek-V3: the same number in each routing group), in place.
+
+    The router's rows (and DeepSeek's score-correction bias) are sliced with the experts, so every
+    kept expert is routed exactly as before among the survivors; ``config`` and the blocks' expert
+    counts are rewritten so the model saves, reloads and exports like a normal model of its family.
+    Shared experts are untouched. Returns per layer the kept expert indices and the share of routing
+    slots they received before pruning.
+    """
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("the model has no MoE layers")
+    fam = family(model.config)
+    groups = expert_groups(model.config)
+    freqs = router_frequencies(model, batches)
+    out = {}
+    for name, block in blocks:
+        n = len(block.experts)
+        if keep > n or keep % groups:
+            raise ValueError(f"cannot keep {keep} of {n} experts in {groups} groups")
+        per, f = n // groups, freqs[name].double()
+        idx = sorted(g * per + int(j) for g in range(groups) for j in torch.argsort(-f[g * per:(g + 1) * per], stable=True)[: keep // groups])
+        sel = torch.as_tensor(idx, dtype=torch.long)
+        block.experts = nn.ModuleList([block.experts[i] for i in idx])
+        gate = block.gate
+        gate.weight = nn.Parameter(gate.weight.detach().index_select(0, sel).clone(), requires_grad=gate.weight.requires_grad)
+        if isinstance(gate, nn.Linear):
+            gate.out_features = keep
+        if getattr(gate, "e_score_correction_bias", None) is not None:
+            gate.e_score_correction_bias = gate.e_score_correction_bias.index_select(0, sel).clone()
+        for obj in (block, gate):
+            for attr in ("num_experts", "n_routed_experts"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, keep)
+        out[name] = {"kept": idx, "kept_routing_share": round(float(f[sel].sum()), 6),
+                     "frequencies": [round(float(x), 6) for x in f]}
+    setattr(model.config, fam.n_experts, keep)
+    if hasattr(model, "num_experts"):  # the causal-LM head's load-balancing loss
+        model.num_experts = keep
+    return out
+
+
+def expert_structure(model: nn.Module) -> dict:
+    """Routed experts per MoE layer, experts per token, and total / active parameters."""
+    from dsk_compress.models.source import count_params
+
+    blocks = moe_blocks(model)
+    cfg = model.config
+    total = count_params(model)
+    per_expert = [sum(p.numel() for p in b.experts[0].parameters()) for _, b in blocks]
+    top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
+    inactive = sum((len(b.experts) - top_k) * pe for (_, b), pe in zip(blocks, per_expert))
+    return {"moe_layers": len(blocks), "experts": [len(b.experts) for _, b in blocks], "experts_per_token": top_k,
+            "params": total, "active_params": total - inactive}

@@ -1,7 +1,9 @@
-"""Structured pruning of Llama-family decoders: FFN channels, attention heads and whole decoder layers.
+"""Structured pruning of dense decoders (Llama family; DeepSeek-V3 students without head pruning): FFN channels,
+attention heads and whole decoder layers. MoE experts are pruned in ``compress.moe.prune_experts``.
 
 - FFN channels: torch-pruning's dependency graph for weight importance (l1, l2, taylor); by hand
-  (slicing gate/up rows and down columns) for ``activation`` importance.
+  (slicing gate/up rows and down columns) for ``activation`` importance and for students with
+  DeepSeek's multi-head latent attention, whose splits torch-pruning's graph cannot trace.
 - Attention heads: always by hand, as whole key/value groups with their query heads, so grouped-query
   attention (fewer KV heads than query heads) prunes consistently; torch-pruning hangs on GQA graphs
   and prunes no heads when the FFN ratio is 0.
@@ -76,14 +78,22 @@ class Shape:
         return asdict(self)
 
 
+def has_kv_heads(attn: nn.Module) -> bool:
+    """Attention with per-head q/k/v projections (Llama, Mistral, Qwen); False for DeepSeek's MLA."""
+    return hasattr(attn, "k_proj") and hasattr(attn, "q_proj")
+
+
 def structure(model: nn.Module) -> dict:
-    """Per-layer head and FFN-channel counts of a Llama-family decoder."""
+    """Per-layer head and FFN-channel counts of a Llama-family decoder (MLA attention: the config's head counts)."""
     layers = []
+    cfg = model.config
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        head_dim = attn.head_dim
-        layers.append({"heads": attn.q_proj.out_features // head_dim, "kv_heads": attn.k_proj.out_features // head_dim,
-                       "ffn": mlp.gate_proj.out_features})
+        if has_kv_heads(attn):
+            heads, kv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+        else:
+            heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        layers.append({"heads": heads, "kv_heads": kv, "ffn": mlp.gate_proj.out_features})
     return {"layers": layers, "params": count_params(model)}
 
 
@@ -133,6 +143,9 @@ def layers_to_remove(num_layers: int, layers_removed: int = 0, depth_ratio: floa
 def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, layers_removed: int = 0) -> None:
     """Raise a RecipeError naming the field when the ratios cannot be applied to a model with this config."""
     s = _config_shape(cfg)
+    if head_ratio > 0 and getattr(cfg, "kv_lora_rank", None):
+        raise RecipeError(f"head_ratio {head_ratio}: the student ({cfg.model_type}) has multi-head latent attention, whose heads "
+                          "share low-rank key/value projections and are not pruned", hint="set head_ratio: 0 and prune FFN channels or layers")
     if s.heads % s.kv_heads:
         raise RecipeError(f"num_attention_heads {s.heads} is not a multiple of num_key_value_heads {s.kv_heads}", hint="a Llama-family config is needed")
     if head_ratio > 0 and kv_keep(s.kv_heads, head_ratio) < 1:
@@ -269,7 +282,9 @@ def activation_scores(model: nn.Module, batches) -> dict[str, list[torch.Tensor]
     of each attention head's output (the input of ``o_proj``), per layer, over calibration tokens."""
     layers = list(model.model.layers)
     ffn = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
-    heads = [torch.zeros(layer.self_attn.o_proj.in_features // layer.self_attn.head_dim, dtype=torch.float64) for layer in layers]
+    # the output head width: head_dim, or v_head_dim for multi-head latent attention
+    head_dims = [getattr(layer.self_attn, "v_head_dim", None) or layer.self_attn.head_dim for layer in layers]
+    heads = [torch.zeros(layer.self_attn.o_proj.in_features // hd, dtype=torch.float64) for layer, hd in zip(layers, head_dims)]
     tokens = [0] * len(layers)
 
     def ffn_hook(i):
@@ -288,7 +303,7 @@ def activation_scores(model: nn.Module, batches) -> dict[str, list[torch.Tensor]
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(ffn_hook(i)))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i, layer.self_attn.head_dim)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i, head_dims[i])))
     _run_hooked(model, batches, handles)
     return {"ffn": [f / max(1, t) for f, t in zip(ffn, tokens)], "heads": [h / max(1, t) for h, t in zip(heads, tokens)]}
 
@@ -344,6 +359,8 @@ def solve_target(model: nn.Module, kind: str, fraction: float, structures, round
         raise RecipeError(f"target.structures {list(structures)} is not a non-empty list of {', '.join(STRUCTURES)}")
     start = shape_of(model)
     cfg = model.config
+    if "heads" in structures:
+        check_prunable(cfg, 0.0, max_ratio, 1)  # multi-head latent attention: no head pruning
     costs: dict[Shape, tuple[int, int]] = {}
     idx = 0 if kind == "params" else 1
 
@@ -401,6 +418,26 @@ def _group_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(groups, -1).sum(1)
 
 
+def _weight_score(importance: str):
+    """Elementwise importance of a weight: |w| (l1), w**2 (l2) or |w * grad| (taylor, needs gradients)."""
+    def f(p: torch.Tensor) -> torch.Tensor:
+        if importance == "l1":
+            return p.detach().abs()
+        if importance == "l2":
+            return p.detach() ** 2
+        if p.grad is None:
+            raise DskError("taylor importance needs gradients; none were computed", hint="use importance: l2 or give a loss")
+        return (p.detach() * p.grad.detach()).abs()
+    return f
+
+
+def ffn_channel_scores(mlp: nn.Module, importance: str) -> torch.Tensor:
+    """Weight importance of each FFN channel: its gate and up rows and its down_proj column (l1, l2, taylor)."""
+    f = _weight_score(importance)
+    return (f(mlp.gate_proj.weight).double().sum(1) + f(mlp.up_proj.weight).double().sum(1)
+            + f(mlp.down_proj.weight).double().sum(0))
+
+
 def kv_group_scores(attn: nn.Module, importance: str, act_heads: torch.Tensor | None = None) -> torch.Tensor:
     """Importance of each KV group of one attention module (the group's KV head and its query heads).
 
@@ -414,16 +451,7 @@ def kv_group_scores(attn: nn.Module, importance: str, act_heads: torch.Tensor | 
         if act_heads is None:
             raise ValueError("activation importance needs measured head outputs")
         return _group_rows(act_heads.double(), kv)
-
-    def f(p: torch.Tensor) -> torch.Tensor:
-        if importance == "l1":
-            return p.detach().abs()
-        if importance == "l2":
-            return p.detach() ** 2
-        if p.grad is None:
-            raise DskError("taylor importance needs gradients; none were computed", hint="use importance: l2 or give a loss")
-        return (p.detach() * p.grad.detach()).abs()
-
+    f = _weight_score(importance)
     score = torch.zeros(kv, dtype=torch.float64)
     for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
         score += _group_rows(f(lin.weight).double().sum(1), kv)
@@ -482,8 +510,7 @@ def _tp_prune_ffn(model: nn.Module, example_inputs: torch.Tensor, keep: int, imp
     ratio = 1 - (keep + 0.5) / cur
     ignored = [model.lm_head, model.model.embed_tokens]
     for layer in model.model.layers:
-        a = layer.self_attn
-        ignored += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+        ignored += [m for m in layer.self_attn.modules() if isinstance(m, nn.Linear)]
     # RMSNorm weights are plain parameters torch-pruning cannot see through; they live on the hidden dim
     unwrapped = [(m.weight, 0) for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     with _time_limit(timeout_s):
@@ -534,6 +561,7 @@ def prune_to(model: nn.Module, target: Shape, importance: str = "l2", timeout_s:
         info = {"removed_layers": remove_layers(model, order[: cur.layers - target.layers]), "block_influence": [round(b, 8) for b in bi]}
     acts = activation_scores(model, batches) if importance == "activation" and (target.kv_heads < cur.kv_heads or target.ffn < cur.ffn) else None
     if target.kv_heads < cur.kv_heads:
+        check_prunable(model.config, 0.0, 1 - target.kv_heads / cur.kv_heads, 1)  # multi-head latent attention: no head pruning
         if importance == "taylor":
             model.zero_grad()
             loss(model).backward()
@@ -545,6 +573,13 @@ def prune_to(model: nn.Module, target: Shape, importance: str = "l2", timeout_s:
         if importance == "activation":
             for i, layer in enumerate(model.model.layers):
                 prune_ffn_channels(layer.mlp, _top(acts["ffn"][i], target.ffn).tolist())
+        elif not has_kv_heads(model.model.layers[0].self_attn):  # torch-pruning cannot trace MLA's splits: by hand
+            if importance == "taylor":
+                model.zero_grad()
+                loss(model).backward()
+            for layer in model.model.layers:
+                prune_ffn_channels(layer.mlp, _top(ffn_channel_scores(layer.mlp, importance), target.ffn).tolist())
+            model.zero_grad(set_to_none=True)
         else:
             _tp_prune_ffn(model, example, target.ffn, importance, timeout_s, loss)
     _rewrite_config(model)
@@ -565,27 +600,26 @@ def prune_step(model: nn.Module, example_inputs: torch.Tensor, ffn_ratio: float,
 
 def _rewrite_config(model: nn.Module) -> None:
     cfg = model.config
-    layers = model.model.layers
-    attn0 = layers[0].self_attn
-    heads = attn0.q_proj.out_features // attn0.head_dim
-    kv = attn0.k_proj.out_features // attn0.head_dim
-    ffn = layers[0].mlp.gate_proj.out_features
-    for layer in layers:
+    layers = structure(model)["layers"]
+    if any(x != layers[0] for x in layers):
+        raise DskError("pruning left layers of different widths", hint="use uniform (per-layer) pruning")
+    heads, kv, ffn = layers[0]["heads"], layers[0]["kv_heads"], layers[0]["ffn"]
+    for layer in model.model.layers:
         a = layer.self_attn
-        if (a.q_proj.out_features // a.head_dim != heads or a.k_proj.out_features // a.head_dim != kv
-                or layer.mlp.gate_proj.out_features != ffn):
-            raise DskError("pruning left layers of different widths", hint="use uniform (per-layer) pruning")
-        a.num_key_value_groups = heads // kv
-        if hasattr(a, "num_heads"):
-            a.num_heads = heads
-        if hasattr(a, "num_key_value_heads"):
-            a.num_key_value_heads = kv
+        if has_kv_heads(a):
+            a.num_key_value_groups = heads // kv
+            if hasattr(a, "num_heads"):
+                a.num_heads = heads
+            if hasattr(a, "num_key_value_heads"):
+                a.num_key_value_heads = kv
         layer.mlp.intermediate_size = ffn
     cfg.num_hidden_layers = len(layers)
     cfg.num_attention_heads = heads
     cfg.num_key_value_heads = kv
     cfg.intermediate_size = ffn
-    cfg.head_dim = attn0.head_dim
+    attn0 = model.model.layers[0].self_attn
+    if has_kv_heads(attn0):
+        cfg.head_dim = attn0.head_dim
 
 
 # ---------------------------------------------------------------------------------------------

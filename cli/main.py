@@ -73,10 +73,15 @@ def recipe_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run of this recipe under --out.")] = False,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Use (or, with --resume, continue) exactly this run directory.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, print the resolved plan and exit.")] = False,
+    rerun_from: Annotated[str | None, typer.Option("--rerun-from", help="With --resume: run this stage and every later one again "
+                                                   "(old directories kept as <stage>.replaced-<time>).")] = None,
 ) -> None:
     """Run a compression recipe end to end and print where the report is.
 
+    Data-parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N -m dsk_compress.cli.main recipe NAME
+
     Example: dsk-compress recipe quant-prune-distill --set stages.1.ffn_ratio=0.4
+    Re-export and re-measure a finished run: dsk-compress recipe quant-prune-distill --resume --rerun-from export
     """
     import json
 
@@ -94,7 +99,11 @@ def recipe_cmd(
             c.print(f"  {st['index']}. {st['stage']}: " + json.dumps({k: v for k, v in st.items() if k not in ('index', 'stage')}))
         return
     resume_arg: bool | Path = (run_dir if run_dir else True) if resume else False
-    rd = api.run_recipe(spec, out=out, resume=resume_arg, run_dir=None if resume else run_dir)
+    rd = api.run_recipe(spec, out=out, resume=resume_arg, run_dir=None if resume else run_dir, rerun_from=rerun_from)
+    from dsk_compress.compress import dist
+
+    if not dist.is_main():  # under torchrun rank 0 alone reports
+        return
     from dsk_compress.report import load_report, render_summary_table
 
     c = _console()

@@ -5,16 +5,27 @@ process. When ``WORLD_SIZE > 1`` the trainer joins the process group (NCCL on CU
 wraps the model in ``DistributedDataParallel`` and gives each rank a disjoint, equal slice of every
 global batch, so N processes take the same optimizer steps as one process with the same global
 batch. Outside ``torchrun`` every helper here is a no-op for a single process.
+
+Control messages (object broadcasts, barriers, :func:`on_main`) go over a separate Gloo group with a
+long timeout (``DSK_DIST_WAIT_S``, default 7200 s): ranks that wait while rank 0 validates, writes a
+checkpoint or exports a model must not hit NCCL's short collective timeout, and they stay off the GPU.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import datetime
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
+_CTRL = None  # the Gloo group for control messages (see the module docstring)
+_SOLO = False  # True on rank 0 inside on_main(): the other ranks are not listening, so collectives are no-ops
 
 
 @dataclass(frozen=True)
@@ -35,9 +46,12 @@ class DistEnv:
 
 
 def env() -> DistEnv:
-    """The job layout from torchrun's environment variables (a single process when they are absent)."""
+    """The job layout from torchrun's environment variables (a single process when they are absent, and
+    on rank 0 inside :func:`on_main`, where it works alone)."""
     from dsk_compress.errors import RunError
 
+    if _SOLO:
+        return DistEnv()
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -53,10 +67,21 @@ def is_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _wait_timeout() -> datetime.timedelta:
+    from dsk_compress.errors import RunError
+
+    raw = os.environ.get("DSK_DIST_WAIT_S", "7200")
+    try:
+        return datetime.timedelta(seconds=float(raw))
+    except ValueError:
+        raise RunError(f"DSK_DIST_WAIT_S={raw!r} is not a number of seconds", hint="e.g. DSK_DIST_WAIT_S=7200") from None
+
+
 def init() -> DistEnv:
     """Join the process group once per process when launched by torchrun with more than one process.
 
-    NCCL with one GPU per process (``cuda:LOCAL_RANK``) when CUDA is available, Gloo on CPU.
+    NCCL with one GPU per process (``cuda:LOCAL_RANK``) when CUDA is available, Gloo on CPU; plus a
+    Gloo group for control messages.
     """
     e = env()
     if not e.enabled or is_initialized():
@@ -76,13 +101,22 @@ def init() -> DistEnv:
         torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", e.local_rank))
     else:
         torch.distributed.init_process_group("gloo")
+    global _CTRL
+    _CTRL = torch.distributed.new_group(backend="gloo", timeout=_wait_timeout())
     atexit.register(_shutdown)
     return e
 
 
 def _shutdown() -> None:
+    global _CTRL
     if is_initialized():
         torch.distributed.destroy_process_group()
+    _CTRL = None
+
+
+def _active() -> bool:
+    """A multi-process job whose other ranks take part in the next collective."""
+    return is_initialized() and not _SOLO
 
 
 def device(e: DistEnv, fallback: torch.device) -> torch.device:
@@ -98,13 +132,14 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if is_initialized():
-        torch.distributed.barrier()
+    """Wait until every rank gets here (over the control group, so waiting on rank 0's file writes cannot time out early)."""
+    if _active():
+        torch.distributed.barrier(group=_CTRL)
 
 
 def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     """Average ``t`` over ranks in place (a no-op in a single process)."""
-    if is_initialized():
+    if _active():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         t /= torch.distributed.get_world_size()
     return t
@@ -112,11 +147,64 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` as rank ``src`` has it, on every rank (picklable objects only)."""
-    if not is_initialized():
+    if not _active():
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
+    torch.distributed.broadcast_object_list(box, src=src, group=_CTRL)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj, group=_CTRL)
+    return out
+
+
+@contextlib.contextmanager
+def _solo() -> Iterator[None]:
+    global _SOLO
+    _SOLO = True
+    try:
+        yield
+    finally:
+        _SOLO = False
+
+
+def on_main(fn: Callable[[], T], what: str = "rank-0 work") -> T:
+    """Run ``fn`` on rank 0 alone and hand its result (or its failure) to every rank.
+
+    The other ranks wait for it (up to ``DSK_DIST_WAIT_S``). Inside ``fn`` rank 0 works as a single
+    process: :func:`env` reports one process, so training there is not data-parallel, and collectives
+    are no-ops. When ``fn`` raises, rank 0 re-raises the original error and the other ranks raise a
+    :class:`RunError` with its message (``KeyboardInterrupt`` stays ``KeyboardInterrupt``), so no rank is
+    left waiting. Outside torchrun this is just ``fn()``.
+    """
+    if not _active():
+        return fn()
+    from dsk_compress.errors import DskError, RunError
+
+    if torch.distributed.get_rank() == 0:
+        try:
+            with _solo():
+                value = fn()
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                broadcast_object(("interrupted", None, None))
+            elif isinstance(e, DskError):
+                broadcast_object(("error", e.message, e.hint))
+            else:
+                broadcast_object(("error", f"{type(e).__name__}: {e}", None))
+            raise
+        return broadcast_object(("ok", value, None))[1]
+    status, value, hint = broadcast_object(None)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    if status == "error":
+        raise RunError(f"{what} failed on rank 0: {value}", hint=hint)
+    return value
 
 
 def shard_size(batch_size: int, e: DistEnv) -> int:

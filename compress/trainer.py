@@ -202,8 +202,9 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start, history, tokens, seconds, stopped, skipped = 0, [], 0, 0.0, False, 0
     ckpt = Path(ckpt_dir) if ckpt_dir else None
-    if ckpt is not None and resume and (ckpt / "state.json").is_file():
-        # every rank loads the same checkpoint (multi-node jobs need the run directory on a shared filesystem)
+    # rank 0 decides whether to resume, so ranks cannot disagree; every rank then loads the same checkpoint
+    # (multi-node jobs need the run directory on a shared filesystem: a rank that cannot see it fails here)
+    if dist.broadcast_object(ckpt is not None and resume and (ckpt / "state.json").is_file()):
         start, history, tokens, seconds, stopped, skipped = _load_checkpoint(ckpt, model, opt, sched, scaler, aux)
     dist.barrier()
     resumed_from = start
@@ -231,7 +232,7 @@ def train(
                     batch = batch_fn(index, cfg.batch_size)
                     tokens += int(batch.numel()) if hasattr(batch, "numel") else cfg.batch_size
                     batch = dist.shard(batch, denv)
-                    batch = batch.to(device) if hasattr(batch, "to") else batch
+                    batch = _to_device(batch, device)
                     # gradients are averaged across ranks once, on the last micro-batch
                     sync = net.no_sync() if denv.enabled and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with sync:
@@ -301,6 +302,15 @@ def train(
         world_size=denv.world_size,
         skipped_steps=skipped,
     )
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """A tensor batch, or a tuple / list / dict of tensors (e.g. ``(inputs, labels)``), moved to ``device``."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if hasattr(batch, "to") else batch
 
 
 def _plateaued(history: list[dict], patience: int) -> bool:

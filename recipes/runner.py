@@ -3,6 +3,35 @@
 ``runs/<recipe>-<timestamp>/manifest.json`` holds the resolved recipe, package and library
 versions, seed, host and per-stage status, timings, outputs and metrics. A stage marked ``done``
 is skipped on ``--resume``; an interrupted training stage continues from its last checkpoint.
+
+Under ``torchrun --nproc_per_node N`` (see ``dsk_compress.compress.dist``) every rank runs this
+same function:
+
+* **Run directory and resume state**: rank 0 alone chooses and creates the run directory, reads or
+  writes the manifest, and broadcasts ``(run directory, manifest)``; every rank then checks that it
+  sees the directory (multi-node jobs need ``--out`` on a filesystem all nodes mount) and all ranks
+  skip the same ``done`` stages. Only rank 0 writes ``manifest.json`` and ``<stage>/metrics.json``.
+* **Stages whose** ``ranks`` **is** ``"all"`` (distill, prune, qat) run on every rank: their KD
+  fine-tunes are data-parallel (each rank its slice of every global batch, DDP-averaged gradients);
+  what is not training (student construction, torch-pruning surgery, QAT calibration, evaluation) is
+  deterministic and runs identically on every rank, which keeps the ranks' models the same without
+  shipping weights around (DDP also broadcasts rank 0's weights and checks shapes when it wraps a
+  model). Only rank 0 writes files; a measured decision (prune's latency target) is measured on
+  rank 0 and broadcast. This is simpler than running them on rank 0 alone: that would make every
+  fine-tune single-process.
+* **Stages whose** ``ranks`` **is** ``"main"`` (export, bench) run on rank 0 alone while the other
+  ranks wait for its result (``dist.on_main``); inside, rank 0 works as a single process.
+* A barrier ends every stage, so a stage never reads files the previous one is still writing.
+
+Failures: a stage error raised on rank 0 is recorded in the manifest (``failed`` or
+``interrupted``) before it propagates. A rank that raises never enters another collective: it
+exits, and torchrun then stops the other ranks, so the job fails instead of hanging. Before
+exiting, a rank other than 0 waits a few seconds for rank 0 to record the same failure (a
+deterministic error reaches every rank at once). When only another rank failed, rank 0 either gets
+an error from its pending collective (Gloo: the peer's connection closed), recorded as the stage's
+failure, or is stopped by torchrun with the stage still ``running`` (NCCL); torchrun's log names the
+failing rank, and ``--resume`` continues from the last checkpoint either way. In ``"main"`` stages
+rank 0's error reaches the waiting ranks as a :class:`RunError`.
 """
 
 from __future__ import annotations
@@ -91,9 +120,14 @@ class RunContext:
 
 
 class Stage(Generic[C]):
-    """A pipeline stage: a typed config and ``run(ctx) -> StageResult``."""
+    """A pipeline stage: a typed config and ``run(ctx) -> StageResult``.
+
+    ``ranks`` says where it runs under torchrun: ``"all"`` (every rank, rank 0 alone writes files) or
+    ``"main"`` (rank 0 alone, the other ranks wait for its result); see the module docstring.
+    """
 
     name: ClassVar[str]
+    ranks: ClassVar[str] = "all"
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -141,28 +175,48 @@ def describe_plan(spec) -> list[dict[str, Any]]:
     return [{"index": i, **cfg.model_dump()} for i, cfg in enumerate(spec.stages)]
 
 
-def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False, run_dir: str | Path | None = None):
-    """Run a validated recipe end to end.
+def _same_recipe(stored: dict | None, resolved: dict) -> bool:
+    """Whether a run's stored recipe means ``resolved`` under this version's schema (fields added since then take
+    their defaults, so a run started by an older dsk-compress still resumes)."""
+    from pydantic import ValidationError
 
-    Args:
-        spec: a RecipeSpec (see ``load_recipe``).
-        out: parent directory for new runs.
-        resume: True to continue the latest run of this recipe under ``out``, or a run directory.
-        run_dir: an explicit directory for a new run.
+    from dsk_compress.recipes.schema import RecipeSpec
 
-    Returns:
-        Path of the run directory (it holds manifest.json and the report).
-    """
-    stages = plan(spec)
-    resolved = spec.model_dump(mode="json")
+    try:
+        return RecipeSpec.model_validate(stored).model_dump(mode="json") == resolved
+    except ValidationError:
+        return False
+
+
+def _mark_for_rerun(rd: Path, manifest: dict[str, Any], stage: str) -> None:
+    """Mark ``stage`` and every later stage pending again; their directories are kept as ``<stage>.replaced-<time>``."""
+    names = [e["stage"] for e in manifest["stages"]]
+    if stage not in names:
+        raise RunError(f"--rerun-from {stage!r}: the run has no such stage", hint=f"choose one of: {', '.join(names)}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for entry in manifest["stages"][names.index(stage):]:
+        old = rd / entry["stage"]
+        if old.exists():
+            old.rename(rd / f"{entry['stage']}.replaced-{stamp}")
+        for k in ("outputs", "metrics", "error", "traceback", "finished", "seconds"):
+            entry.pop(k, None)
+        entry["status"] = "pending"
+    manifest["status"] = "running"
+
+
+def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool | str | Path,
+              run_dir: str | Path | None, world_size: int, rerun_from: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The run directory and its manifest: read for ``resume``, else created and written (rank 0 only)."""
     manifest: dict[str, Any]
     if resume:
         rd = Path(resume) if not isinstance(resume, bool) else latest_run(Path(out), spec.name)
         if rd is None or not (rd / "manifest.json").is_file():
             raise RunError(f"no run of {spec.name!r} to resume under {out}", hint="run it without --resume first")
         manifest = read_json(rd / "manifest.json")
-        if manifest.get("recipe") != resolved:
+        if not _same_recipe(manifest.get("recipe"), resolved):
             raise RunError(f"the recipe differs from the one {rd} was started with", hint="resume with the same recipe and --set values, or start a new run")
+        if rerun_from is not None:
+            _mark_for_rerun(rd, manifest, rerun_from)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         rd = Path(run_dir) if run_dir else Path(out) / f"{spec.name}-{stamp}"
@@ -179,13 +233,63 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
             "stages": [{"index": i, "stage": s.config.stage, "status": "pending"} for i, s in enumerate(stages)],
             "status": "running",
         }
+    manifest["world_size"] = world_size  # of this (latest) launch
     rd.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(rd / "manifest.json", manifest)
+    return rd, manifest
+
+
+def _wait_for_record(mpath: Path, index: int, seconds: float = 5.0) -> None:
+    """On a rank other than 0 that failed: give rank 0 a moment to record the failure before torchrun stops it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if read_json(mpath)["stages"][index].get("status") != "running":
+                return
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+        time.sleep(0.2)
+
+
+def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False, run_dir: str | Path | None = None,
+               rerun_from: str | None = None):
+    """Run a validated recipe end to end (in one process, or on every rank of a torchrun job).
+
+    Args:
+        spec: a RecipeSpec (see ``load_recipe``).
+        out: parent directory for new runs.
+        resume: True to continue the latest run of this recipe under ``out``, or a run directory.
+        run_dir: an explicit directory for a new run.
+        rerun_from: with ``resume``, run this stage and every later one again (e.g. ``export`` after an upgrade);
+            their old directories are kept as ``<stage>.replaced-<time>``.
+
+    Returns:
+        Path of the run directory (it holds manifest.json and the report); the same on every rank.
+    """
+    from dsk_compress.compress import dist
+
+    if rerun_from is not None and not resume:
+        raise RunError("--rerun-from needs a run to continue", hint="add --resume (or --run-dir DIR --resume)")
+    stages = plan(spec)
+    resolved = spec.model_dump(mode="json")
+    denv = dist.init()  # joins the process group under torchrun; a no-op in a single process
+    rd, manifest = dist.on_main(lambda: _open_run(spec, stages, resolved, out, resume, run_dir, denv.world_size, rerun_from), "opening the run directory")
+    if denv.enabled:
+        blind = [r for r, seen in enumerate(dist.all_gather_object((rd / "manifest.json").is_file())) if not seen]
+        if blind:
+            raise RunError(f"rank(s) {blind} cannot see the run directory {rd} that rank 0 created",
+                           hint="multi-node runs need --out (or --run-dir) on a filesystem every node mounts")
+    main = denv.is_main
     ctx = RunContext(rd, spec, resume=bool(resume))
     import torch
 
     torch.manual_seed(spec.seed)
     mpath = rd / "manifest.json"
-    atomic_write_json(mpath, manifest)
+
+    def record() -> None:
+        if main:
+            atomic_write_json(mpath, manifest)
+
     for i, stage in enumerate(stages):
         entry = manifest["stages"][i]
         name = stage.config.stage
@@ -193,37 +297,41 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
             ctx.outputs[name] = entry.get("outputs", {})
             ctx.metrics[name] = entry.get("metrics", {})
             continue
+        entry.pop("traceback", None)  # left by an earlier failed attempt
         entry.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         manifest["status"] = "running"
-        atomic_write_json(mpath, manifest)
+        record()
         t0 = time.perf_counter()
         try:
-            result = stage.run(ctx)
-        except KeyboardInterrupt:
-            entry.update(status="interrupted", seconds=round(time.perf_counter() - t0, 2))
-            manifest["status"] = "interrupted"
-            atomic_write_json(mpath, manifest)
-            raise
-        except DskError as e:
-            entry.update(status="failed", error=str(e), seconds=round(time.perf_counter() - t0, 2))
-            manifest["status"] = "failed"
-            atomic_write_json(mpath, manifest)
-            raise
-        except Exception as e:
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=20),
-                         seconds=round(time.perf_counter() - t0, 2))
-            manifest["status"] = "failed"
-            atomic_write_json(mpath, manifest)
+            if denv.enabled and stage.ranks == "main":
+                result = dist.on_main(lambda: stage.run(ctx), f"stage {name!r}")
+            else:
+                result = stage.run(ctx)
+        except (KeyboardInterrupt, Exception) as e:
+            if isinstance(e, KeyboardInterrupt):
+                entry.update(status="interrupted", seconds=round(time.perf_counter() - t0, 2))
+                manifest["status"] = "interrupted"
+            else:
+                error = str(e) if isinstance(e, DskError) else f"{type(e).__name__}: {e}"
+                entry.update(status="failed", error=error, seconds=round(time.perf_counter() - t0, 2))
+                if not isinstance(e, DskError):
+                    entry["traceback"] = traceback.format_exc(limit=20)
+                manifest["status"] = "failed"
+            record()
+            if not main and not isinstance(e, KeyboardInterrupt):
+                _wait_for_record(mpath, i)
             raise
         entry.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                      seconds=round(time.perf_counter() - t0, 2),
                      outputs=result.outputs, metrics=result.metrics)
         ctx.outputs[name] = result.outputs
         ctx.metrics[name] = result.metrics
-        atomic_write_json(rd / name / "metrics.json", result.metrics)
-        atomic_write_json(mpath, manifest)
+        if main:
+            atomic_write_json(rd / name / "metrics.json", result.metrics)
+        record()
+        dist.barrier()  # the next stage reads this one's files only once rank 0 has written them
     manifest["status"] = "done"
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    atomic_write_json(mpath, manifest)
+    record()
+    dist.barrier()  # every rank returns a finished run
     return rd
-

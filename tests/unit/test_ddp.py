@@ -96,6 +96,25 @@ def _run_hidden():
     return {**{f"student.{k}": v for k, v in student.state_dict().items()}, **{f"aux.{k}": v for k, v in hidden.state_dict().items()}}
 
 
+def _rank0_helpers(rank: int) -> dict:
+    """dist.on_main and the control-group collectives, as each rank sees them."""
+    from dsk_compress.compress import dist
+    from dsk_compress.errors import DskError, RecipeError
+
+    # inside on_main rank 0 works alone: one process, collectives are no-ops
+    value = dist.on_main(lambda: [dist.env().world_size, dist.broadcast_object(rank), dist.all_gather_object(rank), rank])
+
+    def fail():
+        raise RecipeError("bad field", hint="fix it")
+
+    try:
+        dist.on_main(fail, "the test")
+        error = None
+    except DskError as e:
+        error = [type(e).__name__, e.message, e.hint]
+    return {"on_main": value, "on_main_error": error, "gathered": dist.all_gather_object(rank)}
+
+
 def _worker(out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -111,7 +130,7 @@ def _worker(out: Path) -> None:
     save_file({k: v.contiguous() for k, v in resumed.state_dict().items()}, str(out / f"resumed-rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({
         "history": res.history, "rows": res.rows, "tokens": res.tokens, "world_size": res.world_size, "final_loss": res.final_loss, "final_logs": res.final_logs,
-        "resumed_from": rres.resumed_from, "resumed_history": rres.history}))
+        "resumed_from": rres.resumed_from, "resumed_history": rres.history, **_rank0_helpers(rank)}))
 
 
 def _free_port() -> int:
@@ -148,6 +167,11 @@ def test_ddp_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path
     for a, b in zip([h["val_loss"] for h in r0["history"]], [h["val_loss"] for h in ref.history]):
         assert abs(a - b) <= REL_TOL * abs(b)
     assert r1["history"] == r0["history"]  # rank 0's validation reaches every rank
+    # on_main: rank 0's result on every rank; its error re-raised there and a RunError with its message elsewhere
+    assert r0["on_main"] == r1["on_main"] == [1, 0, [0], 0]
+    assert r0["on_main_error"] == ["RecipeError", "bad field", "fix it"]
+    assert r1["on_main_error"] == ["RunError", "the test failed on rank 0: bad field", "fix it"]
+    assert r0["gathered"] == r1["gathered"] == [0, 1]
     # the loss function's last logs are averaged over ranks: the global batch's value, on every rank
     assert abs(r0["final_logs"]["ce"] - ref.final_logs["ce"]) <= REL_TOL * ref.final_logs["ce"] and r1["final_logs"] == r0["final_logs"]
     # each rank trained on its own half of every global batch: disjoint, and together the whole batch

@@ -2,7 +2,8 @@
 
 ``run.py`` needs only numpy and onnxruntime (TensorRT optional on Jetson): it benchmarks the model
 and evaluates it on the validation sample shipped in the bundle, so the accuracy and latency a user
-sees on the device are measured there.
+sees on the device are measured there. When the shipped student has a KV-cache graph it is bundled
+as ``model.kv.onnx`` and ``run.py --generate N`` measures greedy decode tokens/s with it.
 """
 
 from __future__ import annotations
@@ -112,6 +113,46 @@ def evaluate(predict, windows, batch=8):
     return {"accuracy": 100.0 * correct / count, "bits_per_byte": nll / count / math.log(2)}
 
 
+def generate_bench(model, threads, prompt, new_tokens, repeats=5):
+    """Greedy decode with the KV-cache graph: prefill ``prompt``, then ``new_tokens`` single-token steps."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    outs = [o.name for o in sess.get_outputs()]
+    empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+
+    def run(ids, total, past):
+        feed = {"input_ids": np.asarray(ids, np.int64).reshape(1, -1), "attention_mask": np.ones((1, total), np.int64)}
+        feed.update(past)
+        res = dict(zip(outs, sess.run(None, feed)))
+        return res["logits"][0, -1], {"past_key_values." + k[len("present."):]: v for k, v in res.items() if k.startswith("present.")}
+
+    prefill, steps, rates, tokens = [], [], [], []
+    for r in range(repeats + 1):  # the first generation is a warm-up
+        t0 = time.perf_counter()
+        logits, past = run(prompt, len(prompt), empty)
+        tok = int(np.argmax(logits))
+        t1 = time.perf_counter()
+        times, toks = [], [tok]
+        for k in range(new_tokens):
+            t = time.perf_counter()
+            logits, past = run([tok], len(prompt) + k + 1, past)
+            tok = int(np.argmax(logits))
+            times.append((time.perf_counter() - t) * 1e3)
+            toks.append(tok)
+        if r:
+            prefill.append((t1 - t0) * 1e3)
+            steps += times
+            rates.append(new_tokens / (sum(times) / 1e3))
+            tokens = toks
+    return {"kv_model": Path(model).name, "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats,
+            "prefill_ms": float(np.median(prefill)), "decode_ms_p50": float(np.percentile(steps, 50)),
+            "decode_ms_p90": float(np.percentile(steps, 90)), "decode_tokens_per_s": float(np.median(rates)), "tokens": tokens}
+
+
 CARD = json.loads((HERE / "model_card.json").read_text())
 
 
@@ -122,8 +163,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="also time greedy decode of N tokens with the KV-cache model (onnxruntime), after half a window of prompt")
     ap.add_argument("--out", default="results.json")
     a = ap.parse_args()
+    if a.generate and not CARD.get("kv_model"):
+        raise SystemExit("--generate needs a KV-cache model, and this bundle has none (export with kv_cache: true)")
     model = HERE / CARD["model"]
     if a.runtime == "tensorrt":
         try:
@@ -147,6 +192,9 @@ def main():
            "batch_size": 1, "seq_len": int(x.shape[1])}
     if not a.no_eval:
         res.update(evaluate(predict, windows))
+    if a.generate:
+        prompt = [int(t) for t in windows[0][: CARD["seq_len"] // 2]]
+        res["generate"] = generate_bench(HERE / CARD["kv_model"], a.threads, prompt, a.generate)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 
@@ -221,12 +269,16 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy2(model_src, tmp / "model.onnx")
+    kv_rel = _export_artifacts(manifest).get(v["name"], {}).get("kv_cache_path")
+    if kv_rel and (run_dir / kv_rel).is_file():  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
+        shutil.copy2(run_dir / kv_rel, tmp / "model.kv.onnx")
     task = build_task(spec.task.model_dump())
     windows = np.concatenate(list(task.eval_batches(64))).astype(np.uint8)
     np.save(tmp / "eval_windows.npy", windows)
     card = {
         "version": 1, "model": "model.onnx", "variant": v["name"], "precision": v["precision"], "device": prof.name,
         "runtime": runtime, "threads": prof.threads, "seq_len": task.seq_len, "task": task.describe(), "tensorrt": trt_card,
+        "kv_model": "model.kv.onnx" if (tmp / "model.kv.onnx").is_file() else None,
         "params": v["params"], "size_bytes": v["size_bytes"],
         "measured_on_build_host": {"accuracy": v["accuracy"], "bits_per_byte": v["bits_per_byte"], "latency_ms": v["latency_ms"],
                                    "runtime": v["runtime"], "host": report.get("host")},
@@ -244,6 +296,8 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
         f"Measured on the build host ({v['runtime']}): accuracy {v['accuracy']:.2f}%, p50 {v['latency_ms']['p50']:.2f} ms at batch 1.\n"
         "These are not device figures: measure on the device with\n\n"
         "```bash\npip install -r requirements.txt\npython3 run.py --out results.json\n```\n"
+        + ("\n`model.kv.onnx` is the same model with a KV cache: `python3 run.py --generate 64` also measures greedy "
+           "decode (prefill ms, ms per token, tokens/s) with onnxruntime.\n" if (tmp / "model.kv.onnx").is_file() else "")
         + ("\nWith TensorRT (JetPack) and torch present, the first run builds a TensorRT engine for this GPU "
            f"({precision}, profile batch 1..{trt_card['max_batch']}) and caches it as `model.<trt version>.<gpu>.engine`; "
            "later runs load it. Without them, run.py falls back to onnxruntime.\n" if runtime == "tensorrt" else "")

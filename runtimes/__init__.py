@@ -16,6 +16,7 @@ from dsk_compress.runtimes.base import (
     run_worker,
     summarize,
 )
+from dsk_compress.runtimes.decode import KVCacheSession, benchmark_decode, measure_decode
 from dsk_compress.runtimes.onnxruntime import available_providers, benchmark_onnx, make_session, session_predict
 from dsk_compress.runtimes.tensorrt import TensorRTSession, benchmark_tensorrt, build_engine, load_engine, trt_predict
 from dsk_compress.runtimes.torch import benchmark_torch, load_hf_model, torch_forward
@@ -24,9 +25,11 @@ __all__ = [
     "BenchConfig",
     "BenchResult",
     "BenchmarkError",
+    "KVCacheSession",
     "RuntimeBackendError",
     "TensorRTSession",
     "available_providers",
+    "benchmark_decode",
     "benchmark_onnx",
     "benchmark_tensorrt",
     "benchmark_torch",
@@ -35,6 +38,7 @@ __all__ = [
     "load_engine",
     "load_hf_model",
     "make_session",
+    "measure_decode",
     "run_worker",
     "session_predict",
     "summarize",

@@ -384,10 +384,23 @@ TABLE_COLUMNS = (
     "Runtime",
 )
 
+DECODE_COLUMN = "Decode (tok/s)"
+"""Appended to the table when a variant has ``decode_tokens_per_s`` (greedy decode with its KV-cache graph)."""
+
+
+def _has_decode(report: dict) -> bool:
+    return any(_num(v.get("decode_tokens_per_s")) is not None for v in report.get("variants", []))
+
+
+def table_columns(report: dict) -> tuple[str, ...]:
+    """Column titles of ``report``'s table: :data:`TABLE_COLUMNS`, plus :data:`DECODE_COLUMN` when a variant has one."""
+    return TABLE_COLUMNS + (DECODE_COLUMN,) if _has_decode(report) else TABLE_COLUMNS
+
 
 def table_rows(report: dict) -> list[list[str]]:
-    """Formatted cells (see :data:`TABLE_COLUMNS`) of one row per variant of ``report``."""
+    """Formatted cells (see :func:`table_columns`) of one row per variant of ``report``."""
     rows = []
+    decode = _has_decode(report)
     for v in report.get("variants", []):
         rows.append(
             [
@@ -404,6 +417,8 @@ def table_rows(report: dict) -> list[list[str]]:
                 str(v.get("runtime") or DASH),
             ]
         )
+        if decode:  # a dash for variants without a KV-cache graph
+            rows[-1].append(_fmt(v.get("decode_tokens_per_s"), 1))
     return rows
 
 
@@ -440,19 +455,23 @@ def render_markdown(report: dict) -> str:
     lines.append("")
     rows = table_rows(report)
     if rows:
-        lines.append("| " + " | ".join(TABLE_COLUMNS) + " |")
-        lines.append("|" + "|".join(["---", "---"] + ["---:"] * 8 + ["---"]) + "|")
+        cols = table_columns(report)
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join(["---", "---"] + ["---:"] * 8 + ["---"] + ["---:"] * (len(cols) - len(TABLE_COLUMNS))) + "|")
         for row in rows:
             lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
     else:
         lines.append("_No variants were measured._")
     lines.append("")
-    notes = [v for v in report.get("variants", []) if v.get("notes") or v.get("peak_memory_mb")]
+    notes = [v for v in report.get("variants", []) if v.get("notes") or v.get("peak_memory_mb") or v.get("decode")]
     if notes:
         lines.append("**Variants:**")
         for v in notes:
             mem = f"peak RSS {v['peak_memory_mb']:.0f} MB" if v.get("peak_memory_mb") else ""
-            detail = "; ".join(x for x in (v.get("notes") or "", f"{v.get('precision', '')}", mem) if x)
+            dec = v.get("decode") if isinstance(v.get("decode"), dict) else {}
+            dec = (f"KV-cache greedy decode {_fmt(dec.get('decode_ms_p50'), 3)} ms/token p50, prefill of "
+                   f"{dec.get('prompt_tokens', '?')} tokens {_fmt(dec.get('prefill_ms'), 2)} ms") if dec else ""
+            detail = "; ".join(x for x in (v.get("notes") or "", f"{v.get('precision', '')}", mem, dec) if x)
             lines.append(f"- `{v['name']}`: {detail}")
         lines.append("")
     summary = report.get("summary", {})
@@ -614,8 +633,8 @@ def render_summary_table(report: dict, console: Console) -> None:
     recommended = summary.get("recommended")
     meta = " · ".join(f"{label}: {value}" for label, value in header_fields(report))
     table = Table(title=Text(f"Compression report: {report.get('run') or 'run'}"), caption=Text(meta))
-    for i, col in enumerate(TABLE_COLUMNS):
-        table.add_column(col, justify="right" if 2 <= i <= 9 else "left")
+    for i, col in enumerate(table_columns(report)):
+        table.add_column(col, justify="right" if 2 <= i <= 9 or col == DECODE_COLUMN else "left")
     for v, row in zip(report.get("variants", []), table_rows(report)):
         is_rec = v.get("name") == recommended
         if is_rec:

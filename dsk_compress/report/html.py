@@ -13,12 +13,13 @@ import io
 import re
 
 from dsk_compress.report.build import (
-    TABLE_COLUMNS,
+    DECODE_COLUMN,
     _num,
     _p50,
     header_fields,
     measurement_note,
     pareto_front,
+    table_columns,
     table_rows,
 )
 
@@ -154,12 +155,13 @@ def render_html(report: dict) -> tuple[str, bytes]:
 
     rows = table_rows(report)
     if rows:
-        numeric = {i for i in range(len(TABLE_COLUMNS)) if 2 <= i <= 9}
+        cols = table_columns(report)
+        numeric = {i for i, c in enumerate(cols) if 2 <= i <= 9 or c == DECODE_COLUMN}
         out.append("<table>")
         out.append(
             "<thead><tr>"
             + "".join(f'<th class="num">{_esc(c)}</th>' if i in numeric else f"<th>{_esc(c)}</th>"
-                      for i, c in enumerate(TABLE_COLUMNS))
+                      for i, c in enumerate(cols))
             + "</tr></thead>"
         )
         out.append("<tbody>")

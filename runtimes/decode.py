@@ -1,0 +1,198 @@
+"""Token-by-token greedy generation with a KV-cache ONNX graph, and its decode benchmark.
+
+The graph is the one :mod:`dsk_compress.export.kv_cache` writes: ``input_ids``, ``attention_mask``,
+``past_key_values.{i}.key/value`` in; ``logits``, ``present.{i}.key/value`` out. Each step's
+``present`` tensors go back in as the next step's past as ONNX Runtime values, without a copy
+through numpy. Only ``onnxruntime`` and ``numpy`` are used (imported lazily).
+
+    python -m dsk_compress.runtimes.decode --model M.kv.onnx --prompt P.npy --new-tokens 32 \\
+        --repeats 5 --warmup 1 [--threads 2] --out RESULT.json
+
+runs :func:`measure_decode` in its own process (what :func:`benchmark_decode` starts), so one
+benchmark's memory and thread pools cannot touch the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsk_compress.runtimes.base import BenchmarkError, RuntimeBackendError, _tail
+
+DEFAULT_NEW_TOKENS = 32
+"""Decode steps per benchmark repeat (the bench stage's setting)."""
+
+
+class KVCacheSession:
+    """Greedy decoding with a KV-cache ONNX model (batch 1).
+
+    Args:
+        path: the ``*.kv.onnx`` model.
+        threads: intra-op threads (None: onnxruntime's default).
+        optimization: ORT graph optimization level (``extended`` for offline-optimized files).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimization: str = "extended") -> None:
+        from dsk_compress.runtimes.onnxruntime import _ORT_TYPES, make_session
+
+        self.session = make_session(path, threads=threads, optimization=optimization)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_inputs = [n for n in inputs if n.startswith("past_key_values.")]
+        if "input_ids" not in inputs or "attention_mask" not in inputs or not self.past_inputs:
+            raise RuntimeBackendError(f"{path} is not a KV-cache graph (inputs: {', '.join(inputs)})",
+                                      hint="export it with dsk_compress.export.kv_cache")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        # present.{i}.key -> past_key_values.{i}.key
+        self.feedback = {o: "past_key_values." + o.removeprefix("present.") for o in self.output_names if o.startswith("present.")}
+        self.dtype = _ORT_TYPES.get(inputs[self.past_inputs[0]].type, np.float32)
+        self.empty = {}
+        for n in self.past_inputs:
+            shape = inputs[n].shape
+            heads, dim = shape[1], shape[3]
+            if not (isinstance(heads, int) and isinstance(dim, int)):
+                raise RuntimeBackendError(f"{path}: past input {n} has no static heads/width ({shape})")
+            self.empty[n] = np.zeros((1, heads, 0, dim), self.dtype)
+        import onnxruntime
+
+        self._ortvalue = onnxruntime.OrtValue.ortvalue_from_numpy
+
+    def _run(self, ids: np.ndarray, total: int, past: dict) -> tuple[np.ndarray, dict]:
+        feed = {"input_ids": self._ortvalue(np.ascontiguousarray(ids, np.int64).reshape(1, -1)),
+                "attention_mask": self._ortvalue(np.ones((1, total), np.int64)), **past}
+        outs = self.session.run_with_ort_values(self.output_names, feed)
+        res = dict(zip(self.output_names, outs))
+        logits = res.pop("logits").numpy()
+        return logits, {self.feedback[k]: v for k, v in res.items()}
+
+    def prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Run the prompt with an empty cache: ``(last-position logits [V], cache)``."""
+        prompt = np.asarray(prompt, np.int64).reshape(-1)
+        logits, past = self._run(prompt, prompt.size, {k: self._ortvalue(v) for k, v in self.empty.items()})
+        return logits[0, -1], past
+
+    def step(self, token: int, total: int, past: dict) -> tuple[np.ndarray, dict]:
+        """Feed one token; ``total`` counts every token seen including this one."""
+        logits, past = self._run(np.array([token], np.int64), total, past)
+        return logits[0, -1], past
+
+    def greedy(self, prompt: np.ndarray, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy-generate ``new_tokens`` after ``prompt``: ``(tokens [new_tokens], step logits [new_tokens, V])``."""
+        prompt = np.asarray(prompt, np.int64).reshape(-1)
+        logits, past = self.prefill(prompt)
+        toks, steps = [], []
+        for k in range(new_tokens):
+            steps.append(logits.astype(np.float32))
+            toks.append(int(np.argmax(logits)))
+            if k + 1 < new_tokens:
+                logits, past = self.step(toks[-1], prompt.size + k + 1, past)
+        return np.asarray(toks, np.int64), np.stack(steps) if steps else np.zeros((0, 0), np.float32)
+
+    def step_logits(self, prompt: np.ndarray, forced: np.ndarray) -> np.ndarray:
+        """Logits after the prompt, then after each token of ``forced`` fed in turn: ``[1 + len(forced), V]``."""
+        prompt = np.asarray(prompt, np.int64).reshape(-1)
+        logits, past = self.prefill(prompt)
+        out = [logits]
+        for k, t in enumerate(np.asarray(forced, np.int64).reshape(-1)):
+            logits, past = self.step(int(t), prompt.size + k + 1, past)
+            out.append(logits)
+        return np.stack(out).astype(np.float32)
+
+
+def measure_decode(path: str | os.PathLike, prompt: np.ndarray, new_tokens: int = DEFAULT_NEW_TOKENS, threads: int | None = None,
+                   repeats: int = 5, warmup: int = 1, optimization: str = "extended") -> dict[str, Any]:
+    """Time greedy generation with the KV-cache model at ``path`` in this process.
+
+    Each repeat prefills ``prompt`` (batch 1) and then runs ``new_tokens`` single-token decode steps,
+    each feeding the previous argmax. A step's time covers the ORT call and the argmax. Returns the
+    median prefill ms over repeats, p50/p90 over every decode step, and the median over repeats of
+    ``new_tokens / decode seconds`` as ``decode_tokens_per_s``.
+    """
+    if new_tokens < 1 or repeats < 1 or warmup < 0:
+        raise RuntimeBackendError(f"need new_tokens >= 1, repeats >= 1, warmup >= 0 (got {new_tokens}, {repeats}, {warmup})")
+    prompt = np.asarray(prompt, np.int64).reshape(-1)
+    sess = KVCacheSession(path, threads=threads, optimization=optimization)
+    perf = time.perf_counter
+    prefill_ms, step_ms, tok_s, tokens = [], [], [], None
+    for r in range(warmup + repeats):
+        t0 = perf()
+        logits, past = sess.prefill(prompt)
+        tok = int(np.argmax(logits))
+        t1 = perf()
+        times, toks = [], [tok]
+        for k in range(new_tokens):
+            t = perf()
+            logits, past = sess.step(tok, prompt.size + k + 1, past)
+            tok = int(np.argmax(logits))
+            times.append((perf() - t) * 1000)
+            toks.append(tok)
+        if r >= warmup:
+            prefill_ms.append((t1 - t0) * 1000)
+            step_ms += times
+            tok_s.append(new_tokens / (sum(times) / 1000))
+            tokens = toks
+    import onnxruntime
+
+    p50, p90 = (float(x) for x in np.percentile(step_ms, [50, 90]))
+    return {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
+            "prefill_ms": round(float(np.median(prefill_ms)), 3), "decode_ms_p50": round(p50, 3), "decode_ms_p90": round(p90, 3),
+            "decode_tokens_per_s": round(float(np.median(tok_s)), 2), "decode_tokens_per_s_runs": [round(x, 2) for x in tok_s],
+            "runtime": f"onnxruntime {onnxruntime.__version__} CPU, graph optimization {optimization}", "tokens": tokens}
+
+
+def benchmark_decode(path: str | os.PathLike, prompt: np.ndarray, new_tokens: int = DEFAULT_NEW_TOKENS, threads: int | None = None,
+                     repeats: int = 5, warmup: int = 1, timeout_s: float | None = None) -> dict[str, Any]:
+    """:func:`measure_decode` in a fresh worker process; adds ``peak_memory_mb`` of that process.
+
+    Raises :class:`~dsk_compress.runtimes.base.BenchmarkError` with the worker's stderr tail if it fails.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RuntimeBackendError(f"model not found: {path}", hint="export the KV-cache model first")
+    with tempfile.TemporaryDirectory(prefix="dsk-decode-") as tmp:
+        p, out = Path(tmp) / "prompt.npy", Path(tmp) / "result.json"
+        np.save(p, np.asarray(prompt, np.int64).reshape(-1), allow_pickle=False)
+        cmd = [sys.executable, "-m", "dsk_compress.runtimes.decode", "--model", str(path), "--prompt", str(p),
+               "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--warmup", str(warmup), "--out", str(out)]
+        env = dict(os.environ)
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
+            env["OMP_NUM_THREADS"] = str(threads)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise BenchmarkError(f"decode benchmark of {path} timed out after {timeout_s:g}s{_tail(e.stderr)}",
+                                 hint="lower new_tokens or repeats") from None
+        if proc.returncode != 0 or not out.is_file():
+            raise BenchmarkError(f"decode benchmark worker for {path} failed (exit code {proc.returncode}){_tail(proc.stderr)}")
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="greedy-decode benchmark of a KV-cache ONNX model")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompt", required=True, help=".npy of prompt token ids")
+    ap.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--optimization", default="extended")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    res = measure_decode(a.model, np.load(a.prompt, allow_pickle=False), a.new_tokens, a.threads, a.repeats, a.warmup, a.optimization)
+    from dsk_compress.runtimes.bench_worker import peak_rss_mb
+
+    res["peak_memory_mb"] = round(peak_rss_mb(), 1)
+    Path(a.out).write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -140,12 +140,17 @@ def layers_to_remove(num_layers: int, layers_removed: int = 0, depth_ratio: floa
     return layers_removed
 
 
-def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, layers_removed: int = 0) -> None:
-    """Raise a RecipeError naming the field when the ratios cannot be applied to a model with this config."""
-    s = _config_shape(cfg)
+def check_head_pruning(cfg, head_ratio: float) -> None:
+    """Multi-head latent attention (DeepSeek) shares low-rank key/value projections across heads: no head pruning."""
     if head_ratio > 0 and getattr(cfg, "kv_lora_rank", None):
         raise RecipeError(f"head_ratio {head_ratio}: the student ({cfg.model_type}) has multi-head latent attention, whose heads "
                           "share low-rank key/value projections and are not pruned", hint="set head_ratio: 0 and prune FFN channels or layers")
+
+
+def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, layers_removed: int = 0) -> None:
+    """Raise a RecipeError naming the field when the ratios cannot be applied to a model with this config."""
+    s = _config_shape(cfg)
+    check_head_pruning(cfg, head_ratio)
     if s.heads % s.kv_heads:
         raise RecipeError(f"num_attention_heads {s.heads} is not a multiple of num_key_value_heads {s.kv_heads}", hint="a Llama-family config is needed")
     if head_ratio > 0 and kv_keep(s.kv_heads, head_ratio) < 1:
@@ -360,7 +365,7 @@ def solve_target(model: nn.Module, kind: str, fraction: float, structures, round
     start = shape_of(model)
     cfg = model.config
     if "heads" in structures:
-        check_prunable(cfg, 0.0, max_ratio, 1)  # multi-head latent attention: no head pruning
+        check_head_pruning(cfg, max_ratio)
     costs: dict[Shape, tuple[int, int]] = {}
     idx = 0 if kind == "params" else 1
 
@@ -484,7 +489,8 @@ def prune_ffn_channels(mlp: nn.Module, keep) -> None:
     _keep_in(mlp.down_proj, idx)
 
 
-def _importance(kind: str):
+def tp_importance(kind: str):
+    """torch-pruning's group importance for ``l1`` / ``l2`` (mean magnitude over the group) or ``taylor``."""
     import torch_pruning as tp
 
     if kind == "l1":
@@ -493,7 +499,7 @@ def _importance(kind: str):
         return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
     if kind == "taylor":
         return tp.importance.GroupTaylorImportance()
-    raise RecipeError(f"unknown importance {kind!r}", hint=f"valid: {', '.join(IMPORTANCES)}")
+    raise RecipeError(f"importance {kind!r} is not a weight importance", hint="valid: l1, l2, taylor")
 
 
 def _lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -518,7 +524,7 @@ def _tp_prune_ffn(model: nn.Module, example_inputs: torch.Tensor, keep: int, imp
             model,
             example_inputs=example_inputs,
             forward_fn=lambda m, x: m(input_ids=x, use_cache=False).logits,
-            importance=_importance(importance),
+            importance=tp_importance(importance),
             global_pruning=False,
             pruning_ratio=ratio,
             ignored_layers=ignored,
@@ -561,7 +567,7 @@ def prune_to(model: nn.Module, target: Shape, importance: str = "l2", timeout_s:
         info = {"removed_layers": remove_layers(model, order[: cur.layers - target.layers]), "block_influence": [round(b, 8) for b in bi]}
     acts = activation_scores(model, batches) if importance == "activation" and (target.kv_heads < cur.kv_heads or target.ffn < cur.ffn) else None
     if target.kv_heads < cur.kv_heads:
-        check_prunable(model.config, 0.0, 1 - target.kv_heads / cur.kv_heads, 1)  # multi-head latent attention: no head pruning
+        check_head_pruning(model.config, 1 - target.kv_heads / cur.kv_heads)
         if importance == "taylor":
             model.zero_grad()
             loss(model).backward()

@@ -5,8 +5,9 @@ Weights: per-output-channel symmetric fake quant (scale = absmax / qmax). With `
 VNNI (the exported tensor is still int8). Activations: per-tensor, an observer phase (running
 min/max) and then a learned scale (LSQ), either ``asymmetric`` (uint8 with a zero point, ONNX
 Runtime's preferred form) or ``symmetric`` (int8, zero point 0: the only form TensorRT's explicit
-quantization accepts). Each Linear has its own activation quantizer; the exporter may merge
-quantizers that see the same tensor with the same scale.
+quantization accepts). Each Linear / Conv2d has its own activation quantizer; the exporter may merge
+quantizers that see the same tensor with the same scale. Convs get BatchNorm folded in before QAT
+(``dsk_compress.compress.cnn.fold_batchnorm``).
 """
 
 from __future__ import annotations
@@ -33,17 +34,14 @@ def weight_qmax(bits: int, avx2_safe: bool) -> int:
     return 63 if (avx2_safe and bits == 8) else qmax
 
 
-class QuantLinear(nn.Module):
-    """A Linear with fake-quantized input activations and weights."""
+class _FakeQuant(nn.Module):
+    """What every fake-quant layer shares: a per-output-channel weight quantizer (axis 0) and a per-tensor
+    input activation quantizer (observer phase, then a learned LSQ scale). Subclasses set ``weight``,
+    ``bias`` and ``forward``; ``_features`` is the size of the input's feature axis (for the LSQ gradient scale)."""
 
-    def __init__(self, linear: nn.Linear, weight_bits: int = 8, avx2_safe: bool = True, activations: str = "asymmetric") -> None:
-        super().__init__()
+    def _init_quant(self, weight_bits: int, avx2_safe: bool, activations: str) -> None:
         self.activations = activations
         self.act_qmin, self.act_qmax = activation_range(activations)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
         self.weight_bits = weight_bits
         self.qmax = weight_qmax(weight_bits, avx2_safe)
         self.act_scale = nn.Parameter(torch.tensor(1.0))
@@ -52,11 +50,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_max", torch.tensor(float("-inf")))
         self.register_buffer("observing", torch.tensor(True))
 
+    def _features(self, x: torch.Tensor) -> int:
+        return x.shape[-1]
+
     def weight_scale(self) -> torch.Tensor:
         frozen = getattr(self, "frozen_weight_scale", None)
         if frozen is not None:
             return frozen
-        return (self.weight.detach().abs().amax(dim=1) / self.qmax).clamp_min(1e-8)
+        w = self.weight.detach()
+        return (w.abs().amax(dim=tuple(range(1, w.ndim))) / self.qmax).clamp_min(1e-8)
 
     @torch.no_grad()
     def freeze_weight_scale(self) -> None:
@@ -96,11 +98,23 @@ class QuantLinear(nn.Module):
             return x
         if self.training:
             # LSQ gradient scale 1/sqrt(N * Qp), Qp the largest positive level
-            grad_factor = 1.0 / math.sqrt(x.numel() / x.shape[-1] * self.act_qmax)
+            grad_factor = 1.0 / math.sqrt(x.numel() / self._features(x) * self.act_qmax)
             return torch._fake_quantize_learnable_per_tensor_affine(
                 x, self.act_scale.reshape(1), self.act_zero_point.reshape(1), self.act_qmin, self.act_qmax, grad_factor
             )
         return torch.fake_quantize_per_tensor_affine(x, self.act_scale.item(), int(self.act_zero_point.item()), self.act_qmin, self.act_qmax)
+
+
+class QuantLinear(_FakeQuant):
+    """A Linear with fake-quantized input activations and weights."""
+
+    def __init__(self, linear: nn.Linear, weight_bits: int = 8, avx2_safe: bool = True, activations: str = "asymmetric") -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._init_quant(weight_bits, avx2_safe, activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
@@ -109,9 +123,38 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, w{self.weight_bits}(qmax={self.qmax}), a8 {self.activations}"
 
 
+class QuantConv2d(_FakeQuant):
+    """A Conv2d with fake-quantized input activations and per-output-channel weights (fold BatchNorm into it first)."""
+
+    def __init__(self, conv: nn.Conv2d, weight_bits: int = 8, avx2_safe: bool = True, activations: str = "asymmetric") -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self._init_quant(weight_bits, avx2_safe, activations)
+
+    def _features(self, x: torch.Tensor) -> int:
+        return x.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.quantize_input(x), self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"w{self.weight_bits}(qmax={self.qmax}), a8 {self.activations}")
+
+
+_QUANT_WRAPPERS: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
 def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, skip: list[str] | None = None,
                 activations: str = "asymmetric") -> list[str]:
-    """Replace every ``nn.Linear`` not named in ``skip`` with a QuantLinear (in place); return their names.
+    """Replace every ``nn.Linear`` and ``nn.Conv2d`` not named in ``skip`` with a QuantLinear / QuantConv2d (in place);
+    return their names. Fold BatchNorm into the convs before (``dsk_compress.compress.cnn.fold_batchnorm``).
 
     ``activations``: ``asymmetric`` (uint8 + zero point) or ``symmetric`` (int8, zero point 0, for TensorRT).
     """
@@ -121,14 +164,16 @@ def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
-                setattr(module, child_name, QuantLinear(child, weight_bits, avx2_safe, activations))
+            wrap = _QUANT_WRAPPERS.get(type(child))
+            if wrap is not None and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
+                setattr(module, child_name, wrap(child, weight_bits, avx2_safe, activations))
                 names.append(full)
     return names
 
 
-def quant_layers(model: nn.Module) -> list[QuantLinear]:
-    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+def quant_layers(model: nn.Module) -> list[_FakeQuant]:
+    """Every fake-quant layer (QuantLinear and QuantConv2d) in module order."""
+    return [m for m in model.modules() if isinstance(m, _FakeQuant)]
 
 
 def freeze_observers(model: nn.Module) -> None:
@@ -141,13 +186,20 @@ def freeze_for_export(model: nn.Module) -> None:
         m.freeze_weight_scale()
 
 
-def calibrate(model: nn.Module, batches) -> None:
-    """Run ``batches`` through the model with observers on, then freeze activation ranges."""
+def calibrate(model: nn.Module, batches, forward=None) -> None:
+    """Run ``batches`` through the model with observers on, then freeze activation ranges.
+
+    ``forward(model, x)`` runs one batch (default: a Hugging Face causal LM on ``input_ids``).
+    """
     dev = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for x in batches:
-            model(input_ids=torch.as_tensor(x, device=dev), use_cache=False)
+            x = torch.as_tensor(x, device=dev)
+            if forward is None:
+                model(input_ids=x, use_cache=False)
+            else:
+                forward(model, x)
     freeze_observers(model)
 
 

@@ -11,7 +11,7 @@ BUILTIN_TASKS = ("code-lm", "text-lm")
 
 
 def build_task(spec: dict[str, Any]) -> Task:
-    """Build a task from ``{"name": "code-lm", ...options}``."""
+    """Build a task from ``{"name": "code-lm", ...options}``, or the user's own from ``{"torch": "pkg.mod:make_task", "options": {...}}``."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name == "code-lm":
@@ -25,7 +25,11 @@ def build_task(spec: dict[str, Any]) -> Task:
         from dsk_compress.tasks.text_lm import TextLMTask
 
         return TextLMTask(**spec)
-    raise TaskError(f"unknown task {name!r}", hint=f"valid: {', '.join(BUILTIN_TASKS)}")
+    if name == "torch" or (name is None and "torch" in spec):
+        from dsk_compress.tasks.torch_task import load_torch_task
+
+        return load_torch_task(spec["torch"], spec.get("options"))
+    raise TaskError(f"unknown task {name!r}", hint=f"valid: {', '.join(BUILTIN_TASKS)}, or {{torch: 'package.module:make_task'}}")
 
 
 __all__ = ["Metrics", "PredictFn", "Task", "build_task", "BUILTIN_TASKS"]

@@ -1,0 +1,1 @@
+"""Worked examples. Run them from the repository root so that ``examples.*`` is importable."""

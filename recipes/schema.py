@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -47,11 +47,15 @@ class StudentSpec(_Strict):
     from_teacher: FromTeacherSpec | None = None
     zoo: str | None = None
     hf: str | None = None
+    torch: str | None = Field(None, description="your own model: 'pkg.module:factory' returning an nn.Module with model(x) -> logits")
+    checkpoint: str | None = Field(None, description="safetensors weights for the torch factory")
 
     @model_validator(mode="after")
     def _one(self):
-        if sum(x is not None for x in (self.from_teacher, self.zoo, self.hf)) != 1:
-            raise ValueError("give exactly one of from_teacher, zoo, hf")
+        if sum(x is not None for x in (self.from_teacher, self.zoo, self.hf, self.torch)) != 1:
+            raise ValueError("give exactly one of from_teacher, zoo, hf, torch")
+        if self.checkpoint is not None and self.torch is None:
+            raise ValueError("checkpoint goes with torch: 'pkg.module:factory'")
         return self
 
 
@@ -75,7 +79,15 @@ class TextTaskSpec(_Strict):
     eval_sequences: int = Field(64, ge=1)
 
 
-AnyTask = Annotated[Union[TaskSpec, TextTaskSpec], Field(discriminator="name")]
+class TorchTaskSpec(_Strict):
+    """Your own task: ``torch: "pkg.module:make_task"`` returns an object implementing the Task protocol (data + metric)."""
+
+    name: Literal["torch"] = "torch"
+    torch: str = Field(description="'pkg.module:make_task'; the current directory is added to sys.path if the module is not found")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the task factory")
+
+
+AnyTask = Annotated[Union[TaskSpec, TextTaskSpec, TorchTaskSpec], Field(discriminator="name")]
 
 
 class StageConfig(_Strict):
@@ -142,15 +154,21 @@ class PruneTargetSpec(_Strict):
 class PruneConfig(StageConfig, _TrainSettings):
     stage: Literal["prune"] = "prune"
     ffn_ratio: float | None = Field(
-        None, ge=0, lt=1, description="fraction of FFN channels removed (default 0.5, or 0 when layers_removed, depth_ratio or target is given)"
+        None, ge=0, lt=1, description="fraction of FFN channels removed (default 0.5, or 0 when layers_removed, depth_ratio, expert_ratio or target is given)"
     )
     head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed, in whole KV groups with their query heads")
+    channel_ratio: float | None = Field(
+        None, ge=0, lt=1, description="torch (non-Hugging Face) student: fraction of each conv's output channels removed (default 0.5)"
+    )
     layers_removed: int = Field(0, ge=0, description="decoder layers removed, lowest block influence (1 - cos(input, output) on calibration data) first")
     depth_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of decoder layers removed (rounded down); alternative to layers_removed")
+    expert_ratio: float = Field(
+        0.0, ge=0, lt=1, description="MoE students: fraction of routed experts removed from every MoE layer, least used on calibration data first"
+    )
     importance: Literal["l1", "l2", "taylor", "activation"] = Field(
         "l2", description="channel/head importance: weight magnitude (l1, l2), first-order Taylor, or mean |activation| on calibration data"
     )
-    calibration_batches: int = Field(8, ge=1, description="batches of 8 training windows for activation importance and layer block influence")
+    calibration_batches: int = Field(8, ge=1, description="batches of 8 training windows for activation importance, layer block influence and expert router frequencies")
     target: PruneTargetSpec | None = Field(None, description="prune to a budget instead of ratios: {params: F}, {macs: F} or {latency_ms: X, device: host-cpu}")
     iterations: int = Field(1, ge=1, description="progressive pruning: prune a slice, fine-tune, repeat")
     round_to: int = Field(8, ge=1, description="channel counts rounded to a multiple of this")
@@ -164,6 +182,11 @@ class PruneConfig(StageConfig, _TrainSettings):
     def _ratios_or_target(self):
         if self.layers_removed and self.depth_ratio:
             raise ValueError("give layers_removed or depth_ratio, not both")
+        if self.expert_ratio:
+            given = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio", "target") if getattr(self, k)]
+            if given:
+                raise ValueError(f"expert_ratio prunes the experts of an MoE student and cannot be combined with {', '.join(given)}; "
+                                 "prune experts here and distill to a dense student for the rest")
         if self.target is not None:
             given = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio") if getattr(self, k)]
             if given:
@@ -178,7 +201,7 @@ class PruneConfig(StageConfig, _TrainSettings):
         """``ffn_ratio``, or its default: 0.5 for plain width pruning, 0 next to depth pruning or a target."""
         if self.ffn_ratio is not None:
             return self.ffn_ratio
-        return 0.0 if (self.target is not None or self.layers_removed or self.depth_ratio) else 0.5
+        return 0.0 if (self.target is not None or self.layers_removed or self.depth_ratio or self.expert_ratio) else 0.5
 
 
 class QATConfig(StageConfig, _TrainSettings):
@@ -224,6 +247,10 @@ class ExportConfig(StageConfig):
         description="what to write: fp32 (every student stage, always), fp16 (the last float student) and int8 (the QAT student)",
     )
     fp16_max_rel_err: float = Field(0.01, gt=0, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|")
+    kv_cache: bool = Field(
+        True, description="also write a KV-cache graph (<name>.kv.onnx: past_key_values in, present out) of each fp32 student and the "
+                          "int8 QAT student, for token-by-token generation; bench measures its decode tokens/s"
+    )
     device: str | None = Field(
         None, description="target device profile: its preferred precision is exported too; a tensorrt device gets a TensorRT-checked graph (and an engine where tensorrt runs)"
     )
@@ -291,6 +318,47 @@ class RecipeSpec(_Strict):
     stages: list[AnyStage] = Field(min_length=1)
     logit_cache: LogitCacheSpec = LogitCacheSpec()
     report: ReportSpec = ReportSpec()
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _torch_task_tag(cls, v):
+        # `task: {torch: "pkg.mod:make_task"}` needs no `name`
+        if isinstance(v, dict) and "torch" in v and "name" not in v:
+            return {"name": "torch", **v}
+        return v
+
+    @model_validator(mode="after")
+    def _torch_models(self):
+        """Your own torch student: its task, teacher and stages must fit it; every factory must import and be callable."""
+        from dsk_compress.plugins import load_target
+
+        torch_task = isinstance(self.task, TorchTaskSpec)
+        if self.student.torch is not None:
+            if not torch_task:
+                raise ValueError("student.torch needs your own task too: task: {torch: 'pkg.module:make_task'}")
+            if self.teacher.torch is None:
+                raise ValueError("student.torch distils from a teacher of the same kind: teacher: {torch: 'pkg.module:factory', checkpoint: ...} "
+                                 "(e.g. the unpruned model)")
+            for i, st in enumerate(self.stages):
+                if st.stage == "distill":
+                    raise ValueError(f"stages.{i}: distill cuts a student from a Hugging Face MoE teacher; a torch student starts at prune, qat or export")
+                if st.stage == "prune":
+                    bad = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio", "target") if getattr(st, k)]
+                    if bad:
+                        raise ValueError(f"stages.{i}.{bad[0]} applies to Hugging Face students; for a torch student set channel_ratio")
+                    if st.importance == "activation":
+                        raise ValueError(f"stages.{i}.importance: activation is not supported for torch students; use l1, l2 or taylor")
+        else:
+            if torch_task:
+                raise ValueError("task.torch needs your own model: student: {torch: 'pkg.module:factory', checkpoint: ...}")
+            for i, st in enumerate(self.stages):
+                if st.stage == "prune" and st.channel_ratio is not None:
+                    raise ValueError(f"stages.{i}.channel_ratio applies to torch students; use ffn_ratio / head_ratio for Hugging Face models")
+        for field, target in (("task.torch", getattr(self.task, "torch", None)), ("student.torch", self.student.torch),
+                              ("teacher.torch", self.teacher.torch)):
+            if target is not None:
+                load_target(target, field, ValueError)
+        return self
 
     @model_validator(mode="after")
     def _stage_order(self):

@@ -16,6 +16,20 @@ from dsk_compress.recipes.schema import BenchStageConfig, DistillConfig, ExportC
 _DATA_OFFSETS = {"distill": 0, "prune": 1_000_000, "qat": 2_000_000}
 
 
+def _rank0(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 alone under torchrun (every rank holds the same model and metrics; one writes them)."""
+    from dsk_compress.compress import dist
+
+    return fn(*args, **kwargs) if dist.is_main() else None
+
+
+def _agreed(value):
+    """Rank 0's ``value`` on every rank: a resume decision that ranks must take the same way."""
+    from dsk_compress.compress import dist
+
+    return dist.broadcast_object(value)
+
+
 def _evaluate(ctx: RunContext, model) -> dict:
     from dsk_compress.models.zoo import torch_predict
 
@@ -72,15 +86,22 @@ def _kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | No
     loss_fn = make_kd_loss_fn(teacher, c.temperature, c.kd_weight, cache=cache, reverse_kl=c.reverse_kl, hidden=hidden, hidden_weight=hidden_w)
     ev = (lambda m: _evaluate(ctx, m)) if c.eval_every else None
     hits0, misses0 = (cache.hits, cache.misses) if cache else (0, 0)
-    # the teacher runs where the student trains (each rank's own GPU under a multi-GPU torchrun job)
-    t_home = next(teacher.parameters()).device
-    t_dev = dist.device(dist.env(), next(model.parameters()).device)
-    teacher.to(t_dev)
+    # student and online teacher train on the GPU when there is one (each rank's own under torchrun), with precision
+    # auto -> bf16 autocast there, and come back to where they were (the CPU) for evaluation, saving and export
+    from dsk_compress.compress.trainer import default_device
+
+    dev = dist.device(dist.env(), default_device())
+    s_home, t_home = next(model.parameters()).device, next(teacher.parameters()).device
+    model.to(dev)
+    teacher.to(dev)
     try:
         res = train(model, loss_fn, ctx.task.train_batch, cfg, ckpt_dir=ckpt, resume=ctx.resume, evaluate=ev, desc=stage, params=params,
                     aux=hidden)
     finally:
+        model.to(s_home)
         teacher.to(t_home)
+        if hidden is not None:
+            hidden.to(s_home)
     res.kd = {"teacher": "cached top-%d logits" % cache.k, "cache_hits": cache.hits - hits0, "cache_misses": cache.misses - misses0} if cache else \
         {"teacher": "online" if c.kd_weight > 0 or hidden is not None else "none"}
     if hidden is not None:
@@ -239,16 +260,16 @@ class PruneStage(Stage[PruneConfig]):
         i = next((i for i, s in enumerate(ctx.spec.stages) if s is self.config), None)
         if i is None:
             i = next((i for i, s in enumerate(ctx.spec.stages) if s.stage == "prune"), None)
-        fields = ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio", "target.", "importance")
+        fields = ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio", "expert_ratio", "target.", "importance")
         if i is None or not e.message.startswith(fields):
             return e
         return RecipeError(f"stages.{i}.{e.message}", hint=e.hint)
 
     def _calibration(self, ctx: RunContext):
-        """Calibration batches for activation importance and block influence (None when neither is used)."""
+        """Calibration batches for activation importance, block influence and router frequencies (None when unused)."""
         c = self.config
         depth = c.layers_removed or c.depth_ratio or (c.target is not None and "layers" in c.target.structures)
-        if c.importance != "activation" and not depth:
+        if c.importance != "activation" and not depth and not c.expert_ratio:
             return None
         return [torch.as_tensor(b) for b in ctx.task.calibration_batches(c.calibration_batches)]
 
@@ -267,9 +288,25 @@ class PruneStage(Stage[PruneConfig]):
 
         return prune_to(model, shape, c.importance, c.timeout_s, example, calib, taylor_loss)
 
-    def _schedule(self, ctx: RunContext, model, start, final, iterations: int, steps: int, d: Path, example, calib) -> tuple:
-        """Prune from ``start`` to ``final`` in ``iterations`` slices with ``steps`` KD fine-tune steps after each slice."""
+    def _slices(self, ctx: RunContext, start, final, example, calib):
+        """``prune(model, it, iterations)`` for ``_schedule``. Llama-family students (``start``/``final`` Shapes): widths
+        shrink geometrically toward ``final``, importance re-measured each slice. MoE students (``start`` the unpruned
+        config, ``final`` None): ``expert_ratio`` is removed linearly, router frequencies re-measured each slice."""
         from dsk_compress.compress.prune import interpolate
+
+        if final is None:
+            from dsk_compress.compress.moe import expert_structure, experts_keep, prune_experts
+
+            def prune(model, it, iterations):
+                keep = experts_keep(start, self.config.expert_ratio * (it + 1) / iterations)
+                routing = prune_experts(model, keep, calib) if keep < expert_structure(model)["experts"][0] else {}
+                return {**expert_structure(model), "routing": routing}
+            return prune
+        return lambda model, it, iterations: self._prune(ctx, model, interpolate(start, final, (it + 1) / iterations, self.config.round_to),
+                                                         example, calib, it)
+
+    def _schedule(self, ctx: RunContext, model, iterations: int, steps: int, d: Path, prune) -> tuple:
+        """``iterations`` slices of ``prune(model, it, iterations)``, each followed by ``steps`` KD fine-tune steps."""
         from dsk_compress.io import atomic_write_json
         from dsk_compress.models.source import load_hf_dir, save_hf_dir
 
@@ -277,19 +314,17 @@ class PruneStage(Stage[PruneConfig]):
         log = []
         for it in range(iterations):
             step_dir = d / f"iter{it}"
-            if (step_dir / "model" / "config.json").is_file():  # resume: this iteration is complete
+            if _agreed((step_dir / "model" / "config.json").is_file()):  # resume: this iteration is complete
                 model = load_hf_dir(step_dir / "model")
                 log.append(json.loads((step_dir / "metrics.json").read_text()))
                 continue
-            # widths shrink geometrically toward the final structure (importance re-measured each slice)
-            shape = interpolate(start, final, (it + 1) / iterations, c.round_to)
-            after = self._prune(ctx, model, shape, example, calib, it)
+            after = prune(model, it, iterations)
             pruned_acc = _evaluate(ctx, model)
             res = _kd_train(ctx, model, c, "prune", step_dir / "checkpoint", steps=steps, data_offset=it * 100_000)
             entry = {"iteration": it, "structure": after, "accuracy_after_prune": pruned_acc["accuracy"],
                      "train": _train_summary(res), **_evaluate(ctx, model)}
-            save_hf_dir(model, step_dir / "model")
-            atomic_write_json(step_dir / "metrics.json", entry)
+            _rank0(save_hf_dir, model, step_dir / "model")
+            _rank0(atomic_write_json, step_dir / "metrics.json", entry)
             log.append(entry)
         return model, log
 
@@ -312,28 +347,31 @@ class PruneStage(Stage[PruneConfig]):
                        f"p50 of {t.runs} runs after {t.warmup} warm-up runs in a fresh process",
                 "steps": []}
 
-        def measure(m):
-            return measure_latency(m, example, d / "latency", threads=threads, runs=t.runs, warmup=t.warmup)
+        def measure(m):  # timed on rank 0 alone under torchrun and shared, so every rank prunes the same way
+            from dsk_compress.compress import dist
+
+            return dist.on_main(lambda: measure_latency(m, example, d / "latency", threads=threads, runs=t.runs, warmup=t.warmup),
+                                "latency measurement")
 
         ref_file = d / "latency_before.json"
-        if ref_file.is_file():
+        if _agreed(ref_file.is_file()):
             ref = json.loads(ref_file.read_text())
         else:
             ref = measure(model)
-            atomic_write_json(ref_file, ref)
+            _rank0(atomic_write_json, ref_file, ref)
         info["before"] = ref
         info["before_p50_ms"] = ref["p50_ms"]
         log: list[dict] = []
         if ref["p50_ms"] <= t.latency_ms:
             info.update(met=True, stopped="the unpruned model already meets the budget; nothing pruned")
-            atomic_write_json(d / "latency.json", info)
+            _rank0(atomic_write_json, d / "latency.json", info)
             return model, log, info
         k = 0
         while True:
             k += 1
             ratio = min(round(k * t.step, 6), t.max_ratio)
             step_dir = d / f"step{k}"
-            if (step_dir / "model" / "config.json").is_file():  # resume: this step is complete
+            if _agreed((step_dir / "model" / "config.json").is_file()):  # resume: this step is complete
                 model = load_hf_dir(step_dir / "model")
                 entry = json.loads((step_dir / "metrics.json").read_text())
             else:
@@ -349,8 +387,8 @@ class PruneStage(Stage[PruneConfig]):
                     res = _kd_train(ctx, model, c, "prune", step_dir / "checkpoint", steps=c.steps, data_offset=k * 100_000)
                     entry = {"step": k, "ratio": ratio, "structure": after, "latency": lat, "accuracy_after_prune": pruned_acc["accuracy"],
                              "train": _train_summary(res), **_evaluate(ctx, model)}
-                    save_hf_dir(model, step_dir / "model")
-                    atomic_write_json(step_dir / "metrics.json", entry)
+                    _rank0(save_hf_dir, model, step_dir / "model")
+                    _rank0(atomic_write_json, step_dir / "metrics.json", entry)
             if entry is not None:
                 log.append(entry)
                 layers = entry["structure"]["layers"]
@@ -363,15 +401,40 @@ class PruneStage(Stage[PruneConfig]):
             if ratio >= t.max_ratio:
                 last = info["steps"][-1]["p50_ms"] if info["steps"] else ref["p50_ms"]
                 info.update(met=False, stopped=f"target.max_ratio {t.max_ratio} reached")
-                atomic_write_json(d / "latency.json", info)
+                _rank0(atomic_write_json, d / "latency.json", info)
                 raise self._field(ctx, RecipeError(
                     f"target.latency_ms {t.latency_ms} ms is not met on this host even at target.max_ratio {t.max_ratio}: "
                     f"p50 {last:.3f} ms after {len(info['steps'])} steps (unpruned {ref['p50_ms']:.3f} ms)",
                     hint="raise target.latency_ms or target.max_ratio, or add structures (heads, layers); every step is in prune/latency.json"))
-        atomic_write_json(d / "latency.json", info)
+        _rank0(atomic_write_json, d / "latency.json", info)
         return model, log, info
 
+    def _moe_start(self, model) -> tuple:
+        """``(start, final)`` for ``_slices`` on an MoE student, or None for a dense one; refuses settings that do not fit."""
+        import copy
+
+        from dsk_compress.compress.moe import experts_keep, is_moe
+        from dsk_compress.errors import RecipeError
+
+        c = self.config
+        if not is_moe(model):
+            if c.expert_ratio:
+                raise RecipeError(f"expert_ratio {c.expert_ratio}: the student ({type(model).__name__}) has no MoE layers",
+                                  hint="remove expert_ratio, or prune FFN channels, heads or layers of a dense student")
+            return None
+        if not c.expert_ratio:
+            raise RecipeError(f"expert_ratio is needed: the student ({type(model).__name__}) is an MoE, whose experts this stage prunes "
+                              "(FFN channels, heads, layers and targets are for dense students)",
+                              hint="set expert_ratio (e.g. 0.5) and no other ratio, or distill to a dense student first")
+        experts_keep(model.config, c.expert_ratio)
+        return copy.deepcopy(model.config), None
+
     def run(self, ctx: RunContext) -> StageResult:
+        from dsk_compress.recipes.torch_path import is_torch_run, run_prune
+
+        if is_torch_run(ctx):  # your own torch model: conv channels (recipes/torch_path.py)
+            return run_prune(self, ctx)
+        from dsk_compress.compress.moe import expert_structure
         from dsk_compress.compress.prune import count_macs, layers_to_remove, ratio_shape, shape_of, solve_target, structure
         from dsk_compress.errors import RecipeError
         from dsk_compress.models.source import count_params, save_hf_dir
@@ -382,36 +445,41 @@ class PruneStage(Stage[PruneConfig]):
         model = _student_model(ctx, "prune")
         example = torch.as_tensor(ctx.task.example_inputs(1))
         seq = int(example.shape[1])
-        start = shape_of(model)
-        target_info = None
-        final = start
         try:
-            if t is None:
+            moe = self._moe_start(model)
+        except RecipeError as e:
+            raise self._field(ctx, e) from None
+        describe = expert_structure if moe else structure
+        macs = (lambda m: None) if moe else (lambda m: count_macs(m, seq))  # MoE MACs depend on the routing of each input
+        start, final = moe or (shape_of(model),) * 2
+        target_info = None
+        try:
+            if not moe and t is None:
                 removed = layers_to_remove(start.layers, c.layers_removed, c.depth_ratio)
                 final = ratio_shape(model.config, c.effective_ffn_ratio, c.head_ratio, removed, c.round_to)
-            elif t.latency_ms is None:
+            elif not moe and t.latency_ms is None:
                 kind = "params" if t.params is not None else "macs"
                 final, target_info = solve_target(model, kind, getattr(t, kind), t.structures, c.round_to, seq, t.max_ratio)
         except RecipeError as e:
             raise self._field(ctx, e) from None
         calib = self._calibration(ctx)
-        macs0, params0 = count_macs(model, seq), count_params(model)
-        before = structure(model)
+        macs0, params0 = macs(model), count_params(model)
+        before = describe(model)
         acc_before = _evaluate(ctx, model)
         start_state = {k: v.clone() for k, v in model.state_dict().items()} if c.baselines else None
         if t is not None and t.latency_ms is not None:
             model, log, target_info = self._latency_schedule(ctx, model, start, d, example, calib)
             final, n_steps = shape_of(model), len(log)
         else:
-            model, log = self._schedule(ctx, model, start, final, c.iterations, c.steps, d, example, calib)
+            model, log = self._schedule(ctx, model, c.iterations, c.steps, d, self._slices(ctx, start, final, example, calib))
             n_steps = c.iterations
-        macs1, params1 = count_macs(model, seq), count_params(model)
-        save_hf_dir(model, d / "model")
+        macs1, params1 = macs(model), count_params(model)
+        _rank0(save_hf_dir, model, d / "model")
         metrics = {
-            "structure_before": before, "structure_after": structure(model), "accuracy_before": acc_before["accuracy"],
-            "params_before": int(params0), "params_after": int(params1), "macs_before": int(macs0), "macs_after": int(macs1),
-            "mac_reduction": round(1 - macs1 / macs0, 4),
-            "macs_counted": f"torch FlopCounterMode over one forward pass, batch 1, seq {seq}: every matmul incl. attention scores, MACs = FLOPs / 2",
+            "structure_before": before, "structure_after": describe(model), "accuracy_before": acc_before["accuracy"],
+            "params_before": int(params0), "params_after": int(params1), "macs_before": macs0, "macs_after": macs1,
+            "mac_reduction": round(1 - macs1 / macs0, 4) if macs0 else None,
+            "macs_counted": "not counted for an MoE student (its MACs depend on each input's routing)" if moe else f"torch FlopCounterMode over one forward pass, batch 1, seq {seq}: every matmul incl. attention scores, MACs = FLOPs / 2",
             "importance": c.importance, "iterations": log, **_evaluate(ctx, model),
         }
         if target_info is not None:
@@ -420,8 +488,8 @@ class PruneStage(Stage[PruneConfig]):
         if "oneshot" in c.baselines:  # same final structure, one slice, the same total fine-tune budget
             one = _student_model(ctx, "prune")
             one.load_state_dict(start_state)
-            one, one_log = self._schedule(ctx, one, start, final, 1, c.steps * n_steps, d / "baselines" / "oneshot", example, calib)
-            save_hf_dir(one, d / "baselines" / "oneshot" / "model")
+            one, one_log = self._schedule(ctx, one, 1, c.steps * n_steps, d / "baselines" / "oneshot", self._slices(ctx, start, final, example, calib))
+            _rank0(save_hf_dir, one, d / "baselines" / "oneshot" / "model")
             baselines["oneshot"] = ctx.rel(d / "baselines" / "oneshot" / "model")
             metrics["baseline_oneshot"] = {"iterations": one_log, **_evaluate(ctx, one)}
         return StageResult(outputs={"model": ctx.rel(d / "model"), "baselines": baselines}, metrics=metrics)
@@ -470,6 +538,10 @@ class QATStage(Stage[QATConfig]):
     """INT8 QAT: observe activation ranges, then KD fine-tune with learned activation scales."""
 
     def run(self, ctx: RunContext) -> StageResult:
+        from dsk_compress.recipes.torch_path import is_torch_run, run_qat
+
+        if is_torch_run(ctx):  # your own torch model: BatchNorm folded, Conv2d + Linear fake quant (recipes/torch_path.py)
+            return run_qat(self, ctx)
         from dsk_compress.compress.qat import calibrate, prepare_qat, quant_layers
 
         c = self.config
@@ -489,7 +561,7 @@ class QATStage(Stage[QATConfig]):
         res = _kd_train(ctx, model, c, "qat", d / "checkpoint")
         info = {"version": 1, "weight_bits": c.weight_bits, "activation_bits": 8, "activations": c.activations, "avx2_safe": c.avx2_safe, "skip": c.skip,
                 "quantized_layers": names, "weight_qmax": quant_layers(model)[0].qmax if names else None}
-        save_qat_model(model, d / "model", info)
+        _rank0(save_qat_model, model, d / "model", info)
         metrics = {"float": float_metrics, "after_calibration": ptq_metrics, "quantized_layers": len(names),
                    "train": _train_summary(res), **_evaluate(ctx, model)}
         return StageResult(outputs={"qat_model": ctx.rel(d / "model")}, metrics=metrics)
@@ -498,6 +570,8 @@ class QATStage(Stage[QATConfig]):
 @STAGES.register("export")
 class ExportStage(Stage[ExportConfig]):
     """ONNX for the teacher (dense routing), each student stage (fp32) and the QAT student (INT8 Q/DQ)."""
+
+    ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
 
     def _float(self, ctx, model, name: str, d: Path, example, keep_raw: bool = False) -> dict:
         import numpy as np
@@ -568,6 +642,48 @@ class ExportStage(Stage[ExportConfig]):
                 "notes": f"fp16 of student-{fp32_art['stage']} (normalization reductions and softmax in fp32, fp32 inputs/outputs); "
                          "portable graph (no ORT offline optimization), also the TensorRT input"}
 
+    def _kv_cache(self, ctx, model, name: str, d: Path, example, int8: bool = False) -> dict:
+        """The KV-cache graph ``<name>.kv.onnx`` of a student, checked by greedy decoding against torch.
+
+        A model the KV exporter cannot handle gets ``kv_cache.error`` (the full-sequence artifact stands);
+        a KV graph that disagrees with torch is an ExportError, as for the full-sequence graphs.
+        """
+        import numpy as np
+
+        from dsk_compress.compress.moe import densify_moe
+        from dsk_compress.export.kv_cache import check_kv_parity, export_float_with_past, export_int8_qdq_with_past, is_decoder_lm
+        from dsk_compress.export.onnx import INTEGER_MATMULS, op_histogram, ort_optimize
+
+        c = self.config
+        if not is_decoder_lm(model):  # e.g. an image classifier: nothing to decode
+            return {}
+        densify_moe(model)  # MoE students: the exact dense-routing path (routing must not be baked into the trace)
+        out = d / f"{name}.kv.onnx"
+        try:
+            if int8:
+                qdq = d / f"{name}.kv.qdq.onnx"
+                export_int8_qdq_with_past(model, qdq, c.opset)
+                ort_optimize(qdq, out, c.optimization)
+                qdq.unlink()
+            else:
+                export_float_with_past(model, out, c.opset, c.optimization)
+        except ExportError as e:
+            return {"kv_cache": {"error": e.message}}
+        prompt = np.asarray(example)[0, : min(16, np.asarray(example).shape[1])]
+        info = {"path": ctx.rel(out), "prompt_tokens": int(prompt.size), **check_kv_parity(model, out, prompt, new_tokens=8)}
+        if int8:
+            from dsk_compress.compress.qat import quant_layers
+
+            info["integer_matmuls"] = sum(v for k, v in op_histogram(out).items() if k in INTEGER_MATMULS)
+            if info["integer_matmuls"] != len(quant_layers(model)) or info["step_logits_sqnr_db"] < c.qdq_min_sqnr_db:
+                raise ExportError(f"{name}.kv.onnx: {info['integer_matmuls']} of {len(quant_layers(model))} quantized Linears are integer ops, "
+                                  f"step-logit SQNR {info['step_logits_sqnr_db']} dB vs torch fake-quant (min {c.qdq_min_sqnr_db})",
+                                  hint="set stages.N.kv_cache: false and report a bug")
+        elif info["step_logits_max_abs_diff"] > c.parity_atol:
+            raise ExportError(f"{name}.kv.onnx: decode-step logits differ from torch by {info['step_logits_max_abs_diff']:.2e} "
+                              f"(> parity_atol {c.parity_atol})", hint="set stages.N.kv_cache: false and report a bug")
+        return {"kv_cache_path": info["path"], "kv_cache": info}
+
     def _tensorrt(self, ctx, device, onnx_path: Path, precision: str, name: str, ref, example) -> dict:
         """Check ``onnx_path`` for TensorRT and build the engine where tensorrt and a GPU are present."""
         import time
@@ -607,6 +723,10 @@ class ExportStage(Stage[ExportConfig]):
         return info
 
     def _run(self, ctx: RunContext) -> StageResult:
+        from dsk_compress.recipes.torch_path import is_torch_run, run_export
+
+        if is_torch_run(ctx):  # your own torch model: model(x) -> logits, dynamic batch (recipes/torch_path.py)
+            return run_export(self, ctx)
         import numpy as np
 
         from dsk_compress.compress.moe import densify_moe, is_moe
@@ -669,6 +789,8 @@ class ExportStage(Stage[ExportConfig]):
             want_fp16 = "fp16" in precisions and stage == float_stages[-1]
             artifacts[name] = {**self._float(ctx, m, name, d, example, keep_raw=want_ptq or want_fp16),
                                "role": "student", "params": count_params(m), "stage": stage, "model_dir": rel, "notes": f"after {stage}, fp32"}
+            if c.kv_cache:
+                artifacts[name].update(self._kv_cache(ctx, m, name, d, example))
             raw = d / f"{name}.raw.onnx"
             if want_fp16:
                 artifacts["student-fp16"] = self._fp16(ctx, m, raw, d, example, artifacts[name])
@@ -708,6 +830,8 @@ class ExportStage(Stage[ExportConfig]):
                                   "tensorrt_problems": len(problems), "tensorrt_problem_examples": [str(p) for p in problems[:3]],
                                   "fused_ops": fused_ops(hist),
                                   "notes": f"INT8 Q/DQ (per-channel weights, per-tensor {acts} activations)"}
+            if c.kv_cache:
+                artifacts["final"].update(self._kv_cache(ctx, q, "student-int8", d, example, int8=True))
             if trt_target and target.preferred_precision == "int8":
                 metrics["tensorrt"] = artifacts["final"]["tensorrt"] = self._tensorrt(ctx, target, qdq, "int8", "student-int8",
                                                                                         ref.astype(np.float64), example)
@@ -720,6 +844,22 @@ class ExportStage(Stage[ExportConfig]):
 @STAGES.register("bench")
 class BenchStage(Stage[BenchStageConfig]):
     """Measure every exported variant: accuracy of the artifact in its runtime, latency, size, memory."""
+
+    ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
+
+    def _decode(self, ctx: RunContext, art: dict, threads: int | None) -> dict:
+        """Greedy decode with the artifact's KV-cache graph (none: nothing): prefill the first half of the task's
+        example window, then ``DEFAULT_NEW_TOKENS`` single-token steps, in a fresh ONNX Runtime process."""
+        if not art.get("kv_cache_path"):
+            return {}
+        from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decode
+
+        c = self.config
+        prompt = ctx.task.example_inputs(1)[0][: max(1, ctx.task.seq_len // 2)]
+        r = benchmark_decode(ctx.path(art["kv_cache_path"]), prompt, DEFAULT_NEW_TOKENS, threads, repeats=max(3, min(c.runs, 10)),
+                             warmup=max(1, min(c.warmup, 2)))
+        keep = ("prompt_tokens", "new_tokens", "repeats", "prefill_ms", "decode_ms_p50", "decode_ms_p90", "decode_tokens_per_s", "peak_memory_mb")
+        return {"decode_tokens_per_s": r["decode_tokens_per_s"], "decode": {"artifact": art["kv_cache_path"], **{k: r[k] for k in keep if k in r}}}
 
     def run(self, ctx: RunContext) -> StageResult:
         from dsk_compress.devices import load_device
@@ -763,10 +903,15 @@ class BenchStage(Stage[BenchStageConfig]):
                 "runtime": runtime, "device": device.name, "precision": art.get("precision", "fp32"),
                 "artifact": art.get("path"), "notes": art.get("notes", ""),
             })
+            variants[-1].update(self._decode(ctx, art, threads))
         td = ctx.task.describe()
-        meta = {"run": ctx.run_dir.name, "recipe": ctx.spec.name,
-                "task": f"{td['name']} (seq {td['seq_len']}, {td.get('eval_tokens', '?')} validation tokens)",
-                "host": f"{device.name}: {platform.node()} {platform.machine()}, {threads} threads, batch {c.batch_size}, seq {ctx.task.seq_len}",
+        if getattr(ctx.task, "seq_len", None) is not None:
+            task_str, shape_str = f"{td['name']} (seq {td['seq_len']}, {td.get('eval_tokens', '?')} validation tokens)", f"seq {ctx.task.seq_len}"
+        else:  # your own task: no sequence length
+            shape_str = "input " + "x".join(str(n) for n in tuple(inputs.shape)[1:])
+            task_str = f"{td['name']} ({td.get('eval_samples', '?')} validation samples, {shape_str})"
+        meta = {"run": ctx.run_dir.name, "recipe": ctx.spec.name, "task": task_str,
+                "host": f"{device.name}: {platform.node()} {platform.machine()}, {threads} threads, batch {c.batch_size}, {shape_str}",
                 "max_accuracy_drop": ctx.spec.report.max_accuracy_drop}
         report = build_report(ctx.run_dir, variants, meta)
         return StageResult(outputs={"report": "report.json"}, metrics={"variants": variants, "summary": report.get("summary")})

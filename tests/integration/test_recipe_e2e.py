@@ -145,6 +145,29 @@ def test_resume_refuses_a_changed_recipe(finished_run, tmp_path):
         _run(RecipeSpec.model_validate(changed), resume=rd)
 
 
+def test_rerun_from_bench_keeps_the_old_measurements_and_resumes_a_recipe_stored_before_new_fields(finished_run, tmp_path):
+    import shutil
+
+    from dsk_compress.recipes.runner import run_recipe as _run
+    from dsk_compress.recipes.schema import RecipeSpec
+
+    rd = tmp_path / "copy"
+    shutil.copytree(finished_run, rd)
+    man = json.loads((rd / "manifest.json").read_text())
+    spec = RecipeSpec.model_validate(man["recipe"])
+    del man["recipe"]["stages"][3]["kv_cache"]  # as stored by a version without that (defaulted) field
+    (rd / "manifest.json").write_text(json.dumps(man))
+    old_bench = json.loads((rd / "bench" / "metrics.json").read_text())
+    with pytest.raises(DskError, match="--rerun-from 'nope': the run has no such stage"):
+        _run(spec, resume=rd, rerun_from="nope")
+    assert _run(spec, resume=rd, rerun_from="bench") == rd
+    kept = list(rd.glob("bench.replaced-*"))
+    assert len(kept) == 1 and json.loads((kept[0] / "metrics.json").read_text()) == old_bench
+    man2 = json.loads((rd / "manifest.json").read_text())
+    assert man2["status"] == "done" and [s["status"] for s in man2["stages"]] == ["done"] * 5
+    assert (rd / "bench" / "metrics.json").is_file() and (rd / "report.json").is_file()
+
+
 def test_failed_stage_keeps_earlier_artifacts(tmp_path, tiny_moe_dir):
     from dsk_compress.recipes.runner import run_recipe as _run
     from dsk_compress.recipes.schema import RecipeSpec
@@ -171,15 +194,19 @@ def test_bundle_run_py_reproduces_report_accuracy(finished_run, tmp_path):
     from dsk_compress.export.bundle import make_bundle
 
     b = make_bundle(finished_run, "rpi5", tmp_path / "rpi5")
-    assert {p.name for p in b.iterdir()} == {"model.onnx", "model_card.json", "run.py", "requirements.txt", "README.md", "eval_windows.npy"}
+    assert {p.name for p in b.iterdir()} == {"model.onnx", "model.kv.onnx", "model_card.json", "run.py", "requirements.txt", "README.md",
+                                             "eval_windows.npy"}
     card = json.loads((b / "model_card.json").read_text())
     assert card["precision"] == "int8" and card["runtime"] == "onnxruntime"
-    r = subprocess.run([sys.executable, "run.py", "--runs", "3", "--out", str(tmp_path / "res.json")], cwd=b, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "run.py", "--runs", "3", "--generate", "4", "--out", str(tmp_path / "res.json")], cwd=b,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "res.json").read_text())
     # same artifact, same validation windows, a different ORT session: the same accuracy
     assert res["accuracy"] == pytest.approx(card["measured_on_build_host"]["accuracy"], abs=0.01)
     assert res["latency_ms"]["p50"] > 0
+    # greedy decode with the bundled KV-cache graph: the prefill's token + 4 decode steps
+    assert len(res["generate"]["tokens"]) == 5 and res["generate"]["decode_tokens_per_s"] > 0
 
 
 def test_logit_cache_is_built_once_and_reused_by_later_stages(tmp_path, tiny_moe_dir):

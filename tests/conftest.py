@@ -45,6 +45,23 @@ def tiny_llama(**kw):
     return m
 
 
+def tiny_llama_recipe(d: Path, name: str, stages: list[dict]) -> Path:
+    """A recipe YAML in ``d``: a saved tiny_llama teacher, a one-layer student cut from it, code-lm at seq 32."""
+    import yaml
+
+    tiny_llama().save_pretrained(d / "teacher", safe_serialization=True)
+    data = {
+        "name": name,
+        "teacher": {"hf": str(d / "teacher")},
+        "student": {"from_teacher": {"layers": [0], "ffn_init": "top", "calibration_batches": 1}},
+        "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 8},
+        "stages": stages,
+    }
+    p = d / "tiny.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
 @pytest.fixture(scope="session")
 def tiny_moe_dir(tmp_path_factory) -> Path:
     """A tiny Mixtral, briefly trained on code-lm so distillation has a signal, saved as an HF directory."""

@@ -42,26 +42,13 @@ def _launch(args: list[str], log: Path) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory) -> Path:
-    import yaml
+    from conftest import tiny_llama_recipe
 
-    from conftest import tiny_llama
-
-    d = tmp_path_factory.mktemp("recipe-ddp")
-    tiny_llama().save_pretrained(d / "teacher", safe_serialization=True)
-    data = {
-        "name": "tiny-ddp",
-        "teacher": {"hf": str(d / "teacher")},
-        "student": {"from_teacher": {"layers": [0], "ffn_init": "top", "calibration_batches": 1}},
-        "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 8},
-        "stages": [
-            {"stage": "distill", "steps": 6, "batch_size": BATCH, "lr": 3e-3},
-            {"stage": "prune", "ffn_ratio": 0.5, "iterations": 1, "steps": 2, "batch_size": BATCH},
-            {"stage": "export"},  # rank 0 alone; the other rank waits for its result
-        ],
-    }
-    p = d / "tiny.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
+    return tiny_llama_recipe(tmp_path_factory.mktemp("recipe-ddp"), "tiny-ddp", [
+        {"stage": "distill", "steps": 6, "batch_size": BATCH, "lr": 3e-3},
+        {"stage": "prune", "ffn_ratio": 0.5, "iterations": 1, "steps": 2, "batch_size": BATCH},
+        {"stage": "export"},  # rank 0 alone; the other rank waits for its result
+    ])
 
 
 def _only_run(out: Path) -> Path:

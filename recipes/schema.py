@@ -117,9 +117,10 @@ class DistillConfig(StageConfig, _TrainSettings):
     hidden_pairs: list[tuple[int, int]] | None = Field(
         None, description="[[student_layer, teacher_layer], ...] for hidden_mse (default: each student layer and the teacher layer it was cut from)"
     )
-    baselines: list[Literal["nokd", "random-init"]] = Field(
+    baselines: list[Literal["nokd", "random-init", "random-init-nokd"]] = Field(
         default_factory=list,
-        description="also train, on the same token budget: the same student without KD (nokd) and a KD student with random FFN init",
+        description="also train, on the same token budget: the same student without KD (nokd), a KD student with random FFN init "
+                    "(random-init), and a random-FFN student without KD (random-init-nokd)",
     )
 
 

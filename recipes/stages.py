@@ -214,7 +214,7 @@ class DistillStage(Stage[DistillConfig]):
         return pairs
 
     def _baseline(self, ctx: RunContext, name: str, init_dir: Path, bdir: Path) -> tuple[str, dict]:
-        """The comparison students: same token budget, without KD (same init) or with a random FFN init."""
+        """The comparison students, same token budget: without KD (same init), KD from a random FFN init, or neither."""
         from dsk_compress.compress import dist
         from dsk_compress.compress.student import build_student
         from dsk_compress.models.source import load_hf_dir, save_hf_dir
@@ -224,17 +224,17 @@ class DistillStage(Stage[DistillConfig]):
         c = self.config
         ft = ctx.spec.student.from_teacher
         binfo: dict = {}
+        # a 2x2 of (student init) x (KD or hard labels only) around the main student (init ffn_init, with KD)
         if name == "nokd":
             model = load_hf_dir(init_dir)
-            cfg = c.model_copy(update={"kd_weight": 0.0, "hidden_mse": 0.0})
         else:
             if ft is None:
                 from dsk_compress.errors import RecipeError
 
-                raise RecipeError("the random-init baseline needs student.from_teacher")
+                raise RecipeError(f"the {name} baseline needs student.from_teacher")
             model, binfo = build_student(ctx.teacher(), layers=ft.layers, keep_every=ft.keep_every,
                                      intermediate_size=ft.intermediate_size, ffn_init="random", seed=ctx.spec.seed)
-            cfg = c
+        cfg = c.model_copy(update={"kd_weight": 0.0, "hidden_mse": 0.0}) if name.endswith("nokd") else c
         init = _evaluate(ctx, model)
         pairs = self._hidden_pairs(ctx, model, ctx.teacher(), binfo) if cfg.hidden_mse > 0 else None
         res = _kd_train(ctx, model, cfg, "distill", bdir / "checkpoint", hidden_pairs=pairs)
@@ -772,6 +772,8 @@ class ExportStage(Stage[ExportConfig]):
                                     "precision": "fp32", "notes": f"ONNX export failed ({e.message}); measured in PyTorch eager"}
         baseline_roles = {("distill", "nokd"): ("student-nokd", "same init and token budget, trained without KD (hard labels only)"),
                           ("distill", "random-init"): ("student-random-init", "KD with a randomly initialised FFN, same token budget"),
+                          ("distill", "random-init-nokd"): ("student-random-init-nokd",
+                                                            "randomly initialised FFN, same token budget, trained without KD (hard labels only)"),
                           ("prune", "oneshot"): ("pruned-oneshot", "pruned to the same size in one step, same total fine-tune budget")}
         for stage in ("distill", "prune"):
             for bname, rel in ctx.outputs.get(stage, {}).get("baselines", {}).items():

@@ -279,6 +279,30 @@ def _recommend(variants: list[dict], teacher: dict | None, final: dict | None, m
     )
 
 
+# (role of the variant compared, role of its baseline, what the gap measures)
+_KD_COMPARISONS = (
+    ("student", "student-nokd", "KD vs no KD, same init"),
+    ("student", "student-random-init", "expert-merged (student init) vs random FFN init, both with KD"),
+    ("student-random-init", "student-random-init-nokd", "KD vs no KD, random FFN init"),
+    ("student", "student-random-init-nokd", "student init + KD vs neither"),
+)
+
+
+def distillation_margins(variants: list[dict]) -> list[dict]:
+    """Accuracy gaps between the distilled student and the distill-stage baselines present in ``variants``,
+    from the accuracies measured on the exported artifacts (points; positive: the first one is better)."""
+    distilled = next((v for v in variants if v.get("role") == "student" and v.get("stage") == "distill"), None)
+    by_role = {"student": distilled, **{v["role"]: v for v in variants if str(v.get("role", "")).startswith("student-")}}
+    out = []
+    for a, b, what in _KD_COMPARISONS:
+        va, vb = by_role.get(a), by_role.get(b)
+        acc_a, acc_b = (_num(va.get("accuracy")), _num(vb.get("accuracy"))) if va and vb else (None, None)
+        if acc_a is not None and acc_b is not None:
+            out.append({"variant": va["name"], "baseline": vb["name"], "compares": what, "accuracy": acc_a,
+                        "baseline_accuracy": acc_b, "margin": round(acc_a - acc_b, 4)})
+    return out
+
+
 def summarize(variants: list[dict], max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> dict:
     """Summary block of a report from variants that already carry the derived fields.
 
@@ -303,6 +327,7 @@ def summarize(variants: list[dict], max_accuracy_drop: float = DEFAULT_MAX_ACCUR
         "recommendation": why[0].upper() + why[1:] if why else why,
         "pareto": [variants[i]["name"] for i in front],
         "max_accuracy_drop": max_accuracy_drop,
+        "distillation": distillation_margins(variants),
     }
 
 
@@ -444,6 +469,11 @@ def measurement_note(report: dict) -> str:
     )
 
 
+def margin_text(m: dict) -> str:
+    """``student-distill`` 70.64% vs ``student-nokd`` 70.54%: +0.10 points"""
+    return f"`{m['variant']}` {m['accuracy']:.2f}% vs `{m['baseline']}` {m['baseline_accuracy']:.2f}%: {m['margin']:+.2f} points"
+
+
 def render_markdown(report: dict) -> str:
     """Render ``report.md``: title, header, variant table, recommendation and measurement note."""
     title = report.get("run") or "run"
@@ -480,6 +510,10 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     if summary.get("pareto"):
         lines.append("**Pareto-optimal (p50 latency vs accuracy):** " + ", ".join(f"`{n}`" for n in summary["pareto"]))
+        lines.append("")
+    if summary.get("distillation"):
+        lines.append("**Distillation (same token budget, accuracy measured on the exported models):**")
+        lines += [f"- {m['compares']}: {margin_text(m)}" for m in summary["distillation"]]
         lines.append("")
     lines.append(f"_{measurement_note(report)}_")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from dsk_compress.report.build import (
     _num,
     _p50,
     header_fields,
+    margin_text,
     measurement_note,
     pareto_front,
     table_columns,
@@ -183,6 +184,9 @@ def render_html(report: dict) -> tuple[str, bytes]:
 
     if summary.get("recommendation"):
         out.append(f'<p class="rec"><strong>Recommendation:</strong> {_esc_code(summary["recommendation"])}</p>')
+    if summary.get("distillation"):
+        items = "".join(f"<li>{_esc(m['compares'])}: {_esc_code(margin_text(m))}</li>" for m in summary["distillation"])
+        out.append(f"<p><strong>Distillation</strong> (same token budget, accuracy measured on the exported models):</p><ul>{items}</ul>")
     b64 = base64.b64encode(png).decode("ascii")
     out.append(f'<p><img class="plot" alt="accuracy vs p50 latency" src="data:image/png;base64,{b64}"></p>')
     out.append(f'<p class="note">{_esc(measurement_note(report))} ◆ marks Pareto-optimal variants.</p>')

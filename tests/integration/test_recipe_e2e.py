@@ -21,7 +21,7 @@ def finished_run(tmp_path_factory, tiny_moe_dir):
         "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 2}},
         "task": {"name": "code-lm", "seq_len": 64, "eval_sequences": 16},
         "stages": [
-            {"stage": "distill", "steps": 30, "batch_size": 8, "lr": 3e-3, "baselines": ["nokd", "random-init"]},
+            {"stage": "distill", "steps": 30, "batch_size": 8, "lr": 3e-3, "baselines": ["nokd", "random-init", "random-init-nokd"]},
             {"stage": "prune", "ffn_ratio": 0.5, "steps": 5, "iterations": 2, "batch_size": 8, "baselines": ["oneshot"]},
             {"stage": "qat", "steps": 10, "batch_size": 8, "observer_steps": 2},
             {"stage": "export"},
@@ -38,7 +38,8 @@ def test_e2e_report_has_all_variants_with_measured_numbers(finished_run):
     rep = json.loads((finished_run / "report.json").read_text())
     roles = {v["name"]: v["role"] for v in rep["variants"]}
     assert roles == {"teacher": "teacher", "student-distill": "student", "student-prune": "student",
-                     "student-nokd": "student-nokd", "student-random-init": "student-random-init", "pruned-oneshot": "pruned-oneshot",
+                     "student-nokd": "student-nokd", "student-random-init": "student-random-init",
+                     "student-random-init-nokd": "student-random-init-nokd", "pruned-oneshot": "pruned-oneshot",
                      "ptq-dynamic": "ptq-dynamic", "ptq-static": "ptq-static", "final": "final"}
     for v in rep["variants"]:
         assert v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
@@ -64,10 +65,26 @@ def test_e2e_distilled_student_learned_something(finished_run):
 
 def test_e2e_baselines_trained_on_the_same_token_budget(finished_run):
     m = json.loads((finished_run / "distill" / "metrics.json").read_text())
-    for name in ("nokd", "random-init"):
+    for name in ("nokd", "random-init", "random-init-nokd"):
         assert m[f"baseline_{name}"]["train"]["tokens"] == m["train"]["tokens"] > 0
-    # the no-KD baseline starts from the very same weights as the KD student
+    # each no-KD baseline starts from the very same weights as its KD counterpart, and never runs the teacher
     assert m["baseline_nokd"]["init"]["accuracy"] == m["init"]["accuracy"]
+    assert m["baseline_random-init-nokd"]["init"]["accuracy"] == m["baseline_random-init"]["init"]["accuracy"]
+    assert m["baseline_nokd"]["train"]["kd"]["teacher"] == m["baseline_random-init-nokd"]["train"]["kd"]["teacher"] == "none"
+    assert m["baseline_random-init"]["train"]["kd"]["teacher"] == "online"
+
+
+def test_e2e_report_states_the_distillation_margins(finished_run):
+    rep = json.loads((finished_run / "report.json").read_text())
+    acc = {v["name"]: v["accuracy"] for v in rep["variants"]}
+    margins = {(m["variant"], m["baseline"]): m["margin"] for m in rep["summary"]["distillation"]}
+    assert set(margins) == {("student-distill", "student-nokd"), ("student-distill", "student-random-init"),
+                            ("student-random-init", "student-random-init-nokd"), ("student-distill", "student-random-init-nokd")}
+    for (a, b), margin in margins.items():
+        assert margin == pytest.approx(acc[a] - acc[b], abs=1e-4)
+    md = (finished_run / "report.md").read_text()
+    assert "**Distillation" in md and "KD vs no KD, same init" in md
+    assert "KD vs no KD, random FFN init" in (finished_run / "report.html").read_text()
 
 
 def test_e2e_prune_halves_ffn_and_reports_mac_reduction(finished_run):

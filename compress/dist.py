@@ -126,6 +126,38 @@ def device(e: DistEnv, fallback: torch.device) -> torch.device:
     return fallback
 
 
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of ``model`` (a Hugging Face decoder's layers, else the first ModuleList with more than one entry)."""
+    inner = getattr(model, "model", None)
+    if isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+        return list(inner.layers)
+    return next((list(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1), [])
+
+
+def shard_frozen(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """Shard a frozen (inference-only) ``model`` in place across every rank's ``dev`` with FSDP2 (``fully_shard``).
+
+    Each repeated block is its own unit: its full weights exist on a rank only while that block runs
+    (all-gathered just before, freed after), so a rank holds ``1 / world_size`` of the weights plus one
+    block. Everything else (embeddings, final norm, LM head, tied or not) is the root unit. A forward
+    is a collective: every rank must run it on the same schedule (its own batch rows).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(dev.type, (torch.distributed.get_world_size(),))
+    model.requires_grad_(False).eval()
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+def local_numel(model: torch.nn.Module) -> int:
+    """Parameter elements this rank stores (its shards under FSDP, everything otherwise)."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+
+
 def is_main() -> bool:
     """True on rank 0 (and in a single process): the one process that writes files and logs."""
     return not is_initialized() or torch.distributed.get_rank() == 0

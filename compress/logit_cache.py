@@ -28,9 +28,13 @@ def teacher_hash(model: torch.nn.Module) -> str:
 class TeacherLogitCache:
     """Top-``k`` teacher logits per batch index under ``root``."""
 
-    def __init__(self, root: str | Path, teacher: torch.nn.Module, task_fingerprint: str, k: int = 32) -> None:
+    def __init__(self, root: str | Path, teacher: torch.nn.Module, task_fingerprint: str, k: int = 32,
+                 online: torch.nn.Module | None = None) -> None:
+        """``teacher`` is hashed; ``online`` (default ``teacher``) computes the batches not yet cached, e.g. an
+        FSDP-sharded copy whose forward is a collective: then every rank computes a batch when any rank must."""
         self.root = Path(root)
-        self.teacher = teacher
+        self.teacher = teacher if online is None else online
+        self.collective = online is not None
         self.k = k
         self.hits = 0
         self.misses = 0
@@ -65,12 +69,16 @@ class TeacherLogitCache:
         """(values [B, T, k] float32, indices [B, T, k] int64) of the teacher's logits on batch ``index``."""
         from safetensors.torch import load_file, save_file
 
+        from dsk_compress.compress import dist
+
         p = self._path(index)
-        if p.is_file():
-            d = load_file(str(p))
-            if d["input_ids"].shape == x.shape and torch.equal(d["input_ids"].to(x.device, torch.long), x):
-                self.hits += 1
-                return d["values"].to(x.device, torch.float32), d["indices"].to(x.device, torch.long)
+        d = load_file(str(p)) if p.is_file() else None
+        hit = d is not None and d["input_ids"].shape == x.shape and torch.equal(d["input_ids"].to(x.device, torch.long), x)
+        if self.collective:  # the sharded teacher runs on all ranks or none
+            hit = all(dist.all_gather_object(hit))
+        if hit:
+            self.hits += 1
+            return d["values"].to(x.device, torch.float32), d["indices"].to(x.device, torch.long)
         self.misses += 1
         logits = self.teacher(input_ids=x, use_cache=False).logits.float()
         values, indices = logits.topk(self.k, dim=-1)

@@ -69,6 +69,7 @@ class RunContext:
         self.metrics: dict[str, dict[str, Any]] = {}
         self._task = None
         self._teacher = None
+        self._sharded_teacher = None
         self._cache = None
 
     @property
@@ -87,6 +88,28 @@ class RunContext:
             self._teacher = load_model_source(self.spec.teacher.model_dump(exclude_none=True))
         return self._teacher
 
+    def teacher_sharded(self) -> bool:
+        """True when training stages run an FSDP-sharded copy of the teacher (``distributed.teacher: fsdp`` under torchrun)."""
+        from dsk_compress.compress import dist
+
+        return self.spec.distributed.teacher == "fsdp" and dist.env().enabled
+
+    def kd_teacher(self):
+        """The teacher as KD, Taylor importance and the logit cache run it: :meth:`teacher` (training stages move it
+        to their device), or under ``distributed.teacher: fsdp`` a copy sharded across the ranks' training devices,
+        built once (the whole teacher stays on the CPU for student construction and export)."""
+        if not self.teacher_sharded():
+            return self.teacher()
+        if self._sharded_teacher is None:
+            import copy
+
+            from dsk_compress.compress import dist
+            from dsk_compress.compress.trainer import default_device
+
+            dist.init()
+            self._sharded_teacher = dist.shard_frozen(copy.deepcopy(self.teacher()), dist.device(dist.env(), default_device()))
+        return self._sharded_teacher
+
     def logit_cache(self):
         """The run's teacher-logit cache, or None when the recipe does not enable it."""
         if not self.spec.logit_cache.enabled:
@@ -94,7 +117,8 @@ class RunContext:
         if self._cache is None:
             from dsk_compress.compress.logit_cache import TeacherLogitCache
 
-            self._cache = TeacherLogitCache(self.run_dir / "teacher_logits", self.teacher(), self.task.fingerprint(), self.spec.logit_cache.top_k)
+            self._cache = TeacherLogitCache(self.run_dir / "teacher_logits", self.teacher(), self.task.fingerprint(), self.spec.logit_cache.top_k,
+                                            online=self.kd_teacher() if self.teacher_sharded() else None)
         return self._cache
 
     def stage_dir(self, name: str) -> Path:

@@ -302,6 +302,17 @@ class LogitCacheSpec(_Strict):
     top_k: int = Field(32, ge=1, le=4096, description="teacher logits kept per position (fp16 values + int indices)")
 
 
+class DistributedSpec(_Strict):
+    """How a run under ``torchrun`` (more than one process) holds the teacher; ignored in a single process."""
+
+    teacher: Literal["replicate", "fsdp"] = Field(
+        "replicate",
+        description="replicate: every rank holds the whole teacher on its device; fsdp: the teacher's weights are sharded across "
+                    "the ranks' devices (FSDP2, one unit per decoder layer, gathered just in time for each forward), for a teacher "
+                    "that does not fit one device",
+    )
+
+
 class ReportSpec(_Strict):
     max_accuracy_drop: float = Field(3.0, ge=0, description="accuracy points a shippable variant may lose")
 
@@ -318,6 +329,7 @@ class RecipeSpec(_Strict):
     task: AnyTask = TaskSpec()
     stages: list[AnyStage] = Field(min_length=1)
     logit_cache: LogitCacheSpec = LogitCacheSpec()
+    distributed: DistributedSpec = DistributedSpec()
     report: ReportSpec = ReportSpec()
 
     @field_validator("task", mode="before")

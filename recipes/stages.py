@@ -79,7 +79,8 @@ def _kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | No
     cfg = _train_cfg(c, offset, ctx.spec.seed, steps)
     if cfg.steps == 0:
         return None
-    teacher = ctx.teacher()
+    teacher = ctx.kd_teacher()
+    sharded = ctx.teacher_sharded()
     hidden = None
     if hidden_w > 0:
         hidden = HiddenStateMSE(hidden_pairs, model.config.hidden_size, teacher.config.hidden_size, seed=ctx.spec.seed)
@@ -93,17 +94,22 @@ def _kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | No
     dev = dist.device(dist.env(), default_device())
     s_home, t_home = next(model.parameters()).device, next(teacher.parameters()).device
     model.to(dev)
-    teacher.to(dev)
+    if not sharded:  # a sharded teacher already lives on the training devices
+        teacher.to(dev)
     try:
         res = train(model, loss_fn, ctx.task.train_batch, cfg, ckpt_dir=ckpt, resume=ctx.resume, evaluate=ev, desc=stage, params=params,
                     aux=hidden)
     finally:
         model.to(s_home)
-        teacher.to(t_home)
+        if not sharded:
+            teacher.to(t_home)
         if hidden is not None:
             hidden.to(s_home)
     res.kd = {"teacher": "cached top-%d logits" % cache.k, "cache_hits": cache.hits - hits0, "cache_misses": cache.misses - misses0} if cache else \
         {"teacher": "online" if c.kd_weight > 0 or hidden is not None else "none"}
+    if sharded and (cache is not None or res.kd["teacher"] == "online"):
+        res.kd["teacher_sharding"] = {"kind": "fsdp", "shards": dist.env().world_size, "params_on_rank0": dist.local_numel(teacher),
+                                      "params": sum(p.numel() for p in teacher.parameters())}
     if hidden is not None:
         res.kd.update(hidden_mse=hidden_w, hidden_pairs=[list(p) for p in hidden.pairs], final_hidden_mse=res.final_logs.get("hidden_mse"))
     return res
@@ -283,7 +289,8 @@ class PruneStage(Stage[PruneConfig]):
         def taylor_loss(m):
             s = m(input_ids=x, use_cache=False).logits
             with torch.no_grad():
-                t = ctx.teacher()(input_ids=x, use_cache=False).logits
+                teacher = ctx.kd_teacher()  # sharded: every rank prunes, so every rank runs this forward
+                t = teacher(input_ids=x.to(next(teacher.parameters()).device), use_cache=False).logits.to(s.device)
             return kd_loss(s, t, x, c.temperature, c.kd_weight)[0]
 
         return prune_to(model, shape, c.importance, c.timeout_s, example, calib, taylor_loss)

@@ -195,15 +195,17 @@ def zoo_train(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = True,
     install: Annotated[bool, typer.Option("--install/--no-install", help="Write weights + card into the package's zoo.")] = True,
 ) -> None:
-    """Train a zoo model on its task (bf16 autocast on CUDA, resumable) and write its weights and card.
+    """Train a zoo model on its task (bf16 autocast on CUDA, resumable; data-parallel under torchrun) and write its weights and card.
 
     Example: dsk-compress zoo train code-lm-moe --steps 2000
     """
+    from dsk_compress.compress import dist
     from dsk_compress.models.zoo import train_zoo
 
     card = train_zoo(name, work_dir=work_dir, steps=steps, batch_size=batch_size, lr=lr, resume=resume, install=install)
     v = card["validation"]
-    _console().print(f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after {card['training']['tokens']:,} tokens")
+    if dist.is_main():
+        _console().print(f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after {card['training']['tokens']:,} tokens")
 
 
 def main() -> None:

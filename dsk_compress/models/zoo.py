@@ -133,17 +133,20 @@ def train_zoo(
 ) -> dict:
     """Train zoo model ``name`` on its task and (with ``install``) write its weights + card into the zoo.
 
-    Training is resumable: checkpoints go to ``work_dir`` every 100 steps.
+    Training is resumable: checkpoints go to ``work_dir`` every 100 steps. Under ``torchrun`` it is
+    data-parallel (``batch_size`` is the global batch); rank 0 alone scores the result and writes files,
+    and every rank returns its card.
     """
     import torch
 
+    from dsk_compress.compress import dist
     from dsk_compress.compress.trainer import TrainConfig, default_device, train
     from dsk_compress.tasks import build_task
 
     spec = ZOO.get(name)
     task = build_task({"name": spec.task})
     work = Path(work_dir or Path("runs") / f"zoo-{name}")
-    device = default_device()
+    device = dist.device(dist.init(), default_device())
     torch.manual_seed(seed)
     model = build_model(spec).to(device)
     cfg = TrainConfig(
@@ -174,6 +177,13 @@ def train_zoo(
 
     t0 = time.time()
     result = train(model, loss_fn, task.train_batch, cfg, ckpt_dir=work / "checkpoint", resume=resume, evaluate=evaluate, desc=f"zoo train {name}")
+    return dist.on_main(lambda: _finish_zoo(name, spec, task, model, cfg, result, device, t0, work, install), f"zoo train {name}: scoring")
+
+
+def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, work: Path, install: bool) -> dict:
+    """Score the fp16 weights that ship, and write them with their card (rank 0 alone under torchrun)."""
+    import torch
+
     # score what ships: the fp16-rounded weights, reloaded in fp32
     state16 = {k: v.detach().to(torch.float16).cpu() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
     model.load_state_dict({k: v.float() for k, v in state16.items()}, strict=False)
@@ -193,6 +203,7 @@ def train_zoo(
             "tokens": result.tokens,
             "lr": cfg.lr,
             "device": str(device),
+            "world_size": result.world_size,
             "seconds": round(result.seconds, 1),
             "tokens_per_s": round(result.tokens_per_s, 1),
             "torch": torch.__version__,

@@ -1,5 +1,6 @@
 """Recipes on CUDA: training stages move the student and the online teacher to the GPU (bf16 autocast under
-``precision: auto``) and back to the CPU for saving; with 2 GPUs the same recipe runs under torchrun on NCCL.
+``precision: auto``) and back to the CPU for saving; with 2 GPUs the same recipe runs under torchrun on NCCL, with the
+teacher replicated or sharded (FSDP).
 
 Skipped without CUDA (and the NCCL test without 2 GPUs). Not yet run on a GPU machine: the tolerances
 below are expectations, not measurements.
@@ -47,11 +48,13 @@ def test_recipe_trains_on_cuda_in_bf16_and_saves_from_the_cpu(tmp_path, tiny_rec
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_recipe_under_torchrun_on_two_gpus_matches_one_gpu(tmp_path, tiny_recipe):
+@pytest.mark.parametrize("teacher", ["replicate", "fsdp"])
+def test_recipe_under_torchrun_on_two_gpus_matches_one_gpu(tmp_path, tiny_recipe, teacher):
     from dsk_compress import run_recipe
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dsk_compress.cli.main", "recipe", str(tiny_recipe), "--out", str(tmp_path / "ddp")]
+           "-m", "dsk_compress.cli.main", "recipe", str(tiny_recipe), "--out", str(tmp_path / "ddp"),
+           "--set", f"distributed.teacher={teacher}"]
     p = subprocess.Popen(cmd, env={**os.environ, "TERM": "dumb"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:
@@ -66,6 +69,10 @@ def test_recipe_under_torchrun_on_two_gpus_matches_one_gpu(tmp_path, tiny_recipe
     m1 = json.loads((run_recipe(str(tiny_recipe), out=tmp_path / "single") / "manifest.json").read_text())
     assert m2["status"] == "done" and m2["world_size"] == 2
     assert m2["stages"][0]["metrics"]["train"]["world_size"] == 2
+    sharding = m2["stages"][0]["metrics"]["train"]["kd"].get("teacher_sharding")
+    assert (sharding is not None) == (teacher == "fsdp")
+    if sharding:
+        assert sharding["params_on_rank0"] <= 0.52 * sharding["params"]
     for s2, s1 in zip(m2["stages"], m1["stages"]):
         # bf16 autocast: the 2-GPU and 1-GPU runs differ by more than fp32 summation order
         assert s2["metrics"]["bits_per_byte"] == pytest.approx(s1["metrics"]["bits_per_byte"], rel=2e-2)

@@ -770,7 +770,7 @@ class ExportStage(Stage[ExportConfig]):
         densify_moe(teacher)
         try:
             artifacts["teacher"] = {**self._float(ctx, teacher, "teacher", d, example), "role": "teacher", "params": count_params(teacher),
-                                    "notes": f"{type(teacher).__name__}, {routing} routing (exact), fp32"}
+                                    "notes": f"{type(teacher).__name__}, {routing} routing (exact)"}
         except ExportError as e:  # fall back to eager torch; the report says so
             from dsk_compress.models.source import save_hf_dir
 
@@ -787,7 +787,7 @@ class ExportStage(Stage[ExportConfig]):
                 m = load_hf_dir(ctx.path(rel))
                 role, note = baseline_roles[(stage, bname)]
                 artifacts[role] = {**self._float(ctx, m, role, d, example), "role": role, "params": count_params(m), "stage": stage,
-                                   "model_dir": rel, "notes": note + ", fp32"}
+                                   "model_dir": rel, "notes": note}
         qat_input = ctx.latest_output("model", before="qat")  # the float student QAT started from
         metrics: dict = {"precisions": precisions, "device": target.name if target else None}
         for stage in float_stages:
@@ -797,7 +797,7 @@ class ExportStage(Stage[ExportConfig]):
             want_ptq = c.ptq_baselines and rel == qat_input and "qat" in ctx.outputs
             want_fp16 = "fp16" in precisions and stage == float_stages[-1]
             artifacts[name] = {**self._float(ctx, m, name, d, example, keep_raw=want_ptq or want_fp16),
-                               "role": "student", "params": count_params(m), "stage": stage, "model_dir": rel, "notes": f"after {stage}, fp32"}
+                               "role": "student", "params": count_params(m), "stage": stage, "model_dir": rel, "notes": f"after {stage}"}
             if c.kv_cache:
                 artifacts[name].update(self._kv_cache(ctx, m, name, d, example))
             raw = d / f"{name}.raw.onnx"

@@ -106,8 +106,7 @@ class RunContext:
             from dsk_compress.compress import dist
             from dsk_compress.compress.trainer import default_device
 
-            dist.init()
-            self._sharded_teacher = dist.shard_frozen(copy.deepcopy(self.teacher()), dist.device(dist.env(), default_device()))
+            self._sharded_teacher = dist.shard_frozen(copy.deepcopy(self.teacher()), dist.device(dist.init(), default_device()))
         return self._sharded_teacher
 
     def logit_cache(self):

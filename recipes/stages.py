@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dsk_compress.errors import ExportError
-from dsk_compress.recipes.runner import STAGES, RunContext, Stage, StageResult
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
 from dsk_compress.recipes.schema import BenchStageConfig, DistillConfig, ExportConfig, PruneConfig, QATConfig
 
 # each stage reads its own slice of the training stream

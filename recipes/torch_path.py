@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dsk_compress.errors import ExportError
-from dsk_compress.recipes.runner import RunContext, StageResult
+from dsk_compress.recipes.base import RunContext, StageResult
 
 
 def is_torch_run(ctx: RunContext) -> bool:

@@ -1,30 +1,34 @@
 """Accuracy-vs-latency reports of compression runs (``report.json`` / ``.md`` / ``.html``).
 
+- :mod:`~dsk_compress.report.model`: the typed, versioned ``report.json`` (load, validate, save).
+- :mod:`~dsk_compress.report.build`: derived figures, Pareto front, recommendation; writes the files.
+- renderers, each reading the model: :mod:`~dsk_compress.report.markdown`,
+  :mod:`~dsk_compress.report.html` (page + Pareto PNG), :mod:`~dsk_compress.report.terminal`
+  (rich tables); :mod:`~dsk_compress.report.format` holds the cells they share.
+
 rich and matplotlib are imported only inside the functions that draw or print.
 """
 
 from __future__ import annotations
 
-from dsk_compress.report.build import (
-    DEFAULT_MAX_ACCURACY_DROP,
+from dsk_compress.report.build import DEFAULT_MAX_ACCURACY_DROP, build_report, make_report, pareto_front
+from dsk_compress.report.format import format_params
+from dsk_compress.report.markdown import render_markdown
+from dsk_compress.report.model import (
     REPORT_SCHEMA_VERSION,
     VARIANT_KEYS,
-    build_report,
+    Report,
     compare_reports,
-    comparison_rows,
-    format_params,
     load_report,
-    make_report,
-    pareto_front,
-    render_comparison,
-    render_markdown,
-    render_summary_table,
+    read_report,
 )
+from dsk_compress.report.terminal import comparison_rows, render_comparison, render_summary_table
 
 __all__ = [
     "DEFAULT_MAX_ACCURACY_DROP",
     "REPORT_SCHEMA_VERSION",
     "VARIANT_KEYS",
+    "Report",
     "build_report",
     "compare_reports",
     "comparison_rows",
@@ -32,6 +36,7 @@ __all__ = [
     "load_report",
     "make_report",
     "pareto_front",
+    "read_report",
     "render_comparison",
     "render_markdown",
     "render_summary_table",

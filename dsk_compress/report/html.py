@@ -11,18 +11,19 @@ import base64
 import html
 import io
 import re
+from collections.abc import Mapping
+from typing import Any
 
-from dsk_compress.report.build import (
-    DECODE_COLUMN,
-    _num,
-    _p50,
+from dsk_compress.report.format import (
     header_fields,
     margin_text,
     measurement_note,
-    pareto_front,
+    numeric_columns,
     table_columns,
     table_rows,
+    title,
 )
+from dsk_compress.report.model import Report, as_report, finite
 
 _ROLE_COLOURS = {"teacher": "#6b7280", "student": "#2563eb", "final": "#dc2626"}
 _OTHER_COLOUR = "#0891b2"
@@ -55,15 +56,16 @@ def _esc_code(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", _esc(text))
 
 
-def render_pareto_png(report: dict) -> bytes:
+def render_pareto_png(report: Report | Mapping[str, Any]) -> bytes:
     """Draw accuracy vs p50 latency for the report's variants and return PNG bytes.
 
-    Each point is labelled with the variant name; the Pareto front (lowest latency,
-    highest accuracy) is drawn as a step line. The x axis is logarithmic when every
-    latency is positive. Variants without a p50 latency or an accuracy are left out.
+    Each point is labelled with the variant name; the Pareto front named in the summary
+    (lowest latency, highest accuracy) is drawn as a step line. The x axis is logarithmic
+    when every latency is positive. Variants without a p50 latency or an accuracy are left
+    out (they are never on the front).
 
     Args:
-        report: a report dict from :func:`dsk_compress.report.build_report`.
+        report: a report from :func:`dsk_compress.report.build_report` (model or dict).
 
     Returns:
         The PNG image.
@@ -72,9 +74,10 @@ def render_pareto_png(report: dict) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    variants = report.get("variants", [])
-    recommended = report.get("summary", {}).get("recommended")
-    pts = [(v, _p50(v), _num(v.get("accuracy"))) for v in variants]
+    report = as_report(report)
+    recommended = report.summary.recommended if report.summary else None
+    pareto = set(report.summary.pareto) if report.summary else set()
+    pts = [(v, v.p50, finite(v.accuracy)) for v in report.variants]
     pts = [(v, x, y) for v, x, y in pts if x is not None and y is not None]
 
     fig = Figure(figsize=(7.5, 4.8), dpi=110)
@@ -85,18 +88,18 @@ def render_pareto_png(report: dict) -> bytes:
                 transform=ax.transAxes)
         ax.set_axis_off()
     else:
-        front = pareto_front([(x, y) for _, x, y in pts])
+        front = [i for i, (v, _, _) in enumerate(pts) if v.name in pareto]
         fx = sorted(((pts[i][1], pts[i][2]) for i in front))
         if len(fx) > 1:
             ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color="#059669",
                     linewidth=1.5, alpha=0.8, label="Pareto front", zorder=1)
         for i, (v, x, y) in enumerate(pts):
-            colour = _ROLE_COLOURS.get(str(v.get("role")), _OTHER_COLOUR)
+            colour = _ROLE_COLOURS.get(str(v.role), _OTHER_COLOUR)
             on_front = i in front
             ax.scatter([x], [y], s=70 if on_front else 45, color=colour, zorder=3,
                        marker="D" if on_front else "o",
-                       edgecolors="black" if v.get("name") == recommended else "none", linewidths=1.2)
-            label = str(v.get("name")).replace("$", r"\$")
+                       edgecolors="black" if v.name == recommended else "none", linewidths=1.2)
+            label = v.name.replace("$", r"\$")
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
         if all(x > 0 for _, x, _ in pts):
             ax.set_xscale("log")
@@ -120,44 +123,45 @@ def render_pareto_png(report: dict) -> bytes:
     return buf.getvalue()
 
 
-def render_html(report: dict) -> tuple[str, bytes]:
+def render_html(report: Report | Mapping[str, Any]) -> tuple[str, bytes]:
     """Render ``report.html`` as one self-contained page.
 
     Args:
-        report: a report dict from :func:`dsk_compress.report.build_report`.
+        report: a report from :func:`dsk_compress.report.build_report` (model or dict).
 
     Returns:
         ``(page, png)``: the HTML text and the PNG bytes of the plot embedded in it
         (also written as ``pareto.png`` by ``build_report``).
     """
+    report = as_report(report)
     png = render_pareto_png(report)
-    summary = report.get("summary", {})
-    recommended = summary.get("recommended")
-    pareto = set(summary.get("pareto") or [])
-    title = f"Compression report: {report.get('run') or 'run'}"
+    summary = report.summary
+    recommended = summary.recommended if summary else None
+    pareto = set(summary.pareto) if summary else set()
+    heading = title(report)
 
     out = [
         "<!DOCTYPE html>",
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
-        f"<title>{_esc(title)}</title>",
+        f"<title>{_esc(heading)}</title>",
         f"<style>{_CSS}</style>",
         "</head>",
         "<body>",
-        f"<h1>{_esc(title)}</h1>",
+        f"<h1>{_esc(heading)}</h1>",
         '<ul class="meta">',
     ]
     for label, value in header_fields(report):
         out.append(f"<li><strong>{_esc(label)}:</strong> {_esc(value)}</li>")
-    if report.get("created"):
-        out.append(f"<li><strong>Created:</strong> {_esc(report['created'])}</li>")
+    if report.created:
+        out.append(f"<li><strong>Created:</strong> {_esc(report.created)}</li>")
     out.append("</ul>")
 
     rows = table_rows(report)
     if rows:
         cols = table_columns(report)
-        numeric = {i for i, c in enumerate(cols) if 2 <= i <= 9 or c == DECODE_COLUMN}
+        numeric = numeric_columns(cols)
         out.append("<table>")
         out.append(
             "<thead><tr>"
@@ -166,11 +170,11 @@ def render_html(report: dict) -> tuple[str, bytes]:
             + "</tr></thead>"
         )
         out.append("<tbody>")
-        for v, row in zip(report.get("variants", []), rows):
+        for v, row in zip(report.variants, rows):
             classes = []
-            if v.get("name") == recommended:
+            if v.name == recommended:
                 classes.append("recommended")
-            if v.get("name") in pareto:
+            if v.name in pareto:
                 classes.append("pareto")
             cls = f' class="{" ".join(classes)}"' if classes else ""
             cells = "".join(
@@ -182,10 +186,10 @@ def render_html(report: dict) -> tuple[str, bytes]:
     else:
         out.append("<p><em>No variants were measured.</em></p>")
 
-    if summary.get("recommendation"):
-        out.append(f'<p class="rec"><strong>Recommendation:</strong> {_esc_code(summary["recommendation"])}</p>')
-    if summary.get("distillation"):
-        items = "".join(f"<li>{_esc(m['compares'])}: {_esc_code(margin_text(m))}</li>" for m in summary["distillation"])
+    if summary is not None and summary.recommendation:
+        out.append(f'<p class="rec"><strong>Recommendation:</strong> {_esc_code(summary.recommendation)}</p>')
+    if summary is not None and summary.distillation:
+        items = "".join(f"<li>{_esc(m.compares)}: {_esc_code(margin_text(m))}</li>" for m in summary.distillation)
         out.append(f"<p><strong>Distillation</strong> (same token budget, accuracy measured on the exported models):</p><ul>{items}</ul>")
     b64 = base64.b64encode(png).decode("ascii")
     out.append(f'<p><img class="plot" alt="accuracy vs p50 latency" src="data:image/png;base64,{b64}"></p>')

@@ -200,7 +200,8 @@ def test_kv_session_refuses_a_full_sequence_graph(fp32):
 
 
 def test_report_table_has_decode_column_with_dash_when_unmeasured():
-    from dsk_compress.report.build import DASH, DECODE_COLUMN, TABLE_COLUMNS, make_report, render_markdown, table_columns, table_rows
+    from dsk_compress.report import make_report, render_markdown
+    from dsk_compress.report.format import DASH, DECODE_COLUMN, TABLE_COLUMNS, table_columns, table_rows
     from dsk_compress.report.html import render_html
 
     base = {"role": "student", "stage": "distill", "params": 10, "size_bytes": 100, "accuracy": 50.0, "bits_per_byte": None,

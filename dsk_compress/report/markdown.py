@@ -1,0 +1,77 @@
+"""``report.md``: the report as a Markdown page (header, variant table, recommendation, notes)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dsk_compress.report.format import (
+    TABLE_COLUMNS,
+    fmt,
+    header_fields,
+    margin_text,
+    measurement_note,
+    table_columns,
+    table_rows,
+    title,
+)
+from dsk_compress.report.model import Report, Variant, as_report
+
+
+def _md_cell(x: Any) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _has_decode(v: Variant) -> bool:
+    return v.decode is not None and bool(v.decode.model_fields_set)  # an empty ``decode: {}`` says nothing
+
+
+def _variant_detail(v: Variant) -> str:
+    """Notes, precision, peak memory and KV-cache decode figures of one variant, ``; ``-separated."""
+    mem = f"peak RSS {v.peak_memory_mb:.0f} MB" if v.peak_memory_mb else ""
+    dec = v.decode if _has_decode(v) else None
+    dec_text = ""
+    if dec is not None:
+        prompt = "?" if dec.prompt_tokens is None else dec.prompt_tokens
+        dec_text = (f"KV-cache greedy decode {fmt(dec.decode_ms_p50, 3)} ms/token p50, prefill of "
+                    f"{prompt} tokens {fmt(dec.prefill_ms, 2)} ms")
+    return "; ".join(x for x in (v.notes or "", v.precision or "", mem, dec_text) if x)
+
+
+def render_markdown(report: Report | Mapping[str, Any]) -> str:
+    """Render ``report.md``: title, header, variant table, recommendation and measurement note."""
+    report = as_report(report)
+    lines = [f"# {title(report)}", ""]
+    for label, value in header_fields(report):
+        lines.append(f"- **{label}:** {value}")
+    if report.created:
+        lines.append(f"- **Created:** {report.created}")
+    lines.append("")
+    rows = table_rows(report)
+    if rows:
+        cols = table_columns(report)
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join(["---", "---"] + ["---:"] * 8 + ["---"] + ["---:"] * (len(cols) - len(TABLE_COLUMNS))) + "|")
+        for row in rows:
+            lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+    else:
+        lines.append("_No variants were measured._")
+    lines.append("")
+    notes = [v for v in report.variants if v.notes or v.peak_memory_mb or _has_decode(v)]
+    if notes:
+        lines.append("**Variants:**")
+        lines += [f"- `{v.name}`: {_variant_detail(v)}" for v in notes]
+        lines.append("")
+    summary = report.summary
+    if summary is not None and summary.recommendation:
+        lines.append(f"**Recommendation:** {summary.recommendation}")
+        lines.append("")
+    if summary is not None and summary.pareto:
+        lines.append("**Pareto-optimal (p50 latency vs accuracy):** " + ", ".join(f"`{n}`" for n in summary.pareto))
+        lines.append("")
+    if summary is not None and summary.distillation:
+        lines.append("**Distillation (same token budget, accuracy measured on the exported models):**")
+        lines += [f"- {m.compares}: {margin_text(m)}" for m in summary.distillation]
+        lines.append("")
+    lines.append(f"_{measurement_note(report)}_")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,337 @@
+"""The data model of ``report.json``: typed, versioned, validated on load.
+
+A report is what :func:`dsk_compress.report.build_report` writes at the end of a run: run
+metadata, one :class:`Variant` per measured model and a :class:`Summary` (teacher, final and
+recommended variant, Pareto front, distillation margins). The renderers (markdown, HTML,
+terminal) read a :class:`Report`; ``report.json`` is ``Report.to_dict()`` written as JSON.
+
+Numbers are kept as written: an integer stays an integer and a float a float (no coercion),
+so a report read and written again is the same JSON. Fields added after version 1 was first
+written (``summary.distillation``, a variant's ``metrics``/``decode``) are optional, and
+:meth:`Report.to_dict` leaves out what a report did not have, so older reports load and
+dump unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, ValidationError
+from pydantic_core import PydanticCustomError
+
+from dsk_compress.errors import RunError
+from dsk_compress.io import atomic_write_json
+
+REPORT_SCHEMA_VERSION = 1
+"""Version of the ``report.json`` layout; :func:`load_report` refuses newer ones."""
+
+REPORT_JSON = "report.json"
+
+VARIANT_KEYS = (
+    "name",
+    "role",
+    "stage",
+    "params",
+    "size_bytes",
+    "accuracy",
+    "bits_per_byte",
+    "latency_ms",
+    "throughput",
+    "peak_memory_mb",
+    "runtime",
+    "device",
+    "precision",
+    "artifact",
+    "notes",
+)
+"""Keys every measured variant handed to ``build_report`` must have (a loaded report may lack some)."""
+
+_REWRITE_HINT = "delete it and re-run the report stage"
+
+
+def finite(x: Any) -> float | None:
+    """Return ``x`` as a finite float, or None when it is missing, not a number or NaN/inf."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _number(x: Any) -> int | float:
+    # Plain int/float, kept as given: coercing 88 to 88.0 would change the JSON on a round trip.
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise PydanticCustomError("number_type", "Input should be a number")
+    return x
+
+
+def _host(x: Any) -> str | dict[str, Any]:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, Mapping) and all(isinstance(k, str) for k in x):
+        return dict(x)
+    raise PydanticCustomError("host_type", "Input should be a string or a mapping")
+
+
+Number = Annotated[Union[int, float], PlainValidator(_number, json_schema_input_type=Union[int, float])]
+"""An int or a float (NaN and inf allowed, as measured), never a bool or a numeric string."""
+
+Host = Annotated[Union[str, dict[str, Any]], PlainValidator(_host, json_schema_input_type=Union[str, dict[str, Any]])]
+"""Where the run was measured: a sentence, or a mapping such as ``{"hostname": ...}``."""
+
+
+class Latency(BaseModel):
+    """Latency percentiles of one variant in milliseconds (batch size of the bench stage).
+
+    ``extra="allow"``: the bench stage owns what it measures; other statistics pass through.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    p50: Number | None = None
+    p90: Number | None = None
+    p99: Number | None = None
+    mean: Number | None = None
+
+
+class Decode(BaseModel):
+    """Greedy decoding with a variant's KV-cache graph (prefill, then single-token steps).
+
+    ``extra="allow"`` for the same reason as :class:`Latency`.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    artifact: str | None = None
+    prompt_tokens: StrictInt | None = None
+    new_tokens: StrictInt | None = None
+    repeats: StrictInt | None = None
+    prefill_ms: Number | None = None
+    decode_ms_p50: Number | None = None
+    decode_ms_p90: Number | None = None
+    decode_tokens_per_s: Number | None = None
+    peak_memory_mb: Number | None = None
+
+
+class Variant(BaseModel):
+    """One measured model (teacher, student, final, PTQ / pruned / baseline variants ...).
+
+    The fields up to ``decode`` are measured by the bench stage; the three ``*_vs_teacher``
+    fields are derived by ``build_report`` (None without a teacher). The order of the fields
+    is the order of the keys in ``report.json``.
+
+    ``extra="allow"`` on purpose: stages attach what they measure to a variant (today
+    ``metrics`` and ``decode`` are declared here; anything new is carried through to
+    ``report.json`` unchanged rather than dropped or refused).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    role: str | None = None
+    stage: str | None = None
+    params: Number | None = None
+    size_bytes: Number | None = None
+    accuracy: Number | None = Field(None, description="primary task metric (%) of the artifact as shipped")
+    bits_per_byte: Number | None = None
+    metrics: dict[str, Number] | None = Field(None, description="every task metric, rounded")
+    latency_ms: Latency | None = None
+    throughput: Number | None = None
+    peak_memory_mb: Number | None = None
+    runtime: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    artifact: str | None = Field(None, description="path of the artifact, relative to the run directory")
+    notes: str | None = None
+    decode_tokens_per_s: Number | None = None
+    decode: Decode | None = None
+    speedup_vs_teacher: Number | None = Field(None, description="teacher p50 / variant p50")
+    size_ratio_vs_teacher: Number | None = Field(None, description="teacher size_bytes / variant size_bytes")
+    accuracy_delta_vs_teacher: Number | None = Field(None, description="variant accuracy - teacher accuracy (points)")
+
+    @property
+    def p50(self) -> float | None:
+        """The finite p50 latency in ms, or None."""
+        return finite(self.latency_ms.p50) if self.latency_ms else None
+
+    @property
+    def p99(self) -> float | None:
+        """The finite p99 latency in ms, or None."""
+        return finite(self.latency_ms.p99) if self.latency_ms else None
+
+
+class DistillationMargin(BaseModel):
+    """Accuracy gap between the distilled student and one distill-stage baseline (points)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str
+    baseline: str
+    compares: str = Field(description="what the gap measures, e.g. 'KD vs no KD, same init'")
+    accuracy: Number
+    baseline_accuracy: Number
+    margin: Number = Field(description="accuracy - baseline_accuracy, rounded to 4 decimals; positive: variant better")
+
+
+class Summary(BaseModel):
+    """What to ship and why, from the measured numbers only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None
+    final: str | None
+    recommended: str | None
+    recommendation: str = Field(description="a sentence built from the measured numbers")
+    pareto: list[str] = Field(description="Pareto-optimal variant names (lowest p50, highest accuracy), in variant order")
+    max_accuracy_drop: Number = Field(description="accuracy points the shipped variant may lose against the teacher")
+    distillation: list[DistillationMargin] = Field(default_factory=list)
+
+
+class Report(BaseModel):
+    """The accuracy-vs-latency report of one run: the content of ``report.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: StrictInt = Field(ge=0, description=f"layout version (this code writes {REPORT_SCHEMA_VERSION})")
+    run: str | None = None
+    recipe: str | None = None
+    task: str | None = None
+    host: Host | None = None
+    created: str | None = Field(None, description="UTC time the report was built, ISO 8601")
+    variants: list[Variant]
+    summary: Summary | None = None
+    run_dir: str | None = Field(None, description="set in memory by compare_reports; build_report never writes it")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as the plain dict written to ``report.json``: only the fields it was given, numbers as given."""
+        return self.model_dump(exclude_unset=True)
+
+    def variant(self, name: str | None) -> Variant | None:
+        """The variant called ``name``, or None."""
+        return next((v for v in self.variants if v.name == name), None)
+
+
+def _short(x: Any, limit: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_error(e: ValidationError, data: Any) -> str:
+    """One line naming the first invalid field of ``data`` (and its variant's name), what is wrong and the value."""
+    errors = e.errors(include_url=False)
+    err = errors[0]
+    loc = err["loc"]
+    where = ".".join(str(p) for p in loc) or "the top level"
+    if len(loc) >= 2 and loc[0] == "variants" and isinstance(loc[1], int) and isinstance(data, Mapping):
+        v = data["variants"][loc[1]]
+        if isinstance(v, Mapping) and isinstance(v.get("name"), str):
+            where += f" (variant {v['name']!r})"
+    got = "" if err["type"] == "missing" else f", got {_short(err['input'])}"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {err['msg']}{got}{more}"
+
+
+def parse_report(data: Any, source: str = "report") -> Report:
+    """Validate a report dict (e.g. from ``json.loads``) into a :class:`Report`.
+
+    Args:
+        data: the parsed JSON.
+        source: what to call it in an error message (usually the file's path).
+
+    Raises:
+        RunError: one line naming ``source`` and the first invalid field.
+    """
+    try:
+        return Report.model_validate(data)
+    except ValidationError as e:
+        raise RunError(f"{source}: {describe_error(e, data)}", hint=_REWRITE_HINT) from None
+
+
+def as_report(report: Report | Mapping[str, Any]) -> Report:
+    """``report`` itself when it is a :class:`Report`, else the dict validated (see :func:`parse_report`)."""
+    return report if isinstance(report, Report) else parse_report(report)
+
+
+def read_report(run_dir: Path) -> Report:
+    """Read and validate ``report.json`` of a run directory (see :func:`load_report`)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory not found: {run_dir}", hint="check the path, e.g. runs/<name>")
+    path = run_dir / REPORT_JSON
+    if not path.is_file():
+        raise RunError(f"no {REPORT_JSON} in {run_dir}", hint="the run has not finished; resume it with dsk-compress recipe")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise RunError(f"corrupt JSON in {path}: {detail}", hint=_REWRITE_HINT) from None
+    except OSError as e:
+        raise RunError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
+        raise RunError(f"{path} is not a report", hint=_REWRITE_HINT)
+    # The version is checked before the fields: a newer layout is "upgrade", not "malformed".
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RunError(f"{path} has no valid schema_version", hint=_REWRITE_HINT)
+    if version > REPORT_SCHEMA_VERSION:
+        raise RunError(
+            f"{path} has schema_version {version}, newer than the supported {REPORT_SCHEMA_VERSION}",
+            hint="upgrade dsk-compress",
+        )
+    return parse_report(data, str(path))
+
+
+def load_report(run_dir: Path) -> dict:
+    """Read ``report.json`` from a run directory, validated against :class:`Report`.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The report dict, equal to the JSON in the file.
+
+    Raises:
+        RunError: the directory or file is missing, the JSON is corrupt or not a report,
+            its ``schema_version`` is newer than :data:`REPORT_SCHEMA_VERSION`, or a field
+            is malformed (the message names the file and the field).
+    """
+    return read_report(run_dir).to_dict()
+
+
+def save_report(run_dir: Path, report: Report) -> Path:
+    """Write ``report`` as ``run_dir/report.json`` (atomically) and return the path."""
+    return atomic_write_json(Path(run_dir) / REPORT_JSON, report.to_dict())
+
+
+def compare_reports(run_dirs: list[Path]) -> list[dict]:
+    """Load the reports of several runs for a side-by-side comparison.
+
+    Each returned report gets ``run_dir`` (str) added, and ``run`` set to the directory
+    name when the report has none. Pass the result to :func:`render_comparison` or
+    :func:`comparison_rows`.
+
+    Args:
+        run_dirs: run directories, each holding a ``report.json``.
+
+    Returns:
+        The loaded report dicts, in the order given.
+
+    Raises:
+        RunError: no directory given, or one of them has no readable report.
+    """
+    if not run_dirs:
+        raise RunError("no run directories to compare", hint="dsk-compress report runs/A runs/B")
+    reports = []
+    for d in run_dirs:
+        rep = load_report(Path(d))
+        rep["run_dir"] = str(d)
+        if not rep.get("run"):
+            rep["run"] = Path(d).name
+        reports.append(rep)
+    return reports

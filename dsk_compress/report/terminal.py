@@ -1,0 +1,116 @@
+"""Reports in the terminal: one run's variant table, and several runs side by side (rich tables).
+
+rich is imported inside the functions that print, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dsk_compress.report.format import (
+    DASH,
+    fmt,
+    header_fields,
+    measurement_note,
+    numeric_columns,
+    table_columns,
+    table_rows,
+    title,
+)
+from dsk_compress.report.model import Report, as_report, finite
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+
+def comparison_rows(reports: Sequence[Report | Mapping[str, Any]]) -> list[dict]:
+    """One flat row per (run, variant): run, variant, role, accuracy, p50_ms, size_mb, speedup, recommended."""
+    rows = []
+    for rep in map(as_report, reports):
+        run = rep.run or Path(rep.run_dir or "").name or DASH
+        recommended = rep.summary.recommended if rep.summary else None
+        for v in rep.variants:
+            size = finite(v.size_bytes)
+            rows.append(
+                {
+                    "run": str(run),
+                    "variant": v.name,
+                    "role": v.role,
+                    "accuracy": finite(v.accuracy),
+                    "p50_ms": v.p50,
+                    "size_mb": None if size is None else size / 1e6,
+                    "speedup": finite(v.speedup_vs_teacher),
+                    "recommended": v.name == recommended,
+                }
+            )
+    return rows
+
+
+def render_comparison(reports: Sequence[Report | Mapping[str, Any]], console: Console) -> None:
+    """Print a rich table comparing several runs, one row per (run, variant).
+
+    Args:
+        reports: reports, e.g. from :func:`dsk_compress.report.compare_reports`.
+        console: where to print.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="Run comparison", caption="★ recommended variant of its run; latencies at batch 1 on each run's host")
+    table.add_column("Run", style="cyan")
+    table.add_column("Variant")
+    table.add_column("Role", style="dim")
+    table.add_column("Accuracy (%)", justify="right")
+    table.add_column("p50 (ms)", justify="right")
+    table.add_column("Size (MB)", justify="right")
+    table.add_column("Speedup", justify="right")
+    last_run = None
+    for row in comparison_rows(reports):
+        if last_run is not None and row["run"] != last_run:
+            table.add_section()
+        last_run = row["run"]
+        name = f"★ {row['variant']}" if row["recommended"] else str(row["variant"])
+        cells = [
+            row["run"],
+            name,
+            str(row["role"]),
+            fmt(row["accuracy"]),
+            fmt(row["p50_ms"]),
+            fmt(row["size_mb"]),
+            fmt(row["speedup"], 2, "×"),
+        ]
+        # Text cells: names such as "student[kd]" must not be parsed as rich markup.
+        table.add_row(*(Text(c) for c in cells), style="bold green" if row["recommended"] else None)
+    console.print(table)
+
+
+def render_summary_table(report: Report | Mapping[str, Any], console: Console) -> None:
+    """Print the single-run variant table and recommendation with rich.
+
+    Args:
+        report: a report from :func:`dsk_compress.report.build_report` or :func:`dsk_compress.report.load_report`.
+        console: where to print.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    report = as_report(report)
+    summary = report.summary
+    recommended = summary.recommended if summary else None
+    meta = " · ".join(f"{label}: {value}" for label, value in header_fields(report))
+    table = Table(title=Text(title(report)), caption=Text(meta))
+    cols = table_columns(report)
+    numeric = numeric_columns(cols)
+    for i, col in enumerate(cols):
+        table.add_column(col, justify="right" if i in numeric else "left")
+    for v, row in zip(report.variants, table_rows(report)):
+        is_rec = v.name == recommended
+        if is_rec:
+            row = [f"★ {row[0]}"] + row[1:]
+        table.add_row(*(Text(c) for c in row), style="bold green" if is_rec else None)
+    console.print(table)
+    if summary is not None and summary.recommendation:
+        console.print(Text.assemble(("Recommendation: ", "bold"), summary.recommendation))
+    console.print(measurement_note(report), style="dim")

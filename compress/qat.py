@@ -7,12 +7,14 @@ min/max) and then a learned scale (LSQ), either ``asymmetric`` (uint8 with a zer
 Runtime's preferred form) or ``symmetric`` (int8, zero point 0: the only form TensorRT's explicit
 quantization accepts). Each Linear / Conv2d has its own activation quantizer; the exporter may merge
 quantizers that see the same tensor with the same scale. Convs get BatchNorm folded in before QAT
-(``dsk_compress.compress.cnn.fold_batchnorm``).
+(``dsk_compress.compress.cnn.fold_batchnorm``). A QAT causal LM is saved and rebuilt with
+``save_qat_model`` / ``load_qat_model`` (config, safetensors state, ``qat.json``).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -210,3 +212,31 @@ def sqnr_db(reference: torch.Tensor | "np.ndarray", test) -> float:  # noqa: F82
     ref = np.asarray(reference, dtype=np.float64)
     err = ref - np.asarray(test, dtype=np.float64)
     return float(10 * np.log10((ref**2).mean() / max((err**2).mean(), 1e-30)))
+
+
+def save_qat_model(model: nn.Module, path: Path, qat_info: dict) -> Path:
+    """Save a QAT causal LM to the directory ``path``: its config, its state (quantizer scales included) as
+    safetensors, and ``qat.json`` (``qat_info``: bits, activations, skipped layers) for :func:`load_qat_model`."""
+    from dsk_compress.io import atomic_write_json, save_state_dict
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    save_state_dict(model.state_dict(), path / "qat_state.safetensors")
+    atomic_write_json(path / "qat.json", qat_info)
+    return path
+
+
+def load_qat_model(path: Path) -> nn.Module:
+    """Rebuild a QAT model saved by :func:`save_qat_model`: the config's architecture, QuantLinear layers, then the saved state."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dsk_compress.io import load_state_dict
+
+    info = json.loads((path / "qat.json").read_text())
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    prepare_qat(model, info["weight_bits"], info["avx2_safe"], info["skip"], activations=info.get("activations", "asymmetric"))
+    model.load_state_dict(load_state_dict(path / "qat_state.safetensors"), strict=False)
+    return model.eval()

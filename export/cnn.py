@@ -40,6 +40,22 @@ def export_module(model: nn.Module, example: np.ndarray, path: str | Path, opset
     return commit(tmp, final)
 
 
+def export_float(model: nn.Module, example: np.ndarray, path: str | Path, opset: int = 17, optimization: str = "extended",
+                 parity_atol: float = 1e-3, keep_raw: bool = False) -> dict:
+    """The float ``model`` as an ORT-optimized ONNX file at ``path``, checked against torch on ``example``.
+
+    ``keep_raw`` keeps the unoptimized graph (the PTQ baselines' input) at
+    :func:`dsk_compress.export.onnx.raw_path`; returns what :func:`dsk_compress.export.onnx.optimize_and_check` returns.
+    """
+    from dsk_compress.compress.cnn import torch_predict
+    from dsk_compress.export.onnx import optimize_and_check, raw_path
+
+    path = Path(path)
+    raw = export_module(model, example, raw_path(path), opset)
+    ref = torch_predict(model.eval())(example)
+    return optimize_and_check(raw, path, ref, example, optimization, parity_atol, keep_raw, optimize=ort_optimize)
+
+
 def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path, opset: int = 17) -> dict:
     """Export a QAT model (weight scales frozen) to a portable int8 Q/DQ ONNX at ``qdq_path`` (standard ONNX ops only).
 
@@ -158,11 +174,16 @@ def quantize_before_reshapes(path: str | Path) -> int:
     return sum(len(v) for v in before.values()) // 2
 
 
-def integer_ops(hist: dict[str, int]) -> int:
-    """Integer convs and matmuls in an op histogram (what ONNX Runtime runs in int8)."""
+def integer_op_counts(hist: dict[str, int]) -> dict[str, int]:
+    """The integer convs and matmuls of an op histogram (what ONNX Runtime runs in int8), by op type."""
     from dsk_compress.export.onnx import INTEGER_MATMULS
 
-    return sum(v for k, v in hist.items() if k in INTEGER_CONVS or k in INTEGER_MATMULS)
+    return {k: v for k, v in hist.items() if k in INTEGER_CONVS or k in INTEGER_MATMULS}
+
+
+def integer_ops(hist: dict[str, int]) -> int:
+    """How many integer convs and matmuls an op histogram holds."""
+    return sum(integer_op_counts(hist).values())
 
 
 def _named(src: Path, dst: Path) -> None:
@@ -220,3 +241,11 @@ def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> P
     tmp, final = atomic_path(dst)
     make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination", "MatMulAddFusion"])
     return commit(tmp, final)
+
+
+def ptq_baselines(src: str | Path, out_dir: str | Path, calibration: Iterable[np.ndarray], optimization: str = "extended") -> dict[str, Path]:
+    """ORT dynamic and static INT8 of every Conv and Linear of the float graph ``src``
+    (:func:`dsk_compress.export.ptq.ptq_baselines` with this module's quantizers and optimizer)."""
+    from dsk_compress.export.ptq import ptq_baselines as _ptq
+
+    return _ptq(src, out_dir, calibration, optimization, quantizers=(quantize_dynamic_int8, quantize_static_int8), optimize=ort_optimize)

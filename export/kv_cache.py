@@ -277,3 +277,46 @@ def check_kv_parity(model: nn.Module, kv_path: str | Path, prompt: np.ndarray, n
     return {"tokens_match": bool((got_tokens == ref_tokens).all()), "matched_tokens": matched, "new_tokens": new_tokens,
             "step_logits_max_abs_diff": float(np.abs(forced - ref_logits).max()),
             "step_logits_sqnr_db": round(sqnr_db(ref_logits, forced), 2)}
+
+
+def export_kv_cache(model: nn.Module, path: str | Path, example: np.ndarray, opset: int = 17, optimization: str = "extended", *,
+                    parity_atol: float, min_sqnr_db: float, int8: bool = False, new_tokens: int = 8) -> dict:
+    """The ORT-optimized KV-cache graph of a decoder student at ``path``, checked by greedy decoding against torch.
+
+    MoE blocks switch to their exact dense routing first (routing must not be baked into the trace). ``int8``:
+    ``model`` is a frozen QAT model, exported through :func:`export_int8_qdq_with_past`. The check decodes
+    ``new_tokens`` after the first (up to) 16 tokens of ``example[0]`` (:func:`check_kv_parity`).
+
+    Returns ``{"path", "prompt_tokens", <check_kv_parity's numbers>}`` (+ ``"integer_matmuls"`` for int8), or
+    ``{"error": message}`` when the exporter cannot handle the model (the full-sequence graph still stands).
+    Raises ExportError when the graph disagrees with torch: float step logits beyond ``parity_atol``; int8 with
+    fewer integer MatMuls than quantized Linears or a step-logit SQNR below ``min_sqnr_db``.
+    """
+    from dsk_compress.compress.moe import densify_moe
+    from dsk_compress.compress.qat import quant_layers
+    from dsk_compress.export.onnx import INTEGER_MATMULS, op_histogram, ort_optimize
+
+    path = Path(path)
+    densify_moe(model)
+    try:
+        if int8:
+            qdq = path.with_name(path.name.removesuffix(".onnx") + ".qdq.onnx")
+            export_int8_qdq_with_past(model, qdq, opset)
+            ort_optimize(qdq, path, optimization)
+            qdq.unlink()
+        else:
+            export_float_with_past(model, path, opset, optimization)
+    except ExportError as e:
+        return {"error": e.message}
+    prompt = np.asarray(example)[0, : min(16, np.asarray(example).shape[1])]
+    info = {"path": path, "prompt_tokens": int(prompt.size), **check_kv_parity(model, path, prompt, new_tokens=new_tokens)}
+    if int8:
+        info["integer_matmuls"] = sum(v for k, v in op_histogram(path).items() if k in INTEGER_MATMULS)
+        if info["integer_matmuls"] != len(quant_layers(model)) or info["step_logits_sqnr_db"] < min_sqnr_db:
+            raise ExportError(f"{path.name}: {info['integer_matmuls']} of {len(quant_layers(model))} quantized Linears are integer ops, "
+                              f"step-logit SQNR {info['step_logits_sqnr_db']} dB vs torch fake-quant (min {min_sqnr_db})",
+                              hint="set stages.N.kv_cache: false and report a bug")
+    elif info["step_logits_max_abs_diff"] > parity_atol:
+        raise ExportError(f"{path.name}: decode-step logits differ from torch by {info['step_logits_max_abs_diff']:.2e} "
+                          f"(> parity_atol {parity_atol})", hint="set stages.N.kv_cache: false and report a bug")
+    return info

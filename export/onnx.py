@@ -7,6 +7,8 @@ stores 8-bit weights, stored pre-transposed so each weight DequantizeLinear feed
 directly; activation Q/DQ pairs that onnxslim merged are split again, one per consumer, which both
 ONNX Runtime (integer fusion of every Linear, int8 activations included) and TensorRT (Q/DQ on
 the MatMul inputs) want. ``convert_fp16`` writes a float16 graph with float32 inputs/outputs.
+``export_float`` and ``export_fp16`` are what the export stage calls: export, optimize and check the
+ONNX outputs against torch (ExportError past the tolerance).
 """
 
 from __future__ import annotations
@@ -358,6 +360,67 @@ def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path,
             "activation_qdq_split": unshare_activation_qdq(raw)}
     commit(raw, qdq_path)
     return info
+
+
+def raw_path(path: str | Path) -> Path:
+    """``<name>.raw.onnx`` beside ``<name>.onnx``: the exporter's graph before ONNX Runtime's offline optimization."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".onnx") + ".raw.onnx")
+
+
+def lm_logits(model: nn.Module, example: np.ndarray) -> np.ndarray:
+    """The torch reference an exported causal LM is checked against: logits on ``example`` token ids, no cache."""
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(example), use_cache=False).logits.numpy()
+
+
+def optimize_and_check(raw: Path, path: Path, reference: np.ndarray, example: np.ndarray, optimization: str, parity_atol: float,
+                       keep_raw: bool = False, optimize=None) -> dict:
+    """Simplify the exported float graph ``raw``, ORT-optimize it to ``path`` (with ``optimize``, default
+    :func:`ort_optimize`) and check its outputs on ``example`` against the torch ``reference``.
+
+    ``raw`` is deleted unless ``keep_raw``. Returns ``{"path", "precision", "parity_max_abs_diff", "fused_ops"}``;
+    raises ExportError when the largest difference exceeds ``parity_atol``.
+    """
+    simplify(raw)
+    out = (optimize or ort_optimize)(raw, path, optimization)
+    if not keep_raw:
+        raw.unlink()
+    diff = float(np.abs(ort_predict(out)(example) - reference).max())
+    if diff > parity_atol:
+        raise ExportError(f"{Path(path).name.removesuffix('.onnx')}: ONNX output differs from torch by {diff:.2e} (> parity_atol {parity_atol})",
+                          hint="raise stages.N.parity_atol or report a bug")
+    return {"path": out, "precision": "fp32", "parity_max_abs_diff": diff, "fused_ops": fused_ops(op_histogram(out))}
+
+
+def export_float(model: nn.Module, example: np.ndarray, path: str | Path, opset: int = 17, optimization: str = "extended",
+                 parity_atol: float = 1e-3, keep_raw: bool = False) -> dict:
+    """A float causal LM as an ORT-optimized ONNX file at ``path``, checked against torch on ``example``.
+
+    Export (dynamic batch and sequence), simplify, optimize; ``keep_raw`` keeps the unoptimized graph at
+    :func:`raw_path` (the input of fp16 conversion and the PTQ baselines). Returns what
+    :func:`optimize_and_check` returns; raises ExportError on a failed export or parity check.
+    """
+    path = Path(path)
+    raw = export_causal_lm(model, example, raw_path(path), opset)
+    return optimize_and_check(raw, path, lm_logits(model, example), example, optimization, parity_atol, keep_raw)
+
+
+def export_fp16(model: nn.Module, src: str | Path, path: str | Path, example: np.ndarray, max_rel_err: float) -> dict:
+    """fp16 copy (:func:`convert_fp16`) of the float graph ``src`` at ``path``, checked against the float32 torch ``model``.
+
+    Returns ``{"parity_max_abs_diff", "parity_rel_err", "kept_fp32"}``; raises ExportError when the largest logit
+    difference exceeds ``max_rel_err`` of the largest |logit|.
+    """
+    path = Path(path)
+    kept = convert_fp16(src, path)
+    ref = lm_logits(model, example)
+    diff = float(np.abs(ort_predict(path)(example) - ref).max())
+    rel = diff / max(float(np.abs(ref).max()), 1e-12)
+    if rel > max_rel_err:
+        raise ExportError(f"{path.name.removesuffix('.onnx')}: fp16 ONNX logits differ from torch fp32 by {diff:.3g} ({rel:.2e} of max |logit|, "
+                          f"> fp16_max_rel_err {max_rel_err})", hint="raise stages.N.fp16_max_rel_err or export fp32 only")
+    return {"parity_max_abs_diff": diff, "parity_rel_err": rel, "kept_fp32": kept}
 
 
 def op_histogram(path: str | Path) -> dict[str, int]:

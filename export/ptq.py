@@ -67,3 +67,25 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable
                     nodes_to_quantize=nodes)
     named.unlink()
     return commit(tmp, final)
+
+
+def ptq_baselines(src: str | Path, out_dir: str | Path, calibration: Iterable[np.ndarray], optimization: str = "extended",
+                  quantizers=None, optimize=None) -> dict[str, Path]:
+    """Dynamic and static INT8 of the float graph ``src`` (the same graph QAT starts from), each ORT-optimized:
+    ``{"ptq-dynamic": out_dir/ptq-dynamic.onnx, "ptq-static": out_dir/ptq-static.onnx}``.
+
+    ``quantizers`` (dynamic, static) and ``optimize`` default to this module's (the Linear layers of a causal LM)
+    and :func:`dsk_compress.export.onnx.ort_optimize`; :func:`dsk_compress.export.cnn.ptq_baselines` passes its own.
+    ``calibration`` feeds the static one. ``src`` is left in place.
+    """
+    from dsk_compress.export.onnx import ort_optimize
+
+    dynamic, static = quantizers or (quantize_dynamic_int8, quantize_static_int8)
+    out_dir = Path(out_dir)
+    dyn = dynamic(src, out_dir / "ptq-dynamic.raw.onnx")
+    sta = static(src, out_dir / "ptq-static.raw.onnx", calibration)
+    out = {}
+    for name, q in (("ptq-dynamic", dyn), ("ptq-static", sta)):
+        out[name] = (optimize or ort_optimize)(q, out_dir / f"{name}.onnx", optimization)
+        q.unlink()
+    return out

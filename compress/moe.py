@@ -280,7 +280,7 @@ def prune_experts(model: nn.Module, keep: int, batches) -> dict:
 
 def expert_structure(model: nn.Module) -> dict:
     """Routed experts per MoE layer, experts per token, and total / active parameters."""
-    from dsk_compress.models.source import count_params
+    from dsk_compress.models.common import count_params
 
     blocks = moe_blocks(model)
     cfg = model.config

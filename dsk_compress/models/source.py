@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dsk_compress.errors import ModelSourceError
+from dsk_compress.models.common import count_params  # noqa: F401  (re-exported; it lives below compress/ to keep imports acyclic)
 
 
 def load_model_source(src: dict[str, Any]):
@@ -161,18 +162,3 @@ def load_model_dir(path: str | Path):
     if (Path(path) / TORCH_DIR_FILE).is_file():
         return load_torch_dir(path)
     return load_hf_dir(path)
-
-
-def torch_predict(model):
-    """A task ``predict`` function for either kind of model (numpy in, numpy logits out)."""
-    if is_hf_model(model):
-        from dsk_compress.models.zoo import torch_predict as lm_predict
-
-        return lm_predict(model)
-    from dsk_compress.compress.cnn import torch_predict as plain_predict
-
-    return plain_predict(model)
-
-
-def count_params(model) -> int:
-    return int(sum(p.numel() for p in model.parameters()))

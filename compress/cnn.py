@@ -107,7 +107,7 @@ def prune_channels(model: nn.Module, widths: dict[str, int], example: torch.Tens
     """
     import torch_pruning as tp
 
-    from dsk_compress.compress.prune import tp_importance
+    from dsk_compress.compress.prune.importance import tp_importance
 
     imp = tp_importance(importance)
     example = torch.as_tensor(example)

@@ -17,6 +17,7 @@ import pytest
 from dsk_compress.errors import RunError
 from dsk_compress.report import (
     REPORT_SCHEMA_VERSION,
+    Report,
     build_report,
     compare_reports,
     comparison_rows,
@@ -24,9 +25,12 @@ from dsk_compress.report import (
     load_report,
     make_report,
     pareto_front,
+    read_report,
     render_comparison,
+    render_markdown,
     render_summary_table,
 )
+from dsk_compress.report.model import parse_report
 
 
 def variant(name, role, *, p50, acc, size, params=1_000_000, p99=None, bpb=None, runtime="onnxruntime-cpu", precision="fp32"):
@@ -299,6 +303,110 @@ def test_load_report_not_a_report_raises_run_error(tmp_path):
     (tmp_path / "report.json").write_text("[1, 2]")
     with pytest.raises(RunError, match="not a report"):
         load_report(tmp_path)
+
+
+# ----------------------------------------------------------------------------- data model
+
+
+def test_report_model_round_trips_make_report_exactly(variants):
+    variants[0]["params"] = 12_345_678  # ints stay ints, floats stay floats: the JSON does not change
+    variants[1]["accuracy"] = 86
+    variants[1]["decode_tokens_per_s"], variants[1]["decode"] = 812.3, {"prompt_tokens": 128, "decode_ms_p50": 1.2}
+    variants[2]["tensorrt"] = {"precision": "int8", "problems": 0}  # a field a stage adds: carried through
+    rep = make_report(variants, META)
+    model = parse_report(json.loads(json.dumps(rep)))
+    assert model.to_dict() == rep
+    assert json.dumps(model.to_dict()) == json.dumps(rep)  # same keys, same order, same number types
+    by = {v.name: v for v in model.variants}
+    assert by["student"].accuracy == 86 and type(by["student"].accuracy) is int
+    assert by["student"].decode.prompt_tokens == 128 and by["student"].p50 == 4.0
+    assert by["final"].model_extra == {"tensorrt": {"precision": "int8", "problems": 0}}
+    assert model.summary.recommended == "final" and model.summary.max_accuracy_drop == 3.0
+    assert model.schema_version == REPORT_SCHEMA_VERSION
+
+
+def test_read_report_returns_the_typed_model(built_runs):
+    a, _ = built_runs
+    model = read_report(a)
+    assert isinstance(model, Report)
+    assert [v.name for v in model.variants] == ["teacher", "final", "ptq-static"]
+    assert model.variant("final").speedup_vs_teacher == 4.0 and model.variant("nope") is None
+    assert model.to_dict() == load_report(a)
+
+
+def _old_report():
+    """A version-1 report as the first report code wrote it: no summary.distillation, no metrics/decode per variant."""
+    v = variant("teacher", "teacher", p50=10.0, acc=90.0, size=40_000_000)
+    v.update(speedup_vs_teacher=1.0, size_ratio_vs_teacher=1.0, accuracy_delta_vs_teacher=0.0)
+    summary = {"teacher": "teacher", "final": None, "recommended": "teacher", "recommendation": "Ship `teacher`.",
+               "pareto": ["teacher"], "max_accuracy_drop": 3.0}
+    return {"schema_version": 1, "run": "old-run", "recipe": "r", "task": "code-lm", "host": "box",
+            "created": "2026-11-01T10:00:00+00:00", "variants": [v], "summary": summary}
+
+
+def test_load_report_reads_an_old_report_without_optional_fields(tmp_path):
+    old = _old_report()
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    assert load_report(tmp_path) == old  # nothing added, nothing dropped
+    model = read_report(tmp_path)
+    assert model.summary.distillation == [] and model.variants[0].metrics is None and model.variants[0].decode is None
+    md = render_markdown(model)
+    assert "| teacher | teacher | 1.00M | 40.00 | 90.00 |" in md and "Distillation" not in md
+
+
+def test_load_report_reads_a_minimal_report(tmp_path):
+    # what a hand-made run (or tests/unit/test_trt_export.py) writes: no summary, variants with a few keys
+    minimal = {"schema_version": 1, "host": "test",
+               "variants": [{"name": "final", "role": "final", "precision": "int8", "artifact": "export/x.onnx",
+                             "accuracy": 31.2, "latency_ms": {"p50": 1.0}, "runtime": "onnxruntime-cpu"}]}
+    (tmp_path / "report.json").write_text(json.dumps(minimal))
+    assert load_report(tmp_path) == minimal
+    console = _console()
+    render_summary_table(load_report(tmp_path), console)
+    assert "31.20" in console.export_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda r: r["variants"][0].update(accuracy="high"), "variants.0.accuracy (variant 'teacher'): Input should be a number, got 'high'"),
+        (lambda r: r["variants"][0].update(params=True), "variants.0.params (variant 'teacher'): Input should be a number"),
+        (lambda r: r["variants"][0]["latency_ms"].update(p50=[1]), "variants.0.latency_ms.p50 (variant 'teacher')"),
+        (lambda r: r["variants"][0].pop("name"), "variants.0.name: Field required"),
+        (lambda r: r["summary"].update(recomended="x"), "summary.recomended: Extra inputs are not permitted"),
+        (lambda r: r["summary"].update(pareto="teacher"), "summary.pareto: Input should be a valid list"),
+        (lambda r: r.update(host=3), "host: Input should be a string or a mapping, got 3"),
+    ],
+)
+def test_load_report_malformed_field_raises_one_line_run_error_naming_file_and_field(tmp_path, change, field):
+    rep = _old_report()
+    change(rep)
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    with pytest.raises(RunError) as e:
+        load_report(tmp_path)
+    assert e.value.message.startswith(f"{tmp_path / 'report.json'}: {field}")
+    assert "\n" not in e.value.message and e.value.hint
+
+
+def test_report_command_prints_malformed_field_in_one_line_exit_2(tmp_path):
+    rep = _old_report()
+    rep["variants"][0]["accuracy"] = "high"
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    proc = subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", "report", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'report.json'}: variants.0.accuracy (variant 'teacher'): Input should be a number, got 'high' "
+        "(hint: delete it and re-run the report stage)"
+    ]
+
+
+def test_make_report_rejects_malformed_variant_value_naming_it(variants):
+    variants[2]["accuracy"] = "88.5"
+    with pytest.raises(RunError) as e:
+        make_report(variants, META)
+    assert e.value.message == "variant final: accuracy: Input should be a number, got '88.5'"
+    assert e.value.hint == "re-run the benchmark stage"
 
 
 # ----------------------------------------------------------------------------- console

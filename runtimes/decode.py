@@ -107,45 +107,196 @@ class KVCacheSession:
         return np.stack(out).astype(np.float32)
 
 
+class FusedDecoderSession:
+    """Greedy decoding with a fused decoder graph (:mod:`dsk_compress.export.fused`), batch 1, no per-token allocation.
+
+    The KV cache is one preallocated buffer per layer and key / value, bound through IO binding as both
+    the graph's past input and its present output, so GroupQueryAttention appends in place. The token,
+    ``seqlens_k`` and ``total_sequence_length`` inputs and the step logits are small numpy arrays wrapped
+    once as ONNX Runtime values (they share memory): a decode step writes three integers, runs the bound
+    graph and reads the logits, with nothing allocated or copied on the Python side.
+
+    Args:
+        path: the fused ``*.onnx`` model.
+        threads: intra-op threads (None: onnxruntime's default).
+        optimization: ORT graph optimization level applied at load.
+        max_sequence: cache length to preallocate (default: grown to what each ``greedy`` call needs, at most
+            the model's position limit).
+        session: an ``onnxruntime.InferenceSession`` of the graph built by the caller (e.g. with the profiler on);
+            ``path``, ``threads`` and ``optimization`` are then ignored.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, threads: int | None = None, optimization: str = "extended",
+                 max_sequence: int | None = None, session=None) -> None:
+        import onnxruntime
+
+        from dsk_compress.export.fused import FusedLayout, is_fused_graph
+        from dsk_compress.runtimes.onnxruntime import make_session
+
+        self.session = session if session is not None else make_session(path, threads=threads, optimization=optimization)
+        if not is_fused_graph(self.session):
+            raise RuntimeBackendError(f"{path} is not a fused decoder graph (no seqlens_k input)",
+                                      hint="export it with dsk_compress.export.fused, or use KVCacheSession")
+        self.layout = FusedLayout.from_session(self.session)
+        self._ov = onnxruntime.OrtValue.ortvalue_from_numpy
+        self.max_sequence = 0
+        self._seqlens = np.zeros(1, np.int32)
+        self._total = np.zeros((), np.int32)
+        self._token = np.zeros((1, 1), np.int64)
+        self._step_logits = np.zeros((1, 1, self.layout.vocab), np.float32)
+        self.io = self.session.io_binding()
+        self.io.bind_ortvalue_input("seqlens_k", self._ov(self._seqlens))
+        self.io.bind_ortvalue_input("total_sequence_length", self._ov(self._total))
+        if max_sequence is not None:
+            self.allocate(max_sequence)
+
+    def allocate(self, max_sequence: int) -> None:
+        """(Re)allocate the cache buffers for ``max_sequence`` tokens and bind them as past and present."""
+        from dsk_compress.export.fused import past_names, present_names
+
+        lay = self.layout
+        if max_sequence > lay.max_positions:
+            raise RuntimeBackendError(f"{max_sequence} tokens exceed the model's {lay.max_positions} positions",
+                                      hint="shorten the prompt or the number of new tokens")
+        self._cache = []
+        for i in range(lay.layers):
+            for past, present in zip(past_names(i), present_names(i)):
+                buf = np.zeros((1, lay.kv_heads, max_sequence, lay.head_dim), np.float32)
+                ov = self._ov(buf)
+                self._cache.append((buf, ov))
+                self.io.bind_ortvalue_input(past, ov)
+                self.io.bind_ortvalue_output(present, ov)
+        self.max_sequence = max_sequence
+
+    def _ensure(self, needed: int) -> None:
+        if needed > self.max_sequence:
+            self.allocate(needed)
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        """Run the prompt from an empty cache; return the logits of every prompt position ``[len, V]``."""
+        prompt = np.ascontiguousarray(np.asarray(prompt, np.int64).reshape(1, -1))
+        n = prompt.shape[1]
+        self._ensure(n)
+        logits = np.empty((1, n, self.layout.vocab), np.float32)
+        self.io.bind_ortvalue_input("input_ids", self._ov(prompt))
+        self.io.bind_ortvalue_output("logits", self._ov(logits))
+        self._seqlens[0] = n - 1
+        self._total[...] = n
+        self.session.run_with_iobinding(self.io)
+        # steps from here on feed one token and write one row of logits
+        self.io.bind_ortvalue_input("input_ids", self._ov(self._token))
+        self.io.bind_ortvalue_output("logits", self._ov(self._step_logits))
+        self._len = n
+        return logits[0]
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token after the cached ones; return its logits ``[V]`` (a view, overwritten by the next step)."""
+        if self._len >= self.max_sequence:
+            raise RuntimeBackendError(f"the KV cache holds {self.max_sequence} tokens and is full", hint="allocate a longer cache")
+        self._token[0, 0] = token
+        self._seqlens[0] = self._len
+        self._len += 1
+        self._total[...] = self._len
+        self.session.run_with_iobinding(self.io)
+        return self._step_logits[0, 0]
+
+    def greedy(self, prompt: np.ndarray, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy-generate ``new_tokens`` after ``prompt``: ``(tokens [new_tokens], step logits [new_tokens, V])``."""
+        prompt = np.asarray(prompt, np.int64).reshape(-1)
+        self._ensure(prompt.size + max(new_tokens - 1, 0))
+        logits = self.prefill(prompt)[-1]
+        toks, steps = [], []
+        for k in range(new_tokens):
+            steps.append(logits.copy())
+            toks.append(int(np.argmax(logits)))
+            if k + 1 < new_tokens:
+                logits = self.step(toks[-1])
+        return np.asarray(toks, np.int64), np.stack(steps) if steps else np.zeros((0, 0), np.float32)
+
+    def step_logits(self, prompt: np.ndarray, forced: np.ndarray) -> np.ndarray:
+        """Logits after the prompt, then after each token of ``forced`` fed in turn: ``[1 + len(forced), V]``."""
+        prompt = np.asarray(prompt, np.int64).reshape(-1)
+        forced = np.asarray(forced, np.int64).reshape(-1)
+        self._ensure(prompt.size + forced.size)
+        out = [self.prefill(prompt)[-1].copy()]
+        for t in forced:
+            out.append(self.step(int(t)).copy())
+        return np.stack(out)
+
+
+def decode_session(path: str | os.PathLike, threads: int | None = None, optimization: str = "extended"):
+    """A :class:`FusedDecoderSession` for a fused graph, else a :class:`KVCacheSession` (today's plain KV graph)."""
+    import onnx
+
+    from dsk_compress.export.fused import SEQLENS_K
+
+    names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    cls = FusedDecoderSession if SEQLENS_K in names else KVCacheSession
+    return cls(path, threads=threads, optimization=optimization)
+
+
+def _decode_steps(sess, prompt: np.ndarray, new_tokens: int):
+    """``(prefill() -> last logits, step(token, total) -> logits)`` for either session kind."""
+    if isinstance(sess, FusedDecoderSession):
+        sess.allocate(max(sess.max_sequence, prompt.size + new_tokens))
+        return (lambda: sess.prefill(prompt)[-1]), (lambda tok, total: sess.step(tok))
+    state: dict = {}
+
+    def prefill():
+        logits, state["past"] = sess.prefill(prompt)
+        return logits
+
+    def step(tok, total):
+        logits, state["past"] = sess.step(tok, total, state["past"])
+        return logits
+
+    return prefill, step
+
+
 def measure_decode(path: str | os.PathLike, prompt: np.ndarray, new_tokens: int = DEFAULT_NEW_TOKENS, threads: int | None = None,
-                   repeats: int = 5, warmup: int = 1, optimization: str = "extended") -> dict[str, Any]:
-    """Time greedy generation with the KV-cache model at ``path`` in this process.
+                   repeats: int = 5, warmup: int = 1, optimization: str = "extended", session=None) -> dict[str, Any]:
+    """Time greedy generation with the decoder graph at ``path`` (fused or plain KV, see :func:`decode_session`) in this process.
 
     Each repeat prefills ``prompt`` (batch 1) and then runs ``new_tokens`` single-token decode steps,
     each feeding the previous argmax. A step's time covers the ORT call and the argmax. Returns the
     median prefill ms over repeats, p50/p90 over every decode step, and the median over repeats of
-    ``new_tokens / decode seconds`` as ``decode_tokens_per_s``.
+    ``new_tokens / decode seconds`` as ``decode_tokens_per_s``. ``new_tokens = 0`` times the prefill only.
+    ``session``: an already built session of either kind (e.g. one with ORT's profiler on) instead of ``path``.
     """
-    if new_tokens < 1 or repeats < 1 or warmup < 0:
-        raise RuntimeBackendError(f"need new_tokens >= 1, repeats >= 1, warmup >= 0 (got {new_tokens}, {repeats}, {warmup})")
+    if new_tokens < 0 or repeats < 1 or warmup < 0:
+        raise RuntimeBackendError(f"need new_tokens >= 0, repeats >= 1, warmup >= 0 (got {new_tokens}, {repeats}, {warmup})")
     prompt = np.asarray(prompt, np.int64).reshape(-1)
-    sess = KVCacheSession(path, threads=threads, optimization=optimization)
+    sess = session if session is not None else decode_session(path, threads=threads, optimization=optimization)
+    prefill, step = _decode_steps(sess, prompt, new_tokens)
     perf = time.perf_counter
     prefill_ms, step_ms, tok_s, tokens = [], [], [], None
     for r in range(warmup + repeats):
         t0 = perf()
-        logits, past = sess.prefill(prompt)
-        tok = int(np.argmax(logits))
+        tok = int(np.argmax(prefill()))
         t1 = perf()
         times, toks = [], [tok]
         for k in range(new_tokens):
             t = perf()
-            logits, past = sess.step(tok, prompt.size + k + 1, past)
-            tok = int(np.argmax(logits))
+            tok = int(np.argmax(step(tok, prompt.size + k + 1)))
             times.append((perf() - t) * 1000)
             toks.append(tok)
         if r >= warmup:
             prefill_ms.append((t1 - t0) * 1000)
             step_ms += times
-            tok_s.append(new_tokens / (sum(times) / 1000))
+            if times:
+                tok_s.append(new_tokens / (sum(times) / 1000))
             tokens = toks
     import onnxruntime
 
-    p50, p90 = (float(x) for x in np.percentile(step_ms, [50, 90]))
-    return {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
-            "prefill_ms": round(float(np.median(prefill_ms)), 3), "decode_ms_p50": round(p50, 3), "decode_ms_p90": round(p90, 3),
-            "decode_tokens_per_s": round(float(np.median(tok_s)), 2), "decode_tokens_per_s_runs": [round(x, 2) for x in tok_s],
-            "runtime": f"onnxruntime {onnxruntime.__version__} CPU, graph optimization {optimization}", "tokens": tokens}
+    out = {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
+           "graph": "fused" if isinstance(sess, FusedDecoderSession) else "kv",
+           "prefill_ms": round(float(np.median(prefill_ms)), 3), "prefill_ms_runs": [round(x, 3) for x in prefill_ms],
+           "runtime": f"onnxruntime {onnxruntime.__version__} CPU, graph optimization {optimization}", "tokens": tokens}
+    if step_ms:
+        p50, p90 = (float(x) for x in np.percentile(step_ms, [50, 90]))
+        out.update({"decode_ms_p50": round(p50, 3), "decode_ms_p90": round(p90, 3), "decode_tokens_per_s": round(float(np.median(tok_s)), 2),
+                    "decode_tokens_per_s_runs": [round(x, 2) for x in tok_s]})
+    return out
 
 
 def benchmark_decode(path: str | os.PathLike, prompt: np.ndarray, new_tokens: int = DEFAULT_NEW_TOKENS, threads: int | None = None,

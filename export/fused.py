@@ -1,0 +1,432 @@
+"""Decoder graphs built directly from ONNX Runtime's fused contrib operators (fp32, int8 from QAT, int4 weight-only).
+
+The graph is written node by node from the Hugging Face module tree, not traced, so every fusion is ours
+and none depends on what the ORT optimizer happens to match. Per decoder layer::
+
+    SkipSimplifiedLayerNormalization        residual add + RMSNorm in one kernel (the first layer: SimplifiedLayerNormalization)
+    q/k/v projections                       one MatMul on the concatenated weight (packed QKV) where the precision allows
+    GroupQueryAttention (com.microsoft)     rotary embedding (do_rotary, cos/sin caches), KV-cache append, causal softmax
+    o_proj
+    SkipSimplifiedLayerNormalization
+    gate/up projections                     one MatMul + Split where the precision allows
+    QuickGelu(alpha=1) * up                 SiLU gate (QuickGelu with alpha 1 is x * sigmoid(x))
+    down_proj
+
+Graph interface, the same for every precision so one decode loop serves them::
+
+    inputs   input_ids               int64 [batch, sequence]
+             seqlens_k               int32 [batch]        tokens in the cache after this call, minus one
+             total_sequence_length   int32 []             the same count + 1 (the longest row of the batch)
+             past_key_values.{i}.key / .value   float [batch, kv_heads, max_sequence, head_dim]
+    outputs  logits                  float [batch, sequence, vocab]
+             present.{i}.key / .value  same shape as the past: bind the same buffer to both (GroupQueryAttention
+                                       then appends in place; ``runtimes.decode.FusedDecoderSession`` does this)
+
+A prefill feeds the prompt with ``seqlens_k = len - 1``; each decode step feeds one token with the count
+grown by one. ``max_sequence`` is the caller's buffer length (prompt + new tokens); positions are bounded
+by the cos/sin caches (``max_position_embeddings``).
+
+Linear layers by precision:
+
+- ``fp32``: MatMul on ``W.T``; q/k/v and gate/up each become one MatMul on the concatenated weights.
+- ``int8`` (a frozen QAT model, :mod:`dsk_compress.compress.qat`): each QuantLinear's activation quantizer
+  becomes a static QuantizeLinear with its learned scale / zero point, its weight the int8 tensor that
+  torch's per-channel fake quant rounds to (stored ``[in, out]``), and the product a
+  MatMulIntegerToFloat (integer GEMM, then ``a_scale * w_scale[col]``). Linears reading the same tensor
+  share one MatMul only when their activation quantizers are identical (otherwise the integer inputs
+  differ); ``share_activation_quantizers=True`` forces the sharing with one quantizer spanning the union
+  of the ranges (faster, no longer bit-compatible with the fake-quant model). Linears QAT skipped stay
+  fp32 MatMuls.
+- ``int4``: the fp32 graph's MatMuls through ONNX Runtime's ``MatMulNBitsQuantizer`` (blockwise
+  symmetric RTN, ``block_size`` along K, activations fp32 or int8 per ``accuracy_level``).
+
+Supported: dense Llama-family decoders (Llama, Mistral, Qwen2, Qwen3 with its per-head q/k norms) with a
+SiLU-gated MLP and static rotary embeddings; anything else raises ExportError with a hint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dsk_compress.errors import ExportError
+from dsk_compress.io import atomic_path, commit
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+PRECISIONS = ("fp32", "int8", "int4")
+INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, LOGITS = "input_ids", "seqlens_k", "total_sequence_length", "logits"
+METADATA_KEY = "dsk_compress.fused_decoder"
+"""Key of the JSON metadata (layout, precision, max positions) stored in the ONNX model's metadata_props."""
+
+
+def past_names(i: int) -> tuple[str, str]:
+    return f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+
+
+def present_names(i: int) -> tuple[str, str]:
+    return f"present.{i}.key", f"present.{i}.value"
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """What a runtime needs to drive a fused decoder graph: its cache shape and position limit."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+    precision: str
+    window: int | None = None
+
+    @classmethod
+    def from_session(cls, session) -> FusedLayout:
+        meta = session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise ExportError("the ONNX model has no fused-decoder metadata: it was not written by export.fused")
+        return cls(**json.loads(meta[METADATA_KEY]))
+
+
+def is_fused_graph(session) -> bool:
+    """Whether an ORT session runs a graph with this module's interface (``seqlens_k`` input)."""
+    return any(i.name == SEQLENS_K for i in session.get_inputs())
+
+
+class _Graph:
+    """A tiny ONNX graph writer: unique names, initializers from numpy, nodes in topological order."""
+
+    def __init__(self) -> None:
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes, self.inits, self.names = [], [], set()
+
+    def _fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        self.names.add(name)
+        return name
+
+    def init(self, name: str, array) -> str:
+        name = self._fresh(name)
+        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        name = self._fresh(name)
+        outs = [f"{name}/out{k}" for k in range(outputs)] if isinstance(outputs, int) else list(outputs)
+        self.names.update(o for o in outs if o)
+        self.nodes.append(self.helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+
+def _float(t: torch.Tensor) -> np.ndarray:
+    import torch
+
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def _act_quantizer(m) -> tuple[float, int, np.dtype]:
+    """A QuantLinear's activation quantizer as ONNX QuantizeLinear parameters: (scale, zero point, integer dtype)."""
+    if bool(m.observing.item()):
+        raise ExportError("a QuantLinear still observes activation ranges (calibration never froze it)",
+                          hint="run compress.qat.calibrate / freeze_observers before export")
+    dtype = np.int8 if m.act_qmin < 0 else np.uint8
+    return float(np.float32(m.act_scale.item())), int(round(m.act_zero_point.item())), dtype
+
+
+def _union_quantizer(mods: list) -> tuple[float, int, np.dtype]:
+    """One quantizer covering the float ranges of ``mods``' quantizers (for forced sharing)."""
+    qs = [_act_quantizer(m) for m in mods]
+    dtype = qs[0][2]
+    info = np.iinfo(dtype)
+    lo = min((info.min - zp) * s for s, zp, _ in qs)
+    hi = max((info.max - zp) * s for s, zp, _ in qs)
+    if dtype == np.int8:  # symmetric: zero point 0
+        scale = max(-lo, hi) / info.max
+        return float(np.float32(scale)), 0, dtype
+    scale = (hi - lo) / (info.max - info.min)
+    return float(np.float32(scale)), int(np.clip(round(-lo / scale), info.min, info.max)), dtype
+
+
+def _int8_weight(m) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 weight ``[in, out]`` that torch's per-channel fake quant rounds the weight to, and its scales ``[out]``."""
+    import torch
+
+    with torch.no_grad():
+        scale = m.weight_scale().to(torch.float32)
+        fq = m.quantized_weight().to(torch.float32)
+        q = torch.round(fq / scale[:, None]).clamp(-128, 127)
+    if not torch.equal(q * scale[:, None], fq):
+        raise ExportError("a QuantLinear's fake-quantized weight is not an integer multiple of its scale",
+                          hint="freeze the weight scales (compress.qat.freeze_for_export) before export")
+    return q.to(torch.int8).numpy().T.copy(), _float(scale)
+
+
+class _Builder:
+    """Writes the graph of one model in one precision (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, precision: str, share_activation_quantizers: bool) -> None:
+        from dsk_compress.compress.qat import QuantLinear
+
+        self.model, self.precision, self.share = model, precision, share_activation_quantizers
+        self.quant_type = QuantLinear
+        self.g = _Graph()
+        self.quantized: dict[tuple, str] = {}  # (input, scale, zp, dtype) -> QuantizeLinear output, one per distinct quantizer
+
+    def _is_quant(self, m) -> bool:
+        return isinstance(m, self.quant_type)
+
+    def project(self, x: str, mods: list, name: str, fuse: bool = True) -> list[str]:
+        """``x @ W.T (+ b)`` for each Linear in ``mods``: one output of the concatenated width when they fuse, else one each."""
+        quant = [self._is_quant(m) for m in mods]
+        if any(quant) and not all(quant):
+            return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
+        if all(quant) and self.precision == "int8":
+            qs = [_act_quantizer(m) for m in mods]
+            if len(mods) > 1 and (not fuse or (len(set(qs)) > 1 and not self.share)):
+                return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
+            q = qs[0] if len(set(qs)) == 1 else _union_quantizer(mods)
+            return [self._int8_matmul(x, mods, q, name)]
+        if len(mods) > 1 and not fuse:
+            return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
+        w = np.concatenate([_float(m.weight).T for m in mods], axis=1)
+        (y,) = self.g.node("MatMul", [x, self.g.init(f"{name}.weight", w)], f"{name}/MatMul")
+        bias = self._bias(mods)
+        if bias is not None:
+            (y,) = self.g.node("Add", [y, self.g.init(f"{name}.bias", bias)], f"{name}/Add")
+        return [y]
+
+    @staticmethod
+    def _bias(mods: list) -> np.ndarray | None:
+        if all(m.bias is None for m in mods):
+            return None
+        return np.concatenate([_float(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32) for m in mods])
+
+    def _int8_matmul(self, x: str, mods: list, quantizer: tuple[float, int, np.dtype], name: str) -> str:
+        scale, zp, dtype = quantizer
+        key = (x, scale, zp, np.dtype(dtype).name)
+        g = self.g
+        s = g.init(f"{name}.act_scale", np.array(scale, np.float32))
+        z = g.init(f"{name}.act_zero_point", np.array(zp, dtype))
+        if key not in self.quantized:
+            (self.quantized[key],) = g.node("QuantizeLinear", [x, s, z], f"{name}/QuantizeLinear")
+        ws = [_int8_weight(m) for m in mods]
+        w = g.init(f"{name}.weight_int8", np.concatenate([q for q, _ in ws], axis=1))
+        w_scale = g.init(f"{name}.weight_scale", np.concatenate([sc for _, sc in ws]))
+        inputs = [self.quantized[key], w, s, w_scale, z, ""]
+        bias = self._bias(mods)
+        if bias is not None:
+            inputs.append(g.init(f"{name}.bias", bias))
+        (y,) = g.node("MatMulIntegerToFloat", inputs, f"{name}/MatMulIntegerToFloat", domain="com.microsoft")
+        return y
+
+
+def _spec(model: nn.Module) -> dict:
+    """The architecture facts the builder needs, read from a Llama-family model; refuses what it cannot express."""
+    cfg = model.config
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if base is None or layers is None or not hasattr(model, "lm_head"):
+        raise ExportError(f"{type(model).__name__} is not a Llama-family causal LM (model.model.layers, lm_head)",
+                          hint="fused export supports Llama, Mistral, Qwen2 and Qwen3 dense decoders")
+    for i, layer in enumerate(layers):
+        mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
+        if not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            raise ExportError(f"layer {i} of {type(model).__name__} has no dense gated MLP (an MoE block?)",
+                              hint="fused export supports dense students; use the KV-cache export for MoE")
+        if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise ExportError(f"layer {i} of {type(model).__name__} has no q/k/v/o projections", hint="fused export supports Llama-family attention")
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ExportError(f"fused export supports SiLU-gated MLPs, not hidden_act={act!r}")
+    rope = getattr(base, "rotary_emb", None)
+    rope_type = getattr(rope, "rope_type", "default")
+    if rope is None or rope_type == "dynamic":
+        raise ExportError(f"fused export needs static rotary embeddings (rope_type {rope_type!r})")
+    from dsk_compress.export.kv_cache import _sliding_window
+
+    heads, kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    scaling = getattr(layers[0].self_attn, "scaling", head_dim**-0.5)
+    return {"layers": len(layers), "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "eps": float(cfg.rms_norm_eps),
+            "vocab": int(cfg.vocab_size), "max_positions": int(cfg.max_position_embeddings), "window": _sliding_window(cfg),
+            "scaling": float(scaling), "qk_norm": hasattr(layers[0].self_attn, "q_norm")}
+
+
+def _rope_caches(model: nn.Module, max_positions: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches ``[max_positions, rotary_dim / 2]`` from the model's own rotary module (its scaling included)."""
+    import torch
+
+    rope = model.model.rotary_emb
+    dev = next(model.parameters()).device
+    pos = torch.arange(max_positions, device=dev)[None]
+    with torch.no_grad():
+        cos, sin = rope(torch.zeros(1, 1, head_dim, device=dev, dtype=torch.float32), pos)
+    half = cos.shape[-1] // 2
+    return _float(cos[0, :, :half]), _float(sin[0, :, :half])
+
+
+def _norm_weight(module) -> np.ndarray:
+    return _float(module.weight)
+
+
+def build_fused_graph(model: nn.Module, precision: str = "fp32", share_activation_quantizers: bool = False):
+    """The fused decoder graph of ``model`` as an ``onnx.ModelProto`` (``int4`` is built as fp32; see :func:`export_fused`)."""
+    from onnx import TensorProto, helper
+
+    spec = _spec(model)
+    b = _Builder(model, "int8" if precision == "int8" else "fp32", share_activation_quantizers)
+    g = b.g
+    base = model.model
+    eps = spec["eps"]
+    kv, hd = spec["kv_heads"], spec["head_dim"]
+    cos, sin = _rope_caches(model, spec["max_positions"], hd)
+    cos_name, sin_name = g.init("cos_cache", cos), g.init("sin_cache", sin)
+    (x,) = g.node("Gather", [g.init("embed_tokens.weight", _float(base.embed_tokens.weight)), INPUT_IDS], "embed_tokens/Gather")
+    residual, pending = x, None  # pending: the last block output not yet added to the residual
+    gqa_attrs = {"num_heads": spec["heads"], "kv_num_heads": kv, "do_rotary": 1, "rotary_interleaved": 0, "scale": spec["scaling"]}
+    if spec["window"] is not None:
+        gqa_attrs["local_window_size"] = spec["window"]  # both keep the last `window` keys (HF: k > q - window)
+
+    def head_norm(x: str, module, name: str) -> str:
+        (y,) = g.node("Reshape", [x, g.init(f"{name}.heads_shape", np.array([0, 0, -1, hd], np.int64))], f"{name}/Reshape")
+        (y,) = g.node("SimplifiedLayerNormalization", [y, g.init(f"{name}.weight", _norm_weight(module))], f"{name}/SimplifiedLayerNormalization",
+                      epsilon=float(getattr(module, "variance_epsilon", eps)), axis=-1, stash_type=1)
+        (y,) = g.node("Reshape", [y, g.init(f"{name}.flat_shape", np.array([0, 0, -1], np.int64))], f"{name}/Reshape_flat")
+        return y
+
+    def norm(weight: np.ndarray, name: str) -> str:
+        nonlocal residual, pending
+        w = g.init(f"{name}.weight", weight)
+        if pending is None:
+            (h,) = g.node("SimplifiedLayerNormalization", [residual, w], f"{name}/SimplifiedLayerNormalization",
+                          epsilon=eps, axis=-1, stash_type=1)
+            return h
+        h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w], f"{name}/SkipSimplifiedLayerNormalization",
+                                   outputs=[f"{name}/output", "", "", f"{name}/residual"], domain="com.microsoft", epsilon=eps)
+        pending = None
+        return h
+
+    for i, layer in enumerate(base.layers):
+        p = f"layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        h = norm(_norm_weight(layer.input_layernorm), f"{p}.input_layernorm")
+        # Qwen3's per-head q/k RMSNorm comes before the rotary embedding; GroupQueryAttention's own q/k-norm inputs
+        # run on CUDA / WebGPU only, so the projections stay apart and each norm is a SimplifiedLayerNormalization
+        qkv = b.project(h, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.attn.qkv_proj", fuse=not spec["qk_norm"])
+        if spec["qk_norm"]:
+            qkv = [head_norm(qkv[0], attn.q_norm, f"{p}.attn.q_norm"), head_norm(qkv[1], attn.k_norm, f"{p}.attn.k_norm"), qkv[2]]
+        q_in = qkv if len(qkv) == 3 else [qkv[0], "", ""]
+        pk, pv = past_names(i)
+        inputs = [*q_in, pk, pv, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, cos_name, sin_name]
+        (a, _, _) = g.node("GroupQueryAttention", inputs, f"{p}.attn/GroupQueryAttention", outputs=[f"{p}.attn/output", *present_names(i)],
+                           domain="com.microsoft", **gqa_attrs)
+        (pending,) = b.project(a, [attn.o_proj], f"{p}.attn.o_proj")
+        h = norm(_norm_weight(layer.post_attention_layernorm), f"{p}.post_attention_layernorm")
+        gu = b.project(h, [mlp.gate_proj, mlp.up_proj], f"{p}.mlp.gate_up_proj")
+        if len(gu) == 1:
+            inter = mlp.gate_proj.out_features
+            gu = g.node("Split", [gu[0], g.init(f"{p}.mlp.split", np.array([inter, inter], np.int64))], f"{p}.mlp/Split", outputs=2, axis=-1)
+        (act,) = g.node("QuickGelu", [gu[0]], f"{p}.mlp/QuickGelu", domain="com.microsoft", alpha=1.0)
+        (prod,) = g.node("Mul", [act, gu[1]], f"{p}.mlp/Mul")
+        (pending,) = b.project(prod, [mlp.down_proj], f"{p}.mlp.down_proj")
+    h = norm(_norm_weight(base.norm), "norm")
+    (logits,) = b.project(h, [model.lm_head], "lm_head")
+    # name the graph output
+    last = g.nodes[-1]
+    last.output[0] = LOGITS
+
+    f = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
+              helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info(LOGITS, f, ["batch", "sequence", spec["vocab"]])]
+    for i in range(spec["layers"]):
+        for n in past_names(i):
+            inputs.append(helper.make_tensor_value_info(n, f, ["batch", kv, "max_sequence", hd]))
+        for n in present_names(i):
+            outputs.append(helper.make_tensor_value_info(n, f, ["batch", kv, "max_sequence", hd]))
+    graph = helper.make_graph(g.nodes, "fused_decoder", inputs, outputs, g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                          producer_name="dsk-compress")
+    m.ir_version = 10
+    layout = FusedLayout(spec["layers"], kv, hd, spec["vocab"], spec["max_positions"], precision, spec["window"])
+    helper.set_model_props(m, {METADATA_KEY: json.dumps(layout.__dict__)})
+    return m
+
+
+def _quantize_int4(m, block_size: int, accuracy_level: int | None):
+    """Every MatMul with a constant weight as a blockwise symmetric int4 MatMulNBits (ONNX Runtime's quantizer)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    import logging
+
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=4)
+    q = MatMulNBitsQuantizer(m, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, algo_config=cfg)
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # it logs every node at INFO
+    try:
+        q.process()
+    finally:
+        log.setLevel(level)
+    return q.model.model
+
+
+def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *, block_size: int = 32, accuracy_level: int | None = 4,
+                 share_activation_quantizers: bool = False) -> Path:
+    """Write the fused decoder graph of ``model`` to ``path`` (atomically) and return the path.
+
+    Args:
+        model: a Hugging Face Llama-family causal LM; for ``int8`` a QAT model with frozen weight scales.
+        precision: ``fp32``, ``int8`` (QAT, bit-compatible with its fake quant) or ``int4`` (weight-only MatMulNBits).
+        block_size: int4 quantization block along the input features (a power of two >= 16).
+        accuracy_level: int4 only: MatMulNBits' compute type (4: int8 activations quantized per block at run time,
+            ONNX Runtime's CPU default; 0/1: fp32).
+        share_activation_quantizers: int8 only: fuse q/k/v and gate/up even when their quantizers differ (see module doc).
+    """
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown fused precision {precision!r}", hint=f"valid: {', '.join(PRECISIONS)}")
+    if precision == "int8" and not any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+        raise ExportError("int8 fused export needs a QAT model (QuantLinear layers)", hint="run the qat stage, or export fp32 / int4")
+    if precision != "int8" and any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+        raise ExportError(f"{precision} fused export got a QAT model", hint="export a QAT model as int8")
+    model = model.eval()
+    m = build_fused_graph(model, precision, share_activation_quantizers)
+    if precision == "int4":
+        m = _quantize_int4(m, block_size, accuracy_level)
+    tmp, final = atomic_path(path)
+    onnx.save(m, str(tmp))
+    return commit(tmp, final)
+
+
+def check_fused_parity(model: nn.Module, path: str | Path, prompt: np.ndarray, new_tokens: int = 8, threads: int | None = None) -> dict:
+    """Greedy-decode ``new_tokens`` after ``prompt`` in torch (the model's own cache) and with the fused graph; compare.
+
+    Same numbers as :func:`dsk_compress.export.kv_cache.check_kv_parity`: ``tokens_match``, ``matched_tokens``,
+    ``step_logits_max_abs_diff`` and ``step_logits_sqnr_db``, the logits compared step by step on torch's token path.
+    """
+    from dsk_compress.compress.qat import sqnr_db
+    from dsk_compress.export.kv_cache import torch_greedy
+    from dsk_compress.runtimes.decode import FusedDecoderSession
+
+    ref_tokens, ref_logits = torch_greedy(model, prompt, new_tokens)
+    sess = FusedDecoderSession(path, threads=threads)
+    got_tokens, _ = sess.greedy(prompt, new_tokens)
+    forced = sess.step_logits(prompt, ref_tokens[:-1])
+    matched = int(np.argmin(np.append(got_tokens == ref_tokens, False)))
+    return {"tokens_match": bool((got_tokens == ref_tokens).all()), "matched_tokens": matched, "new_tokens": new_tokens,
+            "step_logits_max_abs_diff": float(np.abs(forced - ref_logits).max()),
+            "step_logits_sqnr_db": round(sqnr_db(ref_logits, forced), 2)}

@@ -1,0 +1,1 @@
+"""Remote-execution tests (a package, so its conftest does not shadow tests/conftest.py as module ``conftest``)."""

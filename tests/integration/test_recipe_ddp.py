@@ -146,7 +146,7 @@ def _worker(argv: list[str]) -> None:
     io.save_state_dict = logged(io.save_state_dict, 1)  # trainer checkpoints (bound when the trainer is imported, below)
     source.save_hf_dir = logged(source.save_hf_dir, 1)
     if fail and rank == 1:
-        from dsk_compress.recipes.stages import PruneStage
+        from dsk_compress.recipes.stages.prune import PruneStage
 
         def boom(self, ctx):
             raise RuntimeError("injected failure on rank 1")

@@ -72,7 +72,7 @@ def test_hidden_mse_refuses_the_logit_cache_naming_the_field(tmp_path):
     from dsk_compress.compress.distill import HiddenStateMSE, make_kd_loss_fn
     from dsk_compress.compress.logit_cache import TeacherLogitCache
     from dsk_compress.recipes import load_recipe
-    from dsk_compress.recipes.stages import _check_kd_settings
+    from dsk_compress.recipes.stages.common import check_kd_settings
 
     teacher = tiny_llama(num_hidden_layers=1)
     cache = TeacherLogitCache(tmp_path / "c", teacher, "task", k=8)
@@ -80,13 +80,13 @@ def test_hidden_mse_refuses_the_logit_cache_naming_the_field(tmp_path):
         make_kd_loss_fn(teacher, 2.0, 0.8, cache=cache, hidden=HiddenStateMSE([(0, 0)], 64, 64), hidden_weight=1.0)
     spec = load_recipe("quant-prune-distill", ["logit_cache.enabled=true", "stages.0.hidden_mse=0.5"])
     with pytest.raises(RecipeError, match=r"stages\.0\.hidden_mse") as e:
-        _check_kd_settings(SimpleNamespace(spec=spec), spec.stages[0], "distill")
+        check_kd_settings(SimpleNamespace(spec=spec), spec.stages[0], "distill")
     assert "logit_cache.enabled: false" in e.value.hint
 
 
 def test_hidden_pairs_default_to_the_layers_the_student_was_cut_from_and_are_range_checked():
     from dsk_compress.recipes import load_recipe
-    from dsk_compress.recipes.stages import DistillStage
+    from dsk_compress.recipes.stages.distill import DistillStage
 
     teacher, student = tiny_llama(num_hidden_layers=4), tiny_llama(num_hidden_layers=2)
     spec = load_recipe("quant-prune-distill", ["stages.0.hidden_mse=0.5"])
@@ -176,7 +176,7 @@ def test_check_vocab_refuses_a_student_with_another_vocabulary_or_special_ids():
 
 def test_check_vocab_refuses_a_task_tokenizer_that_is_not_the_teachers(tmp_path):
     from dsk_compress.compress.distill import check_vocab
-    from dsk_compress.recipes.stages import DistillStage
+    from dsk_compress.recipes.stages.distill import DistillStage
 
     words = ["<unk>", "</s>"] + [f"w{i}" for i in range(30)]
     teacher_tok = _word_tokenizer(words)

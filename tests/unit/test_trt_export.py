@@ -355,8 +355,8 @@ def _spec(tmp_path: Path, export: dict, qat: dict | None = None):
 
 
 def _ctx_with_qat(tmp_path: Path, spec, activations: str):
-    from dsk_compress.recipes.runner import RunContext
-    from dsk_compress.recipes.stages import save_qat_model
+    from dsk_compress.compress.qat import save_qat_model
+    from dsk_compress.recipes.base import RunContext
 
     rd = tmp_path / "run"
     ctx = RunContext(rd, spec)
@@ -369,7 +369,8 @@ def _ctx_with_qat(tmp_path: Path, spec, activations: str):
 
 def test_export_for_tensorrt_int8_device_rejects_asymmetric_qat_with_hint(tmp_path):
     from dsk_compress.errors import ExportError, RecipeError
-    from dsk_compress.recipes.stages import ExportStage, QATStage
+    from dsk_compress.recipes.stages.export import ExportStage
+    from dsk_compress.recipes.stages.qat import QATStage
 
     spec = _spec(tmp_path, {"device": "jetson-orin-nano"}, qat={})
     ctx = _ctx_with_qat(tmp_path, spec, "asymmetric")
@@ -384,7 +385,7 @@ def test_export_for_tensorrt_int8_device_rejects_asymmetric_qat_with_hint(tmp_pa
 
 
 def test_export_for_tensorrt_int8_device_checks_graph_and_defers_engine(tmp_path):
-    from dsk_compress.recipes.stages import ExportStage
+    from dsk_compress.recipes.stages.export import ExportStage
     from dsk_compress.runtimes.tensorrt import tensorrt_status
 
     spec = _spec(tmp_path, {"device": "jetson-orin-nano", "tensorrt": {"max_batch": 4}}, qat={"activations": "symmetric"})
@@ -404,8 +405,8 @@ def test_export_for_tensorrt_int8_device_checks_graph_and_defers_engine(tmp_path
 
 def test_export_for_gpu_server_writes_a_checked_fp16_student(tmp_path):
     from dsk_compress.models.source import save_hf_dir
-    from dsk_compress.recipes.runner import RunContext
-    from dsk_compress.recipes.stages import ExportStage
+    from dsk_compress.recipes.base import RunContext
+    from dsk_compress.recipes.stages.export import ExportStage
 
     spec = _spec(tmp_path, {"device": "gpu-server", "precisions": ["fp32"]})  # the device adds its preferred fp16
     ctx = RunContext(tmp_path / "run", spec)

@@ -1,0 +1,280 @@
+"""The export stage: every model the run produced, as ONNX files checked against torch (and TensorRT where asked).
+
+Story: decide the precisions (the recipe's, plus the target device's preferred one) and refuse combinations
+that cannot work before exporting anything; export the teacher (dense MoE routing; eager torch if it will
+not export) and the distill / prune baselines in fp32; each float student in fp32 (+ its KV-cache decode
+graph), the last one also in fp16 when asked, and the float student QAT started from as ORT dynamic /
+static PTQ baselines; the QAT student as INT8 Q/DQ (+ its KV-cache graph); for a TensorRT device, the
+TensorRT check and engine build of the artifact it will run. Each artifact's entry (path, role, params,
+parity numbers, notes) goes into ``outputs["artifacts"]`` for the bench stage. How each file is made and
+checked lives in ``export/`` (``onnx.py``, ``kv_cache.py``, ``ptq.py``, ``int8.py``, ``tensorrt.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dsk_compress.errors import ExportError
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
+from dsk_compress.recipes.schema import ExportConfig
+from dsk_compress.recipes.stages.common import is_torch_run, torch_student
+
+# (stage, baseline) -> (artifact role, note) of the comparison students earlier stages leave
+BASELINE_ROLES = {("distill", "nokd"): ("student-nokd", "same init and token budget, trained without KD (hard labels only)"),
+                  ("distill", "random-init"): ("student-random-init", "KD with a randomly initialised FFN, same token budget"),
+                  ("distill", "random-init-nokd"): ("student-random-init-nokd",
+                                                    "randomly initialised FFN, same token budget, trained without KD (hard labels only)"),
+                  ("prune", "oneshot"): ("pruned-oneshot", "pruned to the same size in one step, same total fine-tune budget")}
+
+
+@STAGES.register("export")
+class ExportStage(Stage[ExportConfig]):
+    """ONNX for the teacher (dense routing), each student stage (fp32) and the QAT student (INT8 Q/DQ)."""
+
+    ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
+
+    def run(self, ctx: RunContext) -> StageResult:
+        import logging
+        import warnings
+
+        with warnings.catch_warnings():
+            # TracerWarnings for the constant quantizer scales and ORT's "consider pre-processing" hints are expected
+            warnings.simplefilter("ignore")
+            level = logging.getLogger().level
+            logging.getLogger().setLevel(logging.ERROR)
+            try:
+                return self._run(ctx)
+            finally:
+                logging.getLogger().setLevel(level)
+
+    def _run(self, ctx: RunContext) -> StageResult:
+        if is_torch_run(ctx):  # your own torch model: model(x) -> logits, dynamic batch (below)
+            return run_torch(self, ctx)
+        from dsk_compress.compress.moe import densify_moe, is_moe
+        from dsk_compress.compress.qat import freeze_for_export, load_qat_model
+        from dsk_compress.devices import load_device
+        from dsk_compress.export.int8 import export_int8_lm
+        from dsk_compress.export.onnx import lm_logits, raw_path
+        from dsk_compress.models.source import count_params, load_hf_dir
+
+        c = self.config
+        d = ctx.stage_dir("export")
+        example = ctx.task.example_inputs(2)
+        target = load_device(c.device) if c.device else None
+        precisions = list(dict.fromkeys([*c.precisions, *([target.preferred_precision] if target else [])]))
+        trt_target = target is not None and target.preferred_runtime == "tensorrt"
+        float_stages = [st for st in ("distill", "prune") if ctx.outputs.get(st, {}).get("model")]
+        if "fp16" in precisions and not float_stages:
+            raise ExportError("fp16 export needs a float student from a distill or prune stage, and this run has neither",
+                              hint="drop fp16 from stages.N.precisions (and export for a device that does not prefer fp16)")
+        qrel = ctx.latest_output("qat_model")
+        if target is not None and target.preferred_precision == "int8" and qrel is None:
+            raise ExportError(f"{target.name} prefers int8, which needs a QAT student, and this run has no qat stage",
+                              hint="add a qat stage before export" + (" with activations: symmetric" if trt_target else ""))
+        acts = json.loads((ctx.path(qrel) / "qat.json").read_text()).get("activations", "asymmetric") if qrel is not None else None
+        if trt_target and target.preferred_precision == "int8" and acts != "symmetric":  # before any export work
+            qi = next((i for i, st in enumerate(ctx.spec.stages) if st.stage == "qat"), "N")
+            raise ExportError(f"{target.name} runs int8 in TensorRT, which needs symmetric int8 activations (zero point 0), "
+                              f"but the QAT model was trained with {acts} (uint8) ones",
+                              hint=f"set stages.{qi}.activations: symmetric (qat.activations=symmetric) and rerun the qat stage")
+
+        # the teacher (dense routing, exact) and the baselines of earlier stages, fp32
+        artifacts: dict[str, dict] = {}
+        teacher = ctx.teacher()
+        routing = "dense" if is_moe(teacher) else "n/a"
+        densify_moe(teacher)
+        try:
+            artifacts["teacher"] = {**self._float(ctx, teacher, "teacher", d, example), "role": "teacher", "params": count_params(teacher),
+                                    "notes": f"{type(teacher).__name__}, {routing} routing (exact)"}
+        except ExportError as e:  # fall back to eager torch; the report says so
+            from dsk_compress.models.source import save_hf_dir
+
+            tdir = save_hf_dir(teacher, d / "teacher-torch")
+            artifacts["teacher"] = {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher),
+                                    "precision": "fp32", "notes": f"ONNX export failed ({e.message}); measured in PyTorch eager"}
+        for stage in ("distill", "prune"):
+            for bname, rel in ctx.outputs.get(stage, {}).get("baselines", {}).items():
+                m = load_hf_dir(ctx.path(rel))
+                role, note = BASELINE_ROLES[(stage, bname)]
+                artifacts[role] = {**self._float(ctx, m, role, d, example), "role": role, "params": count_params(m), "stage": stage,
+                                   "model_dir": rel, "notes": note}
+
+        # each float student: fp32 (+ KV cache), fp16 of the last one, PTQ baselines of the one QAT started from
+        qat_input = ctx.latest_output("model", before="qat")
+        metrics: dict = {"precisions": precisions, "device": target.name if target else None}
+        for stage in float_stages:
+            rel = ctx.outputs[stage]["model"]
+            m = load_hf_dir(ctx.path(rel))
+            name = f"student-{stage}"
+            want_ptq = c.ptq_baselines and rel == qat_input and "qat" in ctx.outputs
+            want_fp16 = "fp16" in precisions and stage == float_stages[-1]
+            artifacts[name] = {**self._float(ctx, m, name, d, example, keep_raw=want_ptq or want_fp16),
+                               "role": "student", "params": count_params(m), "stage": stage, "model_dir": rel, "notes": f"after {stage}"}
+            if c.kv_cache:
+                artifacts[name].update(self._kv_cache(ctx, m, name, d, example))
+            raw = raw_path(d / f"{name}.onnx")
+            if want_fp16:
+                artifacts["student-fp16"] = self._fp16(ctx, m, raw, d, example, artifacts[name])
+                if trt_target and target.preferred_precision == "fp16":
+                    ref = lm_logits(m, example).astype(np.float64)
+                    metrics["tensorrt"] = artifacts["student-fp16"]["tensorrt"] = self._tensorrt(
+                        ctx, target, ctx.path(artifacts["student-fp16"]["path"]), "fp16", "student-fp16", ref, example)
+            if want_ptq:
+                artifacts.update(self._ptq(ctx, d, raw, artifacts[name]["params"], name))  # removes raw
+            else:
+                raw.unlink(missing_ok=True)
+
+        # the QAT student: INT8 Q/DQ (+ KV cache), and what TensorRT builds from it
+        if qrel is not None and "int8" in precisions:
+            q = load_qat_model(ctx.path(qrel))
+            freeze_for_export(q)  # fixed weight scales: constants in every int8 graph below
+            trt_int8 = trt_target and target.preferred_precision == "int8"
+            ref = lm_logits(q, example).astype(np.float64) if trt_int8 else None
+            qdq = d / "student-int8.qdq.onnx"  # portable Q/DQ graph: what TensorRT (or any ORT) loads
+            r = export_int8_lm(q, example, qdq, d / "student-int8.onnx", c.opset, c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
+            artifacts["final"] = {"path": ctx.rel(r.pop("path")), "role": "final", "precision": "int8", "params": count_params(q),
+                                  "qdq_path": ctx.rel(r.pop("qdq_path")), "activations": acts, **r,
+                                  "notes": f"INT8 Q/DQ (per-channel weights, per-tensor {acts} activations)"}
+            if c.kv_cache:
+                artifacts["final"].update(self._kv_cache(ctx, q, "student-int8", d, example, int8=True))
+            if trt_int8:
+                metrics["tensorrt"] = artifacts["final"]["tensorrt"] = self._tensorrt(ctx, target, qdq, "int8", "student-int8", ref, example)
+        elif qrel is not None:
+            metrics["int8_skipped"] = "int8 is not in stages.N.precisions"
+        metrics["artifacts"] = artifacts
+        return StageResult(outputs={"artifacts": artifacts}, metrics=metrics)
+
+    def _float(self, ctx: RunContext, model, name: str, d: Path, example, keep_raw: bool = False) -> dict:
+        """``<name>.onnx`` in fp32, checked against torch (a causal LM, or your own torch model)."""
+        from dsk_compress.export.cnn import export_float as export_module_float
+        from dsk_compress.export.onnx import export_float
+
+        c = self.config
+        export = export_module_float if is_torch_run(ctx) else export_float
+        info = export(model, example, d / f"{name}.onnx", c.opset, c.optimization, c.parity_atol, keep_raw)
+        return {**info, "path": ctx.rel(info["path"])}
+
+    def _kv_cache(self, ctx: RunContext, model, name: str, d: Path, example, int8: bool = False) -> dict:
+        """The KV-cache graph ``<name>.kv.onnx`` of a decoder student, checked by greedy decoding against torch.
+
+        A model the KV exporter cannot handle gets ``kv_cache.error`` (the full-sequence artifact stands);
+        a KV graph that disagrees with torch is an ExportError, as for the full-sequence graphs.
+        """
+        from dsk_compress.export.kv_cache import export_kv_cache, is_decoder_lm
+
+        c = self.config
+        if not is_decoder_lm(model):  # e.g. an image classifier: nothing to decode
+            return {}
+        info = export_kv_cache(model, d / f"{name}.kv.onnx", example, c.opset, c.optimization, parity_atol=c.parity_atol,
+                               min_sqnr_db=c.qdq_min_sqnr_db, int8=int8)
+        if "error" in info:
+            return {"kv_cache": info}
+        info["path"] = ctx.rel(info["path"])
+        return {"kv_cache_path": info["path"], "kv_cache": info}
+
+    def _fp16(self, ctx: RunContext, model, raw: Path, d: Path, example, fp32_art: dict) -> dict:
+        """fp16 ONNX of a float student (RMSNorm reductions and softmax kept in fp32), checked against torch fp32."""
+        from dsk_compress.export.onnx import export_fp16
+
+        out = d / "student-fp16.onnx"
+        check = export_fp16(model, raw, out, example, self.config.fp16_max_rel_err)
+        return {"path": ctx.rel(out), "role": "student-fp16", "precision": "fp16", "params": fp32_art["params"], "stage": fp32_art["stage"],
+                "model_dir": fp32_art["model_dir"], **check,
+                "notes": f"fp16 of student-{fp32_art['stage']} (normalization reductions and softmax in fp32, fp32 inputs/outputs); "
+                         "portable graph (no ORT offline optimization), also the TensorRT input"}
+
+    def _ptq(self, ctx: RunContext, d: Path, raw: Path, params: int, source: str) -> dict:
+        """ORT dynamic and static INT8 quantization of the float student: the baselines QAT must beat. Removes ``raw``."""
+        from dsk_compress.export.onnx import fused_ops, op_histogram
+        from dsk_compress.export.ptq import ptq_baselines
+
+        paths = ptq_baselines(raw, d, ctx.task.calibration_batches(self.config.ptq_calibration_batches, 4), self.config.optimization)
+        raw.unlink()
+        how = {"ptq-dynamic": "ORT quantize_dynamic", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
+        return {name: {"path": ctx.rel(p), "role": name, "precision": "int8", "params": params, "fused_ops": fused_ops(op_histogram(p)),
+                       "notes": f"{how[name]} of {source}, per-channel int8 weights, no fine-tune"} for name, p in paths.items()}
+
+    def _tensorrt(self, ctx: RunContext, device, onnx_path: Path, precision: str, name: str, ref, example) -> dict:
+        """Check ``onnx_path`` for TensorRT and build ``<name>.<device>.engine`` where tensorrt and a GPU are present."""
+        from dsk_compress.export.tensorrt import export_tensorrt
+
+        t = self.config.tensorrt
+        info = export_tensorrt(onnx_path, onnx_path.with_name(f"{name}.{device.name}.engine"), name=name, device=device.name,
+                               precision=precision, reference=ref, example=example, seq_len=t.max_seq_len or ctx.task.seq_len,
+                               max_batch=t.max_batch, opt_batch=t.opt_batch, workspace_gb=t.workspace_gb, build=t.build_engine)
+        info["onnx"] = ctx.rel(info["onnx"])
+        if info["engine"] is not None:
+            info["engine"] = ctx.rel(info["engine"])
+        return info
+
+
+# ---------------------------------------------------------------------------------------------
+# your own torch model: model(x) -> logits with a dynamic batch axis; fp32, ORT PTQ baselines, INT8 Q/DQ
+
+
+def run_torch(stage: ExportStage, ctx: RunContext) -> StageResult:
+    """ONNX (dynamic batch) for the teacher, the float student(s) and baselines, ORT PTQ baselines and the QAT student in INT8 Q/DQ."""
+    from dsk_compress.compress.qat import freeze_for_export
+    from dsk_compress.export.int8 import export_int8_module
+    from dsk_compress.export.onnx import raw_path
+    from dsk_compress.models.source import count_params, load_model_dir
+
+    c = stage.config
+    unsupported = [p for p in c.precisions if p == "fp16"] + (["device"] if c.device else [])
+    if unsupported:
+        raise ExportError(f"export {' and '.join(unsupported)} is not supported for torch students yet",
+                          hint="use precisions: [fp32, int8] and no device")
+    d = ctx.stage_dir("export")
+    example = ctx.task.example_inputs(2)
+    artifacts: dict[str, dict] = {}
+    teacher = ctx.teacher()
+    artifacts["teacher"] = {**stage._float(ctx, teacher, "teacher", d, example), "role": "teacher", "params": count_params(teacher),
+                            "notes": f"{type(teacher).__name__} from {ctx.spec.teacher.torch}, fp32"}
+    for bname, rel in ctx.outputs.get("prune", {}).get("baselines", {}).items():
+        m = load_model_dir(ctx.path(rel))
+        artifacts["pruned-oneshot"] = {**stage._float(ctx, m, "pruned-oneshot", d, example), "role": "pruned-oneshot",
+                                       "params": count_params(m), "stage": "prune", "model_dir": rel,
+                                       "notes": "pruned to the same widths in one step, same total fine-tune budget, fp32"}
+    qrel = ctx.latest_output("qat_model")
+    qat_input = ctx.latest_output("model", before="qat")
+    rel = ctx.outputs.get("prune", {}).get("model")
+    name, m = ("student-prune", load_model_dir(ctx.path(rel))) if rel else ("student", torch_student(ctx, "export"))
+    want_ptq = c.ptq_baselines and qrel is not None and rel == qat_input
+    artifacts[name] = {**stage._float(ctx, m, name, d, example, keep_raw=want_ptq), "role": "student", "params": count_params(m),
+                       "stage": "prune" if rel else "input", "model_dir": rel,
+                       "notes": "after prune, fp32" if rel else "the student as given, fp32"}
+    if want_ptq:
+        artifacts.update(_torch_ptq(stage, ctx, d, raw_path(d / f"{name}.onnx"), artifacts[name]["params"], name))
+    metrics: dict = {"precisions": list(c.precisions), "device": None}
+    if qrel is not None and "int8" in c.precisions:
+        q = load_model_dir(ctx.path(qrel))
+        freeze_for_export(q)
+        r = export_int8_module(q, example, ctx.task.example_inputs(32), d / "student-int8.qdq.onnx", d / "student-int8.onnx", c.opset,
+                               c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
+        qi = json.loads((ctx.path(qrel) / "dsk_model.json").read_text()).get("qat", {})
+        artifacts["final"] = {"path": ctx.rel(r.pop("path")), "role": "final", "precision": "int8", "params": count_params(q),
+                              "qdq_path": ctx.rel(r.pop("qdq_path")), "activations": qi.get("activations"), **r,
+                              "notes": f"INT8 Q/DQ (BatchNorm folded, per-channel weights, per-tensor {qi.get('activations')} activations)"}
+    elif qrel is not None:
+        metrics["int8_skipped"] = "int8 is not in stages.N.precisions"
+    if not want_ptq and c.ptq_baselines:
+        metrics["ptq_skipped"] = "PTQ baselines quantize the float student QAT started from; this run has no qat stage"
+    metrics["artifacts"] = artifacts
+    return StageResult(outputs={"artifacts": artifacts}, metrics=metrics)
+
+
+def _torch_ptq(stage: ExportStage, ctx: RunContext, d: Path, raw: Path, params: int, source: str) -> dict:
+    """ORT dynamic and static INT8 quantization of every Conv and Linear of the float student: the baselines QAT must beat."""
+    from dsk_compress.export.cnn import integer_op_counts, ptq_baselines
+    from dsk_compress.export.onnx import fused_ops, op_histogram
+
+    c = stage.config
+    paths = ptq_baselines(raw, d, ctx.task.calibration_batches(c.ptq_calibration_batches, 4), c.optimization)
+    raw.unlink()
+    how = {"ptq-dynamic": "ORT quantize_dynamic (ConvInteger / dynamic MatMul)", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
+    return {name: {"path": ctx.rel(p), "role": name, "precision": "int8", "params": params, "fused_ops": fused_ops(op_histogram(p)),
+                   "integer_ops": integer_op_counts(op_histogram(p)), "notes": f"{how[name]} of {source}, per-channel 7-bit int8 weights, no fine-tune"}
+            for name, p in paths.items()}

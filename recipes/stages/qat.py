@@ -1,0 +1,93 @@
+"""The qat stage: INT8 quantization-aware training of the student.
+
+Story: refuse asymmetric activations when a later export targets TensorRT in int8 (before any training);
+load the student the earlier stages left and measure it; swap every Linear (and, for your own torch model,
+every Conv2d after folding BatchNorm into it) for a fake-quant layer (``compress/qat.py``); observe
+activation ranges on calibration batches and measure again (what plain PTQ would give); KD fine-tune with
+learned activation scales; save ``qat/model`` with ``qat.json`` (bits, activations, quantized layers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
+from dsk_compress.recipes.schema import QATConfig
+from dsk_compress.recipes.stages.common import evaluate, kd_train, rank0, student_model, train_summary
+from dsk_compress.recipes.stages.common import is_torch_run, torch_evaluate, torch_kd_train, torch_student, torch_train_summary  # your own torch model
+
+
+@STAGES.register("qat")
+class QATStage(Stage[QATConfig]):
+    """INT8 QAT: observe activation ranges, then KD fine-tune with learned activation scales."""
+
+    def run(self, ctx: RunContext) -> StageResult:
+        if is_torch_run(ctx):  # your own torch model: BatchNorm folded, Conv2d + Linear fake quant (below)
+            return run_torch(self, ctx)
+        from dsk_compress.compress.qat import calibrate, prepare_qat, save_qat_model
+
+        c = self.config
+        trt = _tensorrt_int8_exports(ctx.spec)
+        if trt and c.activations != "symmetric":  # fail before training, not at export
+            from dsk_compress.errors import RecipeError
+
+            qi = next(i for i, st in enumerate(ctx.spec.stages) if st.stage == "qat")
+            raise RecipeError(f"stages.{trt[0][0]}.device {trt[0][1]!r} runs int8 in TensorRT, which needs symmetric int8 activations, "
+                              f"but stages.{qi}.activations is {c.activations!r}", hint=f"set stages.{qi}.activations: symmetric")
+        d = ctx.stage_dir("qat")
+        model = student_model(ctx, "qat")
+        float_metrics = evaluate(ctx, model)
+        names = prepare_qat(model, c.weight_bits, c.avx2_safe, c.skip, activations=c.activations)
+        calibrate(model, ctx.task.calibration_batches(c.observer_steps, c.batch_size))
+        ptq_metrics = evaluate(ctx, model)
+        res = kd_train(ctx, model, c, "qat", d / "checkpoint")
+        rank0(save_qat_model, model, d / "model", _qat_info(c, model, names))
+        metrics = {"float": float_metrics, "after_calibration": ptq_metrics, "quantized_layers": len(names),
+                   "train": train_summary(res), **evaluate(ctx, model)}
+        return StageResult(outputs={"qat_model": ctx.rel(d / "model")}, metrics=metrics)
+
+
+def _qat_info(c: QATConfig, model, names: list[str]) -> dict:
+    """What ``qat.json`` records of a QAT model: its quantization settings and quantized layers."""
+    from dsk_compress.compress.qat import quant_layers
+
+    return {"version": 1, "weight_bits": c.weight_bits, "activation_bits": 8, "activations": c.activations, "avx2_safe": c.avx2_safe,
+            "skip": c.skip, "quantized_layers": names, "weight_qmax": quant_layers(model)[0].qmax if names else None}
+
+
+def _tensorrt_int8_exports(spec) -> list[tuple[int, str]]:
+    """``(stage index, device)`` of export stages whose device runs int8 in TensorRT."""
+    from dsk_compress.devices import load_device
+
+    out = []
+    for i, st in enumerate(spec.stages):
+        if st.stage == "export" and st.device:
+            prof = load_device(st.device)
+            if prof.preferred_runtime == "tensorrt" and prof.preferred_precision == "int8":
+                out.append((i, prof.name))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# your own torch model: BatchNorm folded into the convs, then every Conv2d and Linear fake-quantized
+
+
+def run_torch(stage: QATStage, ctx: RunContext) -> StageResult:
+    """Fold BatchNorm into the convs, fake-quantize every Conv2d and Linear, observe, then KD fine-tune with learned scales."""
+    from dsk_compress.compress.cnn import fold_batchnorm, forward
+    from dsk_compress.compress.qat import calibrate, prepare_qat
+    from dsk_compress.models.source import save_model_dir
+
+    c = stage.config
+    d = ctx.stage_dir("qat")
+    model = torch_student(ctx, "qat")
+    float_metrics = torch_evaluate(ctx, model)
+    pairs = fold_batchnorm(model, torch.as_tensor(ctx.task.example_inputs(8)))
+    names = prepare_qat(model, c.weight_bits, c.avx2_safe, c.skip, activations=c.activations)
+    calibrate(model, ctx.task.calibration_batches(c.observer_steps, c.batch_size), forward=forward)
+    ptq_metrics = torch_evaluate(ctx, model)
+    res = torch_kd_train(ctx, model, c, "qat", d / "checkpoint")
+    save_model_dir(model, d / "model", extra={"bn_folded": [list(p) for p in pairs], "qat": _qat_info(c, model, names)})
+    metrics = {"float": float_metrics, "bn_folded": [b for _, b in pairs], "after_calibration": ptq_metrics,
+               "quantized_layers": len(names), "train": torch_train_summary(res), **torch_evaluate(ctx, model)}
+    return StageResult(outputs={"qat_model": ctx.rel(d / "model")}, metrics=metrics)

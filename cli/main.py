@@ -188,21 +188,32 @@ def zoo_list() -> None:
 @zoo_app.command("train")
 def zoo_train(
     name: Annotated[str, typer.Argument(help="Zoo model to train, e.g. code-lm-moe.")],
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the model's own).", min=1)] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps, the length of the cosine schedule (default: the model's own). "
+                                              "A resume may raise it: see below.", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step.", min=1)] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.", min=0)] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (default runs/zoo-NAME).")] = None,
+    ckpt_every: Annotated[int, typer.Option(help="Write a checkpoint every N steps (and at the end). Each one is the model, "
+                                            "its AdamW state and RNG (about 140 MB for code-lm-moe).", min=1)] = 500,
+    stdlib_root: Annotated[Path | None, typer.Option(help="Standard-library folder the code-lm corpus is read from (default: this "
+                                                     "interpreter's), e.g. a copy of another machine's lib/python3.11: the "
+                                                     "corpus fingerprint on the card then matches that machine's.",
+                                                     exists=True, file_okay=False)] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = True,
     install: Annotated[bool, typer.Option("--install/--no-install", help="Write weights + card into the package's zoo.")] = True,
 ) -> None:
     """Train a zoo model on its task (bf16 autocast on CUDA, resumable; data-parallel under torchrun) and write its weights and card.
 
+    Resuming with a different --steps continues from the checkpoint's step under a cosine schedule over the new total (the card records each leg); fewer steps than the checkpoint has done, or another --lr, is refused.
+
     Example: dsk-compress zoo train code-lm-moe --steps 2000
+    Continue it to more steps: dsk-compress zoo train code-lm-moe --steps 3500
     """
     from dsk_compress.compress import dist
     from dsk_compress.models.zoo import train_zoo
 
-    card = train_zoo(name, work_dir=work_dir, steps=steps, batch_size=batch_size, lr=lr, resume=resume, install=install)
+    card = train_zoo(name, work_dir=work_dir, steps=steps, batch_size=batch_size, lr=lr, resume=resume, install=install,
+                     ckpt_every=ckpt_every, stdlib_root=stdlib_root)
     v = card["validation"]
     if dist.is_main():
         _console().print(f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after {card['training']['tokens']:,} tokens")

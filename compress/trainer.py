@@ -206,6 +206,10 @@ def train(
     # (multi-node jobs need the run directory on a shared filesystem: a rank that cannot see it fails here)
     if dist.broadcast_object(ckpt is not None and resume and (ckpt / "state.json").is_file()):
         start, history, tokens, seconds, stopped, skipped = _load_checkpoint(ckpt, model, opt, sched, scaler, aux)
+        # the optimizer restored the learning rate of the saved schedule; a resume with another cfg.steps continues
+        # on the new schedule from this step (for an unchanged cfg this recomputes the same value)
+        for group, f, base in zip(opt.param_groups, sched.lr_lambdas, sched.base_lrs):
+            group["lr"] = base * f(start)
     dist.barrier()
     resumed_from = start
     net: torch.nn.Module = model

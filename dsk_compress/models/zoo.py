@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +120,9 @@ def torch_predict(model, device=None):
     return predict
 
 
+DEFAULT_CKPT_EVERY = 500  # ~1.5 min of an H200 at batch 64 (a checkpoint of code-lm-moe is ~140 MB), ~14 min of 2 CPU cores at batch 16
+
+
 def train_zoo(
     name: str,
     work_dir: str | Path | None = None,
@@ -130,12 +132,24 @@ def train_zoo(
     resume: bool = True,
     install: bool = True,
     seed: int = 0,
+    ckpt_every: int = DEFAULT_CKPT_EVERY,
+    stdlib_root: str | Path | None = None,
 ) -> dict:
     """Train zoo model ``name`` on its task and (with ``install``) write its weights + card into the zoo.
 
-    Training is resumable: checkpoints go to ``work_dir`` every 100 steps. Under ``torchrun`` it is
-    data-parallel (``batch_size`` is the global batch); rank 0 alone scores the result and writes files,
-    and every rank returns its card.
+    Training is resumable: checkpoints go to ``work_dir`` every ``ckpt_every`` steps. A resume may give a
+    new total ``steps`` (not fewer than the checkpoint's): the cosine schedule then runs over the new
+    total, continuing from the checkpoint's step, and the card records each leg of the schedule. Under
+    ``torchrun`` it is data-parallel (``batch_size`` is the global batch); rank 0 alone scores the result
+    and writes files, and every rank returns its card.
+
+    Args:
+        stdlib_root: the standard-library folder the ``code-lm`` task reads (default: this interpreter's),
+            e.g. a copy of another machine's ``lib/python3.11`` so that a host with another Python trains
+            on the same corpus (the card's ``task.corpus_fingerprint`` shows it).
+
+    Raises:
+        RunError: resuming with fewer ``steps`` than the checkpoint has done, or with another peak ``lr``.
     """
     import torch
 
@@ -144,20 +158,24 @@ def train_zoo(
     from dsk_compress.tasks import build_task
 
     spec = ZOO.get(name)
-    task = build_task({"name": spec.task})
     work = Path(work_dir or Path("runs") / f"zoo-{name}")
-    device = dist.device(dist.init(), default_device())
-    torch.manual_seed(seed)
-    model = build_model(spec).to(device)
+    total = steps or spec.steps
     cfg = TrainConfig(
-        steps=steps or spec.steps,
+        steps=total,
         batch_size=batch_size or spec.batch_size,
         lr=lr or spec.lr,
         warmup=spec.warmup,
-        eval_every=max(1, (steps or spec.steps) // 6),
-        ckpt_every=100,
+        eval_every=max(1, total // 6),
+        ckpt_every=ckpt_every,
         seed=seed,
     )
+    legs = _schedule_legs(work, cfg, resume, lr_given=lr is not None)  # refuses a resume it cannot honour, before any work
+    task = build_task({"name": spec.task, **({"stdlib_root": str(stdlib_root)} if stdlib_root else {})})
+    device = dist.device(dist.init(), default_device())
+    torch.manual_seed(seed)
+    model = build_model(spec).to(device)
+    if dist.is_main():
+        atomic_write_json(work / "schedule.json", {"version": 1, "legs": legs})
     from dsk_compress.compress.moe import is_moe as _is_moe
 
     is_moe = _is_moe(model) and hasattr(model.config, "output_router_logits")  # families that return an aux loss
@@ -177,17 +195,77 @@ def train_zoo(
 
     t0 = time.time()
     result = train(model, loss_fn, task.train_batch, cfg, ckpt_dir=work / "checkpoint", resume=resume, evaluate=evaluate, desc=f"zoo train {name}")
-    return dist.on_main(lambda: _finish_zoo(name, spec, task, model, cfg, result, device, t0, work, install), f"zoo train {name}: scoring")
+    return dist.on_main(lambda: _finish_zoo(name, spec, task, model, cfg, result, device, t0, work, install, legs),
+                        f"zoo train {name}: scoring")
 
 
-def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, work: Path, install: bool) -> dict:
-    """Score the fp16 weights that ship, and write them with their card (rank 0 alone under torchrun)."""
+def _schedule_legs(work: Path, cfg, resume: bool, lr_given: bool) -> list[dict]:
+    """The legs of the learning-rate schedule so far (``start`` step, cosine ``steps``, ``batch_size``, ``lr``), this run's last.
+
+    Each resume under a new total ``steps`` starts a leg at the checkpoint's step. Legs recorded past the
+    checkpoint (a run that stopped before its next checkpoint) are dropped: training restarts from it.
+    """
+    from dsk_compress.errors import RunError
+    from dsk_compress.io import read_json
+
+    state = work / "checkpoint" / "state.json"
+    leg = {"start": 0, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    if not (resume and state.is_file()):
+        return [leg]
+    at = int(read_json(state)["step"])
+    if cfg.steps < at:
+        raise RunError(f"the checkpoint in {work / 'checkpoint'} is at step {at}; --steps {cfg.steps} cannot resume it",
+                       hint=f"give --steps {at} or more (the cosine schedule then runs over the new total from step {at}), "
+                            "or --no-resume to start over")
+    sched = work / "schedule.json"
+    # a checkpoint written before schedule.json existed: its first leg's total is unknown
+    legs = read_json(sched)["legs"] if sched.is_file() else [{"start": 0, "steps": None, "batch_size": None, "lr": None}]
+    legs = [g for g in legs if g["start"] < at]
+    last = legs[-1]
+    if last["lr"] is not None and cfg.lr != last["lr"]:
+        given = "--lr" if lr_given else "the model's default lr"
+        raise RunError(f"the checkpoint in {work / 'checkpoint'} was trained at peak lr {last['lr']}, {given} is {cfg.lr}: "
+                       "a resume keeps the checkpoint's peak lr",
+                       hint=f"resume with --lr {last['lr']}, or --no-resume to start over")
+    if last["steps"] != cfg.steps or last["batch_size"] != cfg.batch_size:
+        legs.append({**leg, "start": at})
+    return legs
+
+
+def _schedule_card(legs: list[dict], final_step: int) -> list[dict]:
+    """The card's view of the schedule legs: which steps ran under which cosine total."""
+    out = []
+    for i, g in enumerate(legs):
+        last = legs[i + 1]["start"] if i + 1 < len(legs) else final_step
+        entry = {"first_step": g["start"] + 1, "last_step": last, "cosine_steps": g["steps"], "batch_size": g["batch_size"]}
+        if g["start"]:
+            entry["resumed_from_step"] = g["start"]
+        out.append(entry)
+    return out
+
+
+def _device_name(device) -> str:
+    import platform
+
     import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, work: Path, install: bool, legs: list[dict]) -> dict:
+    """Score the fp16 weights that ship, and write them with their card (rank 0 alone under torchrun)."""
+    import platform
+
+    import torch
+    import transformers
 
     # score what ships: the fp16-rounded weights, reloaded in fp32
     state16 = {k: v.detach().to(torch.float16).cpu() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
     model.load_state_dict({k: v.float() for k, v in state16.items()}, strict=False)
     metrics = task.evaluate(torch_predict(model)).as_dict()
+    now = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
     card = {
         "version": 1,
         "name": name,
@@ -195,24 +273,32 @@ def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, wo
         "architecture": type(model).__name__,
         "config": spec.config,
         "params": int(sum(p.numel() for p in model.parameters())),
-        "task": task.describe(),
+        "task": task.describe(),  # the corpus: its Python version, folder and fingerprint
         "training": {
-            "steps": cfg.steps,
+            "steps": result.steps,
             "batch_size": cfg.batch_size,
             "seq_len": task.seq_len,
             "tokens": result.tokens,
             "lr": cfg.lr,
+            "warmup": cfg.warmup,
+            "schedule": _schedule_card(legs, result.steps),
+            "ckpt_every": cfg.ckpt_every,
             "device": str(device),
+            "device_name": _device_name(device),
+            "precision": result.precision,
             "world_size": result.world_size,
             "seconds": round(result.seconds, 1),
             "tokens_per_s": round(result.tokens_per_s, 1),
             "torch": torch.__version__,
-            "python": sys.version.split()[0],
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),  # the trainer's interpreter; task.python is the corpus's
             "history": result.history,
         },
         "validation": metrics,
+        "scored": {"host": platform.node(), "device": str(next(model.parameters()).device), "torch": torch.__version__,
+                   "transformers": transformers.__version__, "date": now},
         "stored_dtype": "float16",
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+        "finished": now,
         "wall_seconds_this_session": round(time.time() - t0, 1),
     }
     out_dir = zoo_path(name) if install else work / "final"
@@ -225,26 +311,59 @@ def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, wo
 
 def render_card_md(card: dict) -> str:
     """The human-readable model card (README.md beside the weights) from ``card.json``."""
-    t, v = card["training"], card["validation"]
+    t, v, task = card["training"], card["validation"], card["task"]
+    where = t.get("device_name") or t["device"]
+    if t.get("precision") and t["precision"] != "fp32":
+        where += f" ({t['precision']} autocast)"
+    corpus = f"`{task['name']}` on the Python {task['python'] or '(version unknown)'} standard library"
+    if task.get("stdlib_root"):
+        corpus += f" at `{task['stdlib_root']}`"
+    if task.get("corpus_fingerprint"):
+        corpus += f", corpus fingerprint `{task['corpus_fingerprint']}`"
+    trainer = ", ".join(f"{k} {t[k]}" for k in ("torch", "transformers", "python") if t.get(k))
+    if t.get("commit"):
+        trainer += f", project commit {t['commit']}"
     lines = [
         f"# {card['name']}", "", card["description"], "",
         f"- Architecture: `{card['architecture']}`, {card['params']:,} parameters, stored as {card['stored_dtype']} safetensors",
         "- Config: " + ", ".join(f"{k}={val}" for k, val in card["config"].items() if val is not None),
-        f"- Task: `{card['task']['name']}` on Python {card['task']['python']}'s standard library "
-        f"({card['task']['train_bytes']:,} train bytes, {card['task']['val_bytes']:,} validation bytes), seq {t['seq_len']}",
-        f"- Training: {t['steps']} steps x {t['batch_size']} sequences = {t['tokens']:,} tokens on {t['device']} "
-        f"in {t['seconds'] / 60:.1f} min ({t['tokens_per_s']:,.0f} tokens/s), peak lr {t['lr']}, torch {t['torch']}",
-        f"- Validation ({int(v['eval_tokens']):,} tokens, measured on the stored weights): **{v['accuracy']:.2f}%** next-byte accuracy, "
-        f"**{v['bits_per_byte']:.3f}** bits/byte",
+        f"- Task: {corpus} ({task['train_bytes']:,} train bytes, {task['val_bytes']:,} validation bytes), seq {t['seq_len']}",
+        f"- Training: {t['steps']} steps x {t['batch_size']} sequences = {t['tokens']:,} tokens on {where} "
+        f"in {t['seconds'] / 60:.1f} min ({t['tokens_per_s']:,.0f} tokens/s), peak lr {t['lr']}"
+        + (f", warm-up {t['warmup']}" if t.get("warmup") else "") + (f", checkpoints every {t['ckpt_every']} steps" if t.get("ckpt_every") else "")
+        + f"; {trainer}",
     ]
-    b = card.get("baseline_student_alone")
-    if b:
+    schedule = t.get("schedule") or []
+    if len(schedule) > 1:
+        lines.append("- Schedule (cosine, restarted on resume): " + "; ".join(
+            f"steps {g['first_step']}-{g['last_step']} under a {g['cosine_steps'] or '?'}-step schedule"
+            + (f" (resumed from the step-{g['resumed_from_step']} checkpoint)" if g.get("resumed_from_step") else "")
+            for g in schedule))
+    scored = card.get("scored") or {}
+    at = f" on {scored['host']} ({scored['device']}, torch {scored['torch']}, {scored['date'][:10]})" if scored else ""
+    lines.append(f"- Validation ({int(v['eval_tokens']):,} tokens, measured on the stored weights{at}): **{v['accuracy']:.2f}%** "
+                 f"next-byte accuracy, **{v['bits_per_byte']:.3f}** bits/byte")
+    baselines = card.get("baseline_student_alone") or []
+    for b in [baselines] if isinstance(baselines, dict) else baselines:  # one point (older cards) or one per token budget
         lines.append(
             f"- The default recipe's student architecture (layers {b['layers']}, {b['params']:,} parameters) trained alone from random "
             f"init on the same data for {b['tokens']:,} tokens: {b['accuracy']:.2f}% ({b['bits_per_byte']:.3f} bits/byte); "
             f"the teacher is {b['accuracy_gap_points']:+.2f} points ahead"
         )
-    lines += ["", "Reproduce: `dsk-compress zoo train " + card["name"] + f" --steps {t['steps']}`.", ""]
+    for note in card.get("notes", []):
+        lines.append(f"- {note}")
+    lines += ["", "Reproduce:", ""]
+    legs = schedule or [{"cosine_steps": t["steps"], "last_step": t["steps"]}]
+    for i, g in enumerate(legs):
+        cmd = (f"dsk-compress zoo train {card['name']} --steps {g['cosine_steps'] or g['last_step']} --batch-size {t['batch_size']}"
+               + (f" --ckpt-every {t['ckpt_every']}" if t.get("ckpt_every") else ""))
+        stop = f"  # stopped after the step-{g['last_step']} checkpoint, then resumed:" if i + 1 < len(legs) else ""
+        lines.append(f"    {cmd}{stop}")
+    if task.get("corpus_fingerprint"):
+        which = f"the Python {task['python']} standard library" if task.get("python") else "that standard library"
+        lines += ["", f"On a host with another Python, add `--stdlib-root DIR` with a copy of {which}: "
+                      f"the card's `task.corpus_fingerprint` must read `{task['corpus_fingerprint']}`."]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -26,6 +26,8 @@ def test_zoo_train_one_process_and_under_torchrun_give_the_same_model(tmp_path):
     two = json.loads((tmp_path / "two" / "final" / "card.json").read_text())
     assert one["training"]["world_size"] == 1 and two["training"]["world_size"] == 2
     assert one["training"]["tokens"] == two["training"]["tokens"] == STEPS * BATCH * 256
+    assert one["task"] == two["task"] and one["training"]["schedule"] == two["training"]["schedule"] == [
+        {"first_step": 1, "last_step": STEPS, "cosine_steps": STEPS, "batch_size": BATCH}]
     assert abs(one["validation"]["bits_per_byte"] - two["validation"]["bits_per_byte"]) < 1e-3 * one["validation"]["bits_per_byte"]
     w1, w2 = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two"))
     assert w1.keys() == w2.keys() and all(w1[k].dtype == torch.float16 for k in w1)

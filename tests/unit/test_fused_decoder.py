@@ -1,0 +1,237 @@
+"""Fused decoder graphs (export.fused): the contrib operators are there, and greedy decoding with IO binding matches torch."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama
+
+STEP_ATOL = 1e-4  # fp32 step logits vs torch's cache loop (seen: 1.8e-7)
+INT8_MIN_SQNR_DB = 60.0  # int8 vs the torch fake-quant model (seen: 133.7 dB, the plain Q/DQ KV graph about the same)
+INT8_SHARED_MIN_SQNR_DB = 25.0  # forced shared activation quantizers, layer 0's k/up scales 1.3x apart (seen: 37.0 dB)
+INT4_MIN_SQNR_DB = 15.0  # int4 block 32 vs fp32 torch on the random tiny Llama (seen: 18.6 dB)
+NEW = 12
+PROMPT = np.random.default_rng(0).integers(0, 256, 10)
+LAYERS = 2
+
+
+def _hist(path):
+    from dsk_compress.export.onnx import op_histogram
+
+    return op_histogram(path)
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    from dsk_compress.export.fused import export_fused
+
+    d = tmp_path_factory.mktemp("fused")
+    m = tiny_llama(num_key_value_heads=2)  # grouped-query attention: 4 query heads, 2 KV heads
+    return {"model": m, "fp32": export_fused(m, d / "m.fused.onnx"), "int4": export_fused(m, d / "m.int4.onnx", "int4"), "dir": d}
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    from dsk_compress.compress.qat import QuantLinear, calibrate, freeze_for_export, prepare_qat
+    from dsk_compress.export.fused import export_fused
+
+    d = tmp_path_factory.mktemp("fused-int8")
+    m = tiny_llama(num_key_value_heads=2)
+    names = prepare_qat(m, 8, True, ["lm_head"])
+    g = torch.Generator().manual_seed(1)
+    calibrate(m, [torch.randint(0, 256, (4, 32), generator=g) for _ in range(3)])
+    # LSQ training moves the scales of Linears that read the same tensor apart: emulate it in layer 0
+    with torch.no_grad():
+        m.model.layers[0].self_attn.k_proj.act_scale.mul_(1.3)
+        m.model.layers[0].mlp.up_proj.act_scale.mul_(1.3)
+    freeze_for_export(m)
+    quant = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    return {"model": m, "names": names, "quant": quant, "int8": export_fused(m, d / "q.fused.onnx", "int8"),
+            "shared": export_fused(m, d / "q.shared.onnx", "int8", share_activation_quantizers=True), "dir": d}
+
+
+def test_fused_fp32_graph_has_one_attention_op_per_layer_and_fused_norms(fp32):
+    hist = _hist(fp32["fp32"])
+    assert hist["GroupQueryAttention"] == LAYERS
+    # per layer: a skip+norm before attention (the first layer's is a plain norm) and one before the MLP; the final norm
+    assert hist["SkipSimplifiedLayerNormalization"] == 2 * LAYERS and hist["SimplifiedLayerNormalization"] == 1
+    # packed q/k/v, o, packed gate/up, down per layer + lm_head
+    assert hist["MatMul"] == 4 * LAYERS + 1 and hist["QuickGelu"] == LAYERS
+    assert not {"Softmax", "Transpose", "Pow", "ReduceMean", "Sin", "Cos", "Concat"} & set(hist)
+    assert sum(hist.values()) == 1 + LAYERS * 10 + 2  # Gather, 10 nodes per layer (norms included), final norm, lm_head
+
+
+def test_fused_fp32_step_logits_match_torch_cache_loop(fp32):
+    from dsk_compress.export.fused import check_fused_parity
+
+    r = check_fused_parity(fp32["model"], fp32["fp32"], PROMPT, NEW)
+    assert r["tokens_match"] and r["matched_tokens"] == NEW
+    assert r["step_logits_max_abs_diff"] < STEP_ATOL
+
+
+def test_fused_greedy_decode_equals_torch_generate(fp32):
+    from dsk_compress.runtimes.decode import FusedDecoderSession
+
+    with torch.no_grad():
+        ref = fp32["model"].generate(torch.as_tensor(PROMPT[None]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, PROMPT.size:]
+    sess = FusedDecoderSession(fp32["fp32"])
+    tokens, _ = sess.greedy(PROMPT, NEW)
+    np.testing.assert_array_equal(tokens, ref.numpy())
+    assert sess.max_sequence == PROMPT.size + NEW - 1  # the buffer the decode needed, allocated once
+    # a second decode reuses the buffers and gives the same tokens
+    np.testing.assert_array_equal(sess.greedy(PROMPT, NEW)[0], tokens)
+
+
+def test_fused_prefill_logits_equal_torch_full_sequence(fp32):
+    from dsk_compress.runtimes.decode import FusedDecoderSession
+
+    with torch.no_grad():
+        ref = fp32["model"](input_ids=torch.as_tensor(PROMPT[None])).logits[0].numpy()
+    np.testing.assert_allclose(FusedDecoderSession(fp32["fp32"]).prefill(PROMPT), ref, rtol=0, atol=1e-5)
+
+
+def test_fused_int4_has_one_matmulnbits_per_matmul_and_bounded_error(fp32):
+    from dsk_compress.compress.qat import sqnr_db
+    from dsk_compress.export.kv_cache import torch_greedy
+    from dsk_compress.runtimes.decode import FusedDecoderSession
+
+    hist = _hist(fp32["int4"])
+    assert hist["MatMulNBits"] == 4 * LAYERS + 1 and "MatMul" not in hist
+    assert hist["GroupQueryAttention"] == LAYERS
+    import onnx
+
+    nbits = [n for n in onnx.load(str(fp32["int4"])).graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in nbits[0].attribute if a.name in ("bits", "block_size")} == {"bits": 4, "block_size": 32}
+    ref_tokens, ref_logits = torch_greedy(fp32["model"], PROMPT, NEW)
+    got = FusedDecoderSession(fp32["int4"]).step_logits(PROMPT, ref_tokens[:-1])
+    assert sqnr_db(ref_logits, got) > INT4_MIN_SQNR_DB
+
+
+def test_fused_int8_every_quantized_linear_is_an_integer_matmul(int8):
+    import onnx
+
+    from dsk_compress.export.onnx import INTEGER_MATMULS
+
+    assert len(int8["names"]) == 7 * LAYERS
+    g = onnx.load(str(int8["int8"])).graph
+    hist = _hist(int8["int8"])
+    inits = {i.name: i for i in g.initializer}
+    # layer 0's q/k/v and gate/up quantizers differ: 3 + 1 + 2 + 1 integer MatMuls; layer 1's are equal: 1 + 1 + 1 + 1
+    assert hist["MatMulIntegerToFloat"] == 7 + 4 and set(hist) & INTEGER_MATMULS == {"MatMulIntegerToFloat"}
+    assert hist["QuantizeLinear"] == 6 + 4  # one per distinct (input, quantizer): layer 0's q and v still share theirs
+    assert hist["MatMul"] == 1  # lm_head, left in float by QAT
+    # together the integer MatMuls hold every quantized Linear's output columns, as int8
+    cols = 0
+    for n in g.node:
+        if n.op_type == "MatMulIntegerToFloat":
+            w = inits[n.input[1]]
+            assert w.data_type == onnx.TensorProto.INT8
+            cols += w.dims[1]
+    assert cols == sum(mod.out_features for mod in int8["quant"])
+
+
+def test_fused_int8_matches_fake_quant_at_least_as_well_as_the_plain_kv_graph(int8):
+    from dsk_compress.export.fused import check_fused_parity
+    from dsk_compress.export.kv_cache import check_kv_parity, export_int8_qdq_with_past
+    from dsk_compress.export.onnx import ort_optimize
+
+    r = check_fused_parity(int8["model"], int8["int8"], PROMPT, NEW)
+    assert r["tokens_match"] and r["step_logits_sqnr_db"] > INT8_MIN_SQNR_DB
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of transformers' cache code
+        export_int8_qdq_with_past(int8["model"], int8["dir"] / "q.kv.qdq.onnx")
+    plain = check_kv_parity(int8["model"], ort_optimize(int8["dir"] / "q.kv.qdq.onnx", int8["dir"] / "q.kv.onnx"), PROMPT, NEW)
+    assert r["step_logits_sqnr_db"] >= plain["step_logits_sqnr_db"] - 1.0
+
+
+def test_fused_int8_forced_quantizer_sharing_packs_every_group_at_a_bounded_cost(int8):
+    from dsk_compress.export.fused import check_fused_parity
+
+    hist = _hist(int8["shared"])
+    assert hist["MatMulIntegerToFloat"] == 4 * LAYERS and hist["QuantizeLinear"] == 4 * LAYERS
+    r = check_fused_parity(int8["model"], int8["shared"], PROMPT, NEW)
+    exact = check_fused_parity(int8["model"], int8["int8"], PROMPT, NEW)
+    assert INT8_SHARED_MIN_SQNR_DB < r["step_logits_sqnr_db"] < exact["step_logits_sqnr_db"]
+
+
+def test_fused_int8_symmetric_activations_run_as_signed_integer_matmuls(tmp_path):
+    import onnx
+
+    from dsk_compress.compress.qat import calibrate, freeze_for_export, prepare_qat
+    from dsk_compress.export.fused import check_fused_parity, export_fused
+
+    m = tiny_llama(num_hidden_layers=1)
+    prepare_qat(m, 8, True, ["lm_head"], activations="symmetric")
+    calibrate(m, [torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))])
+    freeze_for_export(m)
+    p = export_fused(m, tmp_path / "s.onnx", "int8")
+    zps = [i for i in onnx.load(str(p)).graph.initializer if i.name.endswith("act_zero_point")]
+    assert zps and all(z.data_type == onnx.TensorProto.INT8 for z in zps)
+    r = check_fused_parity(m, p, PROMPT, NEW)
+    assert r["tokens_match"] and r["step_logits_sqnr_db"] > INT8_MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_fused_other_llama_families_decode_like_torch(tmp_path, family):
+    """Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm), Mistral (sliding window shorter than the decode)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from dsk_compress.export.fused import check_fused_parity, export_fused
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cls, cfg = {"qwen2": (Qwen2ForCausalLM, Qwen2Config(**common)), "qwen3": (Qwen3ForCausalLM, Qwen3Config(head_dim=16, **common)),
+                "mistral": (MistralForCausalLM, MistralConfig(sliding_window=4, **common))}[family]
+    torch.manual_seed(0)
+    m = cls(cfg).eval()
+    m.config._attn_implementation = "eager"
+    if family == "qwen3":  # norms of ones would hide a missing norm
+        for layer in m.model.layers:
+            torch.nn.init.normal_(layer.self_attn.q_norm.weight, 1.0, 0.3)
+            torch.nn.init.normal_(layer.self_attn.k_norm.weight, 1.0, 0.3)
+    r = check_fused_parity(m, export_fused(m, tmp_path / f"{family}.onnx"), PROMPT, NEW)
+    assert r["tokens_match"] and r["step_logits_max_abs_diff"] < STEP_ATOL
+
+
+def test_measure_decode_runs_the_fused_graph_with_the_same_tokens(fp32):
+    from dsk_compress.runtimes.decode import FusedDecoderSession, benchmark_decode, measure_decode
+
+    r = measure_decode(fp32["fp32"], PROMPT, new_tokens=8, threads=1, repeats=2, warmup=1)
+    assert r["graph"] == "fused" and r["decode_tokens_per_s"] > 0 and len(r["decode_tokens_per_s_runs"]) == 2
+    np.testing.assert_array_equal(r["tokens"], FusedDecoderSession(fp32["fp32"]).greedy(PROMPT, 9)[0])
+    w = benchmark_decode(fp32["fp32"], PROMPT, new_tokens=0, threads=1, repeats=2, warmup=0)  # prefill only, in a worker
+    assert w["graph"] == "fused" and w["prefill_ms"] > 0 and "decode_tokens_per_s" not in w and w["tokens"] == r["tokens"][:1]
+
+
+def test_fused_session_refuses_a_plain_kv_graph_and_an_overlong_decode(fp32, tmp_path):
+    from dsk_compress.export.kv_cache import export_float_with_past
+    from dsk_compress.runtimes.base import RuntimeBackendError
+    from dsk_compress.runtimes.decode import FusedDecoderSession, KVCacheSession, decode_session
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kv = export_float_with_past(fp32["model"], tmp_path / "m.kv.onnx")
+    with pytest.raises(RuntimeBackendError, match="not a fused decoder graph"):
+        FusedDecoderSession(kv)
+    assert isinstance(decode_session(kv), KVCacheSession) and isinstance(decode_session(fp32["fp32"]), FusedDecoderSession)
+    with pytest.raises(RuntimeBackendError, match="exceed the model's 256 positions"):
+        FusedDecoderSession(fp32["fp32"]).greedy(PROMPT, 300)
+
+
+def test_fused_export_refuses_moe_and_wrong_precisions(tmp_path, fp32):
+    from transformers import MixtralForCausalLM
+
+    from conftest import tiny_mixtral_config
+    from dsk_compress.errors import ExportError
+    from dsk_compress.export.fused import export_fused
+
+    with pytest.raises(ExportError, match="no dense gated MLP"):
+        export_fused(MixtralForCausalLM(tiny_mixtral_config(num_hidden_layers=1)), tmp_path / "moe.onnx")
+    with pytest.raises(ExportError, match="needs a QAT model"):
+        export_fused(fp32["model"], tmp_path / "x.onnx", "int8")
+    with pytest.raises(ExportError, match="unknown fused precision"):
+        export_fused(fp32["model"], tmp_path / "x.onnx", "int2")
+    assert not (tmp_path / "x.onnx").exists()

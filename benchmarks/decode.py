@@ -1,64 +1,333 @@
-"""Decode tokens/s of a finished run's KV-cache graphs: fp32 students vs the INT8 QAT student, ONNX Runtime CPU.
+"""Decode tokens/s of a finished run's student, side by side: our fused graphs, today's plain KV graph, onnxruntime-genai.
 
-Greedy generation at batch 1: prefill the first half of the task's example window, then
-``--new-tokens`` single-token steps feeding the KV cache back. Each model runs in its own worker
-process, several interleaved rounds; medians and ratios go to JSON.
+Variants, all greedy at batch 1 on ONNX Runtime CPU with the same thread count:
 
-    python benchmarks/decode.py runs/quant-prune-distill-<time> --out benchmarks/results/decode.json
+- ``fused-int8``: the QAT student (``qat/model``) as our fused int8 graph (export.fused): the final model;
+- ``fused-fp32`` / ``fused-int4``: the float student (``prune/model``, else ``distill/model``) as fused fp32 / int4;
+- ``plain-kv-int8`` / ``plain-kv-fp32``: the export stage's KV-cache graphs (export.kv_cache, ``kv_cache_path``
+  in ``export/metrics.json``): today's decode path;
+- ``genai-fp32`` / ``genai-int4``: onnxruntime-genai's model builder run on the same float student, decoded
+  by onnxruntime-genai (``benchmarks/genai_decode.py`` in the venv given by ``--genai-python``; skipped with
+  a message without it).
+
+Each variant runs in its own worker process per round, rounds interleaved so drifting machine load hits
+every variant alike; medians over rounds. A round of a variant = ``--repeats`` generations of
+``--new-tokens`` after a ``--prompt-tokens`` prompt (the task's first example window). Also: prefill p50 of
+a ``--prefill-tokens`` sequence (batch 1) for our fused and plain graphs, the parity of each fused graph
+against torch, and with ``--profile`` the operators that take the decode time (ORT's profiler) for
+fused-int8 and genai's best build. Everything is rebuilt from the run directory into ``--work``
+(default ``RUN_DIR/bench-decode``), so the JSON can be reproduced from the run alone:
+
+    python benchmarks/decode.py runs/quant-prune-distill-<time> --genai-python /work/genai-venv/bin/python --profile
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from dsk_compress.io import atomic_write_json
-from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decode
+from dsk_compress.runtimes.decode import benchmark_decode
 from dsk_compress.tasks import build_task
 
-PAIRS = {  # ratio = tokens/s of the second / tokens/s of the first
-    "int8_vs_fp32_student": ("student-prune", "final"),
-    "int8_vs_fp32_distilled": ("student-distill", "final"),
-    "pruned_vs_unpruned_fp32": ("student-distill", "student-prune"),
-}
+GENAI_SCRIPT = Path(__file__).with_name("genai_decode.py")
+FINAL, PLAIN = "fused-int8", "plain-kv-int8"
+
+
+def _float_student(run: Path) -> Path:
+    for stage in ("prune", "distill"):
+        if (run / stage / "model" / "config.json").is_file():
+            return run / stage / "model"
+    raise SystemExit(f"{run} has no prune/model or distill/model: run the recipe first")
+
+
+def _load_qat(path: Path):
+    try:
+        from dsk_compress.compress.qat import load_qat_model
+    except ImportError:  # older trees keep it with the stages
+        from dsk_compress.recipes.stages import load_qat_model
+    from dsk_compress.compress.qat import freeze_for_export
+
+    model = load_qat_model(path)
+    freeze_for_export(model)
+    return model
+
+
+def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log) -> tuple[dict[str, Path], dict]:
+    """Export the fused graphs and find (or export) the plain KV graphs; return their paths and parity numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from dsk_compress.export.fused import check_fused_parity, export_fused
+    from dsk_compress.export.onnx import fused_ops, op_histogram
+
+    paths, info = {}, {}
+    fp = AutoModelForCausalLM.from_pretrained(_float_student(run), attn_implementation="eager").eval()
+    for prec in ("fp32", "int4"):
+        paths[f"fused-{prec}"] = export_fused(fp, work / f"student.fused-{prec}.onnx", prec)
+    qat = run / "qat" / "model"
+    q = _load_qat(qat) if (qat / "qat.json").is_file() else None
+    if q is not None:
+        paths[FINAL] = export_fused(q, work / "student.fused-int8.onnx", "int8")
+    else:
+        log(f"{run} has no qat/model: no fused-int8 variant")
+    for name, path in paths.items():
+        ref = q if name == FINAL else fp
+        log(f"parity of {name} ({'torch fake quant' if name == FINAL else 'torch fp32'})")
+        info[name] = {**check_fused_parity(ref, path, parity_prompt, 16), "fused_ops": fused_ops(op_histogram(path)),
+                      "reference": "torch fake-quant QAT model" if name == FINAL else "torch fp32 student"}
+    arts = {}
+    metrics = run / "export" / "metrics.json"
+    if metrics.is_file():
+        arts = json.loads(metrics.read_text()).get("artifacts", {})
+    for name, art_name, model in (("plain-kv-int8", "final", q), ("plain-kv-fp32", fp_artifact(arts), fp)):
+        rel = arts.get(art_name, {}).get("kv_cache_path") if art_name else None
+        if rel and (run / rel).is_file():
+            paths[name] = run / rel
+        elif model is not None:  # the run exported without kv_cache: make today's graph here
+            paths[name] = _export_plain(model, work / f"student.{name}.onnx", int8=name.endswith("int8"))
+    return paths, info
+
+
+def fp_artifact(arts: dict) -> str | None:
+    """The export artifact of the float student the fused graphs come from (student-prune, else student-distill)."""
+    return next((n for n in ("student-prune", "student-distill") if n in arts), None)
+
+
+def _export_plain(model, path: Path, int8: bool) -> Path:
+    import warnings
+
+    from dsk_compress.export.kv_cache import export_float_with_past, export_int8_qdq_with_past
+    from dsk_compress.export.onnx import ort_optimize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of transformers' cache code
+        if not int8:
+            return export_float_with_past(model, path)
+        qdq = path.with_name(path.stem + ".qdq.onnx")
+        export_int8_qdq_with_past(model, qdq)
+        return ort_optimize(qdq, path)
+
+
+def byte_tokenizer_json(path: Path) -> None:
+    """A byte-level tokenizer.json (id = byte value), what onnxruntime-genai's builder and loader expect beside the model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # GPT-2's printable stand-ins for bytes, the alphabet of the ByteLevel pre-tokenizer
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    vocab = {chr(b) if b in printable else chr(next(extra)): b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+
+
+def build_genai(python: str, student: Path, work: Path, precisions: list[str], threads: int | None, log) -> dict[str, Path]:
+    """Run onnxruntime-genai's model builder on a copy of ``student`` (+ tokenizer.json, eos id) for each precision."""
+    hf = work / "genai-hf"
+    shutil.rmtree(hf, ignore_errors=True)
+    shutil.copytree(student, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    for key in ("eos_token_id", "bos_token_id"):  # the builder needs them; min_length keeps eos from ending the timed decode
+        if cfg.get(key) is None:
+            cfg[key] = 0
+    (hf / "config.json").write_text(json.dumps(cfg, indent=2))
+    byte_tokenizer_json(hf / "tokenizer.json")
+    (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    out = {}
+    for prec in precisions:
+        dst = work / f"genai-{prec}"
+        shutil.rmtree(dst, ignore_errors=True)
+        log(f"onnxruntime-genai builder: {prec}")
+        cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(dst), "-p", prec, "-e", "cpu",
+               "-c", str(work / "genai-cache")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"onnxruntime-genai builder failed for {prec}:\n{proc.stderr[-2000:]}")
+        gc = json.loads((dst / "genai_config.json").read_text())
+        opts = gc["model"]["decoder"].setdefault("session_options", {})
+        if threads is not None:
+            opts.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
+        (dst / "genai_config.json").write_text(json.dumps(gc, indent=2))
+        out[f"genai-{prec}"] = dst
+    return out
+
+
+def run_genai(python: str, model_dir: Path, prompt: np.ndarray, new_tokens: int, repeats: int, threads: int | None,
+              profile: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="dsk-genai-") as tmp:
+        p, out = Path(tmp) / "prompt.npy", Path(tmp) / "result.json"
+        np.save(p, prompt)
+        cmd = [python, str(GENAI_SCRIPT), "--model-dir", str(model_dir), "--prompt", str(p), "--new-tokens", str(new_tokens),
+               "--repeats", str(repeats), "--warmup", "1", "--out", str(out)]
+        if profile:
+            cmd += ["--profile", profile]
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"onnxruntime-genai decode of {model_dir} failed:\n{proc.stderr[-2000:]}")
+        return json.loads(out.read_text())
+
+
+def top_operators(trace: Path, new_tokens: int, top: int = 8) -> dict:
+    """Time per operator type over the decode steps of an ORT profiler trace (prefill runs left out).
+
+    The trace holds one ``model_run`` per ORT call, in order: per generation one prefill then ``new_tokens``
+    steps. Node events are assigned to the run they fall in.
+    """
+    import bisect
+
+    events = json.loads(trace.read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    starts = [s for s, _ in runs]
+    per_op: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    decode_runs = [k for k in range(len(runs)) if k % (new_tokens + 1) != 0]
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        k = bisect.bisect_right(starts, e["ts"]) - 1
+        if k < 0 or k % (new_tokens + 1) == 0:
+            continue
+        op = e["args"]["op_name"]
+        per_op[op] = per_op.get(op, 0.0) + e["dur"]
+        calls[op] = calls.get(op, 0) + 1
+    steps = max(len(decode_runs), 1)
+    run_us = sum(runs[k][1] - runs[k][0] for k in decode_runs) / steps
+    total = sum(per_op.values())
+    rows = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return {"decode_steps": len(decode_runs), "model_run_us_per_step": round(run_us, 2), "kernel_us_per_step": round(total / steps, 2),
+            "operators": [{"op": op, "us_per_step": round(us / steps, 2), "share": round(us / total, 3), "nodes_per_step": calls[op] // steps}
+                          for op, us in rows]}
+
+
+def profile_ours(path: Path, prompt: np.ndarray, new_tokens: int, threads: int | None, prefix: Path) -> Path:
+    import onnxruntime as ort
+
+    from dsk_compress.runtimes.decode import FusedDecoderSession, measure_decode
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.enable_profiling = True
+    so.profile_file_prefix = str(prefix)
+    if threads:
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    measure_decode(None, prompt, new_tokens, threads, repeats=3, warmup=1, session=FusedDecoderSession(None, session=sess))
+    return Path(sess.end_profiling())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--out", default="benchmarks/results/decode.json")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=None, help="where the graphs are built (default RUN_DIR/bench-decode)")
+    ap.add_argument("--genai-python", default=None, help="python of a venv with onnxruntime-genai (0.18) and transformers 5.x")
+    ap.add_argument("--genai-precisions", default="fp32,int4")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5, help="timed generations per round")
-    ap.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="profile fused-int8 and genai's best build (ORT's profiler)")
     args = ap.parse_args()
 
-    arts = json.loads((args.run_dir / "export" / "metrics.json").read_text())["artifacts"]
-    kv = {n: args.run_dir / a["kv_cache_path"] for n, a in arts.items() if a.get("kv_cache_path")}
-    if not kv:
-        raise SystemExit(f"{args.run_dir} has no KV-cache artifacts (export with kv_cache: true)")
-    manifest = json.loads((args.run_dir / "manifest.json").read_text())
+    def log(msg: str) -> None:
+        print(f"[decode-bench] {msg}", file=sys.stderr, flush=True)
+
+    run = args.run_dir
+    work = args.work or run / "bench-decode"
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((run / "manifest.json").read_text())
     task = build_task(dict(manifest["recipe"]["task"]))
-    prompt = task.example_inputs(1)[0][: task.seq_len // 2]
-    tok_s: dict[str, list[float]] = {n: [] for n in kv}
-    last: dict[str, dict] = {}
-    for _ in range(args.rounds):  # interleave so drift in machine load hits every model alike
-        for name, path in kv.items():
-            r = benchmark_decode(path, prompt, args.new_tokens, args.threads, repeats=args.repeats, warmup=1)
-            tok_s[name].append(r["decode_tokens_per_s"])
-            last[name] = r
-    med = {n: statistics.median(v) for n, v in tok_s.items()}
-    ratios = {k: round(med[b] / med[a], 3) for k, (a, b) in PAIRS.items() if a in med and b in med}
-    out = {"version": 1, "run": str(args.run_dir), "batch_size": 1, "prompt_tokens": int(prompt.size), "new_tokens": args.new_tokens,
-           "threads": args.threads, "rounds": args.rounds, "repeats_per_round": args.repeats,
-           "decode_tokens_per_s_median": {k: round(v, 2) for k, v in med.items()}, "decode_tokens_per_s_rounds": tok_s,
-           "prefill_ms_last_round": {n: r["prefill_ms"] for n, r in last.items()},
-           "decode_ms_p50_last_round": {n: r["decode_ms_p50"] for n, r in last.items()},
-           "precision": {n: arts[n].get("precision", "fp32") for n in kv}, "speedup": ratios}
+    window = np.asarray(task.example_inputs(1)[0], np.int64)
+    if window.size < max(args.prompt_tokens, args.prefill_tokens):
+        raise SystemExit(f"the task's example window has {window.size} tokens; lower --prompt-tokens / --prefill-tokens")
+    prompt, long_prompt = window[: args.prompt_tokens], window[: args.prefill_tokens]
+
+    paths, parity = build_ours(run, work, prompt, log)
+    genai_skipped = None
+    if args.genai_python and Path(args.genai_python).is_file():
+        genai = build_genai(args.genai_python, _float_student(run), work, args.genai_precisions.split(","), args.threads, log)
+    else:
+        genai = {}
+        genai_skipped = (f"--genai-python {args.genai_python!r} is not a file" if args.genai_python else "no --genai-python given") + \
+            ": onnxruntime-genai reference skipped (make a venv with onnxruntime-genai==0.18.0, transformers 5.x, onnx_ir)"
+        log(genai_skipped)
+
+    variants = {**paths, **genai}
+    tok_s: dict[str, list[float]] = {n: [] for n in variants}
+    step_p50: dict[str, list[float]] = {n: [] for n in variants}
+    prefill: dict[str, list[float]] = {n: [] for n in paths}
+    tokens: dict[str, list[int]] = {}
+    for r in range(args.rounds):  # interleaved: every variant once per round
+        log(f"round {r + 1}/{args.rounds}")
+        for name, path in variants.items():
+            if name in genai:
+                res = run_genai(args.genai_python, path, prompt, args.new_tokens, args.repeats, args.threads)
+            else:
+                res = benchmark_decode(path, prompt, args.new_tokens, args.threads, repeats=args.repeats, warmup=1)
+                pre = benchmark_decode(path, long_prompt, 0, args.threads, repeats=args.repeats, warmup=1)
+                prefill[name].append(pre["prefill_ms"])
+            tok_s[name].append(res["decode_tokens_per_s"])
+            step_p50[name].append(res["decode_ms_p50"])
+            tokens[name] = res["tokens"]
+
+    med = {n: round(statistics.median(v), 2) for n, v in tok_s.items()}
+    med_p50 = {n: round(statistics.median(v), 4) for n, v in step_p50.items()}
+    pre_med = {n: round(statistics.median(v), 3) for n, v in prefill.items()}
+    genai_best = max((n for n in genai), key=lambda n: med[n], default=None)
+    ratios = {}
+    if FINAL in med and genai_best:
+        ratios["final_vs_onnxruntime_genai"] = round(med[FINAL] / med[genai_best], 3)
+    if FINAL in med and PLAIN in med:
+        ratios["final_vs_plain_kv"] = round(med[FINAL] / med[PLAIN], 3)
+    for a, b in ((FINAL, "fused-fp32"), ("fused-int4", "fused-fp32"), ("fused-fp32", "genai-fp32"), ("fused-int4", "genai-int4")):
+        if a in med and b in med:
+            ratios[f"{a}_vs_{b}"] = round(med[a] / med[b], 3)
+    p50_ratios = {k: round(med_p50[b] / med_p50[a], 3) for k, (a, b) in
+                  {"final_vs_onnxruntime_genai": (FINAL, genai_best), "final_vs_plain_kv": (FINAL, PLAIN)}.items()
+                  if a in med_p50 and b in med_p50}
+    prefill_ratios = {k: round(pre_med[b] / pre_med[a], 3) for k, (a, b) in
+                      {"fused_int8_vs_fused_fp32": (FINAL, "fused-fp32"), "plain_int8_vs_plain_fp32": (PLAIN, "plain-kv-fp32")}.items()
+                      if a in pre_med and b in pre_med}
+    same = {f"{a}=={b}": tokens[a] == tokens[b] for a, b in (("fused-fp32", "genai-fp32"), ("fused-fp32", "plain-kv-fp32"),
+                                                             (FINAL, PLAIN)) if a in tokens and b in tokens}
+    import onnxruntime
+
+    out = {"version": 2, "run": str(run), "machine": f"{os.cpu_count()} CPUs, {args.threads} threads per variant, shared: preliminary",
+           "onnxruntime": onnxruntime.__version__, "batch_size": 1, "prompt_tokens": int(prompt.size), "new_tokens": args.new_tokens,
+           "prefill_tokens": int(long_prompt.size), "threads": args.threads, "rounds": args.rounds, "repeats_per_round": args.repeats,
+           "decode_tokens_per_s_median": med, "ratios": ratios,
+           "decode_ms_p50_median": med_p50, "ratios_from_step_p50": p50_ratios,
+           "prefill_ms_p50": pre_med, "prefill_speedup": prefill_ratios,
+           "decode_tokens_per_s_rounds": tok_s, "prefill_ms_rounds": prefill,
+           "genai_best": genai_best, "genai_skipped": genai_skipped, "same_greedy_tokens": same, "parity": parity,
+           "artifacts": {n: str(p) for n, p in variants.items()}}
+    if args.profile and FINAL in paths:
+        log("profiling")
+        prof = {FINAL: top_operators(profile_ours(paths[FINAL], prompt, args.new_tokens, args.threads, work / "profile-fused-int8"),
+                                     args.new_tokens)}
+        if genai_best:
+            prefix = work / f"profile-{genai_best}"
+            for old in work.glob(f"profile-{genai_best}*.json"):
+                old.unlink()
+            run_genai(args.genai_python, genai[genai_best], prompt, args.new_tokens, 3, args.threads, profile=str(prefix))
+            prof[genai_best] = top_operators(max(work.glob(f"profile-{genai_best}*.json")), args.new_tokens)
+        out["profile"] = prof
     atomic_write_json(args.out, out)
-    print(json.dumps({"decode_tokens_per_s_median": out["decode_tokens_per_s_median"], "speedup": ratios}, indent=2))
+    print(json.dumps({k: out[k] for k in ("decode_tokens_per_s_median", "ratios", "ratios_from_step_p50", "prefill_ms_p50",
+                                          "prefill_speedup", "same_greedy_tokens")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -179,3 +179,11 @@ def test_doc_yaml_snippet_validates(body, monkeypatch):
     else:
         assert isinstance(data, dict), body
         RecipeSpec.model_validate({**_BASE, **data})
+
+
+def test_benchmarks_doc_names_every_result_and_script():
+    """docs/benchmarks.md says how each result in benchmarks/results/ was measured and names every script."""
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    files = [*sorted((ROOT / "benchmarks" / "results").glob("*.json")), *sorted((ROOT / "benchmarks").glob("*.py"))]
+    missing = [str(p.relative_to(ROOT)) for p in files if f"`{p.name}`" not in doc and f"{p.relative_to(ROOT)}" not in doc]
+    assert not missing, f"describe these in docs/benchmarks.md (what, how it was measured, how to reproduce): {missing}"

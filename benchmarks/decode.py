@@ -62,7 +62,7 @@ def _load_qat(path: Path):
     return model
 
 
-def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log) -> tuple[dict[str, Path], dict]:
+def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, int8_kernels: tuple[str, ...] = ()) -> tuple[dict[str, Path], dict]:
     """Export the fused graphs and find (or export) the plain KV graphs; return their paths and parity numbers."""
     from transformers import AutoModelForCausalLM
 
@@ -77,13 +77,15 @@ def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log) -> tuple[d
     q = _load_qat(qat) if (qat / "qat.json").is_file() else None
     if q is not None:
         paths[FINAL] = export_fused(q, work / "student.fused-int8.onnx", "int8")
+        for kernel in int8_kernels:  # the run-time activation alternatives (not bit-compatible with QAT)
+            paths[f"fused-int8-{kernel}"] = export_fused(q, work / f"student.fused-int8-{kernel}.onnx", "int8", int8_kernel=kernel)
     else:
         log(f"{run} has no qat/model: no fused-int8 variant")
     for name, path in paths.items():
-        ref = q if name == FINAL else fp
-        log(f"parity of {name} ({'torch fake quant' if name == FINAL else 'torch fp32'})")
-        info[name] = {**check_fused_parity(ref, path, parity_prompt, 16), "fused_ops": fused_ops(op_histogram(path)),
-                      "reference": "torch fake-quant QAT model" if name == FINAL else "torch fp32 student"}
+        quant = name.startswith(FINAL)
+        log(f"parity of {name} ({'torch fake quant' if quant else 'torch fp32'})")
+        info[name] = {**check_fused_parity(q if quant else fp, path, parity_prompt, 16), "fused_ops": fused_ops(op_histogram(path)),
+                      "reference": "torch fake-quant QAT model" if quant else "torch fp32 student"}
     arts = {}
     metrics = run / "export" / "metrics.json"
     if metrics.is_file():
@@ -94,6 +96,10 @@ def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log) -> tuple[d
             paths[name] = run / rel
         elif model is not None:  # the run exported without kv_cache: make today's graph here
             paths[name] = _export_plain(model, work / f"student.{name}.onnx", int8=name.endswith("int8"))
+    if "plain-kv-int8" in paths:
+        from dsk_compress.export.kv_cache import check_kv_parity
+
+        info["plain-kv-int8"] = {**check_kv_parity(q, paths["plain-kv-int8"], parity_prompt, 16), "reference": "torch fake-quant QAT model"}
     return paths, info
 
 
@@ -240,6 +246,7 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile fused-int8 and genai's best build (ORT's profiler)")
+    ap.add_argument("--int8-kernels", default="", help="also time these run-time-activation int8 kernels, e.g. dynamic,nbits")
     args = ap.parse_args()
 
     def log(msg: str) -> None:
@@ -255,7 +262,7 @@ def main() -> None:
         raise SystemExit(f"the task's example window has {window.size} tokens; lower --prompt-tokens / --prefill-tokens")
     prompt, long_prompt = window[: args.prompt_tokens], window[: args.prefill_tokens]
 
-    paths, parity = build_ours(run, work, prompt, log)
+    paths, parity = build_ours(run, work, prompt, log, tuple(k for k in args.int8_kernels.split(",") if k))
     genai_skipped = None
     if args.genai_python and Path(args.genai_python).is_file():
         genai = build_genai(args.genai_python, _float_student(run), work, args.genai_precisions.split(","), args.threads, log)
@@ -292,7 +299,8 @@ def main() -> None:
         ratios["final_vs_onnxruntime_genai"] = round(med[FINAL] / med[genai_best], 3)
     if FINAL in med and PLAIN in med:
         ratios["final_vs_plain_kv"] = round(med[FINAL] / med[PLAIN], 3)
-    for a, b in ((FINAL, "fused-fp32"), ("fused-int4", "fused-fp32"), ("fused-fp32", "genai-fp32"), ("fused-int4", "genai-int4")):
+    for a, b in ((FINAL, "fused-fp32"), ("fused-int4", "fused-fp32"), ("fused-fp32", "genai-fp32"), ("fused-int4", "genai-int4"),
+                 ("fused-int8-dynamic", FINAL), ("fused-int8-nbits", FINAL)):
         if a in med and b in med:
             ratios[f"{a}_vs_{b}"] = round(med[a] / med[b], 3)
     p50_ratios = {k: round(med_p50[b] / med_p50[a], 3) for k, (a, b) in

@@ -61,6 +61,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 PRECISIONS = ("fp32", "int8", "int4")
+INT8_KERNELS = ("static", "dynamic", "nbits")
+"""int8 Linear kernels: ``static`` QuantizeLinear + MatMulIntegerToFloat (QAT's learned activation quantizers,
+bit-compatible with its fake quant); ``dynamic`` DynamicQuantizeMatMul and ``nbits`` 8-bit MatMulNBits quantize
+activations at run time (QAT's int8 weights, not its activation quantizers)."""
+NBITS_BLOCK = 32
 INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, LOGITS = "input_ids", "seqlens_k", "total_sequence_length", "logits"
 METADATA_KEY = "dsk_compress.fused_decoder"
 """Key of the JSON metadata (layout, precision, max positions) stored in the ONNX model's metadata_props."""
@@ -175,10 +180,10 @@ def _int8_weight(m) -> tuple[np.ndarray, np.ndarray]:
 class _Builder:
     """Writes the graph of one model in one precision (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, precision: str, share_activation_quantizers: bool) -> None:
+    def __init__(self, model: nn.Module, precision: str, share_activation_quantizers: bool, int8_kernel: str = "static") -> None:
         from dsk_compress.compress.qat import QuantLinear
 
-        self.model, self.precision, self.share = model, precision, share_activation_quantizers
+        self.model, self.precision, self.share, self.kernel = model, precision, share_activation_quantizers, int8_kernel
         self.quant_type = QuantLinear
         self.g = _Graph()
         self.quantized: dict[tuple, str] = {}  # (input, scale, zp, dtype) -> QuantizeLinear output, one per distinct quantizer
@@ -191,6 +196,10 @@ class _Builder:
         quant = [self._is_quant(m) for m in mods]
         if any(quant) and not all(quant):
             return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
+        if all(quant) and self.precision == "int8" and self.kernel != "static":
+            if len(mods) > 1 and not fuse:
+                return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
+            return [self._int8_dynamic(x, mods, name)]
         if all(quant) and self.precision == "int8":
             qs = [_act_quantizer(m) for m in mods]
             if len(mods) > 1 and (not fuse or (len(set(qs)) > 1 and not self.share)):
@@ -228,6 +237,33 @@ class _Builder:
         if bias is not None:
             inputs.append(g.init(f"{name}.bias", bias))
         (y,) = g.node("MatMulIntegerToFloat", inputs, f"{name}/MatMulIntegerToFloat", domain="com.microsoft")
+        return y
+
+
+    def _int8_dynamic(self, x: str, mods: list, name: str) -> str:
+        """QAT's int8 weights with activations quantized at run time: DynamicQuantizeMatMul (per tensor, uint8) or
+        MatMulNBits with 8-bit weights (per block of ``NBITS_BLOCK`` inputs, int8 compute: accuracy_level 4)."""
+        g = self.g
+        ws = [_int8_weight(m) for m in mods]
+        q = np.concatenate([w for w, _ in ws], axis=1)  # [K, N]
+        scale = np.concatenate([sc for _, sc in ws])
+        bias = self._bias(mods)
+        if self.kernel == "dynamic":
+            inputs = [x, g.init(f"{name}.weight_int8", q), g.init(f"{name}.weight_scale", scale), ""]
+            if bias is not None:
+                inputs.append(g.init(f"{name}.bias", bias))
+            (y,) = g.node("DynamicQuantizeMatMul", inputs, f"{name}/DynamicQuantizeMatMul", domain="com.microsoft")
+            return y
+        k, n = q.shape
+        blocks = -(-k // NBITS_BLOCK)
+        packed = np.full((n, blocks * NBITS_BLOCK), 128, np.uint8)  # stored unsigned, zero point 128 (the default for 8 bits)
+        packed[:, :k] = (q.T.astype(np.int16) + 128).astype(np.uint8)
+        inputs = [x, g.init(f"{name}.weight_u8", packed.reshape(n, blocks, NBITS_BLOCK)),
+                  g.init(f"{name}.weight_scale", np.repeat(scale, blocks).astype(np.float32)), "", ""]
+        if bias is not None:
+            inputs.append(g.init(f"{name}.bias", bias))
+        (y,) = g.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=8,
+                      block_size=NBITS_BLOCK, accuracy_level=4)
         return y
 
 
@@ -280,12 +316,12 @@ def _norm_weight(module) -> np.ndarray:
     return _float(module.weight)
 
 
-def build_fused_graph(model: nn.Module, precision: str = "fp32", share_activation_quantizers: bool = False):
+def build_fused_graph(model: nn.Module, precision: str = "fp32", share_activation_quantizers: bool = False, int8_kernel: str = "static"):
     """The fused decoder graph of ``model`` as an ``onnx.ModelProto`` (``int4`` is built as fp32; see :func:`export_fused`)."""
     from onnx import TensorProto, helper
 
     spec = _spec(model)
-    b = _Builder(model, "int8" if precision == "int8" else "fp32", share_activation_quantizers)
+    b = _Builder(model, "int8" if precision == "int8" else "fp32", share_activation_quantizers, int8_kernel)
     g = b.g
     base = model.model
     eps = spec["eps"]
@@ -384,7 +420,7 @@ def _quantize_int4(m, block_size: int, accuracy_level: int | None):
 
 
 def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *, block_size: int = 32, accuracy_level: int | None = 4,
-                 share_activation_quantizers: bool = False) -> Path:
+                 share_activation_quantizers: bool = False, int8_kernel: str = "static") -> Path:
     """Write the fused decoder graph of ``model`` to ``path`` (atomically) and return the path.
 
     Args:
@@ -394,17 +430,20 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
         accuracy_level: int4 only: MatMulNBits' compute type (4: int8 activations quantized per block at run time,
             ONNX Runtime's CPU default; 0/1: fp32).
         share_activation_quantizers: int8 only: fuse q/k/v and gate/up even when their quantizers differ (see module doc).
+        int8_kernel: int8 only: one of :data:`INT8_KERNELS` (``static``, the default, is the bit-compatible one).
     """
     import onnx
 
     if precision not in PRECISIONS:
         raise ExportError(f"unknown fused precision {precision!r}", hint=f"valid: {', '.join(PRECISIONS)}")
+    if int8_kernel not in INT8_KERNELS:
+        raise ExportError(f"unknown int8 kernel {int8_kernel!r}", hint=f"valid: {', '.join(INT8_KERNELS)}")
     if precision == "int8" and not any(type(m).__name__ == "QuantLinear" for m in model.modules()):
         raise ExportError("int8 fused export needs a QAT model (QuantLinear layers)", hint="run the qat stage, or export fp32 / int4")
     if precision != "int8" and any(type(m).__name__ == "QuantLinear" for m in model.modules()):
         raise ExportError(f"{precision} fused export got a QAT model", hint="export a QAT model as int8")
     model = model.eval()
-    m = build_fused_graph(model, precision, share_activation_quantizers)
+    m = build_fused_graph(model, precision, share_activation_quantizers, int8_kernel)
     if precision == "int4":
         m = _quantize_int4(m, block_size, accuracy_level)
     tmp, final = atomic_path(path)

@@ -13,6 +13,7 @@ STEP_ATOL = 1e-4  # fp32 step logits vs torch's cache loop (seen: 1.8e-7)
 INT8_MIN_SQNR_DB = 60.0  # int8 vs the torch fake-quant model (seen: 133.7 dB, the plain Q/DQ KV graph about the same)
 INT8_SHARED_MIN_SQNR_DB = 25.0  # forced shared activation quantizers, layer 0's k/up scales 1.3x apart (seen: 37.0 dB)
 INT4_MIN_SQNR_DB = 15.0  # int4 block 32 vs fp32 torch on the random tiny Llama (seen: 18.6 dB)
+INT8_RUNTIME_MIN_SQNR_DB = 20.0  # DynamicQuantizeMatMul / 8-bit MatMulNBits vs fake quant (seen: 37.8 / 37.7 dB)
 NEW = 12
 PROMPT = np.random.default_rng(0).integers(0, 256, 10)
 LAYERS = 2
@@ -235,3 +236,20 @@ def test_fused_export_refuses_moe_and_wrong_precisions(tmp_path, fp32):
     with pytest.raises(ExportError, match="unknown fused precision"):
         export_fused(fp32["model"], tmp_path / "x.onnx", "int2")
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize(("kernel", "op"), [("dynamic", "DynamicQuantizeMatMul"), ("nbits", "MatMulNBits")])
+def test_fused_int8_run_time_activation_kernels_pack_every_group(int8, kernel, op):
+    """The alternatives to the static kernel: QAT's int8 weights, activations quantized at run time (not bit-compatible)."""
+    import onnx
+
+    from dsk_compress.export.fused import check_fused_parity, export_fused
+
+    p = export_fused(int8["model"], int8["dir"] / f"q.{kernel}.onnx", "int8", int8_kernel=kernel)
+    hist = _hist(p)
+    assert hist[op] == 4 * LAYERS and "QuantizeLinear" not in hist and hist["MatMul"] == 1
+    if kernel == "nbits":  # QAT's per-channel scales repeated per block: the weights are exactly QAT's
+        n = next(n for n in onnx.load(str(p)).graph.node if n.op_type == "MatMulNBits")
+        assert {a.name: a.i for a in n.attribute if a.name in ("bits", "accuracy_level")} == {"bits": 8, "accuracy_level": 4}
+    r = check_fused_parity(int8["model"], p, PROMPT, NEW)
+    assert r["step_logits_sqnr_db"] > INT8_RUNTIME_MIN_SQNR_DB

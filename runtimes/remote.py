@@ -70,22 +70,20 @@ _FAMILY = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch
            "armv6l": "arm", "armv7l": "arm", "armv8l": "arm", "riscv64": "riscv", "ppc64le": "power", "s390x": "s390"}
 
 # Native facts first (no Python needed), then the device's Python: one round trip. $1 = python, $2 = _PROBE_PY.
-_PROBE_SH = 'uname -m; uname -sr; pwd; command -v timeout || echo; exec "$1" -c "$2"'
+# The marker line skips anything a login script may print before.
+_PROBE_MARK = "--dsk-probe--"
+_PROBE_SH = f'echo {_PROBE_MARK}; uname -m; uname -sr; pwd; command -v timeout || echo; exec "$1" -c "$2"'
 _PROBE_PY = r"""
 import json, os, platform, sys
-cpu = None
-for path, keys in (("/proc/device-tree/model", None), ("/proc/cpuinfo", ("model name", "Model", "Hardware", "CPU part"))):
+def read(path):
     try:
-        text = open(path, errors="replace").read().replace("\x00", "")
+        return open(path, errors="replace").read().replace("\x00", "").strip()
     except OSError:
-        continue
-    if keys is None:
-        cpu = text.strip() or None
-    else:
-        found = dict(l.split(":", 1) for l in text.splitlines() if ":" in l)
-        cpu = next((found[k].strip() for k in (k for k in found if k.strip() in keys)), None)
-    if cpu:
-        break
+        return ""
+info = {k.strip(): v.strip() for k, v in (l.split(":", 1) for l in read("/proc/cpuinfo").splitlines() if ":" in l)}
+cpu = read("/proc/device-tree/model") or info.get("model name") or info.get("Model") or info.get("Hardware")
+if not cpu and "CPU part" in info:  # arm64 kernels name no model: implementer and part numbers say which core
+    cpu = "ARM implementer %s part %s" % (info.get("CPU implementer", "?"), info["CPU part"])
 print(json.dumps({"machine": platform.machine(), "version": platform.python_version(), "major_minor": list(sys.version_info[:2]),
                   "implementation": platform.python_implementation(), "cpu": cpu, "cpu_count": os.cpu_count()}))
 """
@@ -351,6 +349,7 @@ class Remote:
         if self._probe is None:
             r = self._exec(["sh", "-c", _PROBE_SH, "sh", self.python, _PROBE_PY], timeout=120, check=False, text=True)
             lines = r.stdout.splitlines()
+            lines = lines[lines.index(_PROBE_MARK) + 1:] if _PROBE_MARK in lines else []
             if r.returncode != 0 or len(lines) < 5:
                 missing = r.returncode in (126, 127)
                 raise RemotePythonError(
@@ -425,7 +424,8 @@ class Remote:
         and machine, and the wheelhouse's file names: a changed requirements file gets a new venv, an
         unchanged one is reused (a venv is needed on Pi OS Bookworm / Debian 12, whose system pip refuses
         to install: externally-managed-environment). With ``wheelhouse`` (a local folder of wheels for the
-        device) the wheels are copied to ``root/wheelhouse`` and installed offline (``--no-index``).
+        device) they are copied to ``root/wheelhouse-<hash of their names>`` (pip sees exactly these wheels,
+        and another venv from the same wheelhouse copies nothing) and installed offline (``--no-index``).
         """
         requirements = Path(requirements)
         if not requirements.is_file():
@@ -452,8 +452,9 @@ class Remote:
         self.write(f"{vdir}/requirements.txt", reqs)
         pip = [vpy, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-r", f"{vdir}/requirements.txt"]
         if wheelhouse is not None:
-            self.put(wheelhouse, f"{root}/wheelhouse", timeout=timeout)
-            pip += ["--no-index", "--find-links", f"{root}/wheelhouse"]
+            wdir = f"{root}/wheelhouse-{hashlib.sha256(json.dumps(wheels).encode()).hexdigest()[:12]}"
+            self.put(wheelhouse, wdir, timeout=timeout)
+            pip += ["--no-index", "--find-links", wdir]
         inst = self._exec(pip, timeout=timeout, check=False, text=True)
         if inst.returncode != 0:
             hint = (f"the wheelhouse needs wheels of every requirement for Python {p.python_version} on {p.python_machine} "
@@ -501,25 +502,27 @@ class Remote:
                 "remote_dir": rdir, "venv": venv.path, "venv_created": venv.created, "packages": venv.packages,
                 "run_args": list(run_args)}
         t0 = time.perf_counter()
+        timed_out = False
         try:
             r = self._exec(argv, timeout=timeout + 30, check=False, text=True)
-        except RemoteTimeout as e:
-            (out / "run.log").write_text(e.stdout + e.stderr)
-            raise
-        prov.update(wall_s=round(time.perf_counter() - t0, 3), finished_at=_now(), returncode=r.returncode)
-        (out / "run.log").write_text(r.stdout + r.stderr)
+            log, rc, err = r.stdout + r.stderr, r.returncode, r.stderr
+        except RemoteTimeout as e:  # keep what it printed
+            timed_out, log, rc, err = True, e.stdout + e.stderr, None, e.stderr
+        prov.update(wall_s=round(time.perf_counter() - t0, 3), finished_at=_now(), returncode=rc)
+        (out / "run.log").write_text(log)
         (out / "provenance.json").write_text(json.dumps(prov, indent=2))
-        if r.returncode == 124 and p.has_timeout:
-            raise RemoteTimeout(f"run.py on {self.host} did not finish within {timeout:g} s", hint=f"its output is in {out / 'run.log'}")
-        if r.returncode != 0:
-            raise RemoteCommandError(f"run.py failed on {self.host} (exit {r.returncode}): {_last_line(r.stderr)}",
-                                     hint=f"the full log is in {out / 'run.log'}", returncode=r.returncode, stderr=r.stderr)
+        if timed_out or (rc == 124 and p.has_timeout):
+            raise RemoteTimeout(f"run.py on {self.host} did not finish within {timeout:g} s", hint=f"its output is in {out / 'run.log'}",
+                                stdout=log)
+        if rc != 0:
+            raise RemoteCommandError(f"run.py failed on {self.host} (exit {rc}): {_last_line(err)}",
+                                     hint=f"the full log is in {out / 'run.log'}", returncode=rc, stderr=err)
         results = json.loads(self.get(f"{rdir}/results.json", out / "results.json").read_text())
         return {"results": results, "provenance": prov, "transfer": asdict(transfer), "out_dir": str(out)}
 
 
 def _stop_master(argv: list[str], control_dir: str) -> None:
-    if any(os.scandir(control_dir)):  # a master socket exists: ask it to exit
+    if os.listdir(control_dir):  # a master socket exists: ask it to exit
         subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
     shutil.rmtree(control_dir, ignore_errors=True)
 

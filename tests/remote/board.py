@@ -43,7 +43,7 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 DEB_PACKAGES = ("python3.11", "python3.11-venv", "libstdc++6")
 PIP_TAGS = ("--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64",
             "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none")
-PINNED = ("numpy", "onnxruntime", "tokenizers")  # at the constraints.txt versions
+PINNED = ("numpy", "onnxruntime", "tokenizers", "huggingface_hub")  # at the constraints.txt versions, as on the host
 FLOOR = ("onnxruntime==1.18.1", "numpy==1.26.4")  # the oldest onnxruntime that loads the bundles, built for numpy 1.x
 REPO = Path(__file__).resolve().parents[2]
 QEMU = "qemu-aarch64-static"
@@ -62,10 +62,12 @@ class Board:
 
 
 def missing_tools() -> list[str]:
-    """What this machine lacks to build and run the board (empty when nothing is missing)."""
-    missing = [t for t in (QEMU, "apt-get", "dpkg-deb") if shutil.which(t) is None]
-    if not KEYRING.is_file():
-        missing.append(str(KEYRING) + " (debian-archive-keyring)")
+    """What this machine lacks to run the board, and to build it when it is not cached (empty: nothing)."""
+    missing = [QEMU] if shutil.which(QEMU) is None else []
+    if not (cache_dir() / board_key() / "ready").is_file():
+        missing += [t for t in ("apt-get", "dpkg-deb") if shutil.which(t) is None]
+        if not KEYRING.is_file():
+            missing.append(str(KEYRING) + " (debian-archive-keyring)")
     return missing
 
 

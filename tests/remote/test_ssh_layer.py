@@ -277,3 +277,56 @@ def test_ensure_venv_names_the_apt_package_when_venv_is_missing(ssh_server, know
         with pytest.raises(VenvError, match="-m venv` is not available") as ei:
             r.ensure_venv(req, root=str(tmp_path / "venvs"))
     assert "sudo apt install python3-venv (or python3.11-venv)" in ei.value.hint
+
+
+# --------------------------------------------------------------------------- run_bundle mechanics (a stand-in bundle)
+
+STUB_RUN_PY = """import argparse, json, platform, sys, time
+ap = argparse.ArgumentParser()
+ap.add_argument("--out")
+ap.add_argument("--fail", action="store_true")
+ap.add_argument("--sleep", type=float, default=0)
+a = ap.parse_args()
+import dsk_probe  # installed from the bundle's requirements
+print("started", flush=True)
+time.sleep(a.sleep)
+if a.fail:
+    sys.exit("model.onnx is corrupt")
+json.dump({"machine": platform.machine(), "probe": dsk_probe.VERSION}, open(a.out, "w"))
+"""
+
+
+@pytest.fixture
+def stub_bundle(tmp_path):
+    b = tmp_path / "stub"
+    b.mkdir()
+    (b / "run.py").write_text(STUB_RUN_PY)
+    (b / "model_card.json").write_text("{}")
+    (b / "requirements.txt").write_text("dsk-probe==1.0\n")
+    _tiny_wheel(tmp_path / "wheels")
+    return b
+
+
+def test_run_bundle_labels_a_native_device_measured_keeps_logs_and_never_returns_stale_results(remote, stub_bundle, tmp_path):
+    import platform
+
+    kw = {"remote_root": str(tmp_path / "device" / "stub"), "venvs_root": str(tmp_path / "device" / "venvs"),
+          "wheelhouse": tmp_path / "wheels"}
+    ok = remote.run_bundle(stub_bundle, out_dir=tmp_path / "ok", **kw)
+    assert ok["results"] == {"machine": platform.machine(), "probe": "1.0"}
+    prov = ok["provenance"]
+    assert prov["measurement"] == "measured" and prov["emulated"] is False and prov["venv_created"]
+    assert prov["host"] == str(remote.host) and prov["packages"]["dsk_probe"] == "1.0"
+    with pytest.raises(RemoteCommandError, match="run.py failed on .* \\(exit 1\\): model.onnx is corrupt") as ei:
+        remote.run_bundle(stub_bundle, out_dir=tmp_path / "bad", run_args=["--fail"], **kw)
+    assert str(tmp_path / "bad" / "run.log") in ei.value.hint
+    assert "started" in (tmp_path / "bad" / "run.log").read_text() and not (tmp_path / "bad" / "results.json").exists()
+    assert json.loads((tmp_path / "bad" / "provenance.json").read_text())["returncode"] == 1
+    with pytest.raises(RemoteTimeout, match="did not finish within 2 s"):
+        remote.run_bundle(stub_bundle, out_dir=tmp_path / "slow", run_args=["--sleep", "60"], timeout=2, **kw)
+    assert "started" in (tmp_path / "slow" / "run.log").read_text()
+
+
+def test_run_bundle_refuses_a_folder_that_is_not_a_bundle(remote, tmp_path):
+    with pytest.raises(RemoteError, match="is not a deploy bundle \\(no run.py, model_card.json, requirements.txt\\)"):
+        remote.run_bundle(tmp_path, out_dir=tmp_path / "out")

@@ -89,17 +89,26 @@ def recipe_cmd(
 
     spec = api.load_recipe(recipe, set_ or [])
     if dry_run:
+        from dsk_compress.recipes.preflight import describe_estimate, preflight
         from dsk_compress.recipes.runner import describe_plan
 
+        estimate = preflight(spec)  # model files, shapes and memory, as a real run checks them first
         c = _console()
         c.print(f"[bold]{spec.name}[/bold] (recipe version {spec.version}, seed {spec.seed})")
         c.print(f"teacher: {spec.teacher.model_dump(exclude_none=True)}  student: {spec.student.model_dump(exclude_none=True)}")
         c.print(f"task: {spec.task.model_dump()}")
         for st in describe_plan(spec):
             c.print(f"  {st['index']}. {st['stage']}: " + json.dumps({k: v for k, v in st.items() if k not in ('index', 'stage')}))
+        c.print(describe_estimate(estimate), markup=False)
         return
+    from dsk_compress.errors import RunInterrupted
+
     resume_arg: bool | Path = (run_dir if run_dir else True) if resume else False
-    rd = api.run_recipe(spec, out=out, resume=resume_arg, run_dir=None if resume else run_dir, rerun_from=rerun_from)
+    try:
+        rd = api.run_recipe(spec, out=out, resume=resume_arg, run_dir=None if resume else run_dir, rerun_from=rerun_from)
+    except RunInterrupted as e:  # the manifest says interrupted; the message says how to continue
+        typer.secho(f"interrupted: {e.message}", err=True, fg="yellow")
+        raise typer.Exit(e.exit_code) from None
     from dsk_compress.compress import dist
 
     if not dist.is_main():  # under torchrun rank 0 alone reports
@@ -140,8 +149,12 @@ def report_cmd(
 
     Example: dsk-compress report runs/quant-prune-distill-20261123-101500 runs/other-run
     """
+    from dsk_compress.integrity import verify_run
     from dsk_compress.report import compare_reports, load_report, render_comparison, render_summary_table
 
+    for rd in run_dirs:  # report.json and the artifacts it describes are what the run wrote
+        if (rd / "manifest.json").exists():
+            verify_run(rd)
     c = _console()
     if len(run_dirs) == 1:
         render_summary_table(load_report(run_dirs[0]), c)
@@ -159,8 +172,14 @@ def export_cmd(
 
     Example: dsk-compress export runs/quant-prune-distill-20261123-070000 --device rpi5
     """
+    from dsk_compress.errors import RunError
     from dsk_compress.export.bundle import make_bundle
+    from dsk_compress.io import ensure_dir
 
+    if out is not None:  # a file in the way or a folder we cannot write: one line now, not a traceback after the checks
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out} is a file, not a folder", hint="give a folder for the bundle")
+        ensure_dir(out.resolve().parent, "--out")
     dest = make_bundle(run_dir, device, out)
     _console().print(f"bundle: {dest}  (on the device: pip install -r requirements.txt && python3 run.py)")
 
@@ -222,9 +241,10 @@ def zoo_train(
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # Ctrl-C outside a run comes back as 130 (typer turns it into Exit(130))
     except DskError as e:
-        typer.secho(f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), err=True, fg="red")
+        line = f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "")
+        typer.secho(" ".join(line.split()), err=True, fg="red")  # one line, whatever the message holds
         sys.exit(2)
     except KeyboardInterrupt:
         typer.secho("interrupted: finished stages are kept; continue with --resume", err=True, fg="yellow")
@@ -243,6 +263,8 @@ def main() -> None:
         if isinstance(e, typer.Abort):
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,12 @@ def _same_id(a, b) -> bool:
     return bool(a & b)
 
 
+def vocab_padding(vocab_size: int) -> int:
+    """How many more embedding rows than tokenizer entries a model may have: padding to a multiple of 64 or 128, and
+    reserved tokens, stay below max(128, 2% of the vocabulary) (Qwen2: 271 of 151,936; Phi-2: 905 of 51,200)."""
+    return max(128, vocab_size // 50)
+
+
 def check_vocab(teacher_config, student_config=None, task_tokenizer=None, teacher_tokenizer=None, task_vocab: int | None = None) -> None:
     """Refuse a teacher / student / task tokenizer combination whose vocabularies differ, before any training.
 
@@ -203,6 +209,11 @@ def check_vocab(teacher_config, student_config=None, task_tokenizer=None, teache
     if task_vocab is not None and tv is not None and task_vocab > tv:
         raise RecipeError(f"task.tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}",
                           hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)")
+    if task_vocab is not None and tv is not None and tv - task_vocab > vocab_padding(tv):
+        # embeddings are padded by a little (to a multiple of 64 or 128); a tokenizer far smaller is another tokenizer
+        raise RecipeError(f"task.tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}: {tv - task_vocab} embedding rows "
+                          f"would never be used, more than padding explains (at most {vocab_padding(tv)})",
+                          hint="use the tokenizer the teacher was trained with (task.tokenizer: the teacher's directory)")
     if task_tokenizer is None:
         return
     for k, a in _special_ids(teacher_config).items():

@@ -228,15 +228,18 @@ def save_qat_model(model: nn.Module, path: Path, qat_info: dict) -> Path:
 
 def load_qat_model(path: Path) -> nn.Module:
     """Rebuild a QAT model saved by :func:`save_qat_model`: the config's architecture, QuantLinear layers, then the saved state."""
-    import json
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dsk_compress.io import load_state_dict
+    from dsk_compress.errors import RunError
+    from dsk_compress.io import load_state_dict, read_json
 
-    info = json.loads((path / "qat.json").read_text())
+    info = read_json(Path(path) / "qat.json")
+    try:
+        bits, avx2_safe, skip = int(info["weight_bits"]), bool(info["avx2_safe"]), list(info["skip"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{Path(path) / 'qat.json'} is damaged ({type(e).__name__}: {e})", hint="re-run the qat stage") from None
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    prepare_qat(model, info["weight_bits"], info["avx2_safe"], info["skip"], activations=info.get("activations", "asymmetric"))
+    prepare_qat(model, bits, avx2_safe, skip, activations=info.get("activations", "asymmetric"))
     model.load_state_dict(load_state_dict(path / "qat_state.safetensors"), strict=False)
     return model.eval()

@@ -122,25 +122,38 @@ def _load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, scaler=
     from dsk_compress.errors import RunError
 
     state = read_json(ckpt_dir / "state.json")
-    model.load_state_dict(load_state_dict(ckpt_dir / "model.safetensors"))
+    fix = f"delete {ckpt_dir} to restart the stage from its beginning"
+    try:
+        step, history, tokens, seconds = int(state["step"]), list(state["history"]), int(state["tokens"]), float(state["seconds"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"checkpoint {ckpt_dir / 'state.json'} is damaged ({type(e).__name__}: {e})", hint=fix) from None
+    try:
+        model.load_state_dict(load_state_dict(ckpt_dir / "model.safetensors"))
+    except RuntimeError as e:
+        raise RunError(f"checkpoint {ckpt_dir / 'model.safetensors'} does not fit the model: {str(e).splitlines()[0][:160]}", hint=fix) from None
     if aux is not None:
         if not (ckpt_dir / "aux.safetensors").is_file():
             raise RunError(f"{ckpt_dir} has no aux.safetensors for the trainable loss modules (e.g. hidden-state projections)",
                            hint="delete that checkpoint directory to restart the stage")
         aux.load_state_dict(load_state_dict(ckpt_dir / "aux.safetensors"))
-    blob = torch.load(ckpt_dir / "optim.pt", weights_only=True, map_location="cpu")
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
+    try:
+        # weights_only: a pickle that would run code is refused (UnpicklingError), never executed
+        blob = torch.load(ckpt_dir / "optim.pt", weights_only=True, map_location="cpu")
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        rng = blob["rng"]["torch"]
+    except Exception as e:  # truncated zip, refused pickle, missing keys, shapes that do not fit: all one answer
+        raise RunError(f"checkpoint {ckpt_dir / 'optim.pt'} is damaged or not one this trainer wrote "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", hint=fix) from None
     if scaler is not None and scaler.is_enabled():
         if not blob.get("scaler"):
             raise RunError(f"{ckpt_dir / 'optim.pt'} has no gradient-scaler state but this run trains in fp16",
                            hint="resume with the precision the checkpoint was made with, or delete the checkpoint")
         scaler.load_state_dict(blob["scaler"])
-    torch.set_rng_state(blob["rng"]["torch"])
+    torch.set_rng_state(rng)
     if "cuda" in blob["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    return (int(state["step"]), list(state["history"]), int(state["tokens"]), float(state["seconds"]), bool(state.get("stopped", False)),
-            int(state.get("skipped_steps", 0)))
+    return step, history, tokens, seconds, bool(state.get("stopped", False)), int(state.get("skipped_steps", 0))
 
 
 @contextlib.contextmanager
@@ -249,6 +262,12 @@ def train(
                         if p.grad is not None:
                             dist.all_reduce_mean_(p.grad)
                     dist.all_reduce_mean_(step_loss)
+                if not use_scaler and not math.isfinite(float(step_loss)):  # fp16's scaler skips such steps itself
+                    from dsk_compress.errors import TrainingError
+
+                    raise TrainingError(f"{desc}: the loss became {float(step_loss)} at step {step + 1} of {cfg.steps}; nothing of "
+                                        "this step was applied or saved",
+                                        hint="lower lr or temperature, or check the teacher and the data (a NaN in its weights or logits)")
                 if cfg.grad_clip > 0:
                     scaler.unscale_(opt)  # clip the true gradients; a no-op without a scaler
                     torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)

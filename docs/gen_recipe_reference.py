@@ -112,7 +112,7 @@ report: {max_accuracy_drop: 3.0}""",
     "TaskSpec": ["name: code-lm\nseq_len: 256\neval_sequences: 128"],
     "TextTaskSpec": [
         "name: text-lm\ntrain: [data/train.jsonl]\neval: [data/valid.jsonl]\ntokenizer: ./checkpoints/my-mixtral\n"
-        "text_field: text\nseq_len: 512\neval_sequences: 64",
+        "text_field: text\nformat: auto\nencoding: utf-8\nseq_len: 512\neval_sequences: 64",
     ],
     "TorchTaskSpec": ['name: torch\ntorch: "examples.digits.task:make_task"\noptions: {}'],
     "_TrainSettings": [

@@ -49,3 +49,20 @@ class DeviceError(DskError):
 
 class RunError(DskError):
     """A run directory that is missing, corrupt or cannot be resumed."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT) or SIGTERM after its manifest recorded the stage as interrupted.
+
+    A ``KeyboardInterrupt``, so code that cleans up on Ctrl-C does so; the CLI prints ``message`` (which
+    names the command that continues the run) and exits with ``exit_code``: 130 for SIGINT, 143 for SIGTERM.
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class TrainingError(DskError):
+    """Training diverged (the loss became NaN or infinite); nothing of that step is saved."""

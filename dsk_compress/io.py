@@ -35,6 +35,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def ensure_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder ``path`` (and its parents) or raise a RunError naming ``what`` (e.g. ``--out``) and why not:
+    a file in the way, no permission, a read-only filesystem."""
+    from dsk_compress.errors import RunError
+
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RunError(f"{what} {path}: {parent} is a file, not a folder", hint=f"choose another {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {what} {path}: {e.strerror or e}", hint=f"choose a {what} you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunError(f"{what} {path} is not writable", hint=f"choose a {what} you can write to")
+    return path
+
+
 def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
     """Return ``(tmp, final)`` for writers that need a path (torch.save, onnx.save); call ``commit``."""
     final = Path(path)

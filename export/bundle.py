@@ -78,7 +78,10 @@ def trt_predict(model):
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise SystemExit("TensorRT failed to build the engine (see the log above)")
+    from dsk_compress.integrity import check_run_artifacts
+
         engine_path.write_bytes(bytes(plan))
+    check_run_artifacts(run_dir)  # recorded hashes match and every ONNX file loads, before anything is copied
         cache_file.write_bytes(bytes(cache.serialize()))
         engine = runtime.deserialize_cuda_engine(bytes(plan))
     ctx = engine.create_execution_context()

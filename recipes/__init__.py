@@ -27,6 +27,8 @@ def recipe_descriptions() -> list[tuple[str, str]]:
 def _read_raw(name_or_path: str) -> dict:
     import yaml
 
+    from dsk_compress.safe_yaml import MAX_BYTES, YAMLLimitError, safe_load
+
     p = Path(name_or_path)
     if not p.suffix and name_or_path in bundled_recipes():
         p = bundled_recipes()[name_or_path]
@@ -34,9 +36,13 @@ def _read_raw(name_or_path: str) -> dict:
         names = ", ".join(bundled_recipes())
         raise RecipeError(f"no recipe named or found at {name_or_path!r}", hint=f"bundled recipes: {names}; or give a path to a .yaml file")
     try:
-        data = yaml.safe_load(p.read_text())
+        if p.stat().st_size > MAX_BYTES:
+            raise YAMLLimitError(f"{p.stat().st_size:,} bytes, more than the {MAX_BYTES:,} a recipe may have")
+        data = safe_load(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read {p}: {e}", hint="give a readable UTF-8 YAML file") from None
+    except YAMLLimitError as e:
+        raise RecipeError(f"{p} is refused: {e}", hint="a recipe is a small YAML mapping; remove the deep nesting or the aliases") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -50,12 +56,18 @@ def apply_override(data: dict, assignment: str) -> None:
     """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``0.4``, ``true``, ``[1, 2]``)."""
     import yaml
 
+    from dsk_compress.safe_yaml import YAMLLimitError, safe_load
+
     if "=" not in assignment:
         raise RecipeError(f"bad --set {assignment!r}", hint="use --set key.path=value, e.g. --set stages.1.ffn_ratio=0.4")
     key, _, raw = assignment.partition("=")
     parts = key.strip().split(".")
+    if len(parts) > 16 or not all(parts):
+        raise RecipeError(f"bad --set key {key.strip()[:80]!r}", hint="use --set key.path=value, e.g. --set stages.1.ffn_ratio=0.4")
     try:
-        value = yaml.safe_load(raw)
+        value = safe_load(raw)
+    except YAMLLimitError as e:
+        raise RecipeError(f"--set {key.strip()}: the value is refused: {e}") from None
     except yaml.YAMLError:
         value = raw
     node: Any = data
@@ -101,14 +113,19 @@ def format_validation_error(err) -> str:
         # drop the discriminator tag pydantic inserts for unions (e.g. stages.1.prune.ratio)
         if len(loc) >= 3 and loc[0] == "stages" and loc[2] in ("distill", "prune", "qat", "export", "bench"):
             loc.pop(2)
+        elif len(loc) >= 2 and loc[0] == "task" and loc[1] in ("code-lm", "text-lm", "torch"):
+            loc.pop(1)
         where = ".".join(loc) or "recipe"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `dsk-compress recipe NAME --dry-run` for valid fields)"
         elif e["type"] == "union_tag_invalid":
-            # the error's input is the whole stage mapping; name only the bad tag
+            # the error's input is the whole mapping; name only the bad tag
             tag = (e.get("ctx") or {}).get("tag", e.get("input"))
-            msg = f"unknown stage {tag!r}; valid stages: distill, prune, qat, export, bench"
+            if loc and loc[0] == "task":
+                msg = f"unknown task {tag!r}; valid tasks: code-lm, text-lm, or {{torch: 'pkg.module:make_task'}}"
+            else:
+                msg = f"unknown stage {tag!r}; valid stages: distill, prune, qat, export, bench"
         lines.append(f"{where}: {msg}")
     return "; ".join(lines)
 
@@ -134,6 +151,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None):
     for ov in overrides or []:
         apply_override(data, ov)
     try:
-        return RecipeSpec.model_validate(data)
+        spec = RecipeSpec.model_validate(data)
     except ValidationError as e:
         raise RecipeError(f"invalid recipe {name_or_path!r}: {format_validation_error(e)}") from None
+    spec._origin = (str(name_or_path), tuple(overrides or ()))
+    return spec

@@ -37,14 +37,17 @@ rank 0's error reaches the waiting ranks as a :class:`RunError`.
 from __future__ import annotations
 
 import platform
+import re
+import shlex
 import socket
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from dsk_compress.errors import DskError, RunError
-from dsk_compress.io import atomic_write_json, read_json
+from dsk_compress.errors import DskError, RunError, RunInterrupted
+from dsk_compress.integrity import read_manifest, record_files, top_level_files, verify_stage
+from dsk_compress.io import atomic_write_json, ensure_dir, read_json
 from dsk_compress.recipes.base import STAGES, RunContext, Stage
 
 MANIFEST_VERSION = 1
@@ -71,8 +74,35 @@ def host_info() -> dict[str, Any]:
 
 
 def latest_run(out: Path, recipe: str) -> Path | None:
-    runs = sorted(p for p in Path(out).glob(f"{recipe}-*") if (p / "manifest.json").is_file())
-    return runs[-1] if runs else None
+    """The newest ``<out>/<recipe>-<YYYYmmdd-HHMMSS>`` folder whose manifest names ``recipe`` (so ``tiny-edge`` never
+    picks ``tiny-edge-jetson-...``); a manifest that cannot be read still counts, and is reported when it is opened."""
+    stamp = re.compile(re.escape(recipe) + r"-\d{8}-\d{6}")
+    runs = []
+    for p in Path(out).glob(f"{glob_escape(recipe)}-*"):
+        if not (stamp.fullmatch(p.name) and (p / "manifest.json").is_file()):
+            continue
+        try:
+            name = read_json(p / "manifest.json").get("name", recipe)
+        except (RunError, AttributeError):
+            name = recipe
+        if name == recipe:
+            runs.append(p)
+    return sorted(runs)[-1] if runs else None
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob wildcards quoted (a run name may contain ``[``? no, but a path part may)."""
+    import glob
+
+    return glob.escape(text)
+
+
+def resume_command(spec, rd: Path, rerun_from: str | None = None) -> str:
+    """The command that continues the run in ``rd`` (the recipe and ``--set`` values it was loaded with)."""
+    origin = getattr(spec, "_origin", None) or (spec.name, ())
+    sets = "".join(f" --set {shlex.quote(s)}" for s in origin[1])
+    tail = f" --rerun-from {rerun_from}" if rerun_from else ""
+    return f"dsk-compress recipe {shlex.quote(str(origin[0]))}{sets} --run-dir {shlex.quote(str(rd))} --resume{tail}"
 
 
 def plan(spec) -> list[Stage]:
@@ -109,30 +139,63 @@ def _mark_for_rerun(rd: Path, manifest: dict[str, Any], stage: str) -> None:
         old = rd / entry["stage"]
         if old.exists():
             old.rename(rd / f"{entry['stage']}.replaced-{stamp}")
-        for k in ("outputs", "metrics", "error", "traceback", "finished", "seconds"):
+        for k in ("outputs", "metrics", "error", "traceback", "finished", "seconds", "files", "signal"):
             entry.pop(k, None)
         entry["status"] = "pending"
     manifest["status"] = "running"
 
 
 def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool | str | Path,
-              run_dir: str | Path | None, world_size: int, rerun_from: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """The run directory and its manifest: read for ``resume``, else created and written (rank 0 only)."""
+              run_dir: str | Path | None, world_size: int, rerun_from: str | None = None):
+    """The run directory, its manifest and the lock held on it: read for ``resume``, else created and written (rank 0 only)."""
+    from dsk_compress.runlock import RunLock
+
     manifest: dict[str, Any]
     if resume:
-        rd = Path(resume) if not isinstance(resume, bool) else latest_run(Path(out), spec.name)
-        if rd is None or not (rd / "manifest.json").is_file():
-            raise RunError(f"no run of {spec.name!r} to resume under {out}", hint="run it without --resume first")
-        manifest = read_json(rd / "manifest.json")
-        if not _same_recipe(manifest.get("recipe"), resolved):
-            raise RunError(f"the recipe differs from the one {rd} was started with", hint="resume with the same recipe and --set values, or start a new run")
-        if rerun_from is not None:
-            _mark_for_rerun(rd, manifest, rerun_from)
+        if isinstance(resume, bool):
+            if Path(out).exists() and not Path(out).is_dir():
+                raise RunError(f"--out {out} is a file, not a folder", hint="give the folder that holds the runs")
+            rd = latest_run(Path(out), spec.name)
+            if rd is None:
+                raise RunError(f"no run of {spec.name!r} to resume under {out}", hint="run it without --resume first")
+        else:
+            rd = Path(resume)
+            if rd.exists() and not rd.is_dir():
+                raise RunError(f"--run-dir {rd} is a file, not a run folder", hint="give the folder of the run to resume")
+            if not (rd / "manifest.json").is_file():
+                raise RunError(f"{rd} holds no run to resume (no manifest.json)", hint="give the folder of an earlier run, or run without --resume")
+        lock = RunLock(rd).acquire()  # before reading the manifest: a live run would be rewriting it
+        try:
+            manifest = read_manifest(rd)
+            if not _same_recipe(manifest.get("recipe"), resolved):
+                raise RunError(f"the recipe differs from the one {rd} was started with", hint="resume with the same recipe and --set values, or start a new run")
+            names = [s.config.stage for s in stages]
+            if [e["stage"] for e in manifest["stages"]] != names:
+                raise RunError(f"{rd / 'manifest.json'} lists stages {[e['stage'] for e in manifest['stages']]}, the recipe {names}",
+                               hint="the manifest is damaged; start a new run")
+            if rerun_from is not None:
+                _mark_for_rerun(rd, manifest, rerun_from)
+        except BaseException:
+            lock.release()
+            raise
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        rd = Path(run_dir) if run_dir else Path(out) / f"{spec.name}-{stamp}"
+        if run_dir:
+            rd = Path(run_dir)
+            if rd.exists() and not rd.is_dir():
+                raise RunError(f"--run-dir {rd} is a file, not a folder", hint="give a folder for the run")
+        else:
+            rd = Path(out) / f"{spec.name}-{stamp}"
+            if Path(out).exists() and not Path(out).is_dir():
+                raise RunError(f"--out {out} is a file, not a folder", hint="give a folder for the runs")
+            if Path(out).resolve() not in rd.resolve().parents:  # the schema allows no separator or '..' in names; belt and braces
+                raise RunError(f"run name {spec.name!r} would leave --out {out}", hint="use a plain name")
+        ensure_dir(rd, "--run-dir" if run_dir else "--out")
+        lock = RunLock(rd).acquire()  # two fresh runs into one folder: the second stops here, naming the first
         if (rd / "manifest.json").exists():
+            lock.release()
             raise RunError(f"{rd} already holds a run", hint="use --resume to continue it or choose another --out")
+        origin = getattr(spec, "_origin", None)
         manifest = {
             "version": MANIFEST_VERSION,
             "name": spec.name,
@@ -144,10 +207,15 @@ def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool
             "stages": [{"index": i, "stage": s.config.stage, "status": "pending"} for i, s in enumerate(stages)],
             "status": "running",
         }
+        if origin is not None:  # how to name this recipe again in a resume or rebuild command
+            manifest["source"] = {"recipe": str(origin[0]), "overrides": list(origin[1])}
     manifest["world_size"] = world_size  # of this (latest) launch
-    rd.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(rd / "manifest.json", manifest)
-    return rd, manifest
+    try:
+        atomic_write_json(rd / "manifest.json", manifest)
+    except BaseException:
+        lock.release()
+        raise
+    return rd, manifest, lock
 
 
 def _wait_for_record(mpath: Path, index: int, seconds: float = 5.0) -> None:
@@ -181,10 +249,34 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
 
     if rerun_from is not None and not resume:
         raise RunError("--rerun-from needs a run to continue", hint="add --resume (or --run-dir DIR --resume)")
+    from dsk_compress.interrupts import terminate_as_interrupt
+    from dsk_compress.recipes.preflight import preflight
+
     stages = plan(spec)
     resolved = spec.model_dump(mode="json")
     denv = dist.init()  # joins the process group under torchrun; a no-op in a single process
-    rd, manifest = dist.on_main(lambda: _open_run(spec, stages, resolved, out, resume, run_dir, denv.world_size, rerun_from), "opening the run directory")
+    dist.on_main(lambda: preflight(spec), "checking the recipe")  # files, shapes and memory, before any work
+    held: dict[str, Any] = {}
+
+    def open_run():
+        rd, manifest, held["lock"] = _open_run(spec, stages, resolved, out, resume, run_dir, denv.world_size, rerun_from)
+        return rd, manifest
+
+    rd, manifest = dist.on_main(open_run, "opening the run directory")
+    try:
+        # under torchrun the launcher stops workers with SIGTERM: keep its default there
+        with terminate_as_interrupt(enabled=not denv.enabled):
+            return _run_stages(spec, stages, rd, manifest, denv, resume)
+    finally:
+        if held.get("lock") is not None:
+            held["lock"].release()
+
+
+def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], denv, resume) -> Path:
+    """Run the stages not yet done in ``rd``, recording each one's status, outputs, metrics and files in the manifest."""
+    from dsk_compress.compress import dist
+    from dsk_compress.interrupts import exit_code, signal_name
+
     if denv.enabled:
         blind = [r for r, seen in enumerate(dist.all_gather_object((rd / "manifest.json").is_file())) if not seen]
         if blind:
@@ -208,10 +300,15 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
             ctx.outputs[name] = entry.get("outputs", {})
             ctx.metrics[name] = entry.get("metrics", {})
             continue
+        # what this stage reads from earlier ones must be what they wrote (hashes are cached, so each file is read once)
+        dist.on_main(lambda: [verify_stage(rd, manifest, e) for e in manifest["stages"][:i] if e.get("status") == "done"],
+                     "checking the earlier stages' files")
         entry.pop("traceback", None)  # left by an earlier failed attempt
+        entry.pop("signal", None)
         entry.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         manifest["status"] = "running"
         record()
+        top_before = top_level_files(rd) if main else {}
         t0 = time.perf_counter()
         try:
             if denv.enabled and stage.ranks == "main":
@@ -220,7 +317,7 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
                 result = stage.run(ctx)
         except (KeyboardInterrupt, Exception) as e:
             if isinstance(e, KeyboardInterrupt):
-                entry.update(status="interrupted", seconds=round(time.perf_counter() - t0, 2))
+                entry.update(status="interrupted", signal=signal_name(e), seconds=round(time.perf_counter() - t0, 2))
                 manifest["status"] = "interrupted"
             else:
                 error = str(e) if isinstance(e, DskError) else f"{type(e).__name__}: {e}"
@@ -231,6 +328,9 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
             record()
             if not main and not isinstance(e, KeyboardInterrupt):
                 _wait_for_record(mpath, i)
+            if isinstance(e, KeyboardInterrupt) and main:
+                raise RunInterrupted(f"stage {name!r} stopped by {signal_name(e)}; finished stages and the last checkpoint are kept "
+                                     f"in {rd}; continue with: {resume_command(spec, rd)}", exit_code(e)) from None
             raise
         entry.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                      seconds=round(time.perf_counter() - t0, 2),
@@ -239,6 +339,8 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
         ctx.metrics[name] = result.metrics
         if main:
             atomic_write_json(rd / name / "metrics.json", result.metrics)
+            top_after = top_level_files(rd)
+            entry["files"] = record_files(rd, name, [f for f, st in top_after.items() if top_before.get(f) != st])
         record()
         dist.barrier()  # the next stage reads this one's files only once rank 0 has written them
     manifest["status"] = "done"

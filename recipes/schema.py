@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from dsk_compress.recipes.limits import (
+    MAX_BATCH,
+    MAX_CALIBRATION_BATCHES,
+    MAX_EVAL_SEQUENCES,
+    MAX_RUNS,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_WIDTH,
+    check_device_name,
+    check_run_name,
+    max_threads,
+)
 
 RECIPE_VERSION = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are refused in every float field (a NaN bound turns a check off, an inf temperature NaNs the loss)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSourceSpec(_Strict):
@@ -19,28 +33,37 @@ class ModelSourceSpec(_Strict):
     zoo: str | None = Field(None, description="name of a built-in zoo model, e.g. code-lm-moe")
     hf: str | None = Field(None, description="path to a local Hugging Face model directory")
     torch: str | None = Field(None, description="'pkg.module:factory' returning an nn.Module")
-    checkpoint: str | None = Field(None, description="safetensors weights for a torch factory")
+    checkpoint: str | None = Field(None, description="safetensors weights for a torch factory (must exist)")
 
     @model_validator(mode="after")
     def _one_source(self):
         given = [k for k in ("zoo", "hf", "torch") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of zoo, hf, torch (got {given or 'none'})")
+        if self.checkpoint is not None and self.torch is None:
+            raise ValueError(f"checkpoint goes with torch: 'pkg.module:factory'; a {given[0]} model's weights are in its own files")
         return self
 
 
 class FromTeacherSpec(_Strict):
     """A dense student cut from the teacher: its layers, width and FFN initialisation."""
 
-    layers: list[int] | None = Field(None, description="teacher layer indices to keep, e.g. [0, 2, 5]")
-    keep_every: int | None = Field(None, ge=1, description="keep every k-th teacher layer (and the last)")
+    layers: list[Annotated[int, Field(ge=0, le=MAX_WIDTH)]] | None = Field(
+        None, min_length=1, description="teacher layer indices to keep, e.g. [0, 2, 5]; not with keep_every")
+    keep_every: int | None = Field(None, ge=1, le=MAX_WIDTH, description="keep every k-th teacher layer (and the last); not with layers")
     intermediate_size: int | None = Field(
-        None, gt=0, description="dense FFN width (default: one routed expert's; at most a layer's experts + shared expert side by side)"
+        None, gt=0, le=MAX_WIDTH, description="dense FFN width (default: one routed expert's; at most a layer's experts + shared expert side by side)"
     )
     ffn_init: Literal["merge", "top", "random"] = Field(
         "merge", description="router-frequency-weighted merge of all experts (+ shared expert), the most-used expert(s) (+ shared), or random"
     )
-    calibration_batches: int = Field(8, ge=1, description="batches used to measure router frequencies")
+    calibration_batches: int = Field(8, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches used to measure router frequencies")
+
+    @model_validator(mode="after")
+    def _layers_or_keep_every(self):
+        if self.layers is not None and self.keep_every is not None:
+            raise ValueError("give layers or keep_every, not both (keep_every would be ignored)")
+        return self
 
 
 class StudentSpec(_Strict):
@@ -64,19 +87,34 @@ class TaskSpec(_Strict):
 
     name: Literal["code-lm"] = "code-lm"
     seq_len: int = Field(256, ge=8, le=4096)
-    eval_sequences: int = Field(128, ge=1)
+    eval_sequences: int = Field(128, ge=1, le=MAX_EVAL_SEQUENCES)
 
 
 class TextTaskSpec(_Strict):
     """``text-lm``: the user's own .txt / .jsonl files, tokenized with a local tokenizer (the teacher's)."""
 
     name: Literal["text-lm"]
-    train: list[str] = Field(min_length=1, description="training files (.txt or .jsonl)")
-    eval: list[str] = Field(min_length=1, description="validation files (.txt or .jsonl)")
+    train: list[str] = Field(min_length=1, description="training files (.txt, .jsonl or .json)")
+    eval: list[str] = Field(min_length=1, description="validation files (.txt, .jsonl or .json)")
     tokenizer: str = Field(description="local tokenizer directory, usually the teacher's")
     text_field: str = "text"
+    format: Literal["auto", "text", "jsonl", "json"] = Field(
+        "auto", description="how the files are read: auto (by suffix, any case: .jsonl/.ndjson one JSON record per line, .json a list of "
+                            "records, anything else plain text, refused when it looks like JSON), text, jsonl or json")
+    encoding: str = Field("utf-8", description="text encoding of the files, e.g. latin-1")
     seq_len: int = Field(256, ge=8, le=8192)
-    eval_sequences: int = Field(64, ge=1)
+    eval_sequences: int = Field(64, ge=1, le=MAX_EVAL_SEQUENCES)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown encoding {v!r}; e.g. utf-8, latin-1, cp1252") from None
+        return v
 
 
 class TorchTaskSpec(_Strict):
@@ -97,15 +135,15 @@ class StageConfig(_Strict):
 
 
 class _TrainSettings(_Strict):
-    steps: int = Field(200, ge=0, description="optimizer steps")
-    batch_size: int = Field(16, ge=1)
+    steps: int = Field(200, ge=0, le=MAX_STEPS, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="sequences per step (the memory it needs is checked before the run)")
     lr: float = Field(1e-3, gt=0, le=1)
-    warmup: int = Field(20, ge=0)
-    temperature: float = Field(2.0, gt=0, description="KD softmax temperature")
+    warmup: int = Field(20, ge=0, le=MAX_STEPS)
+    temperature: float = Field(2.0, gt=0, le=100, description="KD softmax temperature")
     kd_weight: float = Field(0.8, ge=0, le=1, description="weight of the KD term; the rest is hard-label CE")
-    reverse_kl: float = Field(0.0, ge=0, description="weight of the reverse KL(student || teacher) inside the KD term (online teacher only)")
-    eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
-    early_stop_patience: int = Field(0, ge=0, description="stop after N validations without improvement (needs eval_every)")
+    reverse_kl: float = Field(0.0, ge=0, le=100, description="weight of the reverse KL(student || teacher) inside the KD term (online teacher only)")
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS, description="validate every N steps (0: only at the end)")
+    early_stop_patience: int = Field(0, ge=0, le=MAX_STEPS, description="stop after N validations without improvement (needs eval_every)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="training precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 autocast, fp16 autocast + gradient scaler (CUDA only)"
     )
@@ -113,7 +151,7 @@ class _TrainSettings(_Strict):
 
 class DistillConfig(StageConfig, _TrainSettings):
     stage: Literal["distill"] = "distill"
-    hidden_mse: float = Field(0.0, ge=0, description="weight of the hidden-state MSE (projected student layer vs teacher layer; online teacher only)")
+    hidden_mse: float = Field(0.0, ge=0, le=1e6, description="weight of the hidden-state MSE (projected student layer vs teacher layer; online teacher only)")
     hidden_pairs: list[tuple[int, int]] | None = Field(
         None, description="[[student_layer, teacher_layer], ...] for hidden_mse (default: each student layer and the teacher layer it was cut from)"
     )
@@ -136,8 +174,8 @@ class PruneTargetSpec(_Strict):
     )
     max_ratio: float = Field(0.9, gt=0, lt=1, description="largest fraction of each structure the target may remove")
     step: float = Field(0.1, gt=0, lt=1, description="latency_ms: ratio added per progressive step (export + measure + fine-tune)")
-    runs: int = Field(20, ge=1, description="latency_ms: timed runs per measurement")
-    warmup: int = Field(3, ge=0, description="latency_ms: untimed runs per measurement")
+    runs: int = Field(20, ge=1, le=MAX_RUNS, description="latency_ms: timed runs per measurement")
+    warmup: int = Field(3, ge=0, le=MAX_RUNS, description="latency_ms: untimed runs per measurement")
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -155,13 +193,14 @@ class PruneTargetSpec(_Strict):
 class PruneConfig(StageConfig, _TrainSettings):
     stage: Literal["prune"] = "prune"
     ffn_ratio: float | None = Field(
-        None, ge=0, lt=1, description="fraction of FFN channels removed (default 0.5, or 0 when layers_removed, depth_ratio, expert_ratio or target is given)"
+        None, ge=0, lt=1, description="fraction of FFN channels removed (default 0.5 when nothing else is pruned; 0 when head_ratio, "
+                                      "layers_removed, depth_ratio, expert_ratio or target is given)"
     )
     head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed, in whole KV groups with their query heads")
     channel_ratio: float | None = Field(
         None, ge=0, lt=1, description="torch (non-Hugging Face) student: fraction of each conv's output channels removed (default 0.5)"
     )
-    layers_removed: int = Field(0, ge=0, description="decoder layers removed, lowest block influence (1 - cos(input, output) on calibration data) first")
+    layers_removed: int = Field(0, ge=0, le=MAX_WIDTH, description="decoder layers removed, lowest block influence (1 - cos(input, output) on calibration data) first")
     depth_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of decoder layers removed (rounded down); alternative to layers_removed")
     expert_ratio: float = Field(
         0.0, ge=0, lt=1, description="MoE students: fraction of routed experts removed from every MoE layer, least used on calibration data first"
@@ -169,12 +208,12 @@ class PruneConfig(StageConfig, _TrainSettings):
     importance: Literal["l1", "l2", "taylor", "activation"] = Field(
         "l2", description="channel/head importance: weight magnitude (l1, l2), first-order Taylor, or mean |activation| on calibration data"
     )
-    calibration_batches: int = Field(8, ge=1, description="batches of 8 training windows for activation importance, layer block influence and expert router frequencies")
+    calibration_batches: int = Field(8, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 8 training windows for activation importance, layer block influence and expert router frequencies")
     target: PruneTargetSpec | None = Field(None, description="prune to a budget instead of ratios: {params: F}, {macs: F} or {latency_ms: X, device: host-cpu}")
-    iterations: int = Field(1, ge=1, description="progressive pruning: prune a slice, fine-tune, repeat")
-    round_to: int = Field(8, ge=1, description="channel counts rounded to a multiple of this")
-    steps: int = Field(100, ge=0, description="KD fine-tune steps after each pruning step")
-    timeout_s: float = Field(300, gt=0, description="abort pruning a model that takes longer (torch-pruning GQA hang)")
+    iterations: int = Field(1, ge=1, le=1000, description="progressive pruning: prune a slice, fine-tune, repeat")
+    round_to: int = Field(8, ge=1, le=4096, description="channel counts rounded to a multiple of this")
+    steps: int = Field(100, ge=0, le=MAX_STEPS, description="KD fine-tune steps after each pruning step")
+    timeout_s: float = Field(300, gt=0, le=7 * 86400, description="abort pruning a model that takes longer (torch-pruning GQA hang)")
     baselines: list[Literal["oneshot"]] = Field(
         default_factory=list, description="also prune one-shot to the same size with the same total fine-tune budget (role pruned-oneshot)"
     )
@@ -199,10 +238,10 @@ class PruneConfig(StageConfig, _TrainSettings):
 
     @property
     def effective_ffn_ratio(self) -> float:
-        """``ffn_ratio``, or its default: 0.5 for plain width pruning, 0 next to depth pruning or a target."""
+        """``ffn_ratio``, or its default: 0.5 when nothing else is pruned, 0 next to head, depth or expert pruning or a target."""
         if self.ffn_ratio is not None:
             return self.ffn_ratio
-        return 0.0 if (self.target is not None or self.layers_removed or self.depth_ratio or self.expert_ratio) else 0.5
+        return 0.0 if (self.target is not None or self.head_ratio or self.layers_removed or self.depth_ratio or self.expert_ratio) else 0.5
 
 
 class QATConfig(StageConfig, _TrainSettings):
@@ -214,7 +253,7 @@ class QATConfig(StageConfig, _TrainSettings):
         "asymmetric",
         description="activation quantizers: asymmetric (uint8 + zero point, ONNX Runtime) or symmetric (int8, zero point 0, required by TensorRT)",
     )
-    observer_steps: int = Field(20, ge=1, description="steps of min/max observation before scales are learned")
+    observer_steps: int = Field(20, ge=1, le=MAX_CALIBRATION_BATCHES, description="steps of min/max observation before scales are learned")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module names kept in float")
     lr: float = Field(2e-4, gt=0, le=1)
 
@@ -224,9 +263,9 @@ class TensorRTBuildSpec(_Strict):
 
     build_engine: bool = Field(True, description="build the engine at export when tensorrt and a CUDA GPU are there (else run.py builds it on the device)")
     workspace_gb: float = Field(2.0, gt=0, le=1024, description="builder workspace memory pool limit in GiB")
-    max_batch: int = Field(8, ge=1, description="largest batch of the engine's optimization profile")
-    opt_batch: int = Field(1, ge=1, description="batch size the builder tunes kernels for")
-    max_seq_len: int | None = Field(None, ge=1, description="longest sequence of the profile (default: the task's seq_len)")
+    max_batch: int = Field(8, ge=1, le=MAX_BATCH, description="largest batch of the engine's optimization profile")
+    opt_batch: int = Field(1, ge=1, le=MAX_BATCH, description="batch size the builder tunes kernels for")
+    max_seq_len: int | None = Field(None, ge=1, le=1_000_000, description="longest sequence of the profile (default: the task's seq_len)")
 
     @model_validator(mode="after")
     def _batches(self):
@@ -239,15 +278,15 @@ class ExportConfig(StageConfig):
     stage: Literal["export"] = "export"
     opset: int = Field(17, ge=13, le=21)
     optimization: Literal["basic", "extended"] = "extended"
-    parity_atol: float = Field(1e-3, gt=0, description="max |torch - onnx| for float exports")
-    qdq_min_sqnr_db: float = Field(30.0, description="min SQNR of the INT8 ONNX vs the torch fake-quant model")
+    parity_atol: float = Field(1e-3, gt=0, le=1e3, description="max |torch - onnx| for float exports")
+    qdq_min_sqnr_db: float = Field(30.0, ge=0, le=200, description="min SQNR of the INT8 ONNX vs the torch fake-quant model")
     ptq_baselines: bool = Field(True, description="also export ORT dynamic and static PTQ of the float student (report baselines)")
-    ptq_calibration_batches: int = Field(16, ge=1, description="batches of 4 training windows for static PTQ calibration")
+    ptq_calibration_batches: int = Field(16, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 4 training windows for static PTQ calibration")
     precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
         default_factory=lambda: ["fp32", "int8"],
         description="what to write: fp32 (every student stage, always), fp16 (the last float student) and int8 (the QAT student)",
     )
-    fp16_max_rel_err: float = Field(0.01, gt=0, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|")
+    fp16_max_rel_err: float = Field(0.01, gt=0, le=1e3, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|")
     kv_cache: bool = Field(
         True, description="also write a KV-cache graph (<name>.kv.onnx: past_key_values in, present out) of each fp32 student and the "
                           "int8 QAT student, for token-by-token generation; bench measures its decode tokens/s"
@@ -267,24 +306,33 @@ class ExportConfig(StageConfig):
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str | None) -> str | None:
-        if v is not None:
-            from dsk_compress.devices import load_device
-            from dsk_compress.errors import DeviceError
-
-            try:
-                load_device(v)
-            except DeviceError as e:
-                raise ValueError(str(e)) from None
-        return v
+        return check_device_name(v) if v is not None else v
 
 
 class BenchStageConfig(StageConfig):
     stage: Literal["bench"] = "bench"
-    device: str = "host-cpu"
-    batch_size: int = Field(1, ge=1)
-    warmup: int = Field(5, ge=0)
-    runs: int = Field(30, ge=1)
-    threads: int | None = Field(None, ge=1)
+    device: str = Field("host-cpu", description="device profile whose threads and execution providers apply on this host (see "
+                        "`dsk-compress devices`); rows are labelled with this host, and a profile of another CPU architecture is "
+                        "refused: measure a board with `dsk-compress bench RUN --device D --host H`")
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="the latency batch (p50/p90/p99 in the report)")
+    throughput_batches: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(default_factory=lambda: [8, 64], max_length=8,
+                                          description="further batch sizes timed for throughput (items/s) where the model allows; "
+                                                      "each stops after 10 s once it has 3 runs")
+    warmup: int = Field(5, ge=0, le=MAX_RUNS)
+    runs: int = Field(30, ge=1, le=MAX_RUNS)
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime threads (default: the device's); at most 4x this machine's CPUs")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        return check_device_name(v)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_fit(cls, v: int | None) -> int | None:
+        if v is not None and v > max_threads():
+            raise ValueError(f"{v} threads is more than 4x this machine's {max_threads() // 4} CPUs; use at most {max_threads()}")
+        return v
 
 
 AnyStage = Annotated[
@@ -320,10 +368,10 @@ class ReportSpec(_Strict):
 class RecipeSpec(_Strict):
     """A whole compression recipe."""
 
-    version: int = RECIPE_VERSION
-    name: str
-    description: str = ""
-    seed: int = 0
+    version: int = Field(RECIPE_VERSION, ge=1, description="recipe format version (1)")
+    name: str = Field(description="run folders are named <name>-<time>: letters, digits, '.', '_', '-', '+', at most 100 characters")
+    description: str = Field("", max_length=10_000)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="torch and data seed, 0..2**32-1")
     teacher: ModelSourceSpec
     student: StudentSpec
     task: AnyTask = TaskSpec()
@@ -332,6 +380,13 @@ class RecipeSpec(_Strict):
     distributed: DistributedSpec = DistributedSpec()
     report: ReportSpec = ReportSpec()
 
+    # (recipe name or path, --set values) as load_recipe read it: resume and rebuild hints repeat them
+    _origin: tuple[str, tuple[str, ...]] | None = PrivateAttr(None)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_run_name(v)
     @field_validator("task", mode="before")
     @classmethod
     def _torch_task_tag(cls, v):

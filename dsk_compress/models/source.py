@@ -35,16 +35,41 @@ def load_hf_dir(path: str | Path):
     if not (p / "config.json").is_file():
         raise ModelSourceError(f"no Hugging Face model at {p} (config.json missing)", hint="point to a directory saved with save_pretrained")
     _refuse_quantized(p)
+    _check_config_shape(p)
     try:
         cfg = AutoConfig.from_pretrained(p, trust_remote_code=False, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             p, config=cfg, use_safetensors=True, trust_remote_code=False, local_files_only=True,
-            attn_implementation="eager", dtype=torch.float32,
+            attn_implementation="eager", dtype=torch.float32, output_loading_info=True,
         )
     except Exception as e:  # transformers / safetensors raise OSError, ValueError, SafetensorError, ...
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise ModelSourceError(f"cannot load the model in {p}: {first}", hint="the directory needs config.json and valid *.safetensors weights") from None
+    # transformers only warns and initialises missing tensors at random: a model that is partly noise is refused
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        bad, what = (missing, "lack") if missing else (mismatched, "have other shapes than config.json gives for")
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise ModelSourceError(f"the weights in {p} {what} {len(bad)} tensor(s) of its config: {shown}",
+                               hint="the safetensors files are incomplete or belong to another model; re-save it with save_pretrained")
     return model.eval()
+
+
+def _check_config_shape(p: Path) -> None:
+    """A config whose attention cannot be built (hidden size vs heads vs KV heads) is refused before transformers tries."""
+    from dsk_compress.errors import RecipeError
+    from dsk_compress.recipes.preflight import check_attention_shape
+
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config
+    if isinstance(cfg, dict):
+        try:
+            check_attention_shape(cfg, f"{p / 'config.json'}")
+        except RecipeError as e:
+            raise ModelSourceError(e.message, hint=e.hint) from None
 
 
 def _refuse_quantized(p: Path) -> None:

@@ -19,24 +19,79 @@ from dsk_compress.errors import TaskError
 from dsk_compress.tasks.base import Metrics, PredictFn, WindowedLMTask
 
 
-def read_documents(paths: list[str], text_field: str = "text") -> list[str]:
+FORMATS = ("auto", "text", "jsonl", "json")
+
+
+def _decode(p: Path, encoding: str) -> str:
+    """The file's text; a decoding error names the file, the line and the byte, and the ``encoding`` option."""
+    data = p.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise TaskError(f"{p}:{line}: byte 0x{data[e.start]:02x} is not valid {encoding} ({e.reason})",
+                        hint="convert the file to UTF-8 or set task.encoding (e.g. latin-1, cp1252)") from None
+
+
+def file_format(p: Path, fmt: str = "auto", text: str | None = None) -> str:
+    """``text``, ``jsonl`` or ``json`` for ``p``: ``fmt`` when given, else by suffix in any case (.jsonl / .ndjson,
+    .json); any other file is text, refused when its content is JSON, which would otherwise be trained on as prose."""
+    if fmt != "auto":
+        return fmt
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    head = (text or "").lstrip()[:1]
+    if head in ("{", "["):
+        first = (text or "").lstrip().splitlines()[0]
+        for candidate in (first, text or ""):
+            try:
+                json.loads(candidate)
+            except ValueError:
+                continue
+            raise TaskError(f"{p} holds JSON but would be read as plain text (its suffix is {p.suffix or 'none'!r})",
+                            hint="set task.format: jsonl (one record per line) or json (a list of records), or task.format: text "
+                                 "to train on it as text")
+    return "text"
+
+
+def _record_text(rec, p: Path, where: str, text_field: str) -> str:
+    if not isinstance(rec, dict):
+        raise TaskError(f"{p}:{where} is a JSON {type(rec).__name__}, not an object with a {text_field!r} field", hint="one object per record")
+    if text_field not in rec:
+        raise TaskError(f"{p}:{where} has no field {text_field!r}", hint="set task.text_field")
+    return str(rec[text_field])
+
+
+def read_documents(paths: list[str], text_field: str = "text", fmt: str = "auto", encoding: str = "utf-8") -> list[str]:
+    """The documents in ``paths``: a text file is one document, a JSONL line or a JSON list item one each."""
     docs: list[str] = []
     for p in map(Path, paths):
         if not p.is_file():
-            raise TaskError(f"text-lm file not found: {p}", hint="give existing .txt or .jsonl files in task.train / task.eval")
-        if p.suffix == ".jsonl":
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+            raise TaskError(f"text-lm file not found: {p}", hint="give existing .txt, .jsonl or .json files in task.train / task.eval")
+        text = _decode(p, encoding)
+        kind = file_format(p, fmt, text)
+        if kind == "jsonl":
+            for i, line in enumerate(text.splitlines()):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    raise TaskError(f"{p}:{i + 1} is not valid JSON") from None
-                if text_field not in rec:
-                    raise TaskError(f"{p}:{i + 1} has no field {text_field!r}", hint="set task.text_field")
-                docs.append(str(rec[text_field]))
+                    raise TaskError(f"{p}:{i + 1} is not valid JSON", hint="one JSON object per line, or set task.format") from None
+                docs.append(_record_text(rec, p, str(i + 1), text_field))
+        elif kind == "json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{p}:{e.lineno} is not valid JSON ({e.msg})",
+                                hint="a .json file holds a list of records; for one record per line use .jsonl or task.format: jsonl") from None
+            records = data if isinstance(data, list) else [data]
+            docs.extend(_record_text(rec, p, f"item {k}", text_field) for k, rec in enumerate(records))
         else:
-            docs.append(p.read_text(encoding="utf-8"))
+            docs.append(text)
     return docs
 
 
@@ -68,13 +123,13 @@ class TextLMTask(WindowedLMTask):
     logits_dtype = np.float32  # [B, T, vocab] in float64 would be large for real tokenizers
 
     def __init__(self, train: list[str], eval: list[str], tokenizer: str, text_field: str = "text", seq_len: int = 256,
-                 eval_sequences: int = 64, seed: int = 0) -> None:
+                 eval_sequences: int = 64, seed: int = 0, format: str = "auto", encoding: str = "utf-8") -> None:
         self.seq_len = seq_len
         self.seed = seed
         self.tok = load_tokenizer(tokenizer)
         self.vocab_size = len(self.tok)
-        self.train = tokenize(read_documents(train, text_field), self.tok)
-        self.val = tokenize(read_documents(eval, text_field), self.tok)
+        self.train = tokenize(read_documents(train, text_field, format, encoding), self.tok)
+        self.val = tokenize(read_documents(eval, text_field, format, encoding), self.tok)
         for split, arr in (("train", self.train), ("eval", self.val)):
             if len(arr) < seq_len + 1:
                 raise TaskError(f"task.{split} has {len(arr)} tokens, fewer than seq_len + 1 = {seq_len + 1}", hint="add text or lower task.seq_len")

@@ -10,9 +10,9 @@ token budget with one of (initialisation, KD) changed, so the report can show wh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from dsk_compress.io import read_json
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
 from dsk_compress.recipes.schema import DistillConfig
 from dsk_compress.recipes.stages.common import check_kd_settings, evaluate, kd_train, stage_field, train_summary
@@ -38,7 +38,7 @@ class DistillStage(Stage[DistillConfig]):
         dist.init()  # under torchrun every rank builds the same student; rank 0 alone writes files
         if dist.broadcast_object((init_dir / "config.json").is_file()):
             student = load_hf_dir(init_dir)  # resume: the very same initialisation
-            info = json.loads((init_dir / "dsk_compress.json").read_text()) if (init_dir / "dsk_compress.json").is_file() else {}
+            info = read_json(init_dir / "dsk_compress.json") if (init_dir / "dsk_compress.json").is_file() else {}
         elif st.from_teacher is not None:
             ft = st.from_teacher
             student, info = build_student(
@@ -52,8 +52,9 @@ class DistillStage(Stage[DistillConfig]):
         check_vocab(teacher.config, student.config)
         pairs = self._hidden_pairs(ctx, student, teacher, info)
         init_metrics = evaluate(ctx, student)
+        teacher_check = self._check_teacher(ctx, teacher)
         res = kd_train(ctx, student, self.config, "distill", d / "checkpoint", hidden_pairs=pairs)
-        metrics = {"init": init_metrics, "student_init": info, "params": count_params(student),
+        metrics = {"init": init_metrics, "student_init": info, "teacher": teacher_check, "params": count_params(student),
                    "train": train_summary(res), **evaluate(ctx, student)}
         if dist.is_main():
             save_hf_dir(student, d / "model")
@@ -62,6 +63,20 @@ class DistillStage(Stage[DistillConfig]):
         for name in self.config.baselines:
             baselines[name], metrics[f"baseline_{name}"] = self._baseline(ctx, name, init_dir, d / "baselines" / name)
         return StageResult(outputs={"model": ctx.rel(d / "model"), "baselines": baselines}, metrics=metrics)
+
+    def _check_teacher(self, ctx: RunContext, teacher) -> dict:
+        """The teacher's accuracy on the task next to chance; a teacher near chance is announced now and flagged in the report."""
+        import sys
+
+        from dsk_compress.compress import dist
+        from dsk_compress.sanity import chance_accuracy, teacher_warning
+
+        acc = evaluate(ctx, teacher)["accuracy"]
+        chance = chance_accuracy(ctx.task)
+        warning = teacher_warning(acc, chance)
+        if warning and dist.is_main():
+            print(warning, file=sys.stderr)
+        return {"accuracy": acc, "chance_accuracy": chance, "warning": warning}
 
     def _check_task_vocab(self, ctx: RunContext, teacher) -> None:
         """The task's tokens must be the teacher's tokens: size, special-token ids, and the teacher directory's own tokenizer."""
@@ -105,7 +120,7 @@ class DistillStage(Stage[DistillConfig]):
         from dsk_compress.models.source import load_hf_dir, save_hf_dir
 
         if dist.broadcast_object((bdir / "model" / "config.json").is_file() and (bdir / "metrics.json").is_file()):
-            return ctx.rel(bdir / "model"), json.loads((bdir / "metrics.json").read_text())
+            return ctx.rel(bdir / "model"), read_json(bdir / "metrics.json")
         c = self.config
         ft = ctx.spec.student.from_teacher
         binfo: dict = {}

@@ -12,12 +12,12 @@ prunes to the same final shape in one slice with the same total fine-tune budget
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
 import torch
 
+from dsk_compress.io import read_json
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
 from dsk_compress.recipes.schema import PruneConfig
 from dsk_compress.recipes.stages.common import agreed, evaluate, kd_train, rank0, student_model, train_summary
@@ -143,7 +143,7 @@ class PruneStage(Stage[PruneConfig]):
             step_dir = d / f"iter{it}"
             if agreed((step_dir / "model" / "config.json").is_file()):  # resume: this iteration is complete
                 model = load_hf_dir(step_dir / "model")
-                log.append(json.loads((step_dir / "metrics.json").read_text()))
+                log.append(read_json(step_dir / "metrics.json"))
                 continue
             after = prune(model, it, iterations)
             pruned_acc = evaluate(ctx, model)
@@ -215,7 +215,7 @@ class PruneStage(Stage[PruneConfig]):
 
         ref_file = d / "latency_before.json"
         if agreed(ref_file.is_file()):
-            ref = json.loads(ref_file.read_text())
+            ref = read_json(ref_file)
         else:
             ref = measure(model)
             rank0(atomic_write_json, ref_file, ref)
@@ -233,7 +233,7 @@ class PruneStage(Stage[PruneConfig]):
             step_dir = d / f"step{k}"
             if agreed((step_dir / "model" / "config.json").is_file()):  # resume: this step is complete
                 model = load_hf_dir(step_dir / "model")
-                entry = json.loads((step_dir / "metrics.json").read_text())
+                entry = read_json(step_dir / "metrics.json")
             else:
                 shape = uniform_shape(start, ratio, t.structures, c.round_to)
                 if shape == shape_of(model) and ratio < t.max_ratio:
@@ -327,7 +327,7 @@ def _torch_schedule(stage, ctx: RunContext, model, start: dict, final: dict, ite
         step_dir = d / f"iter{it}"
         if (step_dir / "model" / TORCH_DIR_FILE).is_file():  # resume: this iteration is complete
             model = load_model_dir(step_dir / "model")
-            log.append(json.loads((step_dir / "metrics.json").read_text()))
+            log.append(read_json(step_dir / "metrics.json"))
             continue
         widths = interpolate_widths(start, final, (it + 1) / iterations, c.round_to)
         batch = ctx.task.train_batch(3_000_000 + it, 32)

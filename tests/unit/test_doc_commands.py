@@ -111,10 +111,26 @@ def test_docs_have_command_lines():
     assert any(a[:1] == ["recipe"] and "--dry-run" in _invocation(a) and "--set" in a for _, a in COMMANDS)
 
 
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """An (untrained) digits CNN checkpoint: the recipe's own, examples/digits/cnn.safetensors, exists only after
+    ``python -m examples.digits.train``, and ``--dry-run`` checks that a checkpoint exists."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from dsk_compress.io import save_state_dict
+    from examples.digits.model import make_cnn
+
+    return save_state_dict(make_cnn().state_dict(), tmp_path_factory.mktemp("digits") / "cnn.safetensors")
+
+
 @pytest.mark.parametrize("args", [a for _, a in COMMANDS], ids=[c for c, _ in COMMANDS])
-def test_doc_command_runs(args, monkeypatch):
+def test_doc_command_runs(args, monkeypatch, request):
     monkeypatch.chdir(ROOT)  # recipe paths and `torch:` factories in the docs are relative to the repository root
     inv = _invocation(args)
+    if "examples/digits/recipe.yaml" in inv and "--dry-run" in inv and not (ROOT / "examples/digits/cnn.safetensors").is_file():
+        ck = request.getfixturevalue("digits_checkpoint")
+        inv = [*inv, "--set", f"teacher.checkpoint={ck}", "--set", f"student.checkpoint={ck}"]
     res = CliRunner().invoke(app, inv)
     assert res.exit_code == 0, f"`dsk-compress {shlex.join(inv)}` exited {res.exit_code}:\n{res.output}\n{res.exception!r}"
 

@@ -1,0 +1,60 @@
+"""The stated ranges of recipe values: upper bounds, safe run names, known device names, thread counts.
+
+The schema (``recipes/schema.py``) uses these in its fields, so a value out of range fails at load time
+(``--dry-run``) naming the field. Bounds that depend on the model and the machine (the memory a stage
+needs) are checked by :mod:`dsk_compress.recipes.preflight` before a run starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+MAX_STEPS = 10_000_000
+"""Most optimizer steps (and warm-up, eval interval) of one training stage."""
+MAX_BATCH = 65_536
+"""Largest batch size anywhere; the memory a batch needs is checked against the machine as well."""
+MAX_EVAL_SEQUENCES = 1_000_000
+"""Most validation windows of a task."""
+MAX_CALIBRATION_BATCHES = 100_000
+"""Most calibration / observer batches."""
+MAX_RUNS = 1_000_000
+"""Most timed or warm-up runs of a measurement."""
+MAX_SEED = 2**32 - 1
+"""Seeds are 0..2**32-1 (what numpy and every torch device accept)."""
+MAX_WIDTH = 1_000_000
+"""Largest FFN width, layer index or layer count."""
+THREADS_PER_CPU = 4
+"""Thread counts may oversubscribe this machine's CPUs at most this many times."""
+
+_RUN_NAME = re.compile(r"\w[\w.+-]{0,99}")
+
+
+def max_threads() -> int:
+    """The most threads a recipe may ask for on this machine: :data:`THREADS_PER_CPU` x its CPUs."""
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is a safe folder name (runs are ``<out>/<name>-<time>``), else ValueError saying what is allowed.
+
+    Allowed: 1-100 characters, letters, digits, ``.``, ``_``, ``-``, ``+``, starting with a letter or digit,
+    never ``..``; so no path separator, NUL, newline or other control character can reach a path.
+    """
+    if not _RUN_NAME.fullmatch(name) or ".." in name:
+        shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
+        raise ValueError(f"{shown} is not a safe run name: use 1-100 letters, digits, '.', '_', '-' or '+', starting with a "
+                         "letter or digit, without '..' (runs are written to <out>/<name>-<time>)")
+    return name
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it names a device profile (or a profile YAML), else ValueError listing the profiles."""
+    from dsk_compress.devices import load_device
+    from dsk_compress.errors import DeviceError
+
+    try:
+        load_device(name)
+    except DeviceError as e:
+        raise ValueError(str(e)) from None
+    return name

@@ -1,0 +1,239 @@
+"""Checks of a validated recipe against the files it names and the machine it runs on, before any work.
+
+The schema checks each value's range; this checks what needs the files and the machine, reading only
+small files (``config.json``, never weights), so ``--dry-run`` stays fast:
+
+* model sources: a zoo name that exists, an ``hf:`` folder with a ``config.json`` whose attention shape
+  works (hidden size divisible by the heads, heads by the KV heads), a torch ``checkpoint`` that exists;
+* the student's layers against the teacher's, ``logit_cache.top_k`` against the teacher's vocabulary,
+  a ``text-lm`` task's files and tokenizer folder;
+* memory: an estimate of the largest stage (weights, gradients and AdamW state of the student, the
+  teacher's weights, activations ~ batch x seq x hidden x layers, logits batch x seq x vocab, the
+  validation windows) against this machine's memory; a recipe that cannot fit is refused with both
+  numbers instead of running out of memory hours later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dsk_compress.errors import RecipeError
+
+FLOAT_BYTES = 4
+ADAMW_COPIES = 4
+"""Weights, gradients and AdamW's two moments, each fp32, per trained parameter."""
+ACTIVATIONS_PER_HIDDEN = 16
+"""fp32 values kept for the backward pass per token, layer and hidden unit (norms, q/k/v/o, residuals)."""
+LOGIT_COPIES = 6
+"""Student logits, their gradient, log-softmax, teacher logits and softmax, KD term: per token and vocabulary entry."""
+MEMORY_FRACTION = 0.9
+"""Share of this machine's memory a recipe may plan to use."""
+
+GIB = 1024**3
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: physical memory, or a lower cgroup limit (containers)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            total = min(total, int(raw))
+    return total
+
+
+def _read_config(path: Path, field: str) -> dict:
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"{field}: no Hugging Face model at {path} (config.json missing)",
+                          hint="point to a directory saved with save_pretrained")
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{field}: cannot read {path / 'config.json'}: {str(e).splitlines()[0][:120]}",
+                          hint="give a valid config.json") from None
+    if not isinstance(cfg, dict):
+        raise RecipeError(f"{field}: {path / 'config.json'} is not a JSON object")
+    return cfg
+
+
+def check_attention_shape(cfg: dict, field: str) -> None:
+    """Refuse a config whose hidden size does not split into its heads, or heads into KV heads (a clean error, not a
+    shape error deep inside the first forward pass)."""
+    def num(key):
+        v = cfg.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    hidden, heads, kv, head_dim = num("hidden_size"), num("num_attention_heads"), num("num_key_value_heads"), num("head_dim")
+    if heads is not None and heads <= 0:
+        raise RecipeError(f"{field}: num_attention_heads is {heads}", hint="give a positive number of heads in config.json")
+    if kv is not None and kv <= 0:
+        raise RecipeError(f"{field}: num_key_value_heads is {kv}", hint="give a positive number of KV heads in config.json")
+    if heads and kv and heads % kv:
+        raise RecipeError(f"{field}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}",
+                          hint="every KV head serves the same number of query heads; fix config.json")
+    if heads and hidden and not head_dim and hidden % heads:
+        raise RecipeError(f"{field}: hidden_size {hidden} is not divisible by num_attention_heads {heads}",
+                          hint="set head_dim in config.json or choose a hidden_size that is a multiple of the heads")
+
+
+def source_config(src, field: str) -> dict | None:
+    """The Hugging Face config (a dict) of a ``zoo`` / ``hf`` source, checked; None for a torch factory (whose
+    ``checkpoint`` must exist)."""
+    if getattr(src, "zoo", None):
+        from dsk_compress.models.zoo import ZOO
+
+        if src.zoo not in ZOO:
+            raise RecipeError(f"{field}.zoo: unknown zoo model {src.zoo!r}", hint=f"valid: {', '.join(ZOO.names())}")
+        spec = ZOO.get(src.zoo)
+        return {"model_type": spec.model_type, **spec.config}
+    if getattr(src, "hf", None):
+        cfg = _read_config(Path(src.hf), f"{field}.hf")
+        check_attention_shape(cfg, f"{field}.hf ({src.hf})")
+        return cfg
+    ckpt = getattr(src, "checkpoint", None)
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise RecipeError(f"{field}.checkpoint: {ckpt} does not exist", hint="give the path of the model's .safetensors weights")
+    return None
+
+
+def _int(cfg: dict, *keys: str, default: int = 0) -> int:
+    for k in keys:
+        v = cfg.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return default
+
+
+def _shape(cfg: dict) -> dict[str, int]:
+    hidden = _int(cfg, "hidden_size", "n_embd", "d_model")
+    heads = _int(cfg, "num_attention_heads", "n_head", default=1)
+    kv = _int(cfg, "num_key_value_heads", default=heads)
+    experts = _int(cfg, "num_local_experts", "num_experts", "n_routed_experts")
+    expert_width = _int(cfg, "moe_intermediate_size", "intermediate_size") if experts else 0
+    shared = _int(cfg, "shared_expert_intermediate_size") or _int(cfg, "n_shared_experts") * _int(cfg, "moe_intermediate_size")
+    return {"vocab": _int(cfg, "vocab_size"), "hidden": hidden, "layers": _int(cfg, "num_hidden_layers", "n_layer"),
+            "heads": heads, "kv": kv, "head_dim": _int(cfg, "head_dim", default=hidden // heads if heads else 0),
+            "ffn": _int(cfg, "intermediate_size"), "experts": experts, "expert_width": expert_width, "shared": shared,
+            "tied": bool(cfg.get("tie_word_embeddings", False))}
+
+
+def estimate_params(s: dict[str, int]) -> int:
+    """Parameters of a decoder-only LM of shape ``s`` (attention, FFN or experts, embeddings; norms and biases left out)."""
+    h, hd = s["hidden"], s["head_dim"]
+    attn = h * s["heads"] * hd * 2 + h * s["kv"] * hd * 2
+    if s["experts"]:
+        ffn = s["experts"] * 3 * h * s["expert_width"] + h * s["experts"] + 3 * h * s["shared"]
+    else:
+        ffn = 3 * h * s["ffn"]
+    return s["layers"] * (attn + ffn) + s["vocab"] * h * (1 if s["tied"] else 2)
+
+
+def _student_shape(spec, teacher: dict[str, int] | None, student_cfg: dict | None) -> dict[str, int] | None:
+    ft = spec.student.from_teacher
+    if ft is None:
+        return _shape(student_cfg) if student_cfg else None
+    if teacher is None:
+        return None
+    n = teacher["layers"]
+    if ft.layers is not None:
+        bad = sorted(i for i in ft.layers if i >= n)
+        if bad:
+            raise RecipeError(f"student.from_teacher.layers: {bad} out of range", hint=f"the teacher has layers 0..{n - 1}")
+        kept = len(set(ft.layers))
+    else:
+        kept = len(set(range(0, n, ft.keep_every or 2)) | {n - 1}) if n else 0
+    width = ft.intermediate_size or teacher["expert_width"] or teacher["ffn"]
+    return {**teacher, "layers": kept, "ffn": width, "experts": 0, "expert_width": 0, "shared": 0}
+
+
+def _seq_len(spec) -> int | None:
+    return getattr(spec.task, "seq_len", None)
+
+
+def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int] | None) -> dict[str, Any] | None:
+    """The largest stage's memory need in bytes, with what it is made of (None when the shapes are unknown)."""
+    seq = _seq_len(spec)
+    if student is None or seq is None:
+        return None
+    ps = estimate_params(student)
+    pt = estimate_params(teacher) if teacher else 0
+    vocab = max(student["vocab"], teacher["vocab"] if teacher else 0)
+    worst: dict[str, Any] | None = None
+    for i, st in enumerate(spec.stages):
+        b = st.batch_size if hasattr(st, "batch_size") else 1
+        if st.stage in ("distill", "prune", "qat"):
+            acts = b * seq * student["layers"] * (ACTIVATIONS_PER_HIDDEN * student["hidden"] + 4 * student["ffn"]
+                                                  + 3 * student["heads"] * seq) * FLOAT_BYTES
+            logits = b * seq * vocab * LOGIT_COPIES * FLOAT_BYTES
+            parts = {"student weights + grads + AdamW": ps * ADAMW_COPIES * FLOAT_BYTES, "teacher weights": pt * FLOAT_BYTES,
+                     "activations": acts, "logits": logits}
+        elif st.stage == "bench":
+            parts = {"model weights": max(ps, pt) * FLOAT_BYTES, "logits": b * seq * vocab * 2 * FLOAT_BYTES,
+                     "activations": b * seq * max(student["hidden"], teacher["hidden"] if teacher else 0) * 8 * FLOAT_BYTES}
+        else:
+            continue
+        total = sum(parts.values())
+        if worst is None or total > worst["bytes"]:
+            worst = {"stage": f"stages.{i} ({st.stage}, batch_size {b})", "bytes": total, "parts": parts, "field": f"stages.{i}.batch_size"}
+    windows = getattr(spec.task, "eval_sequences", 0) * seq * 8  # int64 validation windows
+    if worst is None or windows > worst["bytes"]:
+        worst = {"stage": f"task (eval_sequences {spec.task.eval_sequences})", "bytes": windows,
+                 "parts": {"validation windows": windows}, "field": "task.eval_sequences"}
+    worst["student_params"], worst["teacher_params"] = ps, pt
+    return worst
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.0f} MiB"
+
+
+def preflight(spec) -> dict[str, Any]:
+    """Check ``spec`` against its files and this machine; return what was estimated (for ``--dry-run``).
+
+    Raises:
+        RecipeError: a model source, task file or tokenizer folder that is missing or unusable, a student layer the
+            teacher lacks, ``logit_cache.top_k`` above the vocabulary, or a memory need above this machine's.
+    """
+    tcfg = source_config(spec.teacher, "teacher")
+    scfg = None
+    if spec.student.from_teacher is None:
+        scfg = source_config(spec.student, "student")
+    teacher = _shape(tcfg) if tcfg else None
+    if spec.logit_cache.enabled and teacher and teacher["vocab"] and spec.logit_cache.top_k > teacher["vocab"]:
+        raise RecipeError(f"logit_cache.top_k {spec.logit_cache.top_k} is more than the teacher's vocabulary ({teacher['vocab']} tokens)",
+                          hint=f"set logit_cache.top_k to at most {teacher['vocab']}")
+    if getattr(spec.task, "name", None) == "text-lm":
+        for key in ("train", "eval"):
+            for f in getattr(spec.task, key):
+                if not Path(f).is_file():
+                    raise RecipeError(f"task.{key}: {f} does not exist", hint="give existing .txt, .jsonl or .json files")
+        if not Path(spec.task.tokenizer).is_dir():
+            raise RecipeError(f"task.tokenizer: {spec.task.tokenizer} is not a folder", hint="give the teacher's local directory")
+    student = _student_shape(spec, teacher, scfg)
+    est = estimate_memory(spec, teacher, student)
+    if est is None:
+        return {}
+    mem = machine_memory()
+    est["machine_bytes"] = mem
+    if est["bytes"] > MEMORY_FRACTION * mem:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in est["parts"].items() if v)
+        raise RecipeError(f"{est['stage']} needs about {_gib(est['bytes'])} ({parts}) but this machine has {_gib(mem)} of memory",
+                          hint=f"lower {est['field']}, task.seq_len or the student's size (student.from_teacher.intermediate_size, layers)")
+    return est
+
+
+def describe_estimate(est: dict[str, Any]) -> str:
+    """One line for ``--dry-run``: the largest stage's memory estimate and this machine's memory."""
+    if not est:
+        return "memory: not estimated (the model's shape is known only when it is loaded)"
+    return (f"memory: about {_gib(est['bytes'])} at most, in {est['stage']} (student ~{est['student_params'] / 1e6:.1f}M params, "
+            f"teacher ~{est['teacher_params'] / 1e6:.1f}M); this machine has {_gib(est['machine_bytes'])}")
+
+
+__all__ = ["preflight", "describe_estimate", "estimate_memory", "estimate_params", "check_attention_shape", "machine_memory"]

@@ -14,8 +14,8 @@ Each variant runs in its own worker process per round, rounds interleaved so dri
 every variant alike; medians over rounds. A round of a variant = ``--repeats`` generations of
 ``--new-tokens`` after a ``--prompt-tokens`` prompt (the task's first example window). Also: prefill p50 of
 a ``--prefill-tokens`` sequence (batch 1) for our fused and plain graphs, the parity of each fused graph
-against torch, and with ``--profile`` the operators that take the decode time (ORT's profiler) for
-fused-int8 and genai's best build. Everything is rebuilt from the run directory into ``--work``
+against torch, and with ``--profile`` the operators that take the decode (and prompt prefill) time (ORT's
+profiler) for fused-int8, fused-fp32 and genai's best build (``--profile-only`` adds that to an existing JSON). Everything is rebuilt from the run directory into ``--work``
 (default ``RUN_DIR/bench-decode``), so the JSON can be reproduced from the run alone:
 
     python benchmarks/decode.py runs/quant-prune-distill-<time> --genai-python /work/genai-venv/bin/python --profile
@@ -77,8 +77,9 @@ def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, int8_kerne
     q = _load_qat(qat) if (qat / "qat.json").is_file() else None
     if q is not None:
         paths[FINAL] = export_fused(q, work / "student.fused-int8.onnx", "int8")
-        for kernel in int8_kernels:  # the run-time activation alternatives (not bit-compatible with QAT)
-            paths[f"fused-int8-{kernel}"] = export_fused(q, work / f"student.fused-int8-{kernel}.onnx", "int8", int8_kernel=kernel)
+        for kernel in int8_kernels:  # alternatives, not bit-compatible with QAT: run-time activation kernels, forced shared quantizers
+            kw = {"share_activation_quantizers": True} if kernel == "shared" else {"int8_kernel": kernel}
+            paths[f"fused-int8-{kernel}"] = export_fused(q, work / f"student.fused-int8-{kernel}.onnx", "int8", **kw)
     else:
         log(f"{run} has no qat/model: no fused-int8 variant")
     for name, path in paths.items():
@@ -185,7 +186,7 @@ def run_genai(python: str, model_dir: Path, prompt: np.ndarray, new_tokens: int,
 
 
 def top_operators(trace: Path, new_tokens: int, top: int = 8) -> dict:
-    """Time per operator type over the decode steps of an ORT profiler trace (prefill runs left out).
+    """Time per operator type in an ORT profiler trace, for the decode steps and for the prompt prefills apart.
 
     The trace holds one ``model_run`` per ORT call, in order: per generation one prefill then ``new_tokens``
     steps. Node events are assigned to the run they fall in.
@@ -194,26 +195,31 @@ def top_operators(trace: Path, new_tokens: int, top: int = 8) -> dict:
 
     events = json.loads(trace.read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    starts = [s for s, _ in runs]
-    per_op: dict[str, float] = {}
-    calls: dict[str, int] = {}
-    decode_runs = [k for k in range(len(runs)) if k % (new_tokens + 1) != 0]
+    starts = [st for st, _ in runs]
+    phases = {"decode": lambda k: k % (new_tokens + 1) != 0, "prefill": lambda k: k % (new_tokens + 1) == 0}
+    per_op: dict[str, dict[str, float]] = {p: {} for p in phases}
+    calls: dict[str, dict[str, int]] = {p: {} for p in phases}
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
         k = bisect.bisect_right(starts, e["ts"]) - 1
-        if k < 0 or k % (new_tokens + 1) == 0:
+        if k < 0:
             continue
+        phase = "decode" if phases["decode"](k) else "prefill"
         op = e["args"]["op_name"]
-        per_op[op] = per_op.get(op, 0.0) + e["dur"]
-        calls[op] = calls.get(op, 0) + 1
-    steps = max(len(decode_runs), 1)
-    run_us = sum(runs[k][1] - runs[k][0] for k in decode_runs) / steps
-    total = sum(per_op.values())
-    rows = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
-    return {"decode_steps": len(decode_runs), "model_run_us_per_step": round(run_us, 2), "kernel_us_per_step": round(total / steps, 2),
-            "operators": [{"op": op, "us_per_step": round(us / steps, 2), "share": round(us / total, 3), "nodes_per_step": calls[op] // steps}
-                          for op, us in rows]}
+        per_op[phase][op] = per_op[phase].get(op, 0.0) + e["dur"]
+        calls[phase][op] = calls[phase].get(op, 0) + 1
+    out = {}
+    for phase, keep in phases.items():
+        idx = [k for k in range(len(runs)) if keep(k)]
+        n = max(len(idx), 1)
+        total = sum(per_op[phase].values()) or 1.0
+        rows = sorted(per_op[phase].items(), key=lambda kv: -kv[1])[:top]
+        out[phase] = {"runs": len(idx), "model_run_us": round(sum(runs[k][1] - runs[k][0] for k in idx) / n, 2),
+                      "kernel_us": round(total / n, 2),
+                      "operators": [{"op": op, "us": round(us / n, 2), "share": round(us / total, 3), "nodes": calls[phase][op] // n}
+                                    for op, us in rows]}
+    return out
 
 
 def profile_ours(path: Path, prompt: np.ndarray, new_tokens: int, threads: int | None, prefix: Path) -> Path:
@@ -232,6 +238,19 @@ def profile_ours(path: Path, prompt: np.ndarray, new_tokens: int, threads: int |
     return Path(sess.end_profiling())
 
 
+def profile_all(paths: dict, genai: dict, genai_best: str | None, prompt: np.ndarray, args, work: Path, log) -> dict:
+    """ORT-profiler top operators of fused-int8, fused-fp32 and genai's best build (3 generations after one warm-up)."""
+    log("profiling")
+    prof = {name: top_operators(profile_ours(paths[name], prompt, args.new_tokens, args.threads, work / f"profile-{name}"), args.new_tokens)
+            for name in (FINAL, "fused-fp32") if name in paths}
+    if genai_best in genai:
+        for old in work.glob(f"profile-{genai_best}_*.json"):
+            old.unlink()
+        run_genai(args.genai_python, genai[genai_best], prompt, args.new_tokens, 3, args.threads, profile=str(work / f"profile-{genai_best}"))
+        prof[genai_best] = top_operators(max(work.glob(f"profile-{genai_best}_*.json")), args.new_tokens)
+    return prof
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -245,8 +264,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--profile", action="store_true", help="profile fused-int8 and genai's best build (ORT's profiler)")
-    ap.add_argument("--int8-kernels", default="", help="also time these run-time-activation int8 kernels, e.g. dynamic,nbits")
+    ap.add_argument("--profile", action="store_true", help="profile fused-int8, fused-fp32 and genai's best build (ORT's profiler)")
+    ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. that the machine was shared)")
+    ap.add_argument("--profile-only", action="store_true", help="only (re)profile, into the existing --out JSON; no timing rounds")
+    ap.add_argument("--int8-kernels", default="", help="also time int8 alternatives: dynamic, nbits (int8_kernel) and/or shared (one quantizer per input)")
     args = ap.parse_args()
 
     def log(msg: str) -> None:
@@ -272,7 +293,15 @@ def main() -> None:
             ": onnxruntime-genai reference skipped (make a venv with onnxruntime-genai==0.18.0, transformers 5.x, onnx_ir)"
         log(genai_skipped)
 
+    if args.profile_only:
+        out = json.loads(Path(args.out).read_text())
+        out["profile"] = profile_all(paths, genai, out.get("genai_best"), prompt, args, work, log)
+        atomic_write_json(args.out, out)
+        print(json.dumps(out["profile"], indent=2))
+        return
+
     variants = {**paths, **genai}
+    load_start = round(os.getloadavg()[0], 2)  # 1-minute load average: how busy the machine was
     tok_s: dict[str, list[float]] = {n: [] for n in variants}
     step_p50: dict[str, list[float]] = {n: [] for n in variants}
     prefill: dict[str, list[float]] = {n: [] for n in paths}
@@ -300,7 +329,7 @@ def main() -> None:
     if FINAL in med and PLAIN in med:
         ratios["final_vs_plain_kv"] = round(med[FINAL] / med[PLAIN], 3)
     for a, b in ((FINAL, "fused-fp32"), ("fused-int4", "fused-fp32"), ("fused-fp32", "genai-fp32"), ("fused-int4", "genai-int4"),
-                 ("fused-int8-dynamic", FINAL), ("fused-int8-nbits", FINAL)):
+                 ("fused-int8-dynamic", FINAL), ("fused-int8-nbits", FINAL), ("fused-int8-shared", FINAL)):
         if a in med and b in med:
             ratios[f"{a}_vs_{b}"] = round(med[a] / med[b], 3)
     p50_ratios = {k: round(med_p50[b] / med_p50[a], 3) for k, (a, b) in
@@ -313,7 +342,8 @@ def main() -> None:
                                                              (FINAL, PLAIN)) if a in tokens and b in tokens}
     import onnxruntime
 
-    out = {"version": 2, "run": str(run), "machine": f"{os.cpu_count()} CPUs, {args.threads} threads per variant, shared: preliminary",
+    out = {"version": 2, "run": str(run), "machine": f"{os.cpu_count()} CPUs", "note": args.note,
+           "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)],
            "onnxruntime": onnxruntime.__version__, "batch_size": 1, "prompt_tokens": int(prompt.size), "new_tokens": args.new_tokens,
            "prefill_tokens": int(long_prompt.size), "threads": args.threads, "rounds": args.rounds, "repeats_per_round": args.repeats,
            "decode_tokens_per_s_median": med, "ratios": ratios,
@@ -322,17 +352,8 @@ def main() -> None:
            "decode_tokens_per_s_rounds": tok_s, "prefill_ms_rounds": prefill,
            "genai_best": genai_best, "genai_skipped": genai_skipped, "same_greedy_tokens": same, "parity": parity,
            "artifacts": {n: str(p) for n, p in variants.items()}}
-    if args.profile and FINAL in paths:
-        log("profiling")
-        prof = {FINAL: top_operators(profile_ours(paths[FINAL], prompt, args.new_tokens, args.threads, work / "profile-fused-int8"),
-                                     args.new_tokens)}
-        if genai_best:
-            prefix = work / f"profile-{genai_best}"
-            for old in work.glob(f"profile-{genai_best}*.json"):
-                old.unlink()
-            run_genai(args.genai_python, genai[genai_best], prompt, args.new_tokens, 3, args.threads, profile=str(prefix))
-            prof[genai_best] = top_operators(max(work.glob(f"profile-{genai_best}*.json")), args.new_tokens)
-        out["profile"] = prof
+    if args.profile:
+        out["profile"] = profile_all(paths, genai, genai_best, prompt, args, work, log)
     atomic_write_json(args.out, out)
     print(json.dumps({k: out[k] for k in ("decode_tokens_per_s_median", "ratios", "ratios_from_step_p50", "prefill_ms_p50",
                                           "prefill_speedup", "same_greedy_tokens")}, indent=2))

@@ -253,3 +253,29 @@ def test_fused_int8_run_time_activation_kernels_pack_every_group(int8, kernel, o
         assert {a.name: a.i for a in n.attribute if a.name in ("bits", "accuracy_level")} == {"bits": 8, "accuracy_level": 4}
     r = check_fused_parity(int8["model"], p, PROMPT, NEW)
     assert r["step_logits_sqnr_db"] > INT8_RUNTIME_MIN_SQNR_DB
+
+
+def test_fused_predict_scores_a_batch_like_the_torch_model(fp32):
+    from dsk_compress.runtimes.decode import fused_predict
+
+    x = np.random.default_rng(1).integers(0, 256, (3, 20))
+    with torch.no_grad():
+        ref = fp32["model"](input_ids=torch.as_tensor(x)).logits.numpy()
+    np.testing.assert_allclose(fused_predict(fp32["fp32"])(x), ref, rtol=0, atol=1e-5)
+
+
+def test_export_fused_checked_reports_parity_and_raises_on_a_mismatch(tmp_path, fp32):
+    from transformers import MixtralForCausalLM
+
+    from conftest import tiny_mixtral_config
+    from dsk_compress.errors import ExportError
+    from dsk_compress.export.fused import export_fused_checked
+
+    example = np.concatenate([PROMPT, PROMPT])[None]
+    info = export_fused_checked(fp32["model"], tmp_path / "m.onnx", "fp32", example, parity_atol=1e-3, min_sqnr_db=30.0)
+    assert info["tokens_match"] and info["prompt_tokens"] == 16 and info["fused_ops"]["GroupQueryAttention"] == LAYERS
+    with pytest.raises(ExportError, match="differ from torch"):
+        export_fused_checked(fp32["model"], tmp_path / "m.onnx", "fp32", example, parity_atol=1e-12, min_sqnr_db=30.0)
+    moe = export_fused_checked(MixtralForCausalLM(tiny_mixtral_config(num_hidden_layers=1)), tmp_path / "moe.onnx", "fp32", example,
+                               parity_atol=1e-3, min_sqnr_db=30.0)
+    assert "no dense gated MLP" in moe["error"] and not (tmp_path / "moe.onnx").exists()

@@ -3,21 +3,22 @@
 Story: decide the precisions (the recipe's, plus the target device's preferred one) and refuse combinations
 that cannot work before exporting anything; export the teacher (dense MoE routing; eager torch if it will
 not export) and the distill / prune baselines in fp32; each float student in fp32 (+ its KV-cache decode
-graph), the last one also in fp16 when asked, and the float student QAT started from as ORT dynamic /
-static PTQ baselines; the QAT student as INT8 Q/DQ (+ its KV-cache graph); for a TensorRT device, the
+graph and its fused decoder graph), the last one also in fp16 when asked, and the float student QAT started from as
+ORT dynamic / static PTQ baselines; the QAT student as INT8 Q/DQ (+ its KV-cache and fused int8 decoder graphs); for a
+TensorRT device, the
 TensorRT check and engine build of the artifact it will run. Each artifact's entry (path, role, params,
 parity numbers, notes) goes into ``outputs["artifacts"]`` for the bench stage. How each file is made and
-checked lives in ``export/`` (``onnx.py``, ``kv_cache.py``, ``ptq.py``, ``int8.py``, ``tensorrt.py``).
+checked lives in ``export/`` (``onnx.py``, ``kv_cache.py``, ``fused.py``, ``ptq.py``, ``int8.py``, ``tensorrt.py``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dsk_compress.errors import ExportError
+from dsk_compress.io import read_json
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
 from dsk_compress.recipes.schema import ExportConfig
 from dsk_compress.recipes.stages.common import is_torch_run, torch_student
@@ -74,7 +75,7 @@ class ExportStage(Stage[ExportConfig]):
         if target is not None and target.preferred_precision == "int8" and qrel is None:
             raise ExportError(f"{target.name} prefers int8, which needs a QAT student, and this run has no qat stage",
                               hint="add a qat stage before export" + (" with activations: symmetric" if trt_target else ""))
-        acts = json.loads((ctx.path(qrel) / "qat.json").read_text()).get("activations", "asymmetric") if qrel is not None else None
+        acts = _qat_activations(ctx.path(qrel) / "qat.json") if qrel is not None else None
         if trt_target and target.preferred_precision == "int8" and acts != "symmetric":  # before any export work
             qi = next((i for i, st in enumerate(ctx.spec.stages) if st.stage == "qat"), "N")
             raise ExportError(f"{target.name} runs int8 in TensorRT, which needs symmetric int8 activations (zero point 0), "
@@ -115,6 +116,7 @@ class ExportStage(Stage[ExportConfig]):
                                "role": "student", "params": count_params(m), "stage": stage, "model_dir": rel, "notes": f"after {stage}"}
             if c.kv_cache:
                 artifacts[name].update(self._kv_cache(ctx, m, name, d, example))
+                artifacts[name].update(self._fused(ctx, m, name, d, example, "fp32"))
             raw = raw_path(d / f"{name}.onnx")
             if want_fp16:
                 artifacts["student-fp16"] = self._fp16(ctx, m, raw, d, example, artifacts[name])
@@ -140,6 +142,7 @@ class ExportStage(Stage[ExportConfig]):
                                   "notes": f"INT8 Q/DQ (per-channel weights, per-tensor {acts} activations)"}
             if c.kv_cache:
                 artifacts["final"].update(self._kv_cache(ctx, q, "student-int8", d, example, int8=True))
+                artifacts["final"].update(self._fused(ctx, q, "student-int8", d, example, "int8"))
             if trt_int8:
                 metrics["tensorrt"] = artifacts["final"]["tensorrt"] = self._tensorrt(ctx, target, qdq, "int8", "student-int8", ref, example)
         elif qrel is not None:
@@ -174,6 +177,23 @@ class ExportStage(Stage[ExportConfig]):
             return {"kv_cache": info}
         info["path"] = ctx.rel(info["path"])
         return {"kv_cache_path": info["path"], "kv_cache": info}
+
+    def _fused(self, ctx: RunContext, model, name: str, d: Path, example, precision: str) -> dict:
+        """The fused decoder graph ``<name>.fused.onnx`` (export.fused: ORT contrib operators, shared KV buffer), checked by
+        greedy decoding against torch; the bench stage decodes with it. A model the builder does not support gets
+        ``fused.error`` (the other graphs stand); one that disagrees with torch is an ExportError."""
+        from dsk_compress.export.fused import export_fused_checked
+        from dsk_compress.export.kv_cache import is_decoder_lm
+
+        c = self.config
+        if not is_decoder_lm(model):
+            return {}
+        info = export_fused_checked(model, d / f"{name}.fused.onnx", precision, example, parity_atol=c.parity_atol,
+                                    min_sqnr_db=c.qdq_min_sqnr_db)
+        if "error" in info:
+            return {"fused": info}
+        info["path"] = ctx.rel(info["path"])
+        return {"fused_path": info["path"], "fused": info}
 
     def _fp16(self, ctx: RunContext, model, raw: Path, d: Path, example, fp32_art: dict) -> dict:
         """fp16 ONNX of a float student (RMSNorm reductions and softmax kept in fp32), checked against torch fp32."""
@@ -254,7 +274,7 @@ def run_torch(stage: ExportStage, ctx: RunContext) -> StageResult:
         freeze_for_export(q)
         r = export_int8_module(q, example, ctx.task.example_inputs(32), d / "student-int8.qdq.onnx", d / "student-int8.onnx", c.opset,
                                c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
-        qi = json.loads((ctx.path(qrel) / "dsk_model.json").read_text()).get("qat", {})
+        qi = read_json(ctx.path(qrel) / "dsk_model.json").get("qat", {})
         artifacts["final"] = {"path": ctx.rel(r.pop("path")), "role": "final", "precision": "int8", "params": count_params(q),
                               "qdq_path": ctx.rel(r.pop("qdq_path")), "activations": qi.get("activations"), **r,
                               "notes": f"INT8 Q/DQ (BatchNorm folded, per-channel weights, per-tensor {qi.get('activations')} activations)"}
@@ -278,3 +298,13 @@ def _torch_ptq(stage: ExportStage, ctx: RunContext, d: Path, raw: Path, params: 
     return {name: {"path": ctx.rel(p), "role": name, "precision": "int8", "params": params, "fused_ops": fused_ops(op_histogram(p)),
                    "integer_ops": integer_op_counts(op_histogram(p)), "notes": f"{how[name]} of {source}, per-channel 7-bit int8 weights, no fine-tune"}
             for name, p in paths.items()}
+
+
+def _qat_activations(path: Path) -> str:
+    """The QAT student's activation scheme from its ``qat.json`` (a damaged file is a one-line RunError naming it)."""
+    from dsk_compress.errors import RunError
+
+    info = read_json(path)
+    if not isinstance(info, dict) or info.get("activations", "asymmetric") not in ("asymmetric", "symmetric"):
+        raise RunError(f"{path} is damaged (no valid 'activations')", hint="re-run the qat stage (--resume --rerun-from qat)")
+    return info.get("activations", "asymmetric")

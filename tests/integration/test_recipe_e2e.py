@@ -111,6 +111,16 @@ def test_e2e_export_parity_and_integer_ops(finished_run):
     assert sum(v for k, v in arts["ptq-static"]["fused_ops"].items() if k in ("QLinearMatMul", "MatMulIntegerToFloat")) == n
 
 
+def test_e2e_fused_decoder_graphs_are_exported_and_checked(finished_run):
+    arts = json.loads((finished_run / "export" / "metrics.json").read_text())["artifacts"]
+    for name in ("student-distill", "student-prune"):  # 2-layer students
+        f = arts[name]["fused"]
+        assert f["tokens_match"] and f["step_logits_max_abs_diff"] < 1e-3 and arts[name]["fused_path"] == f["path"]
+        assert f["fused_ops"]["GroupQueryAttention"] == 2 and f["fused_ops"]["SkipSimplifiedLayerNormalization"] == 4
+    f = arts["final"]["fused"]
+    assert f["precision"] == "int8" and f["step_logits_sqnr_db"] > 30 and f["fused_ops"]["MatMulIntegerToFloat"] >= 4 * 2
+
+
 def test_e2e_int8_artifact_accuracy_close_to_qat_torch(finished_run):
     rep = json.loads((finished_run / "report.json").read_text())
     final = next(v for v in rep["variants"] if v["role"] == "final")

@@ -173,6 +173,11 @@ def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool
             if [e["stage"] for e in manifest["stages"]] != names:
                 raise RunError(f"{rd / 'manifest.json'} lists stages {[e['stage'] for e in manifest['stages']]}, the recipe {names}",
                                hint="the manifest is damaged; start a new run")
+            # what stays done is read by the stages that run now: check it before anything is moved aside
+            keep = names.index(rerun_from) if rerun_from in names else len(names)
+            for entry in manifest["stages"][:keep]:
+                if entry.get("status") == "done":
+                    verify_stage(rd, manifest, entry)
             if rerun_from is not None:
                 _mark_for_rerun(rd, manifest, rerun_from)
         except BaseException:

@@ -81,3 +81,34 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
     model.save_pretrained(d, safe_serialization=True)
     return d
 
+
+
+def run_main(args: list[str], capsys, cwd: Path | None = None) -> tuple[int, str, str]:
+    """``dsk-compress ARGS`` through the console entry point, in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from dsk_compress.cli.main import main
+
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = ["dsk-compress", *args]
+    if cwd is not None:
+        os.chdir(cwd)
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str) -> str:
+    """The single ``error: ...`` line of a refused command (exit code 2, no traceback)."""
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err[-3000:]
+    return lines[0]

@@ -11,41 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error, run_main
 from dsk_compress.errors import DskError, ModelSourceError, RecipeError, TaskError
-
-
-def run_main(args: list[str], capsys, cwd: Path | None = None) -> tuple[int, str, str]:
-    """``dsk-compress ARGS`` in this process: (exit code, stdout, stderr)."""
-    from dsk_compress.cli.main import main
-
-    old_argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = ["dsk-compress", *args]
-    if cwd is not None:
-        os.chdir(cwd)
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old_argv
-        os.chdir(old_cwd)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    return lines[0]
 
 
 def dry(capsys, *sets: str, recipe: str = "quant-prune-distill") -> str:

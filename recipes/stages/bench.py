@@ -73,6 +73,9 @@ class BenchStage(Stage[BenchStageConfig]):
         meta = {"run": ctx.run_dir.name, "recipe": ctx.spec.name, "task": task_str,
                 "host": f"{device.name}: {platform.node()} {platform.machine()}, {threads} threads, batch {c.batch_size}, {shape_str}",
                 "max_accuracy_drop": ctx.spec.report.max_accuracy_drop}
+        from dsk_compress.sanity import chance_accuracy, flag_teacher_rows
+
+        flag_teacher_rows(variants, chance_accuracy(ctx.task))  # a teacher near chance or below a student is flagged in its row
         report = build_report(ctx.run_dir, variants, meta)
         return StageResult(outputs={"report": "report.json"}, metrics={"variants": variants, "summary": report.get("summary")})
 

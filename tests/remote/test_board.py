@@ -20,10 +20,31 @@ from .board import pinned_wheels
 pytestmark = pytest.mark.remote
 
 PINS = dict(spec.split("==") for spec in pinned_wheels())
+METRICS = {"accuracy", "bits_per_byte", "nll", "perplexity"}  # run.py's evaluation metric names
 LOGITS_PY = ("import sys, numpy as np, onnxruntime as ort\n"
              "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
              "x = np.load(sys.argv[2]).astype(np.int64)\n"
              "np.save(sys.argv[3], s.run(None, {s.get_inputs()[0].name: x})[0])\n")
+
+
+def _leaves(obj, path=()):
+    """(key path, value) of every leaf of a JSON document: the checks below do not depend on run.py's layout."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, (*path, i))
+    else:
+        yield path, obj
+
+
+def _metrics(res: dict) -> dict:
+    return {path: v for path, v in _leaves(res) if path and path[-1] in METRICS and isinstance(v, float)}
+
+
+def _machines(res: dict) -> set:
+    return {v for path, v in _leaves(res) if path and path[-1] == "machine"}
 
 
 @pytest.fixture(scope="session")
@@ -69,12 +90,15 @@ def test_run_bundle_on_the_board_equals_the_host_and_is_labelled_emulated(emulat
                  str(rdir / "logits.npy")], timeout=600)
         arm_logits = np.load(dev.get(str(rdir / "logits.npy"), tmp_path / "arm_logits.npy"))
     res, prov = out["results"], out["provenance"]
-    assert res["machine"] == "aarch64" and res["runtime"] == "onnxruntime"
+    assert _machines(res) == {"aarch64"}  # what run.py itself saw
     assert prov["emulated"] is True and prov["measurement"] == "emulated"
     assert (prov["python_machine"], prov["uname_machine"]) == ("aarch64", platform.machine())
     assert prov["packages"]["onnxruntime"] == PINS["onnxruntime"] and not prov["venv_created"] and prov["wall_s"] > 0
-    assert res["accuracy"] == host["accuracy"]  # same windows, same fp32 model: the same predictions
-    assert res["bits_per_byte"] == pytest.approx(host["bits_per_byte"], abs=1e-5)
+    # same windows, same fp32 model: the same predictions (accuracy exactly), the same loss to float rounding
+    arm, x86 = _metrics(res), _metrics(host)
+    assert arm.keys() == x86.keys() and any(k[-1] == "accuracy" for k in arm)
+    for k in arm:
+        assert arm[k] == (x86[k] if k[-1] == "accuracy" else pytest.approx(x86[k], rel=1e-6, abs=1e-6)), k
     import onnxruntime as ort
 
     s = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -84,4 +108,4 @@ def test_run_bundle_on_the_board_equals_the_host_and_is_labelled_emulated(emulat
     assert json.loads((tmp_path / "dev" / "provenance.json").read_text())["measurement"] == "emulated"
     assert sorted(out["transfer"]["sent"]) == sorted(p.name for p in tiny_bundle.iterdir())
     assert again["transfer"]["sent"] == [] and not again["provenance"]["venv_created"]
-    assert "accuracy" not in again["results"] and again["results"]["machine"] == "aarch64"
+    assert not _metrics(again["results"]) and _machines(again["results"]) == {"aarch64"}

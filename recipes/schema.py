@@ -379,7 +379,6 @@ class RecipeSpec(_Strict):
     logit_cache: LogitCacheSpec = LogitCacheSpec()
     distributed: DistributedSpec = DistributedSpec()
     report: ReportSpec = ReportSpec()
-
     # (recipe name or path, --set values) as load_recipe read it: resume and rebuild hints repeat them
     _origin: tuple[str, tuple[str, ...]] | None = PrivateAttr(None)
 
@@ -388,6 +387,7 @@ class RecipeSpec(_Strict):
     def _safe_name(cls, v: str) -> str:
         return check_run_name(v)
     @field_validator("task", mode="before")
+
     @classmethod
     def _torch_task_tag(cls, v):
         # `task: {torch: "pkg.mod:make_task"}` needs no `name`

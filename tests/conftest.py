@@ -11,6 +11,13 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+try:  # `pytest --hypothesis-profile=campaign`: the long fuzzing campaign of tests/unit/test_recipe_properties.py
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("campaign", max_examples=4000)
+except ImportError:  # the dev extra is not installed
+    pass
+
 
 def tiny_mixtral_config(**kw):
     from transformers import MixtralConfig

@@ -1,7 +1,9 @@
 """Integrity of run directories: what a stage wrote is recorded (size + sha256) and checked before it is read again.
 
-When a stage finishes, the runner records every file under the stage's folder, and the files it wrote at
-the run's top level (``report.json``, ...), in the manifest entry of that stage (``files``). Before a
+When a stage finishes, the runner records every file under the stage's folder in the manifest entry of
+that stage (``files``). (The report files at the run's top level are rebuilt by later commands, e.g.
+``dsk-compress bench`` adding a device; ``report.json`` is validated by its typed model when read, and
+the artifacts it names are the export stage's, recorded here.) Before a
 later stage runs, on ``--resume``, and in ``dsk-compress export`` / ``report``, :func:`verify_stage`
 re-hashes them; a missing, truncated or altered file is a one-line :class:`RunError` naming the file and
 the command that rebuilds it (``dsk-compress recipe NAME --run-dir RUN --resume --rerun-from STAGE``).
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +41,10 @@ def _digest(path: Path) -> dict[str, Any]:
     return {"size": st.st_size, "sha256": digest}
 
 
-def top_level_files(run_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """``{name: (size, mtime_ns)}`` of the plain files directly in ``run_dir`` (not the manifest or the lock)."""
-    out = {}
-    for p in Path(run_dir).iterdir():
-        if p.is_file() and p.name not in ("manifest.json", ".lock") and not p.name.endswith(".tmp"):
-            st = p.stat()
-            out[p.name] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-def record_files(run_dir: str | Path, stage_dir: str, extra: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
-    """``{path relative to the run: {size, sha256}}`` of every file under ``run_dir/stage_dir`` and of ``extra``."""
+def record_files(run_dir: str | Path, stage_dir: str) -> dict[str, dict[str, Any]]:
+    """``{path relative to the run: {size, sha256}}`` of every file under ``run_dir/stage_dir``."""
     rd = Path(run_dir)
     rels = sorted(str(p.relative_to(rd)) for p in (rd / stage_dir).rglob("*") if p.is_file()) if (rd / stage_dir).is_dir() else []
-    rels += sorted(r for r in extra if (rd / r).is_file())
     return {rel: _digest(rd / rel) for rel in rels}
 
 

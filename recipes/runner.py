@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from dsk_compress.errors import DskError, RunError, RunInterrupted
-from dsk_compress.integrity import read_manifest, record_files, top_level_files, verify_stage
+from dsk_compress.integrity import read_manifest, record_files, verify_stage
 from dsk_compress.io import atomic_write_json, ensure_dir, read_json
 from dsk_compress.recipes.base import STAGES, RunContext, Stage
 
@@ -313,7 +313,6 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
         entry.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         manifest["status"] = "running"
         record()
-        top_before = top_level_files(rd) if main else {}
         t0 = time.perf_counter()
         try:
             if denv.enabled and stage.ranks == "main":
@@ -344,8 +343,7 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
         ctx.metrics[name] = result.metrics
         if main:
             atomic_write_json(rd / name / "metrics.json", result.metrics)
-            top_after = top_level_files(rd)
-            entry["files"] = record_files(rd, name, [f for f, st in top_after.items() if top_before.get(f) != st])
+            entry["files"] = record_files(rd, name)
         record()
         dist.barrier()  # the next stage reads this one's files only once rank 0 has written them
     manifest["status"] = "done"

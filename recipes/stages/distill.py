@@ -27,6 +27,7 @@ class DistillStage(Stage[DistillConfig]):
         from dsk_compress.compress.distill import check_vocab
         from dsk_compress.compress.student import build_student
         from dsk_compress.models.source import count_params, load_hf_dir, load_model_source, save_hf_dir
+        from dsk_compress.sanity import teacher_warning
 
         d = ctx.stage_dir("distill")
         check_kd_settings(ctx, self.config, "distill")
@@ -56,6 +57,7 @@ class DistillStage(Stage[DistillConfig]):
         res = kd_train(ctx, student, self.config, "distill", d / "checkpoint", hidden_pairs=pairs)
         metrics = {"init": init_metrics, "student_init": info, "teacher": teacher_check, "params": count_params(student),
                    "train": train_summary(res), **evaluate(ctx, student)}
+        teacher_check["warning"] = teacher_warning(teacher_check["accuracy"], teacher_check["chance_accuracy"], metrics["accuracy"])
         if dist.is_main():
             save_hf_dir(student, d / "model")
         dist.barrier()

@@ -149,6 +149,9 @@ def test_finished_run_records_size_and_sha256_of_every_stage_file(finished):
         for rel, rec in files.items():
             assert rec == {"size": (run / rel).stat().st_size, "sha256": hashlib.sha256((run / rel).read_bytes()).hexdigest()}
     assert m["source"] == {"recipe": str(finished[0]), "overrides": []}
+    # the tiny teacher is untrained: the distill stage measured it next to chance and said so
+    t = m["stages"][0]["metrics"]["teacher"]
+    assert t["accuracy"] < 2 * t["chance_accuracy"] and t["warning"].startswith("WARNING: the teacher scores")
 
 
 def _flip(p: Path) -> None:

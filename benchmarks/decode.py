@@ -14,7 +14,7 @@ Each variant runs in its own worker process per round, rounds interleaved so dri
 every variant alike; medians over rounds. A round of a variant = ``--repeats`` generations of
 ``--new-tokens`` after a ``--prompt-tokens`` prompt (the task's first example window). Also: prefill p50 of
 a ``--prefill-tokens`` sequence (batch 1) for our fused and plain graphs, the parity of each fused graph
-against torch, and with ``--profile`` the operators that take the decode (and prompt prefill) time (ORT's
+against torch and its accuracy on the task, and with ``--profile`` the operators that take the decode (and prompt prefill) time (ORT's
 profiler) for fused-int8, fused-fp32 and genai's best build (``--profile-only`` adds that to an existing JSON). Everything is rebuilt from the run directory into ``--work``
 (default ``RUN_DIR/bench-decode``), so the JSON can be reproduced from the run alone:
 
@@ -62,9 +62,13 @@ def _load_qat(path: Path):
     return model
 
 
-def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, int8_kernels: tuple[str, ...] = ()) -> tuple[dict[str, Path], dict]:
-    """Export the fused graphs and find (or export) the plain KV graphs; return their paths and parity numbers."""
+def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, task, threads: int | None,
+               int8_kernels: tuple[str, ...] = ()) -> tuple[dict[str, Path], dict]:
+    """Export the fused graphs and find (or export) the plain KV graphs; return their paths and, per fused graph, its
+    parity against torch and its accuracy on the task (scored through the graph itself, batch prefills)."""
     from transformers import AutoModelForCausalLM
+
+    from dsk_compress.runtimes.decode import fused_predict
 
     from dsk_compress.export.fused import check_fused_parity, export_fused
     from dsk_compress.export.onnx import fused_ops, op_histogram
@@ -84,9 +88,11 @@ def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, int8_kerne
         log(f"{run} has no qat/model: no fused-int8 variant")
     for name, path in paths.items():
         quant = name.startswith(FINAL)
-        log(f"parity of {name} ({'torch fake quant' if quant else 'torch fp32'})")
+        log(f"parity and task accuracy of {name} ({'torch fake quant' if quant else 'torch fp32'})")
+        acc = task.evaluate(fused_predict(path, threads)).as_dict()
         info[name] = {**check_fused_parity(q if quant else fp, path, parity_prompt, 16), "fused_ops": fused_ops(op_histogram(path)),
-                      "reference": "torch fake-quant QAT model" if quant else "torch fp32 student"}
+                      "reference": "torch fake-quant QAT model" if quant else "torch fp32 student",
+                      "accuracy": round(acc["accuracy"], 3), "bits_per_byte": round(acc["bits_per_byte"], 4)}
     arts = {}
     metrics = run / "export" / "metrics.json"
     if metrics.is_file():
@@ -266,7 +272,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile fused-int8, fused-fp32 and genai's best build (ORT's profiler)")
     ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. that the machine was shared)")
-    ap.add_argument("--profile-only", action="store_true", help="only (re)profile, into the existing --out JSON; no timing rounds")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="no timing rounds: refresh parity, accuracy and the profile in the existing --out JSON")
     ap.add_argument("--int8-kernels", default="", help="also time int8 alternatives: dynamic, nbits (int8_kernel) and/or shared (one quantizer per input)")
     args = ap.parse_args()
 
@@ -283,7 +290,7 @@ def main() -> None:
         raise SystemExit(f"the task's example window has {window.size} tokens; lower --prompt-tokens / --prefill-tokens")
     prompt, long_prompt = window[: args.prompt_tokens], window[: args.prefill_tokens]
 
-    paths, parity = build_ours(run, work, prompt, log, tuple(k for k in args.int8_kernels.split(",") if k))
+    paths, parity = build_ours(run, work, prompt, log, task, args.threads, tuple(k for k in args.int8_kernels.split(",") if k))
     genai_skipped = None
     if args.genai_python and Path(args.genai_python).is_file():
         genai = build_genai(args.genai_python, _float_student(run), work, args.genai_precisions.split(","), args.threads, log)
@@ -295,6 +302,7 @@ def main() -> None:
 
     if args.profile_only:
         out = json.loads(Path(args.out).read_text())
+        out["parity"] = parity
         out["profile"] = profile_all(paths, genai, out.get("genai_best"), prompt, args, work, log)
         atomic_write_json(args.out, out)
         print(json.dumps(out["profile"], indent=2))

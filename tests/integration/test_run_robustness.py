@@ -58,6 +58,7 @@ def wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
 LONG_DISTILL = [{"stage": "distill", "steps": 1_000_000, "batch_size": 2}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "Ctrl-C (SIGINT)"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_interrupt_records_stage_prints_resume_command_and_exits_128_plus_signal(tmp_path, sig, code, said):
     recipe = tiny_llama_recipe(tmp_path, "tiny-sig", LONG_DISTILL)
@@ -87,6 +88,7 @@ def test_interrupt_records_stage_prints_resume_command_and_exits_128_plus_signal
     assert (rd / ".lock").read_text() == ""  # released
 
 
+@pytest.mark.slow
 def test_kill_9_mid_distill_then_resume_is_byte_identical_and_takes_over_the_stale_lock(tmp_path):
     stages = [{"stage": "distill", "steps": 160, "batch_size": 4}, {"stage": "prune", "ffn_ratio": 0.5, "steps": 3, "batch_size": 2}]
     recipe = tiny_llama_recipe(tmp_path, "tiny-k9", stages)

@@ -47,7 +47,6 @@ SiLU-gated MLP and static rotary embeddings; anything else raises ExportError wi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +54,16 @@ import numpy as np
 
 from dsk_compress.errors import ExportError
 from dsk_compress.io import atomic_path, commit
+from dsk_compress.runtimes.decode import (  # the graph interface lives with the (torch-free) runtime that drives it
+    INPUT_IDS,
+    LOGITS,
+    METADATA_KEY,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    FusedLayout,
+    past_names,
+    present_names,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -66,44 +75,6 @@ INT8_KERNELS = ("static", "dynamic", "nbits")
 bit-compatible with its fake quant); ``dynamic`` DynamicQuantizeMatMul and ``nbits`` 8-bit MatMulNBits quantize
 activations at run time (QAT's int8 weights, not its activation quantizers)."""
 NBITS_BLOCK = 32
-INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, LOGITS = "input_ids", "seqlens_k", "total_sequence_length", "logits"
-METADATA_KEY = "dsk_compress.fused_decoder"
-"""Key of the JSON metadata (layout, precision, max positions) stored in the ONNX model's metadata_props."""
-
-
-def past_names(i: int) -> tuple[str, str]:
-    return f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-
-
-def present_names(i: int) -> tuple[str, str]:
-    return f"present.{i}.key", f"present.{i}.value"
-
-
-@dataclass(frozen=True)
-class FusedLayout:
-    """What a runtime needs to drive a fused decoder graph: its cache shape and position limit."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    max_positions: int
-    precision: str
-    window: int | None = None
-
-    @classmethod
-    def from_session(cls, session) -> FusedLayout:
-        meta = session.get_modelmeta().custom_metadata_map
-        if METADATA_KEY not in meta:
-            raise ExportError("the ONNX model has no fused-decoder metadata: it was not written by export.fused")
-        return cls(**json.loads(meta[METADATA_KEY]))
-
-
-def is_fused_graph(session) -> bool:
-    """Whether an ORT session runs a graph with this module's interface (``seqlens_k`` input)."""
-    return any(i.name == SEQLENS_K for i in session.get_inputs())
-
-
 class _Graph:
     """A tiny ONNX graph writer: unique names, initializers from numpy, nodes in topological order."""
 
@@ -454,21 +425,12 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
 def check_fused_parity(model: nn.Module, path: str | Path, prompt: np.ndarray, new_tokens: int = 8, threads: int | None = None) -> dict:
     """Greedy-decode ``new_tokens`` after ``prompt`` in torch (the model's own cache) and with the fused graph; compare.
 
-    Same numbers as :func:`dsk_compress.export.kv_cache.check_kv_parity`: ``tokens_match``, ``matched_tokens``,
-    ``step_logits_max_abs_diff`` and ``step_logits_sqnr_db``, the logits compared step by step on torch's token path.
+    Same numbers as :func:`dsk_compress.export.kv_cache.check_kv_parity` (:func:`~dsk_compress.export.kv_cache.greedy_parity`).
     """
-    from dsk_compress.compress.qat import sqnr_db
-    from dsk_compress.export.kv_cache import torch_greedy
+    from dsk_compress.export.kv_cache import greedy_parity
     from dsk_compress.runtimes.decode import FusedDecoderSession
 
-    ref_tokens, ref_logits = torch_greedy(model, prompt, new_tokens)
-    sess = FusedDecoderSession(path, threads=threads)
-    got_tokens, _ = sess.greedy(prompt, new_tokens)
-    forced = sess.step_logits(prompt, ref_tokens[:-1])
-    matched = int(np.argmin(np.append(got_tokens == ref_tokens, False)))
-    return {"tokens_match": bool((got_tokens == ref_tokens).all()), "matched_tokens": matched, "new_tokens": new_tokens,
-            "step_logits_max_abs_diff": float(np.abs(forced - ref_logits).max()),
-            "step_logits_sqnr_db": round(sqnr_db(ref_logits, forced), 2)}
+    return greedy_parity(model, FusedDecoderSession(path, threads=threads), prompt, new_tokens)
 
 
 INT4_MIN_SQNR_DB = 15.0

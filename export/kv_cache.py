@@ -34,16 +34,9 @@ from torch import nn
 
 from dsk_compress.errors import ExportError
 from dsk_compress.io import atomic_path, commit
+from dsk_compress.runtimes.decode import past_names, present_names  # one naming for every decoder graph
 
 INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
-
-
-def past_names(i: int) -> tuple[str, str]:
-    return f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-
-
-def present_names(i: int) -> tuple[str, str]:
-    return f"present.{i}.key", f"present.{i}.value"
 
 
 @dataclass(frozen=True)
@@ -260,19 +253,25 @@ def torch_greedy(model: nn.Module, prompt: np.ndarray, new_tokens: int) -> tuple
 
 def check_kv_parity(model: nn.Module, kv_path: str | Path, prompt: np.ndarray, new_tokens: int = 8,
                     threads: int | None = None) -> dict:
-    """Greedy-decode ``new_tokens`` after ``prompt`` in torch and with the ONNX KV graph; compare.
+    """Greedy-decode ``new_tokens`` after ``prompt`` in torch and with the ONNX KV graph; compare (:func:`greedy_parity`)."""
+    from dsk_compress.runtimes.decode import KVCacheSession
+
+    return greedy_parity(model, KVCacheSession(kv_path, threads=threads), prompt, new_tokens)
+
+
+def greedy_parity(model: nn.Module, session, prompt: np.ndarray, new_tokens: int) -> dict:
+    """Greedy-decode ``new_tokens`` after ``prompt`` in torch and with ``session`` (a decode session with ``greedy`` and
+    ``step_logits``); compare.
 
     Returns ``{"tokens_match", "matched_tokens", "step_logits_max_abs_diff", "step_logits_sqnr_db"}``;
     the logits are compared step by step on the torch token path (ONNX Runtime is fed torch's
     tokens), so one near-tie cannot hide the error of the later steps.
     """
     from dsk_compress.compress.qat import sqnr_db
-    from dsk_compress.runtimes.decode import KVCacheSession
 
     ref_tokens, ref_logits = torch_greedy(model, prompt, new_tokens)
-    sess = KVCacheSession(kv_path, threads=threads)
-    got_tokens, _ = sess.greedy(prompt, new_tokens)
-    forced = sess.step_logits(prompt, ref_tokens[:-1])
+    got_tokens, _ = session.greedy(prompt, new_tokens)
+    forced = session.step_logits(prompt, ref_tokens[:-1])
     matched = int(np.argmin(np.append(got_tokens == ref_tokens, False)))
     return {"tokens_match": bool((got_tokens == ref_tokens).all()), "matched_tokens": matched, "new_tokens": new_tokens,
             "step_logits_max_abs_diff": float(np.abs(forced - ref_logits).max()),

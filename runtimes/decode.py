@@ -1,9 +1,12 @@
-"""Token-by-token greedy generation with a KV-cache ONNX graph, and its decode benchmark.
+"""Token-by-token greedy generation with a decoder ONNX graph, and its decode benchmark.
 
-The graph is the one :mod:`dsk_compress.export.kv_cache` writes: ``input_ids``, ``attention_mask``,
-``past_key_values.{i}.key/value`` in; ``logits``, ``present.{i}.key/value`` out. Each step's
-``present`` tensors go back in as the next step's past as ONNX Runtime values, without a copy
-through numpy. Only ``onnxruntime`` and ``numpy`` are used (imported lazily).
+Two graph kinds. The plain KV-cache graph :mod:`dsk_compress.export.kv_cache` writes (``input_ids``,
+``attention_mask``, ``past_key_values.{i}.key/value`` in; ``logits``, ``present.{i}.key/value`` out):
+:class:`KVCacheSession` feeds each step's ``present`` tensors back as the next past as ONNX Runtime
+values. The fused graph :mod:`dsk_compress.export.fused` writes (``seqlens_k`` and
+``total_sequence_length`` instead of the mask, past and present sharing one buffer; its interface is
+defined here, with the runtime): :class:`FusedDecoderSession` decodes with IO binding and preallocated
+buffers. Only ``onnxruntime`` and ``numpy`` are used (imported lazily).
 
     python -m dsk_compress.runtimes.decode --model M.kv.onnx --prompt P.npy --new-tokens 32 \\
         --repeats 5 --warmup 1 [--threads 2] --out RESULT.json
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,46 @@ from dsk_compress.runtimes.base import BenchmarkError, RuntimeBackendError, _tai
 
 DEFAULT_NEW_TOKENS = 32
 """Decode steps per benchmark repeat (the bench stage's setting)."""
+
+
+# the interface of every decoder graph (export.kv_cache's and export.fused's): one naming for the cache tensors
+INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, LOGITS = "input_ids", "seqlens_k", "total_sequence_length", "logits"
+METADATA_KEY = "dsk_compress.fused_decoder"
+"""Key of the JSON metadata (layout, precision, max positions) a fused decoder graph stores in its metadata_props."""
+
+
+def past_names(i: int) -> tuple[str, str]:
+    return f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+
+
+def present_names(i: int) -> tuple[str, str]:
+    return f"present.{i}.key", f"present.{i}.value"
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """What a runtime needs to drive a fused decoder graph (:mod:`dsk_compress.export.fused`): its cache shape and position limit."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+    precision: str
+    window: int | None = None
+
+    @classmethod
+    def from_session(cls, session) -> FusedLayout:
+        meta = session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise RuntimeBackendError("the ONNX model has no fused-decoder metadata: it was not written by export.fused",
+                                      hint="export it with dsk_compress.export.fused")
+        return cls(**json.loads(meta[METADATA_KEY]))
+
+
+def is_fused_graph(session) -> bool:
+    """Whether an ORT session runs a fused decoder graph (it has a ``seqlens_k`` input)."""
+    return any(i.name == SEQLENS_K for i in session.get_inputs())
 
 
 class KVCacheSession:
@@ -130,7 +174,6 @@ class FusedDecoderSession:
                  max_sequence: int | None = None, session=None) -> None:
         import onnxruntime
 
-        from dsk_compress.export.fused import FusedLayout, is_fused_graph
         from dsk_compress.runtimes.onnxruntime import make_session
 
         self.session = session if session is not None else make_session(path, threads=threads, optimization=optimization)
@@ -152,8 +195,6 @@ class FusedDecoderSession:
 
     def allocate(self, max_sequence: int) -> None:
         """(Re)allocate the cache buffers for ``max_sequence`` tokens and bind them as past and present."""
-        from dsk_compress.export.fused import past_names, present_names
-
         lay = self.layout
         if max_sequence > lay.max_positions:
             raise RuntimeBackendError(f"{max_sequence} tokens exceed the model's {lay.max_positions} positions",
@@ -227,7 +268,6 @@ class FusedDecoderSession:
 def fused_predict(path: str | os.PathLike, threads: int | None = None, optimization: str = "extended"):
     """A task ``predict(x [B, T]) -> logits [B, T, V]`` backed by a fused decoder graph: each call is a batch prefill
     from an empty cache (every row ``T`` tokens), so a fused artifact is scored like a full-sequence graph."""
-    from dsk_compress.export.fused import FusedLayout, past_names
     from dsk_compress.runtimes.onnxruntime import make_session
 
     session = make_session(path, threads=threads, optimization=optimization)
@@ -249,8 +289,6 @@ def fused_predict(path: str | os.PathLike, threads: int | None = None, optimizat
 def decode_session(path: str | os.PathLike, threads: int | None = None, optimization: str = "extended"):
     """A :class:`FusedDecoderSession` for a fused graph, else a :class:`KVCacheSession` (today's plain KV graph)."""
     import onnx
-
-    from dsk_compress.export.fused import SEQLENS_K
 
     names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
     cls = FusedDecoderSession if SEQLENS_K in names else KVCacheSession

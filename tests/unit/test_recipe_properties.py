@@ -107,19 +107,30 @@ def _set(data, path, value, delete=False):
 
 @st.composite
 def mutated(draw, bases):
-    """(recipe text, --set arguments) drawn from a shipped recipe."""
+    """(recipe text, --set arguments, {path: number} set to plausible values) drawn from a shipped recipe."""
     import copy
 
     data = copy.deepcopy(bases[draw(st.sampled_from(sorted(bases)))])
     paths = [p for p in _paths(data) if p]
     sets: list[str] = []
+    plausible: dict[tuple, float] = {}
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["set", "set", "delete", "unknown", "override", "override-raw"]))
+        kind = draw(st.sampled_from(["set", "set", "delete", "unknown", "override", "override-raw", "plausible", "plausible"]))
         path = draw(st.sampled_from(paths))
-        if kind == "set":
+        old = _get(data, path)
+        # whatever this mutation touches no longer holds the plausible value set before
+        plausible = {p: v for p, v in plausible.items() if p[: len(path)] != path and path[: len(p)] != p}
+        if kind == "plausible" and isinstance(old, (int, float)) and not isinstance(old, bool) and math.isfinite(old):
+            # a value near the shipped one, of its type: mostly accepted, and then it must reach the plan unchanged
+            top = abs(old)
+            new = draw(st.integers(0, 2 * int(top) + 2)) if isinstance(old, int) else draw(st.floats(0, min(2 * top, 1e6) + 1e-3))
+            _set(data, path, new)
+            plausible[path] = new
+        elif kind in ("set", "plausible"):
             _set(data, path, draw(values))
         elif kind == "delete":
             _set(data, path, None, delete=True)
+            plausible.clear()  # list items may have shifted
         elif kind == "unknown":
             parent = path if isinstance(_get(data, path), dict) else path[:-1]
             if isinstance(_get(data, parent), dict):
@@ -147,7 +158,7 @@ def mutated(draw, bases):
         text = text + "deep: " + "[" * depth + "]" * depth + "\n"
     elif shape == "anchors":
         text = text.replace("teacher:", "teacher: &t", 1) + "student_copy: *t\n"
-    return text, sets
+    return text, sets, (plausible if shape == "plain" and not sets else {})
 
 
 def check_outcome(code: int, out: str, err: str) -> str:
@@ -165,13 +176,24 @@ def check_outcome(code: int, out: str, err: str) -> str:
 @settings(max_examples=max(300, settings().max_examples), **COMMON)
 @given(data=st.data())
 def test_any_generated_recipe_or_override_ends_in_a_plan_or_one_clean_line(tmp_path, capsys, bases, data):
-    text, sets = data.draw(mutated(bases))
+    text, sets, plausible = data.draw(mutated(bases))
     p = tmp_path / "fuzz.yaml"
     p.write_text(text, encoding="utf-8", errors="surrogatepass")
     args = ["recipe", str(p), "--dry-run"]
     for s in sets:
         args += ["--set", s]
-    OUTCOMES[check_outcome(*run_main(args, capsys, cwd=ROOT))] += 1
+    outcome = check_outcome(*run_main(args, capsys, cwd=ROOT))
+    OUTCOMES[outcome] += 1
+    if outcome.startswith("valid") and plausible:  # no silent wrong result: an accepted value is the value that runs
+        from dsk_compress.recipes import load_recipe
+
+        dumped = load_recipe(str(p)).model_dump()
+        for path, value in plausible.items():
+            try:
+                got = _get(dumped, path)
+            except (KeyError, IndexError, TypeError):
+                continue  # a key the schema maps elsewhere (e.g. a torch task's options)
+            assert got == value, (path, value, got)
 
 
 @settings(max_examples=max(100, settings().max_examples), **COMMON)

@@ -184,6 +184,54 @@ def export_cmd(
     _console().print(f"bundle: {dest}  (on the device: pip install -r requirements.txt && python3 run.py)")
 
 
+@app.command("bench")
+def bench_cmd(
+    target: Annotated[Path, typer.Argument(help="A run directory, or a deploy bundle folder.")],
+    device: Annotated[str | None, typer.Option("--device", "-d", help="Device profile: with --host and a RUN, whose bundle to send "
+                                               "(exported when missing); without --host, whose threads and execution providers "
+                                               "apply on this machine (another CPU architecture is refused).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Measure on this device over SSH: user@host[:port] (key "
+                                             "authentication, host key checked against known_hosts).")] = None,
+    identity: Annotated[Path | None, typer.Option("--identity", "-i", help="SSH private key (default: ssh-agent / ~/.ssh/config).",
+                                                  exists=True, dir_okay=False)] = None,
+    known_hosts: Annotated[Path | None, typer.Option("--known-hosts", help="known_hosts file to check the device's host key "
+                                                     "against (default: ssh's own files).")] = None,
+    accept_new_host_key: Annotated[bool, typer.Option("--accept-new-host-key", help="Trust the device's host key when seen for the "
+                                                      "first time (a changed key is still refused).")] = False,
+    wheelhouse: Annotated[Path | None, typer.Option("--wheelhouse", help="Folder of wheels for the device: its venv is installed "
+                                                    "offline from them (boards without internet).", exists=True, file_okay=False)] = None,
+    python: Annotated[str, typer.Option("--python", help="The device's Python (a name on its PATH or a path).")] = "python3",
+    runs: Annotated[int | None, typer.Option("--runs", help="Timed runs per batch size (default: the bundle's 30 / the bench stage's).",
+                                             min=1)] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads (default: the device profile's).", min=1)] = None,
+    generate: Annotated[int | None, typer.Option("--generate", help="Also time greedy decode of N tokens with the KV-cache graph.",
+                                                 min=1)] = None,
+) -> None:
+    """Measure a run where it runs (a device over SSH, or this machine) and add the numbers to the run's report.
+
+    Over SSH the run's bundle for --device is copied to the device, its venv made (or reused), run.py measures it
+    there, and the results come back into RUN/devices/DEVICE/results.json and the report as that device's rows,
+    labelled measured, or emulated for an emulated board. Without --host this machine measures every artifact
+    of the run (or runs the bundle's run.py). Safe to re-run: newer rows replace older ones of the same device.
+
+    Example: dsk-compress bench runs/quant-prune-distill-20261123-070000 --device rpi5 --host pi@rpi5.local
+    On a GPU server: dsk-compress bench runs/quant-prune-distill-20261123-070000 --device gpu-server
+    """
+    from dsk_compress.benchmark import bench
+    from dsk_compress.report import load_report, render_summary_table
+
+    c = _console()
+    out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
+                wheelhouse=wheelhouse, python=python, runs=runs, threads=threads, generate=generate, log=c.print)
+    for err in out.errors:
+        c.print(f"[yellow]not measured:[/yellow] {err}")
+    if out.run_dir is not None:
+        render_summary_table(load_report(out.run_dir), c)
+        c.print(f"{out.name} ({out.measurement}): {len(out.records)} result(s) in {out.results}; report: {out.run_dir / 'report.html'}")
+    else:
+        c.print(f"{out.name} ({out.measurement}): {len(out.records)} result(s) in {out.results} (the bundle is outside its run: no report)")
+
+
 @zoo_app.command("list")
 def zoo_list() -> None:
     """List the zoo models and whether their weights are present.

@@ -1,9 +1,13 @@
 """Deploy bundles: one folder per target device with the model, a model card, ``run.py`` and requirements.
 
-``run.py`` needs only numpy and onnxruntime (TensorRT optional on Jetson): it benchmarks the model
-and evaluates it on the validation sample shipped in the bundle, so the accuracy and latency a user
-sees on the device are measured there. When the shipped student has a KV-cache graph it is bundled
-as ``model.kv.onnx`` and ``run.py --generate N`` measures greedy decode tokens/s with it.
+``run.py`` (:mod:`dsk_compress.export.bundle_run`, copied as is) needs only numpy and onnxruntime (TensorRT
+and torch optional on Jetson, ``tokenizers`` for a text model): it measures the model with dsk-compress's
+benchmark method (shipped beside it as ``dsk_measure.py``, a copy of :mod:`dsk_compress.runtimes.measure`;
+``dsk_trt.py`` is :mod:`dsk_compress.runtimes.trt_compat`) and evaluates it on the validation windows shipped
+in the bundle, so the accuracy and latency a user sees on the device are measured there, and its
+``results.json`` is a bench result that ``dsk-compress bench`` merges into the run's report. When the shipped
+student has a KV-cache graph it is bundled as ``model.kv.onnx`` and ``run.py --generate N`` measures greedy
+decode tokens/s with it (``--prompt TEXT`` prints the continuation, through the bundle's tokenizer).
 """
 
 from __future__ import annotations
@@ -16,196 +20,18 @@ import numpy as np
 
 from dsk_compress.errors import RunError
 from dsk_compress.io import atomic_write_json, atomic_write_text
+from dsk_compress.runtimes import measure, trt_compat
 
-RUN_PY = r'''#!/usr/bin/env python3
-"""Benchmark and evaluate this bundle's model on the device it runs on (needs numpy + onnxruntime)."""
-import argparse, json, math, platform, time
-from pathlib import Path
-
-import numpy as np
-
-HERE = Path(__file__).resolve().parent
-
-
-def ort_predict(model, threads):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x.astype(np.int64)})[0]
-
-
-def trt_predict(model):
-    # TensorRT engines are specific to the GPU and the TensorRT version: build one here on first run
-    # (with the precision and shape profile the model card names) and cache it next to the model.
-    import tensorrt as trt
-    import torch
-    if not torch.cuda.is_available():
-        raise ImportError("no CUDA device")
-    spec = CARD.get("tensorrt") or {}
-    precision = CARD["precision"]
-    logger = trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger)
-    gpu = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in torch.cuda.get_device_name(0))
-    engine_path = HERE / ("model.%s.%s.engine" % (trt.__version__, gpu))
-    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes()) if engine_path.is_file() else None
-    if engine is None:
-        # TensorRT 10: weakly typed + precision flags (int8: Q/DQ in int8, FP16 elsewhere); 11+ has only strong typing.
-        # An fp16 model is built strongly typed: it keeps exactly the fp16 / fp32 split of the ONNX.
-        weak = hasattr(trt.BuilderFlag, "INT8") and precision != "fp16"
-        builder = trt.Builder(logger)
-        network = builder.create_network(0 if weak else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(model)):
-            raise SystemExit("TensorRT could not parse the model: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.get("workspace_gb", 1.0) * (1 << 30)))
-        if weak and precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if weak and precision == "int8":  # explicit quantization: the Q/DQ nodes in the model say what runs in int8
-            config.set_flag(trt.BuilderFlag.INT8)
-        seq = spec.get("max_seq_len") or CARD["seq_len"]
-        profile = builder.create_optimization_profile()
-        profile.set_shape("input_ids", (1, 1), (spec.get("opt_batch", 1), seq), (spec.get("max_batch", 8), seq))
-        config.add_optimization_profile(profile)
-        cache_file = HERE / "timing.cache"
-        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-        config.set_timing_cache(cache, False)
-        print("building the TensorRT engine (%s, once per device)..." % precision)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise SystemExit("TensorRT failed to build the engine (see the log above)")
-    from dsk_compress.integrity import check_run_artifacts
-
-        engine_path.write_bytes(bytes(plan))
-    check_run_artifacts(run_dir)  # recorded hashes match and every ONNX file loads, before anything is copied
-        cache_file.write_bytes(bytes(cache.serialize()))
-        engine = runtime.deserialize_cuda_engine(bytes(plan))
-    ctx = engine.create_execution_context()
-    stream = torch.cuda.Stream()
-    dtype = {trt.DataType.INT32: torch.int32}.get(engine.get_tensor_dtype("input_ids"), torch.int64)
-
-    def predict(x):
-        inp = torch.as_tensor(x, device="cuda").to(dtype).contiguous()
-        if not ctx.set_input_shape("input_ids", tuple(inp.shape)):
-            raise SystemExit("input shape %s is outside the engine's profile" % (tuple(inp.shape),))
-        out = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=torch.float32, device="cuda")
-        ctx.set_tensor_address("input_ids", inp.data_ptr())
-        ctx.set_tensor_address("logits", out.data_ptr())
-        ctx.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        return out.cpu().numpy()
-    return predict
-
-
-def evaluate(predict, windows, batch=8):
-    correct = count = 0
-    nll = 0.0
-    for i in range(0, len(windows), batch):
-        x = windows[i:i + batch].astype(np.int64)
-        logits = predict(x)[:, :-1].astype(np.float64)
-        t = x[:, 1:]
-        m = logits.max(-1, keepdims=True)
-        logz = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
-        nll += float((logz - np.take_along_axis(logits, t[..., None], -1)[..., 0]).sum())
-        correct += int((logits.argmax(-1) == t).sum())
-        count += t.size
-    return {"accuracy": 100.0 * correct / count, "bits_per_byte": nll / count / math.log(2)}
-
-
-def generate_bench(model, threads, prompt, new_tokens, repeats=5):
-    """Greedy decode with the KV-cache graph: prefill ``prompt``, then ``new_tokens`` single-token steps."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    outs = [o.name for o in sess.get_outputs()]
-    empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
-
-    def run(ids, total, past):
-        feed = {"input_ids": np.asarray(ids, np.int64).reshape(1, -1), "attention_mask": np.ones((1, total), np.int64)}
-        feed.update(past)
-        res = dict(zip(outs, sess.run(None, feed)))
-        return res["logits"][0, -1], {"past_key_values." + k[len("present."):]: v for k, v in res.items() if k.startswith("present.")}
-
-    prefill, steps, rates, tokens = [], [], [], []
-    for r in range(repeats + 1):  # the first generation is a warm-up
-        t0 = time.perf_counter()
-        logits, past = run(prompt, len(prompt), empty)
-        tok = int(np.argmax(logits))
-        t1 = time.perf_counter()
-        times, toks = [], [tok]
-        for k in range(new_tokens):
-            t = time.perf_counter()
-            logits, past = run([tok], len(prompt) + k + 1, past)
-            tok = int(np.argmax(logits))
-            times.append((time.perf_counter() - t) * 1e3)
-            toks.append(tok)
-        if r:
-            prefill.append((t1 - t0) * 1e3)
-            steps += times
-            rates.append(new_tokens / (sum(times) / 1e3))
-            tokens = toks
-    return {"kv_model": Path(model).name, "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats,
-            "prefill_ms": float(np.median(prefill)), "decode_ms_p50": float(np.percentile(steps, 50)),
-            "decode_ms_p90": float(np.percentile(steps, 90)), "decode_tokens_per_s": float(np.median(rates)), "tokens": tokens}
-
-
-CARD = json.loads((HERE / "model_card.json").read_text())
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--runtime", choices=["onnxruntime", "tensorrt"], default=CARD["runtime"])
-    ap.add_argument("--threads", type=int, default=CARD.get("threads"))
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--generate", type=int, default=0, metavar="N",
-                    help="also time greedy decode of N tokens with the KV-cache model (onnxruntime), after half a window of prompt")
-    ap.add_argument("--out", default="results.json")
-    a = ap.parse_args()
-    if a.generate and not CARD.get("kv_model"):
-        raise SystemExit("--generate needs a KV-cache model, and this bundle has none (export with kv_cache: true)")
-    model = HERE / CARD["model"]
-    if a.runtime == "tensorrt":
-        try:
-            predict = trt_predict(model)
-        except ImportError as e:
-            print("TensorRT is not usable here (%s): falling back to onnxruntime" % e)
-            a.runtime = "onnxruntime"
-    if a.runtime == "onnxruntime":
-        predict = ort_predict(model, a.threads)
-    windows = np.load(HERE / "eval_windows.npy")
-    x = windows[:1].astype(np.int64)
-    for _ in range(a.warmup):
-        predict(x)
-    times = []
-    for _ in range(a.runs):
-        t0 = time.perf_counter()
-        predict(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    res = {"model": CARD["model"], "runtime": a.runtime, "machine": platform.machine(), "node": platform.node(),
-           "latency_ms": {q: float(np.percentile(times, p)) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))},
-           "batch_size": 1, "seq_len": int(x.shape[1])}
-    if not a.no_eval:
-        res.update(evaluate(predict, windows))
-    if a.generate:
-        prompt = [int(t) for t in windows[0][: CARD["seq_len"] // 2]]
-        res["generate"] = generate_bench(HERE / CARD["kv_model"], a.threads, prompt, a.generate)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
-
-
-if __name__ == "__main__":
-    main()
-'''
-
+RUN_PY = Path(__file__).with_name("bundle_run.py")
+"""The bundle's run.py (a script, never imported here: it expects to sit beside ``dsk_measure.py``)."""
+CARD_VERSION = 2
+BATCHES = (1, 8, 64)
+ORT_FLOOR = "1.18"
+"""The oldest onnxruntime that loads the exported graphs: the ORT-optimized files use the ``ai.onnx.ml`` opset 5,
+which 1.17 refuses (checked with 1.17.3 and 1.18.1, numpy 1.26.4, on x86-64; see docs/devices.md)."""
+NUMPY_FLOOR = "1.24"
+TOKENIZERS_FLOOR = "0.20"
+"""tokenizers 0.20 changed the BPE merges in tokenizer.json; 0.19.1 cannot read what 0.22 writes, 0.20.0 can (checked)."""
 
 _ROLE_FOR = {"int8": "final", "fp16": "student-fp16", "fp32": "student"}
 _HINT_FOR = {"int8": "run a recipe with qat, export and bench stages",
@@ -214,8 +40,9 @@ _HINT_FOR = {"int8": "run a recipe with qat, export and bench stages",
 
 
 def _pick_variant(report: dict, precision: str) -> dict:
-    """The report row that ships at ``precision``: the QAT student (int8), its fp16 export, or the last fp32 student."""
-    want = [v for v in report["variants"] if v["role"] == _ROLE_FOR[precision]][-1:]
+    """The host row that ships at ``precision``: the QAT student (int8), its fp16 export, or the last fp32 student
+    (rows of the reference runtime: not the ``name [runtime]`` rows of further runtimes)."""
+    want = [v for v in report["variants"] if v["role"] == _ROLE_FOR[precision] and " [" not in v["name"]][-1:]
     if not want or not want[0].get("artifact"):
         raise RunError(f"the run has no {precision} student artifact to bundle", hint=_HINT_FOR[precision])
     return want[0]
@@ -252,13 +79,20 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     from dsk_compress.report import load_report
     from dsk_compress.tasks import build_task
 
+    from dsk_compress.integrity import check_run_artifacts
+
     run_dir = Path(run_dir)
+    check_run_artifacts(run_dir)  # recorded hashes match and every ONNX file loads, before anything is copied
     report = load_report(run_dir)
     prof = load_device(device)
     precision = prof.preferred_precision  # fp32, fp16 or int8, as the device profile prefers
     v = _pick_variant(report, precision)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     spec = RecipeSpec.model_validate(manifest["recipe"])
+    task = build_task(spec.task.model_dump())
+    if getattr(task, "seq_len", None) is None or not hasattr(task, "eval_windows"):
+        raise RunError(f"bundles are written for language-model runs, and this run's task is {spec.task.model_dump().get('name', 'your own')}",
+                       hint="measure your own model's ONNX files with dsk-compress bench RUN on the machine itself")
     runtime = "tensorrt" if prof.preferred_runtime == "tensorrt" else "onnxruntime"
     model_src, trt_card = run_dir / v["artifact"], None
     if runtime == "tensorrt":
@@ -275,37 +109,90 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     kv_rel = _export_artifacts(manifest).get(v["name"], {}).get("kv_cache_path")
     if kv_rel and (run_dir / kv_rel).is_file():  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
         shutil.copy2(run_dir / kv_rel, tmp / "model.kv.onnx")
-    task = build_task(spec.task.model_dump())
-    windows = np.concatenate(list(task.eval_batches(64))).astype(np.uint8)
-    np.save(tmp / "eval_windows.npy", windows)
+    td = task.describe()
+    windows = task.eval_windows()
+    vocab = max(int(td.get("vocab_size") or 256), int(windows.max()) + 1)
+    np.save(tmp / "eval_windows.npy", windows.astype(window_dtype(vocab)))
+    tokenizer = _save_tokenizer(task, tmp) if td["name"] == "text-lm" else None
+    for src, name in ((measure.__file__, "dsk_measure.py"), (trt_compat.__file__, "dsk_trt.py"), (RUN_PY, "run.py")):
+        atomic_write_text(tmp / name, Path(src).read_text())
     card = {
-        "version": 1, "model": "model.onnx", "variant": v["name"], "precision": v["precision"], "device": prof.name,
-        "runtime": runtime, "threads": prof.threads, "seq_len": task.seq_len, "task": task.describe(), "tensorrt": trt_card,
+        "version": CARD_VERSION, "model": "model.onnx", "variant": v["name"], "role": v.get("role"), "precision": v["precision"],
+        "device": prof.name, "runtime": runtime, "execution_providers": list(prof.execution_providers), "threads": prof.threads,
+        "graph_optimization": "extended", "batches": list(BATCHES), "seq_len": task.seq_len, "task": td,
+        "eval_windows": "eval_windows.npy", "eval_batch_size": _eval_batch_size(task), "logits_dtype": np.dtype(task.logits_dtype).name,
+        "vocab_size": vocab, "tokenizer": tokenizer, "tensorrt": trt_card,
         "kv_model": "model.kv.onnx" if (tmp / "model.kv.onnx").is_file() else None,
-        "params": v["params"], "size_bytes": v["size_bytes"],
-        "measured_on_build_host": {"accuracy": v["accuracy"], "bits_per_byte": v["bits_per_byte"], "latency_ms": v["latency_ms"],
-                                   "runtime": v["runtime"], "host": report.get("host")},
-        "source_run": str(run_dir), "recipe": spec.name,
+        "params": v.get("params"), "size_bytes": v.get("size_bytes"),
+        "measured_on_build_host": {"accuracy": v.get("accuracy"), "metrics": v.get("metrics"), "latency_ms": v.get("latency_ms"),
+                                   "runtime": v.get("runtime"), "host": report.get("host")},
+        "source_run": run_dir.name, "recipe": spec.name,
     }
     atomic_write_json(tmp / "model_card.json", card)
-    atomic_write_text(tmp / "run.py", RUN_PY)
-    reqs = ["numpy>=1.24", "onnxruntime>=1.17"]
-    if runtime == "tensorrt":
-        reqs.append("# on Jetson: TensorRT and torch come with JetPack; run.py falls back to onnxruntime without them")
-    atomic_write_text(tmp / "requirements.txt", "\n".join(reqs) + "\n")
-    atomic_write_text(tmp / "README.md", (
-        f"# {spec.name} for {prof.name}\n\n{prof.description}\n\n"
-        f"Model: `{v['name']}` ({v['precision']}, {v['params']:,} parameters, {v['size_bytes'] / 1e6:.2f} MB).\n"
-        f"Measured on the build host ({v['runtime']}): accuracy {v['accuracy']:.2f}%, p50 {v['latency_ms']['p50']:.2f} ms at batch 1.\n"
-        "These are not device figures: measure on the device with\n\n"
-        "```bash\npip install -r requirements.txt\npython3 run.py --out results.json\n```\n"
-        + ("\n`model.kv.onnx` is the same model with a KV cache: `python3 run.py --generate 64` also measures greedy "
-           "decode (prefill ms, ms per token, tokens/s) with onnxruntime.\n" if (tmp / "model.kv.onnx").is_file() else "")
-        + ("\nWith TensorRT (JetPack) and torch present, the first run builds a TensorRT engine for this GPU "
-           f"({precision}, profile batch 1..{trt_card['max_batch']}) and caches it as `model.<trt version>.<gpu>.engine`; "
-           "later runs load it. Without them, run.py falls back to onnxruntime.\n" if runtime == "tensorrt" else "")
-    ))
+    atomic_write_text(tmp / "requirements.txt", requirements(runtime, tokenizer is not None))
+    atomic_write_text(tmp / "README.md", _readme(spec.name, prof, v, precision, trt_card, tmp, tokenizer is not None))
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
     return dest
+
+
+def window_dtype(vocab_size: int):
+    """The smallest unsigned dtype that holds every token id below ``vocab_size`` (uint8, uint16, else int32)."""
+    return np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+def requirements(runtime: str, tokenizer: bool) -> str:
+    """``requirements.txt`` of a bundle: floors that load its files (see :data:`ORT_FLOOR`)."""
+    reqs = [f"numpy>={NUMPY_FLOOR}", f"onnxruntime>={ORT_FLOOR}"]
+    if tokenizer:
+        reqs.append(f"tokenizers>={TOKENIZERS_FLOOR}")
+    if runtime == "tensorrt":
+        reqs.append("# on Jetson: TensorRT and torch come with JetPack (onnxruntime-gpu from NVIDIA's Jetson wheels adds the CUDA and "
+                    "TensorRT providers); run.py falls back to onnxruntime on the CPU without them")
+    return "\n".join(reqs) + "\n"
+
+
+def _eval_batch_size(task) -> int:
+    """The batch the task scores its validation windows in (its ``evaluate`` default): run.py scores in the same batches."""
+    import inspect
+
+    return int(inspect.signature(task.evaluate).parameters["batch_size"].default)
+
+
+def _save_tokenizer(task, dest: Path) -> str:
+    """Write the text-lm task's tokenizer as ``tokenizer.json`` (the ``tokenizers`` format run.py reads)."""
+    backend = getattr(task.tok, "backend_tokenizer", None)
+    if backend is None:
+        raise RunError("text-lm bundles ship the tokenizer as a tokenizers tokenizer.json, and this teacher's tokenizer is a slow "
+                       "(Python) one", hint="give the teacher a fast tokenizer (tokenizer.json beside its config)")
+    backend.save(str(dest / "tokenizer.json"))
+    return "tokenizer.json"
+
+
+def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, folder: Path, tokenizer: bool) -> str:
+    p50 = (v.get("latency_ms") or {}).get("p50")
+    kv = (folder / "model.kv.onnx").is_file()
+    prompt = "'The '" if tokenizer else "'def '"
+    return (
+        f"# {recipe} for {prof.name}\n\n{prof.description}\n\n"
+        f"Model: `{v['name']}` ({v['precision']}, {v.get('params') or 0:,} parameters, {(v.get('size_bytes') or 0) / 1e6:.2f} MB).\n"
+        f"Measured on the build host ({v.get('runtime')}): accuracy {v.get('accuracy') or 0:.2f}%"
+        + (f", p50 {p50:.2f} ms at batch 1" if p50 is not None else "") + ".\n"
+        "These are not device figures: measure on the device. Raspberry Pi OS Bookworm and Debian 12 refuse `pip install` "
+        "outside a virtual environment (externally-managed-environment), so make one in this folder:\n\n"
+        "```bash\nsudo apt install python3-venv        # if python3 -m venv says ensurepip is missing\n"
+        "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt\n"
+        ".venv/bin/python run.py --out results.json\n```\n\n"
+        "`results.json` holds session creation time, first inference, p50/p90/p99 at batch 1, throughput at batch 8 and 64 "
+        "where the model allows, peak memory, accuracy on the bundled evaluation windows and where it was measured "
+        "(CPU, runtime and version, execution provider, threads). `dsk-compress bench RUN --device "
+        f"{prof.name} --host user@board` does all of this over SSH and adds the numbers to the run's report.\n"
+        + (f"\n`model.kv.onnx` is the same model with a KV cache: `.venv/bin/python run.py --generate 64 --prompt {prompt}` also "
+           "measures greedy decode (prefill ms, ms per token, tokens/s) and prints the continuation"
+           + (" (text through the bundled `tokenizer.json`)" if tokenizer else "") + ".\n" if kv else "")
+        + ("\nWith TensorRT (JetPack) and torch present, the first run builds a TensorRT engine for this GPU "
+           f"({precision}, profile batch 1..{trt_card['max_batch']}) and caches it as `model.<trt version>.<gpu>.engine`; "
+           "later runs load it. Without them, run.py falls back to onnxruntime. onnxruntime's CUDA and TensorRT execution "
+           "providers are used when the installed onnxruntime has them.\n" if trt_card is not None else "")
+    )

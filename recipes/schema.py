@@ -250,8 +250,9 @@ class QATConfig(StageConfig, _TrainSettings):
     activation_bits: Literal[8] = 8
     avx2_safe: bool = Field(True, description="use 7-bit weight range so ORT's u8s8 kernels never saturate without VNNI")
     activations: Literal["asymmetric", "symmetric"] = Field(
-        "asymmetric",
-        description="activation quantizers: asymmetric (uint8 + zero point, ONNX Runtime) or symmetric (int8, zero point 0, required by TensorRT)",
+        "symmetric",
+        description="activation quantizers: symmetric (int8, zero point 0: runs in ONNX Runtime and TensorRT, so one QAT model "
+                    "serves every device) or asymmetric (uint8 + zero point, ONNX Runtime only)",
     )
     observer_steps: int = Field(20, ge=1, le=MAX_CALIBRATION_BATCHES, description="steps of min/max observation before scales are learned")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module names kept in float")
@@ -386,8 +387,8 @@ class RecipeSpec(_Strict):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         return check_run_name(v)
-    @field_validator("task", mode="before")
 
+    @field_validator("task", mode="before")
     @classmethod
     def _torch_task_tag(cls, v):
         # `task: {torch: "pkg.mod:make_task"}` needs no `name`

@@ -1,4 +1,4 @@
-"""Inference runtimes (onnxruntime, eager torch, TensorRT) and isolated benchmarking.
+"""Inference runtimes (onnxruntime, torch eager / compile, TensorRT), the shared benchmark method and its result schema.
 
 Importing this package imports neither ``onnxruntime``, ``tensorrt`` nor ``torch``: each backend
 is imported inside the functions that need it, and a missing optional backend raises
@@ -7,15 +7,8 @@ is imported inside the functions that need it, and a missing optional backend ra
 
 from __future__ import annotations
 
-from dsk_compress.runtimes.base import (
-    BenchConfig,
-    BenchmarkError,
-    BenchResult,
-    RuntimeBackendError,
-    fit_batch,
-    run_worker,
-    summarize,
-)
+from dsk_compress.runtimes.base import BenchConfig, BenchmarkError, RuntimeBackendError, fit_batch, run_worker
+from dsk_compress.runtimes.result import BenchRecord, BenchResult, DeviceResults, parse_record
 from dsk_compress.runtimes.decode import KVCacheSession, benchmark_decode, measure_decode
 from dsk_compress.runtimes.onnxruntime import available_providers, benchmark_onnx, make_session, session_predict
 from dsk_compress.runtimes.tensorrt import TensorRTSession, benchmark_tensorrt, build_engine, load_engine, trt_predict
@@ -23,8 +16,10 @@ from dsk_compress.runtimes.torch import benchmark_torch, load_hf_model, torch_fo
 
 __all__ = [
     "BenchConfig",
+    "BenchRecord",
     "BenchResult",
     "BenchmarkError",
+    "DeviceResults",
     "KVCacheSession",
     "RuntimeBackendError",
     "TensorRTSession",
@@ -38,10 +33,10 @@ __all__ = [
     "load_engine",
     "load_hf_model",
     "make_session",
+    "parse_record",
     "measure_decode",
     "run_worker",
     "session_predict",
-    "summarize",
     "torch_forward",
     "trt_predict",
 ]

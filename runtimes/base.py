@@ -1,4 +1,4 @@
-"""Benchmark config/result types and the subprocess driver shared by all runtimes.
+"""The benchmark config and the subprocess driver shared by all runtimes (results: :mod:`.result`).
 
 Every benchmark runs in a fresh ``python -m dsk_compress.runtimes.bench_worker`` process, so the
 reported peak memory is the peak RSS of a process that loaded and ran exactly one model, and one
@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from dsk_compress.errors import DskError
+from dsk_compress.runtimes.measure import tile_batch
+from dsk_compress.runtimes.result import BenchResult
 
 WORKER_MODULE = "dsk_compress.runtimes.bench_worker"
 STDERR_TAIL_CHARS = 3000
@@ -34,17 +35,23 @@ class BenchmarkError(RuntimeBackendError):
 
 @dataclass
 class BenchConfig:
-    """How to time a model: ``warmup`` untimed runs, then ``runs`` timed ones.
+    """How to time a model (see :mod:`dsk_compress.runtimes.measure`).
 
-    ``batch_size`` is the number of items per run: inputs are tiled/truncated along axis 0 to
-    that size. ``threads`` caps intra-op threads (None: the runtime's default). ``timeout_s``
-    bounds the whole worker process (None: no limit).
+    ``batch_size`` is the latency batch: ``warmup`` untimed runs, then ``runs`` timed ones (or runs for
+    ``duration_s`` seconds). ``throughput_batches`` are further batch sizes measured after it (one warm-up
+    run each, at most ``MAX_BATCH_SECONDS`` once they have 3 runs), skipped where the model refuses them.
+    Inputs are tiled/truncated along axis 0 to each batch size. ``threads`` caps intra-op threads (None:
+    the runtime's default). ``seq_len``: tokens per item, for tokens/s. ``timeout_s`` bounds the whole
+    worker process (None: no limit).
     """
 
     warmup: int = 5
     runs: int = 30
     batch_size: int = 1
+    throughput_batches: tuple[int, ...] = ()
+    duration_s: float | None = None
     threads: int | None = None
+    seq_len: int | None = None
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -52,53 +59,17 @@ class BenchConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.runs < 1:
             raise ValueError(f"runs must be >= 1, got {self.runs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 1 or any(b < 1 for b in self.throughput_batches):
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {list(self.throughput_batches)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise ValueError(f"duration_s must be > 0 or None, got {self.duration_s}")
 
-
-@dataclass
-class BenchResult:
-    """Latency statistics in milliseconds over ``runs`` timed runs, plus throughput and peak memory."""
-
-    p50: float
-    p90: float
-    p99: float
-    mean: float
-    std: float
-    throughput: float  # items/s = batch_size * 1000 / mean
-    runs: int
-    peak_memory_mb: float | None
-    runtime: str
-    device: str
-    providers: list[str] = field(default_factory=list)
-    notes: str = ""
-    batch_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def summarize(times_ms: list[float] | np.ndarray, batch_size: int = 1, **kw: Any) -> BenchResult:
-    """A :class:`BenchResult` from per-run latencies in ms (percentiles by linear interpolation)."""
-    t = np.asarray(times_ms, dtype=np.float64)
-    if t.size == 0:
-        raise ValueError("no timings to summarize")
-    p50, p90, p99 = (float(x) for x in np.percentile(t, [50, 90, 99]))
-    mean = float(t.mean())
-    return BenchResult(
-        p50=p50,
-        p90=p90,
-        p99=p99,
-        mean=mean,
-        std=float(t.std()),
-        throughput=batch_size * 1000.0 / mean if mean > 0 else float("inf"),
-        runs=int(t.size),
-        batch_size=batch_size,
-        **kw,
-    )
+    @property
+    def batches(self) -> list[int]:
+        """The latency batch, then the throughput batches (each once)."""
+        return list(dict.fromkeys([self.batch_size, *self.throughput_batches]))
 
 
 def fit_batch(inputs: np.ndarray, batch_size: int) -> np.ndarray:
@@ -106,12 +77,9 @@ def fit_batch(inputs: np.ndarray, batch_size: int) -> np.ndarray:
     x = np.asarray(inputs)
     if x.ndim == 0:
         raise RuntimeBackendError("benchmark inputs must have a batch axis (got a 0-d array)")
-    if x.shape[0] == batch_size:
-        return x
     if x.shape[0] == 0:
         raise RuntimeBackendError("benchmark inputs are empty along the batch axis")
-    idx = np.arange(batch_size) % x.shape[0]
-    return np.ascontiguousarray(x[idx])
+    return tile_batch(x, batch_size)
 
 
 def run_worker(
@@ -122,37 +90,23 @@ def run_worker(
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> BenchResult:
-    """Benchmark ``model`` in a fresh worker process and return its result.
+    """Benchmark ``model`` in a fresh worker process and return its validated result.
 
     Raises :class:`BenchmarkError` (with the worker's stderr tail) if the worker fails or times out.
     """
     model = Path(model)
     if not model.exists():
         raise RuntimeBackendError(f"model not found: {model}", hint="check the path")
-    x = fit_batch(inputs, cfg.batch_size)
+    x = fit_batch(inputs, max(cfg.batches))
     with tempfile.TemporaryDirectory(prefix="dsk-bench-") as tmp:
         in_path = Path(tmp) / "inputs.npy"
         out_path = Path(tmp) / "result.json"
         np.save(in_path, x, allow_pickle=False)
-        cmd = [
-            sys.executable,
-            "-m",
-            WORKER_MODULE,
-            "--kind",
-            kind,
-            "--model",
-            str(model),
-            "--inputs",
-            str(in_path),
-            "--warmup",
-            str(cfg.warmup),
-            "--runs",
-            str(cfg.runs),
-            "--out",
-            str(out_path),
-        ]
-        if cfg.threads is not None:
-            cmd += ["--threads", str(cfg.threads)]
+        cmd = [sys.executable, "-m", WORKER_MODULE, "--kind", kind, "--model", str(model), "--inputs", str(in_path),
+               "--batches", ",".join(map(str, cfg.batches)), "--warmup", str(cfg.warmup), "--runs", str(cfg.runs), "--out", str(out_path)]
+        for flag, value in (("--threads", cfg.threads), ("--duration", cfg.duration_s), ("--seq-len", cfg.seq_len)):
+            if value is not None:
+                cmd += [flag, str(value)]
         cmd += list(extra_args or [])
         child_env = dict(os.environ)
         if cfg.threads is not None:
@@ -170,16 +124,7 @@ def run_worker(
                 f"{kind} benchmark worker for {model} failed (exit code {proc.returncode}){_tail(proc.stderr)}",
             )
         data = json.loads(out_path.read_text())
-    return summarize(
-        data["times_ms"],
-        batch_size=cfg.batch_size,
-        peak_memory_mb=data.get("peak_memory_mb"),
-        runtime=data["runtime"],
-        device=data["device"],
-        providers=list(data.get("providers", [])),
-        notes=data.get("notes", ""),
-        extra=dict(data.get("extra", {})),
-    )
+    return BenchResult.model_validate(data)
 
 
 def _tail(stderr: str | bytes | None) -> str:

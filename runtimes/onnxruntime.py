@@ -136,14 +136,36 @@ def benchmark_onnx(
     return run_worker("onnx", path, inputs, cfg, extra_args=extra)
 
 
+ARM_MACHINES = ("aarch64", "arm64", "armv7l", "armv8l")
+
+
+def provider_sets(profile_providers: Sequence[str], available: Sequence[str], machine: str) -> list[list[str]]:
+    """The execution-provider lists to measure a model with on this machine, in order.
+
+    Always ``[CPUExecutionProvider]`` first (the reference every device has); then, for each provider the
+    device profile names and this onnxruntime build offers (CUDA, TensorRT, ...), plus XNNPACK on ARM when
+    the build has it, that provider with the ones ONNX Runtime falls back to for nodes it does not take
+    (TensorRT -> CUDA -> CPU, others -> CPU).
+
+    Args:
+        profile_providers: the device profile's ``execution_providers``.
+        available: ``onnxruntime.get_available_providers()``.
+        machine: ``platform.machine()``.
+    """
+    cpu = "CPUExecutionProvider"
+    wanted = [p for p in profile_providers if p != cpu]
+    if machine.lower() in ARM_MACHINES:
+        wanted.append("XnnpackExecutionProvider")
+    out = [[cpu]]
+    for p in dict.fromkeys(wanted):
+        if p not in available:
+            continue
+        chain = [p, "CUDAExecutionProvider", cpu] if p == "TensorrtExecutionProvider" else [p, cpu]
+        out.append([q for q in dict.fromkeys(chain) if q in available])
+    return out
+
+
 def device_of(providers: Sequence[str]) -> str:
-    """A short device name for the first (highest-priority) execution provider."""
+    """Where the first (highest-priority) execution provider runs the graph: ``cpu`` or ``cuda:0``."""
     first = providers[0] if providers else "CPUExecutionProvider"
-    return {
-        "CPUExecutionProvider": "cpu",
-        "CUDAExecutionProvider": "cuda",
-        "TensorrtExecutionProvider": "tensorrt",
-        "CoreMLExecutionProvider": "coreml",
-        "DmlExecutionProvider": "directml",
-        "OpenVINOExecutionProvider": "openvino",
-    }.get(first, first.removesuffix("ExecutionProvider").lower())
+    return "cuda:0" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"

@@ -1,7 +1,10 @@
-"""TensorRT 10 engines: build from ONNX, run with torch CUDA buffers, benchmark.
+"""TensorRT engines (8.5 / 8.6, 10.x, 11): build from ONNX, run with torch CUDA buffers, benchmark.
 
-Written against TensorRT's Python API (``tensorrt`` >= 10): name-based I/O tensors
-(``num_io_tensors``/``get_tensor_name``/``set_tensor_address``) and ``execute_async_v3``.
+Written against TensorRT's Python API: name-based I/O tensors (``num_io_tensors`` / ``get_tensor_name`` /
+``set_tensor_address``) and ``execute_async_v3``, which exist from TensorRT 8.5 on; older releases are
+refused with a clear message. What differs between releases (the ``EXPLICIT_BATCH`` network flag that
+8.x needs and 10 ignores, strong typing from 9.x, precision flags gone in 11) is decided in
+:mod:`dsk_compress.runtimes.trt_compat`, which the deploy bundle's ``run.py`` shares.
 ``tensorrt`` is imported lazily; when it is missing, :class:`MissingBackendError` names the
 ``tensorrt`` extra. Device buffers are torch CUDA tensors, so no pycuda/cuda-python is needed.
 
@@ -26,10 +29,10 @@ import numpy as np
 
 from dsk_compress.errors import ExportError, MissingBackendError
 from dsk_compress.io import atomic_write_bytes
+from dsk_compress.runtimes import trt_compat
 from dsk_compress.runtimes.base import BenchConfig, BenchResult, RuntimeBackendError, run_worker
 
 PRECISIONS = ("fp32", "fp16", "int8")
-RUNTIME_NAME = "tensorrt"
 
 Shape = Sequence[int]
 
@@ -39,6 +42,9 @@ def _trt():
         import tensorrt as trt
     except ImportError:
         raise MissingBackendError("tensorrt", "tensorrt") from None
+    why = trt_compat.unsupported_reason(trt)
+    if why:
+        raise RuntimeBackendError(why, hint="pip install 'tensorrt>=8.5' (or the JetPack that ships it)")
     return trt
 
 
@@ -105,13 +111,16 @@ def build_engine(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ExportError(f"ONNX model not found: {onnx_path}", hint="export the model first")
-    has_flags = hasattr(trt.BuilderFlag, "INT8") and hasattr(trt.BuilderFlag, "FP16")
+    has_flags = trt_compat.has_precision_flags(trt)
     if strongly_typed is None:  # an fp16 ONNX says exactly what runs in fp16 (and which islands stay fp32): keep it
-        strong = not has_flags or (precision == "fp16" and _onnx_has_fp16(onnx_path))
+        strong = trt_compat.use_strong_typing(trt, precision, precision == "fp16" and _onnx_has_fp16(onnx_path))
     else:
         strong = bool(strongly_typed)
     if not strong and not has_flags:
         raise ExportError(f"TensorRT {trt.__version__} has no precision flags (weak typing was removed)", hint="build with strongly_typed=True")
+    if strong and not trt_compat.can_type_strongly(trt):
+        raise ExportError(f"TensorRT {trt.__version__} cannot build strongly typed networks (9.x or later can)",
+                          hint="build with strongly_typed=False (precision flags)")
     if strong and precision == "fp16" and not _onnx_has_fp16(onnx_path):
         raise ExportError(
             f"{onnx_path.name} holds no float16 tensors, so a strongly typed TensorRT network builds it in fp32",
@@ -120,8 +129,7 @@ def build_engine(
 
     logger = _make_logger(trt, verbose)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0  # explicit batch is implied in TensorRT 10
-    network = builder.create_network(flags)
+    network = builder.create_network(trt_compat.network_flags(trt, strong))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -134,11 +142,7 @@ def build_engine(
             f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so TensorRT cannot build it in int8",
             hint="quantize it to QDQ ONNX first, or build with precision='fp16'",
         )
-    if not strong:
-        if precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":  # weakly typed networks need INT8 allowed for their Q/DQ layers to run in int8
-            config.set_flag(trt.BuilderFlag.INT8)
+    trt_compat.set_precision_flags(trt, config, precision, strong)  # weak typing: INT8 lets the Q/DQ layers run in int8
 
     _add_profile(builder, network, config, profiles or {})
 
@@ -257,10 +261,8 @@ class TensorRTSession:
         if self.context is None:
             raise RuntimeBackendError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
         self.stream = torch.cuda.Stream(device=self.device)
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
+        self.input_names, self.output_names = trt_compat.io_names(trt, self.engine)
+        self.dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in self.input_names + self.output_names}
         self._outputs: dict[str, Any] = {}
         self._inputs: dict[str, Any] = {}
 
@@ -284,18 +286,21 @@ class TensorRTSession:
             raise RuntimeBackendError(f"missing TensorRT input(s): {', '.join(missing)}", hint=f"inputs: {', '.join(self.input_names)}")
         with torch.cuda.stream(self.stream):
             for name in self.input_names:
-                t = self._device_input(name, feeds[name])
-                self._inputs[name] = t  # keep alive while the engine reads it
-                if not self.context.set_input_shape(name, tuple(t.shape)):
-                    raise RuntimeBackendError(f"input {name!r} shape {list(t.shape)} is outside the engine's optimization profile")
-                self.context.set_tensor_address(name, t.data_ptr())
+                self._inputs[name] = self._device_input(name, feeds[name])  # kept alive while the engine reads it
+            shapes = {n: tuple(t.shape) for n, t in self._inputs.items() if n in self.input_names}
+            for name, shape in shapes.items():  # output shapes follow from the input shapes
+                if not self.context.set_input_shape(name, shape):
+                    raise RuntimeBackendError(f"input {name!r} shape {list(shape)} is outside the engine's optimization profile")
+            addresses = {n: self._inputs[n].data_ptr() for n in self.input_names}
             for name in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
                     raise RuntimeBackendError(f"output {name!r} has a data-dependent shape {list(shape)}, which this runtime does not support")
-                self.context.set_tensor_address(name, self._output_buffer(name, shape).data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeBackendError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+                addresses[name] = self._output_buffer(name, shape).data_ptr()
+            try:
+                trt_compat.execute(self.context, addresses, shapes, self.stream.cuda_stream)
+            except RuntimeError as e:
+                raise RuntimeBackendError(str(e)) from None
         self.stream.synchronize()
         return {n: self._outputs[n] for n in self.output_names}
 
@@ -311,11 +316,7 @@ class TensorRTSession:
     @property
     def device_memory_bytes(self) -> int | None:
         """Scratch device memory the engine needs per context (None if this TensorRT does not say)."""
-        for attr in ("device_memory_size_v2", "device_memory_size"):
-            v = getattr(self.engine, attr, None)
-            if v is not None:
-                return int(v)
-        return None
+        return trt_compat.device_memory_bytes(self.engine)
 
     @property
     def gpu_name(self) -> str:

@@ -22,17 +22,21 @@ from pydantic import ValidationError
 from dsk_compress.errors import RunError
 from dsk_compress.io import atomic_write_bytes, atomic_write_text
 from dsk_compress.report.format import DASH, fmt, format_size_mb
-from dsk_compress.report.html import render_html
+from dsk_compress.report.html import PARETO_PNG, render_html
 from dsk_compress.report.markdown import render_markdown
+from dsk_compress.report.devices import device_sections
+from dsk_compress.report.pareto import pareto_front
 from dsk_compress.report.model import (
     REPORT_SCHEMA_VERSION,
     VARIANT_KEYS,
+    DeviceSection,
     DistillationMargin,
     Report,
     Summary,
     Variant,
     describe_error,
     finite,
+    read_report,
     save_report,
 )
 
@@ -41,7 +45,6 @@ DEFAULT_MAX_ACCURACY_DROP = 3.0
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-PARETO_PNG = "pareto.png"
 
 _BENCH_HINT = "re-run the benchmark stage"
 
@@ -51,35 +54,6 @@ def _ratio(num: Any, den: Any) -> float | None:
     if n is None or d is None or d <= 0 or n < 0:
         return None
     return n / d
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated points when minimising latency and maximising accuracy.
-
-    A point is dominated when another point is at least as fast *and* at least as
-    accurate, and strictly better in one of the two. Identical points do not dominate
-    each other, so both stay on the front. Points with a missing or non-finite
-    coordinate are never on the front.
-
-    Args:
-        points: ``(latency, accuracy)`` pairs.
-
-    Returns:
-        Indices into ``points`` of the Pareto-optimal points, in ascending index order.
-    """
-    clean: list[tuple[int, float, float]] = []
-    for i, p in enumerate(points):
-        lat, acc = finite(p[0]), finite(p[1])
-        if lat is not None and acc is not None:
-            clean.append((i, lat, acc))
-    front = []
-    for i, li, ai in clean:
-        dominated = any(
-            lj <= li and aj >= ai and (lj < li or aj > ai) for j, lj, aj in clean if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
 
 
 # --------------------------------------------------------------------------- variants
@@ -252,7 +226,7 @@ def summarize(variants: list[Variant], max_accuracy_drop: float = DEFAULT_MAX_AC
 # --------------------------------------------------------------------------- report
 
 
-def assemble_report(variants: list[dict], meta: dict) -> Report:
+def assemble_report(variants: list[dict], meta: dict, devices: Sequence[DeviceSection] = ()) -> Report:
     """The report as a :class:`Report` model (no files written). See :func:`build_report`."""
     parsed = _check_variants(variants)
     teacher = _first_with_role(parsed, "teacher")
@@ -267,6 +241,7 @@ def assemble_report(variants: list[dict], meta: dict) -> Report:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             variants=derived,
             summary=summarize(derived, drop),
+            devices=list(devices),
         )
     except ValidationError as e:
         raise RunError(f"report metadata: {describe_error(e, fields)}", hint="meta: run, recipe and task are strings, host a string or a mapping") from None
@@ -311,10 +286,33 @@ def build_report(run_dir: Path, variants: list[dict], meta: dict) -> dict:
         RunError: a variant lacks a key or has a malformed value, or two variants share a name.
     """
     run_dir = Path(run_dir)
-    report = assemble_report(variants, meta)
+    report = assemble_report(variants, meta, device_sections(run_dir, _check_variants(variants)))
+    return write_report(run_dir, report)
+
+
+def rebuild_report(run_dir: Path) -> dict:
+    """Rebuild a run's report from its files: the host rows of ``report.json`` and every
+    ``devices/<name>/results.json`` (re-read, so a device measured again replaces its section).
+
+    Returns:
+        The report dict, as written to ``report.json`` (and ``.md`` / ``.html``).
+
+    Raises:
+        RunError: the run has no readable report, or a results file is malformed.
+    """
+    run_dir = Path(run_dir)
+    old = read_report(run_dir)
+    report = old.model_copy(update={"schema_version": REPORT_SCHEMA_VERSION, "devices": device_sections(run_dir, old.variants),
+                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return write_report(run_dir, report)
+
+
+def write_report(run_dir: Path, report: Report) -> dict:
+    """Render ``report`` and write ``pareto*.png``, ``report.md``, ``report.html`` and lastly ``report.json`` atomically."""
     md = render_markdown(report)
-    page, png = render_html(report)
-    atomic_write_bytes(run_dir / PARETO_PNG, png)
+    page, pngs = render_html(report)
+    for name, png in pngs.items():
+        atomic_write_bytes(run_dir / name, png)
     atomic_write_text(run_dir / REPORT_MD, md)
     atomic_write_text(run_dir / REPORT_HTML, page)
     save_report(run_dir, report)

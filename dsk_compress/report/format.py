@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dsk_compress.report.model import DistillationMargin, Report, as_report, finite
+from dsk_compress.report.model import HOST, DeviceSection, DistillationMargin, Report, Variant, as_report, finite
 
 DASH = "—"
 
@@ -26,10 +26,22 @@ TABLE_COLUMNS = (
     "Size ratio",
     "Runtime",
 )
+"""The host table's columns (a report of version 1 has exactly these, plus :data:`DECODE_COLUMN`)."""
+
+DEVICE_COLUMNS = ("Variant", "Role", "Params", "Size (MB)", "Accuracy (%)", "Bits/byte", "p50 (ms)", "p99 (ms)", "Δ vs host", "Runtime")
+"""A device section's columns: the accuracy difference to the host's row of the same variant instead of the teacher ratios
+(the teacher is rarely measured on a device)."""
+
+MEASURED_ON_COLUMN = "Measured on"
+"""Inserted before Runtime when rows say where they were measured (reports of version 2)."""
+
+THROUGHPUT_COLUMN = "Items/s (b1/b8/b64)"
+"""Appended when a row was measured at more than one batch size: items/s per batch size, a dash where skipped."""
 
 DECODE_COLUMN = "Decode (tok/s)"
 """Appended to the table when a variant has ``decode_tokens_per_s`` (greedy decode with its KV-cache graph)."""
 
+THROUGHPUT_BATCHES = ("1", "8", "64")
 
 def format_params(n: Any) -> str:
     """Human-readable parameter count: ``1234567`` -> ``"1.23M"``, ``None`` -> ``"—"``."""
@@ -74,66 +86,103 @@ def _unique(values: list[Any]) -> str:
     return ", ".join(seen) if seen else DASH
 
 
-def _has_decode(report: Report) -> bool:
-    return any(finite(v.decode_tokens_per_s) is not None for v in report.variants)
+def _variants(report_or_rows) -> list[Variant]:
+    if isinstance(report_or_rows, list):
+        return report_or_rows
+    return as_report(report_or_rows).variants
 
 
-def table_columns(report: Report | Mapping[str, Any]) -> tuple[str, ...]:
-    """Column titles of ``report``'s table: :data:`TABLE_COLUMNS`, plus :data:`DECODE_COLUMN` when a variant has one."""
-    return TABLE_COLUMNS + (DECODE_COLUMN,) if _has_decode(as_report(report)) else TABLE_COLUMNS
+def table_columns(rows: Report | Mapping[str, Any] | list[Variant], device: bool = False) -> tuple[str, ...]:
+    """Column titles of a table of ``rows`` (a report's host rows, or a device section's rows with ``device``):
+    :data:`TABLE_COLUMNS` (or :data:`DEVICE_COLUMNS`), with :data:`MEASURED_ON_COLUMN` before Runtime when rows say
+    where they were measured, then :data:`THROUGHPUT_COLUMN` and :data:`DECODE_COLUMN` when a row has them."""
+    vs = _variants(rows)
+    cols = list(DEVICE_COLUMNS if device else TABLE_COLUMNS)
+    if any(v.measured_on for v in vs):
+        cols.insert(cols.index("Runtime"), MEASURED_ON_COLUMN)
+    if any(v.throughput_by_batch and len(v.throughput_by_batch) > 1 for v in vs):
+        cols.append(THROUGHPUT_COLUMN)
+    if any(finite(v.decode_tokens_per_s) is not None for v in vs):
+        cols.append(DECODE_COLUMN)
+    return tuple(cols)
 
 
 def numeric_columns(columns: tuple[str, ...]) -> set[int]:
-    """Indices of the right-aligned (numeric) columns among ``columns``: Params to Size ratio, and decode."""
-    return {i for i, c in enumerate(columns) if 2 <= i <= 9 or c == DECODE_COLUMN}
+    """Indices of the right-aligned (numeric) columns among ``columns``."""
+    text = {"Variant", "Role", "Runtime", MEASURED_ON_COLUMN}
+    return {i for i, c in enumerate(columns) if c not in text}
 
 
-def table_rows(report: Report | Mapping[str, Any]) -> list[list[str]]:
-    """Formatted cells (see :func:`table_columns`) of one row per variant of ``report``."""
-    report = as_report(report)
-    rows = []
-    decode = _has_decode(report)
-    for v in report.variants:
-        rows.append(
-            [
-                str(v.name),
-                str(v.role),
-                format_params(v.params),
-                format_size_mb(v.size_bytes),
-                fmt(v.accuracy),
-                fmt(v.bits_per_byte, 3),
-                fmt(v.p50),
-                fmt(v.p99),
-                fmt(v.speedup_vs_teacher, 2, "×"),
-                fmt(v.size_ratio_vs_teacher, 2, "×"),
-                str(v.runtime or DASH),
-            ]
-        )
-        if decode:  # a dash for variants without a KV-cache graph
-            rows[-1].append(fmt(v.decode_tokens_per_s, 1))
-    return rows
+def _throughput(v: Variant) -> str:
+    t = v.throughput_by_batch or {}
+    return "/".join(fmt(t.get(b), 0) for b in THROUGHPUT_BATCHES)
+
+
+_CELLS = {
+    "Variant": lambda v: str(v.name),
+    "Role": lambda v: str(v.role),
+    "Params": lambda v: format_params(v.params),
+    "Size (MB)": lambda v: format_size_mb(v.size_bytes),
+    "Accuracy (%)": lambda v: fmt(v.accuracy),
+    "Bits/byte": lambda v: fmt(v.bits_per_byte, 3),
+    "p50 (ms)": lambda v: fmt(v.p50),
+    "p99 (ms)": lambda v: fmt(v.p99),
+    "Speedup": lambda v: fmt(v.speedup_vs_teacher, 2, "×"),
+    "Size ratio": lambda v: fmt(v.size_ratio_vs_teacher, 2, "×"),
+    "Δ vs host": lambda v: DASH if finite(v.accuracy_delta_vs_host) is None else f"{v.accuracy_delta_vs_host:+.3f}",
+    "Runtime": lambda v: str(v.runtime or DASH),
+    MEASURED_ON_COLUMN: lambda v: str(v.measured_on or DASH),
+    THROUGHPUT_COLUMN: _throughput,
+    DECODE_COLUMN: lambda v: fmt(v.decode_tokens_per_s, 1),  # a dash for variants without a KV-cache graph
+}
+
+
+def table_rows(rows: Report | Mapping[str, Any] | list[Variant], device: bool = False) -> list[list[str]]:
+    """Formatted cells (see :func:`table_columns`) of one row per variant."""
+    vs = _variants(rows)
+    cols = table_columns(vs, device)
+    return [[_CELLS[c](v) for c in cols] for v in vs]
 
 
 def header_fields(report: Report | Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(label, value)`` pairs for the report header: recipe, task, host, device, runtime."""
+    """``(label, value)`` pairs for the report header: recipe, task, host, runtime (of the host rows), devices."""
     report = as_report(report)
-    return [
+    fields = [
         ("Recipe", str(report.recipe or DASH)),
         ("Task", str(report.task or DASH)),
         ("Host", host_str(report.host)),
-        ("Device", _unique([v.device for v in report.variants])),
-        ("Runtime", _unique([v.runtime for v in report.variants])),
     ]
+    legacy = [v.device for v in report.variants if v.device not in (None, HOST)]
+    if legacy and not report.devices:  # a version-1 report: the bench stage's profile label
+        fields.append(("Device", _unique(legacy)))
+    fields.append(("Runtime", _unique([v.runtime for v in report.variants])))
+    if report.devices:
+        fields.append(("Devices", ", ".join(d.label for d in report.devices)))
+    return fields
 
 
 def measurement_note(report: Report | Mapping[str, Any]) -> str:
-    """The sentence that says where and how latencies were measured."""
+    """The sentence that says where and how the host rows' latencies were measured."""
     host = host_str(as_report(report).host)
     where = "this host" if host == DASH else f"this host ({host})"
     return (
         f"All latencies were measured on {where} at batch size 1, "
         "with the runtime named in each row; sizes are artifact file sizes in MB (10^6 bytes)."
     )
+
+
+def device_note(section: DeviceSection) -> str:
+    """What a device section's numbers are: where they were measured, how, and what an emulated row means."""
+    what = [x for x in (section.machine, section.cpu, section.gpu, section.os, section.python and f"Python {section.python}") if x]
+    if section.measurement == "emulated":
+        how = (f"Emulated: an {section.machine or 'emulated'} Python under QEMU user mode on another machine. Accuracy is that of "
+               "the artifact on this instruction set; timings are the emulator's, not the device's.")
+    else:
+        how = f"Measured on {section.where or section.name}."
+    by = {"run.py": "the bundle's run.py", "bench_worker": "the bench worker"}
+    tools = ", ".join(by.get(t.strip(), t.strip()) for t in (section.tool or "").split(",") if t.strip()) or "dsk-compress"
+    return (f"{how} {', '.join(what)}. Runtime: {section.runtime or DASH}. Latencies at batch size 1, measured by {tools}; "
+            f"from {section.results}" + (f", {section.measured_at}." if section.measured_at else "."))
 
 
 def margin_text(m: DistillationMargin) -> str:

@@ -1,4 +1,4 @@
-"""Self-contained HTML page and accuracy-vs-latency plot for a run report.
+"""Self-contained HTML page and accuracy-vs-latency plots (the host's and one per device) for a run report.
 
 The page has no external assets: CSS sits in a ``<style>`` block and the plot is an
 embedded base64 PNG. matplotlib is imported inside :func:`render_pareto_png` and drawn
@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from dsk_compress.report.format import (
+    device_note,
     header_fields,
+    host_str,
     margin_text,
     measurement_note,
     numeric_columns,
@@ -23,7 +25,7 @@ from dsk_compress.report.format import (
     table_rows,
     title,
 )
-from dsk_compress.report.model import Report, as_report, finite
+from dsk_compress.report.model import DeviceSection, Report, Variant, as_report, finite
 
 _ROLE_COLOURS = {"teacher": "#6b7280", "student": "#2563eb", "final": "#dc2626"}
 _OTHER_COLOUR = "#0891b2"
@@ -56,28 +58,47 @@ def _esc_code(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", _esc(text))
 
 
-def render_pareto_png(report: Report | Mapping[str, Any]) -> bytes:
-    """Draw accuracy vs p50 latency for the report's variants and return PNG bytes.
+PARETO_PNG = "pareto.png"
 
-    Each point is labelled with the variant name; the Pareto front named in the summary
-    (lowest latency, highest accuracy) is drawn as a step line. The x axis is logarithmic
-    when every latency is positive. Variants without a p50 latency or an accuracy are left
-    out (they are never on the front).
+
+def plot_name(section: str | None) -> str:
+    """The PNG file of a section's plot: ``pareto.png`` for the host, ``pareto-<device>.png`` for a device."""
+    if section is None:
+        return PARETO_PNG
+    return "pareto-" + re.sub(r"[^A-Za-z0-9._-]+", "_", section) + ".png"
+
+
+def render_pareto_png(report: Report | Mapping[str, Any], section: DeviceSection | None = None) -> bytes:
+    """Draw accuracy vs p50 latency for the report's host rows (or one device section's rows) and return PNG bytes.
+
+    Each point is labelled with the variant name; the Pareto front (lowest latency, highest accuracy) is
+    drawn as a step line. The x axis is logarithmic when every latency is positive. Variants without a
+    p50 latency or an accuracy are left out (they are never on the front).
 
     Args:
         report: a report from :func:`dsk_compress.report.build_report` (model or dict).
+        section: a device section of ``report``; None for the host rows.
 
     Returns:
         The PNG image.
     """
+    report = as_report(report)
+    if section is None:
+        rows = report.variants
+        recommended = report.summary.recommended if report.summary else None
+        pareto = set(report.summary.pareto) if report.summary else set()
+        where = f"host {host_str(report.host)}" if report.devices else ""
+    else:
+        rows, recommended, pareto, where = section.variants, None, set(section.pareto), section.label
+    return _plot(rows, recommended, pareto, where)
+
+
+def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where: str) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    report = as_report(report)
-    recommended = report.summary.recommended if report.summary else None
-    pareto = set(report.summary.pareto) if report.summary else set()
-    pts = [(v, v.p50, finite(v.accuracy)) for v in report.variants]
+    pts = [(v, v.p50, finite(v.accuracy)) for v in rows]
     pts = [(v, x, y) for v, x, y in pts if x is not None and y is not None]
 
     fig = Figure(figsize=(7.5, 4.8), dpi=110)
@@ -114,7 +135,8 @@ def render_pareto_png(report: Report | Mapping[str, Any]) -> bytes:
         ax.set_xlabel("p50 latency, ms (batch 1" + (", log scale)" if ax.get_xscale() == "log" else ")"))
         ax.set_ylabel("accuracy, %")
         ax.grid(True, which="both", alpha=0.25)
-        ax.set_title("Accuracy vs latency  (◆ Pareto-optimal, outlined = recommended)", fontsize=10)
+        title = "Accuracy vs latency  (◆ Pareto-optimal" + (", outlined = recommended)" if recommended else ")")
+        ax.set_title(f"{where}: {title}" if where else title, fontsize=10)
         if len(fx) > 1:
             ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -123,22 +145,40 @@ def render_pareto_png(report: Report | Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def render_html(report: Report | Mapping[str, Any]) -> tuple[str, bytes]:
-    """Render ``report.html`` as one self-contained page.
+def _img(png: bytes, alt: str) -> str:
+    b64 = base64.b64encode(png).decode("ascii")
+    return f'<p><img class="plot" alt="{_esc(alt)}" src="data:image/png;base64,{b64}"></p>'
+
+
+def _table(rows: list[Variant], recommended: str | None, pareto: set[str], device: bool = False) -> list[str]:
+    cols = table_columns(rows, device)
+    numeric = numeric_columns(cols)
+    out = ["<table>", "<thead><tr>" + "".join(f'<th class="num">{_esc(c)}</th>' if i in numeric else f"<th>{_esc(c)}</th>"
+                                            for i, c in enumerate(cols)) + "</tr></thead>", "<tbody>"]
+    for v, row in zip(rows, table_rows(rows, device)):
+        classes = [c for c, on in (("recommended", v.name == recommended), ("pareto", v.name in pareto)) if on]
+        cls = f' class="{" ".join(classes)}"' if classes else ""
+        cells = "".join(f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>" for i, c in enumerate(row))
+        out.append(f"<tr{cls}>{cells}</tr>")
+    return out + ["</tbody></table>"]
+
+
+def render_html(report: Report | Mapping[str, Any]) -> tuple[str, dict[str, bytes]]:
+    """Render ``report.html`` as one self-contained page: the host's table and plot, then a table and a plot per device.
 
     Args:
         report: a report from :func:`dsk_compress.report.build_report` (model or dict).
 
     Returns:
-        ``(page, png)``: the HTML text and the PNG bytes of the plot embedded in it
-        (also written as ``pareto.png`` by ``build_report``).
+        ``(page, pngs)``: the HTML text and the PNG bytes of each plot embedded in it by file name
+        (``pareto.png`` for the host, ``pareto-<device>.png`` per device; ``build_report`` writes them too).
     """
     report = as_report(report)
-    png = render_pareto_png(report)
     summary = report.summary
     recommended = summary.recommended if summary else None
     pareto = set(summary.pareto) if summary else set()
     heading = title(report)
+    pngs = {PARETO_PNG: render_pareto_png(report)}
 
     out = [
         "<!DOCTYPE html>",
@@ -157,43 +197,26 @@ def render_html(report: Report | Mapping[str, Any]) -> tuple[str, bytes]:
     if report.created:
         out.append(f"<li><strong>Created:</strong> {_esc(report.created)}</li>")
     out.append("</ul>")
-
-    rows = table_rows(report)
-    if rows:
-        cols = table_columns(report)
-        numeric = numeric_columns(cols)
-        out.append("<table>")
-        out.append(
-            "<thead><tr>"
-            + "".join(f'<th class="num">{_esc(c)}</th>' if i in numeric else f"<th>{_esc(c)}</th>"
-                      for i, c in enumerate(cols))
-            + "</tr></thead>"
-        )
-        out.append("<tbody>")
-        for v, row in zip(report.variants, rows):
-            classes = []
-            if v.name == recommended:
-                classes.append("recommended")
-            if v.name in pareto:
-                classes.append("pareto")
-            cls = f' class="{" ".join(classes)}"' if classes else ""
-            cells = "".join(
-                f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>"
-                for i, c in enumerate(row)
-            )
-            out.append(f"<tr{cls}>{cells}</tr>")
-        out.append("</tbody></table>")
-    else:
-        out.append("<p><em>No variants were measured.</em></p>")
-
+    out.append('<section class="device" data-device="host">')
+    if report.devices:
+        out.append(f"<h2>Host: {_esc(host_str(report.host))}</h2>")
+    out += _table(report.variants, recommended, pareto) if report.variants else ["<p><em>No variants were measured.</em></p>"]
     if summary is not None and summary.recommendation:
         out.append(f'<p class="rec"><strong>Recommendation:</strong> {_esc_code(summary.recommendation)}</p>')
     if summary is not None and summary.distillation:
         items = "".join(f"<li>{_esc(m.compares)}: {_esc_code(margin_text(m))}</li>" for m in summary.distillation)
         out.append(f"<p><strong>Distillation</strong> (same token budget, accuracy measured on the exported models):</p><ul>{items}</ul>")
-    b64 = base64.b64encode(png).decode("ascii")
-    out.append(f'<p><img class="plot" alt="accuracy vs p50 latency" src="data:image/png;base64,{b64}"></p>')
+    out.append(_img(pngs[PARETO_PNG], "accuracy vs p50 latency on the host"))
     out.append(f'<p class="note">{_esc(measurement_note(report))} ◆ marks Pareto-optimal variants.</p>')
+    out.append("</section>")
+    for d in report.devices:
+        png = pngs[plot_name(d.name)] = render_pareto_png(report, d)
+        out.append(f'<section class="device" data-device="{_esc(d.name)}">')
+        out.append(f"<h2>Device: {_esc(d.label)}</h2>")
+        out += _table(d.variants, None, set(d.pareto), device=True)
+        out.append(_img(png, f"accuracy vs p50 latency on {d.label}"))
+        out.append(f'<p class="note">{_esc(device_note(d))}</p>')
+        out.append("</section>")
     out.append("</body>")
     out.append("</html>")
-    return "\n".join(out) + "\n", png
+    return "\n".join(out) + "\n", pngs

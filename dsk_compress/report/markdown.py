@@ -6,11 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from dsk_compress.report.format import (
-    TABLE_COLUMNS,
+    device_note,
     fmt,
     header_fields,
+    host_str,
     margin_text,
     measurement_note,
+    numeric_columns,
     table_columns,
     table_rows,
     title,
@@ -38,8 +40,16 @@ def _variant_detail(v: Variant) -> str:
     return "; ".join(x for x in (v.notes or "", v.precision or "", mem, dec_text) if x)
 
 
+def _table(rows: list[Variant], device: bool = False) -> list[str]:
+    cols = table_columns(rows, device)
+    numeric = numeric_columns(cols)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if i in numeric else "---" for i in range(len(cols))) + "|"]
+    return lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table_rows(rows, device)]
+
+
 def render_markdown(report: Report | Mapping[str, Any]) -> str:
-    """Render ``report.md``: title, header, variant table, recommendation and measurement note."""
+    """Render ``report.md``: title, header, the host's variant table, recommendation and measurement note, then one
+    section per device (its table, Pareto front and what its numbers are)."""
     report = as_report(report)
     lines = [f"# {title(report)}", ""]
     for label, value in header_fields(report):
@@ -47,15 +57,9 @@ def render_markdown(report: Report | Mapping[str, Any]) -> str:
     if report.created:
         lines.append(f"- **Created:** {report.created}")
     lines.append("")
-    rows = table_rows(report)
-    if rows:
-        cols = table_columns(report)
-        lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "|".join(["---", "---"] + ["---:"] * 8 + ["---"] + ["---:"] * (len(cols) - len(TABLE_COLUMNS))) + "|")
-        for row in rows:
-            lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
-    else:
-        lines.append("_No variants were measured._")
+    if report.devices:
+        lines += [f"## Host: {host_str(report.host)}", ""]
+    lines += _table(report.variants) if report.variants else ["_No variants were measured._"]
     lines.append("")
     notes = [v for v in report.variants if v.notes or v.peak_memory_mb or _has_decode(v)]
     if notes:
@@ -74,4 +78,11 @@ def render_markdown(report: Report | Mapping[str, Any]) -> str:
         lines += [f"- {m.compares}: {margin_text(m)}" for m in summary.distillation]
         lines.append("")
     lines.append(f"_{measurement_note(report)}_")
+    for d in report.devices:
+        lines += ["", f"## Device: {d.label}", ""]
+        lines += _table(d.variants, device=True)
+        lines.append("")
+        if d.pareto:
+            lines += ["**Pareto-optimal on this device:** " + ", ".join(f"`{n}`" for n in d.pareto), ""]
+        lines.append(f"_{device_note(d)}_")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,13 @@ so a report read and written again is the same JSON. Fields added after version 
 written (``summary.distillation``, a variant's ``metrics``/``decode``) are optional, and
 :meth:`Report.to_dict` leaves out what a report did not have, so older reports load and
 dump unchanged.
+
+Version 2 says where every number was measured. ``variants`` are the rows of the run's host (the
+machine whose bench stage measured them: ``device: "host"``, ``measured_on`` its hostname); each
+entry of ``devices`` is a :class:`DeviceSection`: the rows measured on one device (over SSH with
+``dsk-compress bench``, or on another machine), labelled ``measured`` or ``emulated``, with that
+device's own Pareto front. A host number never appears in a device's section. Version 1 reports
+(no ``devices``, no ``measured_on``) still load.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, ValidationError
 from pydantic_core import PydanticCustomError
@@ -26,8 +33,11 @@ from pydantic_core import PydanticCustomError
 from dsk_compress.errors import RunError
 from dsk_compress.io import atomic_write_json
 
-REPORT_SCHEMA_VERSION = 1
-"""Version of the ``report.json`` layout; :func:`load_report` refuses newer ones."""
+REPORT_SCHEMA_VERSION = 2
+"""Version of the ``report.json`` layout; :func:`load_report` refuses newer ones and reads older ones."""
+
+HOST = "host"
+"""The ``device`` of the rows measured on the run's own host (the bench stage)."""
 
 REPORT_JSON = "report.json"
 
@@ -151,6 +161,13 @@ class Variant(BaseModel):
     notes: str | None = None
     decode_tokens_per_s: Number | None = None
     decode: Decode | None = None
+    measured_on: str | None = Field(None, description="where the row was measured: the host's name, or the device (and how it was reached)")
+    measurement: Literal["measured", "emulated"] | None = Field(None, description="emulated: e.g. an arm64 Python under QEMU (accuracy "
+                                                                                 "is meaningful, timings are not)")
+    throughput_by_batch: dict[str, Number] | None = Field(None, description="items/s by batch size ('1', '8', '64') where the model allowed it")
+    session_ms: Number | None = Field(None, description="session / engine creation time")
+    first_inference_ms: Number | None = None
+    accuracy_delta_vs_host: Number | None = Field(None, description="device rows: accuracy - the host's accuracy of the same variant (points)")
     speedup_vs_teacher: Number | None = Field(None, description="teacher p50 / variant p50")
     size_ratio_vs_teacher: Number | None = Field(None, description="teacher size_bytes / variant size_bytes")
     accuracy_delta_vs_teacher: Number | None = Field(None, description="variant accuracy - teacher accuracy (points)")
@@ -193,6 +210,34 @@ class Summary(BaseModel):
     distillation: list[DistillationMargin] = Field(default_factory=list)
 
 
+class DeviceSection(BaseModel):
+    """The rows measured on one device (or another machine): where, how, and its own Pareto front."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the device profile name (rpi5), or the hostname of a machine that benchmarked the run locally")
+    measurement: Literal["measured", "emulated"]
+    where: str | None = Field(None, description="user@host[:port] of an SSH device, or the hostname")
+    machine: str | None = None
+    cpu: str | None = None
+    gpu: str | None = None
+    os: str | None = None
+    python: str | None = None
+    runtime: str | None = Field(None, description="runtime, version and execution provider(s) of its rows")
+    measured_at: str | None = None
+    tool: str | None = Field(None, description="what measured the rows: run.py (a bundle on the device) or bench_worker (this machine)")
+    results: str = Field(description="the results file the section was built from, relative to the run directory")
+    variants: list[Variant]
+    pareto: list[str] = Field(default_factory=list, description="Pareto-optimal rows of this device (p50 vs accuracy)")
+
+    @property
+    def label(self) -> str:
+        """``rpi5 (emulated)``, ``rpi5 (pi@rpi5.local)``, ``gpu-box (measured)`` (a machine named by its hostname)."""
+        if self.measurement == "emulated":
+            return f"{self.name} (emulated)"
+        return f"{self.name} ({self.where if self.where not in (None, self.name) else 'measured'})"
+
+
 class Report(BaseModel):
     """The accuracy-vs-latency report of one run: the content of ``report.json``."""
 
@@ -204,8 +249,9 @@ class Report(BaseModel):
     task: str | None = None
     host: Host | None = None
     created: str | None = Field(None, description="UTC time the report was built, ISO 8601")
-    variants: list[Variant]
+    variants: list[Variant] = Field(description="rows measured on the run's host")
     summary: Summary | None = None
+    devices: list[DeviceSection] = Field(default_factory=list, description="rows measured on devices, one section per device")
     run_dir: str | None = Field(None, description="set in memory by compare_reports; build_report never writes it")
 
     def to_dict(self) -> dict[str, Any]:

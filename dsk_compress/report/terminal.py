@@ -1,4 +1,4 @@
-"""Reports in the terminal: one run's variant table, and several runs side by side (rich tables).
+"""Reports in the terminal: one run's tables (the host's, then each device's), and several runs side by side (rich tables).
 
 rich is imported inside the functions that print, so importing this module stays cheap.
 """
@@ -11,45 +11,52 @@ from typing import TYPE_CHECKING, Any
 
 from dsk_compress.report.format import (
     DASH,
+    device_note,
     fmt,
     header_fields,
+    host_str,
     measurement_note,
     numeric_columns,
     table_columns,
     table_rows,
     title,
 )
-from dsk_compress.report.model import Report, as_report, finite
+from dsk_compress.report.model import HOST, Report, as_report, finite
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
 
 def comparison_rows(reports: Sequence[Report | Mapping[str, Any]]) -> list[dict]:
-    """One flat row per (run, variant): run, variant, role, accuracy, p50_ms, size_mb, speedup, recommended."""
+    """One flat row per (run, place, variant): run, measured_on, variant, role, accuracy, p50_ms, size_mb, speedup,
+    recommended. The host's rows come first, then each device section's; ``measured_on`` says where."""
     rows = []
     for rep in map(as_report, reports):
         run = rep.run or Path(rep.run_dir or "").name or DASH
         recommended = rep.summary.recommended if rep.summary else None
-        for v in rep.variants:
-            size = finite(v.size_bytes)
-            rows.append(
-                {
-                    "run": str(run),
-                    "variant": v.name,
-                    "role": v.role,
-                    "accuracy": finite(v.accuracy),
-                    "p50_ms": v.p50,
-                    "size_mb": None if size is None else size / 1e6,
-                    "speedup": finite(v.speedup_vs_teacher),
-                    "recommended": v.name == recommended,
-                }
-            )
+        sections = [(None, rep.variants)] + [(d, d.variants) for d in rep.devices]
+        for d, variants in sections:
+            for v in variants:
+                size = finite(v.size_bytes)
+                rows.append(
+                    {
+                        "run": str(run),
+                        "measured_on": v.measured_on or (f"host {host_str(rep.host)}" if d is None else d.label),
+                        "device": HOST if d is None else d.name,
+                        "variant": v.name,
+                        "role": v.role,
+                        "accuracy": finite(v.accuracy),
+                        "p50_ms": v.p50,
+                        "size_mb": None if size is None else size / 1e6,
+                        "speedup": finite(v.speedup_vs_teacher),
+                        "recommended": d is None and v.name == recommended,
+                    }
+                )
     return rows
 
 
 def render_comparison(reports: Sequence[Report | Mapping[str, Any]], console: Console) -> None:
-    """Print a rich table comparing several runs, one row per (run, variant).
+    """Print a rich table comparing several runs and the devices each was measured on, one row per (run, place, variant).
 
     Args:
         reports: reports, e.g. from :func:`dsk_compress.report.compare_reports`.
@@ -58,22 +65,24 @@ def render_comparison(reports: Sequence[Report | Mapping[str, Any]], console: Co
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="Run comparison", caption="★ recommended variant of its run; latencies at batch 1 on each run's host")
+    table = Table(title="Run comparison", caption="★ recommended variant of its run; latencies at batch 1 where each row says")
     table.add_column("Run", style="cyan")
+    table.add_column("Measured on")
     table.add_column("Variant")
     table.add_column("Role", style="dim")
     table.add_column("Accuracy (%)", justify="right")
     table.add_column("p50 (ms)", justify="right")
     table.add_column("Size (MB)", justify="right")
     table.add_column("Speedup", justify="right")
-    last_run = None
+    last = None
     for row in comparison_rows(reports):
-        if last_run is not None and row["run"] != last_run:
+        if last is not None and (row["run"], row["device"]) != last:
             table.add_section()
-        last_run = row["run"]
+        last = (row["run"], row["device"])
         name = f"★ {row['variant']}" if row["recommended"] else str(row["variant"])
         cells = [
             row["run"],
+            str(row["measured_on"]),
             name,
             str(row["role"]),
             fmt(row["accuracy"]),
@@ -86,31 +95,39 @@ def render_comparison(reports: Sequence[Report | Mapping[str, Any]], console: Co
     console.print(table)
 
 
-def render_summary_table(report: Report | Mapping[str, Any], console: Console) -> None:
-    """Print the single-run variant table and recommendation with rich.
-
-    Args:
-        report: a report from :func:`dsk_compress.report.build_report` or :func:`dsk_compress.report.load_report`.
-        console: where to print.
-    """
+def _print_table(console: Console, heading, caption, rows, device: bool, recommended: str | None) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    report = as_report(report)
-    summary = report.summary
-    recommended = summary.recommended if summary else None
-    meta = " · ".join(f"{label}: {value}" for label, value in header_fields(report))
-    table = Table(title=Text(title(report)), caption=Text(meta))
-    cols = table_columns(report)
+    table = Table(title=heading, caption=caption)
+    cols = table_columns(rows, device)
     numeric = numeric_columns(cols)
     for i, col in enumerate(cols):
         table.add_column(col, justify="right" if i in numeric else "left")
-    for v, row in zip(report.variants, table_rows(report)):
+    for v, row in zip(rows, table_rows(rows, device)):
         is_rec = v.name == recommended
         if is_rec:
             row = [f"★ {row[0]}"] + row[1:]
         table.add_row(*(Text(c) for c in row), style="bold green" if is_rec else None)
     console.print(table)
+
+
+def render_summary_table(report: Report | Mapping[str, Any], console: Console) -> None:
+    """Print the host's variant table and recommendation, then one table per device, with rich.
+
+    Args:
+        report: a report from :func:`dsk_compress.report.build_report` or :func:`dsk_compress.report.load_report`.
+        console: where to print.
+    """
+    from rich.text import Text
+
+    report = as_report(report)
+    summary = report.summary
+    meta = " · ".join(f"{label}: {value}" for label, value in header_fields(report))
+    heading = title(report) + (f" — host {host_str(report.host)}" if report.devices else "")
+    _print_table(console, Text(heading), Text(meta), report.variants, False, summary.recommended if summary else None)
     if summary is not None and summary.recommendation:
         console.print(Text.assemble(("Recommendation: ", "bold"), summary.recommendation))
     console.print(measurement_note(report), style="dim")
+    for d in report.devices:
+        _print_table(console, Text(f"Device: {d.label}"), Text(device_note(d)), d.variants, True, None)

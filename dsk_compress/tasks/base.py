@@ -83,16 +83,15 @@ class WindowedLMTask:
     def example_inputs(self, batch_size: int = 1) -> np.ndarray:
         return next(self.eval_batches(batch_size))[:batch_size]
 
+    def eval_windows(self) -> np.ndarray:
+        """The fixed validation windows ``[N, seq_len]`` (int64) that :meth:`score` reads, in order."""
+        return np.concatenate(list(self.eval_batches(64)))
+
     def score(self, predict: PredictFn, batch_size: int) -> tuple[int, float, int]:
-        """``(correct, total negative log-likelihood in nats, count)`` of next-token predictions on the validation windows."""
-        correct, nll, count = 0, 0.0, 0
-        for x in self.eval_batches(batch_size):
-            logits = np.asarray(predict(x), dtype=self.logits_dtype)[:, :-1]
-            target = x[:, 1:]
-            m = logits.max(-1, keepdims=True)
-            logz = np.log(np.exp(logits - m).sum(-1, dtype=np.float64)) + m[..., 0]
-            picked = np.take_along_axis(logits, target[..., None], -1)[..., 0]
-            nll += float((logz - picked).sum())
-            correct += int((logits.argmax(-1) == target).sum())
-            count += target.size
-        return correct, nll, count
+        """``(correct, total negative log-likelihood in nats, count)`` of next-token predictions on the validation windows.
+
+        The arithmetic is :func:`dsk_compress.runtimes.measure.score_windows`, which a deploy bundle's run.py shares.
+        """
+        from dsk_compress.runtimes.measure import score_windows
+
+        return score_windows(predict, self.eval_windows(), batch_size, self.logits_dtype)

@@ -1,94 +1,275 @@
-"""The bench stage: measure every exported artifact on this host, then write the report.
+"""The bench stage: measure every exported artifact on THIS host, then write the report.
 
-Story: for each artifact the export stage left, score it with the task *in its runtime* (ONNX Runtime, or
-eager torch for a teacher that did not export), so the accuracy reported is the accuracy of what ships;
-time it (warm-up, timed runs, p50/p90/p99, throughput, peak memory; ``runtimes/``) in a fresh process;
-time greedy decoding with its KV-cache graph when it has one; then hand the rows to
-:func:`dsk_compress.report.build_report` (``report.json`` / ``.md`` / ``.html``).
+Story: for each artifact the export stage left, and for each runtime this host offers it
+(:func:`runtime_plans`: ONNX Runtime on the CPU always; each execution provider the device profile names
+and the onnxruntime build has, XNNPACK on ARM; torch eager and ``torch.compile`` in bf16 and a built
+TensorRT engine where there is a CUDA GPU), score it with the task *in that runtime*, so the accuracy
+reported is the accuracy of what ships, and time it with the shared method
+(:mod:`dsk_compress.runtimes.measure`: session creation, first inference, warm-up, timed runs at the
+latency batch and throughput at batch 8 and 64 where the model allows, peak memory) in a fresh process;
+time greedy decoding with its KV-cache graph when it has one. Each measurement is a
+:class:`~dsk_compress.runtimes.result.BenchRecord` saved to ``bench/results.json`` as it completes; the
+rows go to :func:`dsk_compress.report.build_report`.
+
+Every row is labelled with this host (its name, CPU and the runtime), never with a device: the profile
+named by ``bench.device`` only says which threads and execution providers to use here, and a profile of
+another CPU architecture (``rpi5`` on an x86 host) is refused. Boards are measured where they are, with
+``dsk-compress bench RUN --device D --host H``.
 """
 
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
 from dsk_compress.recipes.schema import BenchStageConfig
 
+RESULTS = "results.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One way to run an artifact: ``kind`` onnx | torch | tensorrt, the file or folder (relative to the run), and
+    the runtime's settings."""
+
+    kind: str
+    path: str
+    providers: tuple[str, ...] = ()
+    device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def check_profile_fits_host(profile) -> None:
+    """Refuse a device profile of another CPU architecture: the bench stage measures this host only."""
+    from dsk_compress.devices import _normalize_arch
+    from dsk_compress.errors import DeviceError
+
+    here = _normalize_arch(platform.machine()) or platform.machine()
+    if profile.arch != here:
+        raise DeviceError(
+            f"bench.device {profile.name} is an {profile.arch} device and this host is {here}: the bench stage measures this host, "
+            "and its numbers must not carry a device's name",
+            hint=f"use bench.device: host-cpu here, then measure the board where it is: dsk-compress bench RUN --device {profile.name} "
+                 "--host user@board")
+
+
+def wants_gpu(profile) -> bool:
+    """A profile for a GPU machine: it prefers TensorRT or torch, or names a CUDA / TensorRT execution provider."""
+    return profile.preferred_runtime in ("tensorrt", "torch") or any(
+        p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in profile.execution_providers)
+
+
+def runtime_plans(art: dict, profile, available: list[str], machine: str, cuda: bool, tensorrt: bool) -> list[Plan]:
+    """The runtimes to measure one export artifact with on this host, the reference first.
+
+    Args:
+        art: the export stage's entry (``path`` of the ONNX file or None, ``model_dir``, ``tensorrt.engine``).
+        profile: the bench stage's device profile.
+        available: ``onnxruntime.get_available_providers()``.
+        machine: ``platform.machine()``.
+        cuda: ``torch.cuda.is_available()``.
+        tensorrt: the ``tensorrt`` package is importable.
+    """
+    from dsk_compress.runtimes.onnxruntime import provider_sets
+
+    plans: list[Plan] = []
+    if art.get("path"):
+        plans += [Plan("onnx", art["path"], tuple(p)) for p in provider_sets(profile.execution_providers, available, machine)]
+        engine = (art.get("tensorrt") or {}).get("engine")
+        if engine and cuda and tensorrt:
+            plans.append(Plan("tensorrt", engine, device="cuda"))
+    mdir = art.get("model_dir")
+    if mdir and cuda and wants_gpu(profile) and art.get("precision", "fp32") == "fp32":
+        plans += [Plan("torch", mdir, device="cuda", dtype="bfloat16", compile=c) for c in (False, True)]
+    if not plans and mdir:  # a teacher that did not export: eager torch on the CPU
+        plans.append(Plan("torch", mdir))
+    return plans
+
+
+def host_provenance(profile_name: str, source_run: str | None, gpu: str | None = None) -> dict:
+    """The provenance of a measurement on this host (:class:`~dsk_compress.runtimes.result.Provenance` fields)."""
+    from dsk_compress.runtimes.measure import machine_facts, now_utc
+
+    return {"measurement": "measured", "location": "host", "device_profile": profile_name, **machine_facts(), "gpu": gpu,
+            "source_run": source_run, "tool": "bench_worker", "created": now_utc()}
+
+
+def _predict(plan: Plan, run_dir: Path, threads: int | None):
+    """The task's ``predict`` for the plan's runtime (the same runtime and settings the timing uses)."""
+    path = run_dir / plan.path
+    if plan.kind == "onnx":
+        from dsk_compress.runtimes.onnxruntime import make_session, session_predict
+
+        return session_predict(make_session(path, threads=threads, providers=list(plan.providers)))
+    if plan.kind == "tensorrt":
+        from dsk_compress.runtimes.tensorrt import trt_predict
+
+        return trt_predict(path)
+    if plan.device == "cpu":
+        from dsk_compress.models.source import load_hf_dir
+        from dsk_compress.models.zoo import torch_predict
+
+        return torch_predict(load_hf_dir(path))
+    from dsk_compress.runtimes.torch import load_hf_model, torch_forward
+
+    return torch_forward(load_hf_model(path, dtype=plan.dtype, device=plan.device))
+
+
+def _time(plan: Plan, run_dir: Path, inputs, bcfg):
+    path = run_dir / plan.path
+    if plan.kind == "onnx":
+        from dsk_compress.runtimes.onnxruntime import benchmark_onnx
+
+        return benchmark_onnx(path, inputs, bcfg, providers=list(plan.providers))
+    if plan.kind == "tensorrt":
+        from dsk_compress.runtimes.tensorrt import benchmark_tensorrt
+
+        return benchmark_tensorrt(path, inputs, bcfg)
+    from dsk_compress.runtimes.torch import benchmark_torch
+
+    return benchmark_torch(path, inputs, bcfg, dtype=plan.dtype, device=plan.device, compile=plan.compile)
+
+
+def _size(path: Path) -> int:
+    from dsk_compress.export.onnx import file_size
+
+    return file_size(path) if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def measure_plan(run_dir: Path, name: str, art: dict, plan: Plan, task, bcfg, provenance: dict, decode: bool = False,
+                 new_tokens: int | None = None):
+    """Measure one artifact in one runtime: timing (worker process), accuracy (the task, same runtime), decode
+    (``new_tokens`` greedy steps, default ``DEFAULT_NEW_TOKENS``).
+
+    Returns:
+        The :class:`~dsk_compress.runtimes.result.BenchRecord`.
+    """
+    from dsk_compress.runtimes.result import Accuracy, BenchRecord
+
+    timing = _time(plan, run_dir, task.example_inputs(1), bcfg)
+    metrics = task.evaluate(_predict(plan, run_dir, bcfg.threads)).as_dict()
+    n_tokens = metrics.pop("eval_tokens", None)
+    acc = Accuracy(task=getattr(task, "name", None), metrics=metrics, tokens=None if n_tokens is None else int(n_tokens))
+    prov = {**provenance, "gpu": timing.gpu or provenance.get("gpu")}
+    return BenchRecord(variant=name, role=art.get("role"), precision=art.get("precision", "fp32"), artifact=plan.path,
+                       size_bytes=_size(run_dir / plan.path), runtime=timing.runtime, provenance=prov, timing=timing.timing,
+                       memory=timing.memory, accuracy=acc, decode=_decode(run_dir, art, task, bcfg, new_tokens) if decode else None,
+                       notes=art.get("notes", ""))
+
+
+def _decode(run_dir: Path, art: dict, task, bcfg, new_tokens: int | None = None):
+    """Greedy decode with the artifact's KV-cache graph (none: None): prefill the first half of the task's example
+    window, then ``new_tokens`` (default ``DEFAULT_NEW_TOKENS``) single-token steps, in a fresh ONNX Runtime process."""
+    if not art.get("kv_cache_path"):
+        return None
+    from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decode
+    from dsk_compress.runtimes.result import DecodeStats
+
+    prompt = task.example_inputs(1)[0][: max(1, task.seq_len // 2)]
+    r = benchmark_decode(run_dir / art["kv_cache_path"], prompt, new_tokens or DEFAULT_NEW_TOKENS, bcfg.threads, repeats=max(3, min(bcfg.runs, 10)),
+                         warmup=max(1, min(bcfg.warmup, 2)))
+    keep = ("prompt_tokens", "new_tokens", "repeats", "prefill_ms", "decode_ms_p50", "decode_ms_p90", "decode_tokens_per_s", "peak_memory_mb")
+    return DecodeStats(**{k: r[k] for k in keep if k in r}, execution_provider="CPUExecutionProvider")
+
+
+def host_rows(records, artifacts: dict) -> list[dict]:
+    """The report's host rows: one per record, the artifact's entry supplying role, stage, parameters and notes."""
+    from dsk_compress.report.devices import record_row, row_names
+
+    rows = []
+    for rec, name in zip(records, row_names(records)):
+        art = artifacts.get(rec.variant, {})
+        base = {"role": art.get("role"), "stage": art.get("stage", rec.variant), "params": art.get("params"),
+                "artifact": art.get("path") or rec.artifact, "notes": art.get("notes", "")}
+        row = record_row(rec, name, base)
+        if rec.decode is not None:  # the bench stage's decode figures name the KV-cache graph they ran
+            row["decode"] = {"artifact": art.get("kv_cache_path"), **row.get("decode", {})}
+        rows.append(row)
+    return rows
+
+
+def measure_artifacts(run_dir: Path, artifacts: dict, task, profile, bcfg, source_run: str | None, results_path: Path,
+                      device_name: str = "host", new_tokens: int | None = None) -> tuple[list, list[str]]:
+    """Measure every artifact in every runtime of :func:`runtime_plans`, saving each record to ``results_path`` as it
+    completes (an interrupted run keeps what it measured). A failing reference runtime (the first) raises; a failing
+    extra runtime is reported and skipped.
+
+    Returns:
+        ``(records, errors)``.
+    """
+    import importlib.util
+
+    import onnxruntime
+    import torch
+
+    from dsk_compress.errors import DskError
+    from dsk_compress.io import atomic_write_json
+    from dsk_compress.runtimes.result import DeviceResults
+
+    cuda = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(0) if cuda else None
+    prov = host_provenance(profile.name, source_run, gpu)
+    available = onnxruntime.get_available_providers()
+    trt = importlib.util.find_spec("tensorrt") is not None
+    saved = DeviceResults(device=device_name)
+    records, errors = [], []
+    for name, art in artifacts.items():
+        plans = runtime_plans(art, profile, available, platform.machine(), cuda, trt)
+        for i, plan in enumerate(plans):
+            try:
+                rec = measure_plan(run_dir, name, art, plan, task, bcfg, prov, decode=i == 0, new_tokens=new_tokens)
+            except DskError as e:
+                if i == 0:
+                    raise
+                errors.append(f"{name} in {plan.kind} {' '.join(plan.providers) or plan.device}: {e.message}")
+                continue
+            records.append(rec)
+            saved = saved.merged([rec])
+            atomic_write_json(results_path, saved.to_dict())
+    return records, errors
+
 
 @STAGES.register("bench")
 class BenchStage(Stage[BenchStageConfig]):
-    """Measure every exported variant: accuracy of the artifact in its runtime, latency, size, memory."""
+    """Measure every exported variant on this host: accuracy of the artifact in its runtime, latency, throughput, memory."""
 
     ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
 
     def run(self, ctx: RunContext) -> StageResult:
         from dsk_compress.devices import load_device
-        from dsk_compress.export.onnx import file_size, ort_predict
-        from dsk_compress.models.zoo import torch_predict
         from dsk_compress.report import build_report
         from dsk_compress.runtimes import BenchConfig
-        from dsk_compress.runtimes.onnxruntime import benchmark_onnx
+        from dsk_compress.runtimes.measure import machine_facts
 
         c = self.config
-        device = load_device(c.device)
-        threads = c.threads or device.threads
+        profile = load_device(c.device)
+        check_profile_fits_host(profile)
+        threads = c.threads or profile.threads
         artifacts = ctx.latest_output("artifacts") or {}
-        inputs = ctx.task.example_inputs(c.batch_size)
-        bcfg = BenchConfig(warmup=c.warmup, runs=c.runs, batch_size=c.batch_size, threads=threads)
-        variants = []
-        for name, art in artifacts.items():
-            if art.get("path"):
-                path = ctx.path(art["path"])
-                acc = ctx.task.evaluate(ort_predict(path, threads)).as_dict()
-                bench = benchmark_onnx(path, inputs, bcfg)
-                size = file_size(path)
-                runtime = "onnxruntime-cpu"
-            else:  # torch fallback (e.g. a teacher that does not export)
-                from dsk_compress.models.source import load_hf_dir
-                from dsk_compress.runtimes.torch import benchmark_torch
-
-                mdir = ctx.path(art["model_dir"])
-                acc = ctx.task.evaluate(torch_predict(load_hf_dir(mdir))).as_dict()
-                bench = benchmark_torch(mdir, inputs, bcfg)
-                size = sum(f.stat().st_size for f in mdir.glob("*.safetensors"))
-                runtime = "torch-eager-cpu"
-            b = bench.as_dict()
-            variants.append({
-                "name": name, "role": art["role"], "stage": art.get("stage", name), "params": art["params"], "size_bytes": int(size),
-                "accuracy": round(acc["accuracy"], 3),
-                "bits_per_byte": round(acc["bits_per_byte"], 4) if "bits_per_byte" in acc else None,
-                "metrics": {k: round(v, 4) for k, v in acc.items()},
-                "latency_ms": {k: round(b[k], 3) for k in ("p50", "p90", "p99", "mean")},
-                "throughput": round(b["throughput"], 2), "peak_memory_mb": b.get("peak_memory_mb"),
-                "runtime": runtime, "device": device.name, "precision": art.get("precision", "fp32"),
-                "artifact": art.get("path"), "notes": art.get("notes", ""),
-            })
-            variants[-1].update(self._decode(ctx, art, threads))
+        bcfg = BenchConfig(warmup=c.warmup, runs=c.runs, batch_size=c.batch_size, throughput_batches=tuple(c.throughput_batches),
+                           threads=threads, seq_len=getattr(ctx.task, "seq_len", None))
+        records, errors = measure_artifacts(ctx.run_dir, artifacts, ctx.task, profile, bcfg, ctx.run_dir.name,
+                                            ctx.stage_dir("bench") / RESULTS)
+        variants = host_rows(records, artifacts)
         td = ctx.task.describe()
+        inputs = ctx.task.example_inputs(1)
         if getattr(ctx.task, "seq_len", None) is not None:
             task_str, shape_str = f"{td['name']} (seq {td['seq_len']}, {td.get('eval_tokens', '?')} validation tokens)", f"seq {ctx.task.seq_len}"
         else:  # your own task: no sequence length
             shape_str = "input " + "x".join(str(n) for n in tuple(inputs.shape)[1:])
             task_str = f"{td['name']} ({td.get('eval_samples', '?')} validation samples, {shape_str})"
+        facts = machine_facts()
         meta = {"run": ctx.run_dir.name, "recipe": ctx.spec.name, "task": task_str,
-                "host": f"{device.name}: {platform.node()} {platform.machine()}, {threads} threads, batch {c.batch_size}, {shape_str}",
+                "host": f"{facts['hostname']} ({facts['machine']}, {facts['cpu'] or 'unknown CPU'}): {threads} threads "
+                        f"(profile {profile.name}), batch {c.batch_size}, {shape_str}",
                 "max_accuracy_drop": ctx.spec.report.max_accuracy_drop}
         from dsk_compress.sanity import chance_accuracy, flag_teacher_rows
 
         flag_teacher_rows(variants, chance_accuracy(ctx.task))  # a teacher near chance or below a student is flagged in its row
         report = build_report(ctx.run_dir, variants, meta)
-        return StageResult(outputs={"report": "report.json"}, metrics={"variants": variants, "summary": report.get("summary")})
-
-    def _decode(self, ctx: RunContext, art: dict, threads: int | None) -> dict:
-        """Greedy decode with the artifact's KV-cache graph (none: nothing): prefill the first half of the task's
-        example window, then ``DEFAULT_NEW_TOKENS`` single-token steps, in a fresh ONNX Runtime process."""
-        if not art.get("kv_cache_path"):
-            return {}
-        from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decode
-
-        c = self.config
-        prompt = ctx.task.example_inputs(1)[0][: max(1, ctx.task.seq_len // 2)]
-        r = benchmark_decode(ctx.path(art["kv_cache_path"]), prompt, DEFAULT_NEW_TOKENS, threads, repeats=max(3, min(c.runs, 10)),
-                             warmup=max(1, min(c.warmup, 2)))
-        keep = ("prompt_tokens", "new_tokens", "repeats", "prefill_ms", "decode_ms_p50", "decode_ms_p90", "decode_tokens_per_s", "peak_memory_mb")
-        return {"decode_tokens_per_s": r["decode_tokens_per_s"], "decode": {"artifact": art["kv_cache_path"], **{k: r[k] for k in keep if k in r}}}
+        return StageResult(outputs={"report": "report.json", "results": f"bench/{RESULTS}"},
+                           metrics={"variants": variants, "summary": report.get("summary"), "runtime_errors": errors})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 
+import numpy as np
 import pytest
 
 from dsk_compress import run_recipe
@@ -46,6 +48,14 @@ def test_e2e_report_has_all_variants_with_measured_numbers(finished_run):
         assert v["size_bytes"] == (finished_run / v["artifact"]).stat().st_size
         assert 0 <= v["accuracy"] <= 100 and v["runtime"] == "onnxruntime-cpu"
         assert v["peak_memory_mb"] > 0
+        # measured on this host and labelled so (never with a device's name), at batch 1, 8 and 64
+        assert (v["device"], v["measured_on"], v["measurement"]) == ("host", socket.gethostname(), "measured")
+        assert set(v["throughput_by_batch"]) == {"1", "8", "64"} and v["session_ms"] > 0
+    from dsk_compress.runtimes.result import read_device_results
+
+    saved = read_device_results(finished_run / "bench" / "results.json")  # every record, validated against the schema
+    assert [r.variant for r in saved.records] == [v["name"] for v in rep["variants"]]
+    assert rep["schema_version"] == 2 and rep["devices"] == []
     by = {v["name"]: v for v in rep["variants"]}
     # INT8 Linear weights (embedding and LM head stay fp32, half of this tiny model): clearly smaller
     assert by["final"]["size_bytes"] < 0.75 * by["student-prune"]["size_bytes"]
@@ -221,19 +231,27 @@ def test_bundle_run_py_reproduces_report_accuracy(finished_run, tmp_path):
     from dsk_compress.export.bundle import make_bundle
 
     b = make_bundle(finished_run, "rpi5", tmp_path / "rpi5")
-    assert {p.name for p in b.iterdir()} == {"model.onnx", "model.kv.onnx", "model_card.json", "run.py", "requirements.txt", "README.md",
-                                             "eval_windows.npy"}
+    assert {p.name for p in b.iterdir()} == {"model.onnx", "model.kv.onnx", "model_card.json", "run.py", "dsk_measure.py", "dsk_trt.py",
+                                             "requirements.txt", "README.md", "eval_windows.npy"}
     card = json.loads((b / "model_card.json").read_text())
-    assert card["precision"] == "int8" and card["runtime"] == "onnxruntime"
-    r = subprocess.run([sys.executable, "run.py", "--runs", "3", "--generate", "4", "--out", str(tmp_path / "res.json")], cwd=b,
-                       capture_output=True, text=True)
+    assert card["precision"] == "int8" and card["runtime"] == "onnxruntime" and card["source_run"] == finished_run.name
+    assert np.load(b / "eval_windows.npy").dtype == np.uint8  # code-lm: 256 byte values
+    r = subprocess.run([sys.executable, "run.py", "--runs", "3", "--generate", "4", "--prompt", "def f(", "--out", str(tmp_path / "res.json")],
+                       cwd=b, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "res.json").read_text())
-    # same artifact, same validation windows, a different ORT session: the same accuracy
-    assert res["accuracy"] == pytest.approx(card["measured_on_build_host"]["accuracy"], abs=0.01)
-    assert res["latency_ms"]["p50"] > 0
-    # greedy decode with the bundled KV-cache graph: the prefill's token + 4 decode steps
-    assert len(res["generate"]["tokens"]) == 5 and res["generate"]["decode_tokens_per_s"] > 0
+    from dsk_compress.runtimes.result import parse_record
+
+    res = parse_record(json.loads((tmp_path / "res.json").read_text()))  # the unified result schema, validated
+    host = next(r for r in json.loads((finished_run / "bench" / "results.json").read_text())["records"] if r["variant"] == "final")
+    # same artifact, same validation windows, same arithmetic (dsk_measure.score_windows): the host's accuracy exactly
+    assert res.accuracy.metrics["accuracy"] == host["accuracy"]["metrics"]["accuracy"]
+    assert res.accuracy.metrics["bits_per_byte"] == pytest.approx(host["accuracy"]["metrics"]["bits_per_byte"], abs=1e-6)
+    assert res.timing.batches[0].p50 > 0 and [b.batch_size for b in res.timing.batches] == [1, 8, 64]
+    assert (res.variant, res.precision, res.provenance.tool, res.provenance.source_run) == ("final", "int8", "run.py", finished_run.name)
+    # greedy decode with the bundled KV-cache graph: the prefill's token + 4 decode steps, decoded as bytes
+    assert len(res.decode.tokens) == 5 and res.decode.decode_tokens_per_s > 0
+    assert res.decode.text == bytes(t % 256 for t in res.decode.tokens).decode("utf-8", errors="replace")
+    assert r.stdout.startswith("def f(" + res.decode.text)
 
 
 def test_logit_cache_is_built_once_and_reused_by_later_stages(tmp_path, tiny_moe_dir):

@@ -45,6 +45,7 @@ def test_text_lm_recipe_runs_end_to_end_with_the_teachers_tokenizer(text_teacher
         "stages": [{"stage": "distill", "steps": 6, "batch_size": 4}, {"stage": "export"}, {"stage": "bench", "runs": 3, "warmup": 1}],
     })
     rd = run_recipe(spec, run_dir=tmp_path / "r")
+    _check_bundle(rd, tmp_path)
     rep = json.loads((rd / "report.json").read_text())
     assert {v["role"] for v in rep["variants"]} == {"teacher", "student"}
     m = json.loads((rd / "distill" / "metrics.json").read_text())
@@ -52,6 +53,35 @@ def test_text_lm_recipe_runs_end_to_end_with_the_teachers_tokenizer(text_teacher
     # the ONNX artifact is scored with the same metric code: perplexity matches torch's closely
     student = next(v for v in rep["variants"] if v["role"] == "student")
     assert abs(student["accuracy"] - m["accuracy"]) < 0.5
+
+
+def _check_bundle(rd, tmp_path):
+    """The rpi4 (fp32) bundle of a text-lm run: token ids above 255 kept, its own tokenizer, per-token metrics, the host's accuracy."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from dsk_compress.export.bundle import make_bundle
+    from dsk_compress.runtimes.result import parse_record
+
+    b = make_bundle(rd, "rpi4", tmp_path / "bundle")
+    windows = np.load(b / "eval_windows.npy")
+    card = json.loads((b / "model_card.json").read_text())
+    assert card["vocab_size"] == 300 and windows.dtype == np.uint16 and windows.max() > 255  # uint8 would wrap these ids
+    assert (b / "tokenizer.json").is_file() and "tokenizers>=" in (b / "requirements.txt").read_text()
+    r = subprocess.run([sys.executable, "run.py", "--runs", "2", "--generate", "4", "--prompt", "def main", "--out", str(tmp_path / "res.json")],
+                       cwd=b, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = parse_record(json.loads((tmp_path / "res.json").read_text()))
+    host = next(x for x in json.loads((rd / "bench" / "results.json").read_text())["records"] if x["variant"] == card["variant"])
+    assert set(res.accuracy.metrics) == {"accuracy", "nll", "perplexity"}  # per-token loss and perplexity, not bits per byte
+    assert res.accuracy.metrics["accuracy"] == host["accuracy"]["metrics"]["accuracy"]
+    assert res.accuracy.metrics["perplexity"] == pytest.approx(host["accuracy"]["metrics"]["perplexity"], rel=1e-5)
+    tok = Tokenizer.from_file(str(b / "tokenizer.json"))
+    assert res.decode.text == tok.decode(res.decode.tokens) and r.stdout.startswith("def main" + res.decode.text)
+    assert res.decode.prompt_tokens == len(tok.encode("def main", add_special_tokens=False).ids)
 
 
 def test_text_lm_rejects_missing_field(text_teacher):

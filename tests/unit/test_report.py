@@ -116,7 +116,7 @@ def test_make_report_keeps_meta_and_does_not_mutate_input(variants):
     before = copy.deepcopy(variants)
     rep = make_report(variants, META)
     assert variants == before
-    assert rep["schema_version"] == REPORT_SCHEMA_VERSION == 1
+    assert rep["schema_version"] == REPORT_SCHEMA_VERSION == 2
     assert (rep["run"], rep["recipe"], rep["task"], rep["host"]) == ("demo-run", "moe-to-dense", "code-lm", "testbox")
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", rep["created"])
     assert [v["name"] for v in rep["variants"]] == ["teacher", "student", "final", "ptq-dynamic"]
@@ -230,7 +230,7 @@ def test_build_report_writes_all_files(built_runs):
         assert (a / name).is_file(), name
     assert not list(a.glob(".*.tmp"))
     data = json.loads((a / "report.json").read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert data["summary"]["recommended"] == "final"
     assert (a / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

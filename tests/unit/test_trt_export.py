@@ -329,7 +329,8 @@ def test_export_precisions_must_include_fp32_and_device_must_exist():
 
     from dsk_compress.recipes.schema import ExportConfig, QATConfig
 
-    assert ExportConfig().precisions == ["fp32", "int8"] and QATConfig().activations == "asymmetric"
+    # symmetric int8 activations by default: the default recipe's QAT model also builds in TensorRT (a Jetson bundle)
+    assert ExportConfig().precisions == ["fp32", "int8"] and QATConfig().activations == "symmetric"
     with pytest.raises(ValidationError, match=r"precisions\n.*must include fp32"):
         ExportConfig(precisions=["fp16"])
     with pytest.raises(ValidationError, match=r"device\n.*unknown device 'jetson-xavier'"):
@@ -372,7 +373,7 @@ def test_export_for_tensorrt_int8_device_rejects_asymmetric_qat_with_hint(tmp_pa
     from dsk_compress.recipes.stages.export import ExportStage
     from dsk_compress.recipes.stages.qat import QATStage
 
-    spec = _spec(tmp_path, {"device": "jetson-orin-nano"}, qat={})
+    spec = _spec(tmp_path, {"device": "jetson-orin-nano"}, qat={"activations": "asymmetric"})
     ctx = _ctx_with_qat(tmp_path, spec, "asymmetric")
     with pytest.raises(ExportError, match="needs symmetric int8 activations") as ei:
         ExportStage(spec.stages[1]).run(ctx)
@@ -475,12 +476,12 @@ def test_bundle_for_jetson_ships_the_portable_symmetric_qdq_graph(fake_run, tmp_
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "res.json").read_text())
     # the portable Q/DQ graph scores what the ORT-optimized file scored on the build host
-    assert res["accuracy"] == pytest.approx(card["measured_on_build_host"]["accuracy"], abs=0.01)
+    assert res["accuracy"]["metrics"]["accuracy"] == pytest.approx(card["measured_on_build_host"]["accuracy"], abs=0.01)
     if not tensorrt_status()[0]:  # the default runtime falls back to onnxruntime where TensorRT cannot run
         r = subprocess.run([sys.executable, "run.py", "--runs", "1", "--no-eval", "--out", str(tmp_path / "r2.json")],
                            cwd=b, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        assert "falling back to onnxruntime" in r.stdout and json.loads((tmp_path / "r2.json").read_text())["runtime"] == "onnxruntime"
+        assert "falling back to onnxruntime" in r.stdout and json.loads((tmp_path / "r2.json").read_text())["runtime"]["name"] == "onnxruntime"
 
 
 def test_bundle_for_jetson_refuses_asymmetric_int8_with_hint(fake_run, tmp_path):

@@ -1,0 +1,221 @@
+"""``dsk-compress bench``: measure a run (or a bundle) where it will run, and add the numbers to the run's report.
+
+Three places, one method (:mod:`dsk_compress.runtimes.measure`) and one result schema
+(:class:`~dsk_compress.runtimes.result.BenchRecord`):
+
+- **a device over SSH** (``host=``): the run's bundle for ``device`` (exported first when missing) is copied to
+  the device, its venv is made or reused (:mod:`dsk_compress.runtimes.remote`), ``run.py`` measures it there
+  and its ``results.json`` comes back, validated, labelled ``measured`` or ``emulated`` (an arm64 Python
+  under QEMU is detected) and with the SSH host;
+- **this machine, a run** (no ``host``): every artifact of the run in every runtime this machine offers (the
+  bench stage's plans: ONNX Runtime CPU and the execution providers of ``device``'s profile, torch on CUDA,
+  TensorRT engines), labelled with this machine's name;
+- **this machine, a bundle**: its ``run.py`` with this Python.
+
+Results go to ``RUN/devices/<name>/results.json`` (``<name>``: the device profile for SSH, this machine's
+hostname otherwise), merged with what is there (a newer record of the same variant, runtime and place
+replaces the older one; others stay), and the run's report is rebuilt from its files, so re-running is
+safe and a failed device run leaves earlier rows (and its ``run.log``) in place. A bundle outside a run
+keeps its results in ``BUNDLE/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsk_compress.errors import DeviceError, RunError
+
+
+@dataclass
+class BenchOutcome:
+    """What :func:`bench` measured and where it wrote it."""
+
+    name: str
+    records: list = field(default_factory=list)
+    results: Path | None = None
+    run_dir: Path | None = None
+    errors: list[str] = field(default_factory=list)
+    measurement: str = "measured"
+
+
+def _is_bundle(p: Path) -> bool:
+    return (p / "model_card.json").is_file() and (p / "run.py").is_file()
+
+
+def _is_run(p: Path) -> bool:
+    return (p / "manifest.json").is_file()
+
+
+def _bundle_run_dir(bundle: Path, card: dict) -> Path | None:
+    """The run a bundle was written from, when it still sits inside it (``RUN/bundles/<device>``)."""
+    run = bundle.resolve().parent.parent
+    return run if (run / "report.json").is_file() and run.name == card.get("source_run") else None
+
+
+def bench(target: str | Path, device: str | None = None, host: str | None = None, identity: str | Path | None = None,
+          known_hosts: str | Path | None = None, accept_new_host_key: bool = False, wheelhouse: str | Path | None = None,
+          python: str = "python3", runs: int | None = None, threads: int | None = None, generate: int | None = None,
+          timeout: float = 3600, log=print) -> BenchOutcome:
+    """Measure a run or a bundle on a device over SSH (``host``) or on this machine, and merge the results into the run's report.
+
+    Args:
+        target: a run directory or a deploy bundle folder.
+        device: the device profile (with ``host`` and a run: which bundle to send; without ``host``: whose threads and
+            execution providers apply here, refused for another CPU architecture). Default: the bundle's, or host-cpu.
+        host: ``[user@]host[:port]`` of the device; None measures on this machine.
+        identity, known_hosts, accept_new_host_key, python: SSH settings (see :class:`~dsk_compress.runtimes.remote.Remote`).
+        wheelhouse: a folder of wheels for the device, installed offline into its venv.
+        runs, threads: timed runs per batch size and intra-op threads (default: the bundle's / the profile's).
+        generate: greedy decode steps (``run.py --generate N``; the bench stage's count on this machine).
+        timeout: seconds for the device's venv install and for ``run.py``.
+        log: where progress lines go.
+
+    Returns:
+        A :class:`BenchOutcome`.
+
+    Raises:
+        RunError: the target is neither a run nor a bundle, or the run has no artifact for the device.
+        DeviceError: a profile that cannot apply here, or an SSH / device failure (subclasses in runtimes.remote).
+    """
+    target = Path(target)
+    if not target.is_dir() or not (_is_bundle(target) or _is_run(target)):
+        raise RunError(f"{target} is neither a run directory (manifest.json) nor a deploy bundle (model_card.json, run.py)",
+                       hint="pass runs/<recipe>-<time> or a folder written by dsk-compress export")
+    if host is not None:
+        return _bench_remote(target, device, host, identity, known_hosts, accept_new_host_key, wheelhouse, python, runs, threads,
+                             generate, timeout, log)
+    if _is_bundle(target):
+        return _bench_bundle_here(target, device, runs, threads, generate, timeout, log)
+    return _bench_run_here(target, device, runs, threads, generate, log)
+
+
+# --------------------------------------------------------------------------- over SSH
+
+
+def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheelhouse, python, runs, threads, generate, timeout, log):
+    from dsk_compress.runtimes.remote import Remote, parse_host
+
+    h = parse_host(host)  # before anything is exported: a bad host is one line
+    if _is_bundle(target):
+        bundle, card = target, json.loads((target / "model_card.json").read_text())
+        if device is not None and device != card["device"]:
+            raise DeviceError(f"{bundle} is a bundle for {card['device']}, not {device}", hint=f"drop --device, or export one: "
+                              f"dsk-compress export RUN --device {device}")
+        run_dir = _bundle_run_dir(bundle, card)
+    else:
+        if device is None:
+            raise DeviceError("--host needs --device with a run: which device's bundle to send", hint="e.g. --device rpi5")
+        run_dir, bundle = target, _ensure_bundle(target, device, log)
+        card = json.loads((bundle / "model_card.json").read_text())
+    name = card["device"]
+    out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
+    raw = out / "raw" / card["variant"]
+    args = [a for flag, v in (("--runs", runs), ("--threads", threads), ("--generate", generate)) if v for a in (flag, str(v))]
+    with Remote(h, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new, python=python,
+                command_timeout=timeout) as dev:
+        p = dev.probe()
+        measurement = "emulated" if p.emulated else "measured"
+        log(f"{h}: {p.python_machine} Python {p.python_version} ({p.cpu or 'unknown CPU'}){', emulated' if p.emulated else ''}; "
+            f"running {bundle.name} ({card['variant']}, {card['precision']})")
+        res = dev.run_bundle(bundle, out_dir=raw, run_args=[*args, "--measurement", measurement], wheelhouse=wheelhouse, timeout=timeout)
+    from dsk_compress.runtimes.result import parse_record
+
+    rec = parse_record(res["results"], f"{raw / 'results.json'} (from {h})")
+    rec = rec.model_copy(update={"provenance": rec.provenance.model_copy(update={
+        "ssh_host": str(h), "measurement": res["provenance"]["measurement"]})})
+    outcome = BenchOutcome(name=name, records=[rec], run_dir=run_dir, errors=list(rec.errors), measurement=rec.provenance.measurement)
+    outcome.results = _save(out, name, [rec], run_dir, bundle_file=None if run_dir else out / f"{name}.json")
+    return outcome
+
+
+def _ensure_bundle(run_dir: Path, device: str, log) -> Path:
+    """``RUN/bundles/<device>``, exported first when missing or written by an older dsk-compress."""
+    from dsk_compress.devices import load_device
+    from dsk_compress.export.bundle import CARD_VERSION, make_bundle
+
+    bundle = run_dir / "bundles" / load_device(device).name
+    card = bundle / "model_card.json"
+    if not card.is_file() or json.loads(card.read_text()).get("version", 1) < CARD_VERSION:
+        log(f"exporting the {device} bundle: {bundle}")
+        make_bundle(run_dir, device, bundle)
+    return bundle
+
+
+def _save(out: Path, name: str, records: list, run_dir: Path | None, bundle_file: Path | None = None) -> Path:
+    """Merge ``records`` into ``out/results.json`` (or ``bundle_file``) and rebuild the run's report from its files."""
+    from dsk_compress.io import atomic_write_json
+    from dsk_compress.runtimes.result import DeviceResults, read_device_results
+
+    path = bundle_file or out / "results.json"
+    old = read_device_results(path) if path.is_file() else DeviceResults(device=name)
+    atomic_write_json(path, old.merged(records).to_dict())
+    if run_dir is not None:
+        from dsk_compress.report import rebuild_report
+
+        rebuild_report(run_dir)
+    return path
+
+
+# --------------------------------------------------------------------------- this machine
+
+
+def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> BenchOutcome:
+    """Every artifact of the run in every runtime this machine offers (the bench stage's method and plans)."""
+    import socket
+
+    from dsk_compress.devices import load_device
+    from dsk_compress.recipes.schema import BenchStageConfig, RecipeSpec
+    from dsk_compress.recipes.stages.bench import check_profile_fits_host, measure_artifacts
+    from dsk_compress.runtimes import BenchConfig
+    from dsk_compress.tasks import build_task
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    spec = RecipeSpec.model_validate(manifest["recipe"])
+    artifacts = next(((st.get("outputs") or {}).get("artifacts") for st in manifest.get("stages", []) if st.get("stage") == "export"), None)
+    if not artifacts:
+        raise RunError(f"{run_dir} has no exported artifacts to measure", hint="run (or resume) the recipe through its export stage")
+    profile = load_device(device or "host-cpu")
+    check_profile_fits_host(profile)
+    stage = next((st for st in spec.stages if st.stage == "bench"), None) or BenchStageConfig()
+    task = build_task(spec.task.model_dump())
+    bcfg = BenchConfig(warmup=stage.warmup, runs=runs or stage.runs, batch_size=stage.batch_size,
+                       throughput_batches=tuple(stage.throughput_batches), threads=threads or stage.threads or profile.threads,
+                       seq_len=getattr(task, "seq_len", None))
+    name = socket.gethostname()
+    out = run_dir / "devices" / name
+    log(f"measuring {len(artifacts)} artifacts of {run_dir.name} on this machine ({name}, profile {profile.name}, {bcfg.threads} threads)")
+    records, errors = measure_artifacts(run_dir, artifacts, task, profile, bcfg, run_dir.name, out / "partial.json", device_name=name,
+                                        new_tokens=generate)
+    (out / "partial.json").unlink(missing_ok=True)
+    return BenchOutcome(name=name, records=records, results=_save(out, name, records, run_dir), run_dir=run_dir, errors=errors)
+
+
+def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, log) -> BenchOutcome:
+    """The bundle's run.py with this Python (the way a device runs it)."""
+    import socket
+
+    from dsk_compress.runtimes.result import parse_record
+
+    card = json.loads((bundle / "model_card.json").read_text())
+    if device is not None and device != card["device"]:
+        raise DeviceError(f"{bundle} is a bundle for {card['device']}, not {device}", hint="drop --device")
+    run_dir = _bundle_run_dir(bundle, card)
+    name = socket.gethostname()
+    out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
+    raw = out / "raw" / card["variant"]
+    raw.mkdir(parents=True, exist_ok=True)
+    args = [a for flag, v in (("--runs", runs), ("--threads", threads), ("--generate", generate)) if v for a in (flag, str(v))]
+    log(f"running {bundle}/run.py with {sys.executable}")
+    r = subprocess.run([sys.executable, str(bundle / "run.py"), "--out", str(raw / "results.json"), *args], cwd=bundle,
+                       capture_output=True, text=True, timeout=timeout)
+    (raw / "run.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RunError(f"run.py failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or ['no message'])[-1]}",
+                       hint=f"the full log is in {raw / 'run.log'}")
+    rec = parse_record(json.loads((raw / "results.json").read_text()), str(raw / "results.json"))
+    return BenchOutcome(name=name, records=[rec], run_dir=run_dir, errors=list(rec.errors),
+                        results=_save(out, name, [rec], run_dir, bundle_file=None if run_dir else out / f"{name}.json"))

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Benchmark and evaluate this bundle's model on the machine it runs on; write results.json.
+
+Needs numpy and onnxruntime (and the ``tokenizers`` package for a text model's tokenizer); on a Jetson,
+TensorRT and torch from JetPack for ``--runtime tensorrt``. The measurement is dsk-compress's benchmark
+method, shipped beside this file as ``dsk_measure.py``: session creation, first inference, warm-up, timed
+runs at batch 1 and throughput at 8 and 64 where the model allows, peak memory, accuracy on the bundle's
+evaluation windows and, with ``--generate N``, greedy decode tokens/s. ``results.json`` has the layout of
+dsk-compress's bench results, which ``dsk-compress bench`` reads back into the run's report.
+
+    python3 run.py                                # latency, throughput and accuracy measured here
+    python3 run.py --generate 64 --prompt "def "  # also greedy decode, printing the continuation
+"""
+# Shipped in every deploy bundle as run.py (Python 3.8+, numpy + onnxruntime): no dsk-compress import here.
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+try:  # the bundle's copies (python3 run.py puts this folder first on sys.path) of dsk_compress.runtimes.measure and .trt_compat
+    import dsk_measure as M
+    import dsk_trt
+except ImportError:  # run from the dsk-compress source tree
+    from dsk_compress.runtimes import measure as M
+    from dsk_compress.runtimes import trt_compat as dsk_trt
+
+CPU = "CPUExecutionProvider"
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def load_card(bundle=HERE):
+    with open(Path(bundle) / "model_card.json") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- onnxruntime
+
+
+def ort_providers(card, requested=None):
+    """Execution providers to use: ``requested``, else those of the device profile this onnxruntime offers, CPU last."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in have]
+        if missing:
+            raise SystemExit("execution provider(s) %s not in this onnxruntime (it has %s)" % (", ".join(missing), ", ".join(have)))
+        chain = list(requested)
+    else:
+        chain = [p for p in card.get("execution_providers") or [CPU] if p in have]
+    return chain + ([CPU] if CPU not in chain else [])
+
+
+def ort_session(card, path, threads, providers):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[card.get("graph_optimization", "extended")])
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def ort_runtime(card, threads, providers):
+    """``(predict, timed_predict, runtime info)`` of the bundle's model in onnxruntime."""
+    import onnxruntime as ort
+
+    sess = ort_session(card, HERE / card["model"], threads, providers)
+    name = sess.get_inputs()[0].name
+    used = list(sess.get_providers())
+
+    def predict(x):
+        return sess.run(None, {name: np.asarray(x).astype(np.int64)})[0]
+
+    info = {"name": "onnxruntime", "version": ort.__version__, "mode": card.get("graph_optimization", "extended"),
+            "execution_provider": used[0], "providers": used, "device": "cuda:0" if used[0] in GPU_PROVIDERS else "cpu",
+            "threads": threads}
+    return predict, predict, info
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+class Unavailable(Exception):
+    """TensorRT cannot run here (no CUDA device, a TensorRT older than 8.5)."""
+
+
+def trt_runtime(card):
+    """``(predict, timed_predict, runtime info)`` with a TensorRT engine, built here on the first run and cached.
+
+    Engines are specific to the GPU and the TensorRT version: the first run builds one with the precision and
+    shape profile the model card names and caches it beside the model; later runs load it. ``predict`` returns
+    host arrays (for scoring); ``timed_predict`` keeps each batch on the GPU and only synchronises, as the host's
+    bench worker does.
+    """
+    import tensorrt as trt
+    import torch
+
+    why = dsk_trt.unsupported_reason(trt) or (None if torch.cuda.is_available() else "no CUDA device")
+    if why:
+        raise Unavailable(why)
+    spec = card.get("tensorrt") or {}
+    precision = card["precision"]
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    gpu = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in torch.cuda.get_device_name(0))
+    engine_path = HERE / ("model.%s.%s.engine" % (trt.__version__, gpu))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes()) if engine_path.is_file() else None
+    if engine is None:
+        engine = _build_engine(trt, logger, runtime, card, spec, precision, engine_path)
+    ctx = engine.create_execution_context()
+    stream = torch.cuda.Stream()
+    inputs, outputs = dsk_trt.io_names(trt, engine)
+    dtype = {trt.DataType.INT32: torch.int32}.get(engine.get_tensor_dtype(inputs[0]), torch.int64)
+    held = {}
+
+    def on_gpu(x):
+        inp = torch.as_tensor(np.asarray(x), device="cuda").to(dtype).contiguous()
+        ctx.set_input_shape(inputs[0], tuple(inp.shape))
+        out = torch.empty(tuple(ctx.get_tensor_shape(outputs[0])), dtype=torch.float32, device="cuda")
+        dsk_trt.execute(ctx, {inputs[0]: inp.data_ptr(), outputs[0]: out.data_ptr()}, {inputs[0]: tuple(inp.shape)}, stream.cuda_stream)
+        stream.synchronize()
+        return out
+
+    def timed(x):  # time_model keeps its batch alive while it times it: one upload per batch
+        if held.get("key") != (id(x), x.shape):
+            held.update(key=(id(x), x.shape), x=torch.as_tensor(np.asarray(x), device="cuda").to(dtype))
+        return on_gpu(held["x"])
+
+    info = {"name": "tensorrt", "version": trt.__version__, "device": "cuda:0", "gpu": torch.cuda.get_device_name(0),
+            "engine_device_memory_mb": (dsk_trt.device_memory_bytes(engine) or 0) / (1 << 20)}
+    return (lambda x: on_gpu(x).cpu().numpy()), timed, info
+
+
+def _build_engine(trt, logger, runtime, card, spec, precision, engine_path):
+    has_fp16 = precision == "fp16"  # the bundle's fp16 model is an fp16 ONNX
+    strong = dsk_trt.use_strong_typing(trt, precision, has_fp16)
+    builder = trt.Builder(logger)
+    network = builder.create_network(dsk_trt.network_flags(trt, strong))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(HERE / card["model"])):
+        raise SystemExit("TensorRT could not parse the model: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.get("workspace_gb", 1.0) * (1 << 30)))
+    dsk_trt.set_precision_flags(trt, config, precision, strong)
+    seq = spec.get("max_seq_len") or card["seq_len"]
+    profile = builder.create_optimization_profile()
+    profile.set_shape(network.get_input(0).name, (1, 1), (spec.get("opt_batch", 1), seq), (spec.get("max_batch", 8), seq))
+    config.add_optimization_profile(profile)
+    cache_file = HERE / "timing.cache"
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    print("building the TensorRT engine (%s, TensorRT %s, once per device)..." % (precision, trt.__version__))
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise SystemExit("TensorRT failed to build the engine (see the log above)")
+    engine_path.write_bytes(bytes(plan))
+    cache_file.write_bytes(bytes(cache.serialize()))
+    return runtime.deserialize_cuda_engine(bytes(plan))
+
+
+# --------------------------------------------------------------------------- text
+
+
+class Codec:
+    """Text <-> token ids: the bundle's ``tokenizer.json`` (``tokenizers`` package) for text-lm, UTF-8 bytes for code-lm."""
+
+    def __init__(self, card):
+        self.tok = None
+        if card.get("tokenizer"):
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise SystemExit("this bundle's model reads tokens of its own tokenizer: pip install tokenizers") from None
+            self.tok = Tokenizer.from_file(str(HERE / card["tokenizer"]))
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids if self.tok else list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return self.tok.decode(ids) if self.tok else bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def generate(card, threads, providers, prompt, new_tokens, repeats=5):
+    """Greedy decode with the KV-cache graph in onnxruntime with ``providers``: ``dsk_measure.decode_loop``."""
+    sess = ort_session(card, HERE / card["kv_model"], threads, providers)
+    outs = [o.name for o in sess.get_outputs()]
+    kinds = {"tensor(float16)": np.float16}
+    empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), kinds.get(i.type, np.float32))
+             for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    state = {}
+
+    def run(ids, total, past):
+        feed = {"input_ids": np.asarray(ids, np.int64).reshape(1, -1), "attention_mask": np.ones((1, total), np.int64)}
+        feed.update(past)
+        res = dict(zip(outs, sess.run(None, feed)))
+        state["past"] = {"past_key_values." + k[len("present."):]: v for k, v in res.items() if k.startswith("present.")}
+        return res["logits"][0, -1]
+
+    out = M.decode_loop(lambda: run(prompt, len(prompt), empty), lambda tok, total: run([tok], total, state["past"]),
+                        len(prompt), new_tokens, repeats=repeats)
+    out["execution_provider"] = sess.get_providers()[0]
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(card, argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", choices=["onnxruntime", "tensorrt"], default=card["runtime"])
+    ap.add_argument("--provider", action="append", default=None, metavar="NAME",
+                    help="onnxruntime execution provider, repeatable, in priority order (default: the device profile's that "
+                         "this onnxruntime has, e.g. TensorrtExecutionProvider, CUDAExecutionProvider; CPU last)")
+    ap.add_argument("--threads", type=int, default=card.get("threads"))
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--duration", type=float, default=None, help="time each batch size for this many seconds instead of --runs")
+    ap.add_argument("--batches", default=",".join(str(b) for b in card.get("batches", [1, 8, 64])),
+                    help="batch sizes, the first is the latency batch (default %(default)s)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the accuracy on the evaluation windows")
+    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also time greedy decode of N tokens with the KV-cache model")
+    ap.add_argument("--prompt", default=None, help="text to continue with --generate (default: half of the first evaluation window); "
+                                                   "the continuation is printed")
+    ap.add_argument("--measurement", choices=["measured", "emulated"], default="measured",
+                    help="emulated: this Python runs under an emulator (dsk-compress bench sets it); timings are then the emulator's")
+    ap.add_argument("--out", default="results.json")
+    a = ap.parse_args(argv)
+    a.batches = [int(b) for b in a.batches.split(",")]
+    if a.generate and not card.get("kv_model"):
+        ap.error("--generate needs a KV-cache model, and this bundle has none (export with kv_cache: true)")
+    if a.prompt is not None and not a.generate:
+        ap.error("--prompt goes with --generate N")
+    return a
+
+
+def record_base(card, a):
+    """The parts of the result known before measuring: what is measured, and where."""
+    facts = M.machine_facts()
+    return {"schema": M.SCHEMA, "schema_version": M.SCHEMA_VERSION, "variant": card["variant"], "role": card.get("role"),
+            "precision": card["precision"], "artifact": card["model"], "size_bytes": (HERE / card["model"]).stat().st_size,
+            "provenance": dict(facts, measurement=a.measurement, location="device", device_profile=card.get("device"), gpu=None,
+                               source_run=card.get("source_run"), ssh_host=None, tool="run.py", created=M.now_utc()),
+            "memory": {}, "notes": "", "errors": []}
+
+
+def write(path, res):
+    tmp = Path(str(path) + ".part")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(path)
+
+
+def main(argv=None):
+    card = load_card()
+    a = parse_args(card, argv)
+    res = record_base(card, a)
+    providers = ort_providers(card, a.provider)
+    rss_before = M.peak_rss_mb()
+    t0 = time.perf_counter()
+    if a.runtime == "tensorrt":
+        try:
+            predict, timed, info = trt_runtime(card)
+        except (ImportError, Unavailable) as e:
+            print("TensorRT is not usable here (%s): falling back to onnxruntime" % e)
+            a.runtime = "onnxruntime"
+            res["notes"] = "TensorRT unavailable (%s): measured in onnxruntime" % e
+    if a.runtime == "onnxruntime":
+        predict, timed, info = ort_runtime(card, a.threads, providers)
+    session_ms = (time.perf_counter() - t0) * 1000.0
+    res["provenance"]["gpu"] = info.pop("gpu", None)
+    res["memory"]["engine_device_memory_mb"] = info.pop("engine_device_memory_mb", None)
+    res["runtime"] = info
+    windows = np.load(HERE / card["eval_windows"])
+    timing = M.time_model(timed, windows[:1].astype(np.int64), a.batches, a.warmup, a.runs, a.duration, seq_len=card["seq_len"])
+    timing["session_ms"] = session_ms
+    res["timing"] = timing
+    res["memory"].update(peak_rss_mb=M.peak_rss_mb(), rss_before_load_mb=rss_before)
+    write(a.out, res)  # partial results survive a failure below
+    if not a.no_eval:
+        try:
+            correct, nll, count = M.score_windows(predict, windows, card["eval_batch_size"], card["logits_dtype"])
+            res["accuracy"] = {"task": card["task"]["name"], "metrics": M.lm_metrics(card["task"]["name"], correct, nll, count),
+                               "windows": int(len(windows)), "tokens": int(count), "batch_size": card["eval_batch_size"]}
+        except Exception as e:  # keep the timing; say what failed
+            res["errors"].append("accuracy: %s: %s" % (type(e).__name__, e))
+        write(a.out, res)
+    if a.generate:
+        codec = Codec(card)
+        prompt = codec.encode(a.prompt) if a.prompt is not None else [int(t) for t in windows[0][: card["seq_len"] // 2]]
+        gen_providers = providers if a.runtime == "onnxruntime" else ort_providers(card, None)
+        try:
+            g = generate(card, a.threads, gen_providers, prompt, a.generate)
+            g["text"] = codec.decode(g["tokens"]) if a.prompt is not None else None
+            res["decode"] = g
+        except Exception as e:
+            res["errors"].append("generate: %s: %s" % (type(e).__name__, e))
+        write(a.out, res)
+    res["memory"]["peak_rss_mb"] = M.peak_rss_mb()
+    if res["runtime"]["device"].startswith("cuda"):
+        import torch
+
+        res["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / (1 << 20)
+    write(a.out, res)
+    summary = {k: res.get(k) for k in ("variant", "precision")}
+    summary.update(runtime=res["runtime"].get("execution_provider") or res["runtime"]["name"],
+                   p50_ms=round(timing["batches"][0]["p50"], 3), accuracy=(res.get("accuracy") or {}).get("metrics"))
+    if res.get("decode"):
+        summary["decode_tokens_per_s"] = res["decode"].get("decode_tokens_per_s")
+        if res["decode"].get("text") is not None:
+            print(a.prompt + res["decode"]["text"])
+    print(json.dumps(summary, indent=2))
+    for err in res["errors"]:
+        print("error: " + err, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

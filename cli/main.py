@@ -201,6 +201,8 @@ def bench_cmd(
     wheelhouse: Annotated[Path | None, typer.Option("--wheelhouse", help="Folder of wheels for the device: its venv is installed "
                                                     "offline from them (boards without internet).", exists=True, file_okay=False)] = None,
     python: Annotated[str, typer.Option("--python", help="The device's Python (a name on its PATH or a path).")] = "python3",
+    remote_dir: Annotated[str | None, typer.Option("--remote-dir", help="Folder on the device for bundles and venvs "
+                                                   "(default ~/dsk-compress).")] = None,
     runs: Annotated[int | None, typer.Option("--runs", help="Timed runs per batch size (default: the bundle's 30 / the bench stage's).",
                                              min=1)] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads (default: the device profile's).", min=1)] = None,
@@ -222,7 +224,7 @@ def bench_cmd(
 
     c = _console()
     out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-                wheelhouse=wheelhouse, python=python, runs=runs, threads=threads, generate=generate, log=c.print)
+                wheelhouse=wheelhouse, python=python, remote_dir=remote_dir, runs=runs, threads=threads, generate=generate, log=c.print)
     for err in out.errors:
         c.print(f"[yellow]not measured:[/yellow] {err}")
     if out.run_dir is not None:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from dsk_compress.errors import DeviceError, RunError
 
+DEFAULT_REMOTE_DIR = "~/dsk-compress"
+
 
 @dataclass
 class BenchOutcome:
@@ -58,8 +60,8 @@ def _bundle_run_dir(bundle: Path, card: dict) -> Path | None:
 
 def bench(target: str | Path, device: str | None = None, host: str | None = None, identity: str | Path | None = None,
           known_hosts: str | Path | None = None, accept_new_host_key: bool = False, wheelhouse: str | Path | None = None,
-          python: str = "python3", runs: int | None = None, threads: int | None = None, generate: int | None = None,
-          timeout: float = 3600, log=print) -> BenchOutcome:
+          python: str = "python3", remote_dir: str | None = None, runs: int | None = None, threads: int | None = None,
+          generate: int | None = None, timeout: float = 3600, log=print) -> BenchOutcome:
     """Measure a run or a bundle on a device over SSH (``host``) or on this machine, and merge the results into the run's report.
 
     Args:
@@ -69,6 +71,8 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         host: ``[user@]host[:port]`` of the device; None measures on this machine.
         identity, known_hosts, accept_new_host_key, python: SSH settings (see :class:`~dsk_compress.runtimes.remote.Remote`).
         wheelhouse: a folder of wheels for the device, installed offline into its venv.
+        remote_dir: the folder on the device for bundles (``bundles/<run>-<device>``) and venvs (``venvs/``);
+            default ``~/dsk-compress``.
         runs, threads: timed runs per batch size and intra-op threads (default: the bundle's / the profile's).
         generate: greedy decode steps (``run.py --generate N``; the bench stage's count on this machine).
         timeout: seconds for the device's venv install and for ``run.py``.
@@ -86,8 +90,8 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         raise RunError(f"{target} is neither a run directory (manifest.json) nor a deploy bundle (model_card.json, run.py)",
                        hint="pass runs/<recipe>-<time> or a folder written by dsk-compress export")
     if host is not None:
-        return _bench_remote(target, device, host, identity, known_hosts, accept_new_host_key, wheelhouse, python, runs, threads,
-                             generate, timeout, log)
+        return _bench_remote(target, device, host, identity, known_hosts, accept_new_host_key, wheelhouse, python,
+                             remote_dir or DEFAULT_REMOTE_DIR, runs, threads, generate, timeout, log)
     if _is_bundle(target):
         return _bench_bundle_here(target, device, runs, threads, generate, timeout, log)
     return _bench_run_here(target, device, runs, threads, generate, log)
@@ -96,7 +100,8 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
 # --------------------------------------------------------------------------- over SSH
 
 
-def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheelhouse, python, runs, threads, generate, timeout, log):
+def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheelhouse, python, remote_dir, runs, threads, generate,
+                  timeout, log):
     from dsk_compress.runtimes.remote import Remote, parse_host
 
     h = parse_host(host)  # before anything is exported: a bad host is one line
@@ -121,7 +126,8 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
         measurement = "emulated" if p.emulated else "measured"
         log(f"{h}: {p.python_machine} Python {p.python_version} ({p.cpu or 'unknown CPU'}){', emulated' if p.emulated else ''}; "
             f"running {bundle.name} ({card['variant']}, {card['precision']})")
-        res = dev.run_bundle(bundle, out_dir=raw, run_args=[*args, "--measurement", measurement], wheelhouse=wheelhouse, timeout=timeout)
+        res = dev.run_bundle(bundle, out_dir=raw, run_args=[*args, "--measurement", measurement], wheelhouse=wheelhouse, timeout=timeout,
+                             remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{name}", venvs_root=f"{remote_dir}/venvs")
     from dsk_compress.runtimes.result import parse_record
 
     rec = parse_record(res["results"], f"{raw / 'results.json'} (from {h})")

@@ -215,6 +215,7 @@ def preflight(spec) -> dict[str, Any]:
                     raise RecipeError(f"task.{key}: {f} does not exist", hint="give existing .txt, .jsonl or .json files")
         if not Path(spec.task.tokenizer).is_dir():
             raise RecipeError(f"task.tokenizer: {spec.task.tokenizer} is not a folder", hint="give the teacher's local directory")
+    _check_bench_devices(spec)
     student = _student_shape(spec, teacher, scfg)
     est = estimate_memory(spec, teacher, student)
     if est is None:
@@ -226,6 +227,20 @@ def preflight(spec) -> dict[str, Any]:
         raise RecipeError(f"{est['stage']} needs about {_gib(est['bytes'])} ({parts}) but this machine has {_gib(mem)} of memory",
                           hint=f"lower {est['field']}, task.seq_len or the student's size (student.from_teacher.intermediate_size, layers)")
     return est
+
+
+def _check_bench_devices(spec) -> None:
+    """A bench stage measures this machine: a device profile of another CPU architecture is refused before any training."""
+    from dsk_compress.devices import load_device
+    from dsk_compress.errors import DeviceError
+    from dsk_compress.recipes.stages.bench import check_profile_fits_host
+
+    for i, st in enumerate(spec.stages):
+        if st.stage == "bench":
+            try:
+                check_profile_fits_host(load_device(st.device))
+            except DeviceError as e:
+                raise RecipeError(f"stages.{i}.device: {e.message}", hint=e.hint) from None
 
 
 def describe_estimate(est: dict[str, Any]) -> str:

@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dsk_compress.runtimes.base import BenchmarkError, RuntimeBackendError, _tail
+from dsk_compress.runtimes.measure import decode_loop
 
 DEFAULT_NEW_TOKENS = 32
 """Decode steps per benchmark repeat (the bench stage's setting)."""
@@ -328,35 +328,19 @@ def measure_decode(path: str | os.PathLike, prompt: np.ndarray, new_tokens: int 
     prompt = np.asarray(prompt, np.int64).reshape(-1)
     sess = session if session is not None else decode_session(path, threads=threads, optimization=optimization)
     prefill, step = _decode_steps(sess, prompt, new_tokens)
-    perf = time.perf_counter
-    prefill_ms, step_ms, tok_s, tokens = [], [], [], None
-    for r in range(warmup + repeats):
-        t0 = perf()
-        tok = int(np.argmax(prefill()))
-        t1 = perf()
-        times, toks = [], [tok]
-        for k in range(new_tokens):
-            t = perf()
-            tok = int(np.argmax(step(tok, prompt.size + k + 1)))
-            times.append((perf() - t) * 1000)
-            toks.append(tok)
-        if r >= warmup:
-            prefill_ms.append((t1 - t0) * 1000)
-            step_ms += times
-            if times:
-                tok_s.append(new_tokens / (sum(times) / 1000))
-            tokens = toks
+    r = decode_loop(prefill, step, prompt.size, new_tokens, repeats=repeats, warmup=warmup)  # the method run.py shares
     import onnxruntime
 
+    pf = r["prefill_ms_runs"]
     out = {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
            "graph": "fused" if isinstance(sess, FusedDecoderSession) else "kv",
-           "prefill_ms": round(float(np.median(prefill_ms)), 3), "prefill_ms_runs": [round(x, 3) for x in prefill_ms],
-           **{f"prefill_ms_{k}": round(float(v), 3) for k, v in zip(("p90", "p99", "mean"), (*np.percentile(prefill_ms, [90, 99]), np.mean(prefill_ms)))},
-           "runtime": f"onnxruntime {onnxruntime.__version__} CPU, graph optimization {optimization}", "tokens": tokens}
-    if step_ms:
-        p50, p90 = (float(x) for x in np.percentile(step_ms, [50, 90]))
-        out.update({"decode_ms_p50": round(p50, 3), "decode_ms_p90": round(p90, 3), "decode_tokens_per_s": round(float(np.median(tok_s)), 2),
-                    "decode_tokens_per_s_runs": [round(x, 2) for x in tok_s]})
+           "prefill_ms": round(r["prefill_ms"], 3), "prefill_ms_runs": [round(x, 3) for x in pf],
+           **{f"prefill_ms_{k}": round(float(v), 3) for k, v in zip(("p90", "p99", "mean"), (*np.percentile(pf, [90, 99]), np.mean(pf)))},
+           "runtime": f"onnxruntime {onnxruntime.__version__} CPU, graph optimization {optimization}", "tokens": r["tokens"]}
+    if "decode_ms_p50" in r:
+        out.update({"decode_ms_p50": round(r["decode_ms_p50"], 3), "decode_ms_p90": round(r["decode_ms_p90"], 3),
+                    "decode_tokens_per_s": round(r["decode_tokens_per_s"], 2),
+                    "decode_tokens_per_s_runs": [round(x, 2) for x in r["decode_tokens_per_s_runs"]]})
     return out
 
 
@@ -400,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     res = measure_decode(a.model, np.load(a.prompt, allow_pickle=False), a.new_tokens, a.threads, a.repeats, a.warmup, a.optimization)
-    from dsk_compress.runtimes.bench_worker import peak_rss_mb
+    from dsk_compress.runtimes.measure import peak_rss_mb
 
     res["peak_memory_mb"] = round(peak_rss_mb(), 1)
     Path(a.out).write_text(json.dumps(res))

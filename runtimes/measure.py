@@ -238,8 +238,9 @@ def decode_loop(prefill, step, prompt_tokens, new_tokens, repeats=5, warmup=1):
     """Greedy generation timed: each repeat calls ``prefill()`` (last-position logits of the prompt), then
     ``new_tokens`` times ``step(token, total_length)`` feeding back the argmax.
 
-    Returns the median prefill ms over repeats, p50/p90 over every decode step, the median over repeats of
-    ``new_tokens / decode seconds`` as ``decode_tokens_per_s`` and the last repeat's tokens.
+    Returns the median prefill ms over repeats (and each repeat's in ``prefill_ms_runs``), p50/p90 over every decode
+    step, the median over repeats of ``new_tokens / decode seconds`` as ``decode_tokens_per_s`` (each repeat's in
+    ``decode_tokens_per_s_runs``) and the last repeat's tokens.
     """
     perf = time.perf_counter
     prefill_ms, step_ms, rates, tokens = [], [], [], []
@@ -260,8 +261,8 @@ def decode_loop(prefill, step, prompt_tokens, new_tokens, repeats=5, warmup=1):
                 rates.append(new_tokens / (sum(times) / 1000.0))
             tokens = toks
     out = {"prompt_tokens": int(prompt_tokens), "new_tokens": int(new_tokens), "repeats": int(repeats),
-           "prefill_ms": float(np.median(prefill_ms)), "tokens": tokens}
+           "prefill_ms": float(np.median(prefill_ms)), "prefill_ms_runs": prefill_ms, "tokens": tokens}
     if step_ms:
         p50, p90 = (float(v) for v in np.percentile(step_ms, [50, 90]))
-        out.update(decode_ms_p50=p50, decode_ms_p90=p90, decode_tokens_per_s=float(np.median(rates)))
+        out.update(decode_ms_p50=p50, decode_ms_p90=p90, decode_tokens_per_s=float(np.median(rates)), decode_tokens_per_s_runs=rates)
     return out

@@ -186,9 +186,11 @@ class DecodeStats(_Strict):
     new_tokens: int = Field(ge=0)
     repeats: int = Field(ge=1)
     prefill_ms: float
+    prefill_ms_runs: list[float] = Field(default_factory=list)
     decode_ms_p50: float | None = None
     decode_ms_p90: float | None = None
     decode_tokens_per_s: float | None = None
+    decode_tokens_per_s_runs: list[float] = Field(default_factory=list)
     execution_provider: str | None = None
     tokens: list[int] = Field(default_factory=list)
     text: str | None = Field(None, description="prompt continuation decoded with the bundle's tokenizer (run.py --prompt)")

@@ -1,0 +1,82 @@
+"""``dsk-compress bench`` on this machine (a run's artifacts, a bundle's run.py) and its refusals; over SSH: tests/remote."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from conftest import one_line_error, run_main, tiny_llama_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny finished run: distill 2 steps, fp32 export, bench (about 30 s)."""
+    from dsk_compress import run_recipe
+
+    d = tmp_path_factory.mktemp("bench-cmd")
+    recipe = tiny_llama_recipe(d, "tiny-bench", [
+        {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
+        {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
+        {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
+    ])
+    return run_recipe(str(recipe), out=d / "runs")
+
+
+def test_bench_run_here_adds_a_section_named_after_this_machine_and_reruns_safely(tiny_run, capsys):
+    host = socket.gethostname()
+    for _ in range(2):  # the second run replaces the first's records
+        code, out, err = run_main(["bench", str(tiny_run), "--runs", "2"], capsys)
+        assert code == 0, err
+    saved = json.loads((tiny_run / "devices" / host / "results.json").read_text())
+    assert [r["variant"] for r in saved["records"]] == ["teacher", "student-distill"]
+    assert all(r["provenance"]["location"] == "host" and r["provenance"]["hostname"] == host for r in saved["records"])
+    report = json.loads((tiny_run / "report.json").read_text())
+    (section,) = [d for d in report["devices"] if d["name"] == host]
+    assert section["measurement"] == "measured" and [v["measured_on"] for v in section["variants"]] == [host, host]
+    bench = {r["variant"]: r for r in json.loads((tiny_run / "bench" / "results.json").read_text())["records"]}
+    for v in section["variants"]:  # same artifact, same arithmetic, same machine: the bench stage's accuracy
+        assert v["accuracy"] == round(bench[v["name"]]["accuracy"]["metrics"]["accuracy"], 3)
+    assert f"Device: {host} (measured)" in out
+
+
+def test_bench_bundle_here_runs_its_run_py_and_merges_into_its_run(tiny_run, capsys):
+    code, _, err = run_main(["export", str(tiny_run), "--device", "rpi4"], capsys)
+    assert code == 0, err
+    code, out, err = run_main(["bench", str(tiny_run / "bundles" / "rpi4"), "--runs", "2"], capsys)
+    assert code == 0, err
+    recs = json.loads((tiny_run / "devices" / socket.gethostname() / "results.json").read_text())["records"]
+    run_py = [r for r in recs if r["provenance"]["tool"] == "run.py"]
+    assert len(run_py) == 1 and run_py[0]["variant"] == "student-distill" and run_py[0]["provenance"]["location"] == "device"
+    assert (tiny_run / "devices" / socket.gethostname() / "raw" / "student-distill" / "run.log").is_file()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--host", "-oProxyCommand=touch x", "--device", "rpi5"], "not a valid SSH host"),
+    (["--host", "pi@board"], "--host needs --device with a run"),
+    (["--device", "rpi5"], "bench.device rpi5 is an aarch64 device and this host is x86_64"),
+])
+def test_bench_refusals_are_one_line(tiny_run, capsys, args, says):
+    import platform
+
+    if "rpi5" in args and "--host" not in args and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the architecture refusal is written for an x86-64 host")
+    code, _, err = run_main(["bench", str(tiny_run), *args], capsys)
+    assert says in one_line_error(code, err)
+    assert not (tiny_run / "bundles" / "rpi5").exists()  # refused before exporting anything
+
+
+def test_bench_refuses_what_is_neither_a_run_nor_a_bundle(tmp_path, capsys):
+    code, _, err = run_main(["bench", str(tmp_path)], capsys)
+    assert "neither a run directory" in one_line_error(code, err)
+
+
+def test_recipe_with_a_bench_device_of_another_architecture_is_refused_before_it_runs(tmp_path, capsys):
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("written for an x86-64 host")
+    code, _, err = run_main(["recipe", "quant-prune-distill", "--set", "stages.4.device=rpi5", "--dry-run"], capsys, cwd=tmp_path)
+    line = one_line_error(code, err)
+    assert "stages.4.device: bench.device rpi5 is an aarch64 device" in line and "dsk-compress bench RUN --device rpi5 --host" in line

@@ -333,3 +333,28 @@ def test_dsk_errors_with_newlines_still_print_one_line(capsys, monkeypatch):
 
     monkeypatch.setattr(dsk_compress.api, "load_recipe", boom)
     assert one_line_error(*run_main(["recipe", "x", "--dry-run"], capsys)[::2]) == "error: first second (hint: third fourth)"
+
+
+def test_task_tokenizer_other_than_the_one_in_the_teachers_folder_is_refused():
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dsk_compress.compress.distill import check_vocab
+
+    def bpe(texts):
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+    from dsk_compress.tasks.code_lm import stdlib_files
+
+    texts = [p.read_text(errors="ignore")[:3000] for _, p in stdlib_files()[:40]]
+    teachers, other = bpe(texts[:20]), bpe(texts[20:])
+    assert len(teachers) == len(other) == 300  # same size, other token -> id maps
+    cfg = SimpleNamespace(vocab_size=len(teachers))
+    check_vocab(cfg, task_tokenizer=teachers, teacher_tokenizer=teachers)
+    with pytest.raises(RecipeError, match="maps tokens to other ids than the teacher's tokenizer"):
+        check_vocab(cfg, task_tokenizer=other, teacher_tokenizer=teachers)

@@ -161,16 +161,22 @@ def measure_plan(run_dir: Path, name: str, art: dict, plan: Plan, task, bcfg, pr
                        notes=art.get("notes", ""))
 
 
+def decode_graph(art: dict) -> str | None:
+    """The decoder graph an artifact is decoded with: its fused graph (IO binding, preallocated KV buffers), else its
+    plain KV-cache graph, else None."""
+    return art.get("fused_path") or art.get("kv_cache_path")
+
+
 def _decode(run_dir: Path, art: dict, task, bcfg, new_tokens: int | None = None):
-    """Greedy decode with the artifact's KV-cache graph (none: None): prefill the first half of the task's example
+    """Greedy decode with the artifact's :func:`decode_graph` (none: None): prefill the first half of the task's example
     window, then ``new_tokens`` (default ``DEFAULT_NEW_TOKENS``) single-token steps, in a fresh ONNX Runtime process."""
-    if not art.get("kv_cache_path"):
+    if not decode_graph(art):
         return None
     from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decode
     from dsk_compress.runtimes.result import DecodeStats
 
     prompt = task.example_inputs(1)[0][: max(1, task.seq_len // 2)]
-    r = benchmark_decode(run_dir / art["kv_cache_path"], prompt, new_tokens or DEFAULT_NEW_TOKENS, bcfg.threads, repeats=max(3, min(bcfg.runs, 10)),
+    r = benchmark_decode(run_dir / decode_graph(art), prompt, new_tokens or DEFAULT_NEW_TOKENS, bcfg.threads, repeats=max(3, min(bcfg.runs, 10)),
                          warmup=max(1, min(bcfg.warmup, 2)))
     keep = ("prompt_tokens", "new_tokens", "repeats", "prefill_ms", "decode_ms_p50", "decode_ms_p90", "decode_tokens_per_s", "peak_memory_mb")
     return DecodeStats(**{k: r[k] for k in keep if k in r}, execution_provider="CPUExecutionProvider")
@@ -186,8 +192,8 @@ def host_rows(records, artifacts: dict) -> list[dict]:
         base = {"role": art.get("role"), "stage": art.get("stage", rec.variant), "params": art.get("params"),
                 "artifact": art.get("path") or rec.artifact, "notes": art.get("notes", "")}
         row = record_row(rec, name, base)
-        if rec.decode is not None:  # the bench stage's decode figures name the KV-cache graph they ran
-            row["decode"] = {"artifact": art.get("kv_cache_path"), **row.get("decode", {})}
+        if rec.decode is not None:  # the bench stage's decode figures name the decoder graph they ran
+            row["decode"] = {"artifact": decode_graph(art), **row.get("decode", {})}
         rows.append(row)
     return rows
 

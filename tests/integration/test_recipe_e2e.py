@@ -121,7 +121,7 @@ def test_e2e_export_parity_and_integer_ops(finished_run):
     assert sum(v for k, v in arts["ptq-static"]["fused_ops"].items() if k in ("QLinearMatMul", "MatMulIntegerToFloat")) == n
 
 
-def test_e2e_fused_decoder_graphs_are_exported_and_checked(finished_run):
+def test_e2e_fused_decoder_graphs_are_checked_and_bench_decodes_with_them(finished_run):
     arts = json.loads((finished_run / "export" / "metrics.json").read_text())["artifacts"]
     for name in ("student-distill", "student-prune"):  # 2-layer students
         f = arts[name]["fused"]
@@ -129,6 +129,10 @@ def test_e2e_fused_decoder_graphs_are_exported_and_checked(finished_run):
         assert f["fused_ops"]["GroupQueryAttention"] == 2 and f["fused_ops"]["SkipSimplifiedLayerNormalization"] == 4
     f = arts["final"]["fused"]
     assert f["precision"] == "int8" and f["step_logits_sqnr_db"] > 30 and f["fused_ops"]["MatMulIntegerToFloat"] >= 4 * 2
+    # the bench stage decodes with the fused graphs (IO binding, preallocated KV buffers)
+    rows = {v["name"]: v for v in json.loads((finished_run / "report.json").read_text())["variants"]}
+    for name in ("student-distill", "student-prune", "final"):
+        assert rows[name]["decode"]["artifact"] == arts[name]["fused_path"] and rows[name]["decode_tokens_per_s"] > 0
 
 
 def test_e2e_int8_artifact_accuracy_close_to_qat_torch(finished_run):

@@ -58,18 +58,14 @@ def load_hf_dir(path: str | Path):
 
 def _check_config_shape(p: Path) -> None:
     """A config whose attention cannot be built (hidden size vs heads vs KV heads) is refused before transformers tries."""
-    from dsk_compress.errors import RecipeError
-    from dsk_compress.recipes.preflight import check_attention_shape
+    from dsk_compress.models.shapes import check_attention_shape
 
     try:
         cfg = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return  # transformers reports an unreadable config
     if isinstance(cfg, dict):
-        try:
-            check_attention_shape(cfg, f"{p / 'config.json'}")
-        except RecipeError as e:
-            raise ModelSourceError(e.message, hint=e.hint) from None
+        check_attention_shape(cfg, f"{p / 'config.json'}", ModelSourceError)
 
 
 def _refuse_quantized(p: Path) -> None:

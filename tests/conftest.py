@@ -52,6 +52,17 @@ def tiny_llama(**kw):
     return m
 
 
+def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on ``texts`` (``<unk>``, ``</s>`` special), as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
 def tiny_llama_recipe(d: Path, name: str, stages: list[dict]) -> Path:
     """A recipe YAML in ``d``: a saved tiny_llama teacher, a one-layer student cut from it, code-lm at seq 32."""
     import yaml

@@ -71,6 +71,10 @@ def _tensorrt_int8_exports(spec) -> list[tuple[int, str]]:
 # ---------------------------------------------------------------------------------------------
 # your own torch model: BatchNorm folded into the convs, then every Conv2d and Linear fake-quantized
 
+CONV_ACTIVATIONS = "asymmetric"
+"""Activations of your own torch model's QAT when the recipe does not set them: asymmetric, which ONNX Runtime's
+x86 QLinearConv fuses (a causal LM's default, symmetric, suits TensorRT and ORT's integer MatMuls alike)."""
+
 
 def run_torch(stage: QATStage, ctx: RunContext) -> StageResult:
     """Fold BatchNorm into the convs, fake-quantize every Conv2d and Linear, observe, then KD fine-tune with learned scales."""
@@ -79,6 +83,8 @@ def run_torch(stage: QATStage, ctx: RunContext) -> StageResult:
     from dsk_compress.models.source import save_model_dir
 
     c = stage.config
+    if "activations" not in c.model_fields_set:  # ONNX Runtime on x86 fuses QLinearConv only with uint8 activations
+        c = c.model_copy(update={"activations": CONV_ACTIVATIONS})  # (symmetric: 1 of the digits CNN's 4 layers integer)
     d = ctx.stage_dir("qat")
     model = torch_student(ctx, "qat")
     float_metrics = torch_evaluate(ctx, model)

@@ -10,10 +10,9 @@ import torch
 
 @pytest.fixture(scope="module")
 def text_teacher(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
+    from transformers import MixtralForCausalLM
 
-    from conftest import tiny_mixtral_config
+    from conftest import bpe_tokenizer, tiny_mixtral_config
     from dsk_compress.tasks.code_lm import stdlib_files
 
     d = tmp_path_factory.mktemp("text")
@@ -21,10 +20,7 @@ def text_teacher(tmp_path_factory):
     texts = [p.read_text(errors="ignore")[:4000] for _, p in stdlib_files()[:60]]
     (d / "train.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts[:50]))
     (d / "eval.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts[50:]))
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast = bpe_tokenizer(texts)
     model_dir = d / "teacher"
     fast.save_pretrained(model_dir)
     torch.manual_seed(0)

@@ -228,3 +228,25 @@ def test_report_html_renders_every_section_with_its_table_and_plot_in_chromium(r
     shot = tmp_path / "report.png"
     r = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,2400", (run / "report.html").as_uri())
     assert r.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_a_b_compares_runs_and_devices_row_by_row(run, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from dsk_compress.report import compare_reports, comparison_rows, render_comparison
+
+    other = tmp_path / "run-b"
+    shutil.copytree(run, other)
+    rows = comparison_rows(compare_reports([run, other]))
+    assert len(rows) == 2 * (3 + 1 + 2)  # per run: 3 host rows, rpi5's one, the jetson's two
+    first = [(r["run"], r["device"], r["variant"], r["measured_on"]) for r in rows[:6]]
+    assert first == [("run-a", "host", "teacher", "buildbox"), ("run-a", "host", "student", "buildbox"), ("run-a", "host", "final", "buildbox"),
+                     ("run-a", "jetson-orin-nano", "final", "jetson-orin-nano (nvidia@orin)"),
+                     ("run-a", "jetson-orin-nano", "student", "jetson-orin-nano (nvidia@orin)"), ("run-a", "rpi5", "final", "rpi5 (emulated)")]
+    assert [r["recommended"] for r in rows[:6]] == [False, False, True, False, False, False]  # only a host row is recommended
+    console = Console(file=io.StringIO(), width=200, record=True, color_system=None)
+    render_comparison(compare_reports([run, other]), console)
+    text = console.export_text()
+    assert "rpi5 (emulated)" in text and "67.48" in text and "Measured on" in text

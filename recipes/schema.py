@@ -252,7 +252,8 @@ class QATConfig(StageConfig, _TrainSettings):
     activations: Literal["asymmetric", "symmetric"] = Field(
         "symmetric",
         description="activation quantizers: symmetric (int8, zero point 0: runs in ONNX Runtime and TensorRT, so one QAT model "
-                    "serves every device) or asymmetric (uint8 + zero point, ONNX Runtime only)",
+                    "serves every device) or asymmetric (uint8 + zero point, ONNX Runtime only; the default for your own torch "
+                    "model when unset, as ONNX Runtime's x86 QLinearConv needs it)",
     )
     observer_steps: int = Field(20, ge=1, le=MAX_CALIBRATION_BATCHES, description="steps of min/max observation before scales are learned")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module names kept in float")

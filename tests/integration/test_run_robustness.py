@@ -60,7 +60,7 @@ LONG_DISTILL = [{"stage": "distill", "steps": 1_000_000, "batch_size": 2}]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "Ctrl-C (SIGINT)"), (signal.SIGTERM, 143, "SIGTERM")])
-def test_interrupt_records_stage_prints_resume_command_and_exits_128_plus_signal(tmp_path, sig, code, said):
+def test_interrupt_records_stage_prints_resume_command_and_exits_128_plus_signal(tmp_path, capsys, sig, code, said):
     recipe = tiny_llama_recipe(tmp_path, "tiny-sig", LONG_DISTILL)
     rd = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "dsk_compress.cli.main", "recipe", str(recipe), "--run-dir", str(rd)], cwd=tmp_path,
@@ -71,7 +71,7 @@ def test_interrupt_records_stage_prints_resume_command_and_exits_128_plus_signal
         if sig == signal.SIGINT:
             # one run per folder: a second process (resume, rerun or a fresh run) is refused, naming the owner
             for extra in (["--resume"], ["--resume", "--rerun-from", "distill"], []):
-                line = one_line(cli("recipe", str(recipe), "--run-dir", str(rd), *extra, cwd=tmp_path))
+                line = main_line(capsys, "recipe", str(recipe), "--run-dir", str(rd), *extra)
                 assert f"{rd} is in use by pid {p.pid}" in line, line
         p.send_signal(sig)
         out, err = p.communicate(timeout=120)

@@ -372,6 +372,16 @@ def build_fused_graph(model: nn.Module, precision: str = "fp32", share_activatio
     return m
 
 
+def quantize_int4(src: str | Path, dst: str | Path, block_size: int = 32, accuracy_level: int | None = 4) -> Path:
+    """Any fp32 ONNX graph (e.g. a full-sequence export) with every constant-weight MatMul as int4 MatMulNBits, at ``dst``."""
+    import onnx
+
+    m = _quantize_int4(onnx.load(str(src)), block_size, accuracy_level)
+    tmp, final = atomic_path(dst)
+    onnx.save(m, str(tmp))
+    return commit(tmp, final)
+
+
 def _quantize_int4(m, block_size: int, accuracy_level: int | None):
     """Every MatMul with a constant weight as a blockwise symmetric int4 MatMulNBits (ONNX Runtime's quantizer)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer

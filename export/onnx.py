@@ -27,7 +27,7 @@ FUSED_OPS = {
     "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm",
     "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
     "SkipLayerNormalization", "FusedMatMul", "FusedGemm", "Attention", "MultiHeadAttention", "GroupQueryAttention",
-    "RotaryEmbedding", "BiasGelu", "FastGelu", "QuickGelu", "Gelu",
+    "RotaryEmbedding", "BiasGelu", "FastGelu", "QuickGelu", "Gelu", "MatMulNBits",
 }
 INTEGER_MATMULS = {"MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm"}
 

@@ -284,9 +284,10 @@ class ExportConfig(StageConfig):
     qdq_min_sqnr_db: float = Field(30.0, ge=0, le=200, description="min SQNR of the INT8 ONNX vs the torch fake-quant model")
     ptq_baselines: bool = Field(True, description="also export ORT dynamic and static PTQ of the float student (report baselines)")
     ptq_calibration_batches: int = Field(16, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 4 training windows for static PTQ calibration")
-    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+    precisions: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(
         default_factory=lambda: ["fp32", "int8"],
-        description="what to write: fp32 (every student stage, always), fp16 (the last float student) and int8 (the QAT student)",
+        description="what to write: fp32 (every student stage, always), fp16 (the last float student), int8 (the QAT student) "
+                    "and int4 (weight-only MatMulNBits of the last float student, for ARM boards)",
     )
     fp16_max_rel_err: float = Field(0.01, gt=0, le=1e3, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|")
     kv_cache: bool = Field(

@@ -117,6 +117,8 @@ class ExportStage(Stage[ExportConfig]):
             if c.kv_cache:
                 artifacts[name].update(self._kv_cache(ctx, m, name, d, example))
                 artifacts[name].update(self._fused(ctx, m, name, d, example, "fp32"))
+            if "int4" in precisions and stage == float_stages[-1]:
+                artifacts["student-int4"] = self._int4(ctx, m, artifacts[name], d, example)
             raw = raw_path(d / f"{name}.onnx")
             if want_fp16:
                 artifacts["student-fp16"] = self._fp16(ctx, m, raw, d, example, artifacts[name])
@@ -195,6 +197,26 @@ class ExportStage(Stage[ExportConfig]):
         info["path"] = ctx.rel(info["path"])
         return {"fused_path": info["path"], "fused": info}
 
+    def _int4(self, ctx: RunContext, model, fp32_art: dict, d: Path, example) -> dict:
+        """int4 weight-only of a float student (MatMulNBits, block 32, symmetric; ONNX Runtime's quantizer): its
+        full-sequence graph ``student-int4.onnx`` (what the bench stage scores and times, like every variant) and, with
+        ``kv_cache``, its fused int4 decoder graph; both checked against torch fp32 (SQNR >= ``INT4_MIN_SQNR_DB``)."""
+        from dsk_compress.compress.qat import sqnr_db
+        from dsk_compress.export.fused import INT4_MIN_SQNR_DB, quantize_int4
+        from dsk_compress.export.onnx import fused_ops, lm_logits, op_histogram, ort_predict
+
+        out = quantize_int4(ctx.path(fp32_art["path"]), d / "student-int4.onnx")
+        sqnr = round(sqnr_db(lm_logits(model, example), ort_predict(out)(example)), 2)
+        if sqnr < INT4_MIN_SQNR_DB:
+            raise ExportError(f"{out.name}: int4 logits SQNR {sqnr} dB vs torch fp32 is below {INT4_MIN_SQNR_DB} dB",
+                              hint="drop int4 from stages.N.precisions")
+        art = {"path": ctx.rel(out), "role": "student-int4", "precision": "int4", "params": fp32_art["params"], "stage": fp32_art["stage"],
+               "model_dir": fp32_art["model_dir"], "sqnr_db_vs_fp32": sqnr, "fused_ops": fused_ops(op_histogram(out)),
+               "notes": f"int4 weight-only of student-{fp32_art['stage']} (MatMulNBits, block 32, symmetric; int8 compute, accuracy_level 4)"}
+        if self.config.kv_cache:
+            art.update(self._fused(ctx, model, "student-int4", d, example, "int4"))
+        return art
+
     def _fp16(self, ctx: RunContext, model, raw: Path, d: Path, example, fp32_art: dict) -> dict:
         """fp16 ONNX of a float student (RMSNorm reductions and softmax kept in fp32), checked against torch fp32."""
         from dsk_compress.export.onnx import export_fp16
@@ -243,7 +265,7 @@ def run_torch(stage: ExportStage, ctx: RunContext) -> StageResult:
     from dsk_compress.models.source import count_params, load_model_dir
 
     c = stage.config
-    unsupported = [p for p in c.precisions if p == "fp16"] + (["device"] if c.device else [])
+    unsupported = [p for p in c.precisions if p in ("fp16", "int4")] + (["device"] if c.device else [])
     if unsupported:
         raise ExportError(f"export {' and '.join(unsupported)} is not supported for torch students yet",
                           hint="use precisions: [fp32, int8] and no device")

@@ -26,7 +26,7 @@ def finished_run(tmp_path_factory, tiny_moe_dir):
             {"stage": "distill", "steps": 30, "batch_size": 8, "lr": 3e-3, "baselines": ["nokd", "random-init", "random-init-nokd"]},
             {"stage": "prune", "ffn_ratio": 0.5, "steps": 5, "iterations": 2, "batch_size": 8, "baselines": ["oneshot"]},
             {"stage": "qat", "steps": 10, "batch_size": 8, "observer_steps": 2},
-            {"stage": "export"},
+            {"stage": "export", "precisions": ["fp32", "int8", "int4"]},
             {"stage": "bench", "runs": 5, "warmup": 1},
         ],
     }
@@ -42,7 +42,7 @@ def test_e2e_report_has_all_variants_with_measured_numbers(finished_run):
     assert roles == {"teacher": "teacher", "student-distill": "student", "student-prune": "student",
                      "student-nokd": "student-nokd", "student-random-init": "student-random-init",
                      "student-random-init-nokd": "student-random-init-nokd", "pruned-oneshot": "pruned-oneshot",
-                     "ptq-dynamic": "ptq-dynamic", "ptq-static": "ptq-static", "final": "final"}
+                     "ptq-dynamic": "ptq-dynamic", "ptq-static": "ptq-static", "final": "final", "student-int4": "student-int4"}
     for v in rep["variants"]:
         assert v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
         assert v["size_bytes"] == (finished_run / v["artifact"]).stat().st_size
@@ -129,9 +129,14 @@ def test_e2e_fused_decoder_graphs_are_checked_and_bench_decodes_with_them(finish
         assert f["fused_ops"]["GroupQueryAttention"] == 2 and f["fused_ops"]["SkipSimplifiedLayerNormalization"] == 4
     f = arts["final"]["fused"]
     assert f["precision"] == "int8" and f["step_logits_sqnr_db"] > 30 and f["fused_ops"]["MatMulIntegerToFloat"] >= 4 * 2
+    # int4 weight-only of the pruned student: full-sequence graph (scored and timed like every variant) + fused decoder graph
+    i4 = arts["student-int4"]
+    assert i4["precision"] == "int4" and i4["fused_ops"].get("MatMulNBits") == 7 * 2 + 1 and i4["sqnr_db_vs_fp32"] > 15
+    assert i4["fused"]["fused_ops"]["MatMulNBits"] == 4 * 2 + 1 and i4["fused"]["step_logits_sqnr_db"] > 15
     # the bench stage decodes with the fused graphs (IO binding, preallocated KV buffers)
     rows = {v["name"]: v for v in json.loads((finished_run / "report.json").read_text())["variants"]}
-    for name in ("student-distill", "student-prune", "final"):
+    assert rows["student-int4"]["precision"] == "int4" and 0 < rows["student-int4"]["accuracy"] <= 100
+    for name in ("student-distill", "student-prune", "final", "student-int4"):
         assert rows[name]["decode"]["artifact"] == arts[name]["fused_path"] and rows[name]["decode_tokens_per_s"] > 0
 
 

@@ -279,3 +279,24 @@ def test_export_fused_checked_reports_parity_and_raises_on_a_mismatch(tmp_path, 
     moe = export_fused_checked(MixtralForCausalLM(tiny_mixtral_config(num_hidden_layers=1)), tmp_path / "moe.onnx", "fp32", example,
                                parity_atol=1e-3, min_sqnr_db=30.0)
     assert "no dense gated MLP" in moe["error"] and not (tmp_path / "moe.onnx").exists()
+
+
+def test_quantize_int4_turns_a_full_sequence_export_into_matmulnbits(fp32):
+    """The export stage's int4 variant: the fp32 full-sequence graph with every Linear as MatMulNBits, scored like any variant."""
+    from dsk_compress.compress.qat import sqnr_db
+    from dsk_compress.export.fused import INT4_MIN_SQNR_DB, quantize_int4
+    from dsk_compress.export.onnx import export_float, lm_logits, ort_predict
+
+    example = np.random.default_rng(2).integers(0, 256, (2, 24))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = export_float(fp32["model"], example, fp32["dir"] / "full.onnx", 17, "extended", 1e-3, False)["path"]
+    out = quantize_int4(full, fp32["dir"] / "full.int4.onnx")
+    hist = _hist(out)
+    assert hist["MatMulNBits"] == 7 * LAYERS + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    import onnx
+
+    g = onnx.load(str(out)).graph
+    weights = {i.name for i in g.initializer}
+    assert not [n.name for n in g.node if n.op_type in ("MatMul", "FusedMatMul") and n.input[1] in weights]  # only activation x activation left
+    assert sqnr_db(lm_logits(fp32["model"], example), ort_predict(out)(example)) > INT4_MIN_SQNR_DB

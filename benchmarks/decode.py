@@ -81,9 +81,8 @@ def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, task, thre
     q = _load_qat(qat) if (qat / "qat.json").is_file() else None
     if q is not None:
         paths[FINAL] = export_fused(q, work / "student.fused-int8.onnx", "int8")
-        for kernel in int8_kernels:  # alternatives, not bit-compatible with QAT: run-time activation kernels, forced shared quantizers
-            kw = {"share_activation_quantizers": True} if kernel == "shared" else {"int8_kernel": kernel}
-            paths[f"fused-int8-{kernel}"] = export_fused(q, work / f"student.fused-int8-{kernel}.onnx", "int8", **kw)
+        for kernel in int8_kernels:  # alternatives, not bit-compatible with QAT: activations quantized at run time
+            paths[f"fused-int8-{kernel}"] = export_fused(q, work / f"student.fused-int8-{kernel}.onnx", "int8", int8_kernel=kernel)
     else:
         log(f"{run} has no qat/model: no fused-int8 variant")
     for name, path in paths.items():
@@ -274,7 +273,7 @@ def main() -> None:
     ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. that the machine was shared)")
     ap.add_argument("--profile-only", action="store_true",
                     help="no timing rounds: refresh parity, accuracy and the profile in the existing --out JSON")
-    ap.add_argument("--int8-kernels", default="", help="also time int8 alternatives: dynamic, nbits (int8_kernel) and/or shared (one quantizer per input)")
+    ap.add_argument("--int8-kernels", default="", help="also time int8 alternatives: dynamic and/or nbits (export.fused int8_kernel)")
     args = ap.parse_args()
 
     def log(msg: str) -> None:
@@ -337,7 +336,7 @@ def main() -> None:
     if FINAL in med and PLAIN in med:
         ratios["final_vs_plain_kv"] = round(med[FINAL] / med[PLAIN], 3)
     for a, b in ((FINAL, "fused-fp32"), ("fused-int4", "fused-fp32"), ("fused-fp32", "genai-fp32"), ("fused-int4", "genai-int4"),
-                 ("fused-int8-dynamic", FINAL), ("fused-int8-nbits", FINAL), ("fused-int8-shared", FINAL)):
+                 ("fused-int8-dynamic", FINAL), ("fused-int8-nbits", FINAL)):
         if a in med and b in med:
             ratios[f"{a}_vs_{b}"] = round(med[a] / med[b], 3)
     p50_ratios = {k: round(med_p50[b] / med_p50[a], 3) for k, (a, b) in

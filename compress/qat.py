@@ -2,13 +2,18 @@
 
 Weights: per-output-channel symmetric fake quant (scale = absmax / qmax). With ``avx2_safe`` the
 8-bit range is cut to +-63 so ONNX Runtime's u8s8 integer kernels cannot saturate on CPUs without
-VNNI (the exported tensor is still int8). Activations: per-tensor, an observer phase (running
-min/max) and then a learned scale (LSQ), either ``asymmetric`` (uint8 with a zero point, ONNX
-Runtime's preferred form) or ``symmetric`` (int8, zero point 0: the only form TensorRT's explicit
-quantization accepts). Each Linear / Conv2d has its own activation quantizer; the exporter may merge
-quantizers that see the same tensor with the same scale. Convs get BatchNorm folded in before QAT
-(``dsk_compress.compress.cnn.fold_batchnorm``). A QAT causal LM is saved and rebuilt with
-``save_qat_model`` / ``load_qat_model`` (config, safetensors state, ``qat.json``).
+VNNI (the exported tensor is still int8). Activations: per-tensor, an :class:`ActivationQuantizer`
+(an observer phase, running min/max, then a learned scale, LSQ), either ``asymmetric`` (uint8 with a
+zero point, ONNX Runtime's preferred form) or ``symmetric`` (int8, zero point 0: the only form
+TensorRT's explicit quantization accepts).
+
+One quantizer per input tensor: layers that read the same tensor (a decoder's q/k/v projections after the
+attention norm, gate/up after the MLP norm, parallel conv branches) share one ActivationQuantizer, found
+by :func:`calibrate` on its first batch (``share_inputs``). Their quantized inputs are then identical, so
+the exporter can pack them into one integer MatMul behind one QuantizeLinear, and TensorRT sees one scale
+per tensor. Convs get BatchNorm folded in before QAT (``dsk_compress.compress.cnn.fold_batchnorm``). A
+QAT causal LM is saved and rebuilt with ``save_qat_model`` / ``load_qat_model`` (config, safetensors
+state, ``qat.json`` with the shared groups; a version-1 ``qat.json`` predates sharing and loads untied).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch import nn
 
 
 ACTIVATION_MODES = ("asymmetric", "symmetric")
+QAT_INFO_VERSION = 2
+"""Version of ``qat.json``: 2 records ``shared_input_quantizers``; 1 (no sharing, quantizer state under ``act_*`` keys) still loads."""
 
 
 def activation_range(activations: str) -> tuple[int, int]:
@@ -36,21 +43,80 @@ def weight_qmax(bits: int, avx2_safe: bool) -> int:
     return 63 if (avx2_safe and bits == 8) else qmax
 
 
+class ActivationQuantizer(nn.Module):
+    """Per-tensor fake quant of a layer input: observe the running min/max, then (after :meth:`freeze`) quantize with
+    a learned LSQ scale and a fixed zero point. One instance may serve several layers that read the same tensor."""
+
+    def __init__(self, activations: str = "asymmetric") -> None:
+        super().__init__()
+        self.activations = activations
+        self.qmin, self.qmax = activation_range(activations)
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("observed_min", torch.tensor(float("inf")))
+        self.register_buffer("observed_max", torch.tensor(float("-inf")))
+        self.register_buffer("observing", torch.tensor(True))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        self.observed_min.copy_(torch.minimum(self.observed_min, x.min().float()))
+        self.observed_max.copy_(torch.maximum(self.observed_max, x.max().float()))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """End the observer phase: the scale and zero point from the observed range (always including 0)."""
+        lo = min(float(self.observed_min), 0.0)
+        hi = max(float(self.observed_max), 0.0)
+        if self.activations == "symmetric":
+            # zero point 0; +-absmax maps to +-127 (TensorRT quantizes to [-128, 127])
+            scale = max(max(-lo, hi) / self.qmax, 1e-8)
+            zp = 0.0
+        else:
+            scale = max((hi - lo) / 255.0, 1e-8)
+            zp = float(min(255, max(0, round(-lo / scale))))
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zp)
+        self.observing.fill_(False)
+
+    def forward(self, x: torch.Tensor, features: int) -> torch.Tensor:
+        """``x`` fake-quantized (or observed and returned as is); ``features``: the size of ``x``'s feature axis."""
+        if self.observing.item():
+            self.observe(x)
+            return x
+        if self.training:
+            # LSQ gradient scale 1/sqrt(N * Qp), Qp the largest positive level
+            grad_factor = 1.0 / math.sqrt(x.numel() / features * self.qmax)
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale.reshape(1), self.zero_point.reshape(1), self.qmin, self.qmax, grad_factor
+            )
+        return torch.fake_quantize_per_tensor_affine(x, self.scale.item(), int(self.zero_point.item()), self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"a8 {self.activations}"
+
+
+_LEGACY_KEYS = {"act_scale": "scale", "act_zero_point": "zero_point", "act_min": "observed_min", "act_max": "observed_max",
+                "observing": "observing"}
+"""State-dict names of a layer's activation quantizer before it became the ``input_quantizer`` submodule (qat.json version 1)."""
+
+
+def _legacy_quantizer_keys(module, state_dict, prefix, *args) -> None:
+    """Load-time pre-hook: move a version-1 layer's ``act_*`` entries to ``input_quantizer.*``."""
+    for old, new in _LEGACY_KEYS.items():
+        if prefix + old in state_dict:
+            state_dict[f"{prefix}input_quantizer.{new}"] = state_dict.pop(prefix + old)
+
+
 class _FakeQuant(nn.Module):
-    """What every fake-quant layer shares: a per-output-channel weight quantizer (axis 0) and a per-tensor
-    input activation quantizer (observer phase, then a learned LSQ scale). Subclasses set ``weight``,
+    """What every fake-quant layer shares: a per-output-channel weight quantizer (axis 0) and an
+    :class:`ActivationQuantizer` of its input (``input_quantizer``, possibly shared). Subclasses set ``weight``,
     ``bias`` and ``forward``; ``_features`` is the size of the input's feature axis (for the LSQ gradient scale)."""
 
     def _init_quant(self, weight_bits: int, avx2_safe: bool, activations: str) -> None:
-        self.activations = activations
-        self.act_qmin, self.act_qmax = activation_range(activations)
         self.weight_bits = weight_bits
         self.qmax = weight_qmax(weight_bits, avx2_safe)
-        self.act_scale = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("act_zero_point", torch.tensor(0.0))
-        self.register_buffer("act_min", torch.tensor(float("inf")))
-        self.register_buffer("act_max", torch.tensor(float("-inf")))
-        self.register_buffer("observing", torch.tensor(True))
+        self.input_quantizer = ActivationQuantizer(activations)
+        self.register_load_state_dict_pre_hook(_legacy_quantizer_keys)
 
     def _features(self, x: torch.Tensor) -> int:
         return x.shape[-1]
@@ -73,38 +139,8 @@ class _FakeQuant(nn.Module):
         zp = torch.zeros_like(scale, dtype=torch.int32)
         return torch.fake_quantize_per_channel_affine(self.weight, scale, zp, 0, -128, 127)
 
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.min().float(), x.max().float()
-        self.act_min.copy_(torch.minimum(self.act_min, lo))
-        self.act_max.copy_(torch.maximum(self.act_max, hi))
-
-    @torch.no_grad()
-    def freeze_observer(self) -> None:
-        lo = min(float(self.act_min), 0.0)
-        hi = max(float(self.act_max), 0.0)
-        if self.activations == "symmetric":
-            # zero point 0; +-absmax maps to +-127 (TensorRT quantizes to [-128, 127])
-            scale = max(max(-lo, hi) / self.act_qmax, 1e-8)
-            zp = 0.0
-        else:
-            scale = max((hi - lo) / 255.0, 1e-8)
-            zp = float(min(255, max(0, round(-lo / scale))))
-        self.act_scale.fill_(scale)
-        self.act_zero_point.fill_(zp)
-        self.observing.fill_(False)
-
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing.item():
-            self._observe(x)
-            return x
-        if self.training:
-            # LSQ gradient scale 1/sqrt(N * Qp), Qp the largest positive level
-            grad_factor = 1.0 / math.sqrt(x.numel() / self._features(x) * self.act_qmax)
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.act_scale.reshape(1), self.act_zero_point.reshape(1), self.act_qmin, self.act_qmax, grad_factor
-            )
-        return torch.fake_quantize_per_tensor_affine(x, self.act_scale.item(), int(self.act_zero_point.item()), self.act_qmin, self.act_qmax)
+        return self.input_quantizer(x, self._features(x))
 
 
 class QuantLinear(_FakeQuant):
@@ -122,7 +158,7 @@ class QuantLinear(_FakeQuant):
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}(qmax={self.qmax}), a8 {self.activations}"
+        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}(qmax={self.qmax})"
 
 
 class QuantConv2d(_FakeQuant):
@@ -147,18 +183,20 @@ class QuantConv2d(_FakeQuant):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"w{self.weight_bits}(qmax={self.qmax}), a8 {self.activations}")
+                f"w{self.weight_bits}(qmax={self.qmax})")
 
 
 _QUANT_WRAPPERS: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 
 
 def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, skip: list[str] | None = None,
-                activations: str = "asymmetric") -> list[str]:
+                activations: str = "asymmetric", shared_inputs: list[list[str]] | None = None) -> list[str]:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` not named in ``skip`` with a QuantLinear / QuantConv2d (in place);
     return their names. Fold BatchNorm into the convs before (``dsk_compress.compress.cnn.fold_batchnorm``).
 
     ``activations``: ``asymmetric`` (uint8 + zero point) or ``symmetric`` (int8, zero point 0, for TensorRT).
+    ``shared_inputs``: groups of layer names that share one activation quantizer (:func:`share_input_quantizers`;
+    a saved model's groups); :func:`calibrate` finds them for a new model.
     """
     activation_range(activations)  # validate before touching the model
     skip = skip or []
@@ -170,6 +208,7 @@ def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, 
             if wrap is not None and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
                 setattr(module, child_name, wrap(child, weight_bits, avx2_safe, activations))
                 names.append(full)
+    share_input_quantizers(model, shared_inputs or [])
     return names
 
 
@@ -178,9 +217,84 @@ def quant_layers(model: nn.Module) -> list[_FakeQuant]:
     return [m for m in model.modules() if isinstance(m, _FakeQuant)]
 
 
+def activation_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
+    """Every distinct activation quantizer (a shared one once), in module order."""
+    return [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+
+
+def share_input_quantizers(model: nn.Module, groups: list[list[str]]) -> None:
+    """Give the fake-quant layers of each group (module names) one activation quantizer: the first layer's, with the
+    union of the group's observed ranges. Only before :func:`freeze_observers` (a trained scale is not re-derived)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _FakeQuant)}
+    for group in groups:
+        missing = [n for n in group if n not in layers]
+        if missing:
+            raise ValueError(f"not fake-quant layers of this model: {', '.join(missing)}")
+        first = layers[group[0]].input_quantizer
+        for n in group[1:]:
+            q = layers[n].input_quantizer
+            if q is first:
+                continue
+            if q.activations != first.activations:
+                raise ValueError(f"{group[0]} and {n} quantize their input differently ({first.activations}, {q.activations})")
+            if not (bool(q.observing) and bool(first.observing)):
+                raise ValueError(f"{group[0]} / {n}: share quantizers before calibration freezes them")
+            with torch.no_grad():
+                first.observed_min.copy_(torch.minimum(first.observed_min, q.observed_min))
+                first.observed_max.copy_(torch.maximum(first.observed_max, q.observed_max))
+            layers[n].input_quantizer = first
+
+
+def shared_input_groups(model: nn.Module) -> list[list[str]]:
+    """The groups (module names, in module order, two or more each) of fake-quant layers that share one activation quantizer."""
+    by_quantizer: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, _FakeQuant):
+            by_quantizer.setdefault(id(m.input_quantizer), []).append(n)
+    return [g for g in by_quantizer.values() if len(g) > 1]
+
+
+def find_shared_inputs(model: nn.Module, run) -> list[list[str]]:
+    """Groups (module names, in module order) of fake-quant layers that read the same tensor while ``run()`` runs the model.
+
+    A layer that reads several tensors joins their groups (one scale then serves them all).
+    """
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, _FakeQuant)}
+    order = {n: k for k, n in enumerate(names.values())}
+    readers: dict[int, list[str]] = {}
+    alive = []  # the inputs stay referenced until the end, so no id is reused within the run
+
+    def hook(module, args):
+        alive.append(args[0])
+        readers.setdefault(id(args[0]), []).append(names[id(module)])
+
+    handles = [m.register_forward_pre_hook(hook) for m in quant_layers(model)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    parent = {n: n for n in names.values()}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            n = parent[n]
+        return n
+
+    for group in readers.values():
+        for n in group[1:]:
+            a, b = root(group[0]), root(n)
+            if a != b:
+                parent[max(a, b, key=order.get)] = min(a, b, key=order.get)
+    groups: dict[str, list[str]] = {}
+    for n in names.values():
+        groups.setdefault(root(n), []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def freeze_observers(model: nn.Module) -> None:
-    for m in quant_layers(model):
-        m.freeze_observer()
+    for q in activation_quantizers(model):
+        q.freeze()
 
 
 def freeze_for_export(model: nn.Module) -> None:
@@ -188,20 +302,29 @@ def freeze_for_export(model: nn.Module) -> None:
         m.freeze_weight_scale()
 
 
-def calibrate(model: nn.Module, batches, forward=None) -> None:
+def calibrate(model: nn.Module, batches, forward=None, share_inputs: bool = True) -> None:
     """Run ``batches`` through the model with observers on, then freeze activation ranges.
 
-    ``forward(model, x)`` runs one batch (default: a Hugging Face causal LM on ``input_ids``).
+    ``forward(model, x)`` runs one batch (default: a Hugging Face causal LM on ``input_ids``). ``share_inputs``:
+    on the first batch, find the layers that read the same tensor (:func:`find_shared_inputs`) and give each such
+    group one quantizer (:func:`share_input_quantizers`) before the ranges are frozen.
     """
     dev = next(model.parameters()).device
     model.eval()
+
+    def run(x) -> None:
+        x = torch.as_tensor(x, device=dev)
+        if forward is None:
+            model(input_ids=x, use_cache=False)
+        else:
+            forward(model, x)
+
     with torch.no_grad():
-        for x in batches:
-            x = torch.as_tensor(x, device=dev)
-            if forward is None:
-                model(input_ids=x, use_cache=False)
+        for k, x in enumerate(batches):
+            if k == 0 and share_inputs:
+                share_input_quantizers(model, find_shared_inputs(model, lambda: run(x)))  # noqa: B023 (called at once)
             else:
-                forward(model, x)
+                run(x)
     freeze_observers(model)
 
 
@@ -214,20 +337,30 @@ def sqnr_db(reference: torch.Tensor | "np.ndarray", test) -> float:  # noqa: F82
     return float(10 * np.log10((ref**2).mean() / max((err**2).mean(), 1e-30)))
 
 
-def save_qat_model(model: nn.Module, path: Path, qat_info: dict) -> Path:
+def qat_info(model: nn.Module, weight_bits: int, avx2_safe: bool, activations: str, skip: list[str], names: list[str]) -> dict:
+    """What ``qat.json`` (or a torch model's ``dsk_model.json``) records of a QAT model to rebuild it: its quantization
+    settings, quantized layers and the groups sharing one activation quantizer."""
+    return {"version": QAT_INFO_VERSION, "weight_bits": weight_bits, "activation_bits": 8, "activations": activations,
+            "avx2_safe": avx2_safe, "skip": list(skip), "quantized_layers": names,
+            "weight_qmax": quant_layers(model)[0].qmax if names else None, "shared_input_quantizers": shared_input_groups(model)}
+
+
+def save_qat_model(model: nn.Module, path: Path, info: dict) -> Path:
     """Save a QAT causal LM to the directory ``path``: its config, its state (quantizer scales included) as
-    safetensors, and ``qat.json`` (``qat_info``: bits, activations, skipped layers) for :func:`load_qat_model`."""
+    safetensors, and ``qat.json`` (``info``, from :func:`qat_info`; its version and shared groups are the model's
+    own) for :func:`load_qat_model`."""
     from dsk_compress.io import atomic_write_json, save_state_dict
 
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
     save_state_dict(model.state_dict(), path / "qat_state.safetensors")
-    atomic_write_json(path / "qat.json", qat_info)
+    atomic_write_json(path / "qat.json", {**info, "version": QAT_INFO_VERSION, "shared_input_quantizers": shared_input_groups(model)})
     return path
 
 
 def load_qat_model(path: Path) -> nn.Module:
-    """Rebuild a QAT model saved by :func:`save_qat_model`: the config's architecture, QuantLinear layers, then the saved state."""
+    """Rebuild a QAT model saved by :func:`save_qat_model`: the config's architecture, QuantLinear layers (sharing
+    quantizers as recorded; a version-1 ``qat.json`` has none), then the saved state."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dsk_compress.errors import RunError
@@ -236,10 +369,18 @@ def load_qat_model(path: Path) -> nn.Module:
     info = read_json(Path(path) / "qat.json")
     try:
         bits, avx2_safe, skip = int(info["weight_bits"]), bool(info["avx2_safe"]), list(info["skip"])
+        shared = [[str(n) for n in g] for g in info.get("shared_input_quantizers", [])]
     except (KeyError, TypeError, ValueError) as e:
         raise RunError(f"{Path(path) / 'qat.json'} is damaged ({type(e).__name__}: {e})", hint="re-run the qat stage") from None
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    prepare_qat(model, bits, avx2_safe, skip, activations=info.get("activations", "asymmetric"))
-    model.load_state_dict(load_state_dict(path / "qat_state.safetensors"), strict=False)
+    try:
+        prepare_qat(model, bits, avx2_safe, skip, activations=info.get("activations", "asymmetric"), shared_inputs=shared)
+    except ValueError as e:
+        raise RunError(f"{Path(path) / 'qat.json'} does not fit the model: {e}", hint="re-run the qat stage") from None
+    try:
+        model.load_state_dict(load_state_dict(path / "qat_state.safetensors"))
+    except RuntimeError as e:
+        raise RunError(f"{Path(path) / 'qat_state.safetensors'} does not fit {Path(path) / 'qat.json'}: {str(e).splitlines()[0][:200]}",
+                       hint="re-run the qat stage") from None
     return model.eval()

@@ -137,7 +137,7 @@ report: {max_accuracy_drop: 3.0}""",
     ],
     "QATConfig": [
         "stage: qat\nsteps: 100\nlr: 2.0e-4\nweight_bits: 8\nactivation_bits: 8\navx2_safe: true\n"
-        "activations: symmetric\nobserver_steps: 20\nskip: [lm_head]",
+        "activations: symmetric\nobserver_steps: 20\nshare_input_quantizers: true\nskip: [lm_head]",
     ],
     "ExportConfig": [
         "stage: export\nopset: 17\noptimization: extended\nparity_atol: 1.0e-3\nqdq_min_sqnr_db: 30\nptq_baselines: true\n"

@@ -33,10 +33,9 @@ Linear layers by precision:
   becomes a static QuantizeLinear with its learned scale / zero point, its weight the int8 tensor that
   torch's per-channel fake quant rounds to (stored ``[in, out]``), and the product a
   MatMulIntegerToFloat (integer GEMM, then ``a_scale * w_scale[col]``). Linears reading the same tensor
-  share one MatMul only when their activation quantizers are identical (otherwise the integer inputs
-  differ); ``share_activation_quantizers=True`` forces the sharing with one quantizer spanning the union
-  of the ranges (faster, no longer bit-compatible with the fake-quant model). Linears QAT skipped stay
-  fp32 MatMuls.
+  share one QuantizeLinear and one packed MatMul when their activation quantizers are equal: QAT shares one
+  quantizer per input tensor by default (q/k/v, gate/up); a model trained with separate ones (a version-1
+  ``qat.json``) keeps one MatMul per Linear. Linears QAT skipped stay fp32 MatMuls.
 - ``int4``: the fp32 graph's MatMuls through ONNX Runtime's ``MatMulNBitsQuantizer`` (blockwise
   symmetric RTN, ``block_size`` along K, activations fp32 or int8 per ``accuracy_level``).
 
@@ -113,25 +112,12 @@ def _float(t: torch.Tensor) -> np.ndarray:
 
 def _act_quantizer(m) -> tuple[float, int, np.dtype]:
     """A QuantLinear's activation quantizer as ONNX QuantizeLinear parameters: (scale, zero point, integer dtype)."""
-    if bool(m.observing.item()):
+    q = m.input_quantizer
+    if bool(q.observing.item()):
         raise ExportError("a QuantLinear still observes activation ranges (calibration never froze it)",
                           hint="run compress.qat.calibrate / freeze_observers before export")
-    dtype = np.int8 if m.act_qmin < 0 else np.uint8
-    return float(np.float32(m.act_scale.item())), int(round(m.act_zero_point.item())), dtype
-
-
-def _union_quantizer(mods: list) -> tuple[float, int, np.dtype]:
-    """One quantizer covering the float ranges of ``mods``' quantizers (for forced sharing)."""
-    qs = [_act_quantizer(m) for m in mods]
-    dtype = qs[0][2]
-    info = np.iinfo(dtype)
-    lo = min((info.min - zp) * s for s, zp, _ in qs)
-    hi = max((info.max - zp) * s for s, zp, _ in qs)
-    if dtype == np.int8:  # symmetric: zero point 0
-        scale = max(-lo, hi) / info.max
-        return float(np.float32(scale)), 0, dtype
-    scale = (hi - lo) / (info.max - info.min)
-    return float(np.float32(scale)), int(np.clip(round(-lo / scale), info.min, info.max)), dtype
+    dtype = np.int8 if q.qmin < 0 else np.uint8
+    return float(np.float32(q.scale.item())), int(round(q.zero_point.item())), dtype
 
 
 def _int8_weight(m) -> tuple[np.ndarray, np.ndarray]:
@@ -151,10 +137,10 @@ def _int8_weight(m) -> tuple[np.ndarray, np.ndarray]:
 class _Builder:
     """Writes the graph of one model in one precision (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, precision: str, share_activation_quantizers: bool, int8_kernel: str = "static") -> None:
+    def __init__(self, model: nn.Module, precision: str, int8_kernel: str = "static") -> None:
         from dsk_compress.compress.qat import QuantLinear
 
-        self.model, self.precision, self.share, self.kernel = model, precision, share_activation_quantizers, int8_kernel
+        self.model, self.precision, self.kernel = model, precision, int8_kernel
         self.quant_type = QuantLinear
         self.g = _Graph()
         self.quantized: dict[tuple, str] = {}  # (input, scale, zp, dtype) -> QuantizeLinear output, one per distinct quantizer
@@ -173,10 +159,9 @@ class _Builder:
             return [self._int8_dynamic(x, mods, name)]
         if all(quant) and self.precision == "int8":
             qs = [_act_quantizer(m) for m in mods]
-            if len(mods) > 1 and (not fuse or (len(set(qs)) > 1 and not self.share)):
+            if len(mods) > 1 and (not fuse or len(set(qs)) > 1):
                 return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
-            q = qs[0] if len(set(qs)) == 1 else _union_quantizer(mods)
-            return [self._int8_matmul(x, mods, q, name)]
+            return [self._int8_matmul(x, mods, qs[0], name)]
         if len(mods) > 1 and not fuse:
             return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
         w = np.concatenate([_float(m.weight).T for m in mods], axis=1)
@@ -287,12 +272,12 @@ def _norm_weight(module) -> np.ndarray:
     return _float(module.weight)
 
 
-def build_fused_graph(model: nn.Module, precision: str = "fp32", share_activation_quantizers: bool = False, int8_kernel: str = "static"):
+def build_fused_graph(model: nn.Module, precision: str = "fp32", int8_kernel: str = "static"):
     """The fused decoder graph of ``model`` as an ``onnx.ModelProto`` (``int4`` is built as fp32; see :func:`export_fused`)."""
     from onnx import TensorProto, helper
 
     spec = _spec(model)
-    b = _Builder(model, "int8" if precision == "int8" else "fp32", share_activation_quantizers, int8_kernel)
+    b = _Builder(model, "int8" if precision == "int8" else "fp32", int8_kernel)
     g = b.g
     base = model.model
     eps = spec["eps"]
@@ -401,7 +386,7 @@ def _quantize_int4(m, block_size: int, accuracy_level: int | None):
 
 
 def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *, block_size: int = 32, accuracy_level: int | None = 4,
-                 share_activation_quantizers: bool = False, int8_kernel: str = "static") -> Path:
+                 int8_kernel: str = "static") -> Path:
     """Write the fused decoder graph of ``model`` to ``path`` (atomically) and return the path.
 
     Args:
@@ -410,7 +395,6 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
         block_size: int4 quantization block along the input features (a power of two >= 16).
         accuracy_level: int4 only: MatMulNBits' compute type (4: int8 activations quantized per block at run time,
             ONNX Runtime's CPU default; 0/1: fp32).
-        share_activation_quantizers: int8 only: fuse q/k/v and gate/up even when their quantizers differ (see module doc).
         int8_kernel: int8 only: one of :data:`INT8_KERNELS` (``static``, the default, is the bit-compatible one).
     """
     import onnx
@@ -424,7 +408,7 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
     if precision != "int8" and any(type(m).__name__ == "QuantLinear" for m in model.modules()):
         raise ExportError(f"{precision} fused export got a QAT model", hint="export a QAT model as int8")
     model = model.eval()
-    m = build_fused_graph(model, precision, share_activation_quantizers, int8_kernel)
+    m = build_fused_graph(model, precision, int8_kernel)
     if precision == "int4":
         m = _quantize_int4(m, block_size, accuracy_level)
     tmp, final = atomic_path(path)

@@ -256,6 +256,9 @@ class QATConfig(StageConfig, _TrainSettings):
                     "model when unset, as ONNX Runtime's x86 QLinearConv needs it)",
     )
     observer_steps: int = Field(20, ge=1, le=MAX_CALIBRATION_BATCHES, description="steps of min/max observation before scales are learned")
+    share_input_quantizers: bool = Field(
+        True, description="one activation quantizer per input tensor: layers that read the same tensor (q/k/v, gate/up) share one "
+                          "learned scale, so the int8 graph packs them into one integer MatMul (TensorRT also wants one scale per tensor)")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module names kept in float")
     lr: float = Field(2e-4, gt=0, le=1)
 

@@ -52,6 +52,32 @@ def tiny_llama(**kw):
     return m
 
 
+def qat_llama(share_inputs: bool = True, train_steps: int = 0, activations: str = "asymmetric", ckpt_dir: Path | None = None, **kw):
+    """A tiny_llama (``kw``) made QAT (lm_head float), calibrated on 3 seeded batches, then ``train_steps`` of LSQ training on
+    random tokens (so quantizers that are not shared drift apart, as in a real QAT run); weight scales not frozen.
+    Returns ``(model, quantized layer names, train result or None)``."""
+    from dsk_compress.compress.qat import calibrate, prepare_qat
+    from dsk_compress.compress.trainer import TrainConfig, train
+    from dsk_compress.models.zoo import lm_loss
+
+    m = tiny_llama(**kw)
+    names = prepare_qat(m, 8, True, ["lm_head"], activations=activations)
+    g = torch.Generator().manual_seed(1)
+    calibrate(m, [torch.randint(0, 256, (4, 32), generator=g) for _ in range(3)], share_inputs=share_inputs)
+    res = None
+    if train_steps:
+        def loss_fn(model, x, step):
+            return lm_loss(model(input_ids=x, use_cache=False).logits, x), {}
+
+        def batch(step, bs):
+            return torch.randint(0, 256, (bs, 16), generator=torch.Generator().manual_seed(step))
+
+        cfg = TrainConfig(steps=train_steps, batch_size=2, lr=2e-3, warmup=1, ckpt_every=max(1, train_steps // 2))
+        res = train(m, loss_fn, batch, cfg, ckpt_dir=ckpt_dir)
+        m.eval()
+    return m, names, res
+
+
 def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
     """A byte-level BPE tokenizer trained on ``texts`` (``<unk>``, ``</s>`` special), as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

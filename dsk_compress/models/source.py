@@ -164,7 +164,8 @@ def load_torch_dir(path: str | Path):
     if q:
         from dsk_compress.compress.qat import prepare_qat
 
-        prepare_qat(model, q["weight_bits"], q["avx2_safe"], q["skip"], activations=q.get("activations", "asymmetric"))
+        prepare_qat(model, q["weight_bits"], q["avx2_safe"], q["skip"], activations=q.get("activations", "asymmetric"),
+                    shared_inputs=q.get("shared_input_quantizers"))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

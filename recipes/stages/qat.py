@@ -4,7 +4,9 @@ Story: refuse asymmetric activations when a later export targets TensorRT in int
 load the student the earlier stages left and measure it; swap every Linear (and, for your own torch model,
 every Conv2d after folding BatchNorm into it) for a fake-quant layer (``compress/qat.py``); observe
 activation ranges on calibration batches and measure again (what plain PTQ would give); KD fine-tune with
-learned activation scales; save ``qat/model`` with ``qat.json`` (bits, activations, quantized layers).
+learned activation scales (one quantizer per input tensor: layers reading the same tensor share it unless
+``share_input_quantizers: false``); save ``qat/model`` with ``qat.json`` (bits, activations, quantized layers,
+shared groups).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class QATStage(Stage[QATConfig]):
         model = student_model(ctx, "qat")
         float_metrics = evaluate(ctx, model)
         names = prepare_qat(model, c.weight_bits, c.avx2_safe, c.skip, activations=c.activations)
-        calibrate(model, ctx.task.calibration_batches(c.observer_steps, c.batch_size))
+        calibrate(model, ctx.task.calibration_batches(c.observer_steps, c.batch_size), share_inputs=c.share_input_quantizers)
         ptq_metrics = evaluate(ctx, model)
         res = kd_train(ctx, model, c, "qat", d / "checkpoint")
         rank0(save_qat_model, model, d / "model", _qat_info(c, model, names))
@@ -48,11 +50,10 @@ class QATStage(Stage[QATConfig]):
 
 
 def _qat_info(c: QATConfig, model, names: list[str]) -> dict:
-    """What ``qat.json`` records of a QAT model: its quantization settings and quantized layers."""
-    from dsk_compress.compress.qat import quant_layers
+    """What ``qat.json`` records of a QAT model: its quantization settings, quantized layers and shared quantizers."""
+    from dsk_compress.compress.qat import qat_info
 
-    return {"version": 1, "weight_bits": c.weight_bits, "activation_bits": 8, "activations": c.activations, "avx2_safe": c.avx2_safe,
-            "skip": c.skip, "quantized_layers": names, "weight_qmax": quant_layers(model)[0].qmax if names else None}
+    return qat_info(model, c.weight_bits, c.avx2_safe, c.activations, c.skip, names)
 
 
 def _tensorrt_int8_exports(spec) -> list[tuple[int, str]]:
@@ -90,7 +91,7 @@ def run_torch(stage: QATStage, ctx: RunContext) -> StageResult:
     float_metrics = torch_evaluate(ctx, model)
     pairs = fold_batchnorm(model, torch.as_tensor(ctx.task.example_inputs(8)))
     names = prepare_qat(model, c.weight_bits, c.avx2_safe, c.skip, activations=c.activations)
-    calibrate(model, ctx.task.calibration_batches(c.observer_steps, c.batch_size), forward=forward)
+    calibrate(model, ctx.task.calibration_batches(c.observer_steps, c.batch_size), forward=forward, share_inputs=c.share_input_quantizers)
     ptq_metrics = torch_evaluate(ctx, model)
     res = torch_kd_train(ctx, model, c, "qat", d / "checkpoint")
     save_model_dir(model, d / "model", extra={"bn_folded": [list(p) for p in pairs], "qat": _qat_info(c, model, names)})

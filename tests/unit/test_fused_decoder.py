@@ -7,13 +7,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import qat_llama, tiny_llama
 
 STEP_ATOL = 1e-4  # fp32 step logits vs torch's cache loop (seen: 1.8e-7)
-INT8_MIN_SQNR_DB = 60.0  # int8 vs the torch fake-quant model (seen: 133.7 dB, the plain Q/DQ KV graph about the same)
-INT8_SHARED_MIN_SQNR_DB = 25.0  # forced shared activation quantizers, layer 0's k/up scales 1.3x apart (seen: 37.0 dB)
+INT8_MIN_SQNR_DB = 60.0  # int8 vs the torch fake-quant model (seen: 133-134 dB tied and separate, the plain Q/DQ KV graph about the same)
 INT4_MIN_SQNR_DB = 15.0  # int4 block 32 vs fp32 torch on the random tiny Llama (seen: 18.6 dB)
-INT8_RUNTIME_MIN_SQNR_DB = 20.0  # DynamicQuantizeMatMul / 8-bit MatMulNBits vs fake quant (seen: 37.8 / 37.7 dB)
+INT8_RUNTIME_MIN_SQNR_DB = 15.0  # DynamicQuantizeMatMul / 8-bit MatMulNBits vs fake quant after 6 LSQ steps (seen: 19.2 / 19.3 dB;
+# 37.8 / 37.7 dB right after calibration: run-time per-tensor ranges drift from the learned scales as QAT trains)
 NEW = 12
 PROMPT = np.random.default_rng(0).integers(0, 256, 10)
 LAYERS = 2
@@ -36,22 +36,19 @@ def fp32(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory):
-    from dsk_compress.compress.qat import QuantLinear, calibrate, freeze_for_export, prepare_qat
+    """QAT tiny Llamas after a few LSQ steps: the default (q/k/v and gate/up share one activation quantizer) and one trained
+    with a quantizer per Linear (a version-1 QAT model), whose q/k/v and gate/up scales drifted apart."""
+    from dsk_compress.compress.qat import QuantLinear, freeze_for_export
     from dsk_compress.export.fused import export_fused
 
     d = tmp_path_factory.mktemp("fused-int8")
-    m = tiny_llama(num_key_value_heads=2)
-    names = prepare_qat(m, 8, True, ["lm_head"])
-    g = torch.Generator().manual_seed(1)
-    calibrate(m, [torch.randint(0, 256, (4, 32), generator=g) for _ in range(3)])
-    # LSQ training moves the scales of Linears that read the same tensor apart: emulate it in layer 0
-    with torch.no_grad():
-        m.model.layers[0].self_attn.k_proj.act_scale.mul_(1.3)
-        m.model.layers[0].mlp.up_proj.act_scale.mul_(1.3)
-    freeze_for_export(m)
-    quant = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
-    return {"model": m, "names": names, "quant": quant, "int8": export_fused(m, d / "q.fused.onnx", "int8"),
-            "shared": export_fused(m, d / "q.shared.onnx", "int8", share_activation_quantizers=True), "dir": d}
+    out = {"dir": d}
+    for kind, share in (("tied", True), ("separate", False)):
+        m, names, _ = qat_llama(share, train_steps=6, num_key_value_heads=2)
+        freeze_for_export(m)
+        out[kind] = {"model": m, "names": names, "quant": [mod for mod in m.modules() if isinstance(mod, QuantLinear)],
+                     "path": export_fused(m, d / f"q.{kind}.onnx", "int8")}
+    return out
 
 
 def test_fused_fp32_graph_has_one_attention_op_per_layer_and_fused_norms(fp32):
@@ -111,51 +108,64 @@ def test_fused_int4_has_one_matmulnbits_per_matmul_and_bounded_error(fp32):
     assert sqnr_db(ref_logits, got) > INT4_MIN_SQNR_DB
 
 
-def test_fused_int8_every_quantized_linear_is_an_integer_matmul(int8):
+def _int8_columns(path) -> int:
+    """Output columns of every MatMulIntegerToFloat, checking each weight is int8."""
     import onnx
 
-    from dsk_compress.export.onnx import INTEGER_MATMULS
-
-    assert len(int8["names"]) == 7 * LAYERS
-    g = onnx.load(str(int8["int8"])).graph
-    hist = _hist(int8["int8"])
+    g = onnx.load(str(path)).graph
     inits = {i.name: i for i in g.initializer}
-    # layer 0's q/k/v and gate/up quantizers differ: 3 + 1 + 2 + 1 integer MatMuls; layer 1's are equal: 1 + 1 + 1 + 1
-    assert hist["MatMulIntegerToFloat"] == 7 + 4 and set(hist) & INTEGER_MATMULS == {"MatMulIntegerToFloat"}
-    assert hist["QuantizeLinear"] == 6 + 4  # one per distinct (input, quantizer): layer 0's q and v still share theirs
-    assert hist["MatMul"] == 1  # lm_head, left in float by QAT
-    # together the integer MatMuls hold every quantized Linear's output columns, as int8
     cols = 0
     for n in g.node:
         if n.op_type == "MatMulIntegerToFloat":
             w = inits[n.input[1]]
             assert w.data_type == onnx.TensorProto.INT8
             cols += w.dims[1]
-    assert cols == sum(mod.out_features for mod in int8["quant"])
+    return cols
 
 
-def test_fused_int8_matches_fake_quant_at_least_as_well_as_the_plain_kv_graph(int8):
+def test_fused_int8_with_shared_quantizers_packs_like_fp32_plus_one_quantize_per_matmul(int8, fp32):
+    from dsk_compress.export.onnx import INTEGER_MATMULS
+
+    t = int8["tied"]
+    assert len(t["names"]) == 7 * LAYERS
+    hist = _hist(t["path"])
+    # per layer: packed q/k/v, o, packed gate/up, down, each one QuantizeLinear + one MatMulIntegerToFloat
+    assert hist["MatMulIntegerToFloat"] == 4 * LAYERS and hist["QuantizeLinear"] == 4 * LAYERS
+    assert set(hist) & INTEGER_MATMULS == {"MatMulIntegerToFloat"} and hist["MatMul"] == 1  # lm_head, left in float by QAT
+    assert hist["Split"] == LAYERS and hist["GroupQueryAttention"] == LAYERS
+    fp = _hist(fp32["fp32"])
+    assert sum(hist.values()) == sum(fp.values()) + 4 * LAYERS == 1 + LAYERS * 14 + 2
+    # together the integer MatMuls hold every quantized Linear's output columns, as int8
+    assert _int8_columns(t["path"]) == sum(mod.out_features for mod in t["quant"])
+
+
+def test_fused_int8_with_separate_quantizers_keeps_one_integer_matmul_per_linear(int8):
+    """A QAT model trained without shared quantizers (version 1): q/k/v and gate/up see different integer inputs."""
+    s = int8["separate"]
+    hist = _hist(s["path"])
+    assert hist["MatMulIntegerToFloat"] == 7 * LAYERS and hist["QuantizeLinear"] == 7 * LAYERS and "Split" not in hist
+    assert sum(hist.values()) == 1 + LAYERS * 19 + 2  # 19 per layer: 14 for the Linears, 2 norms, attention, QuickGelu, Mul
+    assert _int8_columns(s["path"]) == sum(mod.out_features for mod in s["quant"])
+
+
+@pytest.mark.parametrize("kind", ["tied", "separate"])
+def test_fused_int8_matches_fake_quant_at_least_as_well_as_the_plain_kv_graph(int8, kind):
     from dsk_compress.export.fused import check_fused_parity
     from dsk_compress.export.kv_cache import check_kv_parity, export_int8_qdq_with_past
-    from dsk_compress.export.onnx import ort_optimize
+    from dsk_compress.export.onnx import INTEGER_MATMULS, op_histogram, ort_optimize
 
-    r = check_fused_parity(int8["model"], int8["int8"], PROMPT, NEW)
+    m = int8[kind]
+    r = check_fused_parity(m["model"], m["path"], PROMPT, NEW)
     assert r["tokens_match"] and r["step_logits_sqnr_db"] > INT8_MIN_SQNR_DB
+    d = int8["dir"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings of transformers' cache code
-        export_int8_qdq_with_past(int8["model"], int8["dir"] / "q.kv.qdq.onnx")
-    plain = check_kv_parity(int8["model"], ort_optimize(int8["dir"] / "q.kv.qdq.onnx", int8["dir"] / "q.kv.onnx"), PROMPT, NEW)
+        export_int8_qdq_with_past(m["model"], d / f"{kind}.kv.qdq.onnx")
+    kv = ort_optimize(d / f"{kind}.kv.qdq.onnx", d / f"{kind}.kv.onnx")
+    # the plain graph keeps one integer MatMul per Linear (its Q/DQ unshared per consumer) with either kind of QAT model
+    assert sum(v for k, v in op_histogram(kv).items() if k in INTEGER_MATMULS) == 7 * LAYERS
+    plain = check_kv_parity(m["model"], kv, PROMPT, NEW)
     assert r["step_logits_sqnr_db"] >= plain["step_logits_sqnr_db"] - 1.0
-
-
-def test_fused_int8_forced_quantizer_sharing_packs_every_group_at_a_bounded_cost(int8):
-    from dsk_compress.export.fused import check_fused_parity
-
-    hist = _hist(int8["shared"])
-    assert hist["MatMulIntegerToFloat"] == 4 * LAYERS and hist["QuantizeLinear"] == 4 * LAYERS
-    r = check_fused_parity(int8["model"], int8["shared"], PROMPT, NEW)
-    exact = check_fused_parity(int8["model"], int8["int8"], PROMPT, NEW)
-    assert INT8_SHARED_MIN_SQNR_DB < r["step_logits_sqnr_db"] < exact["step_logits_sqnr_db"]
 
 
 def test_fused_int8_symmetric_activations_run_as_signed_integer_matmuls(tmp_path):
@@ -245,13 +255,13 @@ def test_fused_int8_run_time_activation_kernels_pack_every_group(int8, kernel, o
 
     from dsk_compress.export.fused import check_fused_parity, export_fused
 
-    p = export_fused(int8["model"], int8["dir"] / f"q.{kernel}.onnx", "int8", int8_kernel=kernel)
+    p = export_fused(int8["tied"]["model"], int8["dir"] / f"q.{kernel}.onnx", "int8", int8_kernel=kernel)
     hist = _hist(p)
     assert hist[op] == 4 * LAYERS and "QuantizeLinear" not in hist and hist["MatMul"] == 1
     if kernel == "nbits":  # QAT's per-channel scales repeated per block: the weights are exactly QAT's
         n = next(n for n in onnx.load(str(p)).graph.node if n.op_type == "MatMulNBits")
         assert {a.name: a.i for a in n.attribute if a.name in ("bits", "accuracy_level")} == {"bits": 8, "accuracy_level": 4}
-    r = check_fused_parity(int8["model"], p, PROMPT, NEW)
+    r = check_fused_parity(int8["tied"]["model"], p, PROMPT, NEW)
     assert r["step_logits_sqnr_db"] > INT8_RUNTIME_MIN_SQNR_DB
 
 

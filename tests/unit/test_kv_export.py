@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama, tiny_mixtral_config
+from conftest import qat_llama, tiny_llama, tiny_mixtral_config
 
 STEP_ATOL = 1e-4  # fp32 decode-step logits vs torch (seen: 1.8e-7)
 NEW = 12
@@ -30,15 +30,12 @@ def fp32(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory):
-    from dsk_compress.compress.qat import calibrate, freeze_for_export, prepare_qat
+    from dsk_compress.compress.qat import freeze_for_export
     from dsk_compress.export.kv_cache import export_int8_qdq_with_past
     from dsk_compress.export.onnx import export_int8_qdq, ort_optimize
 
     d = tmp_path_factory.mktemp("kv-int8")
-    m = tiny_llama()
-    names = prepare_qat(m, 8, True, ["lm_head"])
-    g = torch.Generator().manual_seed(1)
-    calibrate(m, [torch.randint(0, 256, (4, 32), generator=g) for _ in range(3)])
+    m, names, _ = qat_llama(train_steps=6)  # q/k/v and gate/up share a trained activation quantizer (one Q/DQ per consumer in the graph)
     freeze_for_export(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

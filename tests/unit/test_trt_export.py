@@ -75,10 +75,10 @@ def test_symmetric_activation_quantizer_uses_int8_with_zero_point_0():
     x = torch.randn(64, 16) * 3 + 1  # asymmetric data: the range is [lo, hi] with hi > -lo
     q.eval()
     q.quantize_input(x)  # observer phase
-    q.freeze_observer()
-    assert float(q.act_zero_point) == 0.0
-    assert q.act_scale.item() == pytest.approx(float(x.abs().max()) / 127, rel=1e-6)
-    levels = q.quantize_input(x) / q.act_scale
+    q.input_quantizer.freeze()
+    assert float(q.input_quantizer.zero_point) == 0.0
+    assert q.input_quantizer.scale.item() == pytest.approx(float(x.abs().max()) / 127, rel=1e-6)
+    levels = q.quantize_input(x) / q.input_quantizer.scale
     assert torch.allclose(levels, levels.round(), atol=1e-4)
     assert levels.min() >= -128 and levels.max() <= 127 and levels.max() == 127
     with pytest.raises(ValueError, match="activations"):
@@ -92,16 +92,17 @@ def test_symmetric_lsq_learns_the_scale_and_keeps_zero_point_0():
     q = QuantLinear(torch.nn.Linear(16, 8), activations="symmetric")
     x = torch.randn(64, 16)
     q.quantize_input(x)
-    q.freeze_observer()
+    q.input_quantizer.freeze()
     q.train()
-    opt = torch.optim.SGD([q.act_scale], lr=1e-2)
-    s0 = q.act_scale.item()
+    scale = q.input_quantizer.scale
+    opt = torch.optim.SGD([scale], lr=1e-2)
+    s0 = scale.item()
     for _ in range(3):
         opt.zero_grad()
         (q(x) - x @ q.weight.T).pow(2).mean().backward()
-        assert q.act_scale.grad is not None and q.act_scale.grad.abs().item() > 0
+        assert scale.grad is not None and scale.grad.abs().item() > 0
         opt.step()
-    assert q.act_scale.item() != s0 and float(q.act_zero_point) == 0.0
+    assert scale.item() != s0 and float(q.input_quantizer.zero_point) == 0.0
 
 
 def test_symmetric_export_has_int8_zero_point_0_activations_and_per_channel_int8_weights(int8):
@@ -356,14 +357,13 @@ def _spec(tmp_path: Path, export: dict, qat: dict | None = None):
 
 
 def _ctx_with_qat(tmp_path: Path, spec, activations: str):
-    from dsk_compress.compress.qat import save_qat_model
+    from dsk_compress.compress.qat import qat_info, save_qat_model
     from dsk_compress.recipes.base import RunContext
 
     rd = tmp_path / "run"
     ctx = RunContext(rd, spec)
     m, names = _qat_model(activations)
-    save_qat_model(m, rd / "qat" / "model", {"version": 1, "weight_bits": 8, "activation_bits": 8, "activations": activations,
-                                              "avx2_safe": True, "skip": ["lm_head"], "quantized_layers": names})
+    save_qat_model(m, rd / "qat" / "model", qat_info(m, 8, True, activations, ["lm_head"], names))
     ctx.outputs = {"qat": {"qat_model": "qat/model"}}
     return ctx
 

@@ -6,7 +6,8 @@ Three places, one method (:mod:`dsk_compress.runtimes.measure`) and one result s
 - **a device over SSH** (``host=``): the run's bundle for ``device`` (exported first when missing) is copied to
   the device, its venv is made or reused (:mod:`dsk_compress.runtimes.remote`), ``run.py`` measures it there
   and its ``results.json`` comes back, validated, labelled ``measured`` or ``emulated`` (an arm64 Python
-  under QEMU is detected) and with the SSH host;
+  under QEMU is detected; there only batch 1 is timed, as the emulator's timings say nothing of a device)
+  and with the SSH host;
 - **this machine, a run** (no ``host``): every artifact of the run in every runtime this machine offers (the
   bench stage's plans: ONNX Runtime CPU and the execution providers of ``device``'s profile, torch on CUDA,
   TensorRT engines), labelled with this machine's name;
@@ -124,6 +125,8 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
                 command_timeout=timeout) as dev:
         p = dev.probe()
         measurement = "emulated" if p.emulated else "measured"
+        if p.emulated:  # an emulator's timings say nothing of the device: batch 1 only, no throughput batches
+            args += ["--batches", "1"]
         log(f"{h}: {p.python_machine} Python {p.python_version} ({p.cpu or 'unknown CPU'}){', emulated' if p.emulated else ''}; "
             f"running {bundle.name} ({card['variant']}, {card['precision']})")
         res = dev.run_bundle(bundle, out_dir=raw, run_args=[*args, "--measurement", measurement], wheelhouse=wheelhouse, timeout=timeout,

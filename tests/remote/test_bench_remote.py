@@ -104,7 +104,7 @@ def test_bench_over_ssh_fp32_equals_the_host_exactly_and_is_labelled_emulated(em
     assert (p["measurement"], p["location"], p["machine"], p["tool"], p["ssh_host"]) == \
         ("emulated", "device", "aarch64", "run.py", emulated_device.host)
     assert p["cpu"] == "ARM implementer 0x41 part 0xd08" and p["device_profile"] == "rpi4" and p["source_run"] == code_run.name
-    assert [b["batch_size"] for b in rec["timing"]["batches"]] == [1, 8, 64]
+    assert [b["batch_size"] for b in rec["timing"]["batches"]] == [1]  # emulated: no throughput batches (the emulator's timings)
     report = json.loads((code_run / "report.json").read_text())
     (section,) = report["devices"]
     assert (section["name"], section["measurement"]) == ("rpi4", "emulated")

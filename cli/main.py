@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from dsk_compress import __version__
-from dsk_compress.cli._options import OutDir, SetOpt
+from dsk_compress.cli._options import OutDir, SetOpt, ThreadsOpt
 from dsk_compress.errors import DskError
 
 app = typer.Typer(
@@ -75,6 +75,7 @@ def recipe_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, print the resolved plan and exit.")] = False,
     rerun_from: Annotated[str | None, typer.Option("--rerun-from", help="With --resume: run this stage and every later one again "
                                                    "(old directories kept as <stage>.replaced-<time>).")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run a compression recipe end to end and print where the report is.
 
@@ -82,6 +83,7 @@ def recipe_cmd(
 
     Example: dsk-compress recipe quant-prune-distill --set stages.1.ffn_ratio=0.4
     Re-export and re-measure a finished run: dsk-compress recipe quant-prune-distill --resume --rerun-from export
+    On a machine shared with other jobs: dsk-compress recipe quant-prune-distill --threads 1
     """
     import json
 
@@ -91,10 +93,13 @@ def recipe_cmd(
     if dry_run:
         from dsk_compress.recipes.preflight import describe_estimate, preflight
         from dsk_compress.recipes.runner import describe_plan
+        from dsk_compress.threads import choose_threads
 
+        choice = choose_threads(threads, spec.threads)
         estimate = preflight(spec)  # model files, shapes and memory, as a real run checks them first
         c = _console()
         c.print(f"[bold]{spec.name}[/bold] (recipe version {spec.version}, seed {spec.seed})")
+        c.print(choice.describe(), markup=False)
         c.print(f"teacher: {spec.teacher.model_dump(exclude_none=True)}  student: {spec.student.model_dump(exclude_none=True)}")
         c.print(f"task: {spec.task.model_dump()}")
         for st in describe_plan(spec):
@@ -105,7 +110,7 @@ def recipe_cmd(
 
     resume_arg: bool | Path = (run_dir if run_dir else True) if resume else False
     try:
-        rd = api.run_recipe(spec, out=out, resume=resume_arg, run_dir=None if resume else run_dir, rerun_from=rerun_from)
+        rd = api.run_recipe(spec, out=out, resume=resume_arg, run_dir=None if resume else run_dir, rerun_from=rerun_from, threads=threads)
     except RunInterrupted as e:  # the manifest says interrupted; the message says how to continue
         typer.secho(f"interrupted: {e.message}", err=True, fg="yellow")
         raise typer.Exit(e.exit_code) from None
@@ -270,6 +275,7 @@ def zoo_train(
                                                      exists=True, file_okay=False)] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = True,
     install: Annotated[bool, typer.Option("--install/--no-install", help="Write weights + card into the package's zoo.")] = True,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a zoo model on its task (bf16 autocast on CUDA, resumable; data-parallel under torchrun) and write its weights and card.
 
@@ -282,7 +288,7 @@ def zoo_train(
     from dsk_compress.models.zoo import train_zoo
 
     card = train_zoo(name, work_dir=work_dir, steps=steps, batch_size=batch_size, lr=lr, resume=resume, install=install,
-                     ckpt_every=ckpt_every, stdlib_root=stdlib_root)
+                     ckpt_every=ckpt_every, stdlib_root=stdlib_root, threads=threads)
     v = card["validation"]
     if dist.is_main():
         _console().print(f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after {card['training']['tokens']:,} tokens")

@@ -79,6 +79,7 @@ version: 1
 name: my-recipe
 description: distill, prune, quantize and benchmark
 seed: 0
+threads: 2
 teacher: {zoo: code-lm-moe}
 student: {from_teacher: {layers: [0, 2, 4, 5], intermediate_size: 768}}
 task: {name: code-lm, seq_len: 256}

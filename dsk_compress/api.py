@@ -13,10 +13,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None):
 
 
 def run_recipe(spec_or_name, out: str | Path = "runs", resume: bool | str | Path = False, run_dir: str | Path | None = None,
-               overrides: list[str] | None = None, rerun_from: str | None = None) -> Path:
+               overrides: list[str] | None = None, rerun_from: str | None = None, threads: int | None = None) -> Path:
     """Run a recipe (a RecipeSpec, a bundled name or a path) and return its run directory; ``rerun_from`` (with
-    ``resume``) runs that stage and the later ones again."""
+    ``resume``) runs that stage and the later ones again; ``threads`` (``--threads``) sets torch's CPU threads above the
+    recipe's ``threads`` field, ``OMP_NUM_THREADS`` and the physical cores."""
     from dsk_compress.recipes.runner import run_recipe as _run
 
     spec = load_recipe(spec_or_name, overrides) if isinstance(spec_or_name, (str, Path)) else spec_or_name
-    return _run(spec, out=out, resume=resume, run_dir=run_dir, rerun_from=rerun_from)
+    return _run(spec, out=out, resume=resume, run_dir=run_dir, rerun_from=rerun_from, threads=threads)

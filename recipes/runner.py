@@ -1,8 +1,11 @@
 """The recipe runner: plan stages, run them in a run directory, record a manifest, resume.
 
 ``runs/<recipe>-<timestamp>/manifest.json`` holds the resolved recipe, package and library
-versions, seed, host and per-stage status, timings, outputs and metrics. A stage marked ``done``
-is skipped on ``--resume``; an interrupted training stage continues from its last checkpoint.
+versions, seed, host, torch threads (``threads``: count, source, physical cores, logical CPUs; see
+:mod:`dsk_compress.threads`) and per-stage status, timings, outputs and metrics. A stage marked ``done``
+is skipped on ``--resume``; an interrupted training stage continues from its last checkpoint. A resume may use other
+threads than the run started with (the recipe's ``threads`` field is not compared): they change speed, not results
+beyond float summation order.
 
 Under ``torchrun --nproc_per_node N`` (see ``dsk_compress.compress.dist``) every rank runs this
 same function:
@@ -123,8 +126,11 @@ def _same_recipe(stored: dict | None, resolved: dict) -> bool:
 
     from dsk_compress.recipes.schema import RecipeSpec
 
+    def identity(d: dict) -> dict:  # threads change speed, not what a run computes (beyond float summation order)
+        return {k: v for k, v in d.items() if k != "threads"}
+
     try:
-        return RecipeSpec.model_validate(stored).model_dump(mode="json") == resolved
+        return identity(RecipeSpec.model_validate(stored).model_dump(mode="json")) == identity(resolved)
     except ValidationError:
         return False
 
@@ -146,7 +152,7 @@ def _mark_for_rerun(rd: Path, manifest: dict[str, Any], stage: str) -> None:
 
 
 def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool | str | Path,
-              run_dir: str | Path | None, world_size: int, rerun_from: str | None = None):
+              run_dir: str | Path | None, world_size: int, rerun_from: str | None = None, threads: dict | None = None):
     """The run directory, its manifest and the lock held on it: read for ``resume``, else created and written (rank 0 only)."""
     from dsk_compress.runlock import RunLock
 
@@ -215,6 +221,8 @@ def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool
         if origin is not None:  # how to name this recipe again in a resume or rebuild command
             manifest["source"] = {"recipe": str(origin[0]), "overrides": list(origin[1])}
     manifest["world_size"] = world_size  # of this (latest) launch
+    if threads is not None:
+        manifest["threads"] = threads  # of this (latest) launch, per process
     try:
         atomic_write_json(rd / "manifest.json", manifest)
     except BaseException:
@@ -236,7 +244,7 @@ def _wait_for_record(mpath: Path, index: int, seconds: float = 5.0) -> None:
 
 
 def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False, run_dir: str | Path | None = None,
-               rerun_from: str | None = None):
+               rerun_from: str | None = None, threads: int | None = None):
     """Run a validated recipe end to end (in one process, or on every rank of a torchrun job).
 
     Args:
@@ -246,6 +254,9 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
         run_dir: an explicit directory for a new run.
         rerun_from: with ``resume``, run this stage and every later one again (e.g. ``export`` after an upgrade);
             their old directories are kept as ``<stage>.replaced-<time>``.
+        threads: torch CPU threads (``--threads``), above the recipe's ``threads``, ``OMP_NUM_THREADS`` and the
+            physical cores (:func:`dsk_compress.threads.choose_threads`); set for the run, recorded in the manifest,
+            and set back when it returns.
 
     Returns:
         Path of the run directory (it holds manifest.json and the report); the same on every rank.
@@ -256,25 +267,34 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
         raise RunError("--rerun-from needs a run to continue", hint="add --resume (or --run-dir DIR --resume)")
     from dsk_compress.interrupts import terminate_as_interrupt
     from dsk_compress.recipes.preflight import preflight
+    from dsk_compress.threads import apply_threads, choose_threads, restore_threads
 
     stages = plan(spec)
     resolved = spec.model_dump(mode="json")
+    choice = choose_threads(threads, spec.threads)  # a bad --threads is refused before anything starts
     denv = dist.init()  # joins the process group under torchrun; a no-op in a single process
-    dist.on_main(lambda: preflight(spec), "checking the recipe")  # files, shapes and memory, before any work
-    held: dict[str, Any] = {}
-
-    def open_run():
-        rd, manifest, held["lock"] = _open_run(spec, stages, resolved, out, resume, run_dir, denv.world_size, rerun_from)
-        return rd, manifest
-
-    rd, manifest = dist.on_main(open_run, "opening the run directory")
+    threads_before = apply_threads(choice)
     try:
-        # under torchrun the launcher stops workers with SIGTERM: keep its default there
-        with terminate_as_interrupt(enabled=not denv.enabled):
-            return _run_stages(spec, stages, rd, manifest, denv, resume)
+        dist.on_main(lambda: preflight(spec), "checking the recipe")  # files, shapes and memory, before any work
+        held: dict[str, Any] = {}
+
+        def open_run():
+            rd, manifest, held["lock"] = _open_run(spec, stages, resolved, out, resume, run_dir, denv.world_size, rerun_from,
+                                                   choice.as_dict())
+            return rd, manifest
+
+        rd, manifest = dist.on_main(open_run, "opening the run directory")
+        try:
+            if denv.is_main:  # on stdout, once the run is open: a refused command's stderr stays its one error line
+                print(choice.describe(), flush=True)
+            # under torchrun the launcher stops workers with SIGTERM: keep its default there
+            with terminate_as_interrupt(enabled=not denv.enabled):
+                return _run_stages(spec, stages, rd, manifest, denv, resume)
+        finally:
+            if held.get("lock") is not None:
+                held["lock"].release()
     finally:
-        if held.get("lock") is not None:
-            held["lock"].release()
+        restore_threads(threads_before)
 
 
 def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], denv, resume) -> Path:

@@ -378,6 +378,9 @@ class RecipeSpec(_Strict):
     name: str = Field(description="run folders are named <name>-<time>: letters, digits, '.', '_', '-', '+', at most 100 characters")
     description: str = Field("", max_length=10_000)
     seed: int = Field(0, ge=0, le=MAX_SEED, description="torch and data seed, 0..2**32-1")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for training and evaluation (default: OMP_NUM_THREADS if "
+                                "set, else this machine's physical cores; --threads overrides it); at most 4x this machine's CPUs; "
+                                "bench stages keep their own threads")
     teacher: ModelSourceSpec
     student: StudentSpec
     task: AnyTask = TaskSpec()
@@ -392,6 +395,13 @@ class RecipeSpec(_Strict):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         return check_run_name(v)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_fit(cls, v: int | None) -> int | None:
+        if v is not None and v > max_threads():
+            raise ValueError(f"{v} threads is more than 4x this machine's {max_threads() // 4} CPUs; use at most {max_threads()}")
+        return v
 
     @field_validator("task", mode="before")
     @classmethod

@@ -134,6 +134,7 @@ def train_zoo(
     seed: int = 0,
     ckpt_every: int = DEFAULT_CKPT_EVERY,
     stdlib_root: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Train zoo model ``name`` on its task and (with ``install``) write its weights + card into the zoo.
 
@@ -147,6 +148,8 @@ def train_zoo(
         stdlib_root: the standard-library folder the ``code-lm`` task reads (default: this interpreter's),
             e.g. a copy of another machine's ``lib/python3.11`` so that a host with another Python trains
             on the same corpus (the card's ``task.corpus_fingerprint`` shows it).
+        threads: torch CPU threads (``--threads``; default ``OMP_NUM_THREADS``, else the physical cores, see
+            :mod:`dsk_compress.threads`); printed, recorded in the card's ``training.threads``, set back on return.
 
     Raises:
         RunError: resuming with fewer ``steps`` than the checkpoint has done, or with another peak ``lr``.
@@ -156,7 +159,9 @@ def train_zoo(
     from dsk_compress.compress import dist
     from dsk_compress.compress.trainer import TrainConfig, default_device, train
     from dsk_compress.tasks import build_task
+    from dsk_compress.threads import apply_threads, choose_threads, restore_threads
 
+    choice = choose_threads(threads)
     spec = ZOO.get(name)
     work = Path(work_dir or Path("runs") / f"zoo-{name}")
     total = steps or spec.steps
@@ -193,10 +198,17 @@ def train_zoo(
     def evaluate(m):
         return small.evaluate(torch_predict(m)).as_dict()
 
-    t0 = time.time()
-    result = train(model, loss_fn, task.train_batch, cfg, ckpt_dir=work / "checkpoint", resume=resume, evaluate=evaluate, desc=f"zoo train {name}")
-    return dist.on_main(lambda: _finish_zoo(name, spec, task, model, cfg, result, device, t0, work, install, legs),
-                        f"zoo train {name}: scoring")
+    before = apply_threads(choice)
+    try:
+        if dist.is_main():  # on stdout: stderr holds progress and errors
+            print(choice.describe(), flush=True)
+        t0 = time.time()
+        result = train(model, loss_fn, task.train_batch, cfg, ckpt_dir=work / "checkpoint", resume=resume, evaluate=evaluate,
+                       desc=f"zoo train {name}")
+        return dist.on_main(lambda: _finish_zoo(name, spec, task, model, cfg, result, device, t0, work, install, legs, choice.as_dict()),
+                            f"zoo train {name}: scoring")
+    finally:
+        restore_threads(before)
 
 
 def _schedule_legs(work: Path, cfg, resume: bool, lr_given: bool) -> list[dict]:
@@ -254,7 +266,8 @@ def _device_name(device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, work: Path, install: bool, legs: list[dict]) -> dict:
+def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, work: Path, install: bool, legs: list[dict],
+                threads: dict | None = None) -> dict:
     """Score the fp16 weights that ship, and write them with their card (rank 0 alone under torchrun)."""
     import platform
 
@@ -287,6 +300,7 @@ def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, wo
             "device_name": _device_name(device),
             "precision": result.precision,
             "world_size": result.world_size,
+            "threads": threads,  # torch CPU threads per process, and where the count came from
             "seconds": round(result.seconds, 1),
             "tokens_per_s": round(result.tokens_per_s, 1),
             "torch": torch.__version__,

@@ -278,4 +278,6 @@ class BenchStage(Stage[BenchStageConfig]):
         flag_teacher_rows(variants, chance_accuracy(ctx.task))  # a teacher near chance or below a student is flagged in its row
         report = build_report(ctx.run_dir, variants, meta)
         return StageResult(outputs={"report": "report.json", "results": f"bench/{RESULTS}"},
-                           metrics={"variants": variants, "summary": report.get("summary"), "runtime_errors": errors})
+                           metrics={"variants": variants, "summary": report.get("summary"), "runtime_errors": errors,
+                                    "onnxruntime_threads": {"threads": threads, "source": "bench.threads" if c.threads else
+                                                            f"device profile {profile.name}"}})

@@ -24,6 +24,17 @@ def tiny_run(tmp_path_factory):
     return run_recipe(str(recipe), out=d / "runs")
 
 
+def test_recipe_run_records_torch_threads_and_the_bench_stages_onnxruntime_threads(tiny_run):
+    from dsk_compress.devices import load_device
+
+    m = json.loads((tiny_run / "manifest.json").read_text())
+    assert m["threads"]["torch_threads"] >= 1 and m["threads"]["source"] in ("OMP_NUM_THREADS", "physical cores")
+    bench = m["stages"][-1]["metrics"]["onnxruntime_threads"]
+    assert bench == {"threads": load_device("host-cpu").threads, "source": "device profile host-cpu"}
+    records = json.loads((tiny_run / "bench" / "results.json").read_text())["records"]
+    assert {r["runtime"]["threads"] for r in records if r["runtime"]["name"] == "onnxruntime"} == {bench["threads"]}
+
+
 def test_bench_run_here_adds_a_section_named_after_this_machine_and_reruns_safely(tiny_run, capsys):
     host = socket.gethostname()
     for _ in range(2):  # the second run replaces the first's records

@@ -6,7 +6,36 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+
+def _import_installed_package() -> None:
+    """Import ``dsk_compress`` from where it is installed, not from this checkout's ``dsk_compress/`` folder.
+
+    ``python -m pytest`` puts the working directory first on ``sys.path``; in the checkout's root that folder shadows
+    a non-editable install (and lacks compress/, recipes/, ... which pyproject maps into the package). With an
+    editable install, or none, the checkout is the package and nothing changes.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shadow = [p for p in sys.path if Path(p or ".").resolve() == root]
+    if not shadow or "dsk_compress" in sys.modules:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if p not in shadow]
+    try:
+        spec = importlib.util.find_spec("dsk_compress")
+        if spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent != root / "dsk_compress":
+            importlib.import_module("dsk_compress")  # its subpackages are then found beside it
+    finally:
+        sys.path[:] = saved  # tests import examples/ from the working directory
+
+
+_import_installed_package()
+
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -102,7 +102,8 @@ def test_main_reports_unknown_recipe_with_bundled_hint_exit_2(tmp_path):
     proc = _cli("recipe", "no-such-recipe", "--dry-run", cwd=tmp_path)
     line = _assert_one_line_error(proc)
     assert "no-such-recipe" in line
-    assert "hint: bundled recipes: quant-prune-distill" in line
+    assert "hint: bundled recipes: " in line
+    assert {"quant-prune-distill", "quant-prune-distill-gpu"} <= set(line.split("bundled recipes: ")[1].split(";")[0].split(", "))
 
 
 def test_main_reports_missing_report_dir_exit_2(tmp_path):

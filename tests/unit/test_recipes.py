@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import platform
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,23 @@ def test_load_recipe_bundled_keeps_yaml_values():
     assert isinstance(spec.stages[1], PruneConfig)
     assert spec.stages[1].ffn_ratio == 0.5
     assert spec.stages[4].device == "host-cpu"
+
+
+def test_gpu_recipe_is_the_cpu_chain_with_gpu_budgets():
+    from dsk_compress.recipes.preflight import _check_bench_devices
+
+    gpu, cpu = load_recipe("quant-prune-distill-gpu"), load_recipe(BUNDLED)
+    assert [s.stage for s in gpu.stages] == [s.stage for s in cpu.stages] == STAGE_ORDER
+    assert gpu.teacher == cpu.teacher and gpu.student == cpu.student and gpu.task == cpu.task
+    distill, prune, qat, export, bench = gpu.stages
+    assert distill.steps * distill.batch_size * gpu.task.seq_len == 98_304_000  # tens of millions of tokens
+    assert distill.baselines == [] and prune.baselines == []
+    for g, c in ((prune, cpu.stages[1]), (qat, cpu.stages[2])):
+        assert g.steps * g.batch_size >= 10 * c.steps * c.batch_size
+    assert {distill.precision, prune.precision, qat.precision} == {"auto"}  # bf16 autocast on CUDA
+    assert export.device == bench.device == "gpu-server" and gpu.report.max_accuracy_drop == 2.0
+    if platform.machine() in ("x86_64", "AMD64"):
+        _check_bench_devices(gpu)  # an x86_64 profile: an x86_64 host without CUDA accepts it (--dry-run works here)
 
 
 def test_load_recipe_by_path_matches_bundled_name(recipe_data, write_recipe):

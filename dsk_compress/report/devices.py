@@ -40,7 +40,7 @@ def record_row(rec: BenchRecord, name: str | None = None, base: dict | None = No
         rec: the record.
         name: the row's name (default the record's variant).
         base: what the device cannot measure: ``role``, ``stage``, ``params``, ``size_bytes``, ``artifact``,
-            ``notes`` (the host's artifact entry or row of the same variant).
+            ``notes``, ``fused_ops`` (the host's artifact entry or row of the same variant).
         device: ``"host"`` for the run's host, else the device section's name.
         measured_on: the "Measured on" cell (default: the record's hostname, or SSH host, or "emulated").
     """
@@ -63,6 +63,8 @@ def record_row(rec: BenchRecord, name: str | None = None, base: dict | None = No
         "session_ms": _round(rec.timing.session_ms, 1) if rec.timing else None,
         "first_inference_ms": _round(rec.timing.first_inference_ms, 3) if rec.timing else None,
     }
+    if base.get("fused_ops"):  # what the artifact runs, whoever measured it
+        row["fused_ops"] = base["fused_ops"]
     if rec.decode is not None and rec.decode.decode_tokens_per_s is not None:
         d = rec.decode
         row["decode_tokens_per_s"] = d.decode_tokens_per_s

@@ -28,16 +28,22 @@ def _has_decode(v: Variant) -> bool:
     return v.decode is not None and bool(v.decode.model_fields_set)  # an empty ``decode: {}`` says nothing
 
 
+def _ops(ops: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} x{n}" for k, n in ops.items()) if ops else ""
+
+
 def _variant_detail(v: Variant) -> str:
-    """Notes, precision, peak memory and KV-cache decode figures of one variant, ``; ``-separated."""
+    """Notes, precision, fused operators, peak memory and decode figures of one variant, ``; ``-separated."""
     mem = f"peak RSS {v.peak_memory_mb:.0f} MB" if v.peak_memory_mb else ""
+    fused = f"fused ops: {_ops(v.fused_ops)}" if v.fused_ops else ""
     dec = v.decode if _has_decode(v) else None
     dec_text = ""
     if dec is not None:
         prompt = "?" if dec.prompt_tokens is None else dec.prompt_tokens
-        dec_text = (f"KV-cache greedy decode {fmt(dec.decode_ms_p50, 3)} ms/token p50, prefill of "
-                    f"{prompt} tokens {fmt(dec.prefill_ms, 2)} ms")
-    return "; ".join(x for x in (v.notes or "", v.precision or "", mem, dec_text) if x)
+        graph = f" with `{dec.artifact}`" if dec.artifact else ""
+        dec_text = (f"greedy decode{graph} {fmt(dec.decode_ms_p50, 3)} ms/token p50, prefill of "
+                    f"{prompt} tokens {fmt(dec.prefill_ms, 2)} ms" + (f" (decoder ops: {_ops(dec.fused_ops)})" if dec.fused_ops else ""))
+    return "; ".join(x for x in (v.notes or "", v.precision or "", fused, mem, dec_text) if x)
 
 
 def _table(rows: list[Variant], device: bool = False) -> list[str]:

@@ -127,6 +127,7 @@ class Decode(BaseModel):
     decode_ms_p90: Number | None = None
     decode_tokens_per_s: Number | None = None
     peak_memory_mb: Number | None = None
+    fused_ops: dict[str, StrictInt] | None = Field(None, description="fused / integer operators of the decoder graph, by count")
 
 
 class Variant(BaseModel):
@@ -159,6 +160,8 @@ class Variant(BaseModel):
     precision: str | None = None
     artifact: str | None = Field(None, description="path of the artifact, relative to the run directory")
     notes: str | None = None
+    fused_ops: dict[str, StrictInt] | None = Field(None, description="fused / integer operators of the artifact (ONNX Runtime contrib ops, "
+                                                                     "QLinear*, MatMulInteger*), by count")
     decode_tokens_per_s: Number | None = None
     decode: Decode | None = None
     measured_on: str | None = Field(None, description="where the row was measured: the host's name, or the device (and how it was reached)")

@@ -191,9 +191,13 @@ def host_rows(records, artifacts: dict) -> list[dict]:
         art = artifacts.get(rec.variant, {})
         base = {"role": art.get("role"), "stage": art.get("stage", rec.variant), "params": art.get("params"),
                 "artifact": art.get("path") or rec.artifact, "notes": art.get("notes", "")}
+        if art.get("fused_ops"):
+            base["fused_ops"] = art["fused_ops"]
         row = record_row(rec, name, base)
-        if rec.decode is not None:  # the bench stage's decode figures name the decoder graph they ran
-            row["decode"] = {"artifact": decode_graph(art), **row.get("decode", {})}
+        if rec.decode is not None:  # the bench stage's decode figures name the decoder graph they ran, and its fused ops
+            graph = decode_graph(art)
+            ops = (art.get("fused") or {}).get("fused_ops") if graph == art.get("fused_path") else None
+            row["decode"] = {"artifact": graph, **row.get("decode", {}), **({"fused_ops": ops} if ops else {})}
         rows.append(row)
     return rows
 

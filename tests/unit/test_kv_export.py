@@ -213,7 +213,7 @@ def test_report_table_has_decode_column_with_dash_when_unmeasured():
     assert [r[-1] for r in rows] == ["812.3", DASH] and all(len(r) == len(TABLE_COLUMNS) + 1 for r in rows)
     md = render_markdown(rep)
     assert "| Runtime | Decode (tok/s) |" in md and "| onnxruntime-cpu | 812.3 |" in md and "| onnxruntime-cpu | — |" in md
-    assert "KV-cache greedy decode 1.200 ms/token p50, prefill of 128 tokens 1.50 ms" in md
+    assert "greedy decode 1.200 ms/token p50, prefill of 128 tokens 1.50 ms" in md
     assert '<th class="num">Decode (tok/s)</th>' in render_html(rep)[0]
     # a report without any decode measurement keeps the old table
     old = make_report([teacher], {"run": "r"})
@@ -227,3 +227,4 @@ def test_kv_export_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
     with pytest.raises(ExportError, match="not a transformers causal LM"):
         export_causal_lm_with_past(torch.nn.Linear(4, 4), tmp_path / "x.kv.onnx")
     assert not (tmp_path / "x.kv.onnx").exists()
+

@@ -250,3 +250,25 @@ def test_report_a_b_compares_runs_and_devices_row_by_row(run, tmp_path):
     render_comparison(compare_reports([run, other]), console)
     text = console.export_text()
     assert "rpi5 (emulated)" in text and "67.48" in text and "Measured on" in text
+
+
+def test_report_lists_the_fused_operators_of_each_artifact_and_its_decoder_graph():
+    """host_rows carries the export stage's fused_ops of the artifact and of the fused decoder graph it decoded with."""
+    from dsk_compress.recipes.stages.bench import host_rows
+    from dsk_compress.report import make_report
+
+    rec = parse_record({**record("final", "final", "int8", 70.0, 1.0),
+                        "decode": {"prompt_tokens": 128, "new_tokens": 32, "repeats": 3, "prefill_ms": 4.0, "decode_ms_p50": 0.3,
+                                   "decode_ms_p90": 0.4, "decode_tokens_per_s": 3000.0}})
+    art = {"role": "final", "path": "export/student-int8.onnx", "fused_ops": {"MatMulIntegerToFloat": 28, "QuickGelu": 4},
+           "fused_path": "export/student-int8.fused.onnx", "kv_cache_path": "export/student-int8.kv.onnx",
+           "fused": {"fused_ops": {"GroupQueryAttention": 4, "MatMulIntegerToFloat": 16, "SkipSimplifiedLayerNormalization": 8}}}
+    (row,) = host_rows([rec], {"final": art})
+    assert row["fused_ops"] == {"MatMulIntegerToFloat": 28, "QuickGelu": 4}
+    assert row["decode"]["artifact"] == "export/student-int8.fused.onnx" and row["decode"]["fused_ops"]["GroupQueryAttention"] == 4
+    md = render_markdown(make_report([row], {"run": "r"}))
+    assert "fused ops: MatMulIntegerToFloat x28, QuickGelu x4" in md
+    assert "greedy decode with `export/student-int8.fused.onnx`" in md and "decoder ops: GroupQueryAttention x4" in md
+    # decoded with the plain KV graph (no fused graph): no decoder ops are claimed
+    (plain,) = host_rows([rec], {"final": {**art, "fused_path": None}})
+    assert plain["decode"]["artifact"] == "export/student-int8.kv.onnx" and "fused_ops" not in plain["decode"]

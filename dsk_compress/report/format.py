@@ -193,3 +193,30 @@ def margin_text(m: DistillationMargin) -> str:
 def title(report: Report) -> str:
     """``Compression report: <run>`` (``run`` when the report names none)."""
     return f"Compression report: {report.run or 'run'}"
+
+
+def _has_decode(v: Variant) -> bool:
+    return v.decode is not None and bool(v.decode.model_fields_set)  # an empty ``decode: {}`` says nothing
+
+
+def _ops(ops: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} x{n}" for k, n in ops.items()) if ops else ""
+
+
+def variant_detail(v: Variant) -> str:
+    """Notes, precision, fused operators, peak memory and decode figures of one variant, ``; ``-separated."""
+    mem = f"peak RSS {v.peak_memory_mb:.0f} MB" if v.peak_memory_mb else ""
+    fused = f"fused ops: {_ops(v.fused_ops)}" if v.fused_ops else ""
+    dec = v.decode if _has_decode(v) else None
+    dec_text = ""
+    if dec is not None:
+        prompt = "?" if dec.prompt_tokens is None else dec.prompt_tokens
+        graph = f" with `{dec.artifact}`" if dec.artifact else ""
+        dec_text = (f"greedy decode{graph} {fmt(dec.decode_ms_p50, 3)} ms/token p50, prefill of "
+                    f"{prompt} tokens {fmt(dec.prefill_ms, 2)} ms" + (f" (decoder ops: {_ops(dec.fused_ops)})" if dec.fused_ops else ""))
+    return "; ".join(x for x in (v.notes or "", v.precision or "", fused, mem, dec_text) if x)
+
+
+def has_detail(v: Variant) -> bool:
+    """True when :func:`variant_detail` has something to say beyond the table."""
+    return bool(v.notes or v.peak_memory_mb or v.fused_ops or _has_decode(v))

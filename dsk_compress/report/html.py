@@ -16,6 +16,7 @@ from typing import Any
 
 from dsk_compress.report.format import (
     device_note,
+    has_detail,
     header_fields,
     host_str,
     margin_text,
@@ -24,6 +25,7 @@ from dsk_compress.report.format import (
     table_columns,
     table_rows,
     title,
+    variant_detail,
 )
 from dsk_compress.report.model import DeviceSection, Report, Variant, as_report, finite
 
@@ -201,6 +203,10 @@ def render_html(report: Report | Mapping[str, Any]) -> tuple[str, dict[str, byte
     if report.devices:
         out.append(f"<h2>Host: {_esc(host_str(report.host))}</h2>")
     out += _table(report.variants, recommended, pareto) if report.variants else ["<p><em>No variants were measured.</em></p>"]
+    details = [v for v in report.variants if has_detail(v)]
+    if details:
+        items = "".join(f"<li><code>{_esc(v.name)}</code>: {_esc_code(variant_detail(v))}</li>" for v in details)
+        out.append(f'<details class="variants"><summary>Variants: notes, fused operators, decode</summary><ul>{items}</ul></details>')
     if summary is not None and summary.recommendation:
         out.append(f'<p class="rec"><strong>Recommendation:</strong> {_esc_code(summary.recommendation)}</p>')
     if summary is not None and summary.distillation:

@@ -7,7 +7,7 @@ from typing import Any
 
 from dsk_compress.report.format import (
     device_note,
-    fmt,
+    has_detail,
     header_fields,
     host_str,
     margin_text,
@@ -16,34 +16,13 @@ from dsk_compress.report.format import (
     table_columns,
     table_rows,
     title,
+    variant_detail,
 )
 from dsk_compress.report.model import Report, Variant, as_report
 
 
 def _md_cell(x: Any) -> str:
     return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def _has_decode(v: Variant) -> bool:
-    return v.decode is not None and bool(v.decode.model_fields_set)  # an empty ``decode: {}`` says nothing
-
-
-def _ops(ops: dict[str, int] | None) -> str:
-    return ", ".join(f"{k} x{n}" for k, n in ops.items()) if ops else ""
-
-
-def _variant_detail(v: Variant) -> str:
-    """Notes, precision, fused operators, peak memory and decode figures of one variant, ``; ``-separated."""
-    mem = f"peak RSS {v.peak_memory_mb:.0f} MB" if v.peak_memory_mb else ""
-    fused = f"fused ops: {_ops(v.fused_ops)}" if v.fused_ops else ""
-    dec = v.decode if _has_decode(v) else None
-    dec_text = ""
-    if dec is not None:
-        prompt = "?" if dec.prompt_tokens is None else dec.prompt_tokens
-        graph = f" with `{dec.artifact}`" if dec.artifact else ""
-        dec_text = (f"greedy decode{graph} {fmt(dec.decode_ms_p50, 3)} ms/token p50, prefill of "
-                    f"{prompt} tokens {fmt(dec.prefill_ms, 2)} ms" + (f" (decoder ops: {_ops(dec.fused_ops)})" if dec.fused_ops else ""))
-    return "; ".join(x for x in (v.notes or "", v.precision or "", fused, mem, dec_text) if x)
 
 
 def _table(rows: list[Variant], device: bool = False) -> list[str]:
@@ -67,10 +46,10 @@ def render_markdown(report: Report | Mapping[str, Any]) -> str:
         lines += [f"## Host: {host_str(report.host)}", ""]
     lines += _table(report.variants) if report.variants else ["_No variants were measured._"]
     lines.append("")
-    notes = [v for v in report.variants if v.notes or v.peak_memory_mb or _has_decode(v)]
+    notes = [v for v in report.variants if has_detail(v)]
     if notes:
         lines.append("**Variants:**")
-        lines += [f"- `{v.name}`: {_variant_detail(v)}" for v in notes]
+        lines += [f"- `{v.name}`: {variant_detail(v)}" for v in notes]
         lines.append("")
     summary = report.summary
     if summary is not None and summary.recommendation:

@@ -256,6 +256,7 @@ def test_report_lists_the_fused_operators_of_each_artifact_and_its_decoder_graph
     """host_rows carries the export stage's fused_ops of the artifact and of the fused decoder graph it decoded with."""
     from dsk_compress.recipes.stages.bench import host_rows
     from dsk_compress.report import make_report
+    from dsk_compress.report.html import render_html
 
     rec = parse_record({**record("final", "final", "int8", 70.0, 1.0),
                         "decode": {"prompt_tokens": 128, "new_tokens": 32, "repeats": 3, "prefill_ms": 4.0, "decode_ms_p50": 0.3,
@@ -269,6 +270,8 @@ def test_report_lists_the_fused_operators_of_each_artifact_and_its_decoder_graph
     md = render_markdown(make_report([row], {"run": "r"}))
     assert "fused ops: MatMulIntegerToFloat x28, QuickGelu x4" in md
     assert "greedy decode with `export/student-int8.fused.onnx`" in md and "decoder ops: GroupQueryAttention x4" in md
+    page = render_html(make_report([row], {"run": "r"}))[0]
+    assert "fused ops: MatMulIntegerToFloat x28" in page and "<code>export/student-int8.fused.onnx</code>" in page
     # decoded with the plain KV graph (no fused graph): no decoder ops are claimed
     (plain,) = host_rows([rec], {"final": {**art, "fused_path": None}})
     assert plain["decode"]["artifact"] == "export/student-int8.kv.onnx" and "fused_ops" not in plain["decode"]

@@ -1,6 +1,6 @@
 """Decode tokens/s of a finished run's student, side by side: our fused graphs, today's plain KV graph, onnxruntime-genai.
 
-Variants, all greedy at batch 1 on ONNX Runtime CPU with the same thread count:
+Variants, all greedy at batch 1 on ONNX Runtime CPU:
 
 - ``fused-int8``: the QAT student (``qat/model``) as our fused int8 graph (export.fused): the final model;
 - ``fused-fp32`` / ``fused-int4``: the float student (``prune/model``, else ``distill/model``) as fused fp32 / int4;
@@ -10,13 +10,17 @@ Variants, all greedy at batch 1 on ONNX Runtime CPU with the same thread count:
   by onnxruntime-genai (``benchmarks/genai_decode.py`` in the venv given by ``--genai-python``; skipped with
   a message without it).
 
-Each variant runs in its own worker process per round, rounds interleaved so drifting machine load hits
-every variant alike; medians over rounds. A round of a variant = ``--repeats`` generations of
-``--new-tokens`` after a ``--prompt-tokens`` prompt (the task's first example window). Also: prefill p50 of
-a ``--prefill-tokens`` sequence (batch 1) for our fused and plain graphs, the parity of each fused graph
-against torch and its accuracy on the task, and with ``--profile`` the operators that take the decode (and prompt prefill) time (ORT's
-profiler) for fused-int8, fused-fp32 and genai's best build (``--profile-only`` adds that to an existing JSON). Everything is rebuilt from the run directory into ``--work``
-(default ``RUN_DIR/bench-decode``), so the JSON can be reproduced from the run alone:
+Every variant runs at every ``--threads`` count (intra-op threads; inter-op 1; genai's session gets the same
+through its config overlay), each in its own worker process per round, rounds interleaved so drifting
+machine load hits every variant alike; medians over rounds. A round of a variant = ``--repeats`` generations of
+``--new-tokens`` after a ``--prompt-tokens`` prompt (the task's first example window). The JSON gives the ratios
+both at equal thread counts (``ratios_at.<threads>``) and with every variant at its own fastest thread count
+(``ratios``, the headline: what each stack delivers when tuned). Also: prefill p50 of a ``--prefill-tokens``
+sequence (batch 1) for our fused and plain graphs, node counts as saved and as ONNX Runtime runs them, the
+parity of each fused graph against torch and its accuracy on the task, and with ``--profile`` the operators
+that take the decode (and prompt prefill) time (ORT's profiler, ``--profile-threads``) for fused-int8/fp32/int4
+and genai's best build (``--profile-only`` adds that to an existing JSON). Everything is rebuilt from the run
+directory into ``--work`` (default ``RUN_DIR/bench-decode``), so the JSON can be reproduced from the run alone:
 
     python benchmarks/decode.py runs/quant-prune-distill-<time> --genai-python /work/genai-venv/bin/python --profile
 """
@@ -41,6 +45,9 @@ from dsk_compress.tasks import build_task
 
 GENAI_SCRIPT = Path(__file__).with_name("genai_decode.py")
 FINAL, PLAIN = "fused-int8", "plain-kv-int8"
+COMPARED = ((FINAL, "fused-fp32"), ("fused-int4", "fused-fp32"), ("fused-fp32", "genai-fp32"), ("fused-int4", "genai-int4"),
+            (FINAL, "fused-int4"), ("fused-int8-dynamic", FINAL), ("fused-int8-nbits", FINAL), (FINAL, "fused-int8-separate"))
+"""Pairs (a, b) whose ratio ``a_vs_b`` the JSON gives besides the issue's two (where both were timed)."""
 
 
 def _float_student(run: Path) -> Path:
@@ -63,9 +70,10 @@ def _load_qat(path: Path):
 
 
 def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, task, threads: int | None,
-               int8_kernels: tuple[str, ...] = ()) -> tuple[dict[str, Path], dict]:
+               int8_kernels: tuple[str, ...] = (), other_qat: dict[str, Path] | None = None) -> tuple[dict[str, Path], dict]:
     """Export the fused graphs and find (or export) the plain KV graphs; return their paths and, per fused graph, its
-    parity against torch and its accuracy on the task (scored through the graph itself, batch prefills)."""
+    parity against torch (the model it was exported from) and its accuracy on the task (scored through the graph itself,
+    batch prefills). ``other_qat``: ``{label: QAT model dir}`` also exported as ``fused-int8-<label>``."""
     from transformers import AutoModelForCausalLM
 
     from dsk_compress.runtimes.decode import fused_predict
@@ -85,11 +93,15 @@ def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, task, thre
             paths[f"fused-int8-{kernel}"] = export_fused(q, work / f"student.fused-int8-{kernel}.onnx", "int8", int8_kernel=kernel)
     else:
         log(f"{run} has no qat/model: no fused-int8 variant")
+    source = {name: q if name.startswith(FINAL) else fp for name in paths}
+    for label, qdir in (other_qat or {}).items():  # e.g. a version-1 QAT model with a quantizer per Linear
+        source[f"{FINAL}-{label}"] = _load_qat(qdir)
+        paths[f"{FINAL}-{label}"] = export_fused(source[f"{FINAL}-{label}"], work / f"student.fused-int8-{label}.onnx", "int8")
     for name, path in paths.items():
         quant = name.startswith(FINAL)
         log(f"parity and task accuracy of {name} ({'torch fake quant' if quant else 'torch fp32'})")
         acc = task.evaluate(fused_predict(path, threads)).as_dict()
-        info[name] = {**check_fused_parity(q if quant else fp, path, parity_prompt, 16), "fused_ops": fused_ops(op_histogram(path)),
+        info[name] = {**check_fused_parity(source[name], path, parity_prompt, 16), "fused_ops": fused_ops(op_histogram(path)),
                       "reference": "torch fake-quant QAT model" if quant else "torch fp32 student",
                       "accuracy": round(acc["accuracy"], 3), "bits_per_byte": round(acc["bits_per_byte"], 4)}
     arts = {}
@@ -107,6 +119,23 @@ def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, task, thre
 
         info["plain-kv-int8"] = {**check_kv_parity(q, paths["plain-kv-int8"], parity_prompt, 16), "reference": "torch fake-quant QAT model"}
     return paths, info
+
+
+def node_counts(path: Path) -> dict:
+    """Nodes of an ONNX graph as saved and as ONNX Runtime runs it (after its EXTENDED load-time fusions), with the op histogram
+    of the latter; ``path`` may be a model folder (onnxruntime-genai's, ``model.onnx``)."""
+    import onnxruntime as ort
+
+    from dsk_compress.export.onnx import op_histogram
+
+    path = path / "model.onnx" if path.is_dir() else path
+    with tempfile.TemporaryDirectory(prefix="dsk-nodes-") as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp) / "m.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        hist = op_histogram(Path(tmp) / "m.onnx")
+    return {"file": sum(op_histogram(path).values()), "at_load": sum(hist.values()), "ops_at_load": hist}
 
 
 def fp_artifact(arts: dict) -> str | None:
@@ -143,8 +172,9 @@ def byte_tokenizer_json(path: Path) -> None:
     tok.save(str(path))
 
 
-def build_genai(python: str, student: Path, work: Path, precisions: list[str], threads: int | None, log) -> dict[str, Path]:
-    """Run onnxruntime-genai's model builder on a copy of ``student`` (+ tokenizer.json, eos id) for each precision."""
+def build_genai(python: str, student: Path, work: Path, precisions: list[str], log) -> dict[str, Path]:
+    """Run onnxruntime-genai's model builder on a copy of ``student`` (+ tokenizer.json, eos id) for each precision
+    (the thread count is set per run, :func:`run_genai`)."""
     hf = work / "genai-hf"
     shutil.rmtree(hf, ignore_errors=True)
     shutil.copytree(student, hf)
@@ -165,11 +195,6 @@ def build_genai(python: str, student: Path, work: Path, precisions: list[str], t
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"onnxruntime-genai builder failed for {prec}:\n{proc.stderr[-2000:]}")
-        gc = json.loads((dst / "genai_config.json").read_text())
-        opts = gc["model"]["decoder"].setdefault("session_options", {})
-        if threads is not None:
-            opts.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
-        (dst / "genai_config.json").write_text(json.dumps(gc, indent=2))
         out[f"genai-{prec}"] = dst
     return out
 
@@ -183,6 +208,8 @@ def run_genai(python: str, model_dir: Path, prompt: np.ndarray, new_tokens: int,
                "--repeats", str(repeats), "--warmup", "1", "--out", str(out)]
         if profile:
             cmd += ["--profile", profile]
+        if threads:
+            cmd += ["--threads", str(threads)]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
@@ -244,16 +271,60 @@ def profile_ours(path: Path, prompt: np.ndarray, new_tokens: int, threads: int |
 
 
 def profile_all(paths: dict, genai: dict, genai_best: str | None, prompt: np.ndarray, args, work: Path, log) -> dict:
-    """ORT-profiler top operators of fused-int8, fused-fp32 and genai's best build (3 generations after one warm-up)."""
+    """ORT-profiler top operators of fused-int8, fused-fp32, fused-int4 and genai's best build (3 generations after one
+    warm-up, ``--profile-threads`` intra-op threads)."""
     log("profiling")
-    prof = {name: top_operators(profile_ours(paths[name], prompt, args.new_tokens, args.threads, work / f"profile-{name}"), args.new_tokens)
-            for name in (FINAL, "fused-fp32") if name in paths}
+    t = args.profile_threads
+    prof = {name: top_operators(profile_ours(paths[name], prompt, args.new_tokens, t, work / f"profile-{name}"), args.new_tokens)
+            for name in (FINAL, "fused-fp32", "fused-int4") if name in paths}
     if genai_best in genai:
         for old in work.glob(f"profile-{genai_best}_*.json"):
             old.unlink()
-        run_genai(args.genai_python, genai[genai_best], prompt, args.new_tokens, 3, args.threads, profile=str(work / f"profile-{genai_best}"))
+        run_genai(args.genai_python, genai[genai_best], prompt, args.new_tokens, 3, t, profile=str(work / f"profile-{genai_best}"))
         prof[genai_best] = top_operators(max(work.glob(f"profile-{genai_best}_*.json")), args.new_tokens)
     return prof
+
+
+def _median(xs: list[float], digits: int) -> float:
+    return round(statistics.median(xs), digits)
+
+
+def _ratios(med: dict[str, float], faster_is_higher: bool, pairs: dict[str, tuple[str, str | None]]) -> dict[str, float]:
+    """``{key: a over b}`` for every pair both of whose medians exist (tokens/s: a / b; a time: b / a, so > 1 means a is faster)."""
+    out = {}
+    for key, (a, b) in pairs.items():
+        if a in med and b in med:
+            out[key] = round(med[a] / med[b] if faster_is_higher else med[b] / med[a], 3)
+    return out
+
+
+def summarize(tok_s: dict, step_p50: dict, prefill: dict, threads: list[int], genai: dict) -> dict:
+    """Medians over rounds per variant and thread count, the thread count each variant is fastest at (by tokens/s) and
+    the issue's ratios both at equal thread counts and with every variant at its best."""
+    med = {n: {t: _median(v, 2) for t, v in per.items() if v} for n, per in tok_s.items()}
+    p50 = {n: {t: _median(v, 4) for t, v in per.items() if v} for n, per in step_p50.items()}
+    pre = {n: {t: _median(v, 3) for t, v in per.items() if v} for n, per in prefill.items()}
+    best_t = {n: max(per, key=per.get) for n, per in med.items() if per}
+    at = {"best": ({n: med[n][t] for n, t in best_t.items()}, {n: p50[n][t] for n, t in best_t.items()},
+                   {n: min(pre[n].values()) for n in pre if pre[n]})}
+    for t in threads:
+        at[str(t)] = ({n: per[t] for n, per in med.items() if t in per}, {n: per[t] for n, per in p50.items() if t in per},
+                      {n: per[t] for n, per in pre.items() if t in per})
+    out = {"decode_tokens_per_s_median": {n: {str(t): v for t, v in per.items()} for n, per in med.items()},
+           "decode_ms_p50_median": {n: {str(t): v for t, v in per.items()} for n, per in p50.items()},
+           "prefill_ms_p50": {n: {str(t): v for t, v in per.items()} for n, per in pre.items()},
+           "best_threads": {n: t for n, t in best_t.items()}, "ratios_at": {}}
+    for key, (m, m50, mpre) in at.items():
+        g_best = max((n for n in genai if n in m), key=lambda n: m[n], default=None)
+        pairs = {"final_vs_onnxruntime_genai": (FINAL, g_best), "final_vs_plain_kv": (FINAL, PLAIN),
+                 **{f"{a}_vs_{b}": (a, b) for a, b in COMPARED}}
+        prefill_pairs = {"fused_int8_vs_fused_fp32": (FINAL, "fused-fp32"), "plain_int8_vs_plain_fp32": (PLAIN, "plain-kv-fp32")}
+        out["ratios_at"][key] = {"genai_best": g_best, "tokens_per_s": _ratios(m, True, pairs), "step_p50": _ratios(m50, False, pairs),
+                                 "prefill": _ratios(mpre, False, prefill_pairs)}
+    best = out["ratios_at"]["best"]
+    out.update(genai_best=best["genai_best"], ratios=best["tokens_per_s"], ratios_from_step_p50=best["step_p50"],
+               prefill_speedup=best["prefill"])
+    return out
 
 
 def main() -> None:
@@ -268,13 +339,18 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--profile", action="store_true", help="profile fused-int8, fused-fp32 and genai's best build (ORT's profiler)")
+    ap.add_argument("--threads", default="1,2", help="intra-op thread counts, each variant timed at each (comma-separated)")
+    ap.add_argument("--profile", action="store_true", help="profile fused-int8/fp32/int4 and genai's best build (ORT's profiler)")
+    ap.add_argument("--profile-threads", type=int, default=1)
     ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. that the machine was shared)")
     ap.add_argument("--profile-only", action="store_true",
                     help="no timing rounds: refresh parity, accuracy and the profile in the existing --out JSON")
     ap.add_argument("--int8-kernels", default="", help="also time int8 alternatives: dynamic and/or nbits (export.fused int8_kernel)")
+    ap.add_argument("--other-qat", action="append", default=[], metavar="LABEL=DIR",
+                    help="also time the fused int8 graph of another QAT model dir as fused-int8-LABEL (e.g. one trained with a "
+                         "quantizer per Linear); repeatable")
     args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",") if t]
 
     def log(msg: str) -> None:
         print(f"[decode-bench] {msg}", file=sys.stderr, flush=True)
@@ -289,19 +365,21 @@ def main() -> None:
         raise SystemExit(f"the task's example window has {window.size} tokens; lower --prompt-tokens / --prefill-tokens")
     prompt, long_prompt = window[: args.prompt_tokens], window[: args.prefill_tokens]
 
-    paths, parity = build_ours(run, work, prompt, log, task, args.threads, tuple(k for k in args.int8_kernels.split(",") if k))
+    other = {label: Path(d) for label, d in (a.split("=", 1) for a in args.other_qat)}
+    paths, parity = build_ours(run, work, prompt, log, task, threads[0], tuple(k for k in args.int8_kernels.split(",") if k), other)
     genai_skipped = None
     if args.genai_python and Path(args.genai_python).is_file():
-        genai = build_genai(args.genai_python, _float_student(run), work, args.genai_precisions.split(","), args.threads, log)
+        genai = build_genai(args.genai_python, _float_student(run), work, args.genai_precisions.split(","), log)
     else:
         genai = {}
         genai_skipped = (f"--genai-python {args.genai_python!r} is not a file" if args.genai_python else "no --genai-python given") + \
             ": onnxruntime-genai reference skipped (make a venv with onnxruntime-genai==0.18.0, transformers 5.x, onnx_ir)"
         log(genai_skipped)
+    nodes = {name: node_counts(path) for name, path in {**paths, **genai}.items()}
 
     if args.profile_only:
         out = json.loads(Path(args.out).read_text())
-        out["parity"] = parity
+        out.update(parity=parity, nodes=nodes, profile_threads=args.profile_threads)
         out["profile"] = profile_all(paths, genai, out.get("genai_best"), prompt, args, work, log)
         atomic_write_json(args.out, out)
         print(json.dumps(out["profile"], indent=2))
@@ -309,60 +387,46 @@ def main() -> None:
 
     variants = {**paths, **genai}
     load_start = round(os.getloadavg()[0], 2)  # 1-minute load average: how busy the machine was
-    tok_s: dict[str, list[float]] = {n: [] for n in variants}
-    step_p50: dict[str, list[float]] = {n: [] for n in variants}
-    prefill: dict[str, list[float]] = {n: [] for n in paths}
+    tok_s = {n: {t: [] for t in threads} for n in variants}
+    step_p50 = {n: {t: [] for t in threads} for n in variants}
+    prefill = {n: {t: [] for t in threads} for n in paths}
     tokens: dict[str, list[int]] = {}
-    for r in range(args.rounds):  # interleaved: every variant once per round
+    for r in range(args.rounds):  # interleaved: every variant at every thread count once per round
         log(f"round {r + 1}/{args.rounds}")
-        for name, path in variants.items():
-            if name in genai:
-                res = run_genai(args.genai_python, path, prompt, args.new_tokens, args.repeats, args.threads)
-            else:
-                res = benchmark_decode(path, prompt, args.new_tokens, args.threads, repeats=args.repeats, warmup=1)
-                pre = benchmark_decode(path, long_prompt, 0, args.threads, repeats=args.repeats, warmup=1)
-                prefill[name].append(pre["prefill_ms"])
-            tok_s[name].append(res["decode_tokens_per_s"])
-            step_p50[name].append(res["decode_ms_p50"])
-            tokens[name] = res["tokens"]
+        for t in threads:
+            for name, path in variants.items():
+                if name in genai:
+                    res = run_genai(args.genai_python, path, prompt, args.new_tokens, args.repeats, t)
+                else:
+                    res = benchmark_decode(path, prompt, args.new_tokens, t, repeats=args.repeats, warmup=1)
+                    pre = benchmark_decode(path, long_prompt, 0, t, repeats=args.repeats, warmup=1)
+                    prefill[name][t].append(pre["prefill_ms"])
+                tok_s[name][t].append(res["decode_tokens_per_s"])
+                step_p50[name][t].append(res["decode_ms_p50"])
+                tokens[name] = res["tokens"]
 
-    med = {n: round(statistics.median(v), 2) for n, v in tok_s.items()}
-    med_p50 = {n: round(statistics.median(v), 4) for n, v in step_p50.items()}
-    pre_med = {n: round(statistics.median(v), 3) for n, v in prefill.items()}
-    genai_best = max((n for n in genai), key=lambda n: med[n], default=None)
-    ratios = {}
-    if FINAL in med and genai_best:
-        ratios["final_vs_onnxruntime_genai"] = round(med[FINAL] / med[genai_best], 3)
-    if FINAL in med and PLAIN in med:
-        ratios["final_vs_plain_kv"] = round(med[FINAL] / med[PLAIN], 3)
-    for a, b in ((FINAL, "fused-fp32"), ("fused-int4", "fused-fp32"), ("fused-fp32", "genai-fp32"), ("fused-int4", "genai-int4"),
-                 ("fused-int8-dynamic", FINAL), ("fused-int8-nbits", FINAL)):
-        if a in med and b in med:
-            ratios[f"{a}_vs_{b}"] = round(med[a] / med[b], 3)
-    p50_ratios = {k: round(med_p50[b] / med_p50[a], 3) for k, (a, b) in
-                  {"final_vs_onnxruntime_genai": (FINAL, genai_best), "final_vs_plain_kv": (FINAL, PLAIN)}.items()
-                  if a in med_p50 and b in med_p50}
-    prefill_ratios = {k: round(pre_med[b] / pre_med[a], 3) for k, (a, b) in
-                      {"fused_int8_vs_fused_fp32": (FINAL, "fused-fp32"), "plain_int8_vs_plain_fp32": (PLAIN, "plain-kv-fp32")}.items()
-                      if a in pre_med and b in pre_med}
+    summary = summarize(tok_s, step_p50, prefill, threads, genai)
     same = {f"{a}=={b}": tokens[a] == tokens[b] for a, b in (("fused-fp32", "genai-fp32"), ("fused-fp32", "plain-kv-fp32"),
                                                              (FINAL, PLAIN)) if a in tokens and b in tokens}
     import onnxruntime
 
-    out = {"version": 2, "run": str(run), "machine": f"{os.cpu_count()} CPUs", "note": args.note,
+    out = {"version": 3, "run": str(run), "machine": f"{os.cpu_count()} CPUs", "note": args.note,
            "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)],
            "onnxruntime": onnxruntime.__version__, "batch_size": 1, "prompt_tokens": int(prompt.size), "new_tokens": args.new_tokens,
-           "prefill_tokens": int(long_prompt.size), "threads": args.threads, "rounds": args.rounds, "repeats_per_round": args.repeats,
-           "decode_tokens_per_s_median": med, "ratios": ratios,
-           "decode_ms_p50_median": med_p50, "ratios_from_step_p50": p50_ratios,
-           "prefill_ms_p50": pre_med, "prefill_speedup": prefill_ratios,
-           "decode_tokens_per_s_rounds": tok_s, "prefill_ms_rounds": prefill,
-           "genai_best": genai_best, "genai_skipped": genai_skipped, "same_greedy_tokens": same, "parity": parity,
+           "prefill_tokens": int(long_prompt.size), "threads": threads, "rounds": args.rounds, "repeats_per_round": args.repeats,
+           "ratios_basis": "ratios / ratios_from_step_p50 / prefill_speedup: every variant at its fastest thread count (best_threads, "
+                           "by tokens/s; prefill: its lowest p50); ratios_at.<threads>: all variants at that thread count",
+           **summary, "nodes": nodes,
+           "decode_tokens_per_s_rounds": {n: {str(t): v for t, v in per.items()} for n, per in tok_s.items()},
+           "decode_ms_p50_rounds": {n: {str(t): v for t, v in per.items()} for n, per in step_p50.items()},
+           "prefill_ms_rounds": {n: {str(t): v for t, v in per.items()} for n, per in prefill.items()},
+           "genai_skipped": genai_skipped, "same_greedy_tokens": same, "parity": parity,
            "artifacts": {n: str(p) for n, p in variants.items()}}
     if args.profile:
-        out["profile"] = profile_all(paths, genai, genai_best, prompt, args, work, log)
+        out["profile_threads"] = args.profile_threads
+        out["profile"] = profile_all(paths, genai, out["genai_best"], prompt, args, work, log)
     atomic_write_json(args.out, out)
-    print(json.dumps({k: out[k] for k in ("decode_tokens_per_s_median", "ratios", "ratios_from_step_p50", "prefill_ms_p50",
+    print(json.dumps({k: out[k] for k in ("decode_tokens_per_s_median", "best_threads", "ratios", "ratios_from_step_p50", "prefill_ms_p50",
                                           "prefill_speedup", "same_greedy_tokens")}, indent=2))
 
 

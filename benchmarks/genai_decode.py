@@ -7,7 +7,7 @@ transformers 5.x); imports only ``onnxruntime_genai`` and ``numpy``. Measures wh
 step and choose its token (``generate_next_token``); tokens/s = new tokens / the time of those calls.
 
     /work/genai-venv/bin/python benchmarks/genai_decode.py --model-dir OUT --prompt P.npy --new-tokens 32 \\
-        --repeats 5 --warmup 1 --out RESULT.json
+        --repeats 5 --warmup 1 [--threads 1] --out RESULT.json
 """
 
 from __future__ import annotations
@@ -19,16 +19,23 @@ import time
 import numpy as np
 
 
-def measure(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int, warmup: int, profile: str | None = None) -> dict:
+def measure(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int, warmup: int, profile: str | None = None,
+            threads: int | None = None) -> dict:
     """Prefill ms (median), decode tokens/s (median over repeats) and the generated tokens of a greedy decode.
 
     ``profile``: a file prefix for ONNX Runtime's profiler (the trace is written when the model is released).
+    ``threads``: intra-op threads of the decoder session (overlaid on genai_config.json; inter-op 1).
     """
     import onnxruntime_genai as og
 
     config = og.Config(model_dir)
+    opts = {}
     if profile:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"enable_profiling": profile}}}}))
+        opts["enable_profiling"] = profile
+    if threads:
+        opts.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    if opts:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
     model = og.Model(config)
     prompt = np.asarray(prompt, np.int32).reshape(-1)
     length = int(prompt.size + new_tokens + 1)
@@ -55,7 +62,7 @@ def measure(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int, w
             tokens = [int(t) for t in gen.get_sequence(0)[prompt.size:]]
         del gen
     p50, p90 = (float(x) for x in np.percentile(step_ms, [50, 90]))
-    return {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "graph": "onnxruntime-genai",
+    return {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "graph": "onnxruntime-genai",
             "prefill_ms": round(float(np.median(prefill_ms)), 3), "decode_ms_p50": round(p50, 3), "decode_ms_p90": round(p90, 3),
             "decode_tokens_per_s": round(float(np.median(tok_s)), 2), "decode_tokens_per_s_runs": [round(x, 2) for x in tok_s],
             "runtime": f"onnxruntime-genai {og.__version__}", "tokens": tokens}
@@ -70,8 +77,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--profile", default=None, help="file prefix for ONNX Runtime's profiler trace")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: genai_config.json's)")
     a = ap.parse_args()
-    res = measure(a.model_dir, np.load(a.prompt, allow_pickle=False), a.new_tokens, a.repeats, a.warmup, a.profile)
+    res = measure(a.model_dir, np.load(a.prompt, allow_pickle=False), a.new_tokens, a.repeats, a.warmup, a.profile, a.threads)
     with open(a.out, "w") as f:
         json.dump(res, f)
 

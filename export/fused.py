@@ -115,7 +115,8 @@ def _act_quantizer(m) -> tuple[float, int, np.dtype]:
 
     Always uint8: a symmetric int8 quantizer (zero point 0, levels -128..127) is exactly the uint8 one with zero point
     128 (levels 0..255: the same grid, the same clamping), and ONNX Runtime's x86 integer GEMMs are fast for uint8
-    activations only (int8 ones took 11x longer per decode step on AVX2 without VNNI).
+    activations only (int8 ones took 8x longer per decode step on AVX2 without VNNI). ORT's own Q/DQ fusion makes the
+    same shift on x86; a graph written with the fused op directly has to make it itself.
     """
     q = m.input_quantizer
     if bool(q.observing.item()):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import re
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -116,14 +118,20 @@ def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where:
         if len(fx) > 1:
             ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color="#059669",
                     linewidth=1.5, alpha=0.8, label="Pareto front", zorder=1)
-        for i, (v, x, y) in enumerate(pts):
+        ys = [y for _, _, y in pts]
+        near_y = 0.05 * max(max(ys) - min(ys), 1e-9)
+        placed: list[tuple[float, float]] = []
+        for i, (v, x, y) in sorted(enumerate(pts), key=lambda t: -t[1][2]):  # top down, so crowded labels step downwards
             colour = _ROLE_COLOURS.get(str(v.role), _OTHER_COLOUR)
             on_front = i in front
             ax.scatter([x], [y], s=70 if on_front else 45, color=colour, zorder=3,
                        marker="D" if on_front else "o",
                        edgecolors="black" if v.name == recommended else "none", linewidths=1.2)
             label = v.name.replace("$", r"\$")
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+            # a label near an earlier one (close in log latency and accuracy) steps down a line so they do not overprint
+            crowd = sum(1 for px, py in placed if abs(math.log10(max(x, 1e-9) / max(px, 1e-9))) < 0.08 and abs(y - py) < near_y)
+            placed.append((x, y))
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5 - 10 * crowd), fontsize=8)
         if all(x > 0 for _, x, _ in pts):
             ax.set_xscale("log")
             xs = [x for _, x, _ in pts]
@@ -138,7 +146,7 @@ def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where:
         ax.set_ylabel("accuracy, %")
         ax.grid(True, which="both", alpha=0.25)
         title = "Accuracy vs latency  (◆ Pareto-optimal" + (", outlined = recommended)" if recommended else ")")
-        ax.set_title(f"{where}: {title}" if where else title, fontsize=10)
+        ax.set_title(f"{textwrap.shorten(where, 90, placeholder=' ...')}\n{title}" if where else title, fontsize=9)
         if len(fx) > 1:
             ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -206,7 +214,7 @@ def render_html(report: Report | Mapping[str, Any]) -> tuple[str, dict[str, byte
     details = [v for v in report.variants if has_detail(v)]
     if details:
         items = "".join(f"<li><code>{_esc(v.name)}</code>: {_esc_code(variant_detail(v))}</li>" for v in details)
-        out.append(f'<details class="variants"><summary>Variants: notes, fused operators, decode</summary><ul>{items}</ul></details>')
+        out.append(f'<details class="variants" open><summary>Variants: notes, fused operators, decode</summary><ul>{items}</ul></details>')
     if summary is not None and summary.recommendation:
         out.append(f'<p class="rec"><strong>Recommendation:</strong> {_esc_code(summary.recommendation)}</p>')
     if summary is not None and summary.distillation:

@@ -63,8 +63,11 @@ LONG_DISTILL = [{"stage": "distill", "steps": 1_000_000, "batch_size": 2}]
 def test_interrupt_records_stage_prints_resume_command_and_exits_128_plus_signal(tmp_path, capsys, sig, code, said):
     recipe = tiny_llama_recipe(tmp_path, "tiny-sig", LONG_DISTILL)
     rd = tmp_path / "run"
+    # Ctrl-C as a terminal delivers it: a background job of a non-interactive shell (nohup, `cmd &` in a script) starts
+    # with SIGINT ignored and Python keeps it ignored, so the child gets the default disposition back before it starts
     p = subprocess.Popen([sys.executable, "-m", "dsk_compress.cli.main", "recipe", str(recipe), "--run-dir", str(rd)], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: (rd / "manifest.json").is_file() and manifest(rd)["stages"][0]["status"] == "running"
                  and (rd / "distill" / "init" / "config.json").is_file(), p)

@@ -48,9 +48,10 @@ def _machines(res: dict) -> set:
 
 
 @pytest.fixture(scope="session")
-def board_venv(emulated_device, tiny_bundle):
-    """``ensure_venv`` twice on the board with the bundle's requirements and the aarch64 wheelhouse."""
-    kw = {"root": str(emulated_device.root / "venvs"), "wheelhouse": emulated_device.wheelhouse}
+def board_venv(emulated_device, tiny_bundle, tmp_path_factory):
+    """``ensure_venv`` twice on the board with the bundle's requirements and the aarch64 wheelhouse, in a folder of its
+    own (the other remote tests share ``emulated_device.root``: one of them may have made this venv already)."""
+    kw = {"root": str(tmp_path_factory.mktemp("board-venvs")), "wheelhouse": emulated_device.wheelhouse}
     with emulated_device.remote(command_timeout=1800) as dev:
         return dev.ensure_venv(tiny_bundle / "requirements.txt", **kw), dev.ensure_venv(tiny_bundle / "requirements.txt", **kw)
 

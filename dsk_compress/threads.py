@@ -16,6 +16,7 @@ Importing this module imports neither torch nor anything heavy.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -162,5 +163,15 @@ def restore_threads(before: int) -> None:
     torch.set_num_threads(before)
 
 
+@contextmanager
+def threads_in_effect(choice: ThreadChoice):
+    """:func:`apply_threads` for the ``with`` block, :func:`restore_threads` after it, however it ends."""
+    before = apply_threads(choice)
+    try:
+        yield choice
+    finally:
+        restore_threads(before)
+
+
 __all__ = ["SOURCES", "ThreadChoice", "allowed_cpus", "apply_threads", "check_threads", "choose_threads", "logical_cpus",
-           "omp_num_threads", "physical_cores", "restore_threads"]
+           "omp_num_threads", "physical_cores", "restore_threads", "threads_in_effect"]

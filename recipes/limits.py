@@ -35,6 +35,13 @@ def max_threads() -> int:
     return THREADS_PER_CPU * (os.cpu_count() or 1)
 
 
+def check_threads_fit(n: int | None) -> int | None:
+    """``n`` (or None) if this machine allows that many threads (:func:`max_threads`), else ValueError saying the most."""
+    if n is not None and n > max_threads():
+        raise ValueError(f"{n} threads is more than 4x this machine's {max_threads() // 4} CPUs; use at most {max_threads()}")
+    return n
+
+
 def check_run_name(name: str) -> str:
     """``name`` if it is a safe folder name (runs are ``<out>/<name>-<time>``), else ValueError saying what is allowed.
 

@@ -267,14 +267,13 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
         raise RunError("--rerun-from needs a run to continue", hint="add --resume (or --run-dir DIR --resume)")
     from dsk_compress.interrupts import terminate_as_interrupt
     from dsk_compress.recipes.preflight import preflight
-    from dsk_compress.threads import apply_threads, choose_threads, restore_threads
+    from dsk_compress.threads import choose_threads, threads_in_effect
 
     stages = plan(spec)
     resolved = spec.model_dump(mode="json")
     choice = choose_threads(threads, spec.threads)  # a bad --threads is refused before anything starts
     denv = dist.init()  # joins the process group under torchrun; a no-op in a single process
-    threads_before = apply_threads(choice)
-    try:
+    with threads_in_effect(choice):
         dist.on_main(lambda: preflight(spec), "checking the recipe")  # files, shapes and memory, before any work
         held: dict[str, Any] = {}
 
@@ -293,8 +292,6 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
         finally:
             if held.get("lock") is not None:
                 held["lock"].release()
-    finally:
-        restore_threads(threads_before)
 
 
 def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], denv, resume) -> Path:

@@ -16,7 +16,7 @@ from dsk_compress.recipes.limits import (
     MAX_WIDTH,
     check_device_name,
     check_run_name,
-    max_threads,
+    check_threads_fit,
 )
 
 RECIPE_VERSION = 1
@@ -336,9 +336,7 @@ class BenchStageConfig(StageConfig):
     @field_validator("threads")
     @classmethod
     def _threads_fit(cls, v: int | None) -> int | None:
-        if v is not None and v > max_threads():
-            raise ValueError(f"{v} threads is more than 4x this machine's {max_threads() // 4} CPUs; use at most {max_threads()}")
-        return v
+        return check_threads_fit(v)
 
 
 AnyStage = Annotated[
@@ -399,9 +397,7 @@ class RecipeSpec(_Strict):
     @field_validator("threads")
     @classmethod
     def _threads_fit(cls, v: int | None) -> int | None:
-        if v is not None and v > max_threads():
-            raise ValueError(f"{v} threads is more than 4x this machine's {max_threads() // 4} CPUs; use at most {max_threads()}")
-        return v
+        return check_threads_fit(v)
 
     @field_validator("task", mode="before")
     @classmethod

@@ -159,7 +159,7 @@ def train_zoo(
     from dsk_compress.compress import dist
     from dsk_compress.compress.trainer import TrainConfig, default_device, train
     from dsk_compress.tasks import build_task
-    from dsk_compress.threads import apply_threads, choose_threads, restore_threads
+    from dsk_compress.threads import choose_threads, threads_in_effect
 
     choice = choose_threads(threads)
     spec = ZOO.get(name)
@@ -198,8 +198,7 @@ def train_zoo(
     def evaluate(m):
         return small.evaluate(torch_predict(m)).as_dict()
 
-    before = apply_threads(choice)
-    try:
+    with threads_in_effect(choice):
         if dist.is_main():  # on stdout: stderr holds progress and errors
             print(choice.describe(), flush=True)
         t0 = time.time()
@@ -207,8 +206,6 @@ def train_zoo(
                        desc=f"zoo train {name}")
         return dist.on_main(lambda: _finish_zoo(name, spec, task, model, cfg, result, device, t0, work, install, legs, choice.as_dict()),
                             f"zoo train {name}: scoring")
-    finally:
-        restore_threads(before)
 
 
 def _schedule_legs(work: Path, cfg, resume: bool, lr_given: bool) -> list[dict]:

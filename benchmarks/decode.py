@@ -257,7 +257,8 @@ def top_operators(trace: Path, new_tokens: int, top: int = 8) -> dict:
 def profile_ours(path: Path, prompt: np.ndarray, new_tokens: int, threads: int | None, prefix: Path) -> Path:
     import onnxruntime as ort
 
-    from dsk_compress.runtimes.decode import FusedDecoderSession, measure_decode
+    from dsk_compress.runtimes.decode import measure_decode
+    from dsk_compress.runtimes.decoder import FusedDecoderSession
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED

@@ -6,8 +6,11 @@ benchmark method (shipped beside it as ``dsk_measure.py``, a copy of :mod:`dsk_c
 ``dsk_trt.py`` is :mod:`dsk_compress.runtimes.trt_compat`) and evaluates it on the validation windows shipped
 in the bundle, so the accuracy and latency a user sees on the device are measured there, and its
 ``results.json`` is a bench result that ``dsk-compress bench`` merges into the run's report. When the shipped
-student has a KV-cache graph it is bundled as ``model.kv.onnx`` and ``run.py --generate N`` measures greedy
-decode tokens/s with it (``--prompt TEXT`` prints the continuation, through the bundle's tokenizer).
+student has decoder graphs they are bundled as ``model.fused.onnx`` (:mod:`dsk_compress.export.fused`: ONNX Runtime's
+fused operators, one shared KV buffer per layer, decoded with IO binding by ``dsk_decoder.py``, a copy of
+:mod:`dsk_compress.runtimes.decoder`) and ``model.kv.onnx`` (the plain KV-cache graph, for GPU providers), and
+``run.py --generate N`` measures greedy decode tokens/s (``--prompt TEXT`` prints the continuation, through the
+bundle's tokenizer).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 
 from dsk_compress.errors import RunError
 from dsk_compress.io import atomic_write_json, atomic_write_text
-from dsk_compress.runtimes import measure, trt_compat
+from dsk_compress.runtimes import decoder, measure, trt_compat
 
 RUN_PY = Path(__file__).with_name("bundle_run.py")
 """The bundle's run.py (a script, never imported here: it expects to sit beside ``dsk_measure.py``)."""
@@ -106,15 +109,17 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy2(model_src, tmp / "model.onnx")
-    kv_rel = _export_artifacts(manifest).get(v["name"], {}).get("kv_cache_path")
-    if kv_rel and (run_dir / kv_rel).is_file():  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
-        shutil.copy2(run_dir / kv_rel, tmp / "model.kv.onnx")
+    art = _export_artifacts(manifest).get(v["name"], {})
+    for key, name in (("fused_path", "model.fused.onnx"), ("kv_cache_path", "model.kv.onnx")):
+        if art.get(key) and (run_dir / art[key]).is_file():  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
+            shutil.copy2(run_dir / art[key], tmp / name)
     td = task.describe()
     windows = task.eval_windows()
     vocab = max(int(td.get("vocab_size") or 256), int(windows.max()) + 1)
     np.save(tmp / "eval_windows.npy", windows.astype(window_dtype(vocab)))
     tokenizer = _save_tokenizer(task, tmp) if td["name"] == "text-lm" else None
-    for src, name in ((measure.__file__, "dsk_measure.py"), (trt_compat.__file__, "dsk_trt.py"), (RUN_PY, "run.py")):
+    for src, name in ((measure.__file__, "dsk_measure.py"), (decoder.__file__, "dsk_decoder.py"), (trt_compat.__file__, "dsk_trt.py"),
+                      (RUN_PY, "run.py")):
         atomic_write_text(tmp / name, Path(src).read_text())
     card = {
         "version": CARD_VERSION, "model": "model.onnx", "variant": v["name"], "role": v.get("role"), "precision": v["precision"],
@@ -123,6 +128,7 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
         "eval_windows": "eval_windows.npy", "eval_batch_size": _eval_batch_size(task), "logits_dtype": np.dtype(task.logits_dtype).name,
         "vocab_size": vocab, "tokenizer": tokenizer, "tensorrt": trt_card,
         "kv_model": "model.kv.onnx" if (tmp / "model.kv.onnx").is_file() else None,
+        "fused_model": "model.fused.onnx" if (tmp / "model.fused.onnx").is_file() else None,
         "params": v.get("params"), "size_bytes": v.get("size_bytes"),
         "measured_on_build_host": {"accuracy": v.get("accuracy"), "metrics": v.get("metrics"), "latency_ms": v.get("latency_ms"),
                                    "runtime": v.get("runtime"), "host": report.get("host")},
@@ -170,9 +176,16 @@ def _save_tokenizer(task, dest: Path) -> str:
     return "tokenizer.json"
 
 
+def _decoder_files(fused: bool, kv: bool) -> str:
+    parts = (["`model.fused.onnx` is the same model as one decoder graph of ONNX Runtime's fused operators (GroupQueryAttention "
+              "appending to one preallocated KV buffer per layer, decoded with IO binding; used on the CPU)"] if fused else []) + \
+            (["`model.kv.onnx` is the same model with a plain KV cache" + (" (used with a GPU provider)" if fused else "")] if kv else [])
+    return "; ".join(parts)
+
+
 def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, folder: Path, tokenizer: bool) -> str:
     p50 = (v.get("latency_ms") or {}).get("p50")
-    kv = (folder / "model.kv.onnx").is_file()
+    fused, kv = (folder / "model.fused.onnx").is_file(), (folder / "model.kv.onnx").is_file()
     prompt = "'The '" if tokenizer else "'def '"
     return (
         f"# {recipe} for {prof.name}\n\n{prof.description}\n\n"
@@ -188,9 +201,9 @@ def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, f
         "where the model allows, peak memory, accuracy on the bundled evaluation windows and where it was measured "
         "(CPU, runtime and version, execution provider, threads). `dsk-compress bench RUN --device "
         f"{prof.name} --host user@board` does all of this over SSH and adds the numbers to the run's report.\n"
-        + (f"\n`model.kv.onnx` is the same model with a KV cache: `.venv/bin/python run.py --generate 64 --prompt {prompt}` also "
+        + (f"\n{_decoder_files(fused, kv)}: `.venv/bin/python run.py --generate 64 --prompt {prompt}` also "
            "measures greedy decode (prefill ms, ms per token, tokens/s) and prints the continuation"
-           + (" (text through the bundled `tokenizer.json`)" if tokenizer else "") + ".\n" if kv else "")
+           + (" (text through the bundled `tokenizer.json`)" if tokenizer else "") + ".\n" if fused or kv else "")
         + ("\nWith TensorRT (JetPack) and torch present, the first run builds a TensorRT engine for this GPU "
            f"({precision}, profile batch 1..{trt_card['max_batch']}) and caches it as `model.<trt version>.<gpu>.engine`; "
            "later runs load it. Without them, run.py falls back to onnxruntime. onnxruntime's CUDA and TensorRT execution "

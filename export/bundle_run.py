@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-try:  # the bundle's copies (python3 run.py puts this folder first on sys.path) of dsk_compress.runtimes.measure and .trt_compat
+try:  # the bundle's copies (python3 run.py puts this folder first on sys.path) of dsk_compress.runtimes.measure, .decoder, .trt_compat
+    import dsk_decoder as D
     import dsk_measure as M
     import dsk_trt
 except ImportError:  # run from the dsk-compress source tree
+    from dsk_compress.runtimes import decoder as D
     from dsk_compress.runtimes import measure as M
     from dsk_compress.runtimes import trt_compat as dsk_trt
 
@@ -191,25 +193,23 @@ class Codec:
         return self.tok.decode(ids) if self.tok else bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
+def decoder_graph(card, providers):
+    """The decoder graph ``--generate`` runs: the fused one (GroupQueryAttention on one shared KV buffer, IO binding) on the
+    CPU provider, which is where its fp32 / int8 kernels are; the plain KV-cache graph with a GPU provider or without it."""
+    if card.get("fused_model") and list(providers) == [CPU]:
+        return card["fused_model"]
+    return card.get("kv_model") or card.get("fused_model")
+
+
 def generate(card, threads, providers, prompt, new_tokens, repeats=5):
-    """Greedy decode with the KV-cache graph in onnxruntime with ``providers``: ``dsk_measure.decode_loop``."""
-    sess = ort_session(card, HERE / card["kv_model"], threads, providers)
-    outs = [o.name for o in sess.get_outputs()]
-    kinds = {"tensor(float16)": np.float16}
-    empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), kinds.get(i.type, np.float32))
-             for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
-    state = {}
-
-    def run(ids, total, past):
-        feed = {"input_ids": np.asarray(ids, np.int64).reshape(1, -1), "attention_mask": np.ones((1, total), np.int64)}
-        feed.update(past)
-        res = dict(zip(outs, sess.run(None, feed)))
-        state["past"] = {"past_key_values." + k[len("present."):]: v for k, v in res.items() if k.startswith("present.")}
-        return res["logits"][0, -1]
-
-    out = M.decode_loop(lambda: run(prompt, len(prompt), empty), lambda tok, total: run([tok], total, state["past"]),
-                        len(prompt), new_tokens, repeats=repeats)
-    out["execution_provider"] = sess.get_providers()[0]
+    """Greedy decode with :func:`decoder_graph` in onnxruntime with ``providers``: ``dsk_decoder`` sessions timed by
+    ``dsk_measure.decode_loop``, as the host's bench stage does."""
+    graph = decoder_graph(card, providers)
+    sess = ort_session(card, HERE / graph, threads, providers)
+    prompt = np.asarray(prompt, np.int64)
+    prefill, step = D.decode_steps(D.decoder_for(sess), prompt, new_tokens)
+    out = M.decode_loop(prefill, step, len(prompt), new_tokens, repeats=repeats)
+    out.update(execution_provider=sess.get_providers()[0], artifact=graph)
     return out
 
 
@@ -229,7 +229,7 @@ def parse_args(card, argv=None):
     ap.add_argument("--batches", default=",".join(str(b) for b in card.get("batches", [1, 8, 64])),
                     help="batch sizes, the first is the latency batch (default %(default)s)")
     ap.add_argument("--no-eval", action="store_true", help="skip the accuracy on the evaluation windows")
-    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also time greedy decode of N tokens with the KV-cache model")
+    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also time greedy decode of N tokens with the bundle's decoder graph (model.fused.onnx on the CPU, else model.kv.onnx)")
     ap.add_argument("--prompt", default=None, help="text to continue with --generate (default: half of the first evaluation window); "
                                                    "the continuation is printed")
     ap.add_argument("--measurement", choices=["measured", "emulated"], default="measured",
@@ -237,8 +237,8 @@ def parse_args(card, argv=None):
     ap.add_argument("--out", default="results.json")
     a = ap.parse_args(argv)
     a.batches = [int(b) for b in a.batches.split(",")]
-    if a.generate and not card.get("kv_model"):
-        ap.error("--generate needs a KV-cache model, and this bundle has none (export with kv_cache: true)")
+    if a.generate and not (card.get("fused_model") or card.get("kv_model")):
+        ap.error("--generate needs a decoder graph (model.fused.onnx or model.kv.onnx), and this bundle has none (export with kv_cache: true)")
     if a.prompt is not None and not a.generate:
         ap.error("--prompt goes with --generate N")
     return a

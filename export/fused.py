@@ -20,7 +20,7 @@ Graph interface, the same for every precision so one decode loop serves them::
              past_key_values.{i}.key / .value   float [batch, kv_heads, max_sequence, head_dim]
     outputs  logits                  float [batch, sequence, vocab]
              present.{i}.key / .value  same shape as the past: bind the same buffer to both (GroupQueryAttention
-                                       then appends in place; ``runtimes.decode.FusedDecoderSession`` does this)
+                                       then appends in place; ``runtimes.decoder.FusedDecoderSession`` does this)
 
 A prefill feeds the prompt with ``seqlens_k = len - 1``; each decode step feeds one token with the count
 grown by one. ``max_sequence`` is the caller's buffer length (prompt + new tokens); positions are bounded
@@ -53,7 +53,7 @@ import numpy as np
 
 from dsk_compress.errors import ExportError
 from dsk_compress.io import atomic_path, commit
-from dsk_compress.runtimes.decode import (  # the graph interface lives with the (torch-free) runtime that drives it
+from dsk_compress.runtimes.decoder import (  # the graph interface lives with the (torch-free) runtime that drives it
     INPUT_IDS,
     LOGITS,
     METADATA_KEY,
@@ -428,7 +428,7 @@ def check_fused_parity(model: nn.Module, path: str | Path, prompt: np.ndarray, n
     Same numbers as :func:`dsk_compress.export.kv_cache.check_kv_parity` (:func:`~dsk_compress.export.kv_cache.greedy_parity`).
     """
     from dsk_compress.export.kv_cache import greedy_parity
-    from dsk_compress.runtimes.decode import FusedDecoderSession
+    from dsk_compress.runtimes.decoder import FusedDecoderSession
 
     return greedy_parity(model, FusedDecoderSession(path, threads=threads), prompt, new_tokens)
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from dsk_compress.errors import ExportError
 from dsk_compress.io import atomic_path, commit
-from dsk_compress.runtimes.decode import past_names, present_names  # one naming for every decoder graph
+from dsk_compress.runtimes.decoder import past_names, present_names  # one naming for every decoder graph
 
 INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
 
@@ -254,7 +254,7 @@ def torch_greedy(model: nn.Module, prompt: np.ndarray, new_tokens: int) -> tuple
 def check_kv_parity(model: nn.Module, kv_path: str | Path, prompt: np.ndarray, new_tokens: int = 8,
                     threads: int | None = None) -> dict:
     """Greedy-decode ``new_tokens`` after ``prompt`` in torch and with the ONNX KV graph; compare (:func:`greedy_parity`)."""
-    from dsk_compress.runtimes.decode import KVCacheSession
+    from dsk_compress.runtimes.decoder import KVCacheSession
 
     return greedy_parity(model, KVCacheSession(kv_path, threads=threads), prompt, new_tokens)
 

@@ -13,7 +13,8 @@ After ``onnxruntime_perf_test``, ``trtexec``, Qualcomm AI Hub profile jobs and M
    ``max_output_bytes`` is recorded as skipped, with the reason;
 4. peak resident memory of the measuring process (``VmHWM``);
 5. accuracy on the task's evaluation windows (:func:`score_windows`, the same code the task uses);
-6. greedy decode tokens/s for language models (:func:`decode_loop`).
+6. greedy decode tokens/s for language models (:func:`decode_loop`; :func:`decode_rounds` compares several decoders in
+   interleaved rounds).
 
 This module is deliberately dependency-free: the standard library and numpy, Python 3.8 or later, no
 import of dsk_compress. A deploy bundle ships this very file as ``dsk_measure.py``, so ``run.py`` on a Pi
@@ -242,27 +243,44 @@ def decode_loop(prefill, step, prompt_tokens, new_tokens, repeats=5, warmup=1):
     step, the median over repeats of ``new_tokens / decode seconds`` as ``decode_tokens_per_s`` (each repeat's in
     ``decode_tokens_per_s_runs``) and the last repeat's tokens.
     """
+    return decode_rounds([(prefill, step)], prompt_tokens, new_tokens, rounds=repeats, warmup=warmup)[0]
+
+
+def decode_rounds(decoders, prompt_tokens, new_tokens, rounds=5, warmup=1):
+    """:func:`decode_loop` for several ``(prefill, step)`` decoders at once, in interleaved rounds: each round runs one
+    repeat of every decoder, starting one further along the list each round, so a slow spell of the machine falls on
+    all of them alike rather than on whichever ran then. ``warmup`` untimed repeats of each come first. Returns one
+    :func:`decode_loop` result per decoder, in order."""
     perf = time.perf_counter
-    prefill_ms, step_ms, rates, tokens = [], [], [], []
-    for r in range(warmup + repeats):
-        t0 = perf()
-        tok = int(np.argmax(prefill()))
-        t1 = perf()
-        times, toks = [], [tok]
-        for k in range(new_tokens):
-            t = perf()
-            tok = int(np.argmax(step(tok, prompt_tokens + k + 1)))
-            times.append((perf() - t) * 1000.0)
-            toks.append(tok)
-        if r >= warmup:
-            prefill_ms.append((t1 - t0) * 1000.0)
-            step_ms += times
-            if times:
-                rates.append(new_tokens / (sum(times) / 1000.0))
-            tokens = toks
-    out = {"prompt_tokens": int(prompt_tokens), "new_tokens": int(new_tokens), "repeats": int(repeats),
-           "prefill_ms": float(np.median(prefill_ms)), "prefill_ms_runs": prefill_ms, "tokens": tokens}
-    if step_ms:
-        p50, p90 = (float(v) for v in np.percentile(step_ms, [50, 90]))
-        out.update(decode_ms_p50=p50, decode_ms_p90=p90, decode_tokens_per_s=float(np.median(rates)), decode_tokens_per_s_runs=rates)
-    return out
+    n = len(decoders)
+    acc = [{"prefill_ms": [], "step_ms": [], "rates": [], "tokens": []} for _ in range(n)]
+    for r in range(warmup + rounds):
+        for j in range(n):
+            i = (j + r) % n
+            prefill, step = decoders[i]
+            t0 = perf()
+            tok = int(np.argmax(prefill()))
+            t1 = perf()
+            times, toks = [], [tok]
+            for k in range(new_tokens):
+                t = perf()
+                tok = int(np.argmax(step(tok, prompt_tokens + k + 1)))
+                times.append((perf() - t) * 1000.0)
+                toks.append(tok)
+            if r >= warmup:
+                a = acc[i]
+                a["prefill_ms"].append((t1 - t0) * 1000.0)
+                a["step_ms"] += times
+                if times:
+                    a["rates"].append(new_tokens / (sum(times) / 1000.0))
+                a["tokens"] = toks
+    results = []
+    for a in acc:
+        out = {"prompt_tokens": int(prompt_tokens), "new_tokens": int(new_tokens), "repeats": int(rounds),
+               "prefill_ms": float(np.median(a["prefill_ms"])), "prefill_ms_runs": a["prefill_ms"], "tokens": a["tokens"]}
+        if a["step_ms"]:
+            p50, p90 = (float(v) for v in np.percentile(a["step_ms"], [50, 90]))
+            out.update(decode_ms_p50=p50, decode_ms_p90=p90, decode_tokens_per_s=float(np.median(a["rates"])),
+                       decode_tokens_per_s_runs=a["rates"])
+        results.append(out)
+    return results

@@ -192,6 +192,7 @@ class DecodeStats(_Strict):
     decode_tokens_per_s: float | None = None
     decode_tokens_per_s_runs: list[float] = Field(default_factory=list)
     execution_provider: str | None = None
+    artifact: str | None = Field(None, description="the decoder graph decoded (a bundle's model.fused.onnx or model.kv.onnx)")
     tokens: list[int] = Field(default_factory=list)
     text: str | None = Field(None, description="prompt continuation decoded with the bundle's tokenizer (run.py --prompt)")
     peak_memory_mb: float | None = None

@@ -140,10 +140,9 @@ def _size(path: Path) -> int:
     return file_size(path) if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def measure_plan(run_dir: Path, name: str, art: dict, plan: Plan, task, bcfg, provenance: dict, decode: bool = False,
-                 new_tokens: int | None = None):
-    """Measure one artifact in one runtime: timing (worker process), accuracy (the task, same runtime), decode
-    (``new_tokens`` greedy steps, default ``DEFAULT_NEW_TOKENS``).
+def measure_plan(run_dir: Path, name: str, art: dict, plan: Plan, task, bcfg, provenance: dict):
+    """Measure one artifact in one runtime: timing (worker process) and accuracy (the task, same runtime); decode is
+    measured for all artifacts together (:func:`measure_decodes`).
 
     Returns:
         The :class:`~dsk_compress.runtimes.result.BenchRecord`.
@@ -157,8 +156,7 @@ def measure_plan(run_dir: Path, name: str, art: dict, plan: Plan, task, bcfg, pr
     prov = {**provenance, "gpu": timing.gpu or provenance.get("gpu")}
     return BenchRecord(variant=name, role=art.get("role"), precision=art.get("precision", "fp32"), artifact=plan.path,
                        size_bytes=_size(run_dir / plan.path), runtime=timing.runtime, provenance=prov, timing=timing.timing,
-                       memory=timing.memory, accuracy=acc, decode=_decode(run_dir, art, task, bcfg, new_tokens) if decode else None,
-                       notes=art.get("notes", ""))
+                       memory=timing.memory, accuracy=acc, notes=art.get("notes", ""))
 
 
 def decode_graph(art: dict) -> str | None:
@@ -167,19 +165,25 @@ def decode_graph(art: dict) -> str | None:
     return art.get("fused_path") or art.get("kv_cache_path")
 
 
-def _decode(run_dir: Path, art: dict, task, bcfg, new_tokens: int | None = None):
-    """Greedy decode with the artifact's :func:`decode_graph` (none: None): prefill the first half of the task's example
-    window, then ``new_tokens`` (default ``DEFAULT_NEW_TOKENS``) single-token steps, in a fresh ONNX Runtime process."""
-    if not decode_graph(art):
-        return None
-    from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decode
+def measure_decodes(run_dir: Path, artifacts: dict, task, bcfg, new_tokens: int | None = None) -> dict:
+    """Greedy decode with every artifact's :func:`decode_graph`, all in one ONNX Runtime worker in interleaved rounds (a
+    slow spell of the machine falls on every graph alike, so their tokens/s compare): prefill the first half of the
+    task's example window, then ``new_tokens`` (default ``DEFAULT_NEW_TOKENS``) single-token steps.
+
+    Returns:
+        ``{artifact name: DecodeStats}`` for the artifacts that have a decoder graph.
+    """
+    names = [n for n, art in artifacts.items() if decode_graph(art)]
+    if not names:
+        return {}
+    from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decodes
     from dsk_compress.runtimes.result import DecodeStats
 
     prompt = task.example_inputs(1)[0][: max(1, task.seq_len // 2)]
-    r = benchmark_decode(run_dir / decode_graph(art), prompt, new_tokens or DEFAULT_NEW_TOKENS, bcfg.threads, repeats=max(3, min(bcfg.runs, 10)),
-                         warmup=max(1, min(bcfg.warmup, 2)))
+    res = benchmark_decodes([run_dir / decode_graph(artifacts[n]) for n in names], prompt, new_tokens or DEFAULT_NEW_TOKENS, bcfg.threads,
+                            repeats=max(3, min(bcfg.runs, 10)), warmup=max(1, min(bcfg.warmup, 2)))
     keep = ("prompt_tokens", "new_tokens", "repeats", "prefill_ms", "decode_ms_p50", "decode_ms_p90", "decode_tokens_per_s", "peak_memory_mb")
-    return DecodeStats(**{k: r[k] for k in keep if k in r}, execution_provider="CPUExecutionProvider")
+    return {n: DecodeStats(**{k: r[k] for k in keep if k in r}, execution_provider="CPUExecutionProvider") for n, r in zip(names, res)}
 
 
 def host_rows(records, artifacts: dict) -> list[dict]:
@@ -226,20 +230,24 @@ def measure_artifacts(run_dir: Path, artifacts: dict, task, profile, bcfg, sourc
     available = onnxruntime.get_available_providers()
     trt = importlib.util.find_spec("tensorrt") is not None
     saved = DeviceResults(device=device_name)
-    records, errors = [], []
+    records, errors, first = [], [], {}
     for name, art in artifacts.items():
         plans = runtime_plans(art, profile, available, platform.machine(), cuda, trt)
         for i, plan in enumerate(plans):
             try:
-                rec = measure_plan(run_dir, name, art, plan, task, bcfg, prov, decode=i == 0, new_tokens=new_tokens)
+                rec = measure_plan(run_dir, name, art, plan, task, bcfg, prov)
             except DskError as e:
                 if i == 0:
                     raise
                 errors.append(f"{name} in {plan.kind} {' '.join(plan.providers) or plan.device}: {e.message}")
                 continue
+            first.setdefault(name, len(records))  # the reference runtime's record carries the decode figures
             records.append(rec)
             saved = saved.merged([rec])
             atomic_write_json(results_path, saved.to_dict())
+    for name, stats in measure_decodes(run_dir, {n: artifacts[n] for n in first}, task, bcfg, new_tokens).items():
+        records[first[name]] = records[first[name]].model_copy(update={"decode": stats})
+    atomic_write_json(results_path, saved.merged(records).to_dict())
     return records, errors
 
 

@@ -240,7 +240,8 @@ def test_bundle_run_py_reproduces_report_accuracy(finished_run, tmp_path):
     from dsk_compress.export.bundle import make_bundle
 
     b = make_bundle(finished_run, "rpi5", tmp_path / "rpi5")
-    assert {p.name for p in b.iterdir()} == {"model.onnx", "model.kv.onnx", "model_card.json", "run.py", "dsk_measure.py", "dsk_trt.py",
+    assert {p.name for p in b.iterdir()} == {"model.onnx", "model.fused.onnx", "model.kv.onnx", "model_card.json", "run.py", "dsk_measure.py",
+                                             "dsk_decoder.py", "dsk_trt.py",
                                              "requirements.txt", "README.md", "eval_windows.npy"}
     card = json.loads((b / "model_card.json").read_text())
     assert card["precision"] == "int8" and card["runtime"] == "onnxruntime" and card["source_run"] == finished_run.name
@@ -257,8 +258,13 @@ def test_bundle_run_py_reproduces_report_accuracy(finished_run, tmp_path):
     assert res.accuracy.metrics["bits_per_byte"] == pytest.approx(host["accuracy"]["metrics"]["bits_per_byte"], abs=1e-6)
     assert res.timing.batches[0].p50 > 0 and [b.batch_size for b in res.timing.batches] == [1, 8, 64]
     assert (res.variant, res.precision, res.provenance.tool, res.provenance.source_run) == ("final", "int8", "run.py", finished_run.name)
-    # greedy decode with the bundled KV-cache graph: the prefill's token + 4 decode steps, decoded as bytes
+    # greedy decode with the bundled fused graph (CPU): the prefill's token + 4 decode steps, decoded as bytes, and the
+    # same tokens as the bundled plain KV-cache graph
+    from dsk_compress.runtimes.decoder import KVCacheSession
+
+    assert res.decode.artifact == "model.fused.onnx" and card["fused_model"] == "model.fused.onnx"
     assert len(res.decode.tokens) == 5 and res.decode.decode_tokens_per_s > 0
+    assert res.decode.tokens == KVCacheSession(b / "model.kv.onnx").greedy(np.frombuffer(b"def f(", np.uint8), 5)[0].tolist()
     assert res.decode.text == bytes(t % 256 for t in res.decode.tokens).decode("utf-8", errors="replace")
     assert r.stdout.startswith("def f(" + res.decode.text)
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.remote
 
 STAGES = [{"stage": "distill", "steps": 3, "batch_size": 4, "lr": 3e-3},
           {"stage": "qat", "steps": 4, "batch_size": 4, "observer_steps": 2},
-          {"stage": "export", "ptq_baselines": False, "kv_cache": False},
+          {"stage": "export", "ptq_baselines": False},  # with decoder graphs: the floor test decodes with the fused one
           {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []}]
 
 
@@ -154,8 +154,16 @@ def test_oldest_allowed_onnxruntime_runs_the_int8_bundle_on_the_board(emulated_d
     assert floors["onnxruntime"] == ".".join(pins["onnxruntime"].split(".")[:2])  # the floor is what the board installs here
     (b / "requirements.txt").write_text("\n".join(FLOOR) + "\n")
     with emulated_device.remote(command_timeout=1800) as dev:
-        out = dev.run_bundle(b, out_dir=tmp_path / "out", run_args=["--runs", "1", "--batches", "1"],
+        out = dev.run_bundle(b, out_dir=tmp_path / "out", run_args=["--runs", "1", "--batches", "1", "--generate", "8"],
                              remote_root=str(emulated_device.root / "bundles" / "floor-rpi5"), timeout=1800, **emulated_device.bundle_kwargs())
     assert out["provenance"]["packages"]["onnxruntime"] == pins["onnxruntime"]
     got, host = out["results"]["accuracy"]["metrics"]["accuracy"], _host_record(code_run, "final")["accuracy"]["metrics"]["accuracy"]
     assert abs(got - host) <= 0.05, (got, host)
+    # the fused int8 decoder (GroupQueryAttention with rotary on one shared KV buffer, MatMulIntegerToFloat) decodes on the
+    # floor's arm64 kernels with IO binding to the host's greedy tokens
+    from dsk_compress.runtimes.decoder import FusedDecoderSession
+
+    dec = out["results"]["decode"]
+    prompt = np.load(b / "eval_windows.npy")[0][: json.loads((b / "model_card.json").read_text())["seq_len"] // 2]
+    assert dec["artifact"] == "model.fused.onnx" and dec["decode_tokens_per_s"] > 0
+    assert dec["tokens"] == FusedDecoderSession(b / "model.fused.onnx").greedy(prompt, 9)[0].tolist()

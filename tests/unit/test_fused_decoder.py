@@ -71,7 +71,7 @@ def test_fused_fp32_step_logits_match_torch_cache_loop(fp32):
 
 
 def test_fused_greedy_decode_equals_torch_generate(fp32):
-    from dsk_compress.runtimes.decode import FusedDecoderSession
+    from dsk_compress.runtimes.decoder import FusedDecoderSession
 
     with torch.no_grad():
         ref = fp32["model"].generate(torch.as_tensor(PROMPT[None]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, PROMPT.size:]
@@ -84,7 +84,7 @@ def test_fused_greedy_decode_equals_torch_generate(fp32):
 
 
 def test_fused_prefill_logits_equal_torch_full_sequence(fp32):
-    from dsk_compress.runtimes.decode import FusedDecoderSession
+    from dsk_compress.runtimes.decoder import FusedDecoderSession
 
     with torch.no_grad():
         ref = fp32["model"](input_ids=torch.as_tensor(PROMPT[None])).logits[0].numpy()
@@ -94,7 +94,7 @@ def test_fused_prefill_logits_equal_torch_full_sequence(fp32):
 def test_fused_int4_has_one_matmulnbits_per_matmul_and_bounded_error(fp32):
     from dsk_compress.compress.qat import sqnr_db
     from dsk_compress.export.kv_cache import torch_greedy
-    from dsk_compress.runtimes.decode import FusedDecoderSession
+    from dsk_compress.runtimes.decoder import FusedDecoderSession
 
     hist = _hist(fp32["int4"])
     assert hist["MatMulNBits"] == 4 * LAYERS + 1 and "MatMul" not in hist
@@ -209,7 +209,8 @@ def test_fused_other_llama_families_decode_like_torch(tmp_path, family):
 
 
 def test_measure_decode_runs_the_fused_graph_with_the_same_tokens(fp32):
-    from dsk_compress.runtimes.decode import FusedDecoderSession, benchmark_decode, measure_decode
+    from dsk_compress.runtimes.decode import benchmark_decode, measure_decode
+    from dsk_compress.runtimes.decoder import FusedDecoderSession
 
     r = measure_decode(fp32["fp32"], PROMPT, new_tokens=8, threads=1, repeats=2, warmup=1)
     assert r["graph"] == "fused" and r["decode_tokens_per_s"] > 0 and len(r["decode_tokens_per_s_runs"]) == 2
@@ -221,7 +222,8 @@ def test_measure_decode_runs_the_fused_graph_with_the_same_tokens(fp32):
 def test_fused_session_refuses_a_plain_kv_graph_and_an_overlong_decode(fp32, tmp_path):
     from dsk_compress.export.kv_cache import export_float_with_past
     from dsk_compress.runtimes.base import RuntimeBackendError
-    from dsk_compress.runtimes.decode import FusedDecoderSession, KVCacheSession, decode_session
+    from dsk_compress.runtimes.decode import decode_session
+    from dsk_compress.runtimes.decoder import FusedDecoderSession, KVCacheSession
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -231,6 +233,30 @@ def test_fused_session_refuses_a_plain_kv_graph_and_an_overlong_decode(fp32, tmp
     assert isinstance(decode_session(kv), KVCacheSession) and isinstance(decode_session(fp32["fp32"]), FusedDecoderSession)
     with pytest.raises(RuntimeBackendError, match="exceed the model's 256 positions"):
         FusedDecoderSession(fp32["fp32"]).greedy(PROMPT, 300)
+
+
+def test_decodes_of_several_graphs_run_in_interleaved_rounds_in_one_worker(fp32, tmp_path):
+    from dsk_compress.export.kv_cache import export_float_with_past
+    from dsk_compress.runtimes.decode import benchmark_decodes
+    from dsk_compress.runtimes.measure import decode_rounds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kv = export_float_with_past(fp32["model"], tmp_path / "m.kv.onnx")
+    fused, plain = benchmark_decodes([fp32["fp32"], kv], PROMPT, new_tokens=6, threads=1, repeats=3, warmup=1)
+    assert (fused["graph"], plain["graph"]) == ("fused", "kv") and fused["repeats"] == plain["repeats"] == 3
+    assert len(fused["decode_tokens_per_s_runs"]) == len(plain["decode_tokens_per_s_runs"]) == 3
+    assert fused["tokens"] == plain["tokens"] and len(fused["tokens"]) == 7  # fp32 fused == fp32 plain KV, greedy
+    assert "peak_memory_mb" not in fused  # one process held both graphs: no per-graph memory figure
+
+    # each round starts one further along the list, so no decoder always runs first
+    order = []
+
+    def decoder(i):
+        return (lambda: order.append(i) or np.zeros(4)), (lambda tok, total: np.zeros(4))
+
+    decode_rounds([decoder(0), decoder(1), decoder(2)], 3, 1, rounds=3, warmup=0)
+    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1]
 
 
 def test_fused_export_refuses_moe_and_wrong_precisions(tmp_path, fp32):

@@ -62,7 +62,7 @@ def test_kv_graph_has_past_inputs_and_present_outputs_per_layer(fp32):
 
 
 def test_kv_greedy_decode_matches_torch_generate(fp32):
-    from dsk_compress.runtimes.decode import KVCacheSession
+    from dsk_compress.runtimes.decoder import KVCacheSession
 
     with torch.no_grad():
         ref = fp32["model"].generate(torch.as_tensor(PROMPT[None]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, PROMPT.size:]
@@ -80,7 +80,7 @@ def test_kv_decode_step_logits_match_torch_cache_loop(fp32):
 
 def test_kv_prefill_with_empty_past_equals_full_sequence_graph(fp32):
     from dsk_compress.export.onnx import ort_predict
-    from dsk_compress.runtimes.decode import KVCacheSession
+    from dsk_compress.runtimes.decoder import KVCacheSession
 
     sess = KVCacheSession(fp32["kv"])
     tokens, _ = sess.greedy(PROMPT, 6)
@@ -146,7 +146,7 @@ def test_int8_kv_graph_every_quantized_linear_becomes_an_integer_op(int8):
 def test_int8_kv_decode_matches_full_int8_graph_and_fake_quant_torch(int8):
     from dsk_compress.export.kv_cache import check_kv_parity
     from dsk_compress.export.onnx import ort_predict
-    from dsk_compress.runtimes.decode import KVCacheSession
+    from dsk_compress.runtimes.decoder import KVCacheSession
 
     r = check_kv_parity(int8["model"], int8["kv"], PROMPT, NEW)
     assert r["tokens_match"]
@@ -177,7 +177,8 @@ def test_moe_student_kv_export_with_dense_routing_matches_torch(tmp_path):
 
 
 def test_measure_decode_reports_prefill_and_token_rate(fp32):
-    from dsk_compress.runtimes.decode import KVCacheSession, benchmark_decode, measure_decode
+    from dsk_compress.runtimes.decode import benchmark_decode, measure_decode
+    from dsk_compress.runtimes.decoder import KVCacheSession
 
     r = measure_decode(fp32["kv"], PROMPT, new_tokens=8, threads=1, repeats=2, warmup=1)
     assert r["prompt_tokens"] == PROMPT.size and r["new_tokens"] == 8 and len(r["decode_tokens_per_s_runs"]) == 2
@@ -190,7 +191,7 @@ def test_measure_decode_reports_prefill_and_token_rate(fp32):
 
 def test_kv_session_refuses_a_full_sequence_graph(fp32):
     from dsk_compress.runtimes.base import RuntimeBackendError
-    from dsk_compress.runtimes.decode import KVCacheSession
+    from dsk_compress.runtimes.decoder import KVCacheSession
 
     with pytest.raises(RuntimeBackendError, match="not a KV-cache graph"):
         KVCacheSession(fp32["full"])

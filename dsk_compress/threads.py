@@ -119,14 +119,13 @@ class ThreadChoice:
 
 
 def check_threads(n: int, what: str = "--threads") -> int:
-    """``n`` if it is a usable thread count (1 to :func:`~dsk_compress.recipes.limits.max_threads`), else RecipeError."""
+    """``n`` if it is a usable thread count (:func:`~dsk_compress.recipes.limits.threads_problem`), else RecipeError."""
     from dsk_compress.errors import RecipeError
-    from dsk_compress.recipes.limits import THREADS_PER_CPU, max_threads
+    from dsk_compress.recipes.limits import threads_problem
 
-    if n < 1 or n > max_threads():
-        cpus = max_threads() // THREADS_PER_CPU
-        raise RecipeError(f"{what} {n} is out of range: at least 1 and at most {THREADS_PER_CPU}x this machine's {cpus} CPUs",
-                          hint=f"use 1 to {max_threads()}, or leave it out for the {physical_cores()} physical cores")
+    problem = threads_problem(n)
+    if problem:
+        raise RecipeError(f"{what} {problem}", hint=f"or leave it out for the {physical_cores()} physical cores")
     return n
 
 

@@ -35,10 +35,20 @@ def max_threads() -> int:
     return THREADS_PER_CPU * (os.cpu_count() or 1)
 
 
+def threads_problem(n: int) -> str | None:
+    """What is wrong with ``n`` threads on this machine (None: nothing): the one bound of the recipe's ``threads``,
+    ``bench.threads`` and ``--threads``, 1 to :func:`max_threads`."""
+    if 1 <= n <= max_threads():
+        return None
+    return (f"{n} is out of range: at least 1 and at most {THREADS_PER_CPU}x this machine's {max_threads() // THREADS_PER_CPU} CPUs; "
+            f"use 1 to {max_threads()}")
+
+
 def check_threads_fit(n: int | None) -> int | None:
-    """``n`` (or None) if this machine allows that many threads (:func:`max_threads`), else ValueError saying the most."""
-    if n is not None and n > max_threads():
-        raise ValueError(f"{n} threads is more than 4x this machine's {max_threads() // 4} CPUs; use at most {max_threads()}")
+    """``n`` (or None) if this machine allows that many threads (:func:`threads_problem`), else ValueError saying why."""
+    problem = None if n is None else threads_problem(n)
+    if problem:
+        raise ValueError(problem)
     return n
 
 

@@ -246,18 +246,28 @@ def decode_loop(prefill, step, prompt_tokens, new_tokens, repeats=5, warmup=1):
     return decode_rounds([(prefill, step)], prompt_tokens, new_tokens, rounds=repeats, warmup=warmup)[0]
 
 
-def decode_rounds(decoders, prompt_tokens, new_tokens, rounds=5, warmup=1):
+SETTLE_S = 0.1
+"""Pause before each repeat when several decoders alternate: after a run, ONNX Runtime's intra-op worker threads spin
+for tens of milliseconds (about 50 ms of CPU measured with onnxruntime 1.32), and with 2 threads on 2 cores the last
+session's spinning worker halved the next session's decode rate; 0.1 s lets it go idle first."""
+
+
+def decode_rounds(decoders, prompt_tokens, new_tokens, rounds=5, warmup=1, settle_s=None):
     """:func:`decode_loop` for several ``(prefill, step)`` decoders at once, in interleaved rounds: each round runs one
     repeat of every decoder, starting one further along the list each round, so a slow spell of the machine falls on
-    all of them alike rather than on whichever ran then. ``warmup`` untimed repeats of each come first. Returns one
-    :func:`decode_loop` result per decoder, in order."""
+    all of them alike rather than on whichever ran then. ``warmup`` untimed repeats of each come first; with several
+    decoders each repeat waits ``settle_s`` (default :data:`SETTLE_S`) untimed first. Returns one :func:`decode_loop`
+    result per decoder, in order."""
     perf = time.perf_counter
     n = len(decoders)
+    settle = (SETTLE_S if n > 1 else 0.0) if settle_s is None else settle_s
     acc = [{"prefill_ms": [], "step_ms": [], "rates": [], "tokens": []} for _ in range(n)]
     for r in range(warmup + rounds):
         for j in range(n):
             i = (j + r) % n
             prefill, step = decoders[i]
+            if settle:
+                time.sleep(settle)
             t0 = perf()
             tok = int(np.argmax(prefill()))
             t1 = perf()

@@ -255,7 +255,7 @@ def test_decodes_of_several_graphs_run_in_interleaved_rounds_in_one_worker(fp32,
     def decoder(i):
         return (lambda: order.append(i) or np.zeros(4)), (lambda tok, total: np.zeros(4))
 
-    decode_rounds([decoder(0), decoder(1), decoder(2)], 3, 1, rounds=3, warmup=0)
+    decode_rounds([decoder(0), decoder(1), decoder(2)], 3, 1, rounds=3, warmup=0, settle_s=0)
     assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1]
 
 

@@ -173,17 +173,18 @@ def measure_decodes(run_dir: Path, artifacts: dict, task, bcfg, new_tokens: int 
     Returns:
         ``{artifact name: DecodeStats}`` for the artifacts that have a decoder graph.
     """
-    names = [n for n, art in artifacts.items() if decode_graph(art)]
-    if not names:
+    graphs = {n: g for n, art in artifacts.items() if (g := decode_graph(art))}
+    if not graphs:
         return {}
     from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decodes
     from dsk_compress.runtimes.result import DecodeStats
 
     prompt = task.example_inputs(1)[0][: max(1, task.seq_len // 2)]
-    res = benchmark_decodes([run_dir / decode_graph(artifacts[n]) for n in names], prompt, new_tokens or DEFAULT_NEW_TOKENS, bcfg.threads,
+    res = benchmark_decodes([run_dir / g for g in graphs.values()], prompt, new_tokens or DEFAULT_NEW_TOKENS, bcfg.threads,
                             repeats=max(3, min(bcfg.runs, 10)), warmup=max(1, min(bcfg.warmup, 2)))
     keep = ("prompt_tokens", "new_tokens", "repeats", "prefill_ms", "decode_ms_p50", "decode_ms_p90", "decode_tokens_per_s", "peak_memory_mb")
-    return {n: DecodeStats(**{k: r[k] for k in keep if k in r}, execution_provider="CPUExecutionProvider") for n, r in zip(names, res)}
+    return {n: DecodeStats(**{k: r[k] for k in keep if k in r}, execution_provider="CPUExecutionProvider", artifact=g)
+            for (n, g), r in zip(graphs.items(), res)}
 
 
 def host_rows(records, artifacts: dict) -> list[dict]:
@@ -199,9 +200,8 @@ def host_rows(records, artifacts: dict) -> list[dict]:
             base["fused_ops"] = art["fused_ops"]
         row = record_row(rec, name, base)
         if rec.decode is not None:  # the bench stage's decode figures name the decoder graph they ran, and its fused ops
-            graph = decode_graph(art)
-            ops = (art.get("fused") or {}).get("fused_ops") if graph == art.get("fused_path") else None
-            row["decode"] = {"artifact": graph, **row.get("decode", {}), **({"fused_ops": ops} if ops else {})}
+            ops = (art.get("fused") or {}).get("fused_ops") if rec.decode.artifact == art.get("fused_path") else None
+            row["decode"] = {"artifact": rec.decode.artifact, **row.get("decode", {}), **({"fused_ops": ops} if ops else {})}
         rows.append(row)
     return rows
 

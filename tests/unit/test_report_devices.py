@@ -258,9 +258,12 @@ def test_report_lists_the_fused_operators_of_each_artifact_and_its_decoder_graph
     from dsk_compress.report import make_report
     from dsk_compress.report.html import render_html
 
-    rec = parse_record({**record("final", "final", "int8", 70.0, 1.0),
-                        "decode": {"prompt_tokens": 128, "new_tokens": 32, "repeats": 3, "prefill_ms": 4.0, "decode_ms_p50": 0.3,
-                                   "decode_ms_p90": 0.4, "decode_tokens_per_s": 3000.0}})
+    def decoded_with(graph):  # the bench stage's record names the decoder graph it decoded (measure_decodes)
+        return parse_record({**record("final", "final", "int8", 70.0, 1.0),
+                             "decode": {"prompt_tokens": 128, "new_tokens": 32, "repeats": 3, "prefill_ms": 4.0, "decode_ms_p50": 0.3,
+                                        "decode_ms_p90": 0.4, "decode_tokens_per_s": 3000.0, "artifact": graph}})
+
+    rec = decoded_with("export/student-int8.fused.onnx")
     art = {"role": "final", "path": "export/student-int8.onnx", "fused_ops": {"MatMulIntegerToFloat": 28, "QuickGelu": 4},
            "fused_path": "export/student-int8.fused.onnx", "kv_cache_path": "export/student-int8.kv.onnx",
            "fused": {"fused_ops": {"GroupQueryAttention": 4, "MatMulIntegerToFloat": 16, "SkipSimplifiedLayerNormalization": 8}}}
@@ -273,5 +276,5 @@ def test_report_lists_the_fused_operators_of_each_artifact_and_its_decoder_graph
     page = render_html(make_report([row], {"run": "r"}))[0]
     assert "fused ops: MatMulIntegerToFloat x28" in page and "<code>export/student-int8.fused.onnx</code>" in page
     # decoded with the plain KV graph (no fused graph): no decoder ops are claimed
-    (plain,) = host_rows([rec], {"final": {**art, "fused_path": None}})
+    (plain,) = host_rows([decoded_with("export/student-int8.kv.onnx")], {"final": {**art, "fused_path": None}})
     assert plain["decode"]["artifact"] == "export/student-int8.kv.onnx" and "fused_ops" not in plain["decode"]

@@ -274,24 +274,33 @@ def zoo_train(
                                                      "corpus fingerprint on the card then matches that machine's.",
                                                      exists=True, file_okay=False)] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = True,
-    install: Annotated[bool, typer.Option("--install/--no-install", help="Write weights + card into the package's zoo.")] = True,
+    install: Annotated[bool, typer.Option("--install/--no-install", help="Write weights + card into the package's zoo "
+                                          "(--no-install: into WORK_DIR/final).")] = True,
+    force: Annotated[bool, typer.Option("--force", help="With --install: replace weights already in the zoo, such as the shipped "
+                                        "teacher (they are copied to WORK_DIR/replaced-<time>/ first). Without it that is refused.")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Train a zoo model on its task (bf16 autocast on CUDA, resumable; data-parallel under torchrun) and write its weights and card.
 
     Resuming with a different --steps continues from the checkpoint's step under a cosine schedule over the new total (the card records each leg); fewer steps than the checkpoint has done, or another --lr, is refused.
 
-    Example: dsk-compress zoo train code-lm-moe --steps 2000
-    Continue it to more steps: dsk-compress zoo train code-lm-moe --steps 3500
+    Installed weights (the shipped teacher) are never replaced without --force; --no-install trains beside them.
+
+    Example: dsk-compress zoo train code-lm-moe --steps 2000 --no-install
+    Continue it to more steps: dsk-compress zoo train code-lm-moe --steps 3500 --no-install
     """
     from dsk_compress.compress import dist
     from dsk_compress.models.zoo import train_zoo
 
     card = train_zoo(name, work_dir=work_dir, steps=steps, batch_size=batch_size, lr=lr, resume=resume, install=install,
-                     ckpt_every=ckpt_every, stdlib_root=stdlib_root, threads=threads)
+                     ckpt_every=ckpt_every, stdlib_root=stdlib_root, threads=threads, force=force)
     v = card["validation"]
     if dist.is_main():
-        _console().print(f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after {card['training']['tokens']:,} tokens")
+        from dsk_compress.models.zoo import zoo_path
+
+        where = zoo_path(name) if install else (work_dir or Path("runs") / f"zoo-{name}") / "final"
+        _console().print(f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after "
+                         f"{card['training']['tokens']:,} tokens; weights and card in {where}", markup=False)
 
 
 def main() -> None:

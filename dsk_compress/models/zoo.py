@@ -135,6 +135,7 @@ def train_zoo(
     ckpt_every: int = DEFAULT_CKPT_EVERY,
     stdlib_root: str | Path | None = None,
     threads: int | None = None,
+    force: bool = False,
 ) -> dict:
     """Train zoo model ``name`` on its task and (with ``install``) write its weights + card into the zoo.
 
@@ -150,9 +151,12 @@ def train_zoo(
             on the same corpus (the card's ``task.corpus_fingerprint`` shows it).
         threads: torch CPU threads (``--threads``; default ``OMP_NUM_THREADS``, else the physical cores, see
             :mod:`dsk_compress.threads`); printed, recorded in the card's ``training.threads``, set back on return.
+        force: with ``install``, replace weights already in the zoo (the shipped teacher, say); the replaced files
+            are copied to ``work_dir/replaced-<time>/`` first.
 
     Raises:
-        RunError: resuming with fewer ``steps`` than the checkpoint has done, or with another peak ``lr``.
+        RunError: ``install`` over weights already in the zoo without ``force`` (before any training); resuming
+            with fewer ``steps`` than the checkpoint has done, or with another peak ``lr``.
     """
     import torch
 
@@ -175,6 +179,12 @@ def train_zoo(
         seed=seed,
     )
     legs = _schedule_legs(work, cfg, resume, lr_given=lr is not None)  # refuses a resume it cannot honour, before any work
+    if install and not force and (zoo_path(name) / "model.safetensors").is_file():  # the shipped teacher is never lost silently
+        from dsk_compress.errors import RunError
+
+        raise RunError(f"installing would replace the weights in {zoo_path(name)}",
+                       hint=f"add --no-install to write them into {work / 'final'}, or --force to replace them "
+                            f"(the current ones are then copied to {work}/replaced-<time>/)")
     task = build_task({"name": spec.task, **({"stdlib_root": str(stdlib_root)} if stdlib_root else {})})
     device = dist.device(dist.init(), default_device())
     torch.manual_seed(seed)
@@ -313,6 +323,10 @@ def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, wo
         "wall_seconds_this_session": round(time.time() - t0, 1),
     }
     out_dir = zoo_path(name) if install else work / "final"
+    if install and (out_dir / "model.safetensors").is_file():  # --force: keep what it replaces
+        import shutil
+
+        shutil.copytree(out_dir, work / time.strftime("replaced-%Y%m%d-%H%M%S"))
     save_state_dict(state16, out_dir / "model.safetensors")
     atomic_write_json(out_dir / "card.json", card)
     atomic_write_text(out_dir / "README.md", render_card_md(card))

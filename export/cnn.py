@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dsk_compress.errors import ExportError
-from dsk_compress.io import atomic_path, commit
+from dsk_compress.export import graph_files
 
 INTEGER_CONVS = {"QLinearConv", "ConvInteger"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -27,17 +26,11 @@ def export_module(model: nn.Module, example: np.ndarray, path: str | Path, opset
     """Export ``model`` (eval mode) to ONNX with a dynamic batch axis; atomically written to ``path``."""
     model = model.eval()
     x = torch.as_tensor(example)
-    tmp, final = atomic_path(path)
     axes = {0: "batch"}
-    try:
-        with torch.no_grad():
-            torch.onnx.export(model, (x,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, opset_version=opset, dynamo=False,
-                              do_constant_folding=True)
-    except Exception as e:  # the exporter raises many types; keep the first line
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export failed: {str(e).splitlines()[0][:300]}") from e
-    return commit(tmp, final)
+    from dsk_compress.export.onnx import torch_export
+
+    return torch_export(model, (x,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                        dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, opset_version=opset)
 
 
 def export_float(model: nn.Module, example: np.ndarray, path: str | Path, opset: int = 17, optimization: str = "extended",
@@ -72,7 +65,7 @@ def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path,
     info = {"folded_weights": fold_weight_quantizers(raw), "gemms_to_matmul": gemm_to_matmul(raw),
             "weight_transposes_folded": fold_weight_transposes(raw), "activation_qdq_split": unshare_activation_qdq(raw),
             "qdq_before_reshapes": quantize_before_reshapes(raw)}
-    commit(raw, qdq_path)
+    graph_files.move(raw, qdq_path)
     return info
 
 
@@ -83,11 +76,7 @@ def _load(path):
 
 
 def _save(m, path) -> None:
-    import onnx
-
-    tmp, final = atomic_path(path)
-    onnx.save(m, str(tmp))
-    commit(tmp, final)
+    graph_files.save(m, path)
 
 
 def gemm_to_matmul(path: str | Path) -> int:
@@ -193,20 +182,20 @@ def _named(src: Path, dst: Path) -> None:
     for i, n in enumerate(m.graph.node):
         if not n.name:
             n.name = f"{n.op_type}_{i}"
-    onnx.save(m, str(dst))
+    graph_files.save(m, dst)
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     """ORT dynamic quantization of every Conv and MatMul/Gemm: int8 per-channel 7-bit weights, activations quantized at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp, final = atomic_path(dst)
-    named = Path(str(tmp) + ".named.onnx")
-    _named(Path(src), named)
-    quantize_dynamic(str(named), str(tmp), op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True, reduce_range=True,
-                     weight_type=QuantType.QInt8)
-    named.unlink()
-    return commit(tmp, final)
+    with graph_files.staged(dst) as tmp:
+        named = tmp.with_name("named.onnx")
+        _named(Path(src), named)
+        quantize_dynamic(str(named), str(tmp), op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True, reduce_range=True,
+                         weight_type=QuantType.QInt8)
+        graph_files.remove(named)
+    return Path(dst)
 
 
 def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable[np.ndarray]) -> Path:
@@ -220,13 +209,13 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable
         def get_next(self):
             return next(self._it, None)
 
-    tmp, final = atomic_path(dst)
-    named = Path(str(tmp) + ".named.onnx")
-    _named(Path(src), named)
-    quantize_static(str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    named.unlink()
-    return commit(tmp, final)
+    with graph_files.staged(dst) as tmp:
+        named = tmp.with_name("named.onnx")
+        _named(Path(src), named)
+        quantize_static(str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        graph_files.remove(named)
+    return Path(dst)
 
 
 def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> Path:
@@ -238,9 +227,9 @@ def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> P
     """
     from dsk_compress.runtimes.onnxruntime import make_session
 
-    tmp, final = atomic_path(dst)
-    make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination", "MatMulAddFusion"])
-    return commit(tmp, final)
+    with graph_files.staged(dst) as tmp:
+        make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination", "MatMulAddFusion"])
+    return Path(dst)
 
 
 def ptq_baselines(src: str | Path, out_dir: str | Path, calibration: Iterable[np.ndarray], optimization: str = "extended") -> dict[str, Path]:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dsk_compress.errors import ExportError
-from dsk_compress.io import atomic_path, commit
+from dsk_compress.export import graph_files
 from dsk_compress.runtimes.decoder import (  # the graph interface lives with the (torch-free) runtime that drives it
     INPUT_IDS,
     LOGITS,
@@ -367,10 +367,7 @@ def quantize_int4(src: str | Path, dst: str | Path, block_size: int = 32, accura
     """Any fp32 ONNX graph (e.g. a full-sequence export) with every constant-weight MatMul as int4 MatMulNBits, at ``dst``."""
     import onnx
 
-    m = _quantize_int4(onnx.load(str(src)), block_size, accuracy_level)
-    tmp, final = atomic_path(dst)
-    onnx.save(m, str(tmp))
-    return commit(tmp, final)
+    return graph_files.save(_quantize_int4(onnx.load(str(src)), block_size, accuracy_level), dst)
 
 
 def _quantize_int4(m, block_size: int, accuracy_level: int | None):
@@ -403,8 +400,6 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
             ONNX Runtime's CPU default; 0/1: fp32).
         int8_kernel: int8 only: one of :data:`INT8_KERNELS` (``static``, the default, is the bit-compatible one).
     """
-    import onnx
-
     if precision not in PRECISIONS:
         raise ExportError(f"unknown fused precision {precision!r}", hint=f"valid: {', '.join(PRECISIONS)}")
     if int8_kernel not in INT8_KERNELS:
@@ -417,9 +412,8 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
     m = build_fused_graph(model, precision, int8_kernel)
     if precision == "int4":
         m = _quantize_int4(m, block_size, accuracy_level)
-    tmp, final = atomic_path(path)
-    onnx.save(m, str(tmp))
-    return commit(tmp, final)
+    # no onnx.checker: ONNX Runtime's fused normalizations sit in the default domain, unknown to it (the parity check loads it)
+    return graph_files.save(m, path, check=False)
 
 
 def check_fused_parity(model: nn.Module, path: str | Path, prompt: np.ndarray, new_tokens: int = 8, threads: int | None = None) -> dict:

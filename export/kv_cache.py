@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dsk_compress.errors import ExportError
-from dsk_compress.io import atomic_path, commit
+from dsk_compress.export import graph_files
 from dsk_compress.runtimes.decoder import past_names, present_names  # one naming for every decoder graph
 
 INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
@@ -188,15 +188,10 @@ def export_causal_lm_with_past(model: nn.Module, path: str | Path, opset: int = 
         for name in present_names(i):
             out_names.append(name)
             axes[name] = {0: "batch", 2: "total_sequence"}
-    tmp, final = atomic_path(path)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(wrapper, (ids, mask, *past), str(tmp), input_names=in_names, output_names=out_names,
-                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
-    except Exception as e:  # the exporter raises many types; keep the first line
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"KV-cache ONNX export failed: {str(e).splitlines()[0][:300]}") from e
-    return commit(tmp, final)
+    from dsk_compress.export.onnx import torch_export
+
+    return torch_export(wrapper, (ids, mask, *past), path, what="KV-cache ONNX export", input_names=in_names, output_names=out_names,
+                        dynamic_axes=axes, opset_version=opset)
 
 
 def export_int8_qdq_with_past(model: nn.Module, qdq_path: str | Path, opset: int = 17) -> dict:
@@ -213,7 +208,7 @@ def export_int8_qdq_with_past(model: nn.Module, qdq_path: str | Path, opset: int
     simplify(raw)
     info = {"folded_weights": fold_weight_quantizers(raw), "weight_transposes_folded": fold_weight_transposes(raw),
             "activation_qdq_split": unshare_activation_qdq(raw)}
-    commit(raw, qdq_path)
+    graph_files.move(raw, qdq_path)
     return info
 
 
@@ -225,7 +220,7 @@ def export_float_with_past(model: nn.Module, path: str | Path, opset: int = 17, 
     raw = export_causal_lm_with_past(model, path.with_name(path.name.removesuffix(".onnx") + ".raw.onnx"), opset)
     simplify(raw)
     out = ort_optimize(raw, path, optimization)
-    raw.unlink()
+    graph_files.remove(raw)
     return out
 
 
@@ -302,7 +297,7 @@ def export_kv_cache(model: nn.Module, path: str | Path, example: np.ndarray, ops
             qdq = path.with_name(path.name.removesuffix(".onnx") + ".qdq.onnx")
             export_int8_qdq_with_past(model, qdq, opset)
             ort_optimize(qdq, path, optimization)
-            qdq.unlink()
+            graph_files.remove(qdq)
         else:
             export_float_with_past(model, path, opset, optimization)
     except ExportError as e:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dsk_compress.errors import ExportError
-from dsk_compress.io import atomic_path, commit
+from dsk_compress.export import graph_files
 
 FUSED_OPS = {
     "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm",
@@ -56,24 +56,24 @@ def export_causal_lm(model: nn.Module, example: np.ndarray, path: str | Path, op
     model = model.eval()
     wrapper = CausalLMWrapper(model).eval()
     x = torch.as_tensor(example, dtype=torch.long)
-    tmp, final = atomic_path(path)
+    return torch_export(wrapper, (x,), path, input_names=["input_ids"], output_names=["logits"],
+                        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}, opset_version=opset)
+
+
+def torch_export(module: nn.Module, args: tuple, path: str | Path, what: str = "ONNX export", **kwargs) -> Path:
+    """``torch.onnx.export`` (TorchScript, constant folding) of ``module`` to ``path``, written atomically through
+    :mod:`~dsk_compress.export.graph_files` (weights past the external-data size land in one ``.data`` file).
+
+    A failed export is an ExportError with the exporter's first line, prefixed by ``what``.
+    """
     try:
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper,
-                (x,),
-                str(tmp),
-                input_names=["input_ids"],
-                output_names=["logits"],
-                dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}},
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
-            )
+        with graph_files.staged(path) as tmp, torch.no_grad():
+            torch.onnx.export(module, args, str(tmp), dynamo=False, do_constant_folding=True, **kwargs)
+    except ExportError:
+        raise
     except Exception as e:  # the exporter raises many types; keep the first line
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export failed: {str(e).splitlines()[0][:300]}") from e
-    return commit(tmp, final)
+        raise ExportError(f"{what} failed: {str(e).splitlines()[0][:300]}") from e
+    return Path(path)
 
 
 def fold_weight_quantizers(path: str | Path) -> int:
@@ -125,18 +125,8 @@ def fold_weight_quantizers(path: str | Path) -> int:
     remaining = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(remaining)
-    tmp, final = atomic_path(path)
-    onnx.save(m, str(tmp))
-    commit(tmp, final)
+    graph_files.save(m, path)
     return folded
-
-
-def _save(m, path: str | Path) -> None:
-    import onnx
-
-    tmp, final = atomic_path(path)
-    onnx.save(m, str(tmp))
-    commit(tmp, final)
 
 
 def toposort(g) -> bool:
@@ -226,7 +216,7 @@ def fold_weight_transposes(path: str | Path) -> int:
         keep = [n for n in g.node if id(n) not in drop]
         del g.node[:]
         g.node.extend(keep)
-        _save(m, path)
+        graph_files.save(m, path)
     return folded
 
 
@@ -276,7 +266,7 @@ def unshare_activation_qdq(path: str | Path) -> int:
     if added:
         del g.node[:]
         g.node.extend(out_nodes)
-        _save(m, path)
+        graph_files.save(m, path)
     return added
 
 
@@ -312,23 +302,27 @@ def convert_fp16(src: str | Path, dst: str | Path) -> dict:
     except Exception as e:  # the converter raises assorted types on graphs it cannot type
         raise ExportError(f"float16 conversion of {Path(src).name} failed: {str(e).splitlines()[0][:300]}") from e
     toposort(m16.graph)  # the converter appends its Cast nodes at the end
-    onnx.checker.check_model(m16)
-    _save(m16, dst)
+    graph_files.save(m16, dst, check=True)
     hist = collections.Counter(n.op_type for n in m.graph.node)
     return {"fp32_ops": {k: hist[k] for k in FP16_KEEP_FP32_OPS if hist.get(k)}, "fp32_nodes": len(keep_nodes)}
 
 
-def simplify(path: str | Path) -> None:
-    """Simplify the graph with onnxslim (constant folding, dead-code removal), in place."""
+def simplify(path: str | Path) -> bool:
+    """Simplify the graph with onnxslim (constant folding, dead-code removal), in place; return whether it ran.
+
+    Graphs past :data:`~dsk_compress.export.graph_files.SLIM_MAX_BYTES` of weights skip it (onnxslim holds several
+    copies of a graph in memory); ONNX Runtime's optimizer folds constants in them instead.
+    """
     import contextlib
     import io
 
     import onnxslim
 
-    tmp, final = atomic_path(path)
-    with contextlib.redirect_stdout(io.StringIO()):  # onnxslim prints a summary table
+    if graph_files.size(path) > graph_files.SLIM_MAX_BYTES:
+        return False
+    with graph_files.staged(path) as tmp, contextlib.redirect_stdout(io.StringIO()):  # onnxslim prints a summary table
         onnxslim.slim(str(path), str(tmp))
-    commit(tmp, final)
+    return True
 
 
 def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> Path:
@@ -340,9 +334,11 @@ def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> P
     """
     from dsk_compress.runtimes.onnxruntime import make_session
 
-    tmp, final = atomic_path(dst)
-    make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination"])
-    return commit(tmp, final)
+    config = graph_files.ort_session_config(dst) if graph_files.is_large(src) else None
+    with graph_files.staged(dst) as tmp:
+        make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination"],
+                     config=config)
+    return Path(dst)
 
 
 def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path, opset: int = 17) -> dict:
@@ -358,7 +354,7 @@ def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path,
     simplify(raw)
     info = {"folded_weights": fold_weight_quantizers(raw), "weight_transposes_folded": fold_weight_transposes(raw),
             "activation_qdq_split": unshare_activation_qdq(raw)}
-    commit(raw, qdq_path)
+    graph_files.move(raw, qdq_path)
     return info
 
 
@@ -385,7 +381,7 @@ def optimize_and_check(raw: Path, path: Path, reference: np.ndarray, example: np
     simplify(raw)
     out = (optimize or ort_optimize)(raw, path, optimization)
     if not keep_raw:
-        raw.unlink()
+        graph_files.remove(raw)
     diff = float(np.abs(ort_predict(out)(example) - reference).max())
     if diff > parity_atol:
         raise ExportError(f"{Path(path).name.removesuffix('.onnx')}: ONNX output differs from torch by {diff:.2e} (> parity_atol {parity_atol})",
@@ -439,13 +435,3 @@ def ort_predict(path: str | Path, threads: int | None = None):
     from dsk_compress.runtimes.onnxruntime import make_session, session_predict
 
     return session_predict(make_session(path, threads=threads))
-
-
-def file_size(path: str | Path) -> int:
-    """Size of an ONNX model including any external-data files beside it."""
-    p = Path(path)
-    size = p.stat().st_size
-    data = p.with_name(p.name + ".data")
-    if data.exists():
-        size += data.stat().st_size
-    return size

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsk_compress.io import atomic_path, commit
+from dsk_compress.export import graph_files
 
 
 def _weight_matmuls(src: Path, dst: Path) -> list[str]:
@@ -31,7 +31,7 @@ def _weight_matmuls(src: Path, dst: Path) -> list[str]:
     outputs = {o.name for o in m.graph.output}
     names = [n.name for n in m.graph.node
              if n.op_type == "MatMul" and n.input[1] in consts and not (set(n.output) & outputs)]
-    onnx.save(m, str(dst))
+    graph_files.save(m, dst)
     return names
 
 
@@ -39,13 +39,13 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     """ORT dynamic quantization: int8 per-channel weights, activations quantized at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp, final = atomic_path(dst)
-    named = Path(str(tmp) + ".named.onnx")
-    nodes = _weight_matmuls(Path(src), named)
-    quantize_dynamic(str(named), str(tmp), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                     weight_type=QuantType.QInt8, nodes_to_quantize=nodes)
-    named.unlink()
-    return commit(tmp, final)
+    with graph_files.staged(dst) as tmp:
+        named = tmp.with_name("named.onnx")
+        nodes = _weight_matmuls(Path(src), named)
+        quantize_dynamic(str(named), str(tmp), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=graph_files.is_large(named))
+        graph_files.remove(named)
+    return Path(dst)
 
 
 def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable[np.ndarray], input_name: str = "input_ids") -> Path:
@@ -59,14 +59,14 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable
         def get_next(self):
             return next(self._it, None)
 
-    tmp, final = atomic_path(dst)
-    named = Path(str(tmp) + ".named.onnx")
-    nodes = _weight_matmuls(Path(src), named)
-    quantize_static(str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=nodes)
-    named.unlink()
-    return commit(tmp, final)
+    with graph_files.staged(dst) as tmp:
+        named = tmp.with_name("named.onnx")
+        nodes = _weight_matmuls(Path(src), named)
+        quantize_static(str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=nodes, use_external_data_format=graph_files.is_large(named))
+        graph_files.remove(named)
+    return Path(dst)
 
 
 def ptq_baselines(src: str | Path, out_dir: str | Path, calibration: Iterable[np.ndarray], optimization: str = "extended",
@@ -87,5 +87,5 @@ def ptq_baselines(src: str | Path, out_dir: str | Path, calibration: Iterable[np
     out = {}
     for name, q in (("ptq-dynamic", dyn), ("ptq-static", sta)):
         out[name] = (optimize or ort_optimize)(q, out_dir / f"{name}.onnx", optimization)
-        q.unlink()
+        graph_files.remove(q)
     return out

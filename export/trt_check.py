@@ -67,9 +67,10 @@ def format_problems(problems: list[Problem], limit: int = 5) -> str:
 
 
 class _Graph:
-    def __init__(self, model) -> None:
+    def __init__(self, model, base_dir: str = "") -> None:
         from onnx import numpy_helper
 
+        self.base_dir = base_dir  # where the graph's external-data file lies (weights are read only when checked)
         self.g = model.graph
         self.inits = {i.name: i for i in self.g.initializer}
         self.consts: dict[str, Any] = {}
@@ -87,7 +88,7 @@ class _Graph:
 
     def value(self, name: str):
         if name in self.inits:
-            return self._np.to_array(self.inits[name])
+            return self._np.to_array(self.inits[name], base_dir=self.base_dir)
         return self.consts.get(name)
 
     def is_const(self, name: str) -> bool:
@@ -135,8 +136,9 @@ def check_tensorrt_onnx(model: str | os.PathLike | Any, min_opset: int = MIN_OPS
     """
     import onnx
 
-    m = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, os.PathLike)) else model
-    G = _Graph(m)
+    on_disk = isinstance(model, (str, os.PathLike))
+    m = onnx.load(str(model), load_external_data=False) if on_disk else model
+    G = _Graph(m, os.path.dirname(os.fspath(model)) if on_disk else "")
     problems: list[Problem] = []
     add = problems.append
 

@@ -48,6 +48,7 @@ def make_session(
     providers: Sequence[str] | None = None,
     optimized_model_path: str | os.PathLike | None = None,
     disabled_optimizers: Sequence[str] | None = None,
+    config: dict[str, str] | None = None,
 ):
     """An ``onnxruntime.InferenceSession`` for the model at ``path``.
 
@@ -55,7 +56,8 @@ def make_session(
     optimization level, one of ``disable|basic|extended|all``. ``providers``: execution providers
     in priority order (default ``["CPUExecutionProvider"]``); ones this build lacks raise.
     ``optimized_model_path``: where onnxruntime saves the optimized graph. ``disabled_optimizers``:
-    names of graph transformers to turn off (e.g. ``["ConstantFolding"]``).
+    names of graph transformers to turn off (e.g. ``["ConstantFolding"]``). ``config``: session config
+    entries (``SessionOptions.add_session_config_entry``), e.g. where an optimized large graph writes its weights.
     """
     ort = _ort()
     path = Path(path)
@@ -89,6 +91,8 @@ def make_session(
     if optimized_model_path is not None:
         Path(optimized_model_path).parent.mkdir(parents=True, exist_ok=True)
         so.optimized_model_filepath = str(optimized_model_path)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     kwargs: dict[str, Any] = {}
     if disabled_optimizers:
         kwargs["disabled_optimizers"] = list(disabled_optimizers)

@@ -135,9 +135,9 @@ def _time(plan: Plan, run_dir: Path, inputs, bcfg):
 
 
 def _size(path: Path) -> int:
-    from dsk_compress.export.onnx import file_size
+    from dsk_compress.export import graph_files
 
-    return file_size(path) if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return graph_files.size(path) if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def measure_plan(run_dir: Path, name: str, art: dict, plan: Plan, task, bcfg, provenance: dict):

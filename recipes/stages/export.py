@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dsk_compress.export import graph_files
 from dsk_compress.errors import ExportError
 from dsk_compress.io import read_json
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
@@ -129,7 +130,7 @@ class ExportStage(Stage[ExportConfig]):
             if want_ptq:
                 artifacts.update(self._ptq(ctx, d, raw, artifacts[name]["params"], name))  # removes raw
             else:
-                raw.unlink(missing_ok=True)
+                graph_files.remove(raw)
 
         # the QAT student: INT8 Q/DQ (+ KV cache), and what TensorRT builds from it
         if qrel is not None and "int8" in precisions:
@@ -234,7 +235,7 @@ class ExportStage(Stage[ExportConfig]):
         from dsk_compress.export.ptq import ptq_baselines
 
         paths = ptq_baselines(raw, d, ctx.task.calibration_batches(self.config.ptq_calibration_batches, 4), self.config.optimization)
-        raw.unlink()
+        graph_files.remove(raw)
         how = {"ptq-dynamic": "ORT quantize_dynamic", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
         return {name: {"path": ctx.rel(p), "role": name, "precision": "int8", "params": params, "fused_ops": fused_ops(op_histogram(p)),
                        "notes": f"{how[name]} of {source}, per-channel int8 weights, no fine-tune"} for name, p in paths.items()}
@@ -315,7 +316,7 @@ def _torch_ptq(stage: ExportStage, ctx: RunContext, d: Path, raw: Path, params: 
 
     c = stage.config
     paths = ptq_baselines(raw, d, ctx.task.calibration_batches(c.ptq_calibration_batches, 4), c.optimization)
-    raw.unlink()
+    graph_files.remove(raw)
     how = {"ptq-dynamic": "ORT quantize_dynamic (ConvInteger / dynamic MatMul)", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
     return {name: {"path": ctx.rel(p), "role": name, "precision": "int8", "params": params, "fused_ops": fused_ops(op_histogram(p)),
                    "integer_ops": integer_op_counts(op_histogram(p)), "notes": f"{how[name]} of {source}, per-channel 7-bit int8 weights, no fine-tune"}

@@ -124,5 +124,10 @@ class Stage(Generic[C]):
     def run(self, ctx: RunContext) -> StageResult:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def effective_config(self, spec) -> C:
+        """The config as :meth:`run` will use it in recipe ``spec``: defaults that depend on the rest of the recipe filled
+        in. ``--dry-run`` prints this, so the plan shows what will run."""
+        return self.config
+
 
 STAGES: Registry[type[Stage]] = Registry("stage")

@@ -116,7 +116,8 @@ def plan(spec) -> list[Stage]:
 
 
 def describe_plan(spec) -> list[dict[str, Any]]:
-    return [{"index": i, **cfg.model_dump()} for i, cfg in enumerate(spec.stages)]
+    """Every stage's config as it will run (``Stage.effective_config``: defaults that depend on the recipe filled in)."""
+    return [{"index": i, **st.effective_config(spec).model_dump()} for i, st in enumerate(plan(spec))]
 
 
 def _same_recipe(stored: dict | None, resolved: dict) -> bool:

@@ -23,6 +23,13 @@ from dsk_compress.recipes.stages.common import is_torch_run, torch_evaluate, tor
 class QATStage(Stage[QATConfig]):
     """INT8 QAT: observe activation ranges, then KD fine-tune with learned activation scales."""
 
+    def effective_config(self, spec) -> QATConfig:
+        """Your own torch model's activations default to :data:`CONV_ACTIVATIONS` when the recipe leaves them unset."""
+        c = self.config
+        if getattr(spec.student, "torch", None) is not None and "activations" not in c.model_fields_set:
+            return c.model_copy(update={"activations": CONV_ACTIVATIONS})  # ONNX Runtime's x86 QLinearConv needs uint8
+        return c
+
     def run(self, ctx: RunContext) -> StageResult:
         if is_torch_run(ctx):  # your own torch model: BatchNorm folded, Conv2d + Linear fake quant (below)
             return run_torch(self, ctx)
@@ -83,9 +90,7 @@ def run_torch(stage: QATStage, ctx: RunContext) -> StageResult:
     from dsk_compress.compress.qat import calibrate, prepare_qat
     from dsk_compress.models.source import save_model_dir
 
-    c = stage.config
-    if "activations" not in c.model_fields_set:  # ONNX Runtime on x86 fuses QLinearConv only with uint8 activations
-        c = c.model_copy(update={"activations": CONV_ACTIVATIONS})  # (symmetric: 1 of the digits CNN's 4 layers integer)
+    c = stage.effective_config(ctx.spec)  # asymmetric unless set (symmetric: 1 of the digits CNN's 4 layers integer)
     d = ctx.stage_dir("qat")
     model = torch_student(ctx, "qat")
     float_metrics = torch_evaluate(ctx, model)

@@ -116,6 +116,22 @@ def tokenize(docs: list[str], tok) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
+def eval_window_starts(n_tokens: int, seq_len: int, eval_sequences: int) -> np.ndarray:
+    """Starts of the validation windows: ``eval_sequences`` windows of ``seq_len`` tokens spread evenly over the split,
+    never overlapping. A split too short for that many gets the windows that fit side by side, with a warning that says
+    how many tokens are scored (overlapping windows would score the same tokens again and overstate the sample)."""
+    import warnings
+
+    fit = n_tokens // seq_len
+    windows = min(eval_sequences, fit)
+    if windows < eval_sequences:
+        warnings.warn(f"task.eval has {n_tokens:,} tokens: room for {fit} validation windows of seq_len {seq_len} that do not "
+                      f"overlap, fewer than eval_sequences = {eval_sequences}; scoring {fit} windows ({fit * (seq_len - 1):,} "
+                      "predictions). Add validation text, or lower task.seq_len, to score more.", UserWarning, stacklevel=3)
+    # k <= n_tokens // seq_len windows over n_tokens - seq_len starts: consecutive starts are >= seq_len apart
+    return np.unique(np.linspace(0, n_tokens - seq_len, windows).astype(np.int64))
+
+
 class TextLMTask(WindowedLMTask):
     """Next-token prediction on the user's own documents with the teacher's tokenizer."""
 
@@ -133,8 +149,7 @@ class TextLMTask(WindowedLMTask):
         for split, arr in (("train", self.train), ("eval", self.val)):
             if len(arr) < seq_len + 1:
                 raise TaskError(f"task.{split} has {len(arr)} tokens, fewer than seq_len + 1 = {seq_len + 1}", hint="add text or lower task.seq_len")
-        n = len(self.val) - seq_len
-        self._eval_starts = np.unique(np.linspace(0, n, eval_sequences).astype(np.int64))
+        self._eval_starts = eval_window_starts(len(self.val), seq_len, eval_sequences)
         h = hashlib.sha256(self.train.tobytes() + self.val.tobytes()).hexdigest()[:16]
         self._fp = f"text-lm:{h}:L{seq_len}:E{len(self._eval_starts)}"
 
@@ -143,7 +158,8 @@ class TextLMTask(WindowedLMTask):
 
     def describe(self) -> dict:
         return {"name": self.name, "train_tokens": int(len(self.train)), "val_tokens": int(len(self.val)), "seq_len": self.seq_len,
-                "vocab_size": self.vocab_size, "eval_tokens": int(len(self._eval_starts) * (self.seq_len - 1))}
+                "vocab_size": self.vocab_size, "eval_windows": int(len(self._eval_starts)),
+                "eval_tokens": int(len(self._eval_starts) * (self.seq_len - 1))}  # predictions scored, each token once
 
     def evaluate(self, predict: PredictFn, batch_size: int = 4) -> Metrics:
         correct, nll, count = self.score(predict, batch_size)

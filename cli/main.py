@@ -20,17 +20,25 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
+_COLUMN_KEYS = ("variant", "role", "params", "size", "accuracy", "bits-per-byte", "p50", "p99", "speedup", "size-ratio",
+                "delta-vs-host", "measured-on", "runtime", "throughput", "decode")
+"""dsk_compress.report.format.COLUMN_KEYS, spelled out so that --help imports no report code (a test keeps them equal)."""
+
 zoo_app = typer.Typer(help="Built-in zoo models: list them or train one.\n\nExample: dsk-compress zoo list", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
 
-def _console():
-    import sys
+def _console(wide: bool = False):
+    """stdout's console: a terminal's own width; off a terminal (CI logs, pipes) $COLUMNS, else 100 (200 for ``wide``
+    tables). Tables never cut a variant name at any width: other cells fold onto a second line instead."""
+    import os
 
     from rich.console import Console
 
-    # off a terminal (CI logs, pipes) rich would wrap tables at 80 columns
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    if sys.stdout.isatty():
+        return Console()
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else (200 if wide else 100))
 
 
 def _version(value: bool) -> None:
@@ -98,13 +106,16 @@ def recipe_cmd(
         choice = choose_threads(threads, spec.threads)
         estimate = preflight(spec)  # model files, shapes and memory, as a real run checks them first
         c = _console()
-        c.print(f"[bold]{spec.name}[/bold] (recipe version {spec.version}, seed {spec.seed})")
-        c.print(choice.describe(), markup=False)
-        c.print(f"teacher: {spec.teacher.model_dump(exclude_none=True)}  student: {spec.student.model_dump(exclude_none=True)}")
-        c.print(f"task: {spec.task.model_dump()}")
+        # plain lines, never wrapped by rich (a terminal wraps them itself; a log keeps one line per stage)
+        c.print(f"[bold]{spec.name}[/bold] (recipe version {spec.version}, seed {spec.seed})", soft_wrap=True)
+        c.print(choice.describe(), markup=False, soft_wrap=True)
+        c.print(f"teacher: {spec.teacher.model_dump(exclude_none=True)}  student: {spec.student.model_dump(exclude_none=True)}",
+                markup=False, soft_wrap=True)
+        c.print(f"task: {spec.task.model_dump()}", markup=False, soft_wrap=True)
         for st in describe_plan(spec):
-            c.print(f"  {st['index']}. {st['stage']}: " + json.dumps({k: v for k, v in st.items() if k not in ('index', 'stage')}))
-        c.print(describe_estimate(estimate), markup=False)
+            c.print(f"  {st['index']}. {st['stage']}: " + json.dumps({k: v for k, v in st.items() if k not in ('index', 'stage')}),
+                    markup=False, soft_wrap=True)
+        c.print(describe_estimate(estimate), markup=False, soft_wrap=True)
         return
     from dsk_compress.errors import RunInterrupted
 
@@ -124,9 +135,9 @@ def recipe_cmd(
     rep_path = rd / "report.md"
     if rep_path.is_file():
         render_summary_table(load_report(rd), c)
-        c.print(f"report: {rep_path}  (also {rd / 'report.html'}, {rd / 'report.json'})")
+        c.print(f"report: {rep_path}  (also {rd / 'report.html'}, {rd / 'report.json'})", markup=False, soft_wrap=True)
     else:
-        c.print(f"run finished: {rd} (no bench stage, so no report)")
+        c.print(f"run finished: {rd} (no bench stage, so no report)", markup=False, soft_wrap=True)
 
 
 @app.command("devices")
@@ -149,20 +160,29 @@ def devices_cmd() -> None:
 @app.command("report")
 def report_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="One run directory to show, or several to compare.")],
+    wide: Annotated[bool, typer.Option("--wide", help="Every column (role, bits/byte, p99, size ratio, runtime, throughput, "
+                                       "...), not only the summary's.")] = False,
+    columns: Annotated[str | None, typer.Option("--columns", help="Comma-separated columns to show, e.g. "
+                                                "variant,accuracy,p50,p99,runtime (any of: " + ", ".join(_COLUMN_KEYS) + ").")] = None,
 ) -> None:
     """Show a run's report, or compare several runs side by side.
 
+    The summary table (variant, params, MB, accuracy, p50, speed-up, decode tokens/s) fits a 100-column terminal.
+
     Example: dsk-compress report runs/quant-prune-distill-20261123-101500 runs/other-run
+    Every column: dsk-compress report runs/quant-prune-distill-20261123-101500 --wide
     """
     from dsk_compress.integrity import verify_run
     from dsk_compress.report import compare_reports, load_report, render_comparison, render_summary_table
+    from dsk_compress.report.format import parse_columns
 
+    chosen = "wide" if wide else (parse_columns(columns) if columns else None)  # a bad name: one line before any reading
     for rd in run_dirs:  # report.json and the artifacts it describes are what the run wrote
         if (rd / "manifest.json").exists():
             verify_run(rd)
-    c = _console()
+    c = _console(wide=chosen is not None)
     if len(run_dirs) == 1:
-        render_summary_table(load_report(run_dirs[0]), c)
+        render_summary_table(load_report(run_dirs[0]), c, chosen)
     else:
         render_comparison(compare_reports(run_dirs), c)
 
@@ -211,7 +231,8 @@ def bench_cmd(
     runs: Annotated[int | None, typer.Option("--runs", help="Timed runs per batch size (default: the bundle's 30 / the bench stage's).",
                                              min=1)] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads (default: the device profile's).", min=1)] = None,
-    generate: Annotated[int | None, typer.Option("--generate", help="Also time greedy decode of N tokens with the KV-cache graph.",
+    generate: Annotated[int | None, typer.Option("--generate", help="Also time greedy decode of N tokens with the fused decoder graph "
+                                                 "(model.fused.onnx on a CPU; the plain KV-cache graph where there is no fused one).",
                                                  min=1)] = None,
 ) -> None:
     """Measure a run where it runs (a device over SSH, or this machine) and add the numbers to the run's report.

@@ -118,8 +118,28 @@ def _describe(v: Variant, with_teacher: bool) -> str:
     return ", ".join(parts)
 
 
-def _recommend(variants: list[Variant], teacher: Variant | None, final: Variant | None,
-               max_drop: float) -> tuple[Variant | None, str]:
+def _recommend(variants: list[Variant], teacher: Variant | None, final: Variant | None, max_drop: float,
+               chance: float | None = None) -> tuple[Variant | None, str]:
+    """:func:`_pick`, except that nothing near chance (below ``NEAR_CHANCE_FACTOR`` x ``chance``) is ever recommended: a
+    teacher near chance means its students learned from noise, and a pick near chance is no model worth shipping."""
+    from dsk_compress.sanity import NEAR_CHANCE_FACTOR
+
+    bar = None if chance is None else NEAR_CHANCE_FACTOR * chance
+    tacc = finite(teacher.accuracy) if teacher else None
+    near = f"near chance ({chance:.2f}% for always predicting the most frequent token)" if chance is not None else ""
+    if bar is not None and tacc is not None and tacc < bar:
+        return None, (f"ship nothing: the teacher `{teacher.name}` scores {tacc:.2f}%, {near}, so no variant distilled from it "
+                      "is worth shipping. Check that the teacher's weights, tokenizer and task belong together, then run again.")
+    pick, why = _pick(variants, teacher, final, max_drop)
+    acc = finite(pick.accuracy) if pick is not None else None
+    if bar is not None and acc is not None and acc < bar:
+        return None, (f"ship nothing: the best candidate `{pick.name}` scores {acc:.2f}%, {near}. Train longer or prune "
+                      "less, then run again.")
+    return pick, why
+
+
+def _pick(variants: list[Variant], teacher: Variant | None, final: Variant | None,
+          max_drop: float) -> tuple[Variant | None, str]:
     """Pick the variant to ship and say why, using only measured numbers.
 
     Rules: the ``final`` variant when its accuracy is within ``max_drop`` points of the
@@ -195,12 +215,14 @@ def distillation_margins(variants: list[Variant]) -> list[DistillationMargin]:
     return out
 
 
-def summarize(variants: list[Variant], max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> Summary:
+def summarize(variants: list[Variant], max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+              chance_accuracy: float | None = None) -> Summary:
     """Summary block of a report from variants that already carry the derived fields.
 
     Args:
         variants: variants including ``speedup_vs_teacher`` etc. (see :func:`build_report`).
         max_accuracy_drop: accuracy points the shipped variant may lose against the teacher.
+        chance_accuracy: the task's chance accuracy (%), if known: nothing near it is recommended.
 
     Returns:
         The teacher, final and recommended variant names (or None), the recommendation
@@ -210,9 +232,9 @@ def summarize(variants: list[Variant], max_accuracy_drop: float = DEFAULT_MAX_AC
     """
     teacher = _first_with_role(variants, "teacher")
     final = _first_with_role(variants, "final")
-    rec, why = _recommend(variants, teacher, final, max_accuracy_drop)
+    rec, why = _recommend(variants, teacher, final, max_accuracy_drop, chance_accuracy)
     front = pareto_front([(v.p50, finite(v.accuracy)) for v in variants])
-    return Summary(
+    summary = Summary(
         teacher=teacher.name if teacher else None,
         final=final.name if final else None,
         recommended=rec.name if rec else None,
@@ -221,6 +243,9 @@ def summarize(variants: list[Variant], max_accuracy_drop: float = DEFAULT_MAX_AC
         max_accuracy_drop=max_accuracy_drop,
         distillation=distillation_margins(variants),
     )
+    if chance_accuracy is not None:  # set only when known: older reports keep their exact JSON
+        summary.chance_accuracy = chance_accuracy
+    return summary
 
 
 # --------------------------------------------------------------------------- report
@@ -240,7 +265,7 @@ def assemble_report(variants: list[dict], meta: dict, devices: Sequence[DeviceSe
             **fields,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             variants=derived,
-            summary=summarize(derived, drop),
+            summary=summarize(derived, drop, finite(meta.get("chance_accuracy"))),
             devices=list(devices),
         )
     except ValidationError as e:
@@ -276,8 +301,8 @@ def build_report(run_dir: Path, variants: list[dict], meta: dict) -> dict:
     Args:
         run_dir: the run directory (created if missing).
         variants: measured variant dicts with the keys in :data:`VARIANT_KEYS`; not modified.
-        meta: run metadata; reads ``run``, ``recipe``, ``task``, ``host`` and
-            ``max_accuracy_drop``.
+        meta: run metadata; reads ``run``, ``recipe``, ``task``, ``host``,
+            ``max_accuracy_drop`` and ``chance_accuracy`` (nothing near chance is recommended).
 
     Returns:
         The report dict, as written to ``report.json``.

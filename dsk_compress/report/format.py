@@ -43,6 +43,35 @@ DECODE_COLUMN = "Decode (tok/s)"
 
 THROUGHPUT_BATCHES = ("1", "8", "64")
 
+COLUMN_KEYS = {
+    "variant": "Variant",
+    "role": "Role",
+    "params": "Params",
+    "size": "Size (MB)",
+    "accuracy": "Accuracy (%)",
+    "bits-per-byte": "Bits/byte",
+    "p50": "p50 (ms)",
+    "p99": "p99 (ms)",
+    "speedup": "Speedup",
+    "size-ratio": "Size ratio",
+    "delta-vs-host": "Δ vs host",
+    "measured-on": MEASURED_ON_COLUMN,
+    "runtime": "Runtime",
+    "throughput": THROUGHPUT_COLUMN,
+    "decode": DECODE_COLUMN,
+}
+"""Every column by the name ``dsk-compress report --columns`` takes."""
+
+SUMMARY_KEYS = ("variant", "params", "size", "accuracy", "p50", "speedup", "decode")
+"""The summary table's columns (terminal and the top of report.md): it fits a 100-column terminal with any variant name
+of up to 40 characters. A column no row has a value for (decode, say) is left out."""
+
+DEVICE_SUMMARY_KEYS = ("variant", "params", "size", "accuracy", "p50", "delta-vs-host", "decode")
+"""A device section's summary columns: the accuracy difference to the host's row instead of the speed-up."""
+
+SHORT_TITLES = {"Size (MB)": "MB", "Accuracy (%)": "Accuracy %", "p50 (ms)": "p50 ms", "p99 (ms)": "p99 ms", DECODE_COLUMN: "Decode tok/s"}
+"""Column titles in the summary table (narrower; the full table and report.md's "All columns" keep the long ones)."""
+
 def format_params(n: Any) -> str:
     """Human-readable parameter count: ``1234567`` -> ``"1.23M"``, ``None`` -> ``"—"``."""
     x = finite(n)
@@ -107,6 +136,31 @@ def table_columns(rows: Report | Mapping[str, Any] | list[Variant], device: bool
     return tuple(cols)
 
 
+def parse_columns(text: str) -> tuple[str, ...]:
+    """``"variant,accuracy,p99"`` as column keys (see :data:`COLUMN_KEYS`); the variant column always comes first.
+
+    Raises:
+        RunError: a name that is not a column, naming the valid ones.
+    """
+    from dsk_compress.errors import RunError
+
+    keys = [k.strip().lower() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in COLUMN_KEYS]
+    if unknown or not keys:
+        raise RunError(f"--columns {text!r}: unknown column {', '.join(map(repr, unknown)) or '(none given)'}",
+                       hint=f"choose from {', '.join(COLUMN_KEYS)}")
+    return tuple(dict.fromkeys(["variant", *keys]))
+
+
+def summary_columns(rows: Report | Mapping[str, Any] | list[Variant], device: bool = False,
+                    keys: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Column titles of the summary table of ``rows``: ``keys`` (default :data:`SUMMARY_KEYS`, or
+    :data:`DEVICE_SUMMARY_KEYS` with ``device``) that :func:`table_columns` has for these rows, in the order given."""
+    present = set(table_columns(rows, device))
+    keys = keys or (DEVICE_SUMMARY_KEYS if device else SUMMARY_KEYS)
+    return tuple(COLUMN_KEYS[k] for k in keys if COLUMN_KEYS[k] in present)
+
+
 def numeric_columns(columns: tuple[str, ...]) -> set[int]:
     """Indices of the right-aligned (numeric) columns among ``columns``."""
     text = {"Variant", "Role", "Runtime", MEASURED_ON_COLUMN}
@@ -137,10 +191,11 @@ _CELLS = {
 }
 
 
-def table_rows(rows: Report | Mapping[str, Any] | list[Variant], device: bool = False) -> list[list[str]]:
-    """Formatted cells (see :func:`table_columns`) of one row per variant."""
+def table_rows(rows: Report | Mapping[str, Any] | list[Variant], device: bool = False,
+               columns: tuple[str, ...] | None = None) -> list[list[str]]:
+    """Formatted cells of one row per variant, in ``columns`` (column titles; default :func:`table_columns`)."""
     vs = _variants(rows)
-    cols = table_columns(vs, device)
+    cols = columns or table_columns(vs, device)
     return [[_CELLS[c](v) for c in cols] for v in vs]
 
 

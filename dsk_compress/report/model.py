@@ -225,6 +225,8 @@ class DeviceSection(BaseModel):
     cpu: str | None = None
     gpu: str | None = None
     os: str | None = None
+    chance_accuracy: Number | None = Field(None, description="accuracy (%) of always predicting the most frequent token; nothing "
+                                                              "below NEAR_CHANCE_FACTOR times it is recommended")
     python: str | None = None
     runtime: str | None = Field(None, description="runtime, version and execution provider(s) of its rows")
     measured_at: str | None = None

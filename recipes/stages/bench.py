@@ -23,6 +23,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsk_compress.progress import step, step_progress
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
 from dsk_compress.recipes.schema import BenchStageConfig
 
@@ -234,6 +235,7 @@ def measure_artifacts(run_dir: Path, artifacts: dict, task, profile, bcfg, sourc
     for name, art in artifacts.items():
         plans = runtime_plans(art, profile, available, platform.machine(), cuda, trt)
         for i, plan in enumerate(plans):
+            step(f"{name}: accuracy and latency in {plan.kind}")
             try:
                 rec = measure_plan(run_dir, name, art, plan, task, bcfg, prov)
             except DskError as e:
@@ -245,6 +247,8 @@ def measure_artifacts(run_dir: Path, artifacts: dict, task, profile, bcfg, sourc
             records.append(rec)
             saved = saved.merged([rec])
             atomic_write_json(results_path, saved.to_dict())
+    if any(decode_graph(artifacts[n]) for n in first):
+        step("greedy decode of every variant with a decoder graph, interleaved rounds")
     for name, stats in measure_decodes(run_dir, {n: artifacts[n] for n in first}, task, bcfg, new_tokens).items():
         records[first[name]] = records[first[name]].model_copy(update={"decode": stats})
     atomic_write_json(results_path, saved.merged(records).to_dict())
@@ -270,8 +274,9 @@ class BenchStage(Stage[BenchStageConfig]):
         artifacts = ctx.latest_output("artifacts") or {}
         bcfg = BenchConfig(warmup=c.warmup, runs=c.runs, batch_size=c.batch_size, throughput_batches=tuple(c.throughput_batches),
                            threads=threads, seq_len=getattr(ctx.task, "seq_len", None))
-        records, errors = measure_artifacts(ctx.run_dir, artifacts, ctx.task, profile, bcfg, ctx.run_dir.name,
-                                            ctx.stage_dir("bench") / RESULTS)
+        with step_progress("bench"):  # minutes of measurements: say which one is under way
+            records, errors = measure_artifacts(ctx.run_dir, artifacts, ctx.task, profile, bcfg, ctx.run_dir.name,
+                                                ctx.stage_dir("bench") / RESULTS)
         variants = host_rows(records, artifacts)
         td = ctx.task.describe()
         inputs = ctx.task.example_inputs(1)
@@ -287,7 +292,8 @@ class BenchStage(Stage[BenchStageConfig]):
                 "max_accuracy_drop": ctx.spec.report.max_accuracy_drop}
         from dsk_compress.sanity import chance_accuracy, flag_teacher_rows
 
-        flag_teacher_rows(variants, chance_accuracy(ctx.task))  # a teacher near chance or below a student is flagged in its row
+        meta["chance_accuracy"] = chance = chance_accuracy(ctx.task)  # the report recommends nothing near chance
+        flag_teacher_rows(variants, chance)  # a teacher near chance or below a student is flagged in its row
         report = build_report(ctx.run_dir, variants, meta)
         return StageResult(outputs={"report": "report.json", "results": f"bench/{RESULTS}"},
                            metrics={"variants": variants, "summary": report.get("summary"), "runtime_errors": errors,

@@ -20,6 +20,7 @@ import numpy as np
 from dsk_compress.export import graph_files
 from dsk_compress.errors import ExportError
 from dsk_compress.io import read_json
+from dsk_compress.progress import step, step_progress
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
 from dsk_compress.recipes.schema import ExportConfig
 from dsk_compress.recipes.stages.common import is_torch_run, torch_student
@@ -48,7 +49,8 @@ class ExportStage(Stage[ExportConfig]):
             level = logging.getLogger().level
             logging.getLogger().setLevel(logging.ERROR)
             try:
-                return self._run(ctx)
+                with step_progress("export"):  # minutes of graphs and checks: say which one is under way
+                    return self._run(ctx)
             finally:
                 logging.getLogger().setLevel(level)
 
@@ -139,6 +141,7 @@ class ExportStage(Stage[ExportConfig]):
             trt_int8 = trt_target and target.preferred_precision == "int8"
             ref = lm_logits(q, example).astype(np.float64) if trt_int8 else None
             qdq = d / "student-int8.qdq.onnx"  # portable Q/DQ graph: what TensorRT (or any ORT) loads
+            step("final: INT8 Q/DQ graph of the QAT student, checked by SQNR")
             r = export_int8_lm(q, example, qdq, d / "student-int8.onnx", c.opset, c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
             artifacts["final"] = {"path": ctx.rel(r.pop("path")), "role": "final", "precision": "int8", "params": count_params(q),
                                   "qdq_path": ctx.rel(r.pop("qdq_path")), "activations": acts, **r,
@@ -158,6 +161,7 @@ class ExportStage(Stage[ExportConfig]):
         from dsk_compress.export.cnn import export_float as export_module_float
         from dsk_compress.export.onnx import export_float
 
+        step(f"{name}: fp32 ONNX, checked against torch")
         c = self.config
         export = export_module_float if is_torch_run(ctx) else export_float
         info = export(model, example, d / f"{name}.onnx", c.opset, c.optimization, c.parity_atol, keep_raw)
@@ -174,6 +178,7 @@ class ExportStage(Stage[ExportConfig]):
         c = self.config
         if not is_decoder_lm(model):  # e.g. an image classifier: nothing to decode
             return {}
+        step(f"{name}: KV-cache graph, checked by greedy decoding")
         info = export_kv_cache(model, d / f"{name}.kv.onnx", example, c.opset, c.optimization, parity_atol=c.parity_atol,
                                min_sqnr_db=c.qdq_min_sqnr_db, int8=int8)
         if "error" in info:
@@ -191,6 +196,7 @@ class ExportStage(Stage[ExportConfig]):
         c = self.config
         if not is_decoder_lm(model):
             return {}
+        step(f"{name}: fused {precision} decoder graph, checked by greedy decoding")
         info = export_fused_checked(model, d / f"{name}.fused.onnx", precision, example, parity_atol=c.parity_atol,
                                     min_sqnr_db=c.qdq_min_sqnr_db)
         if "error" in info:
@@ -206,6 +212,7 @@ class ExportStage(Stage[ExportConfig]):
         from dsk_compress.export.fused import INT4_MIN_SQNR_DB, quantize_int4
         from dsk_compress.export.onnx import fused_ops, lm_logits, op_histogram, ort_predict
 
+        step("student-int4: int4 weight-only graph")
         out = quantize_int4(ctx.path(fp32_art["path"]), d / "student-int4.onnx")
         sqnr = round(sqnr_db(lm_logits(model, example), ort_predict(out)(example)), 2)
         if sqnr < INT4_MIN_SQNR_DB:
@@ -222,6 +229,7 @@ class ExportStage(Stage[ExportConfig]):
         """fp16 ONNX of a float student (RMSNorm reductions and softmax kept in fp32), checked against torch fp32."""
         from dsk_compress.export.onnx import export_fp16
 
+        step("student-fp16: fp16 graph")
         out = d / "student-fp16.onnx"
         check = export_fp16(model, raw, out, example, self.config.fp16_max_rel_err)
         return {"path": ctx.rel(out), "role": "student-fp16", "precision": "fp16", "params": fp32_art["params"], "stage": fp32_art["stage"],
@@ -234,6 +242,7 @@ class ExportStage(Stage[ExportConfig]):
         from dsk_compress.export.onnx import fused_ops, op_histogram
         from dsk_compress.export.ptq import ptq_baselines
 
+        step(f"ptq-dynamic, ptq-static: ONNX Runtime PTQ of {source}")
         paths = ptq_baselines(raw, d, ctx.task.calibration_batches(self.config.ptq_calibration_batches, 4), self.config.optimization)
         graph_files.remove(raw)
         how = {"ptq-dynamic": "ORT quantize_dynamic", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
@@ -244,6 +253,7 @@ class ExportStage(Stage[ExportConfig]):
         """Check ``onnx_path`` for TensorRT and build ``<name>.<device>.engine`` where tensorrt and a GPU are present."""
         from dsk_compress.export.tensorrt import export_tensorrt
 
+        step(f"{name}: TensorRT check" + (" and engine build" if self.config.tensorrt.build_engine else ""))
         t = self.config.tensorrt
         info = export_tensorrt(onnx_path, onnx_path.with_name(f"{name}.{device.name}.engine"), name=name, device=device.name,
                                precision=precision, reference=ref, example=example, seq_len=t.max_seq_len or ctx.task.seq_len,

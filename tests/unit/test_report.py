@@ -239,6 +239,9 @@ def test_report_md_has_row_per_variant_with_formatted_numbers(built_runs):
     a, _ = built_runs
     md = (a / "report.md").read_text()
     lines = md.splitlines()
+    assert "| Variant | Params | MB | Accuracy % | p50 ms | Speedup |" in lines  # the terminal's summary table first
+    assert "| final | 3.09M | 8.00 | 88.50 | 2.50 | 4.00× |" in lines
+    assert md.index("| Variant | Params | MB |") < md.index("| Variant | Role | Params |")  # then every column
     assert lines[0] == "# Compression report: run-alpha"
     assert "- **Recipe:** moe-to-dense" in lines and "- **Task:** code-lm" in lines
     assert "- **Host:** testbox" in lines and "- **Device:** host-cpu" in lines
@@ -246,10 +249,11 @@ def test_report_md_has_row_per_variant_with_formatted_numbers(built_runs):
     assert "| final | final | 3.09M | 8.00 | 88.50 | — | 2.50 | 3.75 | 4.00× | 5.00× | onnxruntime-cpu |" in lines
     assert "| ptq-static | ptq-static | 3.09M | 5.00 | 85.00 | — | 2.00 | 3.00 | 5.00× | 8.00× | onnxruntime-cpu |" in lines
     table_rows = [ln for ln in lines if ln.startswith("| ") and "Variant" not in ln]
-    assert len(table_rows) == 3
+    assert len(table_rows) == 2 * 3  # the summary table and every column
     rec = [ln for ln in lines if ln.startswith("**Recommendation:**")]
     assert len(rec) == 1 and "`final`" in rec[0] and "1.50 points below" in rec[0]
     assert "batch size 1" in md and "runtime named in each row" in md
+    lines = md.splitlines()
 
 
 def test_report_html_is_self_contained(built_runs):
@@ -412,10 +416,10 @@ def test_make_report_rejects_malformed_variant_value_naming_it(variants):
 # ----------------------------------------------------------------------------- console
 
 
-def _console():
+def _console(width: int = 200):
     from rich.console import Console
 
-    return Console(file=io.StringIO(), width=200, record=True, color_system=None)
+    return Console(file=io.StringIO(), width=width, record=True, color_system=None)
 
 
 def test_compare_output_contains_both_run_names(built_runs):
@@ -447,8 +451,13 @@ def test_render_summary_table_prints_rows_and_recommendation(built_runs):
     console = _console()
     render_summary_table(load_report(a), console)
     text = console.export_text()
-    for cell in ("teacher", "ptq-static", "12.35M", "88.50", "4.00×", "8.00×", "Recommendation:"):
+    for cell in ("teacher", "ptq-static", "12.35M", "88.50", "4.00×", "5.00×", "Recommendation:"):
         assert cell in text
+    assert "8.00×" not in text and "0.812" not in text  # size ratio and bits/byte: --wide
+    wide = _console()
+    render_summary_table(load_report(a), wide, "wide")
+    wide_text = wide.export_text()
+    assert "8.00×" in wide_text and "0.812" in wide_text
 
 
 def test_render_summary_table_keeps_brackets_in_names(variants):
@@ -476,3 +485,132 @@ def test_speedup_none_when_latency_zero(variants):
     v = make_report(variants, META)["variants"][2]
     assert v["speedup_vs_teacher"] is None
     assert not math.isnan(v["size_ratio_vs_teacher"])
+
+
+# ----------------------------------------------------------------------------- near chance: nothing to ship
+
+
+def test_recommendation_ships_nothing_when_the_teacher_is_near_chance(variants):
+    for v, acc in zip(variants, (2.17, 2.0, 2.1, 1.9)):
+        v["accuracy"] = acc
+    rep = make_report(variants, {**META, "chance_accuracy": 1.5})
+    s = rep["summary"]
+    assert s["recommended"] is None and s["chance_accuracy"] == 1.5
+    assert not s["recommendation"].lower().startswith("ship `")
+    assert "near chance" in s["recommendation"] and "2.17%" in s["recommendation"] and "1.50%" in s["recommendation"]
+    md = render_markdown(rep)
+    assert "**Recommendation:** Ship nothing" in md and "★" not in md
+
+
+def test_recommendation_ships_nothing_near_chance_even_with_a_sound_teacher(variants):
+    variants[0]["accuracy"] = 90.0
+    for v in variants[1:]:
+        v["accuracy"] = 50.0  # all far outside the budget: the most accurate would be picked, but it is near chance
+    rep = make_report(variants, {**META, "max_accuracy_drop": 50.0, "chance_accuracy": 45.0})
+    assert rep["summary"]["recommended"] is None and "near chance" in rep["summary"]["recommendation"]
+
+
+def test_recommendation_unchanged_when_chance_is_far_below(variants):
+    with_chance = make_report(variants, {**META, "chance_accuracy": 10.0})["summary"]
+    without = make_report(variants, META)["summary"]
+    assert with_chance["recommended"] == without["recommended"] == "final"
+    assert with_chance["recommendation"] == without["recommendation"]
+
+
+# ----------------------------------------------------------------------------- a table a 100-column terminal shows
+
+LONG = ["teacher", "student-distill", "student-random-init-nokd", "student-prune", "ptq-dynamic", "ptq-static",
+        "student-int4", "student-fp16", "final"]
+
+
+def _long_report(devices: bool = False) -> dict:
+    vs = []
+    for i, name in enumerate(LONG):
+        v = variant(name, "teacher" if i == 0 else ("final" if name == "final" else name), p50=413.27 - 40 * i, acc=77.39 - i / 3,
+                    size=46_710_000 - 4_000_000 * i, params=11_610_000 - 1_000_000 * i, bpb=1.2134)
+        v["decode_tokens_per_s"] = 3768.04 if i else None
+        v["throughput_by_batch"] = {"1": 100.0, "8": 712.4}
+        v["measured_on"] = "buildbox-with-a-rather-long-hostname.example.org"
+        vs.append(v)
+    meta = {"run": "quant-prune-distill-20261207-043200", "recipe": "quant-prune-distill",
+            "task": "code-lm (seq 256, 32640 validation tokens)",
+            "host": "buildbox (x86_64, AMD EPYC 7B13): 2 threads (profile host-cpu), batch 1, seq 256"}
+    return make_report(vs, meta)
+
+
+def _cells_whole(text: str) -> None:
+    assert "…" not in text, text  # rich's mark of a cut cell
+    lines = text.splitlines()
+    for name in LONG:
+        assert any(re.search(rf"(^|\s){re.escape(name)}(\s|$)", ln) for ln in lines), (name, text)
+    for number in ("413.27", "11.61M", "46.71", "77.39", "3768.0", "1.00×"):
+        assert number in text, (number, text)
+
+
+def test_summary_table_fits_100_columns_without_cutting_a_cell():
+    console = _console(100)
+    render_summary_table(_long_report(), console)
+    text = console.export_text()
+    _cells_whole(text)
+    assert max(map(len, text.splitlines())) <= 100
+    header = next(ln for ln in text.splitlines() if ln.lstrip().startswith("Variant"))
+    assert header.split() == ["Variant", "Params", "MB", "Accuracy", "%", "p50", "ms", "Speedup", "Decode", "tok/s"]
+    # every row on one line: the table needs no folding at 100 columns
+    for name in LONG:
+        row = next(ln for ln in text.splitlines() if f" {name} " in f" {ln} ")
+        assert len(row.split()) == 7 + (name == "final")  # 7 cells (and the final's ★ when recommended)
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 120])
+def test_wide_table_never_cuts_a_name_or_number_at_any_width(width):
+    console = _console(width)
+    render_summary_table(_long_report(), console, "wide")
+    text = console.export_text()
+    assert "…" not in text
+    for name in LONG:  # names are never folded either
+        assert any(f" {name} " in f" {ln} " for ln in text.splitlines()), (name, width)
+
+
+def test_columns_option_picks_columns_and_refuses_unknown_names():
+    from dsk_compress.report.format import COLUMN_KEYS, parse_columns
+
+    assert parse_columns("accuracy, p99,runtime") == ("variant", "accuracy", "p99", "runtime")
+    with pytest.raises(RunError, match="unknown column 'latency'") as e:
+        parse_columns("accuracy,latency")
+    assert "p50" in e.value.hint
+    console = _console(100)
+    render_summary_table(_long_report(), console, parse_columns("p99,runtime"))
+    header = next(ln for ln in console.export_text().splitlines() if ln.lstrip().startswith("Variant"))
+    assert header.split() == ["Variant", "p99", "ms", "Runtime"]
+    from dsk_compress.cli.main import _COLUMN_KEYS
+
+    assert _COLUMN_KEYS == tuple(COLUMN_KEYS)
+
+
+def test_report_command_at_100_columns_cuts_nothing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dsk_compress.cli.main import app
+    from dsk_compress.report.build import write_report
+    from dsk_compress.report.model import Report
+
+    write_report(tmp_path, Report.model_validate(_long_report()))
+    res = CliRunner().invoke(app, ["report", str(tmp_path)], env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    _cells_whole(res.output)
+    assert max(map(len, res.output.splitlines())) <= 100
+    res = CliRunner().invoke(app, ["report", str(tmp_path), "--columns", "accuracy,bogus"], env={"COLUMNS": "100"})
+    assert res.exit_code != 0
+    wide = CliRunner().invoke(app, ["report", str(tmp_path), "--wide"], env={"COLUMNS": "100"})
+    assert wide.exit_code == 0 and "…" not in wide.output and "Runtime" in wide.output
+    monkeypatch.delenv("COLUMNS", raising=False)
+    off_terminal = CliRunner().invoke(app, ["report", str(tmp_path), "--wide"])  # a log: wide enough for every column
+    assert off_terminal.exit_code == 0 and "…" not in off_terminal.output
+    row = next(ln for ln in off_terminal.output.splitlines() if " student-random-init-nokd " in f" {ln} ")
+    assert "onnxruntime-cpu" in row  # one line per row
+
+
+def test_report_md_summary_table_matches_the_terminal_columns():
+    md = render_markdown(_long_report())
+    header = next(ln for ln in md.splitlines() if ln.startswith("| Variant"))
+    assert header == "| Variant | Params | MB | Accuracy % | p50 ms | Speedup | Decode tok/s |"

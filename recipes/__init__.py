@@ -107,11 +107,14 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
 
 def format_validation_error(err) -> str:
     """One line per problem: ``stages.1.ffn_ratio: Input should be less than 1``."""
+    from dsk_compress.recipes.base import STAGES
+
+    stages = STAGES.order()  # the registered stages, in pipeline order
     lines = []
     for e in err.errors():
         loc = [str(x) for x in e["loc"]]
         # drop the discriminator tag pydantic inserts for unions (e.g. stages.1.prune.ratio)
-        if len(loc) >= 3 and loc[0] == "stages" and loc[2] in ("distill", "prune", "qat", "export", "bench"):
+        if len(loc) >= 3 and loc[0] == "stages" and loc[2] in stages:
             loc.pop(2)
         elif len(loc) >= 2 and loc[0] == "task" and loc[1] in ("code-lm", "text-lm", "torch"):
             loc.pop(1)
@@ -125,7 +128,7 @@ def format_validation_error(err) -> str:
             if loc and loc[0] == "task":
                 msg = f"unknown task {tag!r}; valid tasks: code-lm, text-lm, or {{torch: 'pkg.module:make_task'}}"
             else:
-                msg = f"unknown stage {tag!r}; valid stages: distill, prune, qat, export, bench"
+                msg = f"unknown stage {tag!r}; valid stages: {', '.join(stages)}"
         lines.append(f"{where}: {msg}")
     return "; ".join(lines)
 

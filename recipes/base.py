@@ -1,19 +1,42 @@
-"""What every stage is built on: the ``Stage`` base class, its ``StageResult``, the ``RunContext`` stages share,
-and the ``STAGES`` registry (``@STAGES.register("prune")``).
+"""What every stage is built on: the ``Stage`` base class and its ``StageConfig``, its ``StageResult``, the
+``RunContext`` stages share, and the ``STAGES`` registry (``@STAGES.register("prune")``).
+
+A stage is one module: a config (``StageConfig`` subclass with ``stage: Literal["name"]``) and a ``Stage[Config]``
+subclass that declares the outputs it ``requires`` (an earlier stage must make them), ``consumes`` (read when an earlier
+stage made them) and ``provides``, and whether it is ``repeatable``. The recipe schema builds its ``stages`` union from
+the registry and derives the stage order and the "stage X needs Y" errors from these declarations
+(:meth:`StageRegistry.order_problem`), so registering a stage is all it takes to use it in a recipe.
 
 The built-in stages live in :mod:`dsk_compress.recipes.stages` (one module per stage) and import this module;
-:mod:`dsk_compress.recipes.runner` plans and runs them. Nothing here imports either, so there is no import cycle.
+:mod:`dsk_compress.recipes.schema` imports them, :mod:`dsk_compress.recipes.runner` plans and runs them. Nothing here
+imports any of those, so there is no import cycle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict
 
 from dsk_compress.registry import Registry
 
 C = TypeVar("C")
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe model: unknown keys are refused, and NaN and infinities in every float field (a NaN bound
+    turns a check off, an inf temperature NaNs the loss)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StageConfig(StrictModel):
+    """Base of every stage config; ``stage`` is the discriminator (a subclass narrows it to ``Literal["name"]``)."""
+
+    stage: str
 
 
 @dataclass
@@ -111,12 +134,27 @@ class RunContext:
 class Stage(Generic[C]):
     """A pipeline stage: a typed config and ``run(ctx) -> StageResult``.
 
+    What it declares (names of :attr:`StageResult.outputs` keys):
+
+    * ``provides``: the outputs its ``run`` returns, e.g. ``("model",)``;
+    * ``requires``: outputs an earlier stage must provide (no such stage in the recipe is an error naming the stages
+      that would provide them);
+    * ``consumes``: outputs it reads when an earlier stage provided them (and otherwise does without, e.g. starts from
+      the recipe's student);
+    * ``repeatable``: whether a recipe may hold it more than once.
+
+    A stage that requires or consumes an output comes after every stage that provides it; that is the whole order rule.
     ``ranks`` says where it runs under torchrun: ``"all"`` (every rank, rank 0 alone writes files) or
     ``"main"`` (rank 0 alone, the other ranks wait for its result); see :mod:`dsk_compress.recipes.runner`.
     """
 
     name: ClassVar[str]
+    config_type: ClassVar[type[StageConfig]]  # set by STAGES.register from Stage[Config]
     ranks: ClassVar[str] = "all"
+    provides: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    consumes: ClassVar[tuple[str, ...]] = ()
+    repeatable: ClassVar[bool] = False
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -130,4 +168,109 @@ class Stage(Generic[C]):
         return self.config
 
 
-STAGES: Registry[type[Stage]] = Registry("stage")
+def _config_type(cls: type) -> type[StageConfig] | None:
+    """``Config`` of a class declared as ``class X(Stage[Config])`` (or of its nearest such base)."""
+    for klass in cls.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            if get_origin(base) is Stage:
+                args = get_args(base)
+                if args and isinstance(args[0], type) and issubclass(args[0], StageConfig):
+                    return args[0]
+    return None
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+class StageRegistry(Registry[type[Stage]]):
+    """The stage registry: ``@STAGES.register(name)`` checks the stage's config and declarations, and tells the
+    listeners (the recipe schema, which rebuilds its ``stages`` union) whenever a stage comes or goes."""
+
+    def __init__(self) -> None:
+        super().__init__("stage")
+        self._listeners: list[Callable[[], None]] = []
+
+    def register(self, name: str) -> Callable[[type[Stage]], type[Stage]]:
+        def deco(cls: type[Stage]) -> type[Stage]:
+            if name in self._items:
+                raise ValueError(f"stage {name!r} is already registered")
+            config = getattr(cls, "config_type", None) or _config_type(cls)
+            if config is None:
+                raise ValueError(f"stage {name!r}: declare its config as `class {cls.__name__}(Stage[MyConfig])`")
+            tag = config.model_fields.get("stage")
+            if tag is None or get_args(tag.annotation) != (name,):
+                raise ValueError(f"stage {name!r}: {config.__name__} needs `stage: Literal[{name!r}] = {name!r}`")
+            for attr in ("provides", "requires", "consumes"):
+                if isinstance(getattr(cls, attr), str):
+                    raise ValueError(f"stage {name!r}: {attr} is a tuple of output names, e.g. ({getattr(cls, attr)!r},)")
+            Registry.register(self, name)(cls)
+            cls.name, cls.config_type = name, config
+            self._changed()
+            return cls
+
+        return deco
+
+    def unregister(self, name: str) -> None:
+        """Remove stage ``name`` (a test's toy stage); the listeners hear of it."""
+        del self._items[name]
+        self._changed()
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every register / unregister."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def names(self) -> list[str]:
+        """Registered stage names in pipeline order (:meth:`order`)."""
+        return self.order()
+
+    def __iter__(self):
+        return iter(self.order())
+
+    def classes(self) -> list[type[Stage]]:
+        """The registered stage classes in pipeline order."""
+        return [self._items[n] for n in self.order()]
+
+    def providers(self, output: str) -> list[str]:
+        """Names of the stages that provide ``output``, in pipeline order."""
+        return [n for n in self.order() if output in self._items[n].provides]
+
+    def order(self) -> list[str]:
+        """Every registered stage, each after the stages whose outputs it requires or consumes; ties keep the order of
+        registration (the built-ins register as distill, prune, qat, export, bench)."""
+        names = list(self._items)
+        needs = {n: set(self._items[n].requires) | set(self._items[n].consumes) for n in names}
+        after = {n: {m for m in names if m != n and needs[n] & set(self._items[m].provides)} for n in names}
+        out: list[str] = []
+        while len(out) < len(names):
+            ready = [n for n in names if n not in out and after[n] <= set(out)]
+            out.append(ready[0] if ready else next(n for n in names if n not in out))  # a cycle: registration order
+        return out
+
+    def order_problem(self, stages: list[str]) -> str | None:
+        """What is wrong with the stage sequence ``stages`` (names), or None: a stage repeated that is not repeatable,
+        a stage after one that reads what it provides, or a required output that no earlier stage provides."""
+        for i, name in enumerate(stages):
+            cls = self.get(name)
+            if name in stages[:i] and not cls.repeatable:
+                return f"stages.{i}: a second {name!r} stage is not supported"
+            for earlier in dict.fromkeys(stages[:i]):
+                e = self._items[earlier]
+                if earlier != name and (set(e.requires) | set(e.consumes)) & set(cls.provides):
+                    return f"stages.{i}: {name!r} cannot come after {earlier!r}; order stages as {' -> '.join(self.order())}"
+        for i, name in enumerate(stages):
+            for output in self._items[name].requires:
+                if not any(output in self._items[m].provides for m in stages[:i]):
+                    providers = self.providers(output)
+                    if not providers:
+                        return f"stages.{i}: {name!r} needs {output!r}, which no registered stage provides"
+                    which = " or ".join(f"{p!r}" for p in providers)
+                    return f"{_article(name)} {name!r} stage needs {_article(providers[0])} {which} stage before it"
+        return None
+
+
+STAGES = StageRegistry()

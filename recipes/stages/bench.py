@@ -22,10 +22,13 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
 
 from dsk_compress.progress import step, step_progress
-from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
-from dsk_compress.recipes.schema import BenchStageConfig
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult
+from dsk_compress.recipes.limits import MAX_BATCH, MAX_RUNS, check_device_name, check_threads_fit
 
 RESULTS = "results.json"
 
@@ -255,10 +258,36 @@ def measure_artifacts(run_dir: Path, artifacts: dict, task, profile, bcfg, sourc
     return records, errors
 
 
+class BenchStageConfig(StageConfig):
+    stage: Literal["bench"] = "bench"
+    device: str = Field("host-cpu", description="device profile whose threads and execution providers apply on this host (see "
+                        "`dsk-compress devices`); rows are labelled with this host, and a profile of another CPU architecture is "
+                        "refused: measure a board with `dsk-compress bench RUN --device D --host H`")
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="the latency batch (p50/p90/p99 in the report)")
+    throughput_batches: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(default_factory=lambda: [8, 64], max_length=8,
+                                          description="further batch sizes timed for throughput (items/s) where the model allows; "
+                                                      "each stops after 10 s once it has 3 runs")
+    warmup: int = Field(5, ge=0, le=MAX_RUNS)
+    runs: int = Field(30, ge=1, le=MAX_RUNS)
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime threads (default: the device's); at most 4x this machine's CPUs")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        return check_device_name(v)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_fit(cls, v: int | None) -> int | None:
+        return check_threads_fit(v)
+
+
 @STAGES.register("bench")
 class BenchStage(Stage[BenchStageConfig]):
     """Measure every exported variant on this host: accuracy of the artifact in its runtime, latency, throughput, memory."""
 
+    requires = ("artifacts",)  # what the export stage wrote: nothing to measure without it
+    provides = ("report",)
     ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
 
     def run(self, ctx: RunContext) -> StageResult:

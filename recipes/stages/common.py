@@ -10,8 +10,29 @@ teacher by distill) uses the helpers at the top. Your own torch model (``student
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from dsk_compress.recipes.base import RunContext
+from pydantic import Field
+
+from dsk_compress.recipes.base import RunContext, StrictModel
+from dsk_compress.recipes.limits import MAX_BATCH, MAX_STEPS
+
+
+# the KD fine-tune settings the training stages (distill, prune, qat) share (no docstring: docs/recipes.md shows none)
+class _TrainSettings(StrictModel):
+    steps: int = Field(200, ge=0, le=MAX_STEPS, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="sequences per step (the memory it needs is checked before the run)")
+    lr: float = Field(1e-3, gt=0, le=1)
+    warmup: int = Field(20, ge=0, le=MAX_STEPS)
+    temperature: float = Field(2.0, gt=0, le=100, description="KD softmax temperature")
+    kd_weight: float = Field(0.8, ge=0, le=1, description="weight of the KD term; the rest is hard-label CE")
+    reverse_kl: float = Field(0.0, ge=0, le=100, description="weight of the reverse KL(student || teacher) inside the KD term (online teacher only)")
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS, description="validate every N steps (0: only at the end)")
+    early_stop_patience: int = Field(0, ge=0, le=MAX_STEPS, description="stop after N validations without improvement (needs eval_every)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 autocast, fp16 autocast + gradient scaler (CUDA only)"
+    )
+
 
 # each stage reads its own slice of the training stream
 DATA_OFFSETS = {"distill": 0, "prune": 1_000_000, "qat": 2_000_000}

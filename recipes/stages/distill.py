@@ -11,16 +11,33 @@ token budget with one of (initialisation, KD) changed, so the report can show wh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from dsk_compress.io import read_json
-from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
-from dsk_compress.recipes.schema import DistillConfig
-from dsk_compress.recipes.stages.common import check_kd_settings, evaluate, kd_train, stage_field, train_summary
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult
+from dsk_compress.recipes.stages.common import _TrainSettings, check_kd_settings, evaluate, kd_train, stage_field, train_summary
+
+
+class DistillConfig(StageConfig, _TrainSettings):
+    stage: Literal["distill"] = "distill"
+    hidden_mse: float = Field(0.0, ge=0, le=1e6, description="weight of the hidden-state MSE (projected student layer vs teacher layer; online teacher only)")
+    hidden_pairs: list[tuple[int, int]] | None = Field(
+        None, description="[[student_layer, teacher_layer], ...] for hidden_mse (default: each student layer and the teacher layer it was cut from)"
+    )
+    baselines: list[Literal["nokd", "random-init", "random-init-nokd"]] = Field(
+        default_factory=list,
+        description="also train, on the same token budget: the same student without KD (nokd), a KD student with random FFN init "
+                    "(random-init), and a random-FFN student without KD (random-init-nokd)",
+    )
 
 
 @STAGES.register("distill")
 class DistillStage(Stage[DistillConfig]):
     """Cut a dense student from the teacher and train it with logit KD + hard-label CE (+ optional hidden-state MSE)."""
+
+    provides = ("model",)  # distill/model, the student every later stage starts from
 
     def run(self, ctx: RunContext) -> StageResult:
         from dsk_compress.compress import dist

@@ -14,15 +14,17 @@ checked lives in ``export/`` (``onnx.py``, ``kv_cache.py``, ``fused.py``, ``ptq.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
 from dsk_compress.export import graph_files
 from dsk_compress.errors import ExportError
 from dsk_compress.io import read_json
 from dsk_compress.progress import step, step_progress
-from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
-from dsk_compress.recipes.schema import ExportConfig
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult, StrictModel
+from dsk_compress.recipes.limits import MAX_BATCH, MAX_CALIBRATION_BATCHES, check_device_name
 from dsk_compress.recipes.stages.common import is_torch_run, torch_student
 
 # (stage, baseline) -> (artifact role, note) of the comparison students earlier stages leave
@@ -33,10 +35,64 @@ BASELINE_ROLES = {("distill", "nokd"): ("student-nokd", "same init and token bud
                   ("prune", "oneshot"): ("pruned-oneshot", "pruned to the same size in one step, same total fine-tune budget")}
 
 
+class TensorRTBuildSpec(StrictModel):
+    """TensorRT engine settings for an export whose device prefers the tensorrt runtime."""
+
+    build_engine: bool = Field(True, description="build the engine at export when tensorrt and a CUDA GPU are there (else run.py builds it on the device)")
+    workspace_gb: float = Field(2.0, gt=0, le=1024, description="builder workspace memory pool limit in GiB")
+    max_batch: int = Field(8, ge=1, le=MAX_BATCH, description="largest batch of the engine's optimization profile")
+    opt_batch: int = Field(1, ge=1, le=MAX_BATCH, description="batch size the builder tunes kernels for")
+    max_seq_len: int | None = Field(None, ge=1, le=1_000_000, description="longest sequence of the profile (default: the task's seq_len)")
+
+    @model_validator(mode="after")
+    def _batches(self):
+        if self.opt_batch > self.max_batch:
+            raise ValueError(f"opt_batch ({self.opt_batch}) must be <= max_batch ({self.max_batch})")
+        return self
+
+
+class ExportConfig(StageConfig):
+    stage: Literal["export"] = "export"
+    opset: int = Field(17, ge=13, le=21)
+    optimization: Literal["basic", "extended"] = "extended"
+    parity_atol: float = Field(1e-3, gt=0, le=1e3, description="max |torch - onnx| for float exports")
+    qdq_min_sqnr_db: float = Field(30.0, ge=0, le=200, description="min SQNR of the INT8 ONNX vs the torch fake-quant model")
+    ptq_baselines: bool = Field(True, description="also export ORT dynamic and static PTQ of the float student (report baselines)")
+    ptq_calibration_batches: int = Field(16, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 4 training windows for static PTQ calibration")
+    precisions: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(
+        default_factory=lambda: ["fp32", "int8"],
+        description="what to write: fp32 (every student stage, always), fp16 (the last float student), int8 (the QAT student) "
+                    "and int4 (weight-only MatMulNBits of the last float student, for ARM boards)",
+    )
+    fp16_max_rel_err: float = Field(0.01, gt=0, le=1e3, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|")
+    kv_cache: bool = Field(
+        True, description="also write a KV-cache graph (<name>.kv.onnx: past_key_values in, present out) of each fp32 student and the "
+                          "int8 QAT student, for token-by-token generation; bench measures its decode tokens/s"
+    )
+    device: str | None = Field(
+        None, description="target device profile: its preferred precision is exported too; a tensorrt device gets a TensorRT-checked graph (and an engine where tensorrt runs)"
+    )
+    tensorrt: TensorRTBuildSpec = Field(default_factory=lambda: TensorRTBuildSpec(), description="TensorRT engine build settings")
+
+    @field_validator("precisions")
+    @classmethod
+    def _fp32_always(cls, v: list[str]) -> list[str]:
+        if "fp32" not in v:
+            raise ValueError("must include fp32 (the float student exports are the report's reference rows), e.g. [fp32, fp16, int8]")
+        return list(dict.fromkeys(v))
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str | None) -> str | None:
+        return check_device_name(v) if v is not None else v
+
+
 @STAGES.register("export")
 class ExportStage(Stage[ExportConfig]):
     """ONNX for the teacher (dense routing), each student stage (fp32) and the QAT student (INT8 Q/DQ)."""
 
+    consumes = ("model", "qat_model")  # every student stage's model, the QAT student when there is one
+    provides = ("artifacts",)
     ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
 
     def run(self, ctx: RunContext) -> StageResult:

@@ -14,14 +14,97 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Literal
 
-import torch
+from pydantic import Field, model_validator
 
 from dsk_compress.io import read_json
-from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
-from dsk_compress.recipes.schema import PruneConfig
-from dsk_compress.recipes.stages.common import agreed, evaluate, kd_train, rank0, student_model, train_summary
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult, StrictModel
+from dsk_compress.recipes.limits import MAX_CALIBRATION_BATCHES, MAX_RUNS, MAX_STEPS, MAX_WIDTH
+from dsk_compress.recipes.stages.common import _TrainSettings, agreed, evaluate, kd_train, rank0, student_model, train_summary
 from dsk_compress.recipes.stages.common import is_torch_run, torch_evaluate, torch_kd_train, torch_student, torch_train_summary  # your own torch model
+
+
+class PruneTargetSpec(StrictModel):
+    """Prune to a budget instead of fixed ratios: exactly one of ``params``, ``macs`` or ``latency_ms``."""
+
+    params: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of the parameters, e.g. 0.5")
+    macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of the MACs of one forward pass (batch 1, the task's seq_len)")
+    latency_ms: float | None = Field(None, gt=0, description="p50 latency budget in ms: ONNX Runtime on this host, batch 1, the task's seq_len")
+    device: str = Field("host-cpu", description="where latency_ms is measured; only host-cpu (this machine) can be measured during pruning")
+    structures: list[Literal["ffn", "heads", "layers"]] = Field(
+        default_factory=lambda: ["ffn"], min_length=1, description="what the target prunes, all by one common ratio (heads go in whole KV groups)"
+    )
+    max_ratio: float = Field(0.9, gt=0, lt=1, description="largest fraction of each structure the target may remove")
+    step: float = Field(0.1, gt=0, lt=1, description="latency_ms: ratio added per progressive step (export + measure + fine-tune)")
+    runs: int = Field(20, ge=1, le=MAX_RUNS, description="latency_ms: timed runs per measurement")
+    warmup: int = Field(3, ge=0, le=MAX_RUNS, description="latency_ms: untimed runs per measurement")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [k for k in ("params", "macs", "latency_ms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"target: give exactly one of params, macs, latency_ms (got {', '.join(given) or 'none'})")
+        if self.device != "host-cpu":
+            raise ValueError(f"target.device {self.device!r}: latency is measured on this host while pruning; use device: host-cpu "
+                             "(measure a device with `dsk-compress export RUN --device D` and its run.py)")
+        if len(set(self.structures)) != len(self.structures):
+            raise ValueError(f"target.structures {self.structures} names a structure twice")
+        return self
+
+
+class PruneConfig(StageConfig, _TrainSettings):
+    stage: Literal["prune"] = "prune"
+    ffn_ratio: float | None = Field(
+        None, ge=0, lt=1, description="fraction of FFN channels removed (default 0.5 when nothing else is pruned; 0 when head_ratio, "
+                                      "layers_removed, depth_ratio, expert_ratio or target is given)"
+    )
+    head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed, in whole KV groups with their query heads")
+    channel_ratio: float | None = Field(
+        None, ge=0, lt=1, description="torch (non-Hugging Face) student: fraction of each conv's output channels removed (default 0.5)"
+    )
+    layers_removed: int = Field(0, ge=0, le=MAX_WIDTH, description="decoder layers removed, lowest block influence (1 - cos(input, output) on calibration data) first")
+    depth_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of decoder layers removed (rounded down); alternative to layers_removed")
+    expert_ratio: float = Field(
+        0.0, ge=0, lt=1, description="MoE students: fraction of routed experts removed from every MoE layer, least used on calibration data first"
+    )
+    importance: Literal["l1", "l2", "taylor", "activation"] = Field(
+        "l2", description="channel/head importance: weight magnitude (l1, l2), first-order Taylor, or mean |activation| on calibration data"
+    )
+    calibration_batches: int = Field(8, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 8 training windows for activation importance, layer block influence and expert router frequencies")
+    target: PruneTargetSpec | None = Field(None, description="prune to a budget instead of ratios: {params: F}, {macs: F} or {latency_ms: X, device: host-cpu}")
+    iterations: int = Field(1, ge=1, le=1000, description="progressive pruning: prune a slice, fine-tune, repeat")
+    round_to: int = Field(8, ge=1, le=4096, description="channel counts rounded to a multiple of this")
+    steps: int = Field(100, ge=0, le=MAX_STEPS, description="KD fine-tune steps after each pruning step")
+    timeout_s: float = Field(300, gt=0, le=7 * 86400, description="abort pruning a model that takes longer (torch-pruning GQA hang)")
+    baselines: list[Literal["oneshot"]] = Field(
+        default_factory=list, description="also prune one-shot to the same size with the same total fine-tune budget (role pruned-oneshot)"
+    )
+
+    @model_validator(mode="after")
+    def _ratios_or_target(self):
+        if self.layers_removed and self.depth_ratio:
+            raise ValueError("give layers_removed or depth_ratio, not both")
+        if self.expert_ratio:
+            given = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio", "target") if getattr(self, k)]
+            if given:
+                raise ValueError(f"expert_ratio prunes the experts of an MoE student and cannot be combined with {', '.join(given)}; "
+                                 "prune experts here and distill to a dense student for the rest")
+        if self.target is not None:
+            given = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio") if getattr(self, k)]
+            if given:
+                raise ValueError(f"give either target or ratios, not both (got target and {', '.join(given)}); "
+                                 f"remove target or set {given[0]}: 0")
+            if self.target.latency_ms is not None and self.iterations != 1:
+                raise ValueError("target.latency_ms prunes in steps of target.step until the budget is met; remove iterations")
+        return self
+
+    @property
+    def effective_ffn_ratio(self) -> float:
+        """``ffn_ratio``, or its default: 0.5 when nothing else is pruned, 0 next to head, depth or expert pruning or a target."""
+        if self.ffn_ratio is not None:
+            return self.ffn_ratio
+        return 0.0 if (self.target is not None or self.head_ratio or self.layers_removed or self.depth_ratio or self.expert_ratio) else 0.5
 
 
 @STAGES.register("prune")
@@ -29,7 +112,13 @@ class PruneStage(Stage[PruneConfig]):
     """Structured pruning (FFN channels, heads in whole KV groups, decoder layers; uniform per layer) to fixed
     ratios or to a params / MACs / measured-latency target, with a KD fine-tune after each step."""
 
+    consumes = ("model",)  # the latest student (else the recipe's own)
+    provides = ("model",)
+    repeatable = True  # prune, then prune again (e.g. heads after FFN channels)
+
     def run(self, ctx: RunContext) -> StageResult:
+        import torch
+
         if is_torch_run(ctx):  # your own torch model: conv channels (below)
             return run_torch(self, ctx)
         from dsk_compress.compress.moe import expert_structure
@@ -126,6 +215,8 @@ class PruneStage(Stage[PruneConfig]):
 
     def _calibration(self, ctx: RunContext):
         """Calibration batches for activation importance, block influence and router frequencies (None when unused)."""
+        import torch
+
         c = self.config
         depth = c.layers_removed or c.depth_ratio or (c.target is not None and "layers" in c.target.structures)
         if c.importance != "activation" and not depth and not c.expert_ratio:
@@ -173,6 +264,8 @@ class PruneStage(Stage[PruneConfig]):
                                                          example, calib, it)
 
     def _prune(self, ctx: RunContext, model, shape, example, calib, it: int) -> dict:
+        import torch
+
         from dsk_compress.compress.distill import kd_loss
         from dsk_compress.compress.prune import prune_to
 
@@ -276,6 +369,8 @@ class PruneStage(Stage[PruneConfig]):
 
 def run_torch(stage, ctx: RunContext) -> StageResult:
     """Conv output channels to ``channel_ratio`` (rounded to ``round_to``), in ``iterations`` slices with KD after each."""
+    import torch
+
     from dsk_compress.compress.cnn import conv_widths, count_macs, output_layers, target_widths
     from dsk_compress.models.source import count_params, save_model_dir
 

@@ -11,17 +11,41 @@ shared groups).
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageResult
-from dsk_compress.recipes.schema import QATConfig
-from dsk_compress.recipes.stages.common import evaluate, kd_train, rank0, student_model, train_summary
+from pydantic import Field
+
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult
+from dsk_compress.recipes.limits import MAX_CALIBRATION_BATCHES
+from dsk_compress.recipes.stages.common import _TrainSettings, evaluate, kd_train, rank0, student_model, train_summary
 from dsk_compress.recipes.stages.common import is_torch_run, torch_evaluate, torch_kd_train, torch_student, torch_train_summary  # your own torch model
+
+
+class QATConfig(StageConfig, _TrainSettings):
+    stage: Literal["qat"] = "qat"
+    weight_bits: int = Field(8, ge=4, le=8)
+    activation_bits: Literal[8] = 8
+    avx2_safe: bool = Field(True, description="use 7-bit weight range so ORT's u8s8 kernels never saturate without VNNI")
+    activations: Literal["asymmetric", "symmetric"] = Field(
+        "symmetric",
+        description="activation quantizers: symmetric (int8, zero point 0: runs in ONNX Runtime and TensorRT, so one QAT model "
+                    "serves every device) or asymmetric (uint8 + zero point, ONNX Runtime only; the default for your own torch "
+                    "model when unset, as ONNX Runtime's x86 QLinearConv needs it)",
+    )
+    observer_steps: int = Field(20, ge=1, le=MAX_CALIBRATION_BATCHES, description="steps of min/max observation before scales are learned")
+    share_input_quantizers: bool = Field(
+        True, description="one activation quantizer per input tensor: layers that read the same tensor (q/k/v, gate/up) share one "
+                          "learned scale, so the int8 graph packs them into one integer MatMul (TensorRT also wants one scale per tensor)")
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module names kept in float")
+    lr: float = Field(2e-4, gt=0, le=1)
 
 
 @STAGES.register("qat")
 class QATStage(Stage[QATConfig]):
     """INT8 QAT: observe activation ranges, then KD fine-tune with learned activation scales."""
+
+    consumes = ("model",)  # the latest float student (else the recipe's own)
+    provides = ("qat_model",)
 
     def effective_config(self, spec) -> QATConfig:
         """Your own torch model's activations default to :data:`CONV_ACTIVATIONS` when the recipe leaves them unset."""
@@ -86,6 +110,8 @@ x86 QLinearConv fuses (a causal LM's default, symmetric, suits TensorRT and ORT'
 
 def run_torch(stage: QATStage, ctx: RunContext) -> StageResult:
     """Fold BatchNorm into the convs, fake-quantize every Conv2d and Linear, observe, then KD fine-tune with learned scales."""
+    import torch
+
     from dsk_compress.compress.cnn import fold_batchnorm, forward
     from dsk_compress.compress.qat import calibrate, prepare_qat
     from dsk_compress.models.source import save_model_dir

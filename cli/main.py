@@ -199,13 +199,10 @@ def export_cmd(
     """
     from dsk_compress.errors import RunError
     from dsk_compress.export.bundle import make_bundle
-    from dsk_compress.io import ensure_dir
 
-    if out is not None:  # a file in the way or a folder we cannot write: one line now, not a traceback after the checks
-        if out.exists() and not out.is_dir():
-            raise RunError(f"--out {out} is a file, not a folder", hint="give a folder for the bundle")
-        ensure_dir(out.resolve().parent, "--out")
-    dest = make_bundle(run_dir, device, out)
+    if out is not None and out.exists() and not out.is_dir():  # one line now, not after the run's checks
+        raise RunError(f"--out {out} is a file, not a folder", hint="give a folder for the bundle")
+    dest = make_bundle(run_dir, device, out)  # never replaces a folder it did not write (see make_bundle)
     _console().print(f"bundle: {dest}  (on the device: pip install -r requirements.txt && python3 run.py)")
 
 
@@ -338,6 +335,12 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors
+        from dsk_compress.io import storage_error
+
+        found = storage_error(e, Path.cwd(), "")  # a full or read-only disk, a permission: one line
+        if found is not None:
+            typer.secho(" ".join(f"error: {found.message} (hint: {found.hint})".split()), err=True, fg="red")
+            sys.exit(2)
         try:  # typer >= 0.2x vendors click as typer._click and does not install click
             from typer._click import exceptions as click_exceptions
         except ImportError:

@@ -56,6 +56,13 @@ class DeviceProfile(BaseModel):
     sources: dict[str, str]
     notes: str = ""
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        from dsk_compress.paths import check_name
+
+        return check_name(v, "device name", "(bundles and results are written to RUN/bundles/<name>, RUN/devices/<name>)")
+
     @field_validator("execution_providers")
     @classmethod
     def _providers_named(cls, v: list[str]) -> list[str]:
@@ -139,7 +146,7 @@ def _describe_errors(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown field {loc!r}")
         elif loc:
-            parts.append(f"field {loc!r}: {err['msg']}")
+            parts.append(f"field {loc!r}: {err['msg'].removeprefix('Value error, ')}")
         else:
             parts.append(err["msg"].removeprefix("Value error, "))
     return "; ".join(parts)

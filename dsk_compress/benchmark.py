@@ -53,6 +53,37 @@ def _is_run(p: Path) -> bool:
     return (p / "manifest.json").is_file()
 
 
+def read_card(bundle: Path) -> dict:
+    """A bundle's ``model_card.json``, checked before any of it becomes a path: ``variant`` and ``source_run`` are single
+    file names, ``device`` a device profile name, ``model`` a file inside the bundle. Raises RunError naming the field."""
+    from dsk_compress.paths import check_component, check_name, inside
+
+    path = bundle / "model_card.json"
+    hint = "the bundle was altered; write it again with: dsk-compress export RUN --device DEVICE"
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        why = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else getattr(e, "strerror", None) or str(e)
+        raise RunError(f"cannot read {path}: {why}", hint=hint) from None
+    if not isinstance(card, dict):
+        raise RunError(f"{path} is not a model card (a JSON {type(card).__name__}, not an object)", hint=hint)
+    checks = (("variant", lambda v: check_component(v, "variant")), ("device", lambda v: check_name(v, "device name")),
+              ("precision", lambda v: check_component(v, "precision")), ("model", lambda v: inside(bundle, v, "model")))
+    for key, check in checks:
+        if key not in card:
+            raise RunError(f"{path}: field {key!r} is missing", hint=hint)
+        try:
+            check(card[key])
+        except ValueError as e:
+            raise RunError(f"{path}: field {key!r}: {e}", hint=hint) from None
+    if card.get("source_run") is not None:
+        try:
+            check_component(card["source_run"], "source_run")
+        except ValueError as e:
+            raise RunError(f"{path}: field 'source_run': {e}", hint=hint) from None
+    return card
+
+
 def _bundle_run_dir(bundle: Path, card: dict) -> Path | None:
     """The run a bundle was written from, when it still sits inside it (``RUN/bundles/<device>``)."""
     run = bundle.resolve().parent.parent
@@ -91,8 +122,14 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         raise RunError(f"{target} is neither a run directory (manifest.json) nor a deploy bundle (model_card.json, run.py)",
                        hint="pass runs/<recipe>-<time> or a folder written by dsk-compress export")
     if host is not None:
+        from dsk_compress.paths import remote_dir as confined
+
+        try:  # before anything is exported or sent: the device user's home unless an absolute path is given
+            folder = confined(DEFAULT_REMOTE_DIR if remote_dir is None else remote_dir)
+        except ValueError as e:
+            raise DeviceError(str(e), hint="e.g. --remote-dir ~/dsk-compress (under the device user's home) or an absolute path") from None
         return _bench_remote(target, device, host, identity, known_hosts, accept_new_host_key, wheelhouse, python,
-                             remote_dir or DEFAULT_REMOTE_DIR, runs, threads, generate, timeout, log)
+                             folder, runs, threads, generate, timeout, log)
     if _is_bundle(target):
         return _bench_bundle_here(target, device, runs, threads, generate, timeout, log)
     return _bench_run_here(target, device, runs, threads, generate, log)
@@ -107,7 +144,7 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
 
     h = parse_host(host)  # before anything is exported: a bad host is one line
     if _is_bundle(target):
-        bundle, card = target, json.loads((target / "model_card.json").read_text())
+        bundle, card = target, read_card(target)
         if device is not None and device != card["device"]:
             raise DeviceError(f"{bundle} is a bundle for {card['device']}, not {device}", hint=f"drop --device, or export one: "
                               f"dsk-compress export RUN --device {device}")
@@ -116,7 +153,7 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
         if device is None:
             raise DeviceError("--host needs --device with a run: which device's bundle to send", hint="e.g. --device rpi5")
         run_dir, bundle = target, _ensure_bundle(target, device, log)
-        card = json.loads((bundle / "model_card.json").read_text())
+        card = read_card(bundle)
     name = card["device"]
     out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
     raw = out / "raw" / card["variant"]
@@ -146,9 +183,10 @@ def _ensure_bundle(run_dir: Path, device: str, log) -> Path:
     from dsk_compress.devices import load_device
     from dsk_compress.export.bundle import CARD_VERSION, make_bundle
 
-    bundle = run_dir / "bundles" / load_device(device).name
+    bundle = run_dir / "bundles" / load_device(device).name  # a checked name (DeviceProfile): one folder under bundles/
     card = bundle / "model_card.json"
-    if not card.is_file() or json.loads(card.read_text()).get("version", 1) < CARD_VERSION:
+    version = read_card(bundle).get("version", 1) if card.is_file() else None
+    if not isinstance(version, int) or version < CARD_VERSION:
         log(f"exporting the {device} bundle: {bundle}")
         make_bundle(run_dir, device, bundle)
     return bundle
@@ -172,10 +210,20 @@ def _save(out: Path, name: str, records: list, run_dir: Path | None, bundle_file
 # --------------------------------------------------------------------------- this machine
 
 
-def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> BenchOutcome:
-    """Every artifact of the run in every runtime this machine offers (the bench stage's method and plans)."""
+def _host_name() -> str:
+    """This machine's hostname, the folder its results go to (``RUN/devices/<hostname>``); ``this-host`` if it is not a plain name."""
     import socket
 
+    from dsk_compress.paths import check_component
+
+    try:
+        return check_component(socket.gethostname(), "hostname")
+    except ValueError:
+        return "this-host"
+
+
+def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> BenchOutcome:
+    """Every artifact of the run in every runtime this machine offers (the bench stage's method and plans)."""
     from dsk_compress.devices import load_device
     from dsk_compress.recipes.schema import BenchStageConfig, RecipeSpec
     from dsk_compress.recipes.stages.bench import check_profile_fits_host, measure_artifacts
@@ -194,7 +242,7 @@ def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> Benc
     bcfg = BenchConfig(warmup=stage.warmup, runs=runs or stage.runs, batch_size=stage.batch_size,
                        throughput_batches=tuple(stage.throughput_batches), threads=threads or stage.threads or profile.threads,
                        seq_len=getattr(task, "seq_len", None))
-    name = socket.gethostname()
+    name = _host_name()
     out = run_dir / "devices" / name
     log(f"measuring {len(artifacts)} artifacts of {run_dir.name} on this machine ({name}, profile {profile.name}, {bcfg.threads} threads)")
     records, errors = measure_artifacts(run_dir, artifacts, task, profile, bcfg, run_dir.name, out / "partial.json", device_name=name,
@@ -205,15 +253,14 @@ def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> Benc
 
 def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, log) -> BenchOutcome:
     """The bundle's run.py with this Python (the way a device runs it)."""
-    import socket
-
     from dsk_compress.runtimes.result import parse_record
 
-    card = json.loads((bundle / "model_card.json").read_text())
+    card = read_card(bundle)
     if device is not None and device != card["device"]:
         raise DeviceError(f"{bundle} is a bundle for {card['device']}, not {device}", hint="drop --device")
+    bundle = bundle.absolute()  # run.py runs with the bundle as its working folder: every path it is given is absolute
     run_dir = _bundle_run_dir(bundle, card)
-    name = socket.gethostname()
+    name = _host_name()
     out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
     raw = out / "raw" / card["variant"]
     raw.mkdir(parents=True, exist_ok=True)

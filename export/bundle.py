@@ -16,13 +16,16 @@ bundle's tokenizer).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from dsk_compress.errors import RunError
-from dsk_compress.io import atomic_write_json, atomic_write_text
+from dsk_compress.io import atomic_write_json, atomic_write_text, format_bytes, free_space, storage_error
+from dsk_compress.paths import check_component, inside, is_within
 from dsk_compress.runtimes import decoder, measure, trt_compat
 
 RUN_PY = Path(__file__).with_name("bundle_run.py")
@@ -36,19 +39,48 @@ NUMPY_FLOOR = "1.24"
 TOKENIZERS_FLOOR = "0.20"
 """tokenizers 0.20 changed the BPE merges in tokenizer.json; 0.19.1 cannot read what 0.22 writes, 0.20.0 can (checked)."""
 
+BUNDLE_MARKER = ".dsk-bundle.json"
+"""Written last into every bundle: the files ``export`` wrote there. A later export to the same folder replaces those files
+and no others (a venv, results or engines made in the bundle stay); a non-empty folder without it is refused."""
+LEGACY_FILES = ("model.onnx", "model.fused.onnx", "model.kv.onnx", "eval_windows.npy", "tokenizer.json", "dsk_measure.py",
+                "dsk_decoder.py", "dsk_trt.py", "run.py", "model_card.json", "requirements.txt", "README.md")
+"""What a bundle written before :data:`BUNDLE_MARKER` existed holds (replaced in ``RUN/bundles/<device>`` only)."""
+SPARE_BYTES = 1 << 20
+"""Room asked beyond the bundle's files (the scripts, card and README, filesystem blocks)."""
+
 _ROLE_FOR = {"int8": "final", "fp16": "student-fp16", "fp32": "student"}
 _HINT_FOR = {"int8": "run a recipe with qat, export and bench stages",
-             "fp16": "rerun the export stage with precisions: [fp32, fp16] (or device: <this device>) and bench",
              "fp32": "run a recipe with export and bench stages"}
 
 
-def _pick_variant(report: dict, precision: str) -> dict:
+def _pick_variant(report: dict, precision: str, manifest: dict, device: str) -> dict:
     """The host row that ships at ``precision``: the QAT student (int8), its fp16 export, or the last fp32 student
     (rows of the reference runtime: not the ``name [runtime]`` rows of further runtimes)."""
-    want = [v for v in report["variants"] if v["role"] == _ROLE_FOR[precision] and " [" not in v["name"]][-1:]
+    want = [v for v in report["variants"] if v.get("role") == _ROLE_FOR[precision] and " [" not in v["name"]][-1:]
     if not want or not want[0].get("artifact"):
-        raise RunError(f"the run has no {precision} student artifact to bundle", hint=_HINT_FOR[precision])
+        hint = fp16_hint(manifest, device) if precision == "fp16" else _HINT_FOR[precision]
+        raise RunError(f"the run has no {precision} student artifact to bundle", hint=hint)
     return want[0]
+
+
+def fp16_hint(manifest: dict, device: str) -> str:
+    """A command that gives a run an fp16 student: the export stage's ``precisions`` take part in what a run computes, so a
+    resume with another value is refused ("the recipe differs"); a new run of the same recipe with the export stage's
+    ``precisions`` set to ``[fp32, fp16]`` makes one (its distill and prune stages start afresh)."""
+    import shlex
+
+    from dsk_compress.recipes.runner import recipe_argument
+
+    src = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    recipe = recipe_argument(src.get("recipe") or manifest.get("name") or "RECIPE")
+    stages = [e.get("stage") for e in manifest.get("stages", []) if isinstance(e, dict)]
+    sets = [str(x) for x in src.get("overrides") or []]
+    if "export" in stages:
+        sets.append(f"stages.{stages.index('export')}.precisions=[fp32, fp16]")
+    else:
+        return f"run a recipe with export (precisions: [fp32, fp16]) and bench stages, then dsk-compress export RUN --device {device}"
+    cmd = "dsk-compress recipe " + shlex.quote(recipe) + "".join(f" --set {shlex.quote(x)}" for x in sets)
+    return f"start a new run with an fp16 export: {cmd}, then dsk-compress export NEW_RUN --device {device}"
 
 
 def _export_artifacts(manifest: dict) -> dict:
@@ -62,11 +94,11 @@ def _tensorrt_model(run_dir: Path, v: dict, art: dict, device: str) -> tuple[Pat
     """The portable ONNX TensorRT parses for this variant (the ORT-optimized file holds contrib ops) and its check."""
     from dsk_compress.export.trt_check import check_tensorrt_onnx, format_problems
 
-    rel = art.get("qdq_path") if v["precision"] == "int8" else v["artifact"]
+    rel = art.get("qdq_path") if v.get("precision") == "int8" else v["artifact"]
     if not rel:
         raise RunError(f"the run's {v['name']} has no TensorRT-portable ONNX (it predates portable exports)",
                        hint=f"rerun the export stage with device: {device}")
-    path = run_dir / rel
+    path = _in_run(run_dir, rel, "manifest.json: the export stage's qdq_path")
     problems = check_tensorrt_onnx(path)
     if problems:
         hint = ("retrain with the qat stage's activations: symmetric, then export with device: " + device
@@ -76,71 +108,175 @@ def _tensorrt_model(run_dir: Path, v: dict, art: dict, device: str) -> tuple[Pat
 
 
 def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None) -> Path:
-    """Write a deploy bundle of a finished run for ``device`` and return its folder."""
+    """Write a deploy bundle of a finished run for ``device`` and return its folder.
+
+    The bundle goes to ``out`` (default ``RUN/bundles/<device>``): a new or empty folder, or one an earlier export wrote
+    (:data:`BUNDLE_MARKER`), whose files from that export are replaced and whose other files stay. A folder holding
+    anything else, the run itself or a folder inside the run other than ``RUN/bundles/<name>`` is refused, and nothing is
+    deleted that this function did not write. The files are written to a temp folder beside the bundle first; on a
+    full disk it is removed and the error says how much space the bundle needs.
+
+    Raises:
+        RunError: the run, its report or its artifacts are damaged, the destination is refused, or the disk is full.
+        DeviceError: an unknown or invalid device profile.
+    """
+    from pydantic import ValidationError
+
     from dsk_compress.devices import load_device
+    from dsk_compress.integrity import check_run_artifacts
     from dsk_compress.recipes.schema import RecipeSpec
     from dsk_compress.report import load_report
     from dsk_compress.tasks import build_task
 
-    from dsk_compress.integrity import check_run_artifacts
-
     run_dir = Path(run_dir)
-    check_run_artifacts(run_dir)  # recorded hashes match and every ONNX file loads, before anything is copied
+    manifest = check_run_artifacts(run_dir)  # recorded hashes match and every ONNX file loads, before anything is copied
     report = load_report(run_dir)
-    prof = load_device(device)
+    prof = load_device(device)  # its name is a safe folder name (DeviceProfile checks it)
+    dest = Path(out) if out is not None else run_dir / "bundles" / prof.name
+    owned = _claim(dest, run_dir, "--out" if out is not None else "the bundle folder")
     precision = prof.preferred_precision  # fp32, fp16 or int8, as the device profile prefers
-    v = _pick_variant(report, precision)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    spec = RecipeSpec.model_validate(manifest["recipe"])
+    v = _pick_variant(report, precision, manifest, prof.name)
+    try:
+        spec = RecipeSpec.model_validate(manifest["recipe"])
+    except ValidationError as e:
+        raise RunError(f"{run_dir / 'manifest.json'}: its recipe does not validate ({e.error_count()} problem(s), first at "
+                       f"{'.'.join(str(x) for x in e.errors()[0]['loc'])})", hint="the manifest is damaged; rerun the recipe") from None
     task = build_task(spec.task.model_dump())
     if getattr(task, "seq_len", None) is None or not hasattr(task, "eval_windows"):
         raise RunError(f"bundles are written for language-model runs, and this run's task is {spec.task.model_dump().get('name', 'your own')}",
                        hint="measure your own model's ONNX files with dsk-compress bench RUN on the machine itself")
     runtime = "tensorrt" if prof.preferred_runtime == "tensorrt" else "onnxruntime"
-    model_src, trt_card = run_dir / v["artifact"], None
+    model_src, trt_card = _in_run(run_dir, v["artifact"], f"report.json: variant {v['name']!r} artifact"), None
     if runtime == "tensorrt":
         model_src, trt_card = _tensorrt_model(run_dir, v, _export_artifacts(manifest).get(v["name"], {}), prof.name)
         exp = next((st for st in spec.stages if st.stage == "export"), None)
         t = exp.tensorrt if exp is not None else None
         trt_card.update({"precision": precision, "workspace_gb": t.workspace_gb if t else 1.0, "max_batch": t.max_batch if t else 8,
                          "opt_batch": t.opt_batch if t else 1, "max_seq_len": t.max_seq_len if t else None})
-    dest = Path(out) if out else run_dir / "bundles" / prof.name
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy2(model_src, tmp / "model.onnx")
     art = _export_artifacts(manifest).get(v["name"], {})
+    copies = {"model.onnx": model_src}
     for key, name in (("fused_path", "model.fused.onnx"), ("kv_cache_path", "model.kv.onnx")):
-        if art.get(key) and (run_dir / art[key]).is_file():  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
-            shutil.copy2(run_dir / art[key], tmp / name)
+        if isinstance(art, dict) and art.get(key):  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
+            src = _in_run(run_dir, art[key], f"manifest.json: the export stage's {key} of {v['name']!r}")
+            if src.is_file():
+                copies[name] = src
     td = task.describe()
     windows = task.eval_windows()
     vocab = max(int(td.get("vocab_size") or 256), int(windows.max()) + 1)
-    np.save(tmp / "eval_windows.npy", windows.astype(window_dtype(vocab)))
-    tokenizer = _save_tokenizer(task, tmp) if td["name"] == "text-lm" else None
-    for src, name in ((measure.__file__, "dsk_measure.py"), (decoder.__file__, "dsk_decoder.py"), (trt_compat.__file__, "dsk_trt.py"),
-                      (RUN_PY, "run.py")):
-        atomic_write_text(tmp / name, Path(src).read_text())
-    card = {
-        "version": CARD_VERSION, "model": "model.onnx", "variant": v["name"], "role": v.get("role"), "precision": v["precision"],
-        "device": prof.name, "runtime": runtime, "execution_providers": list(prof.execution_providers), "threads": prof.threads,
-        "graph_optimization": "extended", "batches": list(BATCHES), "seq_len": task.seq_len, "task": td,
-        "eval_windows": "eval_windows.npy", "eval_batch_size": _eval_batch_size(task), "logits_dtype": np.dtype(task.logits_dtype).name,
-        "vocab_size": vocab, "tokenizer": tokenizer, "tensorrt": trt_card,
-        "kv_model": "model.kv.onnx" if (tmp / "model.kv.onnx").is_file() else None,
-        "fused_model": "model.fused.onnx" if (tmp / "model.fused.onnx").is_file() else None,
-        "params": v.get("params"), "size_bytes": v.get("size_bytes"),
-        "measured_on_build_host": {"accuracy": v.get("accuracy"), "metrics": v.get("metrics"), "latency_ms": v.get("latency_ms"),
-                                   "runtime": v.get("runtime"), "host": report.get("host")},
-        "source_run": run_dir.name, "recipe": spec.name,
-    }
-    atomic_write_json(tmp / "model_card.json", card)
-    atomic_write_text(tmp / "requirements.txt", requirements(runtime, tokenizer is not None))
-    atomic_write_text(tmp / "README.md", _readme(spec.name, prof, v, precision, trt_card, tmp, tokenizer is not None))
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    windows = windows.astype(window_dtype(vocab))
+    needed = sum(f.stat().st_size for f in copies.values()) + windows.nbytes + SPARE_BYTES
+    free, total, folder = free_space(dest.parent)
+    if total and free < needed:  # (a pseudo filesystem such as /proc has no size: writing there fails below, said as such)
+        raise RunError(f"export to {dest}: the disk is full: {format_bytes(free)} free on {folder}; the bundle needs about "
+                       f"{format_bytes(needed)}", hint="free some space or give --out a folder on another disk")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise (storage_error(e, dest.parent, f"export to {dest}", needed)
+               or RunError(f"export: cannot write the bundle to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")) from None
+    try:
+        for name, src in copies.items():
+            shutil.copyfile(src, tmp / name)
+        np.save(tmp / "eval_windows.npy", windows, allow_pickle=False)
+        tokenizer = _save_tokenizer(task, tmp) if td["name"] == "text-lm" else None
+        for src, name in ((measure.__file__, "dsk_measure.py"), (decoder.__file__, "dsk_decoder.py"), (trt_compat.__file__, "dsk_trt.py"),
+                          (RUN_PY, "run.py")):
+            atomic_write_text(tmp / name, Path(src).read_text())
+        card = {
+            "version": CARD_VERSION, "model": "model.onnx", "variant": v["name"], "role": v.get("role"), "precision": v.get("precision") or precision,
+            "device": prof.name, "runtime": runtime, "execution_providers": list(prof.execution_providers), "threads": prof.threads,
+            "graph_optimization": "extended", "batches": list(BATCHES), "seq_len": task.seq_len, "task": td,
+            "eval_windows": "eval_windows.npy", "eval_batch_size": _eval_batch_size(task), "logits_dtype": np.dtype(task.logits_dtype).name,
+            "vocab_size": vocab, "tokenizer": tokenizer, "tensorrt": trt_card,
+            "kv_model": "model.kv.onnx" if (tmp / "model.kv.onnx").is_file() else None,
+            "fused_model": "model.fused.onnx" if (tmp / "model.fused.onnx").is_file() else None,
+            "params": v.get("params"), "size_bytes": v.get("size_bytes"),
+            "measured_on_build_host": {"accuracy": v.get("accuracy"), "metrics": v.get("metrics"), "latency_ms": v.get("latency_ms"),
+                                       "runtime": v.get("runtime"), "host": report.get("host")},
+            "source_run": run_dir.resolve().name, "recipe": spec.name,
+        }
+        atomic_write_json(tmp / "model_card.json", card)
+        atomic_write_text(tmp / "requirements.txt", requirements(runtime, tokenizer is not None))
+        atomic_write_text(tmp / "README.md", _readme(spec.name, prof, v, precision, trt_card, tmp, tokenizer is not None))
+        written = sorted(p.name for p in tmp.iterdir())
+        atomic_write_json(tmp / BUNDLE_MARKER, {"written_by": "dsk-compress export", "files": written})
+        _install(tmp, dest, owned, [*written, BUNDLE_MARKER])
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
+        found = storage_error(e, dest.parent, f"export to {dest}", needed) if isinstance(e, Exception) else None
+        if found is None and isinstance(e, OSError):
+            found = RunError(f"export: cannot write the bundle to {dest}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+                             hint="choose another --out")
+        if found is not None:
+            raise found from None
+        raise
     return dest
+
+
+def _in_run(run_dir: Path, rel, what: str) -> Path:
+    """``run_dir / rel`` for a path a run's file names, refused when it leads outside the run."""
+    try:
+        return inside(run_dir, rel, what)
+    except ValueError as e:
+        raise RunError(f"{run_dir}: {e}", hint="the run's files were altered; rerun the recipe (or restore them)") from None
+
+
+def _claim(dest: Path, run_dir: Path, what: str) -> set[str]:
+    """The files in ``dest`` an export may replace: none for a new or empty folder, the files an earlier export wrote
+    (:data:`BUNDLE_MARKER`, or :data:`LEGACY_FILES` in ``RUN/bundles/<name>``); anything else is refused (RunError)."""
+    bundles = run_dir / "bundles"
+    if dest.exists() and not dest.is_dir():
+        raise RunError(f"{what} {dest} is a file, not a folder", hint="give a folder for the bundle")
+    if is_within(run_dir, dest):
+        raise RunError(f"{what} {dest} holds the run {run_dir}: a bundle never replaces a run or what is around it",
+                       hint=f"give a new folder, e.g. {bundles / dest.name if dest.name else 'BUNDLE'} or one outside the run")
+    if is_within(dest, run_dir) and bundles.resolve() not in dest.resolve().parents:
+        raise RunError(f"{what} {dest} is inside the run {run_dir}, outside its bundles folder",
+                       hint=f"leave out --out (the bundle goes to {bundles}/<device>) or give a folder outside the run")
+    if not dest.exists():
+        return set()
+    try:
+        entries = [e.name for e in dest.iterdir()]
+    except OSError as e:
+        raise RunError(f"{what} {dest} cannot be read: {e.strerror or e}", hint="choose another folder") from None
+    if not entries:
+        return set()
+    marker = dest / BUNDLE_MARKER
+    if marker.is_file():
+        try:
+            files = json.loads(marker.read_text(encoding="utf-8")).get("files")
+        except (OSError, ValueError, AttributeError):
+            files = None
+        if isinstance(files, list):
+            return {f for f in files if _plain(f)}
+    if bundles.resolve() in dest.resolve().parents and (dest / "model_card.json").is_file() and (dest / "run.py").is_file():
+        return set(LEGACY_FILES)  # RUN/bundles/<device> from a dsk-compress that wrote no marker
+    raise RunError(f"{what} {dest} is not empty and was not written by dsk-compress export ({len(entries)} entries): nothing in it "
+                   "is replaced or deleted", hint=f"give a new or empty folder, e.g. {dest / 'bundle'}")
+
+
+def _plain(name) -> bool:
+    try:
+        check_component(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _install(tmp: Path, dest: Path, owned: set[str], names: list[str]) -> None:
+    """Move the bundle's files from ``tmp`` into ``dest`` (the marker last), then remove what an earlier export wrote and
+    this one did not; files ``dest`` held from elsewhere stay."""
+    if not dest.exists():
+        os.rename(tmp, dest)  # one rename: the bundle appears whole
+        return
+    for name in names:
+        os.replace(tmp / name, dest / name)
+    for name in sorted(owned - set(names)):
+        old = dest / name
+        if old.is_file() and not old.is_symlink():
+            old.unlink()
+    tmp.rmdir()
 
 
 def window_dtype(vocab_size: int):

@@ -10,6 +10,10 @@ dsk-compress's bench results, which ``dsk-compress bench`` reads back into the r
 
     python3 run.py                                # latency, throughput and accuracy measured here
     python3 run.py --generate 64 --prompt "def "  # also greedy decode, printing the continuation
+
+A missing or damaged bundle file (the model card, the model, the evaluation windows, the tokenizer), or a card that
+names a file outside this folder, is one line on stderr starting with ``error:`` and exit status 2, before anything is
+measured or written.
 """
 # Shipped in every deploy bundle as run.py (Python 3.8+, numpy + onnxruntime): no dsk-compress import here.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,9 +43,105 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
+class BundleError(Exception):
+    """A bundle file that is missing, damaged or names a path outside the bundle: one line and exit status 2."""
+
+
+HINT = "copy the bundle again (dsk-compress export RUN --device DEVICE writes it)"
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
 def load_card(bundle=HERE):
-    with open(Path(bundle) / "model_card.json") as f:
-        return json.load(f)
+    """The bundle's ``model_card.json``, checked (see :func:`check_card`)."""
+    path = Path(bundle) / "model_card.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            card = json.load(f)
+    except FileNotFoundError:
+        raise BundleError("%s is missing: this folder is not a complete bundle (%s)" % (path, HINT)) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise BundleError("%s is damaged: %s (%s)" % (path, _first_line(e), HINT)) from None
+    except OSError as e:
+        raise BundleError("cannot read %s: %s" % (path, e.strerror or e)) from None
+    if not isinstance(card, dict):
+        raise BundleError("%s is not a model card (a JSON %s, not an object) (%s)" % (path, type(card).__name__, HINT))
+    check_card(card, Path(bundle))
+    return card
+
+
+_REQUIRED = (("model", str), ("variant", str), ("precision", str), ("runtime", str), ("seq_len", int), ("eval_windows", str),
+             ("eval_batch_size", int), ("logits_dtype", str), ("task", dict))
+
+
+def check_card(card, bundle=HERE):
+    """Every field run.py reads has the type it needs, and every file the card names lies inside the bundle."""
+    where = "model_card.json"
+    for key, kind in _REQUIRED:
+        if key not in card:
+            raise BundleError("%s has no %r field (%s)" % (where, key, HINT))
+        v = card[key]
+        if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v <= 0) or (kind is str and not v):
+            raise BundleError("%s: %r is %r, not a %s" % (where, key, v, "positive integer" if kind is int else kind.__name__))
+    if not isinstance(card["task"].get("name"), str):
+        raise BundleError("%s: task has no name (%s)" % (where, HINT))
+    if card["runtime"] not in ("onnxruntime", "tensorrt"):
+        raise BundleError("%s: runtime %r is not onnxruntime or tensorrt" % (where, card["runtime"]))
+    level = card.get("graph_optimization", "extended")
+    if level not in ORT_LEVELS:
+        raise BundleError("%s: graph_optimization %r is not one of %s" % (where, level, ", ".join(ORT_LEVELS)))
+    threads = card.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0):
+        raise BundleError("%s: threads %r is not a positive integer" % (where, threads))
+    batches = card.get("batches", [1, 8, 64])
+    if not isinstance(batches, list) or not batches or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batches):
+        raise BundleError("%s: batches %r is not a list of positive integers" % (where, batches))
+    eps = card.get("execution_providers")
+    if eps is not None and not (isinstance(eps, list) and all(isinstance(p, str) for p in eps)):
+        raise BundleError("%s: execution_providers %r is not a list of names" % (where, eps))
+    try:
+        np.dtype(card["logits_dtype"])
+    except TypeError:
+        raise BundleError("%s: logits_dtype %r is not a numpy dtype" % (where, card["logits_dtype"])) from None
+    for key in ("model", "eval_windows", "tokenizer", "kv_model", "fused_model"):
+        if card.get(key) is not None:
+            bundle_file(card, key, bundle)
+    if card.get("tensorrt") is not None and not isinstance(card["tensorrt"], dict):
+        raise BundleError("%s: tensorrt %r is not an object" % (where, card["tensorrt"]))
+
+
+def bundle_file(card, key, bundle=HERE):
+    """The file the card's ``key`` names, which must be a relative path that stays inside the bundle (links followed)."""
+    rel = card.get(key)
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise BundleError("model_card.json: %s %r is not a file name" % (key, rel))
+    root = os.path.realpath(str(bundle))
+    real = os.path.realpath(os.path.join(root, rel))
+    if os.path.isabs(rel) or os.path.commonpath([root, real]) != root:
+        raise BundleError("model_card.json: %s %r is outside the bundle: a bundle reads only its own files (%s)" % (key, rel, HINT))
+    return Path(bundle) / rel
+
+
+def existing_file(card, key, what):
+    path = bundle_file(card, key)
+    if not path.is_file():
+        raise BundleError("%s %s is missing (%s)" % (what, path, HINT))
+    return path
+
+
+def load_windows(card):
+    """The evaluation windows: a 2-D integer array, read without pickle (an object array is refused)."""
+    path = existing_file(card, "eval_windows", "the evaluation windows")
+    try:
+        w = np.load(str(path), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BundleError("%s cannot be read as a numpy array: %s (%s)" % (path, _first_line(e), HINT)) from None
+    if not isinstance(w, np.ndarray) or w.ndim != 2 or w.dtype.kind not in "ui" or w.shape[0] < 1 or w.shape[1] < 2:
+        raise BundleError("%s is not a 2-D integer array of token windows (%s)" % (path, HINT))
+    return w
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -54,7 +155,7 @@ def ort_providers(card, requested=None):
     if requested:
         missing = [p for p in requested if p not in have]
         if missing:
-            raise SystemExit("execution provider(s) %s not in this onnxruntime (it has %s)" % (", ".join(missing), ", ".join(have)))
+            raise BundleError("execution provider(s) %s not in this onnxruntime (it has %s)" % (", ".join(missing), ", ".join(have)))
         chain = list(requested)
     else:
         chain = [p for p in card.get("execution_providers") or [CPU] if p in have]
@@ -70,14 +171,19 @@ def ort_session(card, path, threads, providers):
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=providers)
+    if not Path(path).is_file():
+        raise BundleError("the model %s is missing (%s)" % (path, HINT))
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime's own InvalidProtobuf / Fail / InvalidGraph classes
+        raise BundleError("the model %s does not load in onnxruntime %s: %s" % (path, ort.__version__, _first_line(e))) from None
 
 
 def ort_runtime(card, threads, providers):
     """``(predict, timed_predict, runtime info)`` of the bundle's model in onnxruntime."""
     import onnxruntime as ort
 
-    sess = ort_session(card, HERE / card["model"], threads, providers)
+    sess = ort_session(card, bundle_file(card, "model"), threads, providers)
     name = sess.get_inputs()[0].name
     used = list(sess.get_providers())
 
@@ -150,8 +256,8 @@ def _build_engine(trt, logger, runtime, card, spec, precision, engine_path):
     builder = trt.Builder(logger)
     network = builder.create_network(dsk_trt.network_flags(trt, strong))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(HERE / card["model"])):
-        raise SystemExit("TensorRT could not parse the model: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+    if not parser.parse_from_file(str(bundle_file(card, "model"))):
+        raise BundleError("TensorRT could not parse the model: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.get("workspace_gb", 1.0) * (1 << 30)))
     dsk_trt.set_precision_flags(trt, config, precision, strong)
@@ -165,7 +271,7 @@ def _build_engine(trt, logger, runtime, card, spec, precision, engine_path):
     print("building the TensorRT engine (%s, TensorRT %s, once per device)..." % (precision, trt.__version__))
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise SystemExit("TensorRT failed to build the engine (see the log above)")
+        raise BundleError("TensorRT failed to build the engine (see the log above)")
     engine_path.write_bytes(bytes(plan))
     cache_file.write_bytes(bytes(cache.serialize()))
     return runtime.deserialize_cuda_engine(bytes(plan))
@@ -183,8 +289,12 @@ class Codec:
             try:
                 from tokenizers import Tokenizer
             except ImportError:
-                raise SystemExit("this bundle's model reads tokens of its own tokenizer: pip install tokenizers") from None
-            self.tok = Tokenizer.from_file(str(HERE / card["tokenizer"]))
+                raise BundleError("this bundle's model reads tokens of its own tokenizer: pip install tokenizers") from None
+            path = existing_file(card, "tokenizer", "the tokenizer")
+            try:
+                self.tok = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises its own Exception for a file it cannot parse
+                raise BundleError("the tokenizer %s cannot be read: %s (%s)" % (path, _first_line(e), HINT)) from None
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids if self.tok else list(text.encode("utf-8"))
@@ -205,7 +315,7 @@ def generate(card, threads, providers, prompt, new_tokens, repeats=5):
     """Greedy decode with :func:`decoder_graph` in onnxruntime with ``providers``: ``dsk_decoder`` sessions timed by
     ``dsk_measure.decode_loop``, as the host's bench stage does."""
     graph = decoder_graph(card, providers)
-    sess = ort_session(card, HERE / graph, threads, providers)
+    sess = ort_session(card, bundle_file(card, "fused_model" if graph == card.get("fused_model") else "kv_model"), threads, providers)
     prompt = np.asarray(prompt, np.int64)
     prefill, step = D.decode_steps(D.decoder_for(sess), prompt, new_tokens)
     out = M.decode_loop(prefill, step, len(prompt), new_tokens, repeats=repeats)
@@ -248,7 +358,7 @@ def record_base(card, a):
     """The parts of the result known before measuring: what is measured, and where."""
     facts = M.machine_facts()
     return {"schema": M.SCHEMA, "schema_version": M.SCHEMA_VERSION, "variant": card["variant"], "role": card.get("role"),
-            "precision": card["precision"], "artifact": card["model"], "size_bytes": (HERE / card["model"]).stat().st_size,
+            "precision": card["precision"], "artifact": card["model"], "size_bytes": existing_file(card, "model", "the model").stat().st_size,
             "provenance": dict(facts, measurement=a.measurement, location="device", device_profile=card.get("device"), gpu=None,
                                source_run=card.get("source_run"), ssh_host=None, tool="run.py", created=M.now_utc()),
             "memory": {}, "notes": "", "errors": []}
@@ -256,13 +366,37 @@ def record_base(card, a):
 
 def write(path, res):
     tmp = Path(str(path) + ".part")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise BundleError("cannot write %s: %s" % (path, e.strerror or e)) from None
 
 
 def main(argv=None):
+    """Run the bundle; a bad or damaged input is one ``error:`` line on stderr and exit status 2."""
+    try:
+        return _main(argv)
+    except BundleError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+
+
+def _main(argv=None):
     card = load_card()
     a = parse_args(card, argv)
+    windows = load_windows(card)  # every input is checked before anything is measured or written
+    existing_file(card, "model", "the model")
+    codec = prompt = None
+    if a.generate:
+        codec = Codec(card)
+        prompt = codec.encode(a.prompt) if a.prompt is not None else [int(t) for t in windows[0][: card["seq_len"] // 2]]
+        if not prompt:
+            raise BundleError("--prompt %r has no tokens" % a.prompt)
     res = record_base(card, a)
     providers = ort_providers(card, a.provider)
     rss_before = M.peak_rss_mb()
@@ -280,7 +414,6 @@ def main(argv=None):
     res["provenance"]["gpu"] = info.pop("gpu", None)
     res["memory"]["engine_device_memory_mb"] = info.pop("engine_device_memory_mb", None)
     res["runtime"] = info
-    windows = np.load(HERE / card["eval_windows"])
     timing = M.time_model(timed, windows[:1].astype(np.int64), a.batches, a.warmup, a.runs, a.duration, seq_len=card["seq_len"])
     timing["session_ms"] = session_ms
     res["timing"] = timing
@@ -295,8 +428,6 @@ def main(argv=None):
             res["errors"].append("accuracy: %s: %s" % (type(e).__name__, e))
         write(a.out, res)
     if a.generate:
-        codec = Codec(card)
-        prompt = codec.encode(a.prompt) if a.prompt is not None else [int(t) for t in windows[0][: card["seq_len"] // 2]]
         gen_providers = providers if a.runtime == "onnxruntime" else ort_providers(card, None)
         try:
             g = generate(card, a.threads, gen_providers, prompt, a.generate)

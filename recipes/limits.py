@@ -8,7 +8,6 @@ needs) are checked by :mod:`dsk_compress.recipes.preflight` before a run starts.
 from __future__ import annotations
 
 import os
-import re
 
 MAX_STEPS = 10_000_000
 """Most optimizer steps (and warm-up, eval interval) of one training stage."""
@@ -26,9 +25,6 @@ MAX_WIDTH = 1_000_000
 """Largest FFN width, layer index or layer count."""
 THREADS_PER_CPU = 4
 """Thread counts may oversubscribe this machine's CPUs at most this many times."""
-
-_RUN_NAME = re.compile(r"\w[\w.+-]{0,99}")
-
 
 def max_threads() -> int:
     """The most threads a recipe may ask for on this machine: :data:`THREADS_PER_CPU` x its CPUs."""
@@ -56,13 +52,12 @@ def check_run_name(name: str) -> str:
     """``name`` if it is a safe folder name (runs are ``<out>/<name>-<time>``), else ValueError saying what is allowed.
 
     Allowed: 1-100 characters, letters, digits, ``.``, ``_``, ``-``, ``+``, starting with a letter or digit,
-    never ``..``; so no path separator, NUL, newline or other control character can reach a path.
+    never ``..``; so no path separator, NUL, newline or other control character can reach a path
+    (:func:`dsk_compress.paths.check_name`, the rule for every name that becomes a folder).
     """
-    if not _RUN_NAME.fullmatch(name) or ".." in name:
-        shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
-        raise ValueError(f"{shown} is not a safe run name: use 1-100 letters, digits, '.', '_', '-' or '+', starting with a "
-                         "letter or digit, without '..' (runs are written to <out>/<name>-<time>)")
-    return name
+    from dsk_compress.paths import check_name
+
+    return check_name(name, "run name", "(runs are written to <out>/<name>-<time>)")
 
 
 def check_device_name(name: str) -> str:

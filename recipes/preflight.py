@@ -4,9 +4,14 @@ The schema checks each value's range; this checks what needs the files and the m
 small files (``config.json``, never weights), so ``--dry-run`` stays fast:
 
 * model sources: a zoo name that exists, an ``hf:`` folder with a ``config.json`` whose attention shape
-  works (hidden size divisible by the heads, heads by the KV heads), a torch ``checkpoint`` that exists;
-* the student's layers against the teacher's, ``logit_cache.top_k`` against the teacher's vocabulary,
-  a ``text-lm`` task's files and tokenizer folder;
+  works (hidden size divisible by the heads, heads by the KV heads), that is not quantized and that
+  transformers reads (a known ``model_type``), a torch ``checkpoint`` that exists;
+* for a student cut from the teacher: a supported architecture, routed experts enough for its top-k, and the
+  student's layers (in range, none twice); the teacher's vocabulary against the student's and the task's;
+  ``logit_cache.top_k`` against the teacher's vocabulary; a ``text-lm`` task's files and tokenizer folder;
+
+Each of these is the very check the run makes when it loads the models (``models.source``, ``compress.student``,
+``compress.distill.check_vocab``), called here on the config alone, so ``--dry-run`` refuses what the run would.
 * memory: an estimate of the largest stage (weights, gradients and AdamW state of the student, the
   teacher's weights, activations ~ batch x seq x hidden x layers, logits batch x seq x vocab, the
   validation windows) against this machine's memory; a recipe that cannot fit is refused with both
@@ -76,10 +81,77 @@ def source_config(src, field: str) -> dict | None:
     if getattr(src, "hf", None):
         cfg = _read_config(Path(src.hf), f"{field}.hf")
         check_attention_shape(cfg, f"{field}.hf ({src.hf})")
+        _refuse_quantized(Path(src.hf), f"{field}.hf")
         return cfg
     ckpt = getattr(src, "checkpoint", None)
     if ckpt is not None and not Path(ckpt).is_file():
         raise RecipeError(f"{field}.checkpoint: {ckpt} does not exist", hint="give the path of the model's .safetensors weights")
+    return None
+
+
+def _refuse_quantized(path: Path, field: str) -> None:
+    """A quantized checkpoint is refused as loading it refuses it (``models.source``), naming the recipe field."""
+    from dsk_compress.errors import DskError
+    from dsk_compress.models.source import _refuse_quantized as refuse
+
+    try:
+        refuse(path)
+    except DskError as e:
+        raise RecipeError(f"{field}: {e.message}", hint=e.hint) from None
+
+
+def hf_config(src, field: str):
+    """The transformers config object of a ``zoo`` / ``hf`` source, read as the run reads it (``AutoConfig``, no remote
+    code; an ``hf:`` folder whose ``model_type`` is missing or unknown is refused); None for a torch factory."""
+    if getattr(src, "zoo", None):
+        from transformers import CONFIG_MAPPING
+
+        cfg = dict(source_config(src, field))
+        return CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
+    if not getattr(src, "hf", None):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.hf, trust_remote_code=False, local_files_only=True)
+    except Exception as e:  # transformers raises ValueError / KeyError / OSError for a config it cannot read
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise RecipeError(f"{field}.hf: transformers cannot read {Path(src.hf) / 'config.json'}: {first}",
+                          hint="give the directory save_pretrained wrote (config.json with its model_type)") from None
+
+
+def check_cut(spec, tconf) -> list[int]:
+    """A student cut from the teacher (``student.from_teacher``): the teacher's architecture is supported, its MoE layers
+    have routed experts enough for their top-k, and the layers kept are in range and distinct (the run's own checks:
+    ``compress.moe.family``, ``compress.student.select_layers``). Returns the kept layers."""
+    from dsk_compress.compress.moe import family
+    from dsk_compress.compress.student import select_layers
+
+    fam = family(tconf)
+    n = int(getattr(tconf, "num_hidden_layers", 0) or 0)
+    if n < 1:
+        raise RecipeError(f"teacher: num_hidden_layers is {n}", hint="the teacher's config.json needs at least one layer")
+    if any(fam.sparse(tconf, i) for i in range(n)):
+        key = next((k for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(tconf, k, None) is not None), None)
+        count, top_k = (getattr(tconf, key) if key else None), getattr(tconf, "num_experts_per_tok", 1) or 1
+        if key is not None and (not isinstance(count, int) or count < max(1, top_k)):
+            raise RecipeError(f"teacher: config.json {key} is {count!r}, but its MoE layers route each token to "
+                              f"num_experts_per_tok={top_k} experts", hint="fix the teacher's config.json (or give another teacher)")
+    ft = spec.student.from_teacher
+    return select_layers(n, ft.layers, ft.keep_every)
+
+
+def task_vocab(spec) -> int | None:
+    """The task's vocabulary as the run builds it: code-lm's bytes, a text-lm tokenizer's length; None for a user's task."""
+    name = getattr(spec.task, "name", None)
+    if name == "code-lm":
+        from dsk_compress.tasks.code_lm import CodeLMTask
+
+        return int(CodeLMTask.vocab_size)
+    if name == "text-lm":
+        from dsk_compress.tasks.text_lm import load_tokenizer
+
+        return len(load_tokenizer(spec.task.tokenizer))
     return None
 
 
@@ -122,13 +194,12 @@ def _student_shape(spec, teacher: dict[str, int] | None, student_cfg: dict | Non
     if teacher is None:
         return None
     n = teacher["layers"]
-    if ft.layers is not None:
-        bad = sorted(i for i in ft.layers if i >= n)
-        if bad:
-            raise RecipeError(f"student.from_teacher.layers: {bad} out of range", hint=f"the teacher has layers 0..{n - 1}")
-        kept = len(set(ft.layers))
+    if n:
+        from dsk_compress.compress.student import select_layers
+
+        kept = len(select_layers(n, ft.layers, ft.keep_every))  # out of range or twice: the run's own refusal
     else:
-        kept = len(set(range(0, n, ft.keep_every or 2)) | {n - 1}) if n else 0
+        kept = 0
     width = ft.intermediate_size or teacher["expert_width"] or teacher["ffn"]
     return {**teacher, "layers": kept, "ffn": width, "experts": 0, "expert_width": 0, "shared": 0}
 
@@ -185,6 +256,10 @@ def preflight(spec) -> dict[str, Any]:
     scfg = None
     if spec.student.from_teacher is None:
         scfg = source_config(spec.student, "student")
+    tconf = hf_config(spec.teacher, "teacher") if tcfg else None
+    sconf = hf_config(spec.student, "student") if scfg else None
+    if tconf is not None and spec.student.from_teacher is not None:
+        check_cut(spec, tconf)
     teacher = _shape(tcfg) if tcfg else None
     if spec.logit_cache.enabled and teacher and teacher["vocab"] and spec.logit_cache.top_k > teacher["vocab"]:
         raise RecipeError(f"logit_cache.top_k {spec.logit_cache.top_k} is more than the teacher's vocabulary ({teacher['vocab']} tokens)",
@@ -196,6 +271,11 @@ def preflight(spec) -> dict[str, Any]:
                     raise RecipeError(f"task.{key}: {f} does not exist", hint="give existing .txt, .jsonl or .json files")
         if not Path(spec.task.tokenizer).is_dir():
             raise RecipeError(f"task.tokenizer: {spec.task.tokenizer} is not a folder", hint="give the teacher's local directory")
+    if tconf is not None and any(st.stage == "distill" for st in spec.stages):
+        from dsk_compress.compress.distill import check_vocab
+
+        check_vocab(tconf, sconf)  # student against teacher (a student cut from the teacher has its vocabulary)
+        check_vocab(tconf, task_vocab=task_vocab(spec))  # the task's tokens against the teacher's embedding rows
     _check_bench_devices(spec)
     student = _student_shape(spec, teacher, scfg)
     est = estimate_memory(spec, teacher, student)

@@ -50,7 +50,8 @@ from typing import Any
 
 from dsk_compress.errors import DskError, RunError, RunInterrupted
 from dsk_compress.integrity import read_manifest, record_files, verify_stage
-from dsk_compress.io import atomic_write_json, ensure_dir, read_json
+from dsk_compress.io import (atomic_write_json, ensure_dir, format_bytes, read_json, remove_temp_files, storage_error,
+                             write_json_in_place)
 from dsk_compress.recipes.base import STAGES, RunContext, Stage
 
 MANIFEST_VERSION = 1
@@ -100,12 +101,23 @@ def glob_escape(text: str) -> str:
     return glob.escape(text)
 
 
+def recipe_argument(name_or_path: str) -> str:
+    """How a command names the recipe again from any folder: a bundled recipe by its name, a recipe file by its absolute path."""
+    from dsk_compress.recipes import bundled_recipes
+
+    s = str(name_or_path)
+    if not Path(s).suffix and s in bundled_recipes():
+        return s
+    return str(Path(s).absolute())
+
+
 def resume_command(spec, rd: Path, rerun_from: str | None = None) -> str:
-    """The command that continues the run in ``rd`` (the recipe and ``--set`` values it was loaded with)."""
+    """The command that continues the run in ``rd`` (the recipe and ``--set`` values it was loaded with), from any folder."""
     origin = getattr(spec, "_origin", None) or (spec.name, ())
     sets = "".join(f" --set {shlex.quote(s)}" for s in origin[1])
     tail = f" --rerun-from {rerun_from}" if rerun_from else ""
-    return f"dsk-compress recipe {shlex.quote(str(origin[0]))}{sets} --run-dir {shlex.quote(str(rd))} --resume{tail}"
+    return (f"dsk-compress recipe {shlex.quote(recipe_argument(origin[0]))}{sets} --run-dir {shlex.quote(str(Path(rd).absolute()))} "
+            f"--resume{tail}")
 
 
 def plan(spec) -> list[Stage]:
@@ -220,7 +232,7 @@ def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool
             "status": "running",
         }
         if origin is not None:  # how to name this recipe again in a resume or rebuild command
-            manifest["source"] = {"recipe": str(origin[0]), "overrides": list(origin[1])}
+            manifest["source"] = {"recipe": recipe_argument(origin[0]), "overrides": list(origin[1])}
     manifest["world_size"] = world_size  # of this (latest) launch
     if threads is not None:
         manifest["threads"] = threads  # of this (latest) launch, per process
@@ -230,6 +242,20 @@ def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool
         lock.release()
         raise
     return rd, manifest, lock
+
+
+def _record_failure(mpath: Path, manifest: dict[str, Any]) -> str | None:
+    """Write the manifest that records a failed or interrupted stage; on a full disk, where a temp file has no room, in
+    place. Returns a note when it could not be written at all (never raises: the stage's own error is what to say)."""
+    try:
+        atomic_write_json(mpath, manifest)
+        return None
+    except Exception:
+        try:
+            write_json_in_place(mpath, manifest)
+            return None
+        except Exception as e:
+            return f"manifest.json could not record this either ({getattr(e, 'strerror', None) or e})"
 
 
 def _wait_for_record(mpath: Path, index: int, seconds: float = 5.0) -> None:
@@ -317,6 +343,23 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
             atomic_write_json(mpath, manifest)
 
     for i, stage in enumerate(stages):
+    def on_full_disk(e: BaseException, what: str, partial: int = 0) -> RunError | None:
+        """One line for a stage that stopped on a full or read-only disk or a permission: free space, how to continue."""
+        hint = f"free some space (or give the run's disk more), then continue with: {resume_command(spec, rd)}"
+        found = storage_error(e, rd, what, hint=hint)
+        if found is not None and partial:
+            found.message += f" (it had written {format_bytes(partial)} of temporary files, now removed)"
+        return found
+
+    def guarded(fn, what: str) -> None:  # a manifest write outside a stage (the disk was full before it started)
+        try:
+            fn()
+        except Exception as e:
+            found = on_full_disk(e, what)
+            if found is None:
+                raise
+            raise found from None
+
         entry = manifest["stages"][i]
         name = stage.config.stage
         if entry.get("status") == "done":
@@ -324,13 +367,19 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
             ctx.metrics[name] = entry.get("metrics", {})
             continue
         # what this stage reads from earlier ones must be what they wrote (hashes are cached, so each file is read once)
+        if main:  # what this stage will do and how long it took last time, before minutes of silence in some stages
+            from dsk_compress.recipes.headers import stage_header
+
+            print(stage_header(i, len(stages), stage, spec, rd), flush=True)
         dist.on_main(lambda: [verify_stage(rd, manifest, e) for e in manifest["stages"][:i] if e.get("status") == "done"],
                      "checking the earlier stages' files")
         entry.pop("traceback", None)  # left by an earlier failed attempt
+        if main:
+            remove_temp_files(rd / name)  # half-written by an attempt that was killed outright
         entry.pop("signal", None)
         entry.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         manifest["status"] = "running"
-        record()
+        guarded(record, f"stage {name!r}")
         t0 = time.perf_counter()
         try:
             if denv.enabled and stage.ranks == "main":
@@ -338,34 +387,45 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
             else:
                 result = stage.run(ctx)
         except (KeyboardInterrupt, Exception) as e:
+            files = None
+            if main:
+                atomic_write_json(rd / name / "metrics.json", result.metrics)
+                files = record_files(rd, name)
+            entry.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.perf_counter() - t0, 2),
+                         outputs=result.outputs, metrics=result.metrics)
+            if files is not None:
+                entry["files"] = files
+            record()
             if isinstance(e, KeyboardInterrupt):
+            for k in ("finished", "outputs", "metrics", "files"):  # a finished stage whose record could not be written
+                entry.pop(k, None)
+            partial = remove_temp_files(rd / name) if main else 0  # incomplete by definition; on a full disk, room to record
+            full_disk = None
                 entry.update(status="interrupted", signal=signal_name(e), seconds=round(time.perf_counter() - t0, 2))
                 manifest["status"] = "interrupted"
             else:
-                error = str(e) if isinstance(e, DskError) else f"{type(e).__name__}: {e}"
+                full_disk = on_full_disk(e, f"stage {name!r}", partial)  # also under a DskError raised while writing
+                error = full_disk.message if full_disk else str(e) if isinstance(e, DskError) else f"{type(e).__name__}: {e}"
                 entry.update(status="failed", error=error, seconds=round(time.perf_counter() - t0, 2))
-                if not isinstance(e, DskError):
+                if not isinstance(e, DskError) and full_disk is None:
                     entry["traceback"] = traceback.format_exc(limit=20)
                 manifest["status"] = "failed"
-            record()
+            unrecorded = _record_failure(mpath, manifest) if main else None
             if not main and not isinstance(e, KeyboardInterrupt):
                 _wait_for_record(mpath, i)
             if isinstance(e, KeyboardInterrupt) and main:
                 raise RunInterrupted(f"stage {name!r} stopped by {signal_name(e)}; finished stages and the last checkpoint are kept "
                                      f"in {rd}; continue with: {resume_command(spec, rd)}", exit_code(e)) from None
             raise
-        entry.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     seconds=round(time.perf_counter() - t0, 2),
-                     outputs=result.outputs, metrics=result.metrics)
+            if full_disk is not None:
+                raise RunError(full_disk.message + (f"; {unrecorded}" if unrecorded else ""), hint=full_disk.hint) from None
+            if unrecorded and isinstance(e, DskError):
+                e.message = f"{e.message}; {unrecorded}"
         ctx.outputs[name] = result.outputs
         ctx.metrics[name] = result.metrics
-        if main:
-            atomic_write_json(rd / name / "metrics.json", result.metrics)
-            entry["files"] = record_files(rd, name)
-        record()
         dist.barrier()  # the next stage reads this one's files only once rank 0 has written them
     manifest["status"] = "done"
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    record()
+    guarded(record, "finishing the run")
     dist.barrier()  # every rank returns a finished run
     return rd

@@ -487,8 +487,10 @@ class Remote:
         if missing:
             raise RemoteError(f"{bundle} is not a deploy bundle (no {', '.join(missing)})",
                               hint="write one with: dsk-compress export RUN --device PROFILE")
+        remote_root, venvs_root = (confined(d, what) for d, what in ((remote_root or f"{DEFAULT_BUNDLES_ROOT}/{bundle.name}", "the bundle's folder"),
+                                                                     (venvs_root, "the venvs folder")))
         p = self.probe()
-        rdir = self.path(remote_root or f"{DEFAULT_BUNDLES_ROOT}/{bundle.name}").rstrip("/")
+        rdir = self.path(remote_root).rstrip("/")
         transfer = self.put(bundle, rdir, timeout=timeout)
         venv = self.ensure_venv(bundle / "requirements.txt", root=venvs_root, wheelhouse=wheelhouse, timeout=timeout)
         self.run(["rm", "-f", "--", f"{rdir}/results.json"])  # never fetch a previous run's results
@@ -519,6 +521,17 @@ class Remote:
                                      hint=f"the full log is in {out / 'run.log'}", returncode=rc, stderr=err)
         results = json.loads(self.get(f"{rdir}/results.json", out / "results.json").read_text())
         return {"results": results, "provenance": prov, "transfer": asdict(transfer), "out_dir": str(out)}
+
+
+def confined(folder: str, what: str = "--remote-dir") -> str:
+    """``folder`` on the device, under the login user's home unless absolute (:func:`dsk_compress.paths.remote_dir`); a
+    folder that climbs out with ``..`` (or could reach a command as an option) is a RemoteError."""
+    from dsk_compress.paths import remote_dir
+
+    try:
+        return remote_dir(folder)
+    except ValueError as e:
+        raise RemoteError(f"{what}: {e}", hint="give a folder under the device user's home (e.g. ~/dsk-compress) or an absolute path") from None
 
 
 def _stop_master(argv: list[str], control_dir: str) -> None:

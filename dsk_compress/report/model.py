@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from dsk_compress.errors import RunError
@@ -175,6 +175,20 @@ class Variant(BaseModel):
     size_ratio_vs_teacher: Number | None = Field(None, description="teacher size_bytes / variant size_bytes")
     accuracy_delta_vs_teacher: Number | None = Field(None, description="variant accuracy - teacher accuracy (points)")
 
+    @field_validator("name")
+    @classmethod
+    def _one_name(cls, v: str) -> str:
+        from dsk_compress.paths import check_component
+
+        return check_component(v, "a variant's name")  # it becomes a folder (bundles' raw results) and a card's variant
+
+    @field_validator("artifact")
+    @classmethod
+    def _in_run(cls, v: str | None) -> str | None:
+        from dsk_compress.paths import check_relative
+
+        return v if v is None else check_relative(v, "the artifact path")  # read as RUN/<artifact>
+
     @property
     def p50(self) -> float | None:
         """The finite p50 latency in ms, or None."""
@@ -259,6 +273,16 @@ class Report(BaseModel):
     devices: list[DeviceSection] = Field(default_factory=list, description="rows measured on devices, one section per device")
     run_dir: str | None = Field(None, description="set in memory by compare_reports; build_report never writes it")
 
+    @field_validator("variants")
+    @classmethod
+    def _rows_say_what_they_are(cls, rows: list[Variant]) -> list[Variant]:
+        # the bench stage writes every host row with the role the export stage gave it (export picks the row to ship by role)
+        for i, v in enumerate(rows):
+            if not (isinstance(v.role, str) and v.role.strip()):
+                raise PydanticCustomError("role_missing", "row {i} ({name}) has no role (teacher, student, final, ...)",
+                                          {"i": i, "name": repr(v.name)})
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         """The report as the plain dict written to ``report.json``: only the fields it was given, numbers as given."""
         return self.model_dump(exclude_unset=True)
@@ -285,7 +309,7 @@ def describe_error(e: ValidationError, data: Any) -> str:
             where += f" (variant {v['name']!r})"
     got = "" if err["type"] == "missing" else f", got {_short(err['input'])}"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"{where}: {err['msg']}{got}{more}"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}{got}{more}"
 
 
 def parse_report(data: Any, source: str = "report") -> Report:

@@ -313,6 +313,7 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
         try:
             if denv.is_main:  # on stdout, once the run is open: a refused command's stderr stays its one error line
                 print(choice.describe(), flush=True)
+                print(f"run directory: {rd}" + (" (resumed)" if resume else ""), flush=True)
             # under torchrun the launcher stops workers with SIGTERM: keep its default there
             with terminate_as_interrupt(enabled=not denv.enabled):
                 return _run_stages(spec, stages, rd, manifest, denv, resume)
@@ -366,6 +367,10 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
             ctx.outputs[name] = entry.get("outputs", {})
             ctx.metrics[name] = entry.get("metrics", {})
             continue
+        if main:  # what this stage will do and how long it took last time, before minutes of silence in some stages
+            from dsk_compress.recipes.headers import stage_header
+
+            print(stage_header(i, len(stages), stage, spec, rd), flush=True)
         # what this stage reads from earlier ones must be what they wrote (hashes are cached, so each file is read once)
         if main:  # what this stage will do and how long it took last time, before minutes of silence in some stages
             from dsk_compress.recipes.headers import stage_header

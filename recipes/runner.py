@@ -343,7 +343,6 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
         if main:
             atomic_write_json(mpath, manifest)
 
-    for i, stage in enumerate(stages):
     def on_full_disk(e: BaseException, what: str, partial: int = 0) -> RunError | None:
         """One line for a stage that stopped on a full or read-only disk or a permission: free space, how to continue."""
         hint = f"free some space (or give the run's disk more), then continue with: {resume_command(spec, rd)}"
@@ -361,6 +360,7 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
                 raise
             raise found from None
 
+    for i, stage in enumerate(stages):
         entry = manifest["stages"][i]
         name = stage.config.stage
         if entry.get("status") == "done":
@@ -372,15 +372,11 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
 
             print(stage_header(i, len(stages), stage, spec, rd), flush=True)
         # what this stage reads from earlier ones must be what they wrote (hashes are cached, so each file is read once)
-        if main:  # what this stage will do and how long it took last time, before minutes of silence in some stages
-            from dsk_compress.recipes.headers import stage_header
-
-            print(stage_header(i, len(stages), stage, spec, rd), flush=True)
         dist.on_main(lambda: [verify_stage(rd, manifest, e) for e in manifest["stages"][:i] if e.get("status") == "done"],
                      "checking the earlier stages' files")
-        entry.pop("traceback", None)  # left by an earlier failed attempt
         if main:
             remove_temp_files(rd / name)  # half-written by an attempt that was killed outright
+        entry.pop("traceback", None)  # left by an earlier failed attempt
         entry.pop("signal", None)
         entry.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         manifest["status"] = "running"
@@ -391,7 +387,6 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
                 result = dist.on_main(lambda: stage.run(ctx), f"stage {name!r}")
             else:
                 result = stage.run(ctx)
-        except (KeyboardInterrupt, Exception) as e:
             files = None
             if main:
                 atomic_write_json(rd / name / "metrics.json", result.metrics)
@@ -401,11 +396,12 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
             if files is not None:
                 entry["files"] = files
             record()
-            if isinstance(e, KeyboardInterrupt):
+        except (KeyboardInterrupt, Exception) as e:
             for k in ("finished", "outputs", "metrics", "files"):  # a finished stage whose record could not be written
                 entry.pop(k, None)
             partial = remove_temp_files(rd / name) if main else 0  # incomplete by definition; on a full disk, room to record
             full_disk = None
+            if isinstance(e, KeyboardInterrupt):
                 entry.update(status="interrupted", signal=signal_name(e), seconds=round(time.perf_counter() - t0, 2))
                 manifest["status"] = "interrupted"
             else:
@@ -421,11 +417,11 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
             if isinstance(e, KeyboardInterrupt) and main:
                 raise RunInterrupted(f"stage {name!r} stopped by {signal_name(e)}; finished stages and the last checkpoint are kept "
                                      f"in {rd}; continue with: {resume_command(spec, rd)}", exit_code(e)) from None
-            raise
             if full_disk is not None:
                 raise RunError(full_disk.message + (f"; {unrecorded}" if unrecorded else ""), hint=full_disk.hint) from None
             if unrecorded and isinstance(e, DskError):
                 e.message = f"{e.message}; {unrecorded}"
+            raise
         ctx.outputs[name] = result.outputs
         ctx.metrics[name] = result.metrics
         dist.barrier()  # the next stage reads this one's files only once rank 0 has written them

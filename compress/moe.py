@@ -1,20 +1,31 @@
-"""MoE families, dense routing for export/pruning, and router statistics measured on task data.
+"""MoE families and the one expert abstraction: experts, routing, dense forward, router statistics, expert pruning.
 
 One :class:`Family` entry per Hugging Face ``config.model_type`` says where a decoder layer keeps its
-FFN, which layers are sparse, how its routed experts name their projections, how it routes, and
-which shared expert it adds. Everything else (dense routing, router statistics, student init) is
-written once against that table.
+FFN, which layers are sparse, which module routes, which shared expert it adds and which dense
+student it distils into. Everything else is written once against two adapters:
+
+- :class:`Experts` reads and writes a block's routed experts in either layout: transformers 5's fused
+  3-D parameters (``gate_up_proj`` [E, 2I, H] + ``down_proj`` [E, H, I]; gpt-oss: [E, H, 2I] with
+  gate/up interleaved, biases) or transformers 4's ``nn.ModuleList`` of per-expert MLPs. It stacks
+  them as (gate [E, I, H], up [E, I, H], down [E, H, I]), computes every expert at once with one
+  einsum, and keeps a subset in place (``index_select`` on the 3-D parameters).
+- :func:`route` calls the family's own router and returns (top-k weights, top-k indices, router
+  logits) whatever it returns: transformers 5's ``TopKRouter`` tuple ``(logits, weights, indices)``,
+  transformers 4's bare logits (softmax top-k here) or DeepSeek's ``(indices, weights)``. Grouped
+  routing (DeepSeek, GLM4-MoE), sigmoid scores with a correction bias and PhiMoE's sparsemixer stay
+  inside the family's router, so they are exact by construction.
 
 A traced MoE with data-dependent routing bakes in which experts the example hit. The dense path
-below computes every expert and weights it by the family's own top-k gate (zero for the experts a
-token does not use), which equals the sparse block's output, and traces into a static graph.
+(:func:`densify_moe`) computes every expert and weights it by the family's own top-k gate (zero for
+the experts a token does not use), which equals the sparse block's output, and traces into a static
+graph. No code outside this module looks at how experts are stored.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,91 +42,283 @@ def _no_layer(cfg, i: int) -> bool:
 
 def _qwen_sparse(cfg, i: int) -> bool:
     # Qwen2-MoE / Qwen3-MoE: mlp_only_layers and decoder_sparse_step make some layers dense
-    return i not in cfg.mlp_only_layers and cfg.num_experts > 0 and (i + 1) % cfg.decoder_sparse_step == 0
+    n = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
+    return i not in (cfg.mlp_only_layers or []) and n > 0 and (i + 1) % cfg.decoder_sparse_step == 0
 
 
-def _deepseek_sparse(cfg, i: int) -> bool:
-    return i >= cfg.first_k_dense_replace  # the first first_k_dense_replace layers are dense
+def _first_k_dense(cfg, i: int) -> bool:
+    return i >= cfg.first_k_dense_replace  # DeepSeek-V2/V3, GLM4-MoE: the first first_k_dense_replace layers are dense
+
+
+def transformers_major() -> int:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).major
 
 
 @dataclass(frozen=True)
 class Family:
-    """How one model family lays out its decoder FFNs (attribute names, routing, shared expert)."""
+    """How one model family lays out its decoder FFNs and which dense student it distils into."""
 
-    student: str                                         # model_type of the dense student (same attention numerics)
-    sparse: Callable = _no_layer                         # (config, layer index) -> is that layer an MoE block
-    ffn: str = "mlp"                                     # decoder-layer attribute holding the FFN or MoE block
-    expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # routed experts' gate / up / down
-    routing: str = "softmax"                             # softmax top-k on gate logits | "router": block.gate returns (idx, w)
-    shared: str | None = None                            # shared expert added to every token
-    shared_gate: str | None = None                       # its sigmoid gate (Qwen2-MoE), if any
-    returns_logits: bool = True                          # block returns (hidden, router_logits)
-    n_experts: str = "num_experts"                       # config key: routed experts per MoE layer
+    student: str                                   # model_type of the dense student
+    sparse: Callable = _no_layer                   # (config, layer index) -> is that layer an MoE block
+    ffn: tuple[str, ...] = ("mlp",)                # decoder-layer attribute holding the FFN or MoE block (first present wins)
+    router: str = "gate"                           # block attribute of the router
+    shared: str | None = None                      # shared expert added to every token
+    shared_gate: str | None = None                 # its sigmoid gate (Qwen2-MoE), if any
+    grouped: bool = False                          # group-limited routing (n_group / topk_group): prune the same count per group
+    student_all_dense: bool = False                # the student is this family's own config with every layer dense (MLA etc.)
+    approx: str | None = None                      # what the student cut cannot carry over (None: attention and norms copy exactly)
+    fused_layout: str = "gate_up"                  # transformers 5 fused experts: "gate_up" ([E, 2I, H], chunked) | "gpt_oss"
+    needs_v5: bool = False                         # no transformers 4 support in this toolkit
 
 
+_DENSE = Family("llama")
 FAMILIES: dict[str, Family] = {
-    "mixtral": Family("llama", _all_layers, ffn="block_sparse_moe", expert=("w1", "w3", "w2"), n_experts="num_local_experts"),
+    "mixtral": Family("llama", _all_layers, ffn=("mlp", "block_sparse_moe")),
     "qwen2_moe": Family("qwen2", _qwen_sparse, shared="shared_expert", shared_gate="shared_expert_gate"),
     "qwen3_moe": Family("qwen3", _qwen_sparse),
-    # DeepSeek-V3's student keeps its MLA attention: a DeepseekV3 config with every layer dense
-    "deepseek_v3": Family("deepseek_v3", _deepseek_sparse, routing="router", shared="shared_experts", returns_logits=False,
-                          n_experts="n_routed_experts"),
-    "llama": Family("llama"),
+    # MLA attention: the student is a DeepseekV3 (GLM4-MoE) config whose every layer is dense, so attention copies exactly;
+    # DeepSeek-V2's complex-valued rotary (torch.polar, which ONNX cannot export) is DeepseekV3's interleaved rotary in real numbers
+    "deepseek_v2": Family("deepseek_v3", _first_k_dense, shared="shared_experts", grouped=True, student_all_dense=True, needs_v5=True),
+    "deepseek_v3": Family("deepseek_v3", _first_k_dense, shared="shared_experts", grouped=True, student_all_dense=True),
+    "glm4_moe": Family("glm4_moe", _first_k_dense, shared="shared_experts", grouped=True, student_all_dense=True, needs_v5=True),
+    "granitemoe": Family("granite", _all_layers, ffn=("block_sparse_moe",), router="router", needs_v5=True),
+    "olmoe": Family("llama", _all_layers, needs_v5=True,
+                    approx="OLMoE's q_norm/k_norm (RMSNorm over the whole query/key projection) and clip_qkv are dropped"),
+    "phimoe": Family("llama", _all_layers, router="router", needs_v5=True,
+                     approx="PhiMoE's LayerNorms become RMSNorms (their biases dropped) and the lm_head bias is dropped"),
+    "gpt_oss": Family("llama", _all_layers, router="router", fused_layout="gpt_oss", needs_v5=True,
+                      approx="gpt-oss's attention sinks and sliding-window layers are dropped and its clamped SwiGLU becomes "
+                             "SiLU (exact below the clamp limit)"),
+    "llama": _DENSE,
     "mistral": Family("mistral"),
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3"),
+    "granite": Family("granite"),
 }
+MOE_FAMILIES = tuple(k for k, f in FAMILIES.items() if f.sparse is not _no_layer)
 DENSE_PROJ = ("gate_proj", "up_proj", "down_proj")  # every family's dense MLP
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config keys of the routed-expert count
 
 
 def family(cfg) -> Family:
     """The :class:`Family` of a Hugging Face config; an unknown ``model_type`` is a ModelSourceError."""
+    from dsk_compress.errors import ModelSourceError
+
     mt = getattr(cfg, "model_type", None)
     if mt not in FAMILIES:
-        from dsk_compress.errors import ModelSourceError
-
         raise ModelSourceError(f"teacher: architecture {mt!r} is not supported for MoE routing / student.from_teacher",
                                hint=f"supported: {', '.join(FAMILIES)}; or give a dense student with student: {{hf: DIR}}")
-    return FAMILIES[mt]
+    fam = FAMILIES[mt]
+    if fam.needs_v5 and transformers_major() < 5:
+        import transformers
+
+        raise ModelSourceError(f"teacher: {mt} needs transformers 5 (installed: {transformers.__version__})",
+                               hint="pip install -c constraints.txt 'transformers>=5.25,<6'")
+    return fam
+
+
+def n_experts(cfg) -> int:
+    """Routed experts per MoE layer from the config (whichever key the family uses)."""
+    for k in EXPERT_COUNT_KEYS:
+        v = getattr(cfg, k, None)
+        if v:
+            return int(v)
+    raise ValueError(f"{getattr(cfg, 'model_type', '?')} config names no expert count ({', '.join(EXPERT_COUNT_KEYS)})")
+
+
+def ffn_of(fam: Family, layer: nn.Module) -> tuple[str, nn.Module]:
+    """(attribute name, module) of a decoder layer's FFN or MoE block."""
+    for name in fam.ffn:
+        if hasattr(layer, name):
+            return name, getattr(layer, name)
+    raise AttributeError(f"{type(layer).__name__} has none of {fam.ffn}")
+
+
+def _layers(model: nn.Module) -> tuple[str, nn.Module]:
+    base = model.base_model_prefix if hasattr(model, model.base_model_prefix) else None
+    return (f"{base}.layers", getattr(model, base).layers) if base else ("layers", model.layers)
+
+
+def _has_experts(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "experts", None), nn.Module)
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """All sparse MoE blocks of ``model`` as (module name, block); [] for a dense or non-HF model.
 
-    A model of an unknown family that has expert lists is refused (dense routing would be wrong).
+    A model of an unknown family that has experts is refused (dense routing would be wrong).
     """
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in FAMILIES:
-        if any(isinstance(getattr(m, "experts", None), nn.ModuleList) for m in model.modules()):
+        if any(_has_experts(m) for m in model.modules()):
             family(cfg)  # raises, listing the supported families
         return []
     fam = family(cfg)
-    base = model.base_model_prefix if hasattr(model, model.base_model_prefix) else None
-    layers = getattr(model, base).layers if base else model.layers
-    prefix = f"{base}.layers" if base else "layers"
-    return [(f"{prefix}.{i}.{fam.ffn}", getattr(layer, fam.ffn)) for i, layer in enumerate(layers) if fam.sparse(cfg, i)]
+    prefix, layers = _layers(model)
+    out = []
+    for i, layer in enumerate(layers):
+        if fam.sparse(cfg, i):
+            name, block = ffn_of(fam, layer)
+            out.append((f"{prefix}.{i}.{name}", block))
+    return out
 
 
 def is_moe(model: nn.Module) -> bool:
     return bool(moe_blocks(model))
 
 
-def expert_weights(module: nn.Module, names: tuple[str, str, str] = DENSE_PROJ) -> tuple[torch.Tensor, ...]:
-    """(gate, up, down) weight matrices of one expert or dense MLP."""
-    return tuple(getattr(module, n).weight for n in names)
+def dense_mlp_weights(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(gate [I, H], up [I, H], down [H, I]) weight matrices of a dense gated MLP (a shared expert, a dense layer)."""
+    return tuple(getattr(module, n).weight for n in DENSE_PROJ)
 
 
-def route(fam: Family, block: nn.Module, x: torch.Tensor):
-    """The family's own top-k routing of tokens ``x`` [N, H]: (indices [N, k], weights [N, k], router logits or None)."""
-    if fam.routing == "router":  # DeepSeek-V3: sigmoid scores, group-limited top-k with e_score_correction_bias,
-        idx, w = block.gate(x)   # norm_topk_prob and routed_scaling_factor, all inside its router module
-        return idx, w, None
-    logits = block.gate(x)
+# ---------------------------------------------------------------------------------------------
+# the expert accessor
+
+
+class ExpertFFN(NamedTuple):
+    """One expert (or all, stacked on a leading axis) as a SiLU-style gated FFN: down @ (act(gate x + gb) * (up x + ub)) + db."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+_LIST_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+class Experts:
+    """The routed experts of one MoE block, in transformers 5's fused 3-D layout or transformers 4's ModuleList."""
+
+    def __init__(self, block: nn.Module, fam: Family) -> None:
+        self.block, self.fam = block, fam
+        self.module = block.experts
+        self.listed = isinstance(self.module, nn.ModuleList)
+        if self.listed:
+            first = self.module[0]
+            self.names = next((n for n in _LIST_NAMES if all(hasattr(first, a) for a in n)), None)
+            if self.names is None:
+                raise ValueError(f"{type(first).__name__}: expert projections not found")
+        elif not hasattr(self.module, "gate_up_proj"):
+            raise ValueError(f"{type(self.module).__name__}: no gate_up_proj (an expert layout this toolkit does not know)")
+
+    def __len__(self) -> int:
+        return len(self.module) if self.listed else int(self.module.gate_up_proj.shape[0])
+
+    @property
+    def layout(self) -> str:
+        return "ModuleList" if self.listed else f"fused 3-D ({self.fam.fused_layout})"
+
+    def stacked(self) -> ExpertFFN:
+        """All experts as tensors on a leading expert axis (views of the parameters where the layout allows)."""
+        m = self.module
+        if self.listed:
+            g, u, d = (torch.stack([getattr(e, n).weight for e in m]) for n in self.names)
+            return ExpertFFN(g, u, d)
+        if self.fam.fused_layout == "gpt_oss":  # [E, H, 2I] with gate/up interleaved, down [E, I, H], biases
+            gu, b = m.gate_up_proj.transpose(1, 2), m.gate_up_proj_bias
+            return ExpertFFN(gu[:, ::2], gu[:, 1::2], m.down_proj.transpose(1, 2), b[:, ::2], b[:, 1::2], m.down_proj_bias)
+        inter = m.gate_up_proj.shape[1] // 2
+        return ExpertFFN(m.gate_up_proj[:, :inter], m.gate_up_proj[:, inter:], m.down_proj)
+
+    def expert(self, e: int) -> ExpertFFN:
+        """Expert ``e`` as (gate [I, H], up [I, H], down [H, I], biases or None)."""
+        return ExpertFFN(*(None if t is None else t[e] for t in self.stacked()))
+
+    def params_per_expert(self) -> int:
+        return sum(p.numel() for p in self.module.parameters()) // len(self)
+
+    def silu_form(self, e: int) -> ExpertFFN:
+        """Expert ``e`` rewritten as a SiLU-gated FFN with biases (what a Llama MLP holds). Exact for SiLU experts; gpt-oss's
+        ``(up + 1) * g * sigmoid(alpha * g)`` becomes ``(up + 1) * silu(alpha * g) / alpha`` (its clamp is dropped)."""
+        w = self.expert(e)
+        if self.fam.fused_layout != "gpt_oss":
+            return w
+        a = float(self.module.alpha)
+        return ExpertFFN(w.gate * a, w.up, w.down / a, w.gate_bias * a, w.up_bias + 1.0, w.down_bias)
+
+    def _act(self):
+        m = self.module[0] if self.listed else self.module
+        return m.act_fn
+
+    def forward_all(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_e weights[:, e] * expert_e(x)`` for tokens ``x`` [N, H] and dense routing weights [N, E]: one einsum per
+        projection over the stacked experts (a static graph, no data-dependent indexing)."""
+        m = self.module
+        w = weights.to(x.dtype)
+        if not self.listed and self.fam.fused_layout == "gpt_oss":
+            gu = torch.einsum("nh,eho->neo", x, m.gate_up_proj) + m.gate_up_proj_bias
+            h = m._apply_gate(gu)  # the family's own clamped SwiGLU on the interleaved gate/up
+            return torch.einsum("nei,eih,ne->nh", h, m.down_proj, w) + w @ m.down_proj_bias
+        if self.listed:
+            s = self.stacked()
+            g, u = torch.einsum("nh,eih->nei", x, s.gate), torch.einsum("nh,eih->nei", x, s.up)
+            down = s.down
+        else:
+            g, u = torch.einsum("nh,eoh->neo", x, m.gate_up_proj).chunk(2, dim=-1)
+            down = m.down_proj
+        return torch.einsum("nei,ehi,ne->nh", self._act()(g) * u, down, w)
+
+    @torch.no_grad()
+    def keep(self, idx: list[int]) -> None:
+        """Keep experts ``idx`` (in that order) in place: ``index_select`` on every 3-D parameter, or a shorter ModuleList."""
+        if self.listed:
+            self.block.experts = self.module = nn.ModuleList([self.module[i] for i in idx])
+            return
+        sel = torch.as_tensor(idx, dtype=torch.long, device=self.module.gate_up_proj.device)
+        for name, p in list(self.module.named_parameters(recurse=False)):
+            setattr(self.module, name, nn.Parameter(p.detach().index_select(0, sel).clone(), requires_grad=p.requires_grad))
+        if hasattr(self.module, "num_experts"):
+            self.module.num_experts = len(idx)
+
+
+def experts(block: nn.Module, fam: Family) -> Experts:
+    return Experts(block, fam)
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+
+
+class Routing(NamedTuple):
+    weights: torch.Tensor          # [N, k] routing weight of each chosen expert (the family's own normalisation and scaling)
+    indices: torch.Tensor          # [N, k] chosen experts
+    logits: torch.Tensor | None    # [N, E] router logits where the router gives them
+
+
+def router_of(fam: Family, block: nn.Module) -> nn.Module:
+    return getattr(block, fam.router)
+
+
+def route(fam: Family, block: nn.Module, x: torch.Tensor) -> Routing:
+    """The family's own top-k routing of tokens ``x`` [N, H], whatever its router returns."""
+    out = router_of(fam, block)(x)
+    if isinstance(out, tuple):
+        if len(out) == 3:  # transformers 5 TopKRouter: (logits, top-k weights, top-k indices)
+            logits, w, idx = out
+            return Routing(w, idx, logits)
+        if len(out) == 2:  # transformers 4 DeepSeek-V3: (indices, weights)
+            a, b = out
+            idx, w = (a, b) if not a.is_floating_point() else (b, a)
+            return Routing(w, idx, None)
+        raise ValueError(f"{type(router_of(fam, block)).__name__} returned {len(out)} values: a router this toolkit does not know")
+    logits = out  # transformers 4 Mixtral / Qwen: a Linear gate; softmax top-k as the block does
     probs = F.softmax(logits, dim=1, dtype=torch.float)
     w, idx = torch.topk(probs, block.top_k, dim=-1)
     if getattr(block, "norm_topk_prob", True):  # Mixtral always renormalises; Qwen reads norm_topk_prob
         w = w / w.sum(dim=-1, keepdim=True)
-    return idx, w, logits
+    return Routing(w, idx, logits)
+
+
+def dense_weights(r: Routing, n: int) -> torch.Tensor:
+    """The top-k weights of ``r`` scattered into [N, n] (zero for the experts a token does not use)."""
+    return torch.zeros(r.weights.shape[0], n, dtype=r.weights.dtype, device=r.weights.device).scatter(1, r.indices, r.weights)
 
 
 def shared_output(fam: Family, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -125,20 +328,35 @@ def shared_output(fam: Family, block: nn.Module, x: torch.Tensor) -> torch.Tenso
     return out if fam.shared_gate is None else torch.sigmoid(getattr(block, fam.shared_gate)(x)) * out
 
 
-def _dense_forward(self, hidden_states: torch.Tensor):
-    fam = self._dsk_family
+def _returns(fam: Family, model_type: str) -> str:
+    """What the family's sparse block returns: "hidden", "hidden+logits" (transformers 4 Mixtral / Qwen) or "hidden+weights" (gpt-oss)."""
+    if model_type == "gpt_oss":
+        return "hidden+weights"
+    if transformers_major() < 5 and model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return "hidden+logits"
+    return "hidden"
+
+
+def dense_forward(block: nn.Module, fam: Family, hidden_states: torch.Tensor, returns: str = "hidden"):
+    """The block's output with every expert computed and weighted by the family's top-k gate (exact; traces statically)."""
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
-    idx, w, logits = route(fam, self, x)
-    weights = torch.zeros(x.shape[0], len(self.experts), dtype=w.dtype, device=x.device).scatter(1, idx, w).to(x.dtype)
-    out = self.experts[0](x) * weights[:, 0:1]
-    for e in range(1, len(self.experts)):
-        out = out + self.experts[e](x) * weights[:, e : e + 1]
-    shared = shared_output(fam, self, x)
+    ex = Experts(block, fam)
+    r = route(fam, block, x)
+    out = ex.forward_all(x, dense_weights(r, len(ex)))
+    shared = shared_output(fam, block, x)
     if shared is not None:
         out = out + shared
-    out = out.reshape(shape)
-    return (out, logits) if fam.returns_logits else out
+    out = out.reshape(shape).to(hidden_states.dtype)
+    if returns == "hidden+logits":
+        return out, r.logits
+    if returns == "hidden+weights":
+        return out, r.weights
+    return out
+
+
+def _dense_block_forward(self, hidden_states: torch.Tensor):
+    return dense_forward(self, self._dsk_family, hidden_states, self._dsk_returns)
 
 
 _DENSE_CLASSES: dict[type, type] = {}
@@ -147,15 +365,31 @@ _DENSE_CLASSES: dict[type, type] = {}
 def densify_moe(model: nn.Module) -> nn.Module:
     """Switch every MoE block of ``model`` (in place) to the exact dense-routing path (any supported family)."""
     blocks = moe_blocks(model)
-    fam = family(model.config) if blocks else None
+    if not blocks:
+        return model
+    fam = family(model.config)
+    returns = _returns(fam, model.config.model_type)
     for _, block in blocks:
         cls = type(block)
         if getattr(cls, "_dsk_dense", False):
             continue
         if cls not in _DENSE_CLASSES:
-            _DENSE_CLASSES[cls] = type(f"Dense{cls.__name__}", (cls,), {"forward": _dense_forward, "_dsk_dense": True, "_dsk_family": fam})
+            _DENSE_CLASSES[cls] = type(f"Dense{cls.__name__}", (cls,), {"forward": _dense_block_forward, "_dsk_dense": True,
+                                                                        "_dsk_family": fam, "_dsk_returns": returns})
         block.__class__ = _DENSE_CLASSES[cls]
     return model
+
+
+def uses_sparse_grads(model: nn.Module) -> bool:
+    """True when some parameters get no gradient from a batch that routes no token to them (DDP's find_unused_parameters)."""
+    try:
+        return is_moe(model)
+    except Exception:  # an unknown MoE family: be safe
+        return any(_has_experts(m) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# router statistics
 
 
 @dataclass
@@ -175,13 +409,14 @@ def router_stats(model: nn.Module, batches) -> dict[str, RouterStats]:
         return {}
     fam = family(model.config)
     acc: dict[str, list] = {name: [0, 0.0, 0.0, 0] for name, _ in blocks}  # counts, mass sum, gate sum, tokens
+    sizes = {name: len(Experts(b, fam)) for name, b in blocks}
 
     def hook(block, args, name):
         x = args[0].reshape(-1, args[0].shape[-1])
-        idx, w, _ = route(fam, block, x)
+        r = route(fam, block, x)
         a = acc[name]
-        a[0] = a[0] + torch.bincount(idx.reshape(-1), minlength=len(block.experts)).double()
-        a[1] += float(w.double().sum())
+        a[0] = a[0] + torch.bincount(r.indices.reshape(-1), minlength=sizes[name]).double()
+        a[1] += float(r.weights.double().sum())
         if fam.shared_gate is not None:
             a[2] += float(torch.sigmoid(getattr(block, fam.shared_gate)(x)).double().sum())
         a[3] += x.shape[0]
@@ -208,8 +443,10 @@ def router_frequencies(model: nn.Module, batches) -> dict[str, torch.Tensor]:
 
 
 def expert_groups(cfg) -> int:
-    """Routing groups of a layer's experts (DeepSeek-V3's ``n_group``; 1 for softmax routers)."""
-    return int(getattr(cfg, "n_group", None) or 1) if family(cfg).routing == "router" else 1
+    """Routing groups of a layer's experts (DeepSeek / GLM4-MoE ``n_group``; 1 for ungrouped routers)."""
+    if not family(cfg).grouped or getattr(cfg, "topk_method", None) == "greedy":
+        return 1
+    return int(getattr(cfg, "n_group", None) or 1)
 
 
 def experts_keep(cfg, ratio: float) -> int:
@@ -218,8 +455,7 @@ def experts_keep(cfg, ratio: float) -> int:
     could no longer pick its ``num_experts_per_tok`` experts."""
     from dsk_compress.errors import RecipeError
 
-    fam = family(cfg)
-    n = int(getattr(cfg, fam.n_experts))
+    n = n_experts(cfg)
     groups = expert_groups(cfg)
     per = n // groups
     keep_per = per - math.ceil(per * ratio - 1e-9) if ratio > 0 else per
@@ -235,15 +471,27 @@ def experts_keep(cfg, ratio: float) -> int:
 
 
 @torch.no_grad()
+def _keep_router_rows(router: nn.Module, sel: torch.Tensor) -> None:
+    for name in ("weight", "bias"):
+        p = getattr(router, name, None)
+        if isinstance(p, nn.Parameter) and p.shape[0] != 1:
+            setattr(router, name, nn.Parameter(p.detach().index_select(0, sel).clone(), requires_grad=p.requires_grad))
+    if getattr(router, "e_score_correction_bias", None) is not None:
+        router.e_score_correction_bias = router.e_score_correction_bias.index_select(0, sel).clone()
+    if isinstance(router, nn.Linear):
+        router.out_features = len(sel)
+
+
+@torch.no_grad()
 def prune_experts(model: nn.Module, keep: int, batches) -> dict:
     """Keep the ``keep`` most-used routed experts of every MoE layer (router frequencies measured on
-    ``batches``; DeepSeek-V3: the same number in each routing group), in place.
+    ``batches``; grouped routers: the same number in each routing group), in place.
 
-    The router's rows (and DeepSeek's score-correction bias) are sliced with the experts, so every
-    kept expert is routed exactly as before among the survivors; ``config`` and the blocks' expert
-    counts are rewritten so the model saves, reloads and exports like a normal model of its family.
-    Shared experts are untouched. Returns per layer the kept expert indices and the share of routing
-    slots they received before pruning.
+    The router's rows (its bias and DeepSeek's score-correction bias too) are sliced with the experts,
+    so every kept expert is routed exactly as before among the survivors; ``config`` and the blocks'
+    expert counts are rewritten so the model saves, reloads and exports like a normal model of its
+    family. Shared experts are untouched. Returns per layer the kept expert indices and the share of
+    routing slots they received before pruning.
     """
     blocks = moe_blocks(model)
     if not blocks:
@@ -253,26 +501,25 @@ def prune_experts(model: nn.Module, keep: int, batches) -> dict:
     freqs = router_frequencies(model, batches)
     out = {}
     for name, block in blocks:
-        n = len(block.experts)
+        ex = Experts(block, fam)
+        n = len(ex)
         if keep > n or keep % groups:
             raise ValueError(f"cannot keep {keep} of {n} experts in {groups} groups")
         per, f = n // groups, freqs[name].double()
         idx = sorted(g * per + int(j) for g in range(groups) for j in torch.argsort(-f[g * per:(g + 1) * per], stable=True)[: keep // groups])
         sel = torch.as_tensor(idx, dtype=torch.long)
-        block.experts = nn.ModuleList([block.experts[i] for i in idx])
-        gate = block.gate
-        gate.weight = nn.Parameter(gate.weight.detach().index_select(0, sel).clone(), requires_grad=gate.weight.requires_grad)
-        if isinstance(gate, nn.Linear):
-            gate.out_features = keep
-        if getattr(gate, "e_score_correction_bias", None) is not None:
-            gate.e_score_correction_bias = gate.e_score_correction_bias.index_select(0, sel).clone()
-        for obj in (block, gate):
-            for attr in ("num_experts", "n_routed_experts"):
+        ex.keep(idx)
+        router = router_of(fam, block)
+        _keep_router_rows(router, sel.to(router.weight.device))
+        for obj in (block, router):
+            for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
                 if hasattr(obj, attr):
                     setattr(obj, attr, keep)
         out[name] = {"kept": idx, "kept_routing_share": round(float(f[sel].sum()), 6),
                      "frequencies": [round(float(x), 6) for x in f]}
-    setattr(model.config, fam.n_experts, keep)
+    for k in EXPERT_COUNT_KEYS:
+        if getattr(model.config, k, None):
+            setattr(model.config, k, keep)
     if hasattr(model, "num_experts"):  # the causal-LM head's load-balancing loss
         model.num_experts = keep
     return out
@@ -283,10 +530,17 @@ def expert_structure(model: nn.Module) -> dict:
     from dsk_compress.models.common import count_params
 
     blocks = moe_blocks(model)
+    fam = family(model.config) if blocks else None
     cfg = model.config
     total = count_params(model)
-    per_expert = [sum(p.numel() for p in b.experts[0].parameters()) for _, b in blocks]
+    ex = [Experts(b, fam) for _, b in blocks]
     top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
-    inactive = sum((len(b.experts) - top_k) * pe for (_, b), pe in zip(blocks, per_expert))
-    return {"moe_layers": len(blocks), "experts": [len(b.experts) for _, b in blocks], "experts_per_token": top_k,
+    inactive = sum((len(e) - top_k) * e.params_per_expert() for e in ex)
+    return {"moe_layers": len(blocks), "experts": [len(e) for e in ex], "experts_per_token": top_k,
             "params": total, "active_params": total - inactive}
+
+
+def describe_layout(model: nn.Module) -> str:
+    """How the model's routed experts are stored ("fused 3-D (gate_up)", "ModuleList"), or "dense"."""
+    blocks = moe_blocks(model)
+    return Experts(blocks[0][1], family(model.config)).layout if blocks else "dense"

@@ -229,8 +229,10 @@ def train(
     if denv.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        from dsk_compress.compress.moe import uses_sparse_grads
+
         # an MoE's experts that no token of a rank's batch was routed to get no gradient there
-        sparse = any(isinstance(getattr(m, "experts", None), torch.nn.ModuleList) for m in model.modules())
+        sparse = uses_sparse_grads(model)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=sparse)
     all_params = params + aux_params

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsk_compress.errors import ModelSourceError
-from dsk_compress.io import atomic_write_json, atomic_write_text, load_state_dict, save_state_dict
+from dsk_compress.io import atomic_write_json, atomic_write_text, save_state_dict
 from dsk_compress.registry import Registry
 
 ZOO_DIR = Path(__file__).parent / "zoo"
@@ -76,8 +76,12 @@ def zoo_path(name: str) -> Path:
 
 
 def load_zoo_model(name: str):
-    """Load a shipped zoo model in float32 from its safetensors weights (no code is executed)."""
-    import torch
+    """Load a shipped zoo model in float32 from its safetensors weights (no code is executed).
+
+    The weights go through transformers' own ``from_pretrained`` with the spec's config, so a checkpoint
+    saved by transformers 4 (per-expert keys) loads into transformers 5's fused experts by its conversion.
+    """
+    from dsk_compress.models.source import load_hf_dir
 
     spec = ZOO.get(name)
     weights = zoo_path(name) / "model.safetensors"
@@ -86,13 +90,19 @@ def load_zoo_model(name: str):
             f"zoo model {name!r} has no weights at {weights}",
             hint=f"train it with `dsk-compress zoo train {name}`",
         )
-    model = build_model(spec)
-    state = {k: v.to(torch.float32) for k, v in load_state_dict(weights).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
-        raise ModelSourceError(f"zoo weights for {name!r} do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.eval()
-    return model
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt"):
+            pass
+    except Exception as e:  # a truncated or foreign file: say so before transformers does, in one line
+        raise ModelSourceError(f"corrupt checkpoint {weights}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}",
+                               hint=f"re-create it with `dsk-compress zoo train {name}`") from None
+    try:
+        return load_hf_dir(zoo_path(name), config=build_config(spec))
+    except ModelSourceError as e:
+        raise ModelSourceError(f"zoo weights for {name!r} do not match its config: {e.message}",
+                               hint=f"retrain it with `dsk-compress zoo train {name}`") from None
 
 
 def zoo_card(name: str) -> dict | None:

@@ -39,8 +39,8 @@ def test_shipped_teacher_reproduces_card_accuracy():
     model = load_zoo_model("code-lm-moe")
     assert sum(p.numel() for p in model.parameters()) == card["params"]
     m = task.evaluate(torch_predict(model))
-    assert m.accuracy == pytest.approx(card["validation"]["accuracy"], abs=0.05)
-    assert m.extra["bits_per_byte"] == pytest.approx(card["validation"]["bits_per_byte"], abs=0.005)
+    assert m.accuracy == pytest.approx(card["validation"]["accuracy"], abs=0.01)  # 77.39% under transformers 4.57 and 5.25 alike
+    assert m.extra["bits_per_byte"] == pytest.approx(card["validation"]["bits_per_byte"], abs=0.001)
 
 
 def test_shipped_weights_are_small_enough_for_the_repo():

@@ -287,7 +287,17 @@ def convert_fp16(src: str | Path, dst: str | Path) -> dict:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    m = onnx.load(str(src))
+    src = Path(src)
+    large = graph_files.is_large(src)
+    if large:  # the converter's own shape inference serializes the graph in memory, which fails past 2 GB: infer by path
+        inferred = src.with_name(f".{src.name}.inferred")
+        try:
+            onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+            m = onnx.load(str(inferred))  # its weights: src's .data file beside it
+        finally:
+            inferred.unlink(missing_ok=True)
+    else:
+        m = onnx.load(str(src))
     g = m.graph
     users = _consumers(g)
     keep_nodes = []
@@ -297,7 +307,7 @@ def convert_fp16(src: str | Path, dst: str | Path) -> dict:
                 if u.op_type in ("Add", "Div"):
                     keep_nodes.append(u.name)
     try:
-        m16 = convert_float_to_float16(m, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
+        m16 = convert_float_to_float16(m, keep_io_types=True, disable_shape_infer=large, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
                                        node_block_list=keep_nodes)
     except Exception as e:  # the converter raises assorted types on graphs it cannot type
         raise ExportError(f"float16 conversion of {Path(src).name} failed: {str(e).splitlines()[0][:300]}") from e

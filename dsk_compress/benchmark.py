@@ -224,6 +224,7 @@ def _host_name() -> str:
 
 def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> BenchOutcome:
     """Every artifact of the run in every runtime this machine offers (the bench stage's method and plans)."""
+    from dsk_compress.artifacts import read_artifacts
     from dsk_compress.devices import load_device
     from dsk_compress.recipes.schema import BenchStageConfig, RecipeSpec
     from dsk_compress.recipes.stages.bench import check_profile_fits_host, measure_artifacts
@@ -235,6 +236,7 @@ def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> Benc
     artifacts = next(((st.get("outputs") or {}).get("artifacts") for st in manifest.get("stages", []) if st.get("stage") == "export"), None)
     if not artifacts:
         raise RunError(f"{run_dir} has no exported artifacts to measure", hint="run (or resume) the recipe through its export stage")
+    artifacts = read_artifacts(artifacts, f"{run_dir / 'manifest.json'}: the export stage's artifacts")  # one line if damaged
     profile = load_device(device or "host-cpu")
     check_profile_fits_host(profile)
     stage = next((st for st in spec.stages if st.stage == "bench"), None) or BenchStageConfig()

@@ -84,17 +84,20 @@ def fp16_hint(manifest: dict, device: str) -> str:
 
 
 def _export_artifacts(manifest: dict) -> dict:
+    """The export stage's artifacts as :class:`~dsk_compress.artifacts.Artifact` (a damaged entry fails in one line)."""
+    from dsk_compress.artifacts import read_artifacts
+
     for st in manifest.get("stages", []):
         if st.get("stage") == "export":
-            return (st.get("outputs") or {}).get("artifacts", {})
+            return read_artifacts((st.get("outputs") or {}).get("artifacts"), "manifest.json: the export stage's artifacts")
     return {}
 
 
-def _tensorrt_model(run_dir: Path, v: dict, art: dict, device: str) -> tuple[Path, dict]:
+def _tensorrt_model(run_dir: Path, v: dict, art, device: str) -> tuple[Path, dict]:
     """The portable ONNX TensorRT parses for this variant (the ORT-optimized file holds contrib ops) and its check."""
     from dsk_compress.export.trt_check import check_tensorrt_onnx, format_problems
 
-    rel = art.get("qdq_path") if v.get("precision") == "int8" else v["artifact"]
+    rel = (art.qdq_path if art is not None else None) if v.get("precision") == "int8" else v["artifact"]
     if not rel:
         raise RunError(f"the run's {v['name']} has no TensorRT-portable ONNX (it predates portable exports)",
                        hint=f"rerun the export stage with device: {device}")
@@ -148,16 +151,16 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     runtime = "tensorrt" if prof.preferred_runtime == "tensorrt" else "onnxruntime"
     model_src, trt_card = _in_run(run_dir, v["artifact"], f"report.json: variant {v['name']!r} artifact"), None
     if runtime == "tensorrt":
-        model_src, trt_card = _tensorrt_model(run_dir, v, _export_artifacts(manifest).get(v["name"], {}), prof.name)
+        model_src, trt_card = _tensorrt_model(run_dir, v, _export_artifacts(manifest).get(v["name"]), prof.name)
         exp = next((st for st in spec.stages if st.stage == "export"), None)
         t = exp.tensorrt if exp is not None else None
         trt_card.update({"precision": precision, "workspace_gb": t.workspace_gb if t else 1.0, "max_batch": t.max_batch if t else 8,
                          "opt_batch": t.opt_batch if t else 1, "max_seq_len": t.max_seq_len if t else None})
-    art = _export_artifacts(manifest).get(v["name"], {})
+    art = _export_artifacts(manifest).get(v["name"])
     copies = {"model.onnx": model_src}
     for key, name in (("fused_path", "model.fused.onnx"), ("kv_cache_path", "model.kv.onnx")):
-        if isinstance(art, dict) and art.get(key):  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
-            src = _in_run(run_dir, art[key], f"manifest.json: the export stage's {key} of {v['name']!r}")
+        if art is not None and getattr(art, key):  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
+            src = _in_run(run_dir, getattr(art, key), f"manifest.json: the export stage's {key} of {v['name']!r}")
             if src.is_file():
                 copies[name] = src
     td = task.describe()

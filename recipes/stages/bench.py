@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
+from dsk_compress.artifacts import Artifact, read_artifacts
 from dsk_compress.progress import step, step_progress
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult
 from dsk_compress.recipes.limits import MAX_BATCH, MAX_RUNS, check_device_name, check_threads_fit
@@ -67,7 +68,7 @@ def wants_gpu(profile) -> bool:
         p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in profile.execution_providers)
 
 
-def runtime_plans(art: dict, profile, available: list[str], machine: str, cuda: bool, tensorrt: bool) -> list[Plan]:
+def runtime_plans(art: Artifact | dict, profile, available: list[str], machine: str, cuda: bool, tensorrt: bool) -> list[Plan]:
     """The runtimes to measure one export artifact with on this host, the reference first.
 
     Args:
@@ -80,14 +81,14 @@ def runtime_plans(art: dict, profile, available: list[str], machine: str, cuda: 
     """
     from dsk_compress.runtimes.onnxruntime import provider_sets
 
+    art = Artifact.of("", art) if not isinstance(art, Artifact) else art
     plans: list[Plan] = []
-    if art.get("path"):
-        plans += [Plan("onnx", art["path"], tuple(p)) for p in provider_sets(profile.execution_providers, available, machine)]
-        engine = (art.get("tensorrt") or {}).get("engine")
-        if engine and cuda and tensorrt:
-            plans.append(Plan("tensorrt", engine, device="cuda"))
-    mdir = art.get("model_dir")
-    if mdir and cuda and wants_gpu(profile) and art.get("precision", "fp32") == "fp32":
+    if art.path:
+        plans += [Plan("onnx", art.path, tuple(p)) for p in provider_sets(profile.execution_providers, available, machine)]
+        if art.engine and cuda and tensorrt:
+            plans.append(Plan("tensorrt", art.engine, device="cuda"))
+    mdir = art.model_dir
+    if mdir and cuda and wants_gpu(profile) and art.precision == "fp32":
         plans += [Plan("torch", mdir, device="cuda", dtype="bfloat16", compile=c) for c in (False, True)]
     if not plans and mdir:  # a teacher that did not export: eager torch on the CPU
         plans.append(Plan("torch", mdir))
@@ -144,7 +145,7 @@ def _size(path: Path) -> int:
     return graph_files.size(path) if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def measure_plan(run_dir: Path, name: str, art: dict, plan: Plan, task, bcfg, provenance: dict):
+def measure_plan(run_dir: Path, name: str, art: Artifact, plan: Plan, task, bcfg, provenance: dict):
     """Measure one artifact in one runtime: timing (worker process) and accuracy (the task, same runtime); decode is
     measured for all artifacts together (:func:`measure_decodes`).
 
@@ -158,26 +159,20 @@ def measure_plan(run_dir: Path, name: str, art: dict, plan: Plan, task, bcfg, pr
     n_tokens = metrics.pop("eval_tokens", None)
     acc = Accuracy(task=getattr(task, "name", None), metrics=metrics, tokens=None if n_tokens is None else int(n_tokens))
     prov = {**provenance, "gpu": timing.gpu or provenance.get("gpu")}
-    return BenchRecord(variant=name, role=art.get("role"), precision=art.get("precision", "fp32"), artifact=plan.path,
+    return BenchRecord(variant=name, role=art.role, precision=art.precision, artifact=plan.path,
                        size_bytes=_size(run_dir / plan.path), runtime=timing.runtime, provenance=prov, timing=timing.timing,
-                       memory=timing.memory, accuracy=acc, notes=art.get("notes", ""))
+                       memory=timing.memory, accuracy=acc, notes=art.notes)
 
 
-def decode_graph(art: dict) -> str | None:
-    """The decoder graph an artifact is decoded with: its fused graph (IO binding, preallocated KV buffers), else its
-    plain KV-cache graph, else None."""
-    return art.get("fused_path") or art.get("kv_cache_path")
-
-
-def measure_decodes(run_dir: Path, artifacts: dict, task, bcfg, new_tokens: int | None = None) -> dict:
-    """Greedy decode with every artifact's :func:`decode_graph`, all in one ONNX Runtime worker in interleaved rounds (a
+def measure_decodes(run_dir: Path, artifacts: dict[str, Artifact], task, bcfg, new_tokens: int | None = None) -> dict:
+    """Greedy decode with every artifact's :attr:`Artifact.decoder_graph`, all in one ONNX Runtime worker in interleaved rounds (a
     slow spell of the machine falls on every graph alike, so their tokens/s compare): prefill the first half of the
     task's example window, then ``new_tokens`` (default ``DEFAULT_NEW_TOKENS``) single-token steps.
 
     Returns:
         ``{artifact name: DecodeStats}`` for the artifacts that have a decoder graph.
     """
-    graphs = {n: g for n, art in artifacts.items() if (g := decode_graph(art))}
+    graphs = {n: g for n, art in read_artifacts(artifacts).items() if (g := art.decoder_graph)}
     if not graphs:
         return {}
     from dsk_compress.runtimes.decode import DEFAULT_NEW_TOKENS, benchmark_decodes
@@ -191,26 +186,27 @@ def measure_decodes(run_dir: Path, artifacts: dict, task, bcfg, new_tokens: int 
             for (n, g), r in zip(graphs.items(), res)}
 
 
-def host_rows(records, artifacts: dict) -> list[dict]:
+def host_rows(records, artifacts: dict[str, Artifact]) -> list[dict]:
     """The report's host rows: one per record, the artifact's entry supplying role, stage, parameters and notes."""
     from dsk_compress.report.devices import record_row, row_names
 
+    artifacts = read_artifacts(artifacts)
     rows = []
     for rec, name in zip(records, row_names(records)):
-        art = artifacts.get(rec.variant, {})
-        base = {"role": art.get("role"), "stage": art.get("stage", rec.variant), "params": art.get("params"),
-                "artifact": art.get("path") or rec.artifact, "notes": art.get("notes", "")}
-        if art.get("fused_ops"):
-            base["fused_ops"] = art["fused_ops"]
+        art = artifacts.get(rec.variant) or Artifact(name=rec.variant)
+        base = {"role": art.role, "stage": art.stage or rec.variant, "params": art.params, "artifact": art.path or rec.artifact,
+                "notes": art.notes}
+        if art.fused_ops:
+            base["fused_ops"] = art.fused_ops
         row = record_row(rec, name, base)
         if rec.decode is not None:  # the bench stage's decode figures name the decoder graph they ran, and its fused ops
-            ops = (art.get("fused") or {}).get("fused_ops") if rec.decode.artifact == art.get("fused_path") else None
+            ops = art.decoder_fused_ops if rec.decode.artifact == art.fused_path else None
             row["decode"] = {"artifact": rec.decode.artifact, **row.get("decode", {}), **({"fused_ops": ops} if ops else {})}
         rows.append(row)
     return rows
 
 
-def measure_artifacts(run_dir: Path, artifacts: dict, task, profile, bcfg, source_run: str | None, results_path: Path,
+def measure_artifacts(run_dir: Path, artifacts: dict[str, Artifact], task, profile, bcfg, source_run: str | None, results_path: Path,
                       device_name: str = "host", new_tokens: int | None = None) -> tuple[list, list[str]]:
     """Measure every artifact in every runtime of :func:`runtime_plans`, saving each record to ``results_path`` as it
     completes (an interrupted run keeps what it measured). A failing reference runtime (the first) raises; a failing
@@ -233,6 +229,7 @@ def measure_artifacts(run_dir: Path, artifacts: dict, task, profile, bcfg, sourc
     prov = host_provenance(profile.name, source_run, gpu)
     available = onnxruntime.get_available_providers()
     trt = importlib.util.find_spec("tensorrt") is not None
+    artifacts = read_artifacts(artifacts)  # the export stage's mappings (from a manifest) or Artifacts
     saved = DeviceResults(device=device_name)
     records, errors, first = [], [], {}
     for name, art in artifacts.items():
@@ -250,7 +247,7 @@ def measure_artifacts(run_dir: Path, artifacts: dict, task, profile, bcfg, sourc
             records.append(rec)
             saved = saved.merged([rec])
             atomic_write_json(results_path, saved.to_dict())
-    if any(decode_graph(artifacts[n]) for n in first):
+    if any(artifacts[n].decoder_graph for n in first):
         step("greedy decode of every variant with a decoder graph, interleaved rounds")
     for name, stats in measure_decodes(run_dir, {n: artifacts[n] for n in first}, task, bcfg, new_tokens).items():
         records[first[name]] = records[first[name]].model_copy(update={"decode": stats})
@@ -300,7 +297,7 @@ class BenchStage(Stage[BenchStageConfig]):
         profile = load_device(c.device)
         check_profile_fits_host(profile)
         threads = c.threads or profile.threads
-        artifacts = ctx.latest_output("artifacts") or {}
+        artifacts = read_artifacts(ctx.latest_output("artifacts"), "the export stage's artifacts")
         bcfg = BenchConfig(warmup=c.warmup, runs=c.runs, batch_size=c.batch_size, throughput_batches=tuple(c.throughput_batches),
                            threads=threads, seq_len=getattr(ctx.task, "seq_len", None))
         with step_progress("bench"):  # minutes of measurements: say which one is under way

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from dsk_compress.export import graph_files
+from dsk_compress.artifacts import artifacts_json, read_artifacts
 from dsk_compress.errors import ExportError
 from dsk_compress.io import read_json
 from dsk_compress.progress import step, step_progress
@@ -210,7 +211,7 @@ class ExportStage(Stage[ExportConfig]):
         elif qrel is not None:
             metrics["int8_skipped"] = "int8 is not in stages.N.precisions"
         metrics["artifacts"] = artifacts
-        return StageResult(outputs={"artifacts": artifacts}, metrics=metrics)
+        return StageResult(outputs={"artifacts": typed(artifacts)}, metrics=metrics)
 
     def _float(self, ctx: RunContext, model, name: str, d: Path, example, keep_raw: bool = False) -> dict:
         """``<name>.onnx`` in fp32, checked against torch (a causal LM, or your own torch model)."""
@@ -372,7 +373,7 @@ def run_torch(stage: ExportStage, ctx: RunContext) -> StageResult:
     if not want_ptq and c.ptq_baselines:
         metrics["ptq_skipped"] = "PTQ baselines quantize the float student QAT started from; this run has no qat stage"
     metrics["artifacts"] = artifacts
-    return StageResult(outputs={"artifacts": artifacts}, metrics=metrics)
+    return StageResult(outputs={"artifacts": typed(artifacts)}, metrics=metrics)
 
 
 def _torch_ptq(stage: ExportStage, ctx: RunContext, d: Path, raw: Path, params: int, source: str) -> dict:
@@ -397,3 +398,9 @@ def _qat_activations(path: Path) -> str:
     if not isinstance(info, dict) or info.get("activations", "asymmetric") not in ("asymmetric", "symmetric"):
         raise RunError(f"{path} is damaged (no valid 'activations')", hint="re-run the qat stage (--resume --rerun-from qat)")
     return info.get("activations", "asymmetric")
+
+
+def typed(artifacts: dict) -> dict:
+    """The export stage's entries checked as :class:`~dsk_compress.artifacts.Artifact` (a wrong field fails here, not in
+    bench or a bundle), in the manifest's JSON form."""
+    return artifacts_json(read_artifacts(artifacts, "the export stage's artifacts"))

@@ -83,6 +83,29 @@ def ffn_keep(ffn: int, ratio: float, round_to: int) -> int:
     return min(ffn, n - n % round_to)
 
 
+def heads_allowed(cfg, heads: int) -> bool:
+    """Whether the installed transformers builds a model of ``cfg``'s family with ``heads`` query heads (transformers 5
+    validates configs when they are constructed: a Llama's hidden_size must be a multiple of num_attention_heads even
+    with an explicit head_dim; transformers 4 accepts any count)."""
+    check = getattr(cfg, "validate_architecture", None)
+    if cfg is None or check is None:
+        return True
+    c = copy.deepcopy(cfg)
+    c.num_attention_heads = heads
+    try:
+        c.validate_architecture()
+    except ValueError:
+        return False
+    return True
+
+
+def allowed_kv(cfg, kv: int, group: int, floor: int = 1) -> int:
+    """The largest KV-group count in ``[floor, kv]`` whose query heads (``kv * group``) ``cfg``'s family accepts."""
+    while kv > floor and not heads_allowed(cfg, kv * group):
+        kv -= 1
+    return kv
+
+
 def kv_keep(kv_heads: int, ratio: float) -> int:
     """KV groups left after removing ``ratio`` of them (the count removed is rounded up)."""
     return kv_heads - math.ceil(kv_heads * ratio - 1e-9) if ratio > 0 else kv_heads
@@ -123,6 +146,16 @@ def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, laye
         what = f"{s.heads} heads" if s.kv_heads == s.heads else f"{s.kv_heads} KV groups of {s.heads // s.kv_heads} query heads"
         raise RecipeError(f"head_ratio {head_ratio} leaves no attention heads (the model has {what}; heads go in whole KV groups)",
                           hint="lower head_ratio")
+    if head_ratio > 0:
+        group = s.heads // s.kv_heads
+        left = kv_keep(s.kv_heads, head_ratio) * group
+        if not heads_allowed(cfg, left):
+            import transformers
+
+            ok = [kv * group for kv in range(1, s.kv_heads + 1) if heads_allowed(cfg, kv * group)]
+            raise RecipeError(f"head_ratio {head_ratio} leaves {left} attention heads, which transformers {transformers.__version__} "
+                              f"refuses for hidden_size {cfg.hidden_size} (it must be a multiple of num_attention_heads)",
+                              hint=f"choose a head_ratio that leaves one of {ok} heads (of {s.heads})")
     if ffn_ratio > 0 and s.ffn * (1 - ffn_ratio) < round_to:
         raise RecipeError(f"ffn_ratio {ffn_ratio} leaves fewer than round_to={round_to} FFN channels", hint="lower ffn_ratio or round_to")
     layers_to_remove(s.layers, layers_removed)
@@ -136,22 +169,23 @@ def ratio_shape(cfg, ffn_ratio: float, head_ratio: float, layers_removed: int, r
     return Shape(layers=s.layers - layers_removed, kv_heads=kv, heads=kv * (s.heads // s.kv_heads), ffn=ffn_keep(s.ffn, ffn_ratio, round_to))
 
 
-def uniform_shape(start: Shape, ratio: float, structures, round_to: int) -> Shape:
+def uniform_shape(start: Shape, ratio: float, structures, round_to: int, cfg=None) -> Shape:
     """``start`` with ``ratio`` of each named structure (ffn, heads, layers) removed, never below one
-    layer, one KV group or ``round_to`` channels."""
+    layer, one KV group or ``round_to`` channels; with ``cfg``, head counts its family refuses round down."""
     ffn, kv, layers = start.ffn, start.kv_heads, start.layers
     if "ffn" in structures and start.ffn > round_to:
         ffn = max(round_to, ffn_keep(start.ffn, ratio, round_to))
     if "heads" in structures:
-        kv = max(1, kv_keep(start.kv_heads, ratio))
+        kv = allowed_kv(cfg, max(1, kv_keep(start.kv_heads, ratio)), start.heads // start.kv_heads)
     if "layers" in structures:
         layers = max(1, start.layers - int(start.layers * ratio + 1e-9))
     return Shape(layers=layers, kv_heads=kv, heads=kv * (start.heads // start.kv_heads), ffn=ffn)
 
 
-def interpolate(start: Shape, final: Shape, frac: float, round_to: int) -> Shape:
+def interpolate(start: Shape, final: Shape, frac: float, round_to: int, cfg=None) -> Shape:
     """Step ``frac`` (0..1] of a progressive schedule from ``start`` to ``final``: widths shrink
-    geometrically (``start * (final / start) ** frac``), layers linearly; ``frac`` 1 is ``final``."""
+    geometrically (``start * (final / start) ** frac``), layers linearly; ``frac`` 1 is ``final``; with
+    ``cfg``, head counts its family refuses round down (not below ``final``)."""
     if frac >= 1:
         return final
     ffn = start.ffn
@@ -159,6 +193,7 @@ def interpolate(start: Shape, final: Shape, frac: float, round_to: int) -> Shape
         n = int(start.ffn * (final.ffn / start.ffn) ** frac + 1e-9)
         ffn = min(start.ffn, max(final.ffn, n - n % round_to))
     kv = min(start.kv_heads, max(final.kv_heads, round(start.kv_heads * (final.kv_heads / start.kv_heads) ** frac)))
+    kv = allowed_kv(cfg, kv, start.heads // start.kv_heads, floor=final.kv_heads)
     layers = start.layers - round((start.layers - final.layers) * frac)
     return Shape(layers=layers, kv_heads=kv, heads=kv * (start.heads // start.kv_heads), ffn=ffn)
 
@@ -196,7 +231,11 @@ def shaped_config(cfg, shape: Shape):
 def measure_cost(cfg, shape: Shape, seq_len: int) -> tuple[int, int]:
     """``(params, MACs)`` of a model of ``shape``, built from the config (weights left zero) and counted."""
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():
         m = AutoModelForCausalLM.from_config(shaped_config(cfg, shape), attn_implementation="eager", torch_dtype=torch.float32)
@@ -230,7 +269,7 @@ def solve_target(model: nn.Module, kind: str, fraction: float, structures, round
 
     base = cost(start)
     budget = fraction * base
-    smallest = uniform_shape(start, max_ratio, structures, round_to)
+    smallest = uniform_shape(start, max_ratio, structures, round_to, cfg)
     if cost(smallest) > budget:
         raise RecipeError(
             f"target.{kind} {fraction} is unreachable by pruning {', '.join(structures)} up to target.max_ratio {max_ratio}: "
@@ -239,11 +278,11 @@ def solve_target(model: nn.Module, kind: str, fraction: float, structures, round
     lo, hi = 0.0, max_ratio
     for _ in range(40):  # the cost only falls as the ratio grows; find the first step that fits
         mid = (lo + hi) / 2
-        if cost(uniform_shape(start, mid, structures, round_to)) <= budget:
+        if cost(uniform_shape(start, mid, structures, round_to, cfg)) <= budget:
             hi = mid
         else:
             lo = mid
-    shape = uniform_shape(start, hi, structures, round_to)
+    shape = uniform_shape(start, hi, structures, round_to, cfg)
     info = {"kind": kind, "fraction": fraction, "structures": list(structures), "ratio": round(hi, 6), "solved": shape.as_dict(),
             f"{kind}_before": base, f"{kind}_solved": cost(shape), "achieved_fraction": round(cost(shape) / base, 6),
             "candidates_counted": len(costs), "seq_len": seq_len}

@@ -260,7 +260,8 @@ class PruneStage(Stage[PruneConfig]):
                 routing = prune_experts(model, keep, calib) if keep < expert_structure(model)["experts"][0] else {}
                 return {**expert_structure(model), "routing": routing}
             return prune
-        return lambda model, it, iterations: self._prune(ctx, model, interpolate(start, final, (it + 1) / iterations, self.config.round_to),
+        return lambda model, it, iterations: self._prune(ctx, model, interpolate(start, final, (it + 1) / iterations, self.config.round_to,
+                                                                                 model.config),
                                                          example, calib, it)
 
     def _prune(self, ctx: RunContext, model, shape, example, calib, it: int) -> dict:
@@ -328,7 +329,7 @@ class PruneStage(Stage[PruneConfig]):
                 model = load_hf_dir(step_dir / "model")
                 entry = read_json(step_dir / "metrics.json")
             else:
-                shape = uniform_shape(start, ratio, t.structures, c.round_to)
+                shape = uniform_shape(start, ratio, t.structures, c.round_to, model.config)
                 if shape == shape_of(model) and ratio < t.max_ratio:
                     continue  # channel rounding: nothing new to remove at this ratio
                 if shape == shape_of(model):

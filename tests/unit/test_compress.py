@@ -81,15 +81,19 @@ def test_build_student_copies_teacher_layers(init):
     assert s.config.num_hidden_layers == 2 and info["layers"] == [0, 2]
     assert torch.equal(s.model.layers[1].self_attn.q_proj.weight, t.model.layers[2].self_attn.q_proj.weight)
     assert torch.equal(s.lm_head.weight, t.lm_head.weight)
-    blk = t.model.layers[2].block_sparse_moe
+    from dsk_compress.compress.moe import Experts, family, moe_blocks
+
+    name, blk = moe_blocks(t)[2]
+    ex = Experts(blk, family(t.config))
+    experts = [ex.expert(e) for e in range(len(ex))]
     if init == "top":
-        top = int(torch.tensor(info["router_frequencies"]["model.layers.2.block_sparse_moe"]).argmax())
-        assert torch.equal(s.model.layers[1].mlp.gate_proj.weight, blk.experts[top].w1.weight)
+        top = int(torch.tensor(info["router_frequencies"][name]).argmax())
+        assert torch.equal(s.model.layers[1].mlp.gate_proj.weight, experts[top].gate)
     elif init == "merge":
         # every student channel is one expert channel, its down projection scaled by that expert's frequency
-        f = info["router_frequencies"]["model.layers.2.block_sparse_moe"]
-        gate = torch.cat([e.w1.weight for e in blk.experts])
-        down = torch.cat([fi * e.w2.weight for fi, e in zip(f, blk.experts)], dim=1)
+        f = info["router_frequencies"][name]
+        gate = torch.cat([e.gate for e in experts])
+        down = torch.cat([fi * e.down for fi, e in zip(f, experts)], dim=1)
         sm = s.model.layers[1].mlp
         rows = [int((gate == r).all(1).nonzero()[0]) for r in sm.gate_proj.weight]
         assert len(set(rows)) == sm.gate_proj.out_features == 96

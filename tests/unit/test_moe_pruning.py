@@ -1,63 +1,84 @@
 """Pruning MoE-family models: routed experts of MoE students, FFN channels and layers of DeepSeek (MLA) students.
 
 Expert equivalence: the unpruned model whose removed experts can never be chosen (router logit -inf, or
-DeepSeek's score-correction bias -1e9) computes the same logits as the pruned model.
+a score-correction / router bias of -1e9) computes the same logits as the pruned model.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 from test_moe_families import MOE, ids, logits, make_teacher
 
 from dsk_compress.errors import RecipeError
 
-# renormalised top-k, so removing never-chosen experts leaves every routing weight unchanged;
-# DeepSeek-V3 with 8 experts in 2 groups (2 of 4 kept per group)
-KW = {"mixtral": {}, "qwen2_moe": {"norm_topk_prob": True}, "qwen3_moe": {"norm_topk_prob": True}, "deepseek_v3": {"n_routed_experts": 8}}
-N_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+# renormalised top-k (or softmax scores over the experts that remain), so removing never-chosen experts leaves every
+# routing weight unchanged; grouped routers with 8 experts in 2 groups (2 of 4 kept per group)
+KW = {"qwen2_moe": {"norm_topk_prob": True}, "qwen3_moe": {"norm_topk_prob": True}, "olmoe": {"norm_topk_prob": True},
+      "deepseek_v2": {"n_routed_experts": 8}, "deepseek_v3": {"n_routed_experts": 8}, "glm4_moe": {"n_routed_experts": 8}}
+GROUPED = ("deepseek_v2", "deepseek_v3", "glm4_moe")
 
 
 def _pruned_pair(kind, tmp_path, ratio=0.5):
     from dsk_compress.compress.moe import experts_keep, prune_experts
 
-    orig = make_teacher(kind, tmp_path / "t", all_sparse=True, **KW[kind])
-    pruned = make_teacher(kind, tmp_path / "t2", all_sparse=True, **KW[kind])  # same seed: same weights
+    orig = make_teacher(kind, tmp_path / "t", all_sparse=True, **KW.get(kind, {}))
+    pruned = make_teacher(kind, tmp_path / "t2", all_sparse=True, **KW.get(kind, {}))  # same seed: same weights
     calib = [ids(4, 16, seed=s) for s in (2, 3)]
     keep = experts_keep(pruned.config, ratio)
     info = prune_experts(pruned, keep, calib)
     return orig, pruned, keep, info
 
 
-def _mask_removed(kind, model, info):
-    """Hooks/biases that make the removed experts of ``model`` unreachable; returns hook handles."""
-    from dsk_compress.compress.moe import moe_blocks
+@contextlib.contextmanager
+def _removed_unreachable(kind, model, info):
+    """The removed experts of ``model`` made unreachable: a correction bias of -1e9 (sigmoid routers), else the router's
+    logits of those experts set to -inf as its own F.linear computes them."""
+    from dsk_compress.compress.moe import Experts, family, moe_blocks, router_of
 
-    handles = []
+    fam = family(model.config)
+    masks = {}
     for name, block in moe_blocks(model):
-        removed = sorted(set(range(len(block.experts))) - set(info[name]["kept"]))
-        if kind == "deepseek_v3":
+        removed = sorted(set(range(len(Experts(block, fam)))) - set(info[name]["kept"]))
+        router = router_of(fam, block)
+        if getattr(router, "e_score_correction_bias", None) is not None:
             with torch.no_grad():
-                block.gate.e_score_correction_bias[removed] = -1e9
+                router.e_score_correction_bias[removed] = -1e9
         else:
-            handles.append(block.gate.register_forward_hook(lambda m, a, out, r=removed: out.index_fill(-1, torch.tensor(r), float("-inf"))))
-    return handles
+            masks[id(router.weight)] = torch.tensor(removed)
+    linear = F.linear
+
+    def masked(x, w, b=None):
+        out = linear(x, w, b)
+        r = masks.get(id(w))
+        return out if r is None else out.index_fill(-1, r, float("-inf"))
+
+    F.linear = masked
+    try:
+        yield
+    finally:
+        F.linear = linear
 
 
 @pytest.mark.parametrize("kind", MOE)
 def test_pruned_model_equals_the_model_whose_removed_experts_are_unreachable(kind, tmp_path):
-    from dsk_compress.compress.moe import expert_structure, moe_blocks
+    from dsk_compress.compress.moe import Experts, expert_structure, family, moe_blocks, n_experts, router_of
 
     orig, pruned, keep, info = _pruned_pair(kind, tmp_path)
-    n = getattr(orig.config, N_KEY[kind])
+    fam = family(orig.config)
+    n = n_experts(orig.config)
     assert keep == n // 2
-    assert getattr(pruned.config, N_KEY[kind]) == keep
+    assert n_experts(pruned.config) == keep
     for (name, block), (_, ob) in zip(moe_blocks(pruned), moe_blocks(orig)):
-        assert len(block.experts) == keep
-        assert block.gate.weight.shape[0] == keep
+        ex, oex = Experts(block, fam), Experts(ob, fam)
+        assert len(ex) == keep
+        assert router_of(fam, block).weight.shape[0] == keep
         kept = info[name]["kept"]
         freq = torch.tensor(info[name]["frequencies"])
-        groups = 2 if kind == "deepseek_v3" else 1
+        groups = 2 if kind in GROUPED else 1
         per = n // groups
         for g in range(groups):  # the kept experts of each group are its most used
             mine = [k - g * per for k in kept if g * per <= k < (g + 1) * per]
@@ -65,16 +86,19 @@ def test_pruned_model_equals_the_model_whose_removed_experts_are_unreachable(kin
             f = freq[g * per:(g + 1) * per]
             assert f[mine].min() >= f[[j for j in range(per) if j not in mine]].max()
         for new, old in enumerate(kept):
-            assert torch.equal(block.gate.weight[new], ob.gate.weight[old])
-    _mask_removed(kind, orig, info)
+            assert torch.equal(router_of(fam, block).weight[new], router_of(fam, ob).weight[old])
+            for a, b in zip(ex.expert(new), oex.expert(old)):  # index_select on the 3-D parameters (or the ModuleList)
+                assert (a is None and b is None) or torch.equal(a, b)
     x = ids(3, 16, seed=7)
-    assert torch.allclose(logits(orig, x), logits(pruned, x), atol=1e-5, rtol=0)
+    with _removed_unreachable(kind, orig, info):
+        ref = logits(orig, x)
+    assert torch.allclose(ref, logits(pruned, x), atol=1e-5, rtol=0)
     s0, s1 = expert_structure(orig), expert_structure(pruned)
     assert s1["experts"] == [keep] * s0["moe_layers"]
-    router_rows = sum((n - keep) * b.gate.weight.shape[1] for _, b in moe_blocks(orig))
+    router_rows = sum((n - keep) * (p.shape[1] if p.ndim == 2 else 1) for _, b in moe_blocks(orig)
+                      for p in router_of(fam, b).parameters())
     assert s0["active_params"] - s1["active_params"] == router_rows  # per token only the router got smaller
-    assert s0["params"] - s1["params"] == router_rows + sum((n - keep) * sum(p.numel() for p in b.experts[0].parameters())
-                                                            for _, b in moe_blocks(orig))
+    assert s0["params"] - s1["params"] == router_rows + sum((n - keep) * Experts(b, fam).params_per_expert() for _, b in moe_blocks(orig))
 
 
 @pytest.mark.parametrize("kind", MOE)
@@ -93,6 +117,7 @@ def test_pruned_moe_saves_and_reloads_as_its_family(kind, tmp_path):
 @pytest.mark.parametrize("kind,ratio,text", [
     ("mixtral", 0.75, "leaves 1 experts per MoE layer, too few for the router (num_experts_per_tok 2"),
     ("deepseek_v3", 0.5, "in 2 routing groups"),  # 4 experts in 2 groups: one per group cannot be scored by its top-2
+    ("glm4_moe", 0.5, "in 2 routing groups"),
 ])
 def test_too_few_experts_names_expert_ratio(kind, ratio, text, tmp_path):
     from dsk_compress.compress.moe import experts_keep

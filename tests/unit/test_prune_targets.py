@@ -226,15 +226,18 @@ def _params(layers=2, kv=4, heads=4, ffn=128):
 
 
 def _macs(t=16, layers=2, kv=4, heads=4, ffn=128):
-    """MACs of one forward by hand: per token Linears + LM head, attention scores and values, rotary (d/2 x t)."""
+    """MACs of one forward by hand: per token Linears + LM head, attention scores and values, rotary (d/2 x t; transformers 5
+    computes the rotary angles without a matmul)."""
+    import transformers
+
     linear = t * (HID * V + layers * (HID * heads * D * 2 + HID * kv * D * 2 + 3 * HID * ffn))
-    return linear + layers * 2 * heads * t * t * D + (D // 2) * t
+    return linear + layers * 2 * heads * t * t * D + ((D // 2) * t if transformers.__version__.startswith("4.") else 0)
 
 
 def test_count_macs_matches_hand_count():
     from dsk_compress.compress.prune import count_macs
 
-    assert count_macs(tiny_llama(), 16) == _macs() == 1_638_528
+    assert count_macs(tiny_llama(), 16) == _macs() in (1_638_528, 1_638_400)
     assert count_macs(tiny_llama(num_key_value_heads=2, intermediate_size=40), 16) == _macs(kv=2, ffn=40)
 
 
@@ -344,9 +347,13 @@ def test_stage_latency_target_measures_each_step_on_this_host(student_dir, tmp_p
     lat = json.loads((tmp_path / "r" / "prune" / "latency.json").read_text())
     assert "this host" in lat["measured_on"] and "not the target device" in lat["measured_on"]
     assert lat["met"] is False and lat["before_p50_ms"] > 0
-    # step 1 (0.25): 96 channels, 3 of 4 heads, 2 layers; step 2 (0.5): 64 channels, 2 heads, 1 layer
+    # step 1 (0.25): 96 channels, 3 of 4 heads (transformers 5: 2, since hidden_size 64 must be a multiple of the head count),
+    # 2 layers; step 2 (0.5): 64 channels, 2 heads, 1 layer
+    import transformers
+
+    h1 = 3 if transformers.__version__.startswith("4.") else 2
     assert [(s["ratio"], s["structure"]) for s in lat["steps"]] == [
-        (0.25, {"heads": 3, "kv_heads": 3, "ffn": 96, "layers": 2}), (0.5, {"heads": 2, "kv_heads": 2, "ffn": 64, "layers": 1})]
+        (0.25, {"heads": h1, "kv_heads": h1, "ffn": 96, "layers": 2}), (0.5, {"heads": 2, "kv_heads": 2, "ffn": 64, "layers": 1})]
     for s in lat["steps"]:
         assert isinstance(s["p50_ms"], float) and s["p50_ms"] > 0 and s["p90_ms"] >= s["p50_ms"]
         assert s["parity_max_abs_diff"] < 1e-3  # the ONNX candidate that was timed is the pruned model

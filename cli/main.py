@@ -245,9 +245,12 @@ def bench_cmd(
     from dsk_compress.benchmark import bench
     from dsk_compress.report import load_report, render_summary_table
 
+    from dsk_compress.progress import step_progress
+
     c = _console()
-    out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-                wheelhouse=wheelhouse, python=python, remote_dir=remote_dir, runs=runs, threads=threads, generate=generate, log=c.print)
+    with step_progress("bench"):  # each measurement names itself as it starts (stderr), the results come on stdout
+        out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
+                    wheelhouse=wheelhouse, python=python, remote_dir=remote_dir, runs=runs, threads=threads, generate=generate, log=c.print)
     for err in out.errors:
         c.print(f"[yellow]not measured:[/yellow] {err}")
     if out.run_dir is not None:

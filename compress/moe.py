@@ -544,3 +544,29 @@ def describe_layout(model: nn.Module) -> str:
     """How the model's routed experts are stored ("fused 3-D (gate_up)", "ModuleList"), or "dense"."""
     blocks = moe_blocks(model)
     return Experts(blocks[0][1], family(model.config)).layout if blocks else "dense"
+
+
+def student_notes(cfg) -> list[str]:
+    """What ``student.from_teacher`` and the exports cannot do for a teacher of this config (a config object or its dict):
+    stated by ``recipe --dry-run``, in the report's variant notes and in docs/distillation.md, never found as a missing file."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    mt = get("model_type")
+    fam = FAMILIES.get(mt)
+    if fam is None:
+        return []
+    notes = []
+    if fam.approx:
+        notes.append(f"{mt} has no dense counterpart in transformers: the student is a Llama; {fam.approx}")
+    if get("kv_lora_rank"):
+        notes.append(f"{mt} uses multi-head latent attention: its {fam.student} student keeps it, so attention heads are not pruned "
+                     "and no fused decoder graph is built (no per-head q/k/v/o projections)")
+    rope = get("rope_parameters") or {}
+    partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or get("partial_rotary_factor")
+    if partial not in (None, 1, 1.0):
+        notes.append(f"{mt} rotates {partial} of each head: no fused decoder graph (full-sequence and KV-cache graphs only)")
+    if any(get(k) not in (None, 1, 1.0) for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")):
+        notes.append(f"{mt} scales embeddings, residuals and logits: no fused decoder graph (full-sequence and KV-cache graphs only)")
+    if mt == "deepseek_v2":
+        notes.append("deepseek_v2's complex-valued rotary does not export to ONNX: measure the teacher with export.teacher: torch "
+                     "(its student is a DeepseekV3 with the same attention in real numbers, and exports)")
+    return notes

@@ -251,10 +251,25 @@ def _spec(model: nn.Module) -> dict:
     rope_type = getattr(rope, "rope_type", "default")
     if rope is None or rope_type == "dynamic":
         raise ExportError(f"fused export needs static rotary embeddings (rope_type {rope_type!r})")
+    rope_params = getattr(cfg, "rope_parameters", None) or {}
+    partial = rope_params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) if isinstance(rope_params, dict) else 1.0
+    if partial not in (None, 1, 1.0):  # e.g. GLM4-MoE students: rotary on half of each head
+        raise ExportError(f"fused export needs rotary on the whole head (partial_rotary_factor {partial})",
+                          hint="the full-sequence and KV-cache graphs stand")
+    scaled = [k for k in ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+              if getattr(cfg, k, None) not in (None, 1, 1.0)]
+    if scaled:  # Granite: scalings the fused graph does not apply
+        raise ExportError(f"fused export does not apply {', '.join(scaled)} ({cfg.model_type})",
+                          hint="the full-sequence and KV-cache graphs stand")
+    if any(getattr(layer.self_attn, "sinks", None) is not None for layer in layers):
+        raise ExportError("fused export does not support attention sinks")
     from dsk_compress.export.kv_cache import _sliding_window
 
     heads, kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if head_dim % 16:  # ONNX Runtime's GroupQueryAttention kernel refuses it when the session runs
+        raise ExportError(f"fused export needs a head_dim that is a multiple of 16 (ONNX Runtime's GroupQueryAttention), not {head_dim}",
+                          hint="the full-sequence and KV-cache graphs stand")
     scaling = getattr(layers[0].self_attn, "scaling", head_dim**-0.5)
     return {"layers": len(layers), "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "eps": float(cfg.rms_norm_eps),
             "vocab": int(cfg.vocab_size), "max_positions": int(cfg.max_position_embeddings), "window": _sliding_window(cfg),

@@ -279,8 +279,14 @@ def preflight(spec) -> dict[str, Any]:
     _check_bench_devices(spec)
     student = _student_shape(spec, teacher, scfg)
     est = estimate_memory(spec, teacher, student)
+    notes = []
+    if tcfg and spec.student.from_teacher is not None:
+        from dsk_compress.compress.moe import student_notes
+
+        notes = student_notes(tcfg)  # what the student cut and the exports cannot do for this family, said before any work
     if est is None:
-        return {}
+        return {"student_notes": notes} if notes else {}
+    est["student_notes"] = notes
     mem = machine_memory()
     est["machine_bytes"] = mem
     if est["bytes"] > MEMORY_FRACTION * mem:
@@ -305,11 +311,13 @@ def _check_bench_devices(spec) -> None:
 
 
 def describe_estimate(est: dict[str, Any]) -> str:
-    """One line for ``--dry-run``: the largest stage's memory estimate and this machine's memory."""
-    if not est:
-        return "memory: not estimated (the model's shape is known only when it is loaded)"
+    """One line for ``--dry-run``: the largest stage's memory estimate and this machine's memory (then one line per note on
+    what the student cut cannot do for the teacher's family)."""
+    notes = "".join(f"\nnote: {n}" for n in (est or {}).get("student_notes", []))
+    if not est or "bytes" not in est:
+        return "memory: not estimated (the model's shape is known only when it is loaded)" + notes
     return (f"memory: about {_gib(est['bytes'])} at most, in {est['stage']} (student ~{est['student_params'] / 1e6:.1f}M params, "
-            f"teacher ~{est['teacher_params'] / 1e6:.1f}M); this machine has {_gib(est['machine_bytes'])}")
+            f"teacher ~{est['teacher_params'] / 1e6:.1f}M); this machine has {_gib(est['machine_bytes'])}") + notes
 
 
 __all__ = ["preflight", "describe_estimate", "estimate_memory", "estimate_params", "check_attention_shape", "machine_memory"]

@@ -89,8 +89,10 @@ def _derive(v: Variant, teacher: Variant | None) -> Variant:
     if teacher is None:
         return v.model_copy(update={"speedup_vs_teacher": None, "size_ratio_vs_teacher": None, "accuracy_delta_vs_teacher": None})
     acc, tacc = finite(v.accuracy), finite(teacher.accuracy)
+    # a speed-up only against a teacher measured by the same runtime (e.g. never ONNX Runtime vs a PyTorch-eager teacher)
+    same = (v.runtime or "").split("-")[0] == (teacher.runtime or "").split("-")[0]
     return v.model_copy(update={
-        "speedup_vs_teacher": _ratio(teacher.p50, v.p50),
+        "speedup_vs_teacher": _ratio(teacher.p50, v.p50) if same else None,
         "size_ratio_vs_teacher": _ratio(teacher.size_bytes, v.size_bytes),
         "accuracy_delta_vs_teacher": None if acc is None or tacc is None else acc - tacc,
     })

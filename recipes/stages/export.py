@@ -1,8 +1,8 @@
 """The export stage: every model the run produced, as ONNX files checked against torch (and TensorRT where asked).
 
 Story: decide the precisions (the recipe's, plus the target device's preferred one) and refuse combinations
-that cannot work before exporting anything; export the teacher (dense MoE routing; eager torch if it will
-not export) and the distill / prune baselines in fp32; each float student in fp32 (+ its KV-cache decode
+that cannot work before exporting anything; export the teacher as export.teacher says (ONNX with dense MoE routing,
+a failed export being a one-line error; or PyTorch eager; or skip) and the distill / prune baselines in fp32; each float student in fp32 (+ its KV-cache decode
 graph and its fused decoder graph), the last one also in fp16 when asked, and the float student QAT started from as
 ORT dynamic / static PTQ baselines; the QAT student as INT8 Q/DQ (+ its KV-cache and fused int8 decoder graphs); for a
 TensorRT device, the
@@ -54,6 +54,10 @@ class TensorRTBuildSpec(StrictModel):
 
 class ExportConfig(StageConfig):
     stage: Literal["export"] = "export"
+    teacher: Literal["onnx", "torch", "skip"] = Field(
+        "onnx", description="how the teacher is measured: onnx (dense MoE routing, exact; a failed export stops the run with its "
+                            "cause), torch (PyTorch eager; no speed-up is shown against it) or skip (no teacher row)"
+    )
     opset: int = Field(17, ge=13, le=21)
     optimization: Literal["basic", "extended"] = "extended"
     parity_atol: float = Field(1e-3, gt=0, le=1e3, description="max |torch - onnx| for float exports")
@@ -114,7 +118,6 @@ class ExportStage(Stage[ExportConfig]):
     def _run(self, ctx: RunContext) -> StageResult:
         if is_torch_run(ctx):  # your own torch model: model(x) -> logits, dynamic batch (below)
             return run_torch(self, ctx)
-        from dsk_compress.compress.moe import densify_moe, is_moe
         from dsk_compress.compress.qat import freeze_for_export, load_qat_model
         from dsk_compress.devices import load_device
         from dsk_compress.export.int8 import export_int8_lm
@@ -144,18 +147,9 @@ class ExportStage(Stage[ExportConfig]):
 
         # the teacher (dense routing, exact) and the baselines of earlier stages, fp32
         artifacts: dict[str, dict] = {}
-        teacher = ctx.teacher()
-        routing = "dense" if is_moe(teacher) else "n/a"
-        densify_moe(teacher)
-        try:
-            artifacts["teacher"] = {**self._float(ctx, teacher, "teacher", d, example), "role": "teacher", "params": count_params(teacher),
-                                    "notes": f"{type(teacher).__name__}, {routing} routing (exact)"}
-        except ExportError as e:  # fall back to eager torch; the report says so
-            from dsk_compress.models.source import save_hf_dir
-
-            tdir = save_hf_dir(teacher, d / "teacher-torch")
-            artifacts["teacher"] = {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher),
-                                    "precision": "fp32", "notes": f"ONNX export failed ({e.message}); measured in PyTorch eager"}
+        teacher_art = self._teacher(ctx, d, example)
+        if teacher_art is not None:
+            artifacts["teacher"] = teacher_art
         for stage in ("distill", "prune"):
             for bname, rel in ctx.outputs.get(stage, {}).get("baselines", {}).items():
                 m = load_hf_dir(ctx.path(rel))
@@ -177,6 +171,7 @@ class ExportStage(Stage[ExportConfig]):
             if c.kv_cache:
                 artifacts[name].update(self._kv_cache(ctx, m, name, d, example))
                 artifacts[name].update(self._fused(ctx, m, name, d, example, "fp32"))
+            artifacts[name]["notes"] = "; ".join([artifacts[name]["notes"], *self._family_notes(ctx, artifacts[name])])
             if "int4" in precisions and stage == float_stages[-1]:
                 artifacts["student-int4"] = self._int4(ctx, m, artifacts[name], d, example)
             raw = raw_path(d / f"{name}.onnx")
@@ -212,6 +207,47 @@ class ExportStage(Stage[ExportConfig]):
             metrics["int8_skipped"] = "int8 is not in stages.N.precisions"
         metrics["artifacts"] = artifacts
         return StageResult(outputs={"artifacts": typed(artifacts)}, metrics=metrics)
+
+    @staticmethod
+    def _family_notes(ctx: RunContext, art: dict) -> list[str]:
+        """What the student cut and the exports could not do for the teacher's family, and why a graph is missing."""
+        from dsk_compress.compress.moe import student_notes
+
+        notes = []
+        if ctx.spec.student.from_teacher is not None:
+            notes += student_notes(ctx.teacher().config)
+        fused = art.get("fused")
+        if isinstance(fused, dict) and fused.get("error"):
+            notes.append(f"no fused decoder graph: {fused['error']}")
+        kv = art.get("kv_cache")
+        if isinstance(kv, dict) and kv.get("error"):
+            notes.append(f"no KV-cache graph: {kv['error']}")
+        return notes
+
+    def _teacher(self, ctx: RunContext, d: Path, example) -> dict | None:
+        """The teacher as ``export.teacher`` says: ONNX (dense MoE routing, exact; a failed export is a one-line ExportError
+        naming the cause), PyTorch eager (``torch``: the report marks speed-ups against it) or not at all (``skip``)."""
+        from dsk_compress.compress.moe import densify_moe, is_moe
+        from dsk_compress.models.source import count_params, save_hf_dir
+
+        how = self.config.teacher
+        if how == "skip":
+            return None
+        teacher = ctx.teacher()
+        if how == "torch":
+            tdir = save_hf_dir(teacher, d / "teacher-torch")
+            return {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher), "precision": "fp32",
+                    "notes": "measured in PyTorch eager (export.teacher: torch); the other rows run in ONNX Runtime"}
+        routing = "dense" if is_moe(teacher) else "n/a"
+        densify_moe(teacher)
+        try:
+            return {**self._float(ctx, teacher, "teacher", d, example), "role": "teacher", "params": count_params(teacher),
+                    "notes": f"{type(teacher).__name__}, {routing} routing (exact)"}
+        except ExportError as e:
+            i = next((i for i, st in enumerate(ctx.spec.stages) if st.stage == "export"), "N")
+            raise ExportError(f"teacher ({type(teacher).__name__}): {e.message}",
+                              hint=f"set stages.{i}.teacher: torch to measure it in PyTorch eager (its speed-ups are then marked "
+                                   f"as against PyTorch), or stages.{i}.teacher: skip") from None
 
     def _float(self, ctx: RunContext, model, name: str, d: Path, example, keep_raw: bool = False) -> dict:
         """``<name>.onnx`` in fp32, checked against torch (a causal LM, or your own torch model)."""

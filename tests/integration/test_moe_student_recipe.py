@@ -68,3 +68,89 @@ def test_moe_student_with_bad_prune_settings_names_the_field(tmp_path, tiny_moe_
     with pytest.raises(RecipeError, match="stages.0.expert_ratio") as e:
         run_recipe(str(_recipe(tmp_path, tiny_moe_dir, prune)), out=tmp_path / "runs")
     assert text in e.value.message
+
+
+# ---- the family matrix: every supported MoE family through the whole recipe ----------------------------------------
+
+MATRIX_SEQ = 32
+
+
+def _family_teacher(kind: str, root):
+    """A tiny teacher of ``kind`` (tests/unit/test_moe_families.tiny_config at vocabulary 256), trained briefly on code-lm so
+    the student's accuracy at merge init means something, saved with save_pretrained."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsk_compress.compress.trainer import TrainConfig, train
+    from dsk_compress.models.zoo import lm_loss
+    from dsk_compress.tasks.code_lm import CodeLMTask
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_moe_families import tiny_config
+
+    torch.manual_seed(0)
+    wide = {"hidden_size": 64, **({"head_dim": 16} if kind in ("qwen3_moe", "glm4_moe", "gpt_oss") else {})}  # GQA kernels: head_dim 16
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size=256, max_position_embeddings=128, **wide),
+                                             attn_implementation="eager")
+    task = CodeLMTask(seq_len=MATRIX_SEQ, eval_sequences=16)
+    train(model, lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}), task.train_batch,
+          TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5), desc=f"tiny {kind}")
+    model.save_pretrained(root / "teacher", safe_serialization=True)
+    return root / "teacher"
+
+
+# fused decoder graph (export.fused): which students it serves, and why not the others
+FUSED = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "phimoe": True, "gpt_oss": True,
+         "deepseek_v2": "no q/k/v/o projections", "deepseek_v3": "no q/k/v/o projections", "glm4_moe": "partial_rotary_factor",
+         "granitemoe": "does not apply embedding_multiplier"}
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "granitemoe", "olmoe",
+                                  "phimoe", "gpt_oss"])
+def test_family_matrix_distills_prunes_quantizes_exports_and_benches(kind, tmp_path):
+    """Load from a local folder, merge-init a dense student, distill, prune FFN channels, QAT, export (full, KV and fused where
+    the attention allows) and bench; the report has every variant. Expert pruning of each family: tests/unit/test_moe_pruning."""
+    import yaml
+
+    teacher_dir = _family_teacher(kind, tmp_path)
+    how = "torch" if kind == "deepseek_v2" else "onnx"  # DeepSeek-V2's complex rotary (aten::polar) does not export to ONNX
+    data = {
+        "name": f"matrix-{kind}",
+        "teacher": {"hf": str(teacher_dir)},
+        "student": {"from_teacher": {"keep_every": 1, "ffn_init": "merge", "calibration_batches": 2}},
+        "task": {"name": "code-lm", "seq_len": MATRIX_SEQ, "eval_sequences": 16},
+        "stages": [
+            {"stage": "distill", "steps": 4, "batch_size": 8},
+            {"stage": "prune", "ffn_ratio": 0.5, "steps": 2, "batch_size": 8, "round_to": 4},
+            {"stage": "qat", "steps": 3, "batch_size": 8, "observer_steps": 2},
+            {"stage": "export", "teacher": how, "ptq_baselines": False},
+            {"stage": "bench", "runs": 2, "warmup": 1},
+        ],
+    }
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    rd = run_recipe(str(p), out=tmp_path / "runs")
+    dist = json.loads((rd / "distill" / "metrics.json").read_text())
+    init = dist["init"]["accuracy"]
+    teacher_acc = dist["teacher"]["accuracy"]
+    assert init > 100 / 256  # the merged student predicts far better than chance before any training
+    exp = json.loads((rd / "export" / "metrics.json").read_text())["artifacts"]
+    student = exp["student-prune"]
+    assert student["parity_max_abs_diff"] < 1e-3 and "kv_cache_path" in student and "kv_cache_path" in exp["final"]
+    fused = FUSED[kind]
+    if fused is True:
+        assert "fused_path" in student and "fused_path" in exp["final"]
+    else:
+        assert fused in student["fused"]["error"] and fused in exp["final"]["fused"]["error"]
+    rep = json.loads((rd / "report.json").read_text())
+    by = {v["name"]: v for v in rep["variants"]}
+    assert {"teacher", "student-distill", "student-prune", "final"} <= set(by)
+    if how == "torch":  # measured another way: no speed-up against it
+        assert by["teacher"]["runtime"].startswith("torch") and by["final"]["speedup_vs_teacher"] is None
+    else:
+        assert by["final"]["speedup_vs_teacher"] > 0
+    print(f"MATRIX {kind}: teacher {teacher_acc:.2f}% merge-init {init:.2f}% final {by['final']['accuracy']:.2f}% "
+          f"fused {fused if fused is not True else 'yes'}")

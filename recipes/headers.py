@@ -39,11 +39,12 @@ def _budget(cfg) -> str:
     return ""
 
 
-def last_comparable(run_dir: Path, spec, index: int, config: dict[str, Any]) -> tuple[float, Path] | None:
+def last_comparable(run_dir: Path, resolved: dict[str, Any], index: int) -> tuple[float, Path] | None:
     """``(seconds, run directory)`` of the newest other run beside ``run_dir`` whose stage ``index`` finished with the same
-    config (``config``, as JSON) for the same teacher, student and task; None when there is none."""
+    config, teacher, student and task as ``resolved`` (the recipe as JSON, as manifests store it); None when there is none."""
     mine = Path(run_dir).resolve()
-    wanted = {k: spec.model_dump(mode="json").get(k) for k in ("teacher", "student", "task")}
+    config = resolved["stages"][index]
+    wanted = {k: resolved.get(k) for k in ("teacher", "student", "task")}
     try:
         manifests = sorted(Path(run_dir).parent.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     except OSError:
@@ -67,7 +68,7 @@ def stage_header(index: int, total: int, stage, spec, run_dir: Path) -> str:
     cfg = stage.effective_config(spec)
     budget = _budget(cfg)
     line = f"[{index + 1}/{total}] {cfg.stage}: {what_it_does(stage)}" + (f"; {budget}" if budget else "") + "."
-    last = last_comparable(run_dir, spec, index, spec.model_dump(mode="json")["stages"][index])
+    last = last_comparable(run_dir, spec.model_dump(mode="json"), index)
     if last is not None:
         line += f" Last comparable run: {format_seconds(last[0])} ({last[1]})"
     return line

@@ -63,8 +63,9 @@ COLUMN_KEYS = {
 """Every column by the name ``dsk-compress report --columns`` takes."""
 
 SUMMARY_KEYS = ("variant", "params", "size", "accuracy", "p50", "speedup", "decode")
-"""The summary table's columns (terminal and the top of report.md): it fits a 100-column terminal with any variant name
-of up to 40 characters. A column no row has a value for (decode, say) is left out."""
+"""The summary table's columns (terminal and the top of report.md): one line per row in a 100-column terminal with
+variant names of up to 34 characters (the default run's longest is 24); with longer ones other cells fold, none is cut.
+A column no row has a value for (decode, say) is left out."""
 
 DEVICE_SUMMARY_KEYS = ("variant", "params", "size", "accuracy", "p50", "delta-vs-host", "decode")
 """A device section's summary columns: the accuracy difference to the host's row instead of the speed-up."""

@@ -441,3 +441,18 @@ def test_quantized_checkpoint_is_refused_with_a_dequantize_hint(tmp_path):
     with pytest.raises(ModelSourceError, match="quantized .*quant_method=fp8") as e:
         load_hf_dir(tmp_path / "t")
     assert "dequantize" in e.value.hint
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("mixtral", None), ("qwen2_moe", None), ("qwen3_moe", None), ("deepseek_v3", "multi-head latent attention"),
+    ("deepseek_v2", "does not export to ONNX"), ("glm4_moe", "no fused decoder graph"), ("granitemoe", "scales embeddings"),
+    ("olmoe", "q_norm/k_norm"), ("phimoe", "LayerNorms become RMSNorms"), ("gpt_oss", "attention sinks"),
+])
+def test_student_notes_state_what_the_cut_cannot_serve(kind, says):
+    """What `recipe --dry-run` prints and the report's student notes carry, from the teacher's config alone."""
+    from dsk_compress.compress.moe import student_notes
+
+    if _v4() and kind not in V4:
+        pytest.skip(f"{kind}: transformers 5 only")
+    notes = student_notes(tiny_config(kind).to_dict())
+    assert (notes == []) if says is None else any(says in n for n in notes)

@@ -132,8 +132,11 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     from dsk_compress.tasks import build_task
 
     run_dir = Path(run_dir)
-    manifest = check_run_artifacts(run_dir)  # recorded hashes match and every ONNX file loads, before anything is copied
-    report = load_report(run_dir)
+    # a report.json there is validated first (its rows' names and artifact paths stay inside the run); then the recorded
+    # hashes must match and every ONNX file load, before anything is copied; a run without a report stops after that
+    report = load_report(run_dir) if (run_dir / "report.json").is_file() else None
+    manifest = check_run_artifacts(run_dir)
+    report = report if report is not None else load_report(run_dir)
     prof = load_device(device)  # its name is a safe folder name (DeviceProfile checks it)
     dest = Path(out) if out is not None else run_dir / "bundles" / prof.name
     owned = _claim(dest, run_dir, "--out" if out is not None else "the bundle folder")
@@ -228,6 +231,13 @@ def _in_run(run_dir: Path, rel, what: str) -> Path:
 def _claim(dest: Path, run_dir: Path, what: str) -> set[str]:
     """The files in ``dest`` an export may replace: none for a new or empty folder, the files an earlier export wrote
     (:data:`BUNDLE_MARKER`, or :data:`LEGACY_FILES` in ``RUN/bundles/<name>``); anything else is refused (RunError)."""
+    try:
+        return _claim_checked(dest, run_dir, what)
+    except OSError as e:  # a name too long, a folder that cannot be searched
+        raise RunError(f"{what} {dest} cannot be used: {e.strerror or e}", hint="give a new folder you can write to") from None
+
+
+def _claim_checked(dest: Path, run_dir: Path, what: str) -> set[str]:
     bundles = run_dir / "bundles"
     if dest.exists() and not dest.is_dir():
         raise RunError(f"{what} {dest} is a file, not a folder", hint="give a folder for the bundle")

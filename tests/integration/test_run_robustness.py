@@ -276,12 +276,10 @@ def test_export_without_hashes_still_loads_each_onnx_before_bundling(copy, capsy
     assert not (rd / "bundles").exists()
 
 
-def test_report_json_without_fields_is_shown_or_one_line(tmp_path, capsys):
+def test_report_json_without_fields_is_one_line(tmp_path, capsys):
     rd = tmp_path / "r"
     rd.mkdir()
     for content in ('{"schema_version": 1, "variants": [{"name": "x"}]}', '{"schema_version": 1}', '{"variants": "x"}', "[]", "{"):
         (rd / "report.json").write_text(content)
         code, out, err = run_main(["report", str(rd)], capsys)
-        assert "Traceback" not in err
-        if code != 0 or content != '{"schema_version": 1, "variants": [{"name": "x"}]}':  # a row with a name only renders
-            assert "report.json" in one_line_error(code, err)
+        assert "report.json" in one_line_error(code, err)  # a row with a name only is no row the bench stage writes (issue 23)

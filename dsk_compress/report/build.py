@@ -13,19 +13,19 @@ The report is a :class:`~dsk_compress.report.model.Report`; the renderers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
 from dsk_compress.errors import RunError
 from dsk_compress.io import atomic_write_bytes, atomic_write_text
-from dsk_compress.report.format import DASH, fmt, format_size_mb
-from dsk_compress.report.html import PARETO_PNG, render_html
-from dsk_compress.report.markdown import render_markdown
 from dsk_compress.report.devices import device_sections
-from dsk_compress.report.pareto import pareto_front
+from dsk_compress.report.format import DASH, fmt, format_size_mb
+from dsk_compress.report.html import render_html
+from dsk_compress.report.markdown import render_markdown
 from dsk_compress.report.model import (
     REPORT_SCHEMA_VERSION,
     VARIANT_KEYS,
@@ -39,6 +39,7 @@ from dsk_compress.report.model import (
     read_report,
     save_report,
 )
+from dsk_compress.report.pareto import pareto_front
 
 DEFAULT_MAX_ACCURACY_DROP = 3.0
 """Accuracy points a shipped variant may lose against the teacher, unless meta says otherwise."""

@@ -18,7 +18,6 @@ import numpy as np
 from dsk_compress.errors import TaskError
 from dsk_compress.tasks.base import Metrics, PredictFn, WindowedLMTask
 
-
 FORMATS = ("auto", "text", "jsonl", "json")
 
 

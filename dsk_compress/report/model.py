@@ -225,6 +225,8 @@ class Summary(BaseModel):
     pareto: list[str] = Field(description="Pareto-optimal variant names (lowest p50, highest accuracy), in variant order")
     max_accuracy_drop: Number = Field(description="accuracy points the shipped variant may lose against the teacher")
     distillation: list[DistillationMargin] = Field(default_factory=list)
+    chance_accuracy: Number | None = Field(None, description="accuracy (%) of always predicting the most frequent token; nothing "
+                                                              "below NEAR_CHANCE_FACTOR times it is recommended")
 
 
 class DeviceSection(BaseModel):
@@ -239,8 +241,6 @@ class DeviceSection(BaseModel):
     cpu: str | None = None
     gpu: str | None = None
     os: str | None = None
-    chance_accuracy: Number | None = Field(None, description="accuracy (%) of always predicting the most frequent token; nothing "
-                                                              "below NEAR_CHANCE_FACTOR times it is recommended")
     python: str | None = None
     runtime: str | None = Field(None, description="runtime, version and execution provider(s) of its rows")
     measured_at: str | None = None

@@ -55,8 +55,7 @@ def variant(name, role, *, p50, acc, size, params=1_000_000, p99=None, bpb=None,
 @pytest.fixture
 def variants():
     return [
-        variant("teacher", "teacher", p50=10.0, p99=14.5, acc=90.0, size=40_000_000, params=12_345_678, bpb=0.8123,
-                runtime="torch-eager-cpu"),
+        variant("teacher", "teacher", p50=10.0, p99=14.5, acc=90.0, size=40_000_000, params=12_345_678, bpb=0.8123),
         variant("student", "student", p50=4.0, acc=86.0, size=10_000_000, params=3_090_000),
         variant("final", "final", p50=2.5, p99=3.75, acc=88.5, size=8_000_000, params=3_090_000),
         variant("ptq-dynamic", "ptq-dynamic", p50=2.0, acc=85.0, size=5_000_000, params=3_090_000, precision="int8"),
@@ -85,6 +84,13 @@ def built_runs(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- derived numbers
+
+
+def test_no_speedup_against_a_teacher_measured_by_another_runtime(variants):
+    variants[0]["runtime"] = "torch-eager-cpu"  # export.teacher: torch (or an older run's fallback)
+    by = {v["name"]: v for v in make_report(variants, META)["variants"]}
+    assert by["final"]["speedup_vs_teacher"] is None and by["teacher"]["speedup_vs_teacher"] == 1.0
+    assert by["final"]["size_ratio_vs_teacher"] == 5.0  # sizes and accuracy still compare
 
 
 def test_derived_fields_computed_exactly_from_inputs(variants):

@@ -14,6 +14,15 @@ the exporter can pack them into one integer MatMul behind one QuantizeLinear, an
 per tensor. Convs get BatchNorm folded in before QAT (``dsk_compress.compress.cnn.fold_batchnorm``). A
 QAT causal LM is saved and rebuilt with ``save_qat_model`` / ``load_qat_model`` (config, safetensors
 state, ``qat.json`` with the shared groups; a version-1 ``qat.json`` predates sharing and loads untied).
+
+int4 (``scheme: int4``, :func:`prepare_int4_qat`): what ONNX Runtime's ``MatMulNBits`` computes with
+``accuracy_level`` 4, simulated exactly. Weights: symmetric int4 ([-8, 7], stored with zero point 8) per block of
+:data:`NBITS_BLOCK` input features, one scale per (output, block), initialised by MSE search (or absmax) and then
+learned with LSQ (:class:`BlockQuantLinear`). Activations: int8 per row and per block of the same size along K,
+symmetric, scale = absmax / 127, rounded half to even; dynamic (computed from the tensor itself, as the kernel
+does at run time) with a straight-through gradient. The LM head is the same layer at 8 (or 4) bits, the embedding
+table int8 per row (:class:`QuantEmbedding`). The exporter (``export/int4.py``) packs the integers this fake quant
+computes with its scales, so the graph computes what training saw.
 """
 
 from __future__ import annotations
@@ -27,8 +36,13 @@ from torch import nn
 
 
 ACTIVATION_MODES = ("asymmetric", "symmetric")
-QAT_INFO_VERSION = 2
-"""Version of ``qat.json``: 2 records ``shared_input_quantizers``; 1 (no sharing, quantizer state under ``act_*`` keys) still loads."""
+QAT_INFO_VERSION = 3
+"""Version of ``qat.json``: 3 adds ``scheme`` (``int8`` | ``int4``) and the int4 settings; 2 records ``shared_input_quantizers``;
+1 (no sharing, quantizer state under ``act_*`` keys) still loads. Versions 1 and 2 are int8."""
+SCHEMES = ("int8", "int4")
+NBITS_BLOCK = 32
+"""Block of input features that shares one weight scale and one activation scale (MatMulNBits' ``block_size``)."""
+SCALE_INITS = ("mse", "absmax")
 
 
 def activation_range(activations: str) -> tuple[int, int]:
@@ -189,6 +203,219 @@ class QuantConv2d(_FakeQuant):
 _QUANT_WRAPPERS: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 
 
+# ---------------------------------------------------------------------------------------------
+# int4: ONNX Runtime's MatMulNBits with accuracy_level 4, simulated exactly
+
+
+def _pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x [..., K]`` zero-padded to a multiple of ``block`` along K and viewed as ``[..., K / block, block]``."""
+    pad = -x.shape[-1] % block
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, block)
+
+
+class _BlockActivationQuant(torch.autograd.Function):
+    """What MLAS does to MatMulNBits' input at accuracy_level 4 (``QuantizeARow_CompInt8``): per row and per block of
+    ``block`` along K, ``scale = absmax / 127``, ``q = round_half_even(x * (127 / absmax))`` in float32; returns
+    ``q * scale``. Straight-through gradient (every level is inside the range: the block's absmax maps to +-127)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, block: int) -> torch.Tensor:
+        k = x.shape[-1]
+        xb = _pad_blocks(x.float(), block)
+        amax = xb.abs().amax(-1, keepdim=True)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        y = torch.round(xb * inv) * (amax / 127.0)
+        return y.reshape(*x.shape[:-1], -1)[..., :k].to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def block_quantize_activations(x: torch.Tensor, block: int = NBITS_BLOCK) -> torch.Tensor:
+    """``x`` fake-quantized as MatMulNBits (accuracy_level 4) quantizes its input at run time: int8 per row and per block
+    of ``block`` features, symmetric absmax / 127 (:class:`_BlockActivationQuant`)."""
+    return _BlockActivationQuant.apply(x, block)
+
+
+class _LSQ(torch.autograd.Function):
+    """``clamp(round(w / s), qmin, qmax) * s`` for rows ``w [R, B]`` with one scale per row ``s [R, 1]``, with LSQ's
+    gradients (Esser et al. 2020): straight-through for ``w`` inside the range, and for ``s`` the step-size gradient
+    (``q - w / s`` inside, the clamped level outside) times ``grad_factor``. The forward value is exactly the integer
+    times the scale, so an exporter that packs :func:`block_integers` computes the same weight."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, grad_factor: float) -> torch.Tensor:
+        v = w / s
+        q = torch.clamp(torch.round(v), qmin, qmax)
+        ctx.save_for_backward(v, q)
+        ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v, q = ctx.saved_tensors
+        inside = (v >= ctx.qmin) & (v <= ctx.qmax)
+        grad_w = grad * inside
+        grad_s = (grad * torch.where(inside, q - v, q)).sum(-1, keepdim=True) * ctx.grad_factor
+        return grad_w, grad_s, None, None, None
+
+
+def block_integers(w: torch.Tensor, scales: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """The integers ``[out, blocks * block]`` (int8 holding ``bits``-bit values) that :class:`BlockQuantLinear`'s fake
+    quant multiplies by ``scales [out, blocks]``: ``clamp(round(w / s), -2^(bits-1), 2^(bits-1) - 1)``, padding zero."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        wb = _pad_blocks(w.detach().float(), block)
+        q = torch.clamp(torch.round(wb / scales.detach().float()[..., None]), qmin, qmax)
+    return q.reshape(w.shape[0], -1).to(torch.int8)
+
+
+@torch.no_grad()
+def init_block_scales(w: torch.Tensor, bits: int, block: int, method: str = "mse", grid: int = 64) -> torch.Tensor:
+    """Per-(row, block) scales ``[out, blocks]`` of a symmetric ``bits``-bit quantizer of ``w [out, K]``.
+
+    ``absmax``: ``absmax / qmax`` (nothing clipped). ``mse``: the scale ``r * absmax / qmax`` with the least squared
+    error of the block, ``r`` searched over ``grid`` values in [0.4, 8/7] (below 1 clips the extremes to buy resolution;
+    8/7 maps a negative extreme to -2^(bits-1) exactly, as ONNX Runtime's RTN quantizer does).
+    """
+    if method not in SCALE_INITS:
+        raise ValueError(f"scale_init must be one of {SCALE_INITS}, got {method!r}")
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    wb = _pad_blocks(w.float(), block)
+    base = (wb.abs().amax(-1) / qmax).clamp_min(1e-8)
+    if method == "absmax":
+        return base
+    best, best_err = base.clone(), torch.full_like(base, float("inf"))
+    for r in torch.linspace(0.4, 8 / 7, grid).tolist():
+        s = base * r
+        err = ((torch.clamp(torch.round(wb / s[..., None]), qmin, qmax) * s[..., None] - wb) ** 2).sum(-1)
+        better = err < best_err
+        best = torch.where(better, s, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+class BlockQuantLinear(nn.Module):
+    """A Linear as ONNX Runtime's ``MatMulNBits`` (accuracy_level 4) computes it: ``bits``-bit symmetric weights with one
+    learned (LSQ) scale per output and block of ``block_size`` inputs, input activations int8 per row and block (dynamic).
+
+    ``weight_scale`` is stored flat (``[out * blocks]``): a 1-D parameter, which the trainer's AdamW does not decay.
+    """
+
+    def __init__(self, linear: nn.Linear, weight_bits: int = 4, block_size: int = NBITS_BLOCK, scale_init: str = "mse") -> None:
+        super().__init__()
+        if weight_bits not in (4, 8):
+            raise ValueError(f"MatMulNBits QAT takes 4- or 8-bit weights, got {weight_bits}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16 (MatMulNBits), got {block_size}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.weight_bits, self.block_size = weight_bits, block_size
+        self.qmin, self.qmax = -(2 ** (weight_bits - 1)), 2 ** (weight_bits - 1) - 1
+        self.blocks = -(-self.in_features // block_size)
+        scales = init_block_scales(linear.weight.detach(), weight_bits, block_size, scale_init)
+        self.weight_scale = nn.Parameter(scales.reshape(-1).to(linear.weight.dtype))
+
+    def block_scales(self) -> torch.Tensor:
+        """The scales in use, ``[out, blocks]`` (kept positive)."""
+        return self.weight_scale.clamp_min(1e-8).reshape(self.out_features, self.blocks)
+
+    def quantized_weight(self) -> torch.Tensor:
+        wb = _pad_blocks(self.weight, self.block_size).reshape(-1, self.block_size)
+        grad_factor = 1.0 / math.sqrt(self.block_size * self.qmax)
+        wq = _LSQ.apply(wb, self.block_scales().reshape(-1, 1), self.qmin, self.qmax, grad_factor)
+        return wq.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the exporter packs: the integers ``[out, blocks * block_size]`` (int8) and the scales ``[out, blocks]`` (float32)."""
+        scales = self.block_scales().detach().float()
+        return block_integers(self.weight, scales, self.weight_bits, self.block_size), scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(block_quantize_activations(x, self.block_size), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, w{self.weight_bits} block {self.block_size}, a8 dynamic per block"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table fake-quantized to int8 per row (symmetric, scale = row absmax / 127; straight-through)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.weight = embedding.weight
+
+    def row_scales(self, rows: torch.Tensor) -> torch.Tensor:
+        return (rows.detach().float().abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-12)
+
+    def integer_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the exporter stores: the int8 table ``[V, H]`` and the row scales ``[V]`` (float32)."""
+        with torch.no_grad():
+            w = self.weight.detach().float()
+            s = self.row_scales(w)
+            return torch.clamp(torch.round(w / s), -127, 127).to(torch.int8), s[:, 0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight, self.padding_idx)  # quantize the rows looked up (per-row scales: the same numbers)
+        shape = rows.shape
+        flat = rows.reshape(-1, shape[-1])
+        return _LSQ.apply(flat, self.row_scales(flat), -127, 127, 0.0).reshape(shape).to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+def block_quant_layers(model: nn.Module) -> list[BlockQuantLinear]:
+    """Every :class:`BlockQuantLinear` in module order."""
+    return [m for m in model.modules() if isinstance(m, BlockQuantLinear)]
+
+
+def qat_scheme(model: nn.Module) -> str | None:
+    """``int4`` (MatMulNBits layers), ``int8`` (QuantLinear / QuantConv2d) or None (a float model)."""
+    if any(isinstance(m, (BlockQuantLinear, QuantEmbedding)) for m in model.modules()):
+        return "int4"
+    return "int8" if quant_layers(model) else None
+
+
+def prepare_int4_qat(model: nn.Module, block_size: int = NBITS_BLOCK, scale_init: str = "mse", head_bits: int | None = 8,
+                     embedding_bits: int | None = 8, skip: list[str] | None = None) -> list[str]:
+    """Replace every ``nn.Linear`` of a causal LM not named in ``skip`` with a 4-bit :class:`BlockQuantLinear` (in place),
+    the LM head with one of ``head_bits`` (8, 4, or None: left float) and the input embedding with a
+    :class:`QuantEmbedding` when ``embedding_bits`` is 8 (None: left float). Returns the names of the quantized modules.
+
+    ``skip`` names modules kept in float (matched as :func:`prepare_qat` does); the LM head follows ``head_bits`` alone.
+    """
+    if scale_init not in SCALE_INITS:
+        raise ValueError(f"scale_init must be one of {SCALE_INITS}, got {scale_init!r}")
+    if head_bits not in (None, 4, 8) or embedding_bits not in (None, 8):
+        raise ValueError(f"head_bits must be 8, 4 or None and embedding_bits 8 or None, got {head_bits}, {embedding_bits}")
+    skip = skip or []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    names = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if child is head and head is not None:
+                bits = head_bits
+            elif type(child) is nn.Linear and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
+                bits = 4
+            else:
+                bits = None
+            if bits is not None and type(child) is nn.Linear:
+                setattr(module, child_name, BlockQuantLinear(child, bits, block_size, scale_init))
+                names.append(full)
+            elif child is emb and embedding_bits == 8 and type(child) is nn.Embedding:
+                setattr(module, child_name, QuantEmbedding(child))
+                names.append(full)
+    return names
+
+
 def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, skip: list[str] | None = None,
                 activations: str = "asymmetric", shared_inputs: list[list[str]] | None = None) -> list[str]:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` not named in ``skip`` with a QuantLinear / QuantConv2d (in place);
@@ -340,9 +567,17 @@ def sqnr_db(reference: torch.Tensor | "np.ndarray", test) -> float:  # noqa: F82
 def qat_info(model: nn.Module, weight_bits: int, avx2_safe: bool, activations: str, skip: list[str], names: list[str]) -> dict:
     """What ``qat.json`` (or a torch model's ``dsk_model.json``) records of a QAT model to rebuild it: its quantization
     settings, quantized layers and the groups sharing one activation quantizer."""
-    return {"version": QAT_INFO_VERSION, "weight_bits": weight_bits, "activation_bits": 8, "activations": activations,
+    return {"version": QAT_INFO_VERSION, "scheme": "int8", "weight_bits": weight_bits, "activation_bits": 8, "activations": activations,
             "avx2_safe": avx2_safe, "skip": list(skip), "quantized_layers": names,
             "weight_qmax": quant_layers(model)[0].qmax if names else None, "shared_input_quantizers": shared_input_groups(model)}
+
+
+def int4_qat_info(block_size: int, scale_init: str, head_bits: int | None, embedding_bits: int | None, skip: list[str],
+                  names: list[str]) -> dict:
+    """What ``qat.json`` records of an int4 QAT model (:func:`prepare_int4_qat`) to rebuild it."""
+    return {"version": QAT_INFO_VERSION, "scheme": "int4", "weight_bits": 4, "block_size": block_size, "scale_init": scale_init,
+            "head_bits": head_bits, "embedding_bits": embedding_bits, "activation_bits": 8, "activations": "dynamic-block",
+            "skip": list(skip), "quantized_layers": names, "shared_input_quantizers": []}
 
 
 def save_qat_model(model: nn.Module, path: Path, info: dict) -> Path:
@@ -360,22 +595,31 @@ def save_qat_model(model: nn.Module, path: Path, info: dict) -> Path:
 
 def load_qat_model(path: Path) -> nn.Module:
     """Rebuild a QAT model saved by :func:`save_qat_model`: the config's architecture, QuantLinear layers (sharing
-    quantizers as recorded; a version-1 ``qat.json`` has none), then the saved state."""
+    quantizers as recorded; a version-1 ``qat.json`` has none) or, for ``scheme: int4``, BlockQuantLinear layers and
+    the int8 embedding, then the saved state."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dsk_compress.errors import RunError
     from dsk_compress.io import load_state_dict, read_json
 
     info = read_json(Path(path) / "qat.json")
+    int4 = isinstance(info, dict) and info.get("scheme", "int8") == "int4"
     try:
-        bits, avx2_safe, skip = int(info["weight_bits"]), bool(info["avx2_safe"]), list(info["skip"])
-        shared = [[str(n) for n in g] for g in info.get("shared_input_quantizers", [])]
+        if int4:
+            int4_args = {"block_size": int(info["block_size"]), "head_bits": info["head_bits"], "embedding_bits": info["embedding_bits"],
+                         "skip": list(info["skip"])}
+        else:
+            bits, avx2_safe, skip = int(info["weight_bits"]), bool(info["avx2_safe"]), list(info["skip"])
+            shared = [[str(n) for n in g] for g in info.get("shared_input_quantizers", [])]
     except (KeyError, TypeError, ValueError) as e:
         raise RunError(f"{Path(path) / 'qat.json'} is damaged ({type(e).__name__}: {e})", hint="re-run the qat stage") from None
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     try:
-        prepare_qat(model, bits, avx2_safe, skip, activations=info.get("activations", "asymmetric"), shared_inputs=shared)
+        if int4:  # the saved state holds the trained scales: no MSE search here
+            prepare_int4_qat(model, scale_init="absmax", **int4_args)
+        else:
+            prepare_qat(model, bits, avx2_safe, skip, activations=info.get("activations", "asymmetric"), shared_inputs=shared)
     except ValueError as e:
         raise RunError(f"{Path(path) / 'qat.json'} does not fit the model: {e}", hint="re-run the qat stage") from None
     try:

@@ -144,6 +144,7 @@ report: {max_accuracy_drop: 3.0}""",
         "stage: export\nopset: 17\noptimization: extended\nparity_atol: 1.0e-3\nqdq_min_sqnr_db: 30\nptq_baselines: true\n"
         "ptq_calibration_batches: 16\nprecisions: [fp32, fp16, int8]\nfp16_max_rel_err: 0.01\nkv_cache: true",
         "stage: export\ndevice: jetson-orin-nano\ntensorrt: {workspace_gb: 1, max_batch: 8, opt_batch: 1}",
+        "stage: export\nteacher: torch   # a teacher ONNX cannot export: measured in PyTorch eager, no speed-up against it",
     ],
     "TensorRTBuildSpec": ["build_engine: true\nworkspace_gb: 2\nmax_batch: 8\nopt_batch: 1\nmax_seq_len: 512"],
     "BenchStageConfig": ["stage: bench\ndevice: host-cpu\nbatch_size: 1\nthroughput_batches: [8, 64]\nwarmup: 5\nruns: 30\nthreads: 2"],

@@ -81,7 +81,7 @@ def load_zoo_model(name: str):
     The weights go through transformers' own ``from_pretrained`` with the spec's config, so a checkpoint
     saved by transformers 4 (per-expert keys) loads into transformers 5's fused experts by its conversion.
     """
-    from dsk_compress.models.source import load_hf_dir
+    from dsk_compress.models.hf import load_hf_dir
 
     spec = ZOO.get(name)
     weights = zoo_path(name) / "model.safetensors"

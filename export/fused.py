@@ -36,8 +36,12 @@ Linear layers by precision:
   share one QuantizeLinear and one packed MatMul when their activation quantizers are equal: QAT shares one
   quantizer per input tensor by default (q/k/v, gate/up); a model trained with separate ones (a version-1
   ``qat.json``) keeps one MatMul per Linear. Linears QAT skipped stay fp32 MatMuls.
-- ``int4``: the fp32 graph's MatMuls through ONNX Runtime's ``MatMulNBitsQuantizer`` (blockwise
-  symmetric RTN, ``block_size`` along K, activations fp32 or int8 per ``accuracy_level``).
+- ``int4`` of an int4 QAT model (:func:`dsk_compress.compress.qat.prepare_int4_qat`): each BlockQuantLinear a
+  ``MatMulNBits`` (accuracy_level 4) packed from its own integers and learned scales (:mod:`dsk_compress.export.int4`);
+  q/k/v and gate/up share one MatMulNBits where their bits and blocks agree (the kernel quantizes the input per row and
+  block, independent of N, so packing along N is exact); the int8 embedding is Gather + Cast + Mul by its row scales.
+- ``int4`` of a float model (post-training): the fp32 graph's MatMuls through ONNX Runtime's ``MatMulNBitsQuantizer``
+  (blockwise symmetric RTN, ``block_size`` along K, activations fp32 or int8 per ``accuracy_level``).
 
 Supported: dense Llama-family decoders (Llama, Mistral, Qwen2, Qwen3 with its per-head q/k norms) with a
 SiLU-gated MLP and static rotary embeddings; anything else raises ExportError with a hint.
@@ -144,10 +148,10 @@ class _Builder:
     """Writes the graph of one model in one precision (see the module docstring)."""
 
     def __init__(self, model: nn.Module, precision: str, int8_kernel: str = "static") -> None:
-        from dsk_compress.compress.qat import QuantLinear
+        from dsk_compress.compress.qat import BlockQuantLinear, QuantLinear
 
         self.model, self.precision, self.kernel = model, precision, int8_kernel
-        self.quant_type = QuantLinear
+        self.quant_type, self.nbits_type = QuantLinear, BlockQuantLinear
         self.g = _Graph()
         self.quantized: dict[tuple, str] = {}  # (input, scale, zp, dtype) -> QuantizeLinear output, one per distinct quantizer
 
@@ -156,6 +160,13 @@ class _Builder:
 
     def project(self, x: str, mods: list, name: str, fuse: bool = True) -> list[str]:
         """``x @ W.T (+ b)`` for each Linear in ``mods``: one output of the concatenated width when they fuse, else one each."""
+        nbits = [isinstance(m, self.nbits_type) for m in mods]
+        if any(nbits):
+            same = len({(m.weight_bits, m.block_size) for m in mods}) == 1
+            if len(mods) > 1 and not (all(nbits) and fuse and same):
+                return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
+            if all(nbits):
+                return [self._nbits_matmul(x, mods, name)]
         quant = [self._is_quant(m) for m in mods]
         if any(quant) and not all(quant):
             return [self.project(x, [m], f"{name}{k}", fuse)[0] for k, m in enumerate(mods)]
@@ -201,6 +212,29 @@ class _Builder:
         (y,) = g.node("MatMulIntegerToFloat", inputs, f"{name}/MatMulIntegerToFloat", domain="com.microsoft")
         return y
 
+
+    def _nbits_matmul(self, x: str, mods: list, name: str) -> str:
+        """An int4 QAT model's BlockQuantLinears (one input) as one MatMulNBits with their own integers and scales."""
+        from dsk_compress.export.int4 import nbits_arrays
+
+        g = self.g
+        a = nbits_arrays(mods)
+        inputs = [x, g.init(f"{name}.weight_q{a['attrs']['bits']}", a["B"]), g.init(f"{name}.weight_scale", a["scales"])]
+        if a["bias"] is not None:
+            inputs += ["", "", g.init(f"{name}.bias", a["bias"])]
+        (y,) = g.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft", **a["attrs"])
+        return y
+
+    def embed(self, module, ids: str) -> str:
+        """The token embedding: a Gather of the float table, or of an int4 QAT model's int8 table (Gather + Cast + Mul)."""
+        from dsk_compress.compress.qat import QuantEmbedding
+        from dsk_compress.export.int4 import embedding_nodes
+
+        g = self.g
+        if isinstance(module, QuantEmbedding):
+            return embedding_nodes(g.init, lambda op, i, n, o, **a: g.node(op, i, n, **a)[0], module, ids, "embed_tokens")
+        (x,) = g.node("Gather", [g.init("embed_tokens.weight", _float(module.weight)), ids], "embed_tokens/Gather")
+        return x
 
     def _int8_dynamic(self, x: str, mods: list, name: str) -> str:
         """QAT's int8 weights with activations quantized at run time: DynamicQuantizeMatMul (per tensor, uint8) or
@@ -294,18 +328,19 @@ def _norm_weight(module) -> np.ndarray:
 
 
 def build_fused_graph(model: nn.Module, precision: str = "fp32", int8_kernel: str = "static"):
-    """The fused decoder graph of ``model`` as an ``onnx.ModelProto`` (``int4`` is built as fp32; see :func:`export_fused`)."""
+    """The fused decoder graph of ``model`` as an ``onnx.ModelProto`` (``int4`` of a float model is built as fp32 and quantized
+    by :func:`export_fused`; an int4 QAT model's MatMulNBits are written here)."""
     from onnx import TensorProto, helper
 
     spec = _spec(model)
-    b = _Builder(model, "int8" if precision == "int8" else "fp32", int8_kernel)
+    b = _Builder(model, precision if precision in ("int8", "int4") else "fp32", int8_kernel)
     g = b.g
     base = model.model
     eps = spec["eps"]
     kv, hd = spec["kv_heads"], spec["head_dim"]
     cos, sin = _rope_caches(model, spec["max_positions"], hd)
     cos_name, sin_name = g.init("cos_cache", cos), g.init("sin_cache", sin)
-    (x,) = g.node("Gather", [g.init("embed_tokens.weight", _float(base.embed_tokens.weight)), INPUT_IDS], "embed_tokens/Gather")
+    x = b.embed(base.embed_tokens, INPUT_IDS)
     residual, pending = x, None  # pending: the last block output not yet added to the residual
     gqa_attrs = {"num_heads": spec["heads"], "kv_num_heads": kv, "do_rotary": 1, "rotary_interleaved": 0, "scale": spec["scaling"]}
     if spec["window"] is not None:
@@ -408,24 +443,28 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
     """Write the fused decoder graph of ``model`` to ``path`` (atomically) and return the path.
 
     Args:
-        model: a Hugging Face Llama-family causal LM; for ``int8`` a QAT model with frozen weight scales.
-        precision: ``fp32``, ``int8`` (QAT, bit-compatible with its fake quant) or ``int4`` (weight-only MatMulNBits).
-        block_size: int4 quantization block along the input features (a power of two >= 16).
-        accuracy_level: int4 only: MatMulNBits' compute type (4: int8 activations quantized per block at run time,
-            ONNX Runtime's CPU default; 0/1: fp32).
+        model: a Hugging Face Llama-family causal LM; for ``int8`` a QAT model with frozen weight scales; for ``int4`` an
+            int4 QAT model (exported with its own integers and scales) or a float model (quantized here, post-training).
+        precision: ``fp32``, ``int8`` (QAT, bit-compatible with its fake quant) or ``int4`` (MatMulNBits).
+        block_size: int4 post-training only: quantization block along the input features (a power of two >= 16).
+        accuracy_level: int4 post-training only: MatMulNBits' compute type (4: int8 activations quantized per block at
+            run time, ONNX Runtime's CPU default; 0/1: fp32). An int4 QAT model always gets 4, the scheme it trained with.
         int8_kernel: int8 only: one of :data:`INT8_KERNELS` (``static``, the default, is the bit-compatible one).
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown fused precision {precision!r}", hint=f"valid: {', '.join(PRECISIONS)}")
     if int8_kernel not in INT8_KERNELS:
         raise ExportError(f"unknown int8 kernel {int8_kernel!r}", hint=f"valid: {', '.join(INT8_KERNELS)}")
-    if precision == "int8" and not any(type(m).__name__ == "QuantLinear" for m in model.modules()):
-        raise ExportError("int8 fused export needs a QAT model (QuantLinear layers)", hint="run the qat stage, or export fp32 / int4")
-    if precision != "int8" and any(type(m).__name__ == "QuantLinear" for m in model.modules()):
-        raise ExportError(f"{precision} fused export got a QAT model", hint="export a QAT model as int8")
+    from dsk_compress.compress.qat import qat_scheme
+
+    scheme = qat_scheme(model)
+    if precision == "int8" and scheme != "int8":
+        raise ExportError("int8 fused export needs an int8 QAT model (QuantLinear layers)", hint="run the qat stage, or export fp32 / int4")
+    if scheme is not None and precision != scheme:
+        raise ExportError(f"{precision} fused export got an {scheme} QAT model", hint=f"export it as {scheme}")
     model = model.eval()
     m = build_fused_graph(model, precision, int8_kernel)
-    if precision == "int4":
+    if precision == "int4" and scheme is None:  # post-training: ONNX Runtime's RTN quantizer on the fp32 graph
         m = _quantize_int4(m, block_size, accuracy_level)
     # no onnx.checker: ONNX Runtime's fused normalizations sit in the default domain, unknown to it (the parity check loads it)
     return graph_files.save(m, path, check=False)
@@ -453,9 +492,12 @@ def export_fused_checked(model: nn.Module, path: str | Path, precision: str, exa
 
     Returns ``{"path", "precision", "prompt_tokens", "fused_ops", <check_fused_parity's numbers>}``, or ``{"error": message}``
     when the model is not one the fused builder supports (an MoE block, another attention): the other graphs stand.
-    Raises ExportError when the graph disagrees with torch: fp32 step logits beyond ``parity_atol``, int8 step-logit
-    SQNR against the fake-quant model below ``min_sqnr_db``, int4 SQNR against the float model below :data:`INT4_MIN_SQNR_DB`.
+    Raises ExportError when the graph disagrees with torch: fp32 step logits beyond ``parity_atol``, int8 and int4 QAT
+    step-logit SQNR against the fake-quant model below ``min_sqnr_db`` (or int4 QAT greedy tokens that differ), post-training
+    int4 SQNR against the float model below :data:`INT4_MIN_SQNR_DB`.
     """
+    from dsk_compress.compress.qat import qat_scheme
+
     from dsk_compress.export.onnx import fused_ops, op_histogram
 
     try:
@@ -466,7 +508,11 @@ def export_fused_checked(model: nn.Module, path: str | Path, precision: str, exa
     prompt = np.asarray(example)[0, : min(16, np.asarray(example).shape[1])]
     info = {"path": path, "precision": precision, "prompt_tokens": int(prompt.size), "fused_ops": fused_ops(op_histogram(path)),
             **check_fused_parity(model, path, prompt, new_tokens=new_tokens)}
-    floor = {"int8": min_sqnr_db, "int4": INT4_MIN_SQNR_DB}.get(precision)
+    qat_int4 = precision == "int4" and qat_scheme(model) == "int4"
+    floor = {"int8": min_sqnr_db, "int4": min_sqnr_db if qat_int4 else INT4_MIN_SQNR_DB}.get(precision)
+    if qat_int4 and not info["tokens_match"]:
+        raise ExportError(f"{path.name}: fused int4 greedy tokens differ from the fake-quant model's after {info['matched_tokens']} "
+                          f"(step-logit SQNR {info['step_logits_sqnr_db']} dB)", hint="set stages.N.kv_cache: false and report a bug")
     if floor is None and info["step_logits_max_abs_diff"] > parity_atol:
         raise ExportError(f"{path.name}: fused decode-step logits differ from torch by {info['step_logits_max_abs_diff']:.2e} "
                           f"(> parity_atol {parity_atol})", hint="set stages.N.kv_cache: false and report a bug")

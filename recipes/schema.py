@@ -232,6 +232,8 @@ class RecipeSpec(_Strict):
                         raise ValueError(f"stages.{i}.{bad[0]} applies to Hugging Face students; for a torch student set channel_ratio")
                     if st.importance == "activation":
                         raise ValueError(f"stages.{i}.importance: activation is not supported for torch students; use l1, l2 or taylor")
+                if st.stage == "qat" and "int4" in st.precisions:
+                    raise ValueError(f"stages.{i}.precisions: int4 QAT (MatMulNBits) applies to Hugging Face decoders; a torch student trains int8")
         else:
             if torch_task:
                 raise ValueError("task.torch needs your own model: student: {torch: 'pkg.module:factory', checkpoint: ...}")

@@ -4,11 +4,12 @@ Story: decide the precisions (the recipe's, plus the target device's preferred o
 that cannot work before exporting anything; export the teacher as export.teacher says (ONNX with dense MoE routing,
 a failed export being a one-line error; or PyTorch eager; or skip) and the distill / prune baselines in fp32; each float student in fp32 (+ its KV-cache decode
 graph and its fused decoder graph), the last one also in fp16 when asked, and the float student QAT started from as
-ORT dynamic / static PTQ baselines; the QAT student as INT8 Q/DQ (+ its KV-cache and fused int8 decoder graphs); for a
-TensorRT device, the
+ORT dynamic / static PTQ baselines; the QAT student as INT8 Q/DQ (+ its KV-cache and fused int8 decoder graphs); the
+int4 QAT student (``final-int4``) as MatMulNBits graphs with its trained scales (full-sequence, KV-cache, fused), next to
+the post-training int4 of the last float student (``student-int4``); for a TensorRT device, the
 TensorRT check and engine build of the artifact it will run. Each artifact's entry (path, role, params,
 parity numbers, notes) goes into ``outputs["artifacts"]`` for the bench stage. How each file is made and
-checked lives in ``export/`` (``onnx.py``, ``kv_cache.py``, ``fused.py``, ``ptq.py``, ``int8.py``, ``tensorrt.py``).
+checked lives in ``export/`` (``onnx.py``, ``kv_cache.py``, ``fused.py``, ``ptq.py``, ``int8.py``, ``int4.py``, ``tensorrt.py``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ class ExportConfig(StageConfig):
     ptq_calibration_batches: int = Field(16, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 4 training windows for static PTQ calibration")
     precisions: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(
         default_factory=lambda: ["fp32", "int8"],
-        description="what to write: fp32 (every student stage, always), fp16 (the last float student), int8 (the QAT student) "
-                    "and int4 (weight-only MatMulNBits of the last float student, for ARM boards)",
+        description="what to write: fp32 (every student stage, always), fp16 (the last float student), int8 (the INT8 QAT student) "
+                    "and int4 (the int4 QAT student with its trained scales, and the post-training MatMulNBits of the last float student: "
+                    "ONNX Runtime on CPUs and ARM boards)",
     )
     fp16_max_rel_err: float = Field(0.01, gt=0, le=1e3, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|")
     kv_cache: bool = Field(
@@ -96,7 +98,7 @@ class ExportConfig(StageConfig):
 class ExportStage(Stage[ExportConfig]):
     """ONNX for the teacher (dense routing), each student stage (fp32) and the QAT student (INT8 Q/DQ)."""
 
-    consumes = ("model", "qat_model")  # every student stage's model, the QAT student when there is one
+    consumes = ("model", "qat_model", "qat_int4_model")  # every student stage's model, the QAT students there are
     provides = ("artifacts",)
     ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
 
@@ -205,8 +207,45 @@ class ExportStage(Stage[ExportConfig]):
                 metrics["tensorrt"] = artifacts["final"]["tensorrt"] = self._tensorrt(ctx, target, qdq, "int8", "student-int8", ref, example)
         elif qrel is not None:
             metrics["int8_skipped"] = "int8 is not in stages.N.precisions"
+        q4rel = ctx.latest_output("qat_int4_model")
+        if q4rel is not None and "int4" in precisions:
+            artifacts["final-int4"] = self._int4_qat(ctx, q4rel, d, example)
+        elif q4rel is not None:
+            metrics["int4_skipped"] = "int4 is not in stages.N.precisions"
         metrics["artifacts"] = artifacts
         return StageResult(outputs={"artifacts": typed(artifacts)}, metrics=metrics)
+
+    def _int4_qat(self, ctx: RunContext, rel: str, d: Path, example) -> dict:
+        """The int4 QAT student as MatMulNBits graphs packed from its own integers and trained scales (``export/int4.py``):
+        full-sequence ``student-int4-qat.onnx`` (what bench scores and times) and, with ``kv_cache``, its KV-cache and fused
+        decoder graphs; each checked against the fake-quant torch model (SQNR >= ``qdq_min_sqnr_db``; decoders: greedy tokens equal)."""
+        from dsk_compress.compress.qat import load_qat_model
+        from dsk_compress.export.int4 import dequantized, export_int4_kv, export_int4_lm
+        from dsk_compress.models.source import count_params
+
+        c = self.config
+        q = load_qat_model(ctx.path(rel))
+        with dequantized(q):  # the model's own weights, not its block scales (the file size counts those)
+            params = count_params(q)
+        info = read_json(ctx.path(rel) / "qat.json")
+        step("final-int4: int4 QAT graph (MatMulNBits, trained scales), checked by SQNR")
+        r = export_int4_lm(q, example, d / "student-int4-qat.onnx", c.opset, c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
+        head = {None: "float", 4: "int4", 8: "int8"}[info.get("head_bits")]
+        emb = "int8 per row" if info.get("embedding_bits") == 8 else "float"
+        art = {**r, "path": ctx.rel(r["path"]), "role": "final-int4", "params": params, "stage": "qat", "model_dir": rel,
+               "notes": f"int4 QAT: MatMulNBits (block {info.get('block_size')}, symmetric, trained scales; int8 activations per block, "
+                        f"accuracy_level 4), LM head {head}, embedding {emb}"}
+        if c.kv_cache:
+            step("final-int4: KV-cache graph, checked by greedy decoding")
+            kv = export_int4_kv(q, d / "student-int4-qat.kv.onnx", example, c.opset, c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
+            if "error" in kv:
+                art["kv_cache"] = kv
+            else:
+                kv["path"] = ctx.rel(kv["path"])
+                art.update({"kv_cache_path": kv["path"], "kv_cache": kv})
+            art.update(self._fused(ctx, q, "student-int4-qat", d, example, "int4"))
+        art["notes"] = "; ".join([art["notes"], *self._family_notes(ctx, art)])
+        return art
 
     @staticmethod
     def _family_notes(ctx: RunContext, art: dict) -> list[str]:

@@ -104,20 +104,23 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_full_disk_mid_run_is_one_line_recorded_failed_and_resumes_byte_identical(reference, small_disk):
+@pytest.mark.parametrize("leave, stops_in", [(2_500_000, "prune"), (4_600_000, "export")])
+def test_full_disk_mid_run_is_one_line_recorded_failed_and_resumes_byte_identical(reference, small_disk, leave, stops_in):
     recipe, ref = reference
-    ballast = fill(small_disk, 2_500_000)  # the tiny run writes about 5.4 MB: it stops in its second or third stage
-    rd = small_disk / "run"
-    around = tree_hash(small_disk, skip=rd)
-    proc = cli("recipe", str(recipe), "--run-dir", str(rd), cwd=small_disk)
+    ballast = fill(small_disk, leave)  # the tiny run writes about 5.4 MB (distill 1.5, prune 1.3, qat 1.0, export 1.5)
+    ballast_size = ballast.stat().st_size
+    before = set(small_disk.iterdir())
+    proc = cli("recipe", str(recipe), "--out", str(small_disk), cwd=small_disk)  # the filesystem as --out, as the tester ran it
+    (rd,) = set(small_disk.iterdir()) - before
     line = one_line(proc)
     assert "the disk is full" in line and "free of" in line and f"--run-dir {rd} --resume" in line, line
     m = json.loads((rd / "manifest.json").read_text())
     failed = [s for s in m["stages"] if s["status"] == "failed"]
     assert m["status"] == "failed" and len(failed) == 1 and "the disk is full" in failed[0]["error"], m["stages"]
+    assert failed[0]["stage"] == stops_in and f"stage {stops_in!r}: the disk is full" in line
     assert "traceback" not in failed[0]
     assert not temp_files(rd), temp_files(rd)
-    assert tree_hash(small_disk, skip=rd) == around  # nothing but the run's own folder changed
+    assert set(small_disk.iterdir()) == before | {rd} and ballast.stat().st_size == ballast_size  # only the run's folder is new
     ballast.unlink()
     res = cli("recipe", str(recipe), "--run-dir", str(rd), "--resume", cwd=small_disk)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -187,21 +188,49 @@ def report_cmd(
         render_comparison(compare_reports(run_dirs), c)
 
 
+class ExportFormat(str, Enum):
+    bundle = "bundle"
+    genai = "genai"
+    optimum = "optimum"
+
+
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with report.json).")],
-    device: Annotated[str, typer.Option("--device", "-d", help="Target device profile (see `dsk-compress devices`) or a profile YAML.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default RUN_DIR/bundles/DEVICE).")] = None,
+    device: Annotated[str | None, typer.Option("--device", "-d", help="Target device profile (see `dsk-compress devices`) or a "
+                                               "profile YAML; needed for a bundle.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default RUN_DIR/bundles/DEVICE, or "
+                                             "RUN_DIR/bundles/FORMAT-VARIANT).")] = None,
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="bundle: deploy bundle for --device (run.py); genai: an "
+                                              "onnxruntime-genai model folder (og.Model); optimum: a Hugging Face Optimum folder "
+                                              "(ORTModelForCausalLM).")] = ExportFormat.bundle,
+    variant: Annotated[str | None, typer.Option("--variant", help="genai / optimum: which exported variant (default final, the QAT "
+                                                "student, else the last float student).")] = None,
 ) -> None:
-    """Write a deploy bundle for a device: model, model card, run.py (numpy + onnxruntime) and requirements.
+    """Write a deploy bundle for a device (model, model card, run.py, requirements), or a model folder that
+    onnxruntime-genai or Hugging Face Optimum loads and generates from.
 
     Example: dsk-compress export runs/quant-prune-distill-20261123-070000 --device rpi5
     """
     from dsk_compress.errors import RunError
-    from dsk_compress.export.bundle import make_bundle
 
     if out is not None and out.exists() and not out.is_dir():  # one line now, not after the run's checks
-        raise RunError(f"--out {out} is a file, not a folder", hint="give a folder for the bundle")
+        raise RunError(f"--out {out} is a file, not a folder", hint="give a folder for the " + ("bundle" if fmt is ExportFormat.bundle else "model"))
+    if fmt is not ExportFormat.bundle:
+        from dsk_compress.export.runtime_folders import export_runtime_folder
+
+        if device is not None:
+            raise RunError(f"--device goes with --format bundle, not {fmt.value}", hint="choose the model with --variant")
+        dest = export_runtime_folder(run_dir, fmt.value, out, variant)  # the bundle's rules for --out
+        loads = "og.Model(folder)" if fmt is ExportFormat.genai else "ORTModelForCausalLM.from_pretrained(folder)"
+        _console().print(f"{fmt.value} folder: {dest}  ({loads}; see its README.md)")
+        return
+    from dsk_compress.export.bundle import make_bundle
+
+    if device is None:
+        raise RunError("a bundle needs --device", hint="dsk-compress export RUN --device rpi5 (see dsk-compress devices), or --format genai / optimum")
+    if variant is not None:
+        raise RunError("--variant goes with --format genai or optimum", hint="a bundle ships the variant its device's precision picks")
     dest = make_bundle(run_dir, device, out)  # never replaces a folder it did not write (see make_bundle)
     _console().print(f"bundle: {dest}  (on the device: pip install -r requirements.txt && python3 run.py)")
 

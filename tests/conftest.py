@@ -107,6 +107,27 @@ def qat_llama(share_inputs: bool = True, train_steps: int = 0, activations: str 
     return m, names, res
 
 
+def int4_qat_llama(train_steps: int = 30, head_bits: int | None = 8, embedding_bits: int | None = 8, scale_init: str = "mse", **kw):
+    """A tiny_llama (``kw``) made int4 QAT (MatMulNBits scheme: 4-bit blocks of 32, LM head at ``head_bits``, int8 embedding),
+    then ``train_steps`` of training on a learnable token pattern (trained logits are larger than a random model's, so one
+    activation rounding flip between torch and ONNX Runtime does not dominate the SQNR). Returns ``(model, quantized names)``."""
+    from dsk_compress.compress.qat import prepare_int4_qat
+    from dsk_compress.compress.trainer import TrainConfig, train
+    from dsk_compress.models.zoo import lm_loss
+
+    m = tiny_llama(**kw)
+    names = prepare_int4_qat(m, scale_init=scale_init, head_bits=head_bits, embedding_bits=embedding_bits)
+    if train_steps:
+        def loss_fn(model, x, step):
+            return lm_loss(model(input_ids=x, use_cache=False).logits, x), {}
+
+        def batch(step, bs):
+            return torch.randint(0, 16, (bs, 16), generator=torch.Generator().manual_seed(step)) * 7 % 256
+
+        train(m, loss_fn, batch, TrainConfig(steps=train_steps, batch_size=4, lr=3e-3, warmup=1, ckpt_every=10_000))
+    return m.eval(), names
+
+
 def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
     """A byte-level BPE tokenizer trained on ``texts`` (``<unk>``, ``</s>`` special), as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

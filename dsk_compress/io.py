@@ -50,7 +50,8 @@ def ensure_dir(path: str | os.PathLike, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunError(f"cannot create {what} {path}: {e.strerror or e}", hint=f"choose a {what} you can write to") from None
+        full = storage_error(e, path, f"cannot create {what} {path}") if e.errno in _FULL_ERRNOS else None
+        raise full or RunError(f"cannot create {what} {path}: {e.strerror or e}", hint=f"choose a {what} you can write to") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise RunError(f"{what} {path} is not writable", hint=f"choose a {what} you can write to")
     return path

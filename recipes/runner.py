@@ -238,8 +238,11 @@ def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool
         manifest["threads"] = threads  # of this (latest) launch, per process
     try:
         atomic_write_json(rd / "manifest.json", manifest)
-    except BaseException:
+    except BaseException as e:
         lock.release()
+        found = storage_error(e, rd, f"opening the run {rd}") if isinstance(e, Exception) else None
+        if found is not None:  # a full or read-only disk, a permission: one line naming this disk's free space
+            raise found from None
         raise
     return rd, manifest, lock
 

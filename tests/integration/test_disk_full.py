@@ -82,14 +82,15 @@ def fill(disk: Path, leave: int) -> Path:
     ballast = disk / "ballast.bin"
     free = shutil.disk_usage(disk).free
     with open(ballast, "wb") as f:
-        f.truncate(0)
-        chunk = b"\0" * (1 << 20)
+        chunk = b"\1" * (1 << 20)
         left = max(0, free - leave)
-        while left > 0:
-            n = f.write(chunk[: min(len(chunk), left)])
-            left -= n
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            while left > 0:
+                left -= f.write(chunk[: min(len(chunk), left)])
+                f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:  # asked to fill it all: the file's own metadata took the last blocks
+            assert e.errno == errno.ENOSPC
     return ballast
 
 
@@ -128,6 +129,15 @@ def test_full_disk_mid_run_is_one_line_recorded_failed_and_resumes_byte_identica
     for f in MODELS:
         assert (rd / f).read_bytes() == (ref / f).read_bytes(), f
     assert not temp_files(rd)
+
+
+def test_a_disk_full_before_the_run_starts_is_one_line(reference, small_disk):
+    recipe, _ = reference
+    fill(small_disk, 0)
+    before = tree_hash(small_disk)
+    line = one_line(cli("recipe", str(recipe), "--out", str(small_disk / "runs"), cwd=small_disk))
+    assert "the disk is full" in line and "free of" in line, line
+    assert {k: v for k, v in tree_hash(small_disk).items() if not k.startswith("runs")} == before
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ small files (``config.json``, never weights), so ``--dry-run`` stays fast:
   student's layers (in range, none twice); the teacher's vocabulary against the student's and the task's;
   ``logit_cache.top_k`` against the teacher's vocabulary; a ``text-lm`` task's files and tokenizer folder;
 
-Each of these is the very check the run makes when it loads the models (``models.source``, ``compress.student``,
+Each of these is the very check the run makes when it loads the models (``models.hf``, ``compress.student``,
 ``compress.distill.check_vocab``), called here on the config alone, so ``--dry-run`` refuses what the run would.
 * memory: an estimate of the largest stage (weights, gradients and AdamW state of the student, the
   teacher's weights, activations ~ batch x seq x hidden x layers, logits batch x seq x vocab, the
@@ -81,7 +81,7 @@ def source_config(src, field: str) -> dict | None:
     if getattr(src, "hf", None):
         cfg = _read_config(Path(src.hf), f"{field}.hf")
         check_attention_shape(cfg, f"{field}.hf ({src.hf})")
-        _refuse_quantized(Path(src.hf), f"{field}.hf")
+        _loader_checks(Path(src.hf), cfg, f"{field}.hf")
         return cfg
     ckpt = getattr(src, "checkpoint", None)
     if ckpt is not None and not Path(ckpt).is_file():
@@ -89,13 +89,15 @@ def source_config(src, field: str) -> dict | None:
     return None
 
 
-def _refuse_quantized(path: Path, field: str) -> None:
-    """A quantized checkpoint is refused as loading it refuses it (``models.source``), naming the recipe field."""
+def _loader_checks(path: Path, cfg: dict, field: str) -> None:
+    """What loading the folder refuses before it reads any weight (``models.hf``: a quantized checkpoint, config fields the
+    installed transformers would misread), called here and said naming the recipe field."""
     from dsk_compress.errors import DskError
-    from dsk_compress.models.source import _refuse_quantized as refuse
+    from dsk_compress.models.hf import _refuse_quantized, check_config_fields
 
     try:
-        refuse(path)
+        _refuse_quantized(path)
+        check_config_fields(cfg, str(path / "config.json"))
     except DskError as e:
         raise RecipeError(f"{field}: {e.message}", hint=e.hint) from None
 

@@ -345,6 +345,21 @@ def test_dry_run_refuses_what_the_run_refuses_with_the_same_line(mixtral_dir, tm
     assert real == dry and not (tmp_path / "runs").exists()
 
 
+def test_dry_run_refuses_a_config_the_installed_transformers_would_misread(mixtral_dir, tmp_path, capsys):
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__).major >= 5:
+        pytest.skip("transformers 5 reads configs of both lines")
+    t = _teacher(mixtral_dir, tmp_path, lambda c: c.update(transformers_version="5.25.0"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "dry", "teacher": {"hf": str(t)}, "student": {"from_teacher": {"layers": [0]}},
+                                      "task": {"name": "code-lm", "seq_len": 32}, "stages": [{"stage": "distill", "steps": 2}]}))
+    dry = refused(capsys, ["recipe", str(recipe), "--dry-run"])
+    assert dry.startswith("error: teacher.hf: ") and "was written by transformers 5.25.0" in dry, dry
+    assert refused(capsys, ["recipe", str(recipe), "--out", str(tmp_path / "runs")]) == dry
+
+
 def test_resume_hints_name_the_recipe_and_run_by_absolute_paths(tmp_path, monkeypatch):
     from dsk_compress.recipes import load_recipe
     from dsk_compress.recipes.runner import resume_command

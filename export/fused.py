@@ -459,7 +459,7 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
 
     scheme = qat_scheme(model)
     if precision == "int8" and scheme != "int8":
-        raise ExportError("int8 fused export needs an int8 QAT model (QuantLinear layers)", hint="run the qat stage, or export fp32 / int4")
+        raise ExportError("int8 fused export needs a QAT model trained in int8 (QuantLinear layers)", hint="run the qat stage, or export fp32 / int4")
     if scheme is not None and precision != scheme:
         raise ExportError(f"{precision} fused export got an {scheme} QAT model", hint=f"export it as {scheme}")
     model = model.eval()

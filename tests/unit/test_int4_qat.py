@@ -199,7 +199,7 @@ def test_int4_qat_model_saves_and_loads_with_identical_outputs(int4, tmp_path):
 def test_fused_export_refuses_a_qat_model_in_another_precision(int4, tmp_path):
     from dsk_compress.export.fused import export_fused
 
-    with pytest.raises(ExportError, match="int8 QAT"):
+    with pytest.raises(ExportError, match="needs a QAT model trained in int8"):
         export_fused(int4["model"], tmp_path / "x.onnx", "int8")
     with pytest.raises(ExportError, match="int4 QAT model"):
         export_fused(int4["model"], tmp_path / "x.onnx", "fp32")

@@ -157,7 +157,8 @@ def test_tied_qat_model_saves_and_loads_exactly(tmp_path):
     m, names, _ = qat_llama(train_steps=4)
     p = save_qat_model(m, tmp_path / "q", qat_info(m, 8, True, "asymmetric", ["lm_head"], names))
     info = read_json(p / "qat.json")
-    assert info["version"] == QAT_INFO_VERSION == 2 and info["shared_input_quantizers"] == shared_input_groups(m) != []
+    assert info["version"] == QAT_INFO_VERSION == 3 and info["scheme"] == "int8"
+    assert info["shared_input_quantizers"] == shared_input_groups(m) != []
     back = load_qat_model(p)
     assert shared_input_groups(back) == shared_input_groups(m)
     assert _quantizer_of(back, 1, "v_proj") is _quantizer_of(back, 1, "q_proj")

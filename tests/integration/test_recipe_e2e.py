@@ -242,7 +242,7 @@ def test_bundle_run_py_reproduces_report_accuracy(finished_run, tmp_path):
     b = make_bundle(finished_run, "rpi5", tmp_path / "rpi5")
     assert {p.name for p in b.iterdir()} == {"model.onnx", "model.fused.onnx", "model.kv.onnx", "model_card.json", "run.py", "dsk_measure.py",
                                              "dsk_decoder.py", "dsk_trt.py",
-                                             "requirements.txt", "README.md", "eval_windows.npy"}
+                                             "requirements.txt", "README.md", "eval_windows.npy", ".dsk-bundle.json"}
     card = json.loads((b / "model_card.json").read_text())
     assert card["precision"] == "int8" and card["runtime"] == "onnxruntime" and card["source_run"] == finished_run.name
     assert np.load(b / "eval_windows.npy").dtype == np.uint8  # code-lm: 256 byte values

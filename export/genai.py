@@ -96,7 +96,7 @@ class DecoderSource:
         read (``PreTrainedTokenizerFast``, written here rather than by the installed transformers so the folder does not
         depend on its version)."""
         cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.context_length,
-                               "clean_up_tokenization_spaces": False}
+                               "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
         if self.byte_level:
             byte_tokenizer_json(folder / "tokenizer.json")
         else:

@@ -1,7 +1,7 @@
 """A recipe whose qat stage trains both precisions (``precisions: [int8, int4]``) from the same student: the export stage
 writes the INT8 Q/DQ student and the int4 QAT student (MatMulNBits with its trained scales; full-sequence, KV-cache and
 fused graphs, each checked against its fake quant), next to the post-training int4 baseline, and the report's table and
-Pareto plot carry both QAT students with their size, accuracy and decode speed. A resume keeps both."""
+Pareto plot carry both QAT students with their size, accuracy and decode speed."""
 
 from __future__ import annotations
 

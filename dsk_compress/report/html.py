@@ -31,7 +31,7 @@ from dsk_compress.report.format import (
 )
 from dsk_compress.report.model import DeviceSection, Report, Variant, as_report, finite
 
-_ROLE_COLOURS = {"teacher": "#6b7280", "student": "#2563eb", "final": "#dc2626"}
+_ROLE_COLOURS = {"teacher": "#6b7280", "student": "#2563eb", "final": "#dc2626", "final-int4": "#9333ea"}  # both QAT students stand out
 _OTHER_COLOUR = "#0891b2"
 
 _CSS = """

@@ -87,8 +87,6 @@ class QATStage(Stage[QATConfig]):
     def run(self, ctx: RunContext) -> StageResult:
         if is_torch_run(ctx):  # your own torch model: BatchNorm folded, Conv2d + Linear fake quant (below)
             return run_torch(self, ctx)
-        import copy
-
         c = self.config
         trt = _tensorrt_int8_exports(ctx.spec)
         if trt and "int8" in c.precisions and c.activations != "symmetric":  # fail before training, not at export
@@ -98,11 +96,12 @@ class QATStage(Stage[QATConfig]):
             raise RecipeError(f"stages.{trt[0][0]}.device {trt[0][1]!r} runs int8 in TensorRT, which needs symmetric int8 activations, "
                               f"but stages.{qi}.activations is {c.activations!r}", hint=f"set stages.{qi}.activations: symmetric")
         d = ctx.stage_dir("qat")
-        student = student_model(ctx, "qat")
-        metrics: dict = {"float": evaluate(ctx, student)}
+        model = student_model(ctx, "qat")
+        metrics: dict = {"float": evaluate(ctx, model)}
         outputs: dict = {}
         for k, precision in enumerate(c.precisions):
-            model = student if k == len(c.precisions) - 1 else copy.deepcopy(student)  # each from the same float student
+            if k:  # each from the same float student, read again: one model in memory at a time
+                model = student_model(ctx, "qat")
             if precision == "int8":
                 path, m = _train_int8(ctx, c, model, d)
                 outputs["qat_model"] = ctx.rel(path)

@@ -1,4 +1,5 @@
-"""Greedy-decode timing of an onnxruntime-genai model folder, the reference side of ``benchmarks/decode.py``.
+"""Greedy-decode timing of an onnxruntime-genai model folder (its builder's, or ours from ``export --format genai``) for
+``benchmarks/decode.py``.
 
 Runs in the Python that has ``onnxruntime-genai`` installed (a separate venv: its model builder needs
 transformers 5.x); imports only ``onnxruntime_genai`` and ``numpy``. Measures what
@@ -65,7 +66,16 @@ def measure(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int, w
     return {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "graph": "onnxruntime-genai",
             "prefill_ms": round(float(np.median(prefill_ms)), 3), "decode_ms_p50": round(p50, 3), "decode_ms_p90": round(p90, 3),
             "decode_tokens_per_s": round(float(np.median(tok_s)), 2), "decode_tokens_per_s_runs": [round(x, 2) for x in tok_s],
-            "runtime": f"onnxruntime-genai {og.__version__}", "tokens": tokens}
+            "runtime": f"onnxruntime-genai {og.__version__}, onnxruntime {_ort_version()}", "tokens": tokens}
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+
+        return onnxruntime.__version__
+    except ImportError:  # genai releases that bundle their own ONNX Runtime
+        return "bundled"
 
 
 def main() -> None:

@@ -497,7 +497,6 @@ def export_fused_checked(model: nn.Module, path: str | Path, precision: str, exa
     int4 SQNR against the float model below :data:`INT4_MIN_SQNR_DB`.
     """
     from dsk_compress.compress.qat import qat_scheme
-
     from dsk_compress.export.onnx import fused_ops, op_histogram
 
     try:

@@ -153,7 +153,7 @@ def test_exported_weights_are_the_qat_integers_and_trained_scales_bit_exact(int4
     layers = block_quant_layers(int4["model"])
     nodes, _ = _nbits_nodes(int4["full"]["path"])
     assert len(nodes) == len(layers)
-    by_scales = {l.block_scales().detach().numpy().tobytes(): l for l in layers}
+    by_scales = {layer.block_scales().detach().numpy().tobytes(): layer for layer in layers}
     for attrs, packed, scales in nodes:
         layer = by_scales[scales.tobytes()]  # a KeyError here: scales that are not a layer's own
         q, _ = layer.integer_weight()

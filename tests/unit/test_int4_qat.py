@@ -33,10 +33,13 @@ def _nbits_session(arrays: dict, k: int, accuracy_level: int):
     import onnxruntime as ort
 
     attrs = {**arrays["attrs"], "accuracy_level": accuracy_level}
-    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", **attrs)
+    bias = arrays["bias"] is not None
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", *(["", "", "bias"] if bias else [])], ["Y"], domain="com.microsoft", **attrs)
+    inits = [numpy_helper.from_array(arrays["B"], "B"), numpy_helper.from_array(arrays["scales"], "S")]
+    if bias:
+        inits.append(numpy_helper.from_array(arrays["bias"], "bias"))
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["m", k])],
-                          [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["m", attrs["N"]])],
-                          [numpy_helper.from_array(arrays["B"], "B"), numpy_helper.from_array(arrays["scales"], "S")])
+                          [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["m", attrs["N"]])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
     return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -58,20 +61,20 @@ def test_pack_nbits_round_trips_and_is_onnxruntimes_own_layout(bits):
         pack_nbits(np.full((1, 32), 2 ** (bits - 1), np.int16), bits, 32)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("bits", "k", "bias"), [(4, 96, False), (8, 96, False), (4, 80, True)])  # 80: a partial last block
 @pytest.mark.parametrize("rows", [1, 7])
-def test_block_quant_linear_computes_what_matmulnbits_computes(bits, rows):
+def test_block_quant_linear_computes_what_matmulnbits_computes(bits, k, bias, rows):
     """The fake quant (int8 activations per row and block, absmax / 127, half-to-even; bits-bit block weights) against
     ONNX Runtime's kernel with accuracy_level 4, on the packed integers and scales of the same layer."""
     torch.manual_seed(bits + rows)
-    layer = BlockQuantLinear(torch.nn.Linear(96, 40, bias=False), bits).eval()
-    x = torch.randn(rows, 96) * 3
+    layer = BlockQuantLinear(torch.nn.Linear(k, 40, bias=bias), bits).eval()
+    x = torch.randn(rows, k) * 3
     with torch.no_grad():
         ref = layer(x).numpy()
     arrays = nbits_arrays([layer])
-    got = _nbits_session(arrays, 96, 4).run(None, {"A": x.numpy()})[0]
+    got = _nbits_session(arrays, k, 4).run(None, {"A": x.numpy()})[0]
     assert sqnr_db(ref, got) >= KERNEL_SQNR_DB
-    fp32 = _nbits_session(arrays, 96, 0).run(None, {"A": x.numpy()})[0]  # fp32 compute: the activation quantization is real
+    fp32 = _nbits_session(arrays, k, 0).run(None, {"A": x.numpy()})[0]  # fp32 compute: the activation quantization is real
     assert sqnr_db(ref, fp32) < 60
 
 
@@ -184,6 +187,24 @@ def test_int4_head_bits_4_and_float_head_and_embedding_export_too(tmp_path):
     m, names = int4_qat_llama(train_steps=10, head_bits=None)
     r = export_int4_lm(m, ex, tmp_path / "hf.onnx", min_sqnr_db=MIN_SQNR_DB)
     assert (r["matmul_nbits"], r["int8_embeddings"]) == (14, 1) and "lm_head" not in names
+
+
+def test_int4_qwen2_with_qkv_bias_and_tied_embeddings_exports_every_graph(tmp_path):
+    """Biases ride on MatMulNBits (fused) or stay an Add (traced); a tied table is both the int8 embedding and the 8-bit head."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dsk_compress.export.fused import export_fused_checked
+
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    m.config._attn_implementation = "eager"
+    prepare_int4_qat(m)
+    ex = np.random.default_rng(0).integers(0, 256, (2, 24))
+    assert export_int4_lm(m, ex, tmp_path / "q.onnx", min_sqnr_db=MIN_SQNR_DB)["int8_embeddings"] == 1
+    for info in (export_int4_kv(m, tmp_path / "q.kv.onnx", ex, min_sqnr_db=MIN_SQNR_DB),
+                 export_fused_checked(m, tmp_path / "q.fused.onnx", "int4", ex, parity_atol=1e-3, min_sqnr_db=MIN_SQNR_DB)):
+        assert info["tokens_match"] and info["step_logits_sqnr_db"] >= MIN_SQNR_DB
 
 
 def test_int4_qat_model_saves_and_loads_with_identical_outputs(int4, tmp_path):

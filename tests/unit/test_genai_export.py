@@ -147,3 +147,28 @@ def test_optimum_refuses_a_cache_it_would_size_wrongly(graphs):
     src.config = {**src.config, "num_attention_heads": 2}  # head pruning: 2 heads of 16 in a width of 64
     with pytest.raises(ExportError, match="2 heads x 32.*2 heads x 16"):
         check_optimum(src)
+
+
+def test_text_lm_folder_ships_the_teachers_tokenizer_and_its_special_ids(tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    from conftest import bpe_tokenizer
+    from transformers import AutoTokenizer
+
+    from dsk_compress.export.fused import export_fused
+    from dsk_compress.export.genai import DecoderSource, decoder_shape, write_genai
+
+    tok = bpe_tokenizer(["The quick brown fox jumps over the lazy dog. " * 3, "def main():\n    print('hello world')\n"] * 20, 300)
+    tok.save_pretrained(tmp_path / "tok")
+    m = tiny_llama(vocab_size=300)
+    graph = export_fused(m, tmp_path / "m.onnx")
+    src = DecoderSource(variant="v", precision="fp32", kind="fused", graph=graph, config=m.config.to_dict(),
+                        shape={**decoder_shape(graph), "heads": 4}, run_name="run", byte_level=False, tokenizer_dir=tmp_path / "tok",
+                        special={"bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": None})
+    write_genai(src, tmp_path / "genai")
+    cfg = json.loads((tmp_path / "genai" / "genai_config.json").read_text())["model"]
+    assert cfg["eos_token_id"] == cfg["pad_token_id"] == tok.eos_token_id == 1 and cfg["vocab_size"] == 300
+    text = "The lazy fox prints hello world"
+    want = tok(text)["input_ids"]
+    gt = og.Tokenizer(og.Model(str(tmp_path / "genai")))
+    assert [int(t) for t in gt.encode(text)] == want and gt.decode(np.asarray(want, np.int32)) == text
+    assert AutoTokenizer.from_pretrained(tmp_path / "genai")(text)["input_ids"] == want

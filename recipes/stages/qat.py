@@ -71,8 +71,8 @@ class QATConfig(StageConfig, _TrainSettings):
 
 @STAGES.register("qat")
 class QATStage(Stage[QATConfig]):
-    """QAT, one student per precision: int8 (observe activation ranges, then KD fine-tune with learned activation scales)
-    and int4 (MatMulNBits blocks with learned scales, KD fine-tuned)."""
+    """Quantization-aware KD fine-tune of the student, one per precision (int8: learned activation scales; int4: MatMulNBits
+    blocks with learned scales)."""
 
     consumes = ("model",)  # the latest float student (else the recipe's own)
     provides = ("qat_model", "qat_int4_model")

@@ -29,11 +29,13 @@ class TeacherLogitCache:
     """Top-``k`` teacher logits per batch index under ``root``."""
 
     def __init__(self, root: str | Path, teacher: torch.nn.Module, task_fingerprint: str, k: int = 32,
-                 online: torch.nn.Module | None = None) -> None:
+                 online: torch.nn.Module | None = None, loader=None) -> None:
         """``teacher`` is hashed; ``online`` (default ``teacher``) computes the batches not yet cached, e.g. an
-        FSDP-sharded copy whose forward is a collective: then every rank computes a batch when any rank must."""
+        FSDP-sharded copy whose forward is a collective: then every rank computes a batch when any rank must.
+        ``loader()`` gives the teacher back after the run released it (``self.teacher = None``) and a batch misses."""
         self.root = Path(root)
         self.teacher = teacher if online is None else online
+        self.loader = loader
         self.collective = online is not None
         self.k = k
         self.hits = 0
@@ -80,6 +82,10 @@ class TeacherLogitCache:
             self.hits += 1
             return d["values"].to(x.device, torch.float32), d["indices"].to(x.device, torch.long)
         self.misses += 1
+        if self.teacher is None:  # released by the run once the cache held what it expected
+            self.teacher = self.loader()
+        if not self.collective and next(self.teacher.parameters()).device != x.device:
+            self.teacher.to(x.device)
         logits = self.teacher(input_ids=x, use_cache=False).logits.float()
         values, indices = logits.topk(self.k, dim=-1)
         idx_dtype = torch.int16 if logits.shape[-1] < 2**15 else torch.int32

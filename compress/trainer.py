@@ -117,6 +117,23 @@ def _save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, step: i
                                                 "skipped_steps": skipped})
 
 
+def remove_checkpoints(root: str | Path) -> int:
+    """Delete every training checkpoint under ``root`` (a folder holding ``state.json`` and ``optim.pt``: model copy,
+    AdamW state, RNG) once its stage is done and its final model saved; returns the bytes freed. A finished stage is
+    never resumed from its checkpoint (``--rerun-from`` trains it again from the start), and the AdamW state alone is
+    twice the student's fp32 weights."""
+    import shutil
+
+    freed = 0
+    for state in sorted(Path(root).rglob("state.json")) if Path(root).is_dir() else []:
+        d = state.parent
+        if not (d / "optim.pt").is_file():
+            continue
+        freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        shutil.rmtree(d, ignore_errors=True)
+    return freed
+
+
 def _load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, scaler=None,
                      aux: torch.nn.Module | None = None) -> tuple[int, list, int, float, bool, int]:
     from dsk_compress.errors import RunError

@@ -91,11 +91,13 @@ stages:
   - {stage: bench}
 logit_cache: {enabled: false}
 distributed: {teacher: replicate}
-report: {max_accuracy_drop: 3.0}""",
+report: {max_accuracy_drop: 3.0}
+keep_checkpoints: false""",
     ],
     "ModelSourceSpec": [
         "zoo: code-lm-moe",
         "hf: ./checkpoints/my-mixtral",
+        "hf: ./checkpoints/Qwen3-30B-A3B\ndtype: bf16",
         'torch: "examples.digits.model:make_cnn"\ncheckpoint: examples/digits/cnn.safetensors',
     ],
     "StudentSpec": [

@@ -7,7 +7,12 @@ the artifacts it names are the export stage's, recorded here.) Before a
 later stage runs, on ``--resume``, and in ``dsk-compress export`` / ``report``, :func:`verify_stage`
 re-hashes them; a missing, truncated or altered file is a one-line :class:`RunError` naming the file and
 the command that rebuilds it (``dsk-compress recipe NAME --run-dir RUN --resume --rerun-from STAGE``).
-A file verified once in this process is not hashed again while its size and mtime stay the same.
+Each file is hashed once, when its stage finishes: the record keeps its size and mtime (``mtime_ns``) beside the
+sha256, and a later check trusts a file whose size and mtime match the record without reading it again (a 2 GB
+graph is not re-read on every ``--resume`` or ``dsk-compress export``). A file whose mtime differs is re-hashed; a
+size change is always caught. The trade-off: a same-size edit that also restores the mtime (deliberate tampering
+with ``touch -d``) passes; ``verify_stage(..., full=True)`` re-hashes everything regardless. Records written
+before mtimes were kept are hashed as before.
 
 :func:`read_manifest` checks the manifest's own shape (an object with a ``stages`` list of entries).
 """
@@ -38,11 +43,11 @@ def _digest(path: Path) -> dict[str, Any]:
     st = path.stat()
     digest = sha256_file(path)
     _verified[str(path.resolve())] = (st.st_size, st.st_mtime_ns, digest)
-    return {"size": st.st_size, "sha256": digest}
+    return {"size": st.st_size, "sha256": digest, "mtime_ns": st.st_mtime_ns}
 
 
 def record_files(run_dir: str | Path, stage_dir: str) -> dict[str, dict[str, Any]]:
-    """``{path relative to the run: {size, sha256}}`` of every file under ``run_dir/stage_dir``."""
+    """``{path relative to the run: {size, sha256, mtime_ns}}`` of every file under ``run_dir/stage_dir``."""
     rd = Path(run_dir)
     rels = sorted(str(p.relative_to(rd)) for p in (rd / stage_dir).rglob("*") if p.is_file()) if (rd / stage_dir).is_dir() else []
     return {rel: _digest(rd / rel) for rel in rels}
@@ -56,8 +61,11 @@ def rebuild_command(run_dir: str | Path, manifest: dict, stage: str) -> str:
     return f"dsk-compress recipe {shlex.quote(str(recipe))}{sets} --run-dir {shlex.quote(str(run_dir))} --resume --rerun-from {stage}"
 
 
-def verify_stage(run_dir: str | Path, manifest: dict, entry: dict) -> None:
-    """Check the files a finished stage recorded; raise RunError naming the first bad one and the rebuild command."""
+def verify_stage(run_dir: str | Path, manifest: dict, entry: dict, full: bool = False) -> None:
+    """Check the files a finished stage recorded; raise RunError naming the first bad one and the rebuild command.
+
+    A file whose size and mtime match its record is trusted without hashing it (see the module's note on the
+    trade-off); ``full`` re-hashes every file."""
     files = entry.get("files")
     if not isinstance(files, dict):
         return  # a run written before files were recorded
@@ -74,8 +82,10 @@ def verify_stage(run_dir: str | Path, manifest: dict, entry: dict) -> None:
         if st.st_size != want.get("size"):
             raise RunError(f"{p} is corrupt: {st.st_size:,} bytes, the {entry.get('stage')!r} stage wrote {want.get('size'):,}"
                            if isinstance(want.get("size"), int) else f"{p} is corrupt (size differs from the record)", hint=fix)
+        if not full and isinstance(want.get("mtime_ns"), int) and want["mtime_ns"] == st.st_mtime_ns:
+            continue  # size and mtime as recorded when the stage hashed it
         seen = _verified.get(str(p.resolve()))
-        digest = seen[2] if seen and seen[:2] == (st.st_size, st.st_mtime_ns) else sha256_file(p)
+        digest = seen[2] if seen and seen[:2] == (st.st_size, st.st_mtime_ns) and not full else sha256_file(p)
         if digest != want.get("sha256"):
             raise RunError(f"{p} is corrupt: its sha256 differs from what the {entry.get('stage')!r} stage wrote", hint=fix)
         _verified[str(p.resolve())] = (st.st_size, st.st_mtime_ns, digest)

@@ -70,12 +70,45 @@ class RunContext:
         return self._task
 
     def teacher(self):
-        """The teacher model (float32, eval mode), loaded once."""
+        """The teacher model (eval mode) in ``teacher.dtype`` (auto: the checkpoint's dtype, fp32 for fp16 weights), loaded
+        once, and again after :meth:`release_teacher` if a later stage still asks for it."""
         if self._teacher is None:
             from dsk_compress.models.source import load_model_source
 
             self._teacher = load_model_source(self.spec.teacher.model_dump(exclude_none=True))
+            self.teacher_loads = getattr(self, "teacher_loads", 0) + 1
+            self._teacher_config = self._teacher.config if hasattr(self._teacher, "config") else None
         return self._teacher
+
+    def teacher_config(self):
+        """The teacher's Hugging Face config (None for a torch factory's model), without loading the teacher again once
+        it has been loaded (and released)."""
+        if getattr(self, "_teacher_config", None) is None:
+            return getattr(self.teacher(), "config", None)
+        return self._teacher_config
+
+    def teacher_loaded(self) -> bool:
+        return self._teacher is not None
+
+    def release_teacher(self) -> bool:
+        """Drop the teacher (and its FSDP copy) so its memory goes back before later stages run; the logit cache keeps
+        what it computed and reloads the teacher only on a miss. Returns whether anything was released."""
+        if self._teacher is None and self._sharded_teacher is None:
+            return False
+        import gc
+
+        self._teacher = None
+        self._sharded_teacher = None
+        if self._cache is not None:
+            self._cache.teacher = None  # reloaded lazily (TeacherLogitCache.loader) on a miss
+        gc.collect()
+        try:  # glibc keeps freed arenas; hand them back so the peak of the next stage is its own
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        return True
 
     def teacher_sharded(self) -> bool:
         """True when training stages run an FSDP-sharded copy of the teacher (``distributed.teacher: fsdp`` under torchrun)."""
@@ -106,7 +139,7 @@ class RunContext:
             from dsk_compress.compress.logit_cache import TeacherLogitCache
 
             self._cache = TeacherLogitCache(self.run_dir / "teacher_logits", self.teacher(), self.task.fingerprint(), self.spec.logit_cache.top_k,
-                                            online=self.kd_teacher() if self.teacher_sharded() else None)
+                                            online=self.kd_teacher() if self.teacher_sharded() else None, loader=self.kd_teacher)
         return self._cache
 
     def stage_dir(self, name: str) -> Path:
@@ -161,6 +194,18 @@ class Stage(Generic[C]):
 
     def run(self, ctx: RunContext) -> StageResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def uses_teacher(self, spec) -> bool:
+        """Whether :meth:`run` runs the teacher model (so the run keeps it loaded until this stage is done). A training
+        stage does when it distils online: KD without the logit cache (or for your own torch model, which has none),
+        Taylor importance or a hidden-state term; with the cache only a miss runs it, and the cache reloads it then.
+        A stage with no KD settings is assumed to (override it)."""
+        c = self.config
+        kd = getattr(c, "kd_weight", None)
+        if kd is None:
+            return True
+        online = kd > 0 and (not spec.logit_cache.enabled or spec.student.torch is not None)
+        return online or getattr(c, "importance", None) == "taylor" or (getattr(c, "hidden_mse", 0) or 0) > 0
 
     def effective_config(self, spec) -> C:
         """The config as :meth:`run` will use it in recipe ``spec``: defaults that depend on the rest of the recipe filled

@@ -37,6 +37,17 @@ LOGIT_COPIES = 6
 """Student logits, their gradient, log-softmax, teacher logits and softmax, KD term: per token and vocabulary entry."""
 MEMORY_FRACTION = 0.9
 """Share of this machine's memory a recipe may plan to use."""
+TORCH_ONNX_EXPORT_PEAK = 3.2
+"""Peak of ``torch.onnx.export`` over the model's fp32 weight bytes, the resident model included: the 1.16B Qwen3-MoE
+teacher's 4.65 GB peaked near 14 GiB (STACK.md, "Real sizes")."""
+ONNXSLIM_PEAK = 4.1
+"""Peak of onnxslim over the graph's bytes (9.4 GB for a 2.29 GB graph, STACK.md); graphs past
+``export.graph_files.SLIM_MAX_BYTES`` of weights skip it."""
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TEACHER_ONNX_FRACTION = 0.5
+"""Share of this machine's memory ``export.teacher: auto`` lets the teacher's fp32 ONNX export peak at: that graph is a
+reference row, not what ships, so it does not get to take the machine (a 1.16B teacher's ~14 GiB export on 24 GiB
+goes to ``torch``)."""
 
 GIB = 1024**3
 
@@ -210,36 +221,109 @@ def _seq_len(spec) -> int | None:
     return getattr(spec.task, "seq_len", None)
 
 
+def teacher_dtype(spec) -> str:
+    """The dtype the run loads the teacher in (``teacher.dtype``; auto read from the checkpoint's headers)."""
+    from dsk_compress.models.hf import resolve_dtype
+
+    want = getattr(spec.teacher, "dtype", "auto")
+    if getattr(spec.teacher, "hf", None):
+        return resolve_dtype(spec.teacher.hf, want)
+    if getattr(spec.teacher, "zoo", None):
+        from dsk_compress.models.zoo import zoo_path
+
+        return resolve_dtype(zoo_path(spec.teacher.zoo), want)
+    return "fp32" if want == "auto" else want
+
+
+def _teacher_params(spec) -> int | None:
+    try:
+        tcfg = source_config(spec.teacher, "teacher")
+    except RecipeError:
+        return None
+    return estimate_params(_shape(tcfg)) if tcfg else None
+
+
+def onnx_export_peak(params: int) -> int:
+    """Modelled peak bytes of exporting a model of ``params`` parameters to an fp32 ONNX graph: ``torch.onnx.export``
+    (:data:`TORCH_ONNX_EXPORT_PEAK` x its fp32 bytes), or for a graph small enough to slim, the resident model plus
+    onnxslim (:data:`ONNXSLIM_PEAK` x the graph)."""
+    from dsk_compress.export.graph_files import SLIM_MAX_BYTES
+
+    fp32 = params * FLOAT_BYTES
+    slim = fp32 * (1 + ONNXSLIM_PEAK) if fp32 <= SLIM_MAX_BYTES else 0
+    return int(max(TORCH_ONNX_EXPORT_PEAK * fp32, slim))
+
+
+def teacher_export_plan(spec, memory: int | None = None) -> tuple[str, str]:
+    """What ``export.teacher: auto`` does: ``onnx`` when the fp32 export's modelled peak (:func:`onnx_export_peak`) fits
+    :data:`MEMORY_FRACTION` of this machine's memory, else ``torch`` (the teacher in its dtype, measured eagerly) when
+    that fits, else ``skip``; with the reason in words."""
+    mem = memory if memory is not None else machine_memory()
+    budget = MEMORY_FRACTION * mem
+    params = _teacher_params(spec)
+    if params is None:
+        return "onnx", "the teacher's size is known only when it is loaded"
+    peak = onnx_export_peak(params)
+    if peak <= TEACHER_ONNX_FRACTION * mem:
+        return "onnx", f"its fp32 ONNX export peaks near {_gib(peak)}, within half of this machine's {_gib(mem)}"
+    resident = params * DTYPE_BYTES[teacher_dtype(spec)]
+    if resident <= budget:
+        return "torch", (f"its fp32 ONNX export would peak near {_gib(peak)}, more than half of this machine's {_gib(mem)}; "
+                         f"PyTorch eager in {teacher_dtype(spec)} holds {_gib(resident)}")
+    return "skip", f"neither its fp32 ONNX export ({_gib(peak)}) nor its {teacher_dtype(spec)} weights ({_gib(resident)}) fit {_gib(mem)}"
+
+
 def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int] | None) -> dict[str, Any] | None:
     """The largest stage's memory need in bytes, with what it is made of (None when the shapes are unknown)."""
     seq = _seq_len(spec)
     if student is None or seq is None:
         return None
+    from dsk_compress.recipes.base import STAGES
+
     ps = estimate_params(student)
     pt = estimate_params(teacher) if teacher else 0
+    tdt = teacher_dtype(spec) if teacher else "fp32"
+    t_bytes = pt * DTYPE_BYTES[tdt]
     vocab = max(student["vocab"], teacher["vocab"] if teacher else 0)
     worst: dict[str, Any] | None = None
+    stages: list[dict[str, Any]] = []
     for i, st in enumerate(spec.stages):
         b = st.batch_size if hasattr(st, "batch_size") else 1
+        # the run releases the teacher before a stage that does not run it (recipes.runner)
+        holds_teacher = STAGES.get(st.stage)(st).uses_teacher(spec)
+        field = f"stages.{i}.batch_size"
         if st.stage in ("distill", "prune", "qat"):
             acts = b * seq * student["layers"] * (ACTIVATIONS_PER_HIDDEN * student["hidden"] + 4 * student["ffn"]
                                                   + 3 * student["heads"] * seq) * FLOAT_BYTES
             logits = b * seq * vocab * LOGIT_COPIES * FLOAT_BYTES
-            parts = {"student weights + grads + AdamW": ps * ADAMW_COPIES * FLOAT_BYTES, "teacher weights": pt * FLOAT_BYTES,
-                     "activations": acts, "logits": logits}
+            parts = {"student weights + grads + AdamW": ps * ADAMW_COPIES * FLOAT_BYTES,
+                     f"teacher weights ({tdt})": t_bytes if holds_teacher else 0, "activations": acts, "logits": logits}
+            if holds_teacher and teacher:
+                parts["teacher activations"] = b * seq * teacher["hidden"] * 8 * FLOAT_BYTES * DTYPE_BYTES[tdt] // FLOAT_BYTES
+        elif st.stage == "export":
+            how = STAGES.get(st.stage)(st).effective_config(spec).teacher if teacher else "skip"
+            # the teacher's step and the students' steps run one after the other (the teacher is released in between)
+            teacher_step = onnx_export_peak(pt) if how == "onnx" else t_bytes if how == "torch" else 0
+            student_step = ps * FLOAT_BYTES + onnx_export_peak(ps)  # one more student model (e.g. the QAT one) beside the export
+            parts = ({"teacher fp32 ONNX export (torch.onnx / onnxslim peak)": teacher_step} if teacher_step >= student_step
+                     else {"student ONNX export (torch.onnx / onnxslim peak)": onnx_export_peak(ps), "second student model": ps * FLOAT_BYTES})
+            field = f"stages.{i}.teacher" if teacher_step >= student_step else "student"
         elif st.stage == "bench":
-            parts = {"model weights": max(ps, pt) * FLOAT_BYTES, "logits": b * seq * vocab * 2 * FLOAT_BYTES,
+            parts = {"model weights": max(ps * FLOAT_BYTES, t_bytes), "logits": b * seq * vocab * 2 * FLOAT_BYTES,
                      "activations": b * seq * max(student["hidden"], teacher["hidden"] if teacher else 0) * 8 * FLOAT_BYTES}
         else:
             continue
         total = sum(parts.values())
+        stages.append({"index": i, "stage": st.stage, "bytes": total})
         if worst is None or total > worst["bytes"]:
-            worst = {"stage": f"stages.{i} ({st.stage}, batch_size {b})", "bytes": total, "parts": parts, "field": f"stages.{i}.batch_size"}
+            worst = {"stage": f"stages.{i} ({st.stage}" + (f", batch_size {b})" if hasattr(st, "batch_size") else ")"), "bytes": total,
+                     "parts": parts, "field": field}
     windows = getattr(spec.task, "eval_sequences", 0) * seq * 8  # int64 validation windows
     if worst is None or windows > worst["bytes"]:
         worst = {"stage": f"task (eval_sequences {spec.task.eval_sequences})", "bytes": windows,
                  "parts": {"validation windows": windows}, "field": "task.eval_sequences"}
-    worst["student_params"], worst["teacher_params"] = ps, pt
+    worst["student_params"], worst["teacher_params"], worst["teacher_dtype"] = ps, pt, tdt
+    worst["stages"] = stages
     return worst
 
 
@@ -294,8 +378,29 @@ def preflight(spec) -> dict[str, Any]:
     if est["bytes"] > MEMORY_FRACTION * mem:
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in est["parts"].items() if v)
         raise RecipeError(f"{est['stage']} needs about {_gib(est['bytes'])} ({parts}) but this machine has {_gib(mem)} of memory",
-                          hint=f"lower {est['field']}, task.seq_len or the student's size (student.from_teacher.intermediate_size, layers)")
+                          hint=_memory_hint(spec, est, mem))
     return est
+
+
+def _memory_hint(spec, est: dict[str, Any], mem: int) -> str:
+    """The fix for a recipe that does not fit: when the teacher's weights alone are most of it, a smaller batch cannot help,
+    so say what does (its dtype, the logit cache, a GPU or several with FSDP), with the numbers."""
+    pt, tdt = est.get("teacher_params", 0), est.get("teacher_dtype", "fp32")
+    teacher_part = max((v for k, v in est["parts"].items() if k.startswith("teacher")), default=0)
+    if teacher_part * 2 < est["bytes"] and teacher_part < MEMORY_FRACTION * mem / 2:
+        return f"lower {est['field']}, task.seq_len or the student's size (student.from_teacher.intermediate_size, layers)"
+    bf16 = pt * 2
+    fixes = []
+    if tdt == "fp32":
+        fixes.append(f"set teacher.dtype: bf16 (its weights {_gib(pt * 4)} -> {_gib(bf16)})")
+    if not spec.logit_cache.enabled:
+        fixes.append("enable logit_cache (the teacher then runs once per batch, in distill only, and is released after it)")
+    gpus = max(1, -(-int(bf16 * 1.15) // int(80 * GIB)))
+    fixes.append(f"run the distill stage on GPUs holding the {_gib(bf16)} bf16 teacher: "
+                 + ("one 80 GB GPU" if gpus == 1 else f"{gpus}+ 80 GB GPUs under torchrun with distributed.teacher: fsdp"))
+    if bf16 > MEMORY_FRACTION * mem:
+        fixes.append(f"on this machine ({_gib(mem)}) a teacher of {pt / 1e9:.1f}B parameters does not fit even in bf16")
+    return "; ".join(fixes)
 
 
 def _check_bench_devices(spec) -> None:

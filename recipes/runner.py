@@ -384,6 +384,8 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
         entry.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         manifest["status"] = "running"
         guarded(record, f"stage {name!r}")
+        if ctx.teacher_loaded() and not stage.uses_teacher(spec):  # its memory goes to this stage; reloaded if a later one asks
+            ctx.release_teacher()
         t0 = time.perf_counter()
         try:
             if denv.enabled and stage.ranks == "main":
@@ -392,6 +394,12 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
                 result = stage.run(ctx)
             files = None
             if main:
+                if not spec.keep_checkpoints:  # the model copy + AdamW state of its last checkpoint (keep_checkpoints: true keeps it)
+                    from dsk_compress.compress.trainer import remove_checkpoints
+
+                    freed = remove_checkpoints(rd / name)
+                    if freed:
+                        result.metrics.setdefault("checkpoints_removed_bytes", freed)
                 atomic_write_json(rd / name / "metrics.json", result.metrics)
                 files = record_files(rd, name)
             entry.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.perf_counter() - t0, 2),

@@ -45,6 +45,10 @@ class ModelSourceSpec(_Strict):
     hf: str | None = Field(None, description="path to a local Hugging Face model directory")
     torch: str | None = Field(None, description="'pkg.module:factory' returning an nn.Module")
     checkpoint: str | None = Field(None, description="safetensors weights for a torch factory (must exist)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="teacher only: the dtype it is loaded and run in (no fp32 copy is made): auto is the checkpoint's dtype "
+                            "for bf16 / fp32 weights and fp32 for fp16 weights (fp16 matmuls on a CPU are slow and lose accuracy); "
+                            "zoo and torch models load in fp32 unless set")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -190,6 +194,8 @@ class RecipeSpec(_Strict):
     logit_cache: LogitCacheSpec = LogitCacheSpec()
     distributed: DistributedSpec = DistributedSpec()
     report: ReportSpec = ReportSpec()
+    keep_checkpoints: bool = Field(False, description="keep each training stage's last checkpoint (model copy + AdamW state, about "
+                                   "4x the student's fp32 weights) after the stage is done; by default it is deleted then")
     # (recipe name or path, --set values) as load_recipe read it: resume and rebuild hints repeat them
     _origin: tuple[str, tuple[str, ...]] | None = PrivateAttr(None)
 

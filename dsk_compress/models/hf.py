@@ -58,15 +58,63 @@ def check_config_fields(cfg: dict, where: str) -> None:
                                hint="install transformers>=5: pip install -c constraints.txt 'transformers>=5.25,<6'")
 
 
-def load_hf_dir(path: str | Path, config=None):
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp32"}
+
+
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The float dtype most of a folder's safetensors weights are stored in (``bf16`` / ``fp16`` / ``fp32``), read
+    from the files' headers alone (no weight is read); None when there are none."""
+    counts: dict[str, int] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n < 100_000_000:
+                    continue
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            continue
+        for name, t in header.items():
+            if name != "__metadata__" and isinstance(t, dict) and t.get("dtype") in _SAFETENSORS_DTYPES:
+                shape = t.get("shape") or [1]
+                size = 1
+                for d in shape:
+                    size *= int(d)
+                key = _SAFETENSORS_DTYPES[t["dtype"]]
+                counts[key] = counts.get(key, 0) + size
+    if counts:
+        return max(counts, key=counts.get)
+    try:  # no weights (a config-only folder at --dry-run): what config.json says they are
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        named = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(named)
+
+
+def resolve_dtype(path: str | Path, want: str = "auto") -> str:
+    """The dtype a teacher loads in: ``want`` when given, else (``auto``) the checkpoint's own dtype for bf16 and fp32
+    weights, and fp32 for fp16 weights (CPU fp16 matmuls are slow and lose accuracy; the code-lm zoo teacher is stored
+    in fp16 and has always computed in fp32)."""
+    if want != "auto":
+        return want
+    stored = checkpoint_dtype(path)
+    return "bf16" if stored == "bf16" else "fp32"
+
+
+def load_hf_dir(path: str | Path, config=None, dtype: str = "fp32"):
     """Load a local Hugging Face causal LM directory from safetensors weights (no remote code).
 
     The weights go through transformers' ``from_pretrained`` and so its own key conversion (a transformers 4
     MoE checkpoint with per-expert keys loads into transformers 5's fused experts). ``config`` overrides the
-    directory's config.json.
+    directory's config.json. ``dtype`` (``fp32`` / ``bf16`` / ``fp16``, or ``auto``: :func:`resolve_dtype`) is the
+    dtype the weights are materialised in, shard by shard (no fp32 copy of a bf16 checkpoint is ever made).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, DTYPES[resolve_dtype(path, dtype)])
 
     p = Path(path)
     if config is None:
@@ -79,7 +127,7 @@ def load_hf_dir(path: str | Path, config=None):
             cfg = config if config is not None else AutoConfig.from_pretrained(p, trust_remote_code=False, local_files_only=True)
             model, info = AutoModelForCausalLM.from_pretrained(
                 p, config=cfg, use_safetensors=True, trust_remote_code=False, local_files_only=True,
-                attn_implementation="eager", dtype=torch.float32, output_loading_info=True,
+                attn_implementation="eager", dtype=torch_dtype, output_loading_info=True,
             )
     except Exception as e:  # transformers / safetensors raise OSError, ValueError, SafetensorError, ...
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]

@@ -18,17 +18,25 @@ from dsk_compress.models.hf import (  # noqa: F401  (re-exported: the zoo loads 
 
 
 def load_model_source(src: dict[str, Any]):
-    """Load ``{zoo: name}``, ``{hf: dir}`` or ``{torch: "pkg.mod:factory", checkpoint: file}`` in eval mode."""
+    """Load ``{zoo: name}``, ``{hf: dir}`` or ``{torch: "pkg.mod:factory", checkpoint: file}`` in eval mode, in
+    ``src["dtype"]`` (``auto``: the checkpoint's dtype, fp32 for fp16 weights; see ``models.hf.resolve_dtype``; fp32
+    when absent)."""
+    dtype = src.get("dtype") or "fp32"
     if "zoo" in src:
         from dsk_compress.models.zoo import ZOO, load_zoo_model
 
         if src["zoo"] not in ZOO:
             raise ModelSourceError(f"unknown zoo model {src['zoo']!r}", hint=f"valid: {', '.join(ZOO.names())}")
-        return load_zoo_model(src["zoo"])
+        return load_zoo_model(src["zoo"], dtype=dtype)
     if "hf" in src:
-        return load_hf_dir(src["hf"])
+        return load_hf_dir(src["hf"], dtype=dtype)
     if "torch" in src:
-        return _load_torch_factory(src["torch"], src.get("checkpoint"))
+        import torch
+
+        model = _load_torch_factory(src["torch"], src.get("checkpoint"))
+        if dtype in ("bf16", "fp16"):  # a factory's module is built in fp32; auto keeps it so
+            model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+        return model
     raise ModelSourceError(f"bad model source {src}", hint="give one of zoo, hf, torch")
 
 

@@ -75,8 +75,9 @@ def zoo_path(name: str) -> Path:
     return ZOO_DIR / name
 
 
-def load_zoo_model(name: str):
-    """Load a shipped zoo model in float32 from its safetensors weights (no code is executed).
+def load_zoo_model(name: str, dtype: str = "fp32"):
+    """Load a shipped zoo model in ``dtype`` (float32 unless asked; ``auto`` is fp32 for its fp16 weights) from its
+    safetensors weights (no code is executed).
 
     The weights go through transformers' own ``from_pretrained`` with the spec's config, so a checkpoint
     saved by transformers 4 (per-expert keys) loads into transformers 5's fused experts by its conversion.
@@ -99,7 +100,7 @@ def load_zoo_model(name: str):
         raise ModelSourceError(f"corrupt checkpoint {weights}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}",
                                hint=f"re-create it with `dsk-compress zoo train {name}`") from None
     try:
-        return load_hf_dir(zoo_path(name), config=build_config(spec))
+        return load_hf_dir(zoo_path(name), config=build_config(spec), dtype=dtype)
     except ModelSourceError as e:
         raise ModelSourceError(f"zoo weights for {name!r} do not match its config: {e.message}",
                                hint=f"retrain it with `dsk-compress zoo train {name}`") from None

@@ -108,10 +108,15 @@ def load_tokenizer(path: str | Path):
 
 def tokenize(docs: list[str], tok) -> np.ndarray:
     sep = tok.eos_token_id if tok.eos_token_id is not None else 0
+    from dsk_compress.models.hf import quiet_transformers
+
     ids: list[int] = []
-    for d in docs:
-        ids.extend(tok(d, add_special_tokens=False)["input_ids"])
-        ids.append(sep)
+    # a whole document is tokenized at once and cut into windows later: the tokenizer's "Token indices sequence length
+    # is longer than the specified maximum" warning is about feeding it to the model whole, which never happens
+    with quiet_transformers():
+        for d in docs:
+            ids.extend(tok(d, add_special_tokens=False)["input_ids"])
+            ids.append(sep)
     return np.asarray(ids, dtype=np.int32)
 
 

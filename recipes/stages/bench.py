@@ -90,8 +90,8 @@ def runtime_plans(art: Artifact | dict, profile, available: list[str], machine: 
     mdir = art.model_dir
     if mdir and cuda and wants_gpu(profile) and art.precision == "fp32":
         plans += [Plan("torch", mdir, device="cuda", dtype="bfloat16", compile=c) for c in (False, True)]
-    if not plans and mdir:  # a teacher that did not export: eager torch on the CPU
-        plans.append(Plan("torch", mdir))
+    if not plans and mdir:  # a teacher that did not export: eager torch on the CPU, in the dtype it was saved in (no fp32 copy)
+        plans.append(Plan("torch", mdir, dtype="bfloat16" if art.precision == "bf16" else "float32"))
     return plans
 
 
@@ -118,7 +118,7 @@ def _predict(plan: Plan, run_dir: Path, threads: int | None):
         from dsk_compress.models.source import load_hf_dir
         from dsk_compress.models.zoo import torch_predict
 
-        return torch_predict(load_hf_dir(path))
+        return torch_predict(load_hf_dir(path, dtype="auto"))
     from dsk_compress.runtimes.torch import load_hf_model, torch_forward
 
     return torch_forward(load_hf_model(path, dtype=plan.dtype, device=plan.device))
@@ -285,7 +285,11 @@ class BenchStage(Stage[BenchStageConfig]):
 
     requires = ("artifacts",)  # what the export stage wrote: nothing to measure without it
     provides = ("report",)
+
     ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
+
+    def uses_teacher(self, spec) -> bool:
+        return False  # the teacher's row runs what the export stage wrote (ONNX, or its saved PyTorch folder)
 
     def run(self, ctx: RunContext) -> StageResult:
         from dsk_compress.devices import load_device

@@ -103,8 +103,10 @@ def kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | Non
     cfg = train_cfg(c, offset, ctx.spec.seed, steps)
     if cfg.steps == 0:
         return None
-    teacher = ctx.kd_teacher()
     sharded = ctx.teacher_sharded()
+    # with a logit cache and no hidden-state term the teacher runs only on a cache miss, and the cache loads it then
+    # (a run that released it after distill does not load it again for a stage the cache already covers)
+    teacher = None if cache is not None and hidden_w == 0 and not sharded else ctx.kd_teacher()
     hidden = None
     if hidden_w > 0:
         hidden = HiddenStateMSE(hidden_pairs, model.config.hidden_size, teacher.config.hidden_size, seed=ctx.spec.seed)
@@ -116,17 +118,20 @@ def kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | Non
     from dsk_compress.compress.trainer import default_device
 
     dev = dist.device(dist.env(), default_device())
-    s_home, t_home = next(model.parameters()).device, next(teacher.parameters()).device
+    s_home = next(model.parameters()).device
+    t_home = next(teacher.parameters()).device if teacher is not None else None
     model.to(dev)
-    if not sharded:  # a sharded teacher already lives on the training devices
+    if not sharded and teacher is not None:  # a sharded teacher already lives on the training devices
         teacher.to(dev)
     try:
         res = train(model, loss_fn, ctx.task.train_batch, cfg, ckpt_dir=ckpt, resume=ctx.resume, evaluate=ev, desc=stage, params=params,
                     aux=hidden)
     finally:
         model.to(s_home)
-        if not sharded:
+        if not sharded and teacher is not None:
             teacher.to(t_home)
+        if cache is not None and cache.teacher is not None and not sharded:
+            cache.teacher.to(s_home)  # loaded on a miss and moved to the training device there
         if hidden is not None:
             hidden.to(s_home)
     res.kd = {"teacher": "cached top-%d logits" % cache.k, "cache_hits": cache.hits - hits0, "cache_misses": cache.misses - misses0} if cache else \

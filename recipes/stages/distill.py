@@ -39,6 +39,9 @@ class DistillStage(Stage[DistillConfig]):
 
     provides = ("model",)  # distill/model, the student every later stage starts from
 
+    def uses_teacher(self, spec) -> bool:
+        return True  # it cuts the student from the teacher, and fills the logit cache
+
     def run(self, ctx: RunContext) -> StageResult:
         from dsk_compress.compress import dist
         from dsk_compress.compress.distill import check_vocab

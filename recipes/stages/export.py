@@ -55,9 +55,11 @@ class TensorRTBuildSpec(StrictModel):
 
 class ExportConfig(StageConfig):
     stage: Literal["export"] = "export"
-    teacher: Literal["onnx", "torch", "skip"] = Field(
-        "onnx", description="how the teacher is measured: onnx (dense MoE routing, exact; a failed export stops the run with its "
-                            "cause), torch (PyTorch eager; no speed-up is shown against it) or skip (no teacher row)"
+    teacher: Literal["auto", "onnx", "torch", "skip"] = Field(
+        "auto", description="how the teacher is measured: onnx (fp32, dense MoE routing, exact; a failed export stops the run with its "
+                            "cause), torch (PyTorch eager in teacher.dtype; no speed-up is shown against it), skip (no teacher row), "
+                            "or auto: onnx when its fp32 export's modelled peak fits this machine's memory, else torch "
+                            "(else skip); the stage says which it chose and why"
     )
     opset: int = Field(17, ge=13, le=21)
     optimization: Literal["basic", "extended"] = "extended"
@@ -101,6 +103,16 @@ class ExportStage(Stage[ExportConfig]):
     consumes = ("model", "qat_model", "qat_int4_model")  # every student stage's model, the QAT students there are
     provides = ("artifacts",)
     ranks = "main"  # under torchrun: rank 0 alone, the other ranks wait for its result
+
+    def effective_config(self, spec) -> ExportConfig:
+        if self.config.teacher != "auto":
+            return self.config
+        from dsk_compress.recipes.preflight import teacher_export_plan
+
+        return self.config.model_copy(update={"teacher": teacher_export_plan(spec)[0]})
+
+    def uses_teacher(self, spec) -> bool:
+        return spec.student.torch is not None or self.effective_config(spec).teacher != "skip"
 
     def run(self, ctx: RunContext) -> StageResult:
         import logging
@@ -152,6 +164,7 @@ class ExportStage(Stage[ExportConfig]):
         teacher_art = self._teacher(ctx, d, example)
         if teacher_art is not None:
             artifacts["teacher"] = teacher_art
+        ctx.release_teacher()  # no later step runs it (bench measures the files written here): its memory goes to the students
         for stage in ("distill", "prune"):
             for bname, rel in ctx.outputs.get(stage, {}).get("baselines", {}).items():
                 m = load_hf_dir(ctx.path(rel))
@@ -212,6 +225,8 @@ class ExportStage(Stage[ExportConfig]):
             artifacts["final-int4"] = self._int4_qat(ctx, q4rel, d, example)
         elif q4rel is not None:
             metrics["int4_skipped"] = "int4 is not in stages.N.precisions"
+        if getattr(self, "teacher_choice", None):
+            metrics["teacher_export"] = self.teacher_choice
         metrics["artifacts"] = artifacts
         return StageResult(outputs={"artifacts": typed(artifacts)}, metrics=metrics)
 
@@ -254,7 +269,7 @@ class ExportStage(Stage[ExportConfig]):
 
         notes = []
         if ctx.spec.student.from_teacher is not None:
-            notes += student_notes(ctx.teacher().config)
+            notes += student_notes(ctx.teacher_config())
         fused = art.get("fused")
         if isinstance(fused, dict) and fused.get("error"):
             notes.append(f"no fused decoder graph: {fused['error']}")
@@ -269,14 +284,27 @@ class ExportStage(Stage[ExportConfig]):
         from dsk_compress.compress.moe import densify_moe, is_moe
         from dsk_compress.models.source import count_params, save_hf_dir
 
-        how = self.config.teacher
+        how, why = self.config.teacher, ""
+        if how == "auto":
+            from dsk_compress.recipes.preflight import teacher_export_plan
+
+            how, why = teacher_export_plan(ctx.spec)
+            step(f"teacher: {how} (export.teacher: auto; {why})")
+            print(f"  teacher: measured as {how} (export.teacher: auto; {why})", flush=True)
+            self.teacher_choice = {"teacher": how, "why": why}
         if how == "skip":
             return None
         teacher = ctx.teacher()
         if how == "torch":
+            import torch
+
+            dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(teacher.parameters()).dtype, "fp32")
             tdir = save_hf_dir(teacher, d / "teacher-torch")
-            return {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher), "precision": "fp32",
-                    "notes": "measured in PyTorch eager (export.teacher: torch); the other rows run in ONNX Runtime"}
+            return {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher), "precision": dt,
+                    "notes": f"measured in PyTorch eager, {dt} (export.teacher: {self.config.teacher}{'; ' + why if why else ''}); "
+                             "the other rows run in ONNX Runtime"}
+        if next(teacher.parameters()).dtype != __import__("torch").float32:
+            teacher = teacher.float()  # the ONNX reference row is fp32 (in place: the run releases the teacher after export)
         routing = "dense" if is_moe(teacher) else "n/a"
         densify_moe(teacher)
         try:

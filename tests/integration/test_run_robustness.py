@@ -128,6 +128,10 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
     recipe = tiny_llama_recipe(d, "tiny-corrupt", [
         {"stage": "distill", "steps": 6, "batch_size": 2}, {"stage": "prune", "ffn_ratio": 0.5, "steps": 2, "batch_size": 2},
         {"stage": "qat", "steps": 2, "batch_size": 2, "observer_steps": 1}, {"stage": "export", "ptq_baselines": False, "kv_cache": False}])
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**data, "keep_checkpoints": True}))  # the damaged-checkpoint tests below need them
     res = cli("recipe", str(recipe), "--out", str(d / "runs"), cwd=d)
     assert res.returncode == 0, res.stderr[-3000:]
     (run,) = (d / "runs").iterdir()
@@ -152,7 +156,8 @@ def test_finished_run_records_size_and_sha256_of_every_stage_file(finished):
         on_disk = {str(p.relative_to(run)) for p in (run / entry["stage"]).rglob("*") if p.is_file()}
         assert set(files) == on_disk and f"{entry['stage']}/metrics.json" in files
         for rel, rec in files.items():
-            assert rec == {"size": (run / rel).stat().st_size, "sha256": hashlib.sha256((run / rel).read_bytes()).hexdigest()}
+            st = (run / rel).stat()
+            assert rec == {"size": st.st_size, "sha256": hashlib.sha256((run / rel).read_bytes()).hexdigest(), "mtime_ns": st.st_mtime_ns}
     assert m["source"] == {"recipe": str(finished[0]), "overrides": []}
     # the tiny teacher is untrained: the distill stage measured it next to chance and said so
     t = m["stages"][0]["metrics"]["teacher"]

@@ -343,6 +343,7 @@ def test_distill_stage_trains_hidden_projections_on_the_layers_the_student_was_c
         "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 1}},
         "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
         "stages": [{"stage": "distill", "steps": 3, "batch_size": 2, "hidden_mse": 0.5, "baselines": ["nokd"]}],
+        "keep_checkpoints": True,  # the checkpoint's aux.safetensors is read below
     })
     rd = run_recipe(spec, run_dir=tmp_path / "run")
     m = json.loads((rd / "distill" / "metrics.json").read_text())

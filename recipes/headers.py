@@ -36,6 +36,8 @@ def _budget(cfg) -> str:
         return f"{steps} steps x batch {batch}"
     if getattr(cfg, "stage", None) == "bench" and isinstance(getattr(cfg, "runs", None), int):
         return f"{cfg.runs} timed runs per variant"
+    if getattr(cfg, "stage", None) == "export" and isinstance(getattr(cfg, "teacher", None), str):
+        return f"teacher: {cfg.teacher}"  # effective_config resolved auto (onnx / torch / skip by the modelled export peak)
     return ""
 
 

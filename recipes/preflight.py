@@ -44,6 +44,9 @@ ONNXSLIM_PEAK = 4.1
 """Peak of onnxslim over the graph's bytes (9.4 GB for a 2.29 GB graph, STACK.md); graphs past
 ``export.graph_files.SLIM_MAX_BYTES`` of weights skip it."""
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PROCESS_BASE_BYTES = int(0.6 * 1024**3)
+"""Resident before any model: Python, torch, transformers, onnxruntime (benchmarks/scale.py --scale 0.05 with a 2M-parameter
+teacher peaked at 0.63-0.85 GiB per stage, 2026-12-07, this 2-core machine)."""
 TEACHER_ONNX_FRACTION = 0.5
 """Share of this machine's memory ``export.teacher: auto`` lets the teacher's fp32 ONNX export peak at: that graph is a
 reference row, not what ships, so it does not get to take the machine (a 1.16B teacher's ~14 GiB export on 24 GiB
@@ -313,6 +316,7 @@ def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int
                      "activations": b * seq * max(student["hidden"], teacher["hidden"] if teacher else 0) * 8 * FLOAT_BYTES}
         else:
             continue
+        parts["python, torch and libraries"] = PROCESS_BASE_BYTES
         total = sum(parts.values())
         stages.append({"index": i, "stage": st.stage, "bytes": total})
         if worst is None or total > worst["bytes"]:

@@ -309,7 +309,7 @@ class ExportStage(Stage[ExportConfig]):
         densify_moe(teacher)
         try:
             return {**self._float(ctx, teacher, "teacher", d, example), "role": "teacher", "params": count_params(teacher),
-                    "notes": f"{type(teacher).__name__}, {routing} routing (exact)"}
+                    "notes": f"{type(teacher).__name__}, {routing} routing (exact)" + (f"; export.teacher: auto ({why})" if why else "")}
         except ExportError as e:
             i = next((i for i, st in enumerate(ctx.spec.stages) if st.stage == "export"), "N")
             raise ExportError(f"teacher ({type(teacher).__name__}): {e.message}",

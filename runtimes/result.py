@@ -55,6 +55,8 @@ class LatencyStats(_Strict):
     max: float
     items_per_s: float = Field(description="batch_size * 1000 / mean")
     tokens_per_s: float | None = Field(None, description="items_per_s * sequence length, for language models")
+    p50_rounds: list[float] | None = Field(None, description="the p50 of each interleaved timing round (fresh worker each); "
+                                           "p50 is then their median")
 
 
 class Skipped(_Strict):

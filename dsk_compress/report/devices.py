@@ -54,7 +54,8 @@ def record_row(rec: BenchRecord, name: str | None = None, base: dict | None = No
         "params": base.get("params"), "size_bytes": rec.size_bytes if rec.size_bytes is not None else base.get("size_bytes"),
         "accuracy": _round(metrics.get("accuracy"), 3), "bits_per_byte": _round(metrics.get("bits_per_byte"), 4),
         "metrics": {k: round(v, 4) for k, v in metrics.items()} or None,
-        "latency_ms": {k: round(getattr(lat, k), 3) for k in ("p50", "p90", "p99", "mean")} if lat else None,
+        "latency_ms": ({k: round(getattr(lat, k), 3) for k in ("p50", "p90", "p99", "mean")}
+                       | ({"p50_rounds": [round(x, 3) for x in lat.p50_rounds]} if lat.p50_rounds else {})) if lat else None,
         "throughput": round(lat.items_per_s, 2) if lat else None, "peak_memory_mb": _round(rec.memory.peak_rss_mb, 1),
         "runtime": rec.runtime.short, "device": device, "precision": rec.precision or base.get("precision"),
         "artifact": base.get("artifact", rec.artifact), "notes": base.get("notes", rec.notes), "measured_on": where,

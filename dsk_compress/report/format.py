@@ -38,6 +38,10 @@ MEASURED_ON_COLUMN = "Measured on"
 THROUGHPUT_COLUMN = "Items/s (b1/b8/b64)"
 """Appended when a row was measured at more than one batch size: items/s per batch size, a dash where skipped."""
 
+P50_RANGE_COLUMN = "p50 range (ms)"
+"""Inserted after p50 when rows were timed in several interleaved rounds: the lowest and highest round p50 (p50 is their
+median)."""
+
 DECODE_COLUMN = "Decode (tok/s)"
 """Appended to the table when a variant has ``decode_tokens_per_s`` (greedy decode with its KV-cache graph)."""
 
@@ -52,6 +56,7 @@ COLUMN_KEYS = {
     "bits-per-byte": "Bits/byte",
     "p50": "p50 (ms)",
     "p99": "p99 (ms)",
+    "p50-range": P50_RANGE_COLUMN,
     "speedup": "Speedup",
     "size-ratio": "Size ratio",
     "delta-vs-host": "Δ vs host",
@@ -125,11 +130,14 @@ def _variants(report_or_rows) -> list[Variant]:
 def table_columns(rows: Report | Mapping[str, Any] | list[Variant], device: bool = False) -> tuple[str, ...]:
     """Column titles of a table of ``rows`` (a report's host rows, or a device section's rows with ``device``):
     :data:`TABLE_COLUMNS` (or :data:`DEVICE_COLUMNS`), with :data:`MEASURED_ON_COLUMN` before Runtime when rows say
-    where they were measured, then :data:`THROUGHPUT_COLUMN` and :data:`DECODE_COLUMN` when a row has them."""
+    where they were measured, :data:`P50_RANGE_COLUMN` after p50 when rows were timed in rounds, then
+    :data:`THROUGHPUT_COLUMN` and :data:`DECODE_COLUMN` when a row has them."""
     vs = _variants(rows)
     cols = list(DEVICE_COLUMNS if device else TABLE_COLUMNS)
     if any(v.measured_on for v in vs):
         cols.insert(cols.index("Runtime"), MEASURED_ON_COLUMN)
+    if any(_p50_rounds(v) for v in vs):
+        cols.insert(cols.index("p50 (ms)") + 1, P50_RANGE_COLUMN)
     if any(v.throughput_by_batch and len(v.throughput_by_batch) > 1 for v in vs):
         cols.append(THROUGHPUT_COLUMN)
     if any(finite(v.decode_tokens_per_s) is not None for v in vs):
@@ -168,6 +176,16 @@ def numeric_columns(columns: tuple[str, ...]) -> set[int]:
     return {i for i, c in enumerate(columns) if c not in text}
 
 
+def _p50_rounds(v: Variant) -> list[float]:
+    rounds = getattr(v.latency_ms, "p50_rounds", None) if v.latency_ms else None
+    return [x for x in rounds if finite(x) is not None] if isinstance(rounds, list) and len(rounds) > 1 else []
+
+
+def _p50_range(v: Variant) -> str:
+    r = _p50_rounds(v)
+    return f"{fmt(min(r))}–{fmt(max(r))}" if r else DASH
+
+
 def _throughput(v: Variant) -> str:
     t = v.throughput_by_batch or {}
     return "/".join(fmt(t.get(b), 0) for b in THROUGHPUT_BATCHES)
@@ -182,6 +200,7 @@ _CELLS = {
     "Bits/byte": lambda v: fmt(v.bits_per_byte, 3),
     "p50 (ms)": lambda v: fmt(v.p50),
     "p99 (ms)": lambda v: fmt(v.p99),
+    P50_RANGE_COLUMN: _p50_range,
     "Speedup": lambda v: fmt(v.speedup_vs_teacher, 2, "×"),
     "Size ratio": lambda v: fmt(v.size_ratio_vs_teacher, 2, "×"),
     "Δ vs host": lambda v: DASH if finite(v.accuracy_delta_vs_host) is None else f"{v.accuracy_delta_vs_host:+.3f}",

@@ -206,11 +206,39 @@ def host_rows(records, artifacts: dict[str, Artifact]) -> list[dict]:
     return rows
 
 
+def latency_rounds(run_dir: Path, records: list, refs: dict[str, tuple[int, Plan]], task, bcfg, rounds: int) -> list:
+    """Time each variant's reference runtime ``rounds - 1`` more times at the latency batch, in interleaved rounds (each
+    round starts one variant further along, every timing in a fresh worker), so a slow spell of the machine falls on
+    every variant alike. Each record's latency-batch p50 becomes the median of its rounds' p50s, which it keeps
+    (``p50_rounds``); the other statistics stay those of the first round.
+
+    Args:
+        records: the bench records so far (the first round).
+        refs: ``{variant: (index of its reference record, its plan)}``.
+    """
+    import statistics
+    from dataclasses import replace
+
+    latency_only = replace(bcfg, throughput_batches=())
+    names = list(refs)
+    p50s = {n: [records[i].timing.batches[0].p50] for n, (i, _) in refs.items()}
+    for r in range(1, rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            p50s[name].append(_time(refs[name][1], run_dir, task.example_inputs(1), latency_only).timing.batches[0].p50)
+    out = list(records)
+    for name, (i, _) in refs.items():
+        rec = out[i]
+        first = rec.timing.batches[0].model_copy(update={"p50": statistics.median(p50s[name]), "p50_rounds": p50s[name]})
+        out[i] = rec.model_copy(update={"timing": rec.timing.model_copy(update={"batches": [first, *rec.timing.batches[1:]]})})
+    return out
+
+
 def measure_artifacts(run_dir: Path, artifacts: dict[str, Artifact], task, profile, bcfg, source_run: str | None, results_path: Path,
-                      device_name: str = "host", new_tokens: int | None = None) -> tuple[list, list[str]]:
+                      device_name: str = "host", new_tokens: int | None = None, rounds: int = 1) -> tuple[list, list[str]]:
     """Measure every artifact in every runtime of :func:`runtime_plans`, saving each record to ``results_path`` as it
     completes (an interrupted run keeps what it measured). A failing reference runtime (the first) raises; a failing
-    extra runtime is reported and skipped.
+    extra runtime is reported and skipped. With ``rounds`` > 1 the reference runtimes' p50 latencies are medians of
+    interleaved rounds (:func:`latency_rounds`).
 
     Returns:
         ``(records, errors)``.
@@ -231,7 +259,7 @@ def measure_artifacts(run_dir: Path, artifacts: dict[str, Artifact], task, profi
     trt = importlib.util.find_spec("tensorrt") is not None
     artifacts = read_artifacts(artifacts)  # the export stage's mappings (from a manifest) or Artifacts
     saved = DeviceResults(device=device_name)
-    records, errors, first = [], [], {}
+    records, errors, first, plans_of = [], [], {}, {}
     for name, art in artifacts.items():
         plans = runtime_plans(art, profile, available, platform.machine(), cuda, trt)
         for i, plan in enumerate(plans):
@@ -244,9 +272,14 @@ def measure_artifacts(run_dir: Path, artifacts: dict[str, Artifact], task, profi
                 errors.append(f"{name} in {plan.kind} {' '.join(plan.providers) or plan.device}: {e.message}")
                 continue
             first.setdefault(name, len(records))  # the reference runtime's record carries the decode figures
+            plans_of.setdefault(name, plan)
             records.append(rec)
             saved = saved.merged([rec])
             atomic_write_json(results_path, saved.to_dict())
+    if rounds > 1 and len(first) > 1:
+        step(f"p50 latency of every variant, {rounds - 1} more interleaved rounds")
+        records = latency_rounds(run_dir, records, {n: (first[n], plans_of[n]) for n in first}, task, bcfg, rounds)
+        atomic_write_json(results_path, saved.merged(records).to_dict())
     if any(artifacts[n].decoder_graph for n in first):
         step("greedy decode of every variant with a decoder graph, interleaved rounds")
     for name, stats in measure_decodes(run_dir, {n: artifacts[n] for n in first}, task, bcfg, new_tokens).items():
@@ -267,6 +300,9 @@ class BenchStageConfig(StageConfig):
     warmup: int = Field(5, ge=0, le=MAX_RUNS)
     runs: int = Field(30, ge=1, le=MAX_RUNS)
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads (default: the device's); at most 4x this machine's CPUs")
+    rounds: int = Field(3, ge=1, le=20, description="latency rounds: each variant's p50 is the median over this many timings in "
+                        "interleaved rounds (a fresh worker each; the report shows their range), so a slow spell of the machine "
+                        "falls on every variant alike; 1 times each variant once")
 
     @field_validator("device")
     @classmethod
@@ -306,7 +342,7 @@ class BenchStage(Stage[BenchStageConfig]):
                            threads=threads, seq_len=getattr(ctx.task, "seq_len", None))
         with step_progress("bench"):  # minutes of measurements: say which one is under way
             records, errors = measure_artifacts(ctx.run_dir, artifacts, ctx.task, profile, bcfg, ctx.run_dir.name,
-                                                ctx.stage_dir("bench") / RESULTS)
+                                                ctx.stage_dir("bench") / RESULTS, rounds=c.rounds)
         variants = host_rows(records, artifacts)
         td = ctx.task.describe()
         inputs = ctx.task.example_inputs(1)

@@ -85,6 +85,8 @@ def build_teacher(out: Path, cfg: dict, train_txt: Path) -> int:
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                             model_max_length=4096).save_pretrained(out)
+    # a few MB of text may not fill the asked vocabulary: the embedding gets the tokens it has, padded to 64 rows
+    cfg["vocab_size"] = min(cfg["vocab_size"], -(-tok.get_vocab_size() // 64) * 64)
     conf = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no fp32 copy of the teacher is ever made
@@ -204,6 +206,7 @@ def main() -> None:
     if not (tdir / "config.json").is_file():
         tparams = build_teacher(tdir, cfg, train)
     else:
+        cfg = json.loads((tdir / "config.json").read_text()) | {"architectures": cfg["architectures"]}
         from safetensors import safe_open
 
         tparams = 0

@@ -45,6 +45,12 @@ and no others (a venv, results or engines made in the bundle stay); a non-empty 
 LEGACY_FILES = ("model.onnx", "model.fused.onnx", "model.kv.onnx", "eval_windows.npy", "tokenizer.json", "dsk_measure.py",
                 "dsk_decoder.py", "dsk_trt.py", "run.py", "model_card.json", "requirements.txt", "README.md")
 """What a bundle written before :data:`BUNDLE_MARKER` existed holds (replaced in ``RUN/bundles/<device>`` only)."""
+DEVICE_VENV = "sudo apt install python3-venv"
+DEVICE_RECIPE = ("python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python run.py "
+                 f"(where python3 -m venv says ensurepip is missing: {DEVICE_VENV})")
+"""What ``export`` prints for the device: Raspberry Pi OS Bookworm / Debian 12 (PEP 668) refuse a bare ``pip install``
+(externally-managed-environment), so the bundle's requirements go into a venv in its folder; JetPack's Ubuntu may lack
+python3-venv. The README's recipe is the same."""
 SPARE_BYTES = 1 << 20
 """Room asked beyond the bundle's files (the scripts, card and README, filesystem blocks)."""
 
@@ -170,7 +176,10 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     windows = task.eval_windows()
     vocab = max(int(td.get("vocab_size") or 256), int(windows.max()) + 1)
     windows = windows.astype(window_dtype(vocab))
-    needed = sum(f.stat().st_size for f in copies.values()) + windows.nbytes + SPARE_BYTES
+    from dsk_compress.export import graph_files
+
+    needed = sum(graph_files.size(f) for f in copies.values()) + windows.nbytes + SPARE_BYTES  # .data files included
+    check_fits_device(copies, prof, v["name"])
     free, total, folder = free_space(dest.parent)
     if total and free < needed:  # (a pseudo filesystem such as /proc has no size: writing there fails below, said as such)
         raise RunError(f"export to {dest}: the disk is full: {format_bytes(free)} free on {folder}; the bundle needs about "
@@ -183,7 +192,7 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
                or RunError(f"export: cannot write the bundle to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")) from None
     try:
         for name, src in copies.items():
-            shutil.copyfile(src, tmp / name)
+            graph_files.copy(src, tmp / name)  # a graph past 1 GiB brings its .data file, renamed after it
         np.save(tmp / "eval_windows.npy", windows, allow_pickle=False)
         tokenizer = _save_tokenizer(task, tmp) if td["name"] == "text-lm" else None
         for src, name in ((measure.__file__, "dsk_measure.py"), (decoder.__file__, "dsk_decoder.py"), (trt_compat.__file__, "dsk_trt.py"),
@@ -315,6 +324,31 @@ def _eval_batch_size(task) -> int:
     return int(inspect.signature(task.evaluate).parameters["batch_size"].default)
 
 
+SESSION_PEAK = 1.65
+"""Resident bytes of run.py over the bytes of the graphs it holds open at once: the rpi5 bundle of issue 21's 345M int8
+student (model.onnx and model.fused.onnx, 663 MB each, both sessions loaded) peaked at 2.05 GiB."""
+DEVICE_MEMORY_FRACTION = 0.8
+"""Share of a device's memory a bundle may plan to use (the OS and the application need the rest)."""
+
+
+def runtime_peak_bytes(copies: dict[str, Path]) -> int:
+    """Modelled peak of the bundle's run.py: the full-sequence graph and one decoder graph loaded together."""
+    from dsk_compress.export import graph_files
+
+    decoder = max((graph_files.size(copies[n]) for n in ("model.fused.onnx", "model.kv.onnx") if n in copies), default=0)
+    return int(SESSION_PEAK * (graph_files.size(copies["model.onnx"]) + decoder))
+
+
+def check_fits_device(copies: dict[str, Path], prof, variant: str) -> None:
+    """Refuse a bundle whose modelled runtime peak passes :data:`DEVICE_MEMORY_FRACTION` of the device's memory."""
+    peak, mem = runtime_peak_bytes(copies), prof.memory_gb * 1024**3
+    if peak > DEVICE_MEMORY_FRACTION * mem:
+        raise RunError(f"the {prof.name} bundle of {variant!r} needs about {peak / 1024**3:.1f} GiB at run time (its graphs "
+                       f"{', '.join(sorted(copies))} held open together) but {prof.name} has {prof.memory_gb:g} GB",
+                       hint="bundle an int8 variant (add a qat stage), prune or cut a smaller student, or use a device profile "
+                            "with more memory (memory_gb in devices/*.yaml)")
+
+
 def _save_tokenizer(task, dest: Path) -> str:
     """Write the text-lm task's tokenizer as ``tokenizer.json`` (the ``tokenizers`` format run.py reads)."""
     backend = getattr(task.tok, "backend_tokenizer", None)
@@ -343,7 +377,7 @@ def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, f
         + (f", p50 {p50:.2f} ms at batch 1" if p50 is not None else "") + ".\n"
         "These are not device figures: measure on the device. Raspberry Pi OS Bookworm and Debian 12 refuse `pip install` "
         "outside a virtual environment (externally-managed-environment), so make one in this folder:\n\n"
-        "```bash\nsudo apt install python3-venv        # if python3 -m venv says ensurepip is missing\n"
+        f"```bash\n{DEVICE_VENV}        # if python3 -m venv says ensurepip is missing\n"
         "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt\n"
         ".venv/bin/python run.py --out results.json\n```\n\n"
         "`results.json` holds session creation time, first inference, p50/p90/p99 at batch 1, throughput at batch 8 and 64 "

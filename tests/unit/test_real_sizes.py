@@ -130,3 +130,19 @@ def test_export_stage_is_estimated_and_auto_measures_a_big_teacher_in_torch(tmp_
     # the export of the student cut (3 of 12 layers, FFN 4096, 32k vocabulary) is modelled from the measured torch.onnx factor
     ps = est["student_params"]
     assert by_stage["export"] >= pf.TORCH_ONNX_EXPORT_PEAK * 4 * ps
+
+
+def test_bundle_whose_runtime_peak_passes_the_device_memory_is_refused_with_the_fix(tmp_path):
+    from dsk_compress.devices import load_device
+    from dsk_compress.export.bundle import check_fits_device, runtime_peak_bytes
+
+    copies = {}
+    for name, size in (("model.onnx", 1_200_000_000), ("model.fused.onnx", 1_200_000_000), ("model.kv.onnx", 500_000_000)):
+        with open(tmp_path / name, "wb") as f:  # sparse: only the sizes matter
+            f.truncate(size)
+        copies[name] = tmp_path / name
+    assert runtime_peak_bytes(copies) == int(1.65 * 2_400_000_000)  # the full graph and one decoder graph, held open together
+    check_fits_device(copies, load_device("rpi5"), "final-int8")  # 3.7 GiB of 8 GB
+    with pytest.raises(RunError, match="rpi4 bundle of 'final-int8' needs about 3.7 GiB") as e:
+        check_fits_device(copies, load_device("rpi4"), "final-int8")  # more than 80% of 4 GB
+    assert "int8" in e.value.hint and "memory_gb" in e.value.hint

@@ -232,12 +232,14 @@ def export_cmd(
     if variant is not None:
         raise RunError("--variant goes with --format genai or optimum", hint="a bundle ships the variant its device's precision picks")
     dest = make_bundle(run_dir, device, out)  # never replaces a folder it did not write (see make_bundle)
-    _console().print(f"bundle: {dest}  (on the device: pip install -r requirements.txt && python3 run.py)")
+    from dsk_compress.export.bundle import DEVICE_RECIPE
+
+    _console().print(f"bundle: {dest}  (on the device, in the bundle's folder: {DEVICE_RECIPE}; see its README.md)", markup=False)
 
 
 @app.command("bench")
 def bench_cmd(
-    target: Annotated[Path, typer.Argument(help="A run directory, or a deploy bundle folder.")],
+    target: Annotated[Path | None, typer.Argument(help="A run directory, or a deploy bundle folder.")] = None,
     device: Annotated[str | None, typer.Option("--device", "-d", help="Device profile: with --host and a RUN, whose bundle to send "
                                                "(exported when missing); without --host, whose threads and execution providers "
                                                "apply on this machine (another CPU architecture is refused).")] = None,
@@ -260,6 +262,14 @@ def bench_cmd(
     generate: Annotated[int | None, typer.Option("--generate", help="Also time greedy decode of N tokens with the fused decoder graph "
                                                  "(model.fused.onnx on a CPU; the plain KV-cache graph where there is no fused one).",
                                                  min=1)] = None,
+    other_arch: Annotated[bool, typer.Option("--other-arch", help="Measure even when the device's CPU architecture is not the "
+                                             "profile's; results are recorded under the device's host name, never the profile's.")] = False,
+    variants: Annotated[str | None, typer.Option("--variants", help="With --host and a run: 'all' or NAME,NAME,... of the run's "
+                                                 "exported variants to measure on the device in one session (default: the one "
+                                                 "the profile ships).")] = None,
+    clean: Annotated[str | None, typer.Option("--clean", metavar="HOST", help="Remove what earlier benches left on this device "
+                                              "(bundles, venvs, wheelhouses under --remote-dir), listing their sizes; stops a "
+                                              "run.py still running there.")] = None,
 ) -> None:
     """Measure a run where it runs (a device over SSH, or this machine) and add the numbers to the run's report.
 
@@ -276,10 +286,27 @@ def bench_cmd(
 
     from dsk_compress.progress import step_progress
 
+    from dsk_compress.errors import RunError
+
     c = _console()
-    with step_progress("bench"):  # each measurement names itself as it starts (stderr), the results come on stdout
-        out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-                    wheelhouse=wheelhouse, python=python, remote_dir=remote_dir, runs=runs, threads=threads, generate=generate, log=c.print)
+    if clean is not None:
+        from dsk_compress.benchmark import clean_device
+
+        if target is not None or host is not None:
+            raise RunError("--clean HOST takes no run and no --host", hint="dsk-compress bench --clean pi@rpi5.local")
+        clean_device(clean, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key, python=python,
+                     remote_dir=remote_dir, log=lambda m: c.print(m, markup=False))
+        return
+    if target is None:
+        raise RunError("bench needs a run directory or a bundle", hint="dsk-compress bench RUN --device rpi5 --host pi@rpi5.local")
+    try:
+        with step_progress("bench"):  # each measurement names itself as it starts (stderr), the results come on stdout
+            out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
+                        wheelhouse=wheelhouse, python=python, remote_dir=remote_dir, runs=runs, threads=threads, generate=generate,
+                        other_arch=other_arch, variants=variants, log=lambda m: c.print(m, markup=False))
+    except KeyboardInterrupt as e:  # over SSH: what ran on the device has been stopped (RemoteInterrupted says what)
+        typer.secho(getattr(e, "message", None) or "interrupted", err=True, fg="yellow")
+        raise typer.Exit(130) from None
     for err in out.errors:
         c.print(f"[yellow]not measured:[/yellow] {err}")
     if out.run_dir is not None:

@@ -93,7 +93,8 @@ def _bundle_run_dir(bundle: Path, card: dict) -> Path | None:
 def bench(target: str | Path, device: str | None = None, host: str | None = None, identity: str | Path | None = None,
           known_hosts: str | Path | None = None, accept_new_host_key: bool = False, wheelhouse: str | Path | None = None,
           python: str = "python3", remote_dir: str | None = None, runs: int | None = None, threads: int | None = None,
-          generate: int | None = None, timeout: float = 3600, log=print) -> BenchOutcome:
+          generate: int | None = None, timeout: float = 3600, other_arch: bool = False, variants: str | None = None,
+          log=print) -> BenchOutcome:
     """Measure a run or a bundle on a device over SSH (``host``) or on this machine, and merge the results into the run's report.
 
     Args:
@@ -108,6 +109,10 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         runs, threads: timed runs per batch size and intra-op threads (default: the bundle's / the profile's).
         generate: greedy decode steps (``run.py --generate N``; the bench stage's count on this machine).
         timeout: seconds for the device's venv install and for ``run.py``.
+        other_arch: with ``host``, measure even when the device's CPU architecture is not the profile's; the results are
+            then recorded under the device's own host name, never the profile's (without it such a device is refused).
+        variants: with ``host`` and a run: ``all`` or comma-separated variant names to measure on the device in one session
+            (one copy, one venv); default the variant the profile ships.
         log: where progress lines go.
 
     Returns:
@@ -129,7 +134,10 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         except ValueError as e:
             raise DeviceError(str(e), hint="e.g. --remote-dir ~/dsk-compress (under the device user's home) or an absolute path") from None
         return _bench_remote(target, device, host, identity, known_hosts, accept_new_host_key, wheelhouse, python,
-                             folder, runs, threads, generate, timeout, log)
+                             folder, runs, threads, generate, timeout, log, other_arch=other_arch, variants=variants)
+    if other_arch or variants:
+        raise DeviceError(f"{'--other-arch' if other_arch else '--variants'} goes with --host",
+                          hint="on this machine every artifact of a run is measured already")
     if _is_bundle(target):
         return _bench_bundle_here(target, device, runs, threads, generate, timeout, log)
     return _bench_run_here(target, device, runs, threads, generate, log)
@@ -138,8 +146,35 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
 # --------------------------------------------------------------------------- over SSH
 
 
+_ARM_CORES = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72",
+              "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77",
+              "0xd41": "Cortex-A78", "0xd42": "Cortex-A78AE", "0xd4b": "Cortex-A78C", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510",
+              "0xd47": "Cortex-A710", "0xd48": "Cortex-X2", "0xd4d": "Cortex-A715", "0xd80": "Cortex-A520", "0xd81": "Cortex-A720"}
+
+
+def check_device_fits_profile(probe, profile, host) -> str | None:
+    """Refuse a device whose Python's CPU architecture is not the profile's (one line, DeviceError); return a warning when
+    its CPU core is known and is not the one the profile describes (else None)."""
+    import re
+
+    from dsk_compress.devices import _normalize_arch
+
+    arch = _normalize_arch(probe.python_machine) or probe.python_machine
+    if arch != profile.arch:
+        raise DeviceError(f"{host} is {arch} ({probe.cpu or 'unknown CPU'}), not {profile.arch} like the {profile.name} profile: "
+                          f"its numbers would be reported as {profile.name}'s", hint=f"bench a {profile.arch} device with --device "
+                          f"{profile.name}, or pass --other-arch to measure it anyway under its own name ({host.hostname})")
+    m = re.search(r"part (0x[0-9a-f]+)", probe.cpu or "", re.I)
+    core = _ARM_CORES.get(m.group(1).lower()) if m else None
+    named = re.findall(r"Cortex-[AX]\d+\w*|Neoverse-\w+", profile.description)
+    if core and named and core not in named:
+        return (f"{host}'s CPU is a {core}, not the {named[0]} of the {profile.name} profile: its numbers are that CPU's "
+                f"(recorded with it)")
+    return None
+
+
 def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheelhouse, python, remote_dir, runs, threads, generate,
-                  timeout, log):
+                  timeout, log, other_arch=False, variants=None):
     from dsk_compress.runtimes.remote import Remote, parse_host
 
     h = parse_host(host)  # before anything is exported: a bad host is one line
@@ -154,28 +189,90 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
             raise DeviceError("--host needs --device with a run: which device's bundle to send", hint="e.g. --device rpi5")
         run_dir, bundle = target, _ensure_bundle(target, device, log)
         card = read_card(bundle)
+    from dsk_compress.devices import load_device
+
+    try:
+        profile = load_device(card["device"])
+    except DeviceError:  # a bundle written for a profile YAML that is not at hand: its architecture cannot be checked
+        profile = None
     name = card["device"]
-    out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
-    raw = out / "raw" / card["variant"]
     args = [a for flag, v in (("--runs", runs), ("--threads", threads), ("--generate", generate)) if v for a in (flag, str(v))]
     with Remote(h, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new, python=python,
                 command_timeout=timeout) as dev:
-        p = dev.probe()
+        p = dev.probe()  # before anything is copied: a device that is not the profile's is refused here
+        if profile is not None:
+            try:
+                warning = check_device_fits_profile(p, profile, h)
+            except DeviceError:
+                if not other_arch:
+                    raise
+                from dsk_compress.paths import check_component
+
+                try:
+                    name = check_component(h.hostname, "host name")
+                except ValueError:
+                    name = "ssh-host"
+                warning = (f"{h} is {p.python_machine}, not {profile.arch}: measuring with the {profile.name} bundle, recorded "
+                           f"under {name} (--other-arch), never as {profile.name}")
+            if warning:
+                log(f"warning: {warning}")
+        elif not other_arch:
+            log(f"warning: the {card['device']} profile is not known here: {h}'s architecture ({p.python_machine}) is not checked")
+        out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
+        raw = out / "raw" / card["variant"]
         measurement = "emulated" if p.emulated else "measured"
         if p.emulated:  # an emulator's timings say nothing of the device: batch 1 only, no throughput batches
             args += ["--batches", "1"]
         log(f"{h}: {p.python_machine} Python {p.python_version} ({p.cpu or 'unknown CPU'}){', emulated' if p.emulated else ''}; "
             f"running {bundle.name} ({card['variant']}, {card['precision']})")
         res = dev.run_bundle(bundle, out_dir=raw, run_args=[*args, "--measurement", measurement], wheelhouse=wheelhouse, timeout=timeout,
-                             remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{name}", venvs_root=f"{remote_dir}/venvs")
+                             remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{card['device']}",
+                             venvs_root=f"{remote_dir}/venvs", log=log)
     from dsk_compress.runtimes.result import parse_record
 
     rec = parse_record(res["results"], f"{raw / 'results.json'} (from {h})")
     rec = rec.model_copy(update={"provenance": rec.provenance.model_copy(update={
-        "ssh_host": str(h), "measurement": res["provenance"]["measurement"]})})
+        "ssh_host": str(h), "measurement": "emulated" if "emulated" in (res["provenance"]["measurement"], rec.provenance.measurement) else "measured"})})
     outcome = BenchOutcome(name=name, records=[rec], run_dir=run_dir, errors=list(rec.errors), measurement=rec.provenance.measurement)
     outcome.results = _save(out, name, [rec], run_dir, bundle_file=None if run_dir else out / f"{name}.json")
     return outcome
+
+
+def clean_device(host: str, identity: str | Path | None = None, known_hosts: str | Path | None = None, accept_new_host_key: bool = False,
+                 python: str = "python3", remote_dir: str | None = None, log=print) -> list[tuple[str, int]]:
+    """Remove what earlier benches left on a device: every entry of ``REMOTE_DIR/bundles`` and ``REMOTE_DIR/venvs`` (bundle
+    copies, venvs, half-made ones, wheelhouses), after stopping a run.py still running in a bundle folder.
+
+    Returns ``(path, bytes)`` of each entry removed (each is logged with its size); nothing outside those two folders is
+    touched.
+    """
+    from dsk_compress.paths import remote_dir as confine
+    from dsk_compress.runtimes.remote import _SIZES_SH, Remote, _size, parse_host
+
+    try:
+        folder = confine(DEFAULT_REMOTE_DIR if remote_dir is None else remote_dir)
+    except ValueError as e:
+        raise DeviceError(str(e), hint="e.g. --remote-dir ~/dsk-compress (under the device user's home) or an absolute path") from None
+    h = parse_host(host)
+    with Remote(h, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key, python=python) as dev:
+        root = dev.path(folder).rstrip("/")
+        dirs = [f"{root}/bundles", f"{root}/venvs"]
+        found = []
+        for line in dev.run(["sh", "-c", _SIZES_SH, "sh", *dirs], timeout=600).stdout.splitlines():
+            kb, _, path = line.partition("\t")
+            if kb.strip().isdigit() and path and any(path.startswith(d + "/") for d in dirs):
+                found.append((path, int(kb) * 1024))
+        for path, _ in found:
+            if path.startswith(dirs[0] + "/"):
+                for what in dev.stop_run(path):
+                    log(f"stopped on {h}: {what}")
+        if found:
+            dev.run(["rm", "-rf", "--", *(path for path, _ in found)], timeout=600)
+        for path, size in found:
+            log(f"removed {path} ({_size(size)})")
+        log(f"{h}: removed {len(found)} item(s), {_size(sum(n for _, n in found))} freed under {root}" if found
+            else f"{h}: nothing to remove under {root}")
+    return found
 
 
 def _ensure_bundle(run_dir: Path, device: str, log) -> Path:

@@ -343,7 +343,8 @@ def parse_args(card, argv=None):
     ap.add_argument("--prompt", default=None, help="text to continue with --generate (default: half of the first evaluation window); "
                                                    "the continuation is printed")
     ap.add_argument("--measurement", choices=["measured", "emulated"], default="measured",
-                    help="emulated: this Python runs under an emulator (dsk-compress bench sets it); timings are then the emulator's")
+                    help="emulated: this Python runs under an emulator; timings are then the emulator's (detected by itself too: "
+                         "measured is never written for an emulated Python)")
     ap.add_argument("--out", default="results.json")
     a = ap.parse_args(argv)
     a.batches = [int(b) for b in a.batches.split(",")]
@@ -354,14 +355,57 @@ def parse_args(card, argv=None):
     return a
 
 
+_FAMILY = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm", "arm64": "arm", "armv6l": "arm",
+           "armv7l": "arm", "armv8l": "arm", "riscv64": "riscv", "ppc64le": "power", "s390x": "s390"}
+
+
+def _family(machine):
+    m = (machine or "").strip().lower()
+    return _FAMILY.get(m, m)
+
+
+def emulation():
+    """Why this Python looks emulated (e.g. arm64 Python under qemu-user on an x86 machine), or None.
+
+    Under qemu-user the emulated ``uname()`` says aarch64, but a native program it starts (``uname -m``) runs on the real
+    kernel and says x86_64; an x86 ``/proc/cpuinfo`` seen from an ARM Python, or a qemu binfmt handler for this Python's
+    own machine, say the same. Timings under an emulator are the emulator's, so results are labelled emulated."""
+    import platform
+    import subprocess
+
+    mine = platform.machine()
+    try:
+        native = subprocess.run(["uname", "-m"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        native = ""
+    if native and _family(native) != _family(mine):
+        return "this %s Python runs on a %s kernel (an emulator)" % (mine, native)
+    try:
+        with open("/proc/cpuinfo", errors="replace") as f:
+            cpuinfo = f.read()
+    except OSError:
+        cpuinfo = ""
+    if _family(mine) == "arm" and ("GenuineIntel" in cpuinfo or "AuthenticAMD" in cpuinfo):
+        return "this %s Python sees an x86 CPU in /proc/cpuinfo (an emulator)" % mine
+    try:  # qemu-user-binfmt registers handlers only for foreign machines: one for our own says we run under it
+        with open("/proc/sys/fs/binfmt_misc/qemu-" + mine) as f:
+            if f.readline().strip() == "enabled":
+                return "a qemu-%s handler is registered here: this machine's CPU is another one (an emulator)" % mine
+    except OSError:
+        pass
+    return None
+
+
 def record_base(card, a):
     """The parts of the result known before measuring: what is measured, and where."""
     facts = M.machine_facts()
+    why = emulation()
+    measurement = "emulated" if why or a.measurement == "emulated" else "measured"
     return {"schema": M.SCHEMA, "schema_version": M.SCHEMA_VERSION, "variant": card["variant"], "role": card.get("role"),
             "precision": card["precision"], "artifact": card["model"], "size_bytes": existing_file(card, "model", "the model").stat().st_size,
-            "provenance": dict(facts, measurement=a.measurement, location="device", device_profile=card.get("device"), gpu=None,
+            "provenance": dict(facts, measurement=measurement, location="device", device_profile=card.get("device"), gpu=None,
                                source_run=card.get("source_run"), ssh_host=None, tool="run.py", created=M.now_utc()),
-            "memory": {}, "notes": "", "errors": []}
+            "memory": {}, "notes": ("emulated: %s; timings are the emulator's" % why) if why else "", "errors": []}
 
 
 def write(path, res):
@@ -407,7 +451,7 @@ def _main(argv=None):
         except (ImportError, Unavailable) as e:
             print("TensorRT is not usable here (%s): falling back to onnxruntime" % e)
             a.runtime = "onnxruntime"
-            res["notes"] = "TensorRT unavailable (%s): measured in onnxruntime" % e
+            res["notes"] = "; ".join(x for x in (res["notes"], "TensorRT unavailable (%s): measured in onnxruntime" % e) if x)
     if a.runtime == "onnxruntime":
         predict, timed, info = ort_runtime(card, a.threads, providers)
     session_ms = (time.perf_counter() - t0) * 1000.0

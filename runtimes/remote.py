@@ -59,6 +59,7 @@ from dsk_compress.errors import DeviceError
 
 DEFAULT_BUNDLES_ROOT = "~/dsk-compress/bundles"
 DEFAULT_VENVS_ROOT = "~/dsk-compress/venvs"
+PID_FILE = ".run.pid"  # the running run.py's PID, beside it on the device
 VENV_MARKER = "dsk-venv.json"  # written last: a venv without it is unfinished and gets rebuilt
 TAIL_LINES = 15
 
@@ -88,6 +89,26 @@ print(json.dumps({"machine": platform.machine(), "version": platform.python_vers
                   "implementation": platform.python_implementation(), "cpu": cpu, "cpu_count": os.cpu_count()}))
 """
 _UNTAR_SH = 'mkdir -p -- "$1" && exec tar -x -o -f - -C "$1"'  # -o: files belong to the login user
+# Starts a command with its PID in a file ($1), so an interrupted bench can stop it (exec: the PID stays the command's; GNU
+# timeout, when it is the command, leads its own process group, so the group holds run.py and all it started).
+_RUN_SH = 'echo $$ > "$1" && shift && exec "$@"'
+# Stops what _RUN_SH started ($1: the PID file) when it is still a run.py: its process group, then the process; prints
+# "PID ARGS" of what it stopped (nothing when nothing ran) and removes the PID file.
+_STOP_SH = r"""f=$1; [ -f "$f" ] || exit 0
+pid=$(cat -- "$f" 2>/dev/null); rm -f -- "$f"
+case $pid in ''|*[!0-9]*) exit 0;; esac
+what=$(ps -o args= -p "$pid" 2>/dev/null) || exit 0
+case $what in *run.py*) ;; *) exit 0;; esac
+echo "$pid $what"
+kill -TERM -"$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null
+i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+kill -KILL -"$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null; exit 0"""
+# Free bytes of the filesystem that holds $1 (its nearest existing folder): df -P's available 1K-blocks.
+_FREE_SH = r"""d=$1; while [ ! -d "$d" ]; do d=$(dirname -- "$d"); done; df -Pk -- "$d" | awk 'NR==2 {print $4 * 1024}'"""
+# Lists "KBYTES<TAB>PATH" of each entry of the folders given (du -sk), for --clean.
+_SIZES_SH = r"""for d in "$@"; do [ -d "$d" ] || continue; for e in "$d"/* "$d"/.[!.]*; do [ -e "$e" ] && du -sk -- "$e"; done; done; exit 0"""
+_NO_SPACE = re.compile(r"No space left on device|Errno 28|ENOSPC|Disk quota exceeded")
+_NO_PERMISSION = re.compile(r"Permission denied|Errno 13|Read-only file system|Operation not permitted")
 _WRITE_SH = 'mkdir -p -- "$(dirname -- "$1")" && exec cat > "$1"'
 # Reads {relative path: size} on stdin; prints the SHA-256 of each file that exists with that size.
 _HASH_PY = r"""
@@ -158,6 +179,24 @@ class RemotePythonError(RemoteError):
 
 class VenvError(RemoteError):
     """The device's virtual environment could not be created or installed."""
+
+
+class DiskFullError(RemoteError):
+    """The device's disk filled up (or its quota): the message names the free space and the space needed."""
+
+
+class RemotePermissionError(RemoteError):
+    """The login user may not write where the bench puts its files on the device."""
+
+
+class RemoteInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a remote run: what was running on the device has been stopped. ``stopped`` lists it ("PID ARGS")."""
+
+    def __init__(self, host: str, stopped: list[str]) -> None:
+        self.stopped = stopped
+        what = "; ".join(stopped) if stopped else "nothing was running there any more"
+        self.message = f"interrupted: stopped on {host}: {what}"
+        super().__init__(self.message)
 
 
 @dataclass(frozen=True)
@@ -250,6 +289,7 @@ class Remote:
         self.host = host if isinstance(host, Host) else parse_host(host)
         self.python = python
         self.command_timeout = command_timeout
+        self.known_hosts = None if known_hosts is None else str(known_hosts)
         self._probe: Probe | None = None
         if shutil.which("ssh") is None:
             raise RemoteError("the OpenSSH client (ssh) is not installed here",
@@ -328,12 +368,15 @@ class Remote:
     def _raise_ssh_error(self, err: str) -> None:
         """Turn ssh's own failures (exit 255) into one-line errors with a hint; other 255s are the command's."""
         h = self.host
-        scan = f"ssh-keyscan {'-p ' + str(h.port) + ' ' if h.port else ''}{h.hostname} >> ~/.ssh/known_hosts"
+        entry = f"[{h.hostname}]:{h.port}" if h.port and h.port != 22 else h.hostname  # how known_hosts names it
+        kh = shlex.quote(self.known_hosts) if self.known_hosts else "~/.ssh/known_hosts"
+        scan = f"ssh-keyscan {'-p ' + str(h.port) + ' ' if h.port else ''}{shlex.quote(h.hostname)} >> {kh}"
+        remove = f"ssh-keygen -R {shlex.quote(entry)}" + (f" -f {kh}" if self.known_hosts else "")
         if re.search(r"HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed", err):
             raise HostKeyError(f"the host key of {h} differs from the one in known_hosts (refused: possible man-in-the-middle)",
-                               hint=f"if the device was reinstalled, check its fingerprint and remove the old key: ssh-keygen -R {h.hostname}")
+                               hint=f"if the device was reinstalled, check its fingerprint and remove the old key: {remove}")
         if re.search(r"No \S+ host key is known|Host key verification failed", err):
-            raise HostKeyError(f"the host key of {h} is not in known_hosts",
+            raise HostKeyError(f"the host key of {h} is not in known_hosts" + (f" ({self.known_hosts})" if self.known_hosts else ""),
                                hint=f"check the device's fingerprint and add it ({scan}), or pass --accept-new-host-key to trust it on first use")
         if "Permission denied" in err or "Too many authentication failures" in err:
             raise AuthError(f"{h} refused our SSH keys: {_last_line(err)}",
@@ -393,9 +436,57 @@ class Remote:
                     for rel in send:
                         tar.add(files[rel], arcname=rel, filter=_anonymous)
                 buf.seek(0)
-                self._exec(["sh", "-c", _UNTAR_SH, "sh", dest], timeout=timeout, check=True, stdin=buf)
+                r = self._exec(["sh", "-c", _UNTAR_SH, "sh", dest], timeout=timeout, check=False, stdin=buf)
+            if r.returncode != 0:  # remove what this copy left half-written: a full disk stays full otherwise
+                err = _text(r.stderr)
+                self._remove_partial(dest, send, whole=not there)
+                need = sum(files[rel].stat().st_size for rel in send)
+                self.raise_storage_error(err, dest, need, f"copying {len(send)} file(s) to {dest}")
+                raise RemoteCommandError(f"copying files to {dest} on {self.host} failed (exit {r.returncode}): {_last_line(err)}",
+                                         returncode=r.returncode, stderr=err)
         return Transfer(sent=send, skipped=[r for r in files if r not in send],
                         bytes_sent=sum(files[r].stat().st_size for r in send))
+
+    def _remove_partial(self, dest: str, rels: Sequence[str], whole: bool) -> None:
+        """Remove ``dest`` (``whole``: the copy made it) or the files of ``rels`` in it, ignoring failures."""
+        if whole:
+            self._exec(["rm", "-rf", "--", dest], timeout=300, check=False)
+        elif rels:
+            self._exec(["rm", "-f", "--", *(f"{dest}/{rel}" for rel in rels)], timeout=300, check=False)
+
+    def free_bytes(self, path: str) -> int | None:
+        """Free bytes on the device's filesystem holding ``path`` (or its nearest existing parent); None if unknown."""
+        r = self._exec(["sh", "-c", _FREE_SH, "sh", self.path(path)], timeout=60, check=False, text=True)
+        try:
+            return int(r.stdout.split()[-1])
+        except (IndexError, ValueError):
+            return None
+
+    def raise_storage_error(self, err: str, where: str, needed: int | None, doing: str, remove: Sequence[str] = (),
+                            by_free_space: bool = False) -> None:
+        """Raise DiskFullError (with the free space there and ``needed`` bytes) or RemotePermissionError when ``err`` says so.
+
+        ``remove``: folders deleted first when the disk is full (what the failed step half-made), so the free space named is
+        what the user has. ``by_free_space``: also call it a full disk when less than ``needed`` is free (a tool that hides
+        the ENOSPC of a child, as ``python -m venv`` does for ensurepip)."""
+        full = bool(_NO_SPACE.search(err))
+        if not full and by_free_space and needed:
+            free = self.free_bytes(where)
+            full = free is not None and free < needed
+        if full:
+            if remove:
+                self._exec(["rm", "-rf", "--", *remove], timeout=300, check=False)
+            free = self.free_bytes(where)
+            room = f"{_size(free)} free" if free is not None else "free space unknown"
+            need = f", about {_size(needed)} needed" if needed else ""
+            raise DiskFullError(f"the disk of {self.host} is full: {doing} stopped ({room} under {where}{need})",
+                                hint=f"free space on the device (dsk-compress bench --clean {self.host} removes what earlier benches "
+                                     "left), or give a folder on a bigger disk with --remote-dir")
+        if _NO_PERMISSION.search(err):
+            user = self.host.user or "the login user"
+            raise RemotePermissionError(f"permission denied on {self.host}: {doing} ({_last_line(err)})",
+                                        hint=f"give a folder {user} may write with --remote-dir (e.g. ~/dsk-compress), or make it theirs "
+                                             f"(sudo chown -R {user} FOLDER)")
 
     def get(self, remote_path: str, local_path: str | Path, *, timeout: float | None = None) -> Path:
         """Copy one file from the device to ``local_path`` (written atomically); returns the local path."""
@@ -412,7 +503,12 @@ class Remote:
 
     def write(self, remote_path: str, data: str, *, timeout: float | None = None) -> None:
         """Write ``data`` to a file on the device (its folder created if needed)."""
-        self._exec(["sh", "-c", _WRITE_SH, "sh", self.path(remote_path)], timeout=timeout, check=True, input=data, text=True)
+        dest = self.path(remote_path)
+        r = self._exec(["sh", "-c", _WRITE_SH, "sh", dest], timeout=timeout, check=False, input=data, text=True)
+        if r.returncode != 0:
+            self.raise_storage_error(r.stderr, dest, len(data.encode()), f"writing {dest}")
+            raise RemoteCommandError(f"writing {dest} on {self.host} failed (exit {r.returncode}): {_last_line(r.stderr)}",
+                                     returncode=r.returncode, stderr=r.stderr)
 
     # ------------------------------------------------------------------ venv and bundles
 
@@ -442,33 +538,59 @@ class Remote:
         if seen.returncode == 0 and seen.stdout.strip():
             return Venv(vdir, vpy, key, created=False, packages=json.loads(seen.stdout).get("packages", {}))
         self.run(["rm", "-rf", "--", vdir], timeout=300)  # half-made by an interrupted build, or never made
-        made = self._exec([self.python, "-m", "venv", vdir], timeout=timeout, check=False, text=True)
-        if made.returncode != 0:
-            if re.search(r"ensurepip is not available|No module named venv", made.stderr + made.stdout):
-                mm = ".".join(p.python_version.split(".")[:2])
-                raise VenvError(f"`{self.python} -m venv` is not available on {self.host}",
-                                hint=f"install it on the device: sudo apt install python3-venv (or python{mm}-venv)")
-            raise VenvError(f"creating a venv on {self.host} failed: {_tail(made.stderr or made.stdout)}")
-        self.write(f"{vdir}/requirements.txt", reqs)
-        pip = [vpy, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-r", f"{vdir}/requirements.txt"]
-        if wheelhouse is not None:
-            wdir = f"{root}/wheelhouse-{hashlib.sha256(json.dumps(wheels).encode()).hexdigest()[:12]}"
-            self.put(wheelhouse, wdir, timeout=timeout)
-            pip += ["--no-index", "--find-links", wdir]
-        inst = self._exec(pip, timeout=timeout, check=False, text=True)
-        if inst.returncode != 0:
-            hint = (f"the wheelhouse needs wheels of every requirement for Python {p.python_version} on {p.python_machine} "
-                    "(pip download --only-binary=:all: --platform ... --python-version ...)" if wheelhouse is not None
-                    else "check the device's internet access, or pass --wheelhouse DIR to install offline")
-            raise VenvError(f"pip install -r requirements.txt failed on {self.host}: {_tail(inst.stderr or inst.stdout)}", hint=hint)
+        wbytes = sum(w.stat().st_size for w in Path(wheelhouse).glob("*.whl")) if wheelhouse is not None else 0
+        needed = 25 * (1 << 20) + 3 * wbytes  # the venv with pip, and the installed wheels (about 3x their compressed size)
+        wdir = f"{root}/wheelhouse-{hashlib.sha256(json.dumps(wheels).encode()).hexdigest()[:12]}" if wheelhouse is not None else None
+        try:
+            made = self._exec([self.python, "-m", "venv", vdir], timeout=timeout, check=False, text=True)
+            if made.returncode != 0:
+                out = made.stderr + made.stdout
+                self._exec(["rm", "-rf", "--", vdir], timeout=300, check=False)
+                self.raise_storage_error(out, vdir, needed, f"creating the venv {vdir}", remove=[d for d in (wdir,) if d],
+                                         by_free_space=True)
+                if re.search(r"ensurepip is not available|No module named venv", out):
+                    mm = ".".join(p.python_version.split(".")[:2])
+                    raise VenvError(f"`{self.python} -m venv` is not available on {self.host} (python3-venv is not installed)",
+                                    hint=f"install it on the device: sudo apt install python3-venv (or python{mm}-venv)")
+                raise VenvError(f"creating a venv on {self.host} failed: {_tail(made.stderr or made.stdout)}")
+            self.write(f"{vdir}/requirements.txt", reqs)
+            pip = [vpy, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-r", f"{vdir}/requirements.txt"]
+            if wdir is not None:
+                self.put(wheelhouse, wdir, timeout=timeout)
+                pip += ["--no-index", "--find-links", wdir]
+            inst = self._exec(pip, timeout=timeout, check=False, text=True)
+            if inst.returncode != 0:
+                self._exec(["rm", "-rf", "--", vdir], timeout=300, check=False)
+                self.raise_storage_error(inst.stderr + inst.stdout, vdir, needed, f"installing requirements.txt into {vdir}",
+                                         remove=[d for d in (wdir,) if d], by_free_space=True)
+                hint = (f"the wheelhouse needs wheels of every requirement for Python {p.python_version} on {p.python_machine} "
+                        "(pip download --only-binary=:all: --platform ... --python-version ...)" if wheelhouse is not None
+                        else "check the device's internet access, or pass --wheelhouse DIR to install offline")
+                raise VenvError(f"pip install -r requirements.txt failed on {self.host}: {_tail(inst.stderr or inst.stdout)}", hint=hint)
+        except BaseException as e:  # a failed or interrupted build leaves nothing behind (a full disk would stay full)
+            gone = [vdir] + ([wdir] if wdir is not None and isinstance(e, DiskFullError) else [])
+            try:
+                self._exec(["rm", "-rf", "--", *gone], timeout=300, check=False)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
         info = {"key": key, "python": p.python_version, "machine": p.python_machine, "requirements": reqs, "offline": wheels is not None,
                 "created_at": _now()}
         done = self._exec([vpy, "-c", _WRITE_MARKER_PY, f"{vdir}/{VENV_MARKER}"], timeout=300, check=True, text=True, input=json.dumps(info))
         return Venv(vdir, vpy, key, created=True, packages=json.loads(done.stdout)["packages"])
 
+    def stop_run(self, remote_dir: str) -> list[str]:
+        """Stop the run.py a bundle run started in ``remote_dir`` (its process group, by the PID file) if it still runs.
+
+        Returns ``"PID ARGS"`` of what was stopped (empty: nothing ran). Safe to call any time; a PID that now belongs to
+        another program is left alone."""
+        pidfile = f"{self.path(remote_dir).rstrip('/')}/{PID_FILE}"
+        r = self._exec(["sh", "-c", _STOP_SH, "sh", pidfile], timeout=60, check=False, text=True)
+        return [line.strip() for line in r.stdout.splitlines() if line.strip()]
+
     def run_bundle(self, bundle_dir: str | Path, *, out_dir: str | Path, remote_root: str | None = None,
                    run_args: Sequence[str] = (), wheelhouse: str | Path | None = None, venvs_root: str = DEFAULT_VENVS_ROOT,
-                   timeout: float = 1800) -> dict:
+                   timeout: float = 1800, log=None) -> dict:
         """Run a deploy bundle on the device and bring back its results, labelled with where they were measured.
 
         Copies the bundle to ``remote_root`` (default ``~/dsk-compress/bundles/<bundle name>``), makes or
@@ -491,12 +613,17 @@ class Remote:
                                                                      (venvs_root, "the venvs folder")))
         p = self.probe()
         rdir = self.path(remote_root).rstrip("/")
+        stale = self.stop_run(rdir)  # an earlier bench's run.py (its ssh killed, say) would compete with this one
+        if stale and log is not None:
+            log(f"stopped a run.py an earlier bench left running on {self.host}: {'; '.join(stale)}")
         transfer = self.put(bundle, rdir, timeout=timeout)
         venv = self.ensure_venv(bundle / "requirements.txt", root=venvs_root, wheelhouse=wheelhouse, timeout=timeout)
         self.run(["rm", "-f", "--", f"{rdir}/results.json"])  # never fetch a previous run's results
         argv = [venv.python, f"{rdir}/run.py", "--out", f"{rdir}/results.json", *run_args]
         if p.has_timeout:  # the device stops run.py itself: a killed ssh client may not
             argv = ["timeout", "-k", "10", str(int(timeout)), *argv]
+        pidfile = f"{rdir}/{PID_FILE}"
+        argv = ["sh", "-c", _RUN_SH, "sh", pidfile, *argv]  # its PID on the device: Ctrl-C here stops it there
         out.mkdir(parents=True, exist_ok=True)
         prov = {"host": str(self.host), "uname_machine": p.uname_machine, "python_machine": p.python_machine,
                 "emulated": p.emulated, "measurement": "emulated" if p.emulated else "measured", "os": p.os,
@@ -510,6 +637,12 @@ class Remote:
             log, rc, err = r.stdout + r.stderr, r.returncode, r.stderr
         except RemoteTimeout as e:  # keep what it printed
             timed_out, log, rc, err = True, e.stdout + e.stderr, None, e.stderr
+            self.stop_run(rdir)
+        except KeyboardInterrupt:  # Ctrl-C: the ssh client is gone, run.py is not; stop it on the device
+            stopped = self.stop_run(rdir)
+            prov.update(wall_s=round(time.perf_counter() - t0, 3), finished_at=_now(), returncode=None, interrupted=True, stopped=stopped)
+            (out / "provenance.json").write_text(json.dumps(prov, indent=2))
+            raise RemoteInterrupted(str(self.host), stopped) from None
         prov.update(wall_s=round(time.perf_counter() - t0, 3), finished_at=_now(), returncode=rc)
         (out / "run.log").write_text(log)
         (out / "provenance.json").write_text(json.dumps(prov, indent=2))
@@ -577,6 +710,16 @@ def _tail(text: str) -> str:
 def _short(args: Sequence[str]) -> str:
     s = shlex.join(args)
     return s if len(s) <= 120 else s[:117] + "..."
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def _now() -> str:

@@ -110,7 +110,7 @@ def test_changed_host_key_is_refused_even_with_accept_new(ssh_server, tmp_path):
         with Remote(ssh_server.host, identity=ssh_server.client_key, known_hosts=kh, accept_new_host_key=accept) as r:
             with pytest.raises(HostKeyError, match="differs from the one in known_hosts") as ei:
                 r.run(["true"])
-        assert "ssh-keygen -R 127.0.0.1" in ei.value.hint
+        assert f"ssh-keygen -R '[127.0.0.1]:{ssh_server.port}' -f {kh}" in ei.value.hint  # the entry as known_hosts names it
     assert kh.read_text() == before
 
 

@@ -54,7 +54,8 @@ which never occurs in the Python source it is trained on."""
 
 @dataclass
 class DecoderSource:
-    """One variant's decoder graph and what a runtime's folder says about it (read from a run by :func:`dsk_compress.export.runtime_folders.decoder_source`)."""
+    """One variant's decoder graph and what a runtime's folder says about it (read from a run by
+    :func:`dsk_compress.export.runtime_folders.decoder_source`)."""
 
     variant: str
     precision: str

@@ -22,6 +22,8 @@ from dsk_compress.export.genai import DecoderSource
 
 FORMATS = ("genai", "optimum")
 """Folder formats besides the deploy bundle (``bundle``, the export command's default)."""
+
+
 def default_variant(artifacts: dict) -> str:
     """``final`` (the QAT student) when the run has it, else the last float student with a decoder graph."""
     if "final" in artifacts:

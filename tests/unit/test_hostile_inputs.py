@@ -164,8 +164,9 @@ def test_alias_bomb_in_a_set_value_is_refused(capsys):
 def _save_llama(d: Path, **kw) -> Path:
     from conftest import tiny_llama
 
-    tiny_llama(**kw).save_pretrained(d, safe_serialization=True)
-    return d
+    from dsk_compress.models.hf import save_hf_dir
+
+    return save_hf_dir(tiny_llama(**kw), d)  # quiet: transformers 5 prints "Writing model shards" to stderr
 
 
 def test_hf_model_whose_weights_lack_tensors_is_refused_naming_them(tmp_path):

@@ -264,9 +264,6 @@ def bench_cmd(
                                                  min=1)] = None,
     other_arch: Annotated[bool, typer.Option("--other-arch", help="Measure even when the device's CPU architecture is not the "
                                              "profile's; results are recorded under the device's host name, never the profile's.")] = False,
-    variants: Annotated[str | None, typer.Option("--variants", help="With --host and a run: 'all' or NAME,NAME,... of the run's "
-                                                 "exported variants to measure on the device in one session (default: the one "
-                                                 "the profile ships).")] = None,
     clean: Annotated[str | None, typer.Option("--clean", metavar="HOST", help="Remove what earlier benches left on this device "
                                               "(bundles, venvs, wheelhouses under --remote-dir), listing their sizes; stops a "
                                               "run.py still running there.")] = None,
@@ -303,7 +300,7 @@ def bench_cmd(
         with step_progress("bench"):  # each measurement names itself as it starts (stderr), the results come on stdout
             out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
                         wheelhouse=wheelhouse, python=python, remote_dir=remote_dir, runs=runs, threads=threads, generate=generate,
-                        other_arch=other_arch, variants=variants, log=lambda m: c.print(m, markup=False))
+                        other_arch=other_arch, log=lambda m: c.print(m, markup=False))
     except KeyboardInterrupt as e:  # over SSH: what ran on the device has been stopped (RemoteInterrupted says what)
         typer.secho(getattr(e, "message", None) or "interrupted", err=True, fg="yellow")
         raise typer.Exit(130) from None

@@ -93,8 +93,7 @@ def _bundle_run_dir(bundle: Path, card: dict) -> Path | None:
 def bench(target: str | Path, device: str | None = None, host: str | None = None, identity: str | Path | None = None,
           known_hosts: str | Path | None = None, accept_new_host_key: bool = False, wheelhouse: str | Path | None = None,
           python: str = "python3", remote_dir: str | None = None, runs: int | None = None, threads: int | None = None,
-          generate: int | None = None, timeout: float = 3600, other_arch: bool = False, variants: str | None = None,
-          log=print) -> BenchOutcome:
+          generate: int | None = None, timeout: float = 3600, other_arch: bool = False, log=print) -> BenchOutcome:
     """Measure a run or a bundle on a device over SSH (``host``) or on this machine, and merge the results into the run's report.
 
     Args:
@@ -111,8 +110,6 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         timeout: seconds for the device's venv install and for ``run.py``.
         other_arch: with ``host``, measure even when the device's CPU architecture is not the profile's; the results are
             then recorded under the device's own host name, never the profile's (without it such a device is refused).
-        variants: with ``host`` and a run: ``all`` or comma-separated variant names to measure on the device in one session
-            (one copy, one venv); default the variant the profile ships.
         log: where progress lines go.
 
     Returns:
@@ -134,10 +131,9 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         except ValueError as e:
             raise DeviceError(str(e), hint="e.g. --remote-dir ~/dsk-compress (under the device user's home) or an absolute path") from None
         return _bench_remote(target, device, host, identity, known_hosts, accept_new_host_key, wheelhouse, python,
-                             folder, runs, threads, generate, timeout, log, other_arch=other_arch, variants=variants)
-    if other_arch or variants:
-        raise DeviceError(f"{'--other-arch' if other_arch else '--variants'} goes with --host",
-                          hint="on this machine every artifact of a run is measured already")
+                             folder, runs, threads, generate, timeout, log, other_arch=other_arch)
+    if other_arch:
+        raise DeviceError("--other-arch goes with --host", hint="on this machine the architecture is checked against --device")
     if _is_bundle(target):
         return _bench_bundle_here(target, device, runs, threads, generate, timeout, log)
     return _bench_run_here(target, device, runs, threads, generate, log)
@@ -174,7 +170,7 @@ def check_device_fits_profile(probe, profile, host) -> str | None:
 
 
 def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheelhouse, python, remote_dir, runs, threads, generate,
-                  timeout, log, other_arch=False, variants=None):
+                  timeout, log, other_arch=False):
     from dsk_compress.runtimes.remote import Remote, parse_host
 
     h = parse_host(host)  # before anything is exported: a bad host is one line

@@ -409,4 +409,9 @@ def compare_reports(run_dirs: list[Path]) -> list[dict]:
         if not rep.get("run"):
             rep["run"] = Path(d).name
         reports.append(rep)
+    names = [r["run"] for r in reports]
+    for i, rep in enumerate(reports):  # copies of one run (or runs of one name) are told apart by their folder
+        if names.count(rep["run"]) > 1:
+            same = [j for j, r in enumerate(reports) if names[j] == names[i] and r["run_dir"] == rep["run_dir"]]
+            rep["run"] = f"{names[i]} ({rep['run_dir']})" + (f" #{same.index(i) + 1}" if len(same) > 1 else "")
     return reports

@@ -339,3 +339,16 @@ def test_unknown_host_key_hint_adds_it_to_the_known_hosts_in_use(ssh_server, tmp
     subprocess.run(["sh", "-c", cmd], check=True, capture_output=True)
     with Remote(ssh_server.host, identity=ssh_server.client_key, known_hosts=kh) as r:  # no flag needed now
         assert r.run(["echo", "ok"]).stdout == "ok\n"
+
+
+# --------------------------------------------------------------------------- 6. report
+
+
+def test_report_compare_tells_runs_of_one_name_apart_by_folder(tmp_path, monkeypatch):
+    from dsk_compress.report import model
+
+    monkeypatch.setattr(model, "load_report", lambda d: {"run": "quant-prune-distill-20261123-070000", "variants": []})
+    runs = [tmp_path / f / "quant-prune-distill-20261123-070000" for f in ("a", "b")]
+    got = [r["run"] for r in model.compare_reports([*runs, runs[0]])]
+    assert got == [f"quant-prune-distill-20261123-070000 ({runs[0]}) #1", f"quant-prune-distill-20261123-070000 ({runs[1]})",
+                   f"quant-prune-distill-20261123-070000 ({runs[0]}) #2"]

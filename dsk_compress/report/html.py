@@ -97,6 +97,24 @@ def render_pareto_png(report: Report | Mapping[str, Any], section: DeviceSection
     return _plot(rows, recommended, pareto, where)
 
 
+def spread_labels(fig, labels: list, step: float = 9, tries: int = 12) -> list:
+    """Move each label (in order) down, then up, by ``step`` points until its box overlaps no earlier one; returns the boxes.
+
+    The crowding guess above works in data units; text widths are only known once drawn, so this pass measures them."""
+    renderer = fig.canvas.get_renderer()
+    boxes: list = []
+    for a in labels:
+        x0, y0 = a.xyann
+        for k in range(tries * 2 + 1):
+            dy = step * ((k + 1) // 2) * (-1 if k % 2 else 1)
+            a.xyann = (x0, y0 + dy)
+            box = a.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in boxes):
+                break
+        boxes.append(box)
+    return boxes
+
+
 def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where: str) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -121,6 +139,7 @@ def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where:
         ys = [y for _, _, y in pts]
         near_y = 0.05 * max(max(ys) - min(ys), 1e-9)
         placed: list[tuple[float, float]] = []
+        labels: list = []
         for i, (v, x, y) in sorted(enumerate(pts), key=lambda t: -t[1][2]):  # top down, so crowded labels step downwards
             colour = _ROLE_COLOURS.get(str(v.role), _OTHER_COLOUR)
             on_front = i in front
@@ -131,7 +150,7 @@ def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where:
             # a label near an earlier one (close in log latency and accuracy) steps down a line so they do not overprint
             crowd = sum(1 for px, py in placed if abs(math.log10(max(x, 1e-9) / max(px, 1e-9))) < 0.08 and abs(y - py) < near_y)
             placed.append((x, y))
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5 - 10 * crowd), fontsize=8)
+            labels.append(ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5 - 10 * crowd), fontsize=8))
         if all(x > 0 for _, x, _ in pts):
             ax.set_xscale("log")
             xs = [x for _, x, _ in pts]
@@ -147,6 +166,7 @@ def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where:
         ax.grid(True, which="both", alpha=0.25)
         title = "Accuracy vs latency  (◆ Pareto-optimal" + (", outlined = recommended)" if recommended else ")")
         ax.set_title(f"{textwrap.shorten(where, 90, placeholder=' ...')}\n{title}" if where else title, fontsize=9)
+        spread_labels(fig, labels)
         if len(fx) > 1:
             ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -411,7 +411,10 @@ def compare_reports(run_dirs: list[Path]) -> list[dict]:
         reports.append(rep)
     names = [r["run"] for r in reports]
     for i, rep in enumerate(reports):  # copies of one run (or runs of one name) are told apart by their folder
-        if names.count(rep["run"]) > 1:
-            same = [j for j, r in enumerate(reports) if names[j] == names[i] and r["run_dir"] == rep["run_dir"]]
-            rep["run"] = f"{names[i]} ({rep['run_dir']})" + (f" #{same.index(i) + 1}" if len(same) > 1 else "")
+        group = [j for j in range(len(reports)) if names[j] == names[i]]
+        if len(group) > 1:
+            bases = [Path(reports[j]["run_dir"]).name for j in group]
+            where = Path(rep["run_dir"]).name if len(set(bases)) == len(bases) else rep["run_dir"]
+            same = [j for j in group if reports[j]["run_dir"] == rep["run_dir"]]
+            rep["run"] = f"{names[i]} ({where})" + (f" #{same.index(i) + 1}" if len(same) > 1 else "")
     return reports

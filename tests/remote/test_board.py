@@ -110,3 +110,19 @@ def test_run_bundle_on_the_board_equals_the_host_and_is_labelled_emulated(emulat
     assert sorted(out["transfer"]["sent"]) == sorted(p.name for p in tiny_bundle.iterdir())
     assert again["transfer"]["sent"] == [] and not again["provenance"]["venv_created"]
     assert not _metrics(again["results"]) and _machines(again["results"]) == {"aarch64"}
+
+
+def test_run_py_run_directly_on_the_board_says_emulated_by_itself(tiny_bundle, board_venv, tmp_path):
+    """Issue 24: a bundle's run.py run by hand on an emulated board (no dsk-compress bench, no --measurement flag) labels its
+    results emulated: it detects the emulator itself (a native `uname -m` says x86_64 under its aarch64 Python)."""
+    out = tmp_path / "results.json"
+    r = subprocess.run([board_venv[0].python, "run.py", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-eval", "--out", str(out)],
+                       cwd=tiny_bundle, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert (res["provenance"]["machine"], res["provenance"]["measurement"]) == ("aarch64", "emulated")
+    assert res["notes"].startswith(f"emulated: this aarch64 Python runs on a {platform.machine()} kernel")
+    # the --measurement flag cannot make an emulated run "measured"
+    r = subprocess.run([board_venv[0].python, "run.py", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-eval", "--measurement",
+                        "measured", "--out", str(out)], cwd=tiny_bundle, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and json.loads(out.read_text())["provenance"]["measurement"] == "emulated"

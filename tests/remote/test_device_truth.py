@@ -351,4 +351,24 @@ def test_report_compare_tells_runs_of_one_name_apart_by_folder(tmp_path, monkeyp
     runs = [tmp_path / f / "quant-prune-distill-20261123-070000" for f in ("a", "b")]
     got = [r["run"] for r in model.compare_reports([*runs, runs[0]])]
     assert got == [f"quant-prune-distill-20261123-070000 ({runs[0]}) #1", f"quant-prune-distill-20261123-070000 ({runs[1]})",
-                   f"quant-prune-distill-20261123-070000 ({runs[0]}) #2"]
+                   f"quant-prune-distill-20261123-070000 ({runs[0]}) #2"]  # same folder names: the paths
+    runs[1] = tmp_path / "b" / "copy"
+    got = [r["run"] for r in model.compare_reports(runs)]
+    assert got == ["quant-prune-distill-20261123-070000 (quant-prune-distill-20261123-070000)", "quant-prune-distill-20261123-070000 (copy)"]
+
+
+def test_plot_labels_never_overlap_when_points_crowd():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from dsk_compress.report.html import spread_labels
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [("ptq-dynamic", 10.0, 70.0), ("student-prune", 10.4, 70.02), ("student-distill", 10.2, 69.99), ("final", 30, 60)]
+    labels = [ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8) for n, x, y in pts]
+    ax.set_xlim(5, 50)
+    ax.set_ylim(55, 75)
+    boxes = spread_labels(fig, labels)
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))

@@ -242,9 +242,11 @@ def test_report_a_b_compares_runs_and_devices_row_by_row(run, tmp_path):
     rows = comparison_rows(compare_reports([run, other]))
     assert len(rows) == 2 * (3 + 1 + 2)  # per run: 3 host rows, rpi5's one, the jetson's two
     first = [(r["run"], r["device"], r["variant"], r["measured_on"]) for r in rows[:6]]
-    assert first == [("run-a", "host", "teacher", "buildbox"), ("run-a", "host", "student", "buildbox"), ("run-a", "host", "final", "buildbox"),
-                     ("run-a", "jetson-orin-nano", "final", "jetson-orin-nano (nvidia@orin)"),
-                     ("run-a", "jetson-orin-nano", "student", "jetson-orin-nano (nvidia@orin)"), ("run-a", "rpi5", "final", "rpi5 (emulated)")]
+    a = "run-a (run-a)"  # run-b is a copy of run-a (its report says run-a): the folder tells them apart (issue 24)
+    assert first == [(a, "host", "teacher", "buildbox"), (a, "host", "student", "buildbox"), (a, "host", "final", "buildbox"),
+                     (a, "jetson-orin-nano", "final", "jetson-orin-nano (nvidia@orin)"),
+                     (a, "jetson-orin-nano", "student", "jetson-orin-nano (nvidia@orin)"), (a, "rpi5", "final", "rpi5 (emulated)")]
+    assert {r["run"] for r in rows[6:]} == {"run-a (run-b)"}
     assert [r["recommended"] for r in rows[:6]] == [False, False, True, False, False, False]  # only a host row is recommended
     console = Console(file=io.StringIO(), width=200, record=True, color_system=None)
     render_comparison(compare_reports([run, other]), console)

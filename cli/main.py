@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-_COLUMN_KEYS = ("variant", "role", "params", "size", "accuracy", "bits-per-byte", "p50", "p99", "speedup", "size-ratio",
+_COLUMN_KEYS = ("variant", "role", "params", "size", "accuracy", "bits-per-byte", "p50", "p99", "p50-range", "speedup", "size-ratio",
                 "delta-vs-host", "measured-on", "runtime", "throughput", "decode")
 """dsk_compress.report.format.COLUMN_KEYS, spelled out so that --help imports no report code (a test keeps them equal)."""
 

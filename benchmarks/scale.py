@@ -2,7 +2,7 @@
 safetensors shards) and a dense student cut from it, run as a user would, each stage's wall time, peak RSS of the
 process tree, preflight estimate and disk written to ``benchmarks/results/scale.json``.
 
-At ``--scale 1`` the teacher is the one of issue 21: hidden 2048, 12 layers, 16 query / 4 KV heads of 128, 16 experts
+At ``--scale 1`` the teacher is a realistically shaped one: hidden 2048, 12 layers, 16 query / 4 KV heads of 128, 16 experts
 top-4 of width 768, vocabulary 32,000 (1.16B parameters, 2.2 GB in bf16, 3 shards); the student keeps every second layer
 with a merged FFN of 4096 (~345M). ``--scale 0.05`` builds the same shape family small (minutes on 2 cores), for testing.
 
@@ -37,7 +37,7 @@ def _round(x: float, m: int) -> int:
 
 
 def shape(scale: float) -> dict:
-    """The teacher's config at ``scale`` (1: issue 21's 1.16B Qwen3-MoE)."""
+    """The teacher's config at ``scale`` (1: a 1.16B Qwen3-MoE)."""
     heads, kv = 16, 4
     head_dim = 128 if scale >= 1 else _round(128 * scale ** 0.5, 8)
     return {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": _round(2048 * scale, 64),
@@ -190,7 +190,7 @@ def du(p: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=1.0, help="1: issue 21's 1.16B teacher / ~345M student; 0.05 for a quick check")
+    ap.add_argument("--scale", type=float, default=1.0, help="1: a 1.16B teacher / ~345M student; 0.05 for a quick check")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per training stage")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--text-mb", type=float, default=None, help="corpus size (default 4.7 MB at scale 1, 0.5 MB below)")

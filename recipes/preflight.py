@@ -37,9 +37,18 @@ LOGIT_COPIES = 6
 """Student logits, their gradient, log-softmax, teacher logits and softmax, KD term: per token and vocabulary entry."""
 MEMORY_FRACTION = 0.9
 """Share of this machine's memory a recipe may plan to use."""
-TORCH_ONNX_EXPORT_PEAK = 3.2
-"""Peak of ``torch.onnx.export`` over the model's fp32 weight bytes, the resident model included: the 1.16B Qwen3-MoE
-teacher's 4.65 GB peaked near 14 GiB (STACK.md, "Real sizes")."""
+TORCH_ONNX_EXPORT_PEAK = 6.3
+"""Peak of exporting one fp32 graph (``torch.onnx.export``, then its check against torch in an ONNX Runtime session while
+the torch model is still resident) over the model's fp32 weight bytes. Measured 2026-12-07 on this 2-core machine:
+``benchmarks/scale.py --scale 0.5`` (a 332M Qwen3-MoE teacher, 1.24 GiB fp32) peaked at 8.37 GiB in export, 7.8 GiB
+above the process; ``torch.onnx.export`` alone of the 1.16B teacher's 4.65 GB was near 14 GiB (3.2x, STACK.md)."""
+TRAINING_EXTRA = {"distill": 1, "prune": 2, "qat": 4}
+"""Extra fp32 copies of the student a training stage holds beside its weights, gradients and AdamW state (the cut and
+expert merge; the pruning graph; QAT's fake-quant model and frozen copy), measured on the same scale run: distill
+4.64, prune 3.97, qat 4.99 GiB for a 132M student."""
+BENCH_SESSION_PEAK = 4.4
+"""Peak of the bench stage over the bytes of the largest fp32 graph it runs in ONNX Runtime (the same scale run: 6.12 GiB
+with the 1.24 GiB teacher graph, dense routing)."""
 ONNXSLIM_PEAK = 4.1
 """Peak of onnxslim over the graph's bytes (9.4 GB for a 2.29 GB graph, STACK.md); graphs past
 ``export.graph_files.SLIM_MAX_BYTES`` of weights skip it."""
@@ -300,7 +309,10 @@ def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int
                                                   + 3 * student["heads"] * seq) * FLOAT_BYTES
             logits = b * seq * vocab * LOGIT_COPIES * FLOAT_BYTES
             parts = {"student weights + grads + AdamW": ps * ADAMW_COPIES * FLOAT_BYTES,
+                     "student copies (cut, pruning graph, fake-quant)": TRAINING_EXTRA[st.stage] * ps * FLOAT_BYTES,
                      f"teacher weights ({tdt})": t_bytes if holds_teacher else 0, "activations": acts, "logits": logits}
+            if st.stage == "distill" and teacher:  # the logit cache's weight hash and the expert merge: one more teacher
+                parts["teacher load, hash and expert merge"] = t_bytes
             if holds_teacher and teacher:
                 parts["teacher activations"] = b * seq * teacher["hidden"] * 8 * FLOAT_BYTES * DTYPE_BYTES[tdt] // FLOAT_BYTES
         elif st.stage == "export":
@@ -312,7 +324,11 @@ def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int
                      else {"student ONNX export (torch.onnx / onnxslim peak)": onnx_export_peak(ps), "second student model": ps * FLOAT_BYTES})
             field = f"stages.{i}.teacher" if teacher_step >= student_step else "student"
         elif st.stage == "bench":
-            parts = {"model weights": max(ps * FLOAT_BYTES, t_bytes), "logits": b * seq * vocab * 2 * FLOAT_BYTES,
+            how = next((STAGES.get(e.stage)(e).effective_config(spec).teacher for e in spec.stages if e.stage == "export"), "skip") \
+                if teacher else "skip"
+            graph = max(ps, pt if how == "onnx" else 0) * FLOAT_BYTES
+            parts = {"largest graph in ONNX Runtime": int(BENCH_SESSION_PEAK * graph), "torch teacher": t_bytes if how == "torch" else 0,
+                     "logits": b * seq * vocab * 2 * FLOAT_BYTES,
                      "activations": b * seq * max(student["hidden"], teacher["hidden"] if teacher else 0) * 8 * FLOAT_BYTES}
         else:
             continue

@@ -264,6 +264,10 @@ def bench_cmd(
                                                  min=1)] = None,
     other_arch: Annotated[bool, typer.Option("--other-arch", help="Measure even when the device's CPU architecture is not the "
                                              "profile's; results are recorded under the device's host name, never the profile's.")] = False,
+    variants: Annotated[str | None, typer.Option("--variants", metavar="all|NAME,...", help="With --host: measure every exported "
+                                                 "variant of the run (all) or those named, in one session on the device (one copy, "
+                                                 "one venv; the bundle RUN/bundles/DEVICE+variants carries them), so the device "
+                                                 "section has a table and a Pareto front. Default: the variant the profile ships.")] = None,
     clean: Annotated[str | None, typer.Option("--clean", metavar="HOST", help="Remove what earlier benches left on this device "
                                               "(bundles, venvs, wheelhouses under --remote-dir), listing their sizes; stops a "
                                               "run.py still running there.")] = None,
@@ -276,6 +280,7 @@ def bench_cmd(
     of the run (or runs the bundle's run.py). Safe to re-run: newer rows replace older ones of the same device.
 
     Example: dsk-compress bench runs/quant-prune-distill-20261123-070000 --device rpi5 --host pi@rpi5.local
+    Every variant on the device: dsk-compress bench runs/quant-prune-distill-20261123-070000 --device rpi5 --host pi@rpi5.local --variants all
     On a GPU server: dsk-compress bench runs/quant-prune-distill-20261123-070000 --device gpu-server
     """
     from dsk_compress.benchmark import bench
@@ -300,7 +305,7 @@ def bench_cmd(
         with step_progress("bench"):  # each measurement names itself as it starts (stderr), the results come on stdout
             out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
                         wheelhouse=wheelhouse, python=python, remote_dir=remote_dir, runs=runs, threads=threads, generate=generate,
-                        other_arch=other_arch, log=lambda m: c.print(m, markup=False))
+                        other_arch=other_arch, variants=variants, log=lambda m: c.print(m, markup=False))
     except KeyboardInterrupt as e:  # over SSH: what ran on the device has been stopped (RemoteInterrupted says what)
         typer.secho(getattr(e, "message", None) or "interrupted", err=True, fg="yellow")
         raise typer.Exit(130) from None

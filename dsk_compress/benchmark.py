@@ -93,7 +93,8 @@ def _bundle_run_dir(bundle: Path, card: dict) -> Path | None:
 def bench(target: str | Path, device: str | None = None, host: str | None = None, identity: str | Path | None = None,
           known_hosts: str | Path | None = None, accept_new_host_key: bool = False, wheelhouse: str | Path | None = None,
           python: str = "python3", remote_dir: str | None = None, runs: int | None = None, threads: int | None = None,
-          generate: int | None = None, timeout: float = 3600, other_arch: bool = False, log=print) -> BenchOutcome:
+          generate: int | None = None, timeout: float = 3600, other_arch: bool = False, variants: str | None = None,
+          log=print) -> BenchOutcome:
     """Measure a run or a bundle on a device over SSH (``host``) or on this machine, and merge the results into the run's report.
 
     Args:
@@ -110,6 +111,10 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         timeout: seconds for the device's venv install and for ``run.py``.
         other_arch: with ``host``, measure even when the device's CPU architecture is not the profile's; the results are
             then recorded under the device's own host name, never the profile's (without it such a device is refused).
+        variants: ``all`` or ``NAME,NAME,...`` of the run's exported variants to measure in one session (one copy, one
+            venv, one record each): a run's bundle for ``device`` is then written with them to ``RUN/bundles/<device>+variants``
+            (:func:`~dsk_compress.export.bundle.make_bundle` with ``variants``); a bundle must carry them. Default: the
+            variant the profile ships, alone.
         log: where progress lines go.
 
     Returns:
@@ -123,6 +128,9 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
     if not target.is_dir() or not (_is_bundle(target) or _is_run(target)):
         raise RunError(f"{target} is neither a run directory (manifest.json) nor a deploy bundle (model_card.json, run.py)",
                        hint="pass runs/<recipe>-<time> or a folder written by dsk-compress export")
+    chosen = parse_variants(variants)
+    if chosen is not None and host is None and not _is_bundle(target):
+        raise DeviceError("--variants goes with --host (or a bundle)", hint="on this machine bench RUN measures every variant already")
     if host is not None:
         from dsk_compress.paths import remote_dir as confined
 
@@ -131,11 +139,11 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
         except ValueError as e:
             raise DeviceError(str(e), hint="e.g. --remote-dir ~/dsk-compress (under the device user's home) or an absolute path") from None
         return _bench_remote(target, device, host, identity, known_hosts, accept_new_host_key, wheelhouse, python,
-                             folder, runs, threads, generate, timeout, log, other_arch=other_arch)
+                             folder, runs, threads, generate, timeout, log, other_arch=other_arch, variants=chosen)
     if other_arch:
         raise DeviceError("--other-arch goes with --host", hint="on this machine the architecture is checked against --device")
     if _is_bundle(target):
-        return _bench_bundle_here(target, device, runs, threads, generate, timeout, log)
+        return _bench_bundle_here(target, device, runs, threads, generate, timeout, log, variants=chosen)
     return _bench_run_here(target, device, runs, threads, generate, log)
 
 
@@ -169,8 +177,54 @@ def check_device_fits_profile(probe, profile, host) -> str | None:
     return None
 
 
+def parse_variants(text: str | None) -> str | list[str] | None:
+    """``--variants``: None, ``"all"``, or the names of ``NAME,NAME,...`` (each a single file name: it becomes a folder)."""
+    from dsk_compress.paths import check_component
+
+    if text is None:
+        return None
+    if text.strip() == "all":
+        return "all"
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    try:
+        if not names:
+            raise ValueError(f"{text!r} names no variant")
+        for n in names:
+            check_component(n, "variant")
+    except ValueError as e:
+        raise RunError(f"--variants: {e}", hint="give all, or variant names from the report separated by commas") from None
+    return names
+
+
+def _variants_arg(chosen) -> list[str]:
+    return [] if chosen is None else ["--variant", chosen if chosen == "all" else ",".join(chosen)]
+
+
+def _check_bundle_variants(bundle: Path, card: dict, chosen) -> None:
+    """A bundle given with ``--variants`` carries them (run.py would refuse on the device, after the copy)."""
+    if chosen is None:
+        return
+    carried = [e.get("variant") for e in card.get("variants") or [] if isinstance(e, dict)] or [card["variant"]]
+    missing = [] if chosen == "all" else [n for n in chosen if n not in carried]
+    if missing:
+        raise RunError(f"{bundle} carries {', '.join(carried)}, not {', '.join(missing)}",
+                       hint="bench the run instead (dsk-compress bench RUN --device DEVICE --host HOST --variants ...): it bundles them")
+
+
+def _records(data, source: str) -> tuple[list, list[str]]:
+    """The bench records of a run.py results.json: one record, or ``--variant``'s list of them with the variants that failed."""
+    from dsk_compress.runtimes.result import parse_record
+
+    if isinstance(data, dict) and data.get("schema") == "dsk-compress/variant-results":
+        recs, errs = data.get("records"), data.get("errors") or []
+        if not isinstance(recs, list) or not isinstance(errs, list):
+            raise RunError(f"{source}: records or errors is not a list", hint="the bundle's run.py is damaged; export it again")
+        return [parse_record(r, f"{source} record {i + 1}") for i, r in enumerate(recs)], [str(e) for e in errs]
+    return [parse_record(data, source)], []
+
+
 def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheelhouse, python, remote_dir, runs, threads, generate,
-                  timeout, log, other_arch=False):
+                  timeout, log, other_arch=False, variants=None):
     from dsk_compress.runtimes.remote import Remote, parse_host
 
     h = parse_host(host)  # before anything is exported: a bad host is one line
@@ -180,11 +234,16 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
             raise DeviceError(f"{bundle} is a bundle for {card['device']}, not {device}", hint=f"drop --device, or export one: "
                               f"dsk-compress export RUN --device {device}")
         run_dir = _bundle_run_dir(bundle, card)
+        _check_bundle_variants(bundle, card, variants)
     else:
         if device is None:
             raise DeviceError("--host needs --device with a run: which device's bundle to send", hint="e.g. --device rpi5")
-        run_dir, bundle = target, _ensure_bundle(target, device, log)
+        run_dir, bundle = target, _ensure_bundle(target, device, log, variants)
         card = read_card(bundle)
+    skipped = [f"{s.get('variant')}: not bundled for {card['device']}: {s.get('why')}" for s in card.get("variants_skipped") or []
+               if isinstance(s, dict)] if variants is not None else []
+    for line in skipped:
+        log(f"warning: {line}")
     from dsk_compress.devices import load_device
 
     try:
@@ -215,22 +274,27 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
         elif not other_arch:
             log(f"warning: the {card['device']} profile is not known here: {h}'s architecture ({p.python_machine}) is not checked")
         out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
-        raw = out / "raw" / card["variant"]
+        raw = out / "raw" / (bundle.name if variants is not None else card["variant"])
         measurement = "emulated" if p.emulated else "measured"
         if p.emulated:  # an emulator's timings say nothing of the device: batch 1 only, no throughput batches
             args += ["--batches", "1"]
+        what = (f"{card['variant']}, {card['precision']}" if variants is None else
+                ", ".join(e["variant"] for e in card.get("variants") or [card] if variants == "all" or e["variant"] in variants))
         log(f"{h}: {p.python_machine} Python {p.python_version} ({p.cpu or 'unknown CPU'}){', emulated' if p.emulated else ''}; "
-            f"running {bundle.name} ({card['variant']}, {card['precision']})")
-        res = dev.run_bundle(bundle, out_dir=raw, run_args=[*args, "--measurement", measurement], wheelhouse=wheelhouse, timeout=timeout,
-                             remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{card['device']}",
+            f"running {bundle.name} ({what})")
+        suffix = "+variants" if variants is not None else ""  # the shipped bundle's folder on the device stays as it is
+        res = dev.run_bundle(bundle, out_dir=raw, run_args=[*args, *_variants_arg(variants), "--measurement", measurement],
+                             wheelhouse=wheelhouse, timeout=timeout,
+                             remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{card['device']}{suffix}",
                              venvs_root=f"{remote_dir}/venvs", log=log)
-    from dsk_compress.runtimes.result import parse_record
-
-    rec = parse_record(res["results"], f"{raw / 'results.json'} (from {h})")
-    rec = rec.model_copy(update={"provenance": rec.provenance.model_copy(update={
-        "ssh_host": str(h), "measurement": "emulated" if "emulated" in (res["provenance"]["measurement"], rec.provenance.measurement) else "measured"})})
-    outcome = BenchOutcome(name=name, records=[rec], run_dir=run_dir, errors=list(rec.errors), measurement=rec.provenance.measurement)
-    outcome.results = _save(out, name, [rec], run_dir, bundle_file=None if run_dir else out / f"{name}.json")
+    recs, failed = _records(res["results"], f"{raw / 'results.json'} (from {h})")
+    emulated = res["provenance"]["measurement"] == "emulated"
+    recs = [r.model_copy(update={"provenance": r.provenance.model_copy(update={
+        "ssh_host": str(h), "measurement": "emulated" if emulated or r.provenance.measurement == "emulated" else "measured"})})
+        for r in recs]
+    outcome = BenchOutcome(name=name, records=recs, run_dir=run_dir, errors=[*skipped, *failed, *(e for r in recs for e in r.errors)],
+                           measurement="emulated" if any(r.provenance.measurement == "emulated" for r in recs) else "measured")
+    outcome.results = _save(out, name, recs, run_dir, bundle_file=None if run_dir else out / f"{name}.json")
     return outcome
 
 
@@ -271,17 +335,19 @@ def clean_device(host: str, identity: str | Path | None = None, known_hosts: str
     return found
 
 
-def _ensure_bundle(run_dir: Path, device: str, log) -> Path:
-    """``RUN/bundles/<device>``, exported first when missing or written by an older dsk-compress."""
+def _ensure_bundle(run_dir: Path, device: str, log, variants=None) -> Path:
+    """``RUN/bundles/<device>``, exported first when missing or written by an older dsk-compress; with ``variants``,
+    ``RUN/bundles/<device>+variants`` carrying them, exported again unless it was made for the same selection."""
     from dsk_compress.devices import load_device
     from dsk_compress.export.bundle import CARD_VERSION, make_bundle
 
-    bundle = run_dir / "bundles" / load_device(device).name  # a checked name (DeviceProfile): one folder under bundles/
-    card = bundle / "model_card.json"
-    version = read_card(bundle).get("version", 1) if card.is_file() else None
-    if not isinstance(version, int) or version < CARD_VERSION:
-        log(f"exporting the {device} bundle: {bundle}")
-        make_bundle(run_dir, device, bundle)
+    name = load_device(device).name  # a checked name (DeviceProfile): one folder under bundles/
+    bundle = run_dir / "bundles" / (name if variants is None else f"{name}+variants")
+    card = read_card(bundle) if (bundle / "model_card.json").is_file() else {}
+    version = card.get("version", 1) if card else None
+    if not isinstance(version, int) or version < CARD_VERSION or card.get("variants_request") != variants:
+        log(f"exporting the {device} bundle{'' if variants is None else ' with variants'}: {bundle}")
+        make_bundle(run_dir, device, bundle, variants=variants)
     return bundle
 
 
@@ -346,20 +412,20 @@ def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> Benc
     return BenchOutcome(name=name, records=records, results=_save(out, name, records, run_dir), run_dir=run_dir, errors=errors)
 
 
-def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, log) -> BenchOutcome:
-    """The bundle's run.py with this Python (the way a device runs it)."""
-    from dsk_compress.runtimes.result import parse_record
-
+def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, log, variants=None) -> BenchOutcome:
+    """The bundle's run.py with this Python (the way a device runs it); ``variants``: those it carries, one record each."""
     card = read_card(bundle)
+    _check_bundle_variants(bundle, card, variants)
     if device is not None and device != card["device"]:
         raise DeviceError(f"{bundle} is a bundle for {card['device']}, not {device}", hint="drop --device")
     bundle = bundle.absolute()  # run.py runs with the bundle as its working folder: every path it is given is absolute
     run_dir = _bundle_run_dir(bundle, card)
     name = _host_name()
     out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
-    raw = out / "raw" / card["variant"]
+    raw = out / "raw" / (bundle.name if variants is not None else card["variant"])
     raw.mkdir(parents=True, exist_ok=True)
     args = [a for flag, v in (("--runs", runs), ("--threads", threads), ("--generate", generate)) if v for a in (flag, str(v))]
+    args += _variants_arg(variants)
     log(f"running {bundle}/run.py with {sys.executable}")
     r = subprocess.run([sys.executable, str(bundle / "run.py"), "--out", str(raw / "results.json"), *args], cwd=bundle,
                        capture_output=True, text=True, timeout=timeout)
@@ -367,6 +433,6 @@ def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, l
     if r.returncode != 0:
         raise RunError(f"run.py failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or ['no message'])[-1]}",
                        hint=f"the full log is in {raw / 'run.log'}")
-    rec = parse_record(json.loads((raw / "results.json").read_text()), str(raw / "results.json"))
-    return BenchOutcome(name=name, records=[rec], run_dir=run_dir, errors=list(rec.errors),
-                        results=_save(out, name, [rec], run_dir, bundle_file=None if run_dir else out / f"{name}.json"))
+    recs, failed = _records(json.loads((raw / "results.json").read_text()), str(raw / "results.json"))
+    return BenchOutcome(name=name, records=recs, run_dir=run_dir, errors=[*failed, *(e for r in recs for e in r.errors)],
+                        results=_save(out, name, recs, run_dir, bundle_file=None if run_dir else out / f"{name}.json"))

@@ -51,6 +51,8 @@ DEVICE_RECIPE = ("python3 -m venv .venv && .venv/bin/pip install -r requirements
 """What ``export`` prints for the device: Raspberry Pi OS Bookworm / Debian 12 (PEP 668) refuse a bare ``pip install``
 (externally-managed-environment), so the bundle's requirements go into a venv in its folder; JetPack's Ubuntu may lack
 python3-venv. The README's recipe is the same."""
+VARIANTS_DIR = "variants"
+"""Where a bundle made with ``variants`` keeps the graphs of the variants other than the shipped one: ``variants/<name>/``."""
 SPARE_BYTES = 1 << 20
 """Room asked beyond the bundle's files (the scripts, card and README, filesystem blocks)."""
 
@@ -116,7 +118,7 @@ def _tensorrt_model(run_dir: Path, v: dict, art, device: str) -> tuple[Path, dic
     return path, {"checked": "dsk_compress.export.trt_check: 0 problems"}
 
 
-def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None) -> Path:
+def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None, variants: str | list[str] | None = None) -> Path:
     """Write a deploy bundle of a finished run for ``device`` and return its folder.
 
     The bundle goes to ``out`` (default ``RUN/bundles/<device>``): a new or empty folder, or one an earlier export wrote
@@ -124,6 +126,12 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     anything else, the run itself or a folder inside the run other than ``RUN/bundles/<name>`` is refused, and nothing is
     deleted that this function did not write. The files are written to a temp folder beside the bundle first; on a
     full disk it is removed and the error says how much space the bundle needs.
+
+    ``variants`` (``"all"`` or names of the run's host rows) also bundles those variants, each under
+    ``variants/<name>/`` (its graph, and its decoder graphs) and listed in the card's ``variants``, so the bundle's
+    ``run.py --variant all`` measures every one in one session. With ``"all"`` a variant that cannot run on the
+    device (too big for its memory, not TensorRT-portable) is left out and named in the card's ``variants_skipped``;
+    a variant named explicitly is refused instead. Without it the bundle is the shipped variant alone, as before.
 
     Raises:
         RunError: the run, its report or its artifacts are damaged, the destination is refused, or the disk is full.
@@ -172,13 +180,15 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
             src = _in_run(run_dir, getattr(art, key), f"manifest.json: the export stage's {key} of {v['name']!r}")
             if src.is_file():
                 copies[name] = src
+    extra, skipped = _variant_copies(run_dir, report, manifest, prof, runtime, v, variants)
     td = task.describe()
     windows = task.eval_windows()
     vocab = max(int(td.get("vocab_size") or 256), int(windows.max()) + 1)
     windows = windows.astype(window_dtype(vocab))
     from dsk_compress.export import graph_files
 
-    needed = sum(graph_files.size(f) for f in copies.values()) + windows.nbytes + SPARE_BYTES  # .data files included
+    needed = (sum(graph_files.size(f) for f in copies.values()) + windows.nbytes + SPARE_BYTES  # .data files included
+              + sum(graph_files.size(f) for _, files, _ in extra for f in files.values()))
     check_fits_device(copies, prof, v["name"])
     free, total, folder = free_space(dest.parent)
     if total and free < needed:  # (a pseudo filesystem such as /proc has no size: writing there fails below, said as such)
@@ -193,6 +203,21 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
     try:
         for name, src in copies.items():
             graph_files.copy(src, tmp / name)  # a graph past 1 GiB brings its .data file, renamed after it
+        listed = []
+        for row, files, trt in extra:  # the shipped variant's entry names the top-level files; the others their own folder
+            sub = None if row["name"] == v["name"] else f"{VARIANTS_DIR}/{row['name']}"
+            files, trt = (copies, trt_card) if sub is None else (files, trt)
+            for name, src in files.items() if sub is not None else ():
+                (tmp / sub).mkdir(parents=True, exist_ok=True)
+                graph_files.copy(src, tmp / sub / name)
+
+            def at(name, sub=sub, files=files):
+                return None if name not in files else name if sub is None else f"{sub}/{name}"
+            listed.append({"variant": row["name"], "role": row.get("role"), "precision": row.get("precision") or precision,
+                           "model": at("model.onnx"), "kv_model": at("model.kv.onnx"), "fused_model": at("model.fused.onnx"),
+                           "params": row.get("params"), "size_bytes": row.get("size_bytes"), "tensorrt_check": trt,
+                           "measured_on_build_host": {"accuracy": row.get("accuracy"), "latency_ms": row.get("latency_ms"),
+                                                      "runtime": row.get("runtime")}})
         np.save(tmp / "eval_windows.npy", windows, allow_pickle=False)
         tokenizer = _save_tokenizer(task, tmp) if td["name"] == "text-lm" else None
         for src, name in ((measure.__file__, "dsk_measure.py"), (decoder.__file__, "dsk_decoder.py"), (trt_compat.__file__, "dsk_trt.py"),
@@ -211,9 +236,13 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
                                        "runtime": v.get("runtime"), "host": report.get("host")},
             "source_run": run_dir.resolve().name, "recipe": spec.name,
         }
+        if variants is not None:  # a bundle of the shipped variant alone keeps the card it always had
+            card.update(variants=listed, variants_skipped=skipped, variants_request=variants)
         atomic_write_json(tmp / "model_card.json", card)
         atomic_write_text(tmp / "requirements.txt", requirements(runtime, tokenizer is not None))
         atomic_write_text(tmp / "README.md", _readme(spec.name, prof, v, precision, trt_card, tmp, tokenizer is not None))
+        if listed:
+            atomic_write_text(tmp / "README.md", (tmp / "README.md").read_text() + _variants_readme(listed))
         written = sorted(p.name for p in tmp.iterdir())
         atomic_write_json(tmp / BUNDLE_MARKER, {"written_by": "dsk-compress export", "files": written})
         _install(tmp, dest, owned, [*written, BUNDLE_MARKER])
@@ -227,6 +256,62 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None)
             raise found from None
         raise
     return dest
+
+
+def _variant_copies(run_dir: Path, report: dict, manifest: dict, prof, runtime: str, shipped: dict,
+                    variants: str | list[str] | None) -> tuple[list[tuple[dict, dict, dict | None]], list[dict]]:
+    """The host rows ``variants`` selects (``"all"``: every row of the reference runtime with an ONNX artifact) as
+    ``(row, {bundle file name: source}, TensorRT check)``, the shipped variant's files left for the caller (an empty
+    dict is filled by it); and, for ``"all"``, the rows left out with why. A named variant that is missing or cannot
+    run on the device is a RunError."""
+    from dsk_compress.paths import check_component
+
+    if variants is None:
+        return [], []
+    rows = [r for r in report["variants"] if " [" not in r["name"] and str(r.get("artifact") or "").endswith(".onnx")]
+    if variants == "all":
+        chosen = rows
+    else:
+        names = list(dict.fromkeys(variants))
+        by_name = {r["name"]: r for r in rows}
+        unknown = [n for n in names if n not in by_name]
+        if unknown or not names:
+            raise RunError(f"the run has no exported variant {', '.join(map(repr, unknown)) or '(none named)'}",
+                           hint=f"name some of: {', '.join(by_name) or '(none)'}, or all")
+        chosen = [by_name[n] for n in names]
+    arts = _export_artifacts(manifest)
+    out, skipped = [], []
+    for row in chosen:
+        check_component(row["name"], "a variant's name")  # it becomes the folder variants/<name>
+        if row["name"] == shipped["name"]:
+            out.append((row, {}, None))
+            continue
+        try:
+            art, trt = arts.get(row["name"]), None
+            src = _in_run(run_dir, row["artifact"], f"report.json: variant {row['name']!r} artifact")
+            if runtime == "tensorrt":
+                src, trt = _tensorrt_model(run_dir, row, art, prof.name)
+            files = {"model.onnx": src}
+            for key, name in (("fused_path", "model.fused.onnx"), ("kv_cache_path", "model.kv.onnx")):
+                if art is not None and getattr(art, key):
+                    dec = _in_run(run_dir, getattr(art, key), f"manifest.json: the export stage's {key} of {row['name']!r}")
+                    if dec.is_file():
+                        files[name] = dec
+            check_fits_device(files, prof, row["name"])
+        except RunError as e:
+            if variants != "all":
+                raise
+            skipped.append({"variant": row["name"], "why": e.message})
+            continue
+        out.append((row, files, trt))
+    return out, skipped
+
+
+def _variants_readme(listed: list[dict]) -> str:
+    names = ", ".join(f"`{e['variant']}`" for e in listed)
+    return (f"\nThis bundle also carries the run's other variants ({names}; the others' graphs under `{VARIANTS_DIR}/`): "
+            "`.venv/bin/python run.py --variant all` measures each in its own process and writes one record per variant "
+            "into `results.json` (`--variant NAME,NAME` for some of them).\n")
 
 
 def _in_run(run_dir: Path, rel, what: str) -> Path:
@@ -293,11 +378,15 @@ def _install(tmp: Path, dest: Path, owned: set[str], names: list[str]) -> None:
         os.rename(tmp, dest)  # one rename: the bundle appears whole
         return
     for name in names:
+        if (tmp / name).is_dir() and name in owned and (dest / name).is_dir() and not (dest / name).is_symlink():
+            shutil.rmtree(dest / name)  # variants/: written by the earlier export (owned), replaced whole
         os.replace(tmp / name, dest / name)
     for name in sorted(owned - set(names)):
         old = dest / name
         if old.is_file() and not old.is_symlink():
             old.unlink()
+        elif name == VARIANTS_DIR and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
     tmp.rmdir()
 
 
@@ -325,7 +414,7 @@ def _eval_batch_size(task) -> int:
 
 
 SESSION_PEAK = 1.65
-"""Resident bytes of run.py over the bytes of the graphs it holds open at once: the rpi5 bundle of issue 21's 345M int8
+"""Resident bytes of run.py over the bytes of the graphs it holds open at once: the rpi5 bundle of a 345M int8
 student (model.onnx and model.fused.onnx, 663 MB each, both sessions loaded) peaked at 2.05 GiB."""
 DEVICE_MEMORY_FRACTION = 0.8
 """Share of a device's memory a bundle may plan to use (the OS and the application need the rest)."""

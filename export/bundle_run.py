@@ -10,6 +10,11 @@ dsk-compress's bench results, which ``dsk-compress bench`` reads back into the r
 
     python3 run.py                                # latency, throughput and accuracy measured here
     python3 run.py --generate 64 --prompt "def "  # also greedy decode, printing the continuation
+    python3 run.py --variant all                  # every variant the bundle carries, one record each
+
+A bundle made for several variants (``dsk-compress bench RUN --host H --variants all``) lists them in its card's
+``variants``; ``--variant all`` (or ``NAME,NAME``) measures each in a fresh process of this script (its own peak
+memory, nothing held over from the one before) and writes one record per variant into results.json.
 
 A missing or damaged bundle file (the model card, the model, the evaluation windows, the tokenizer), or a card that
 names a file outside this folder, is one line on stderr starting with ``error:`` and exit status 2, before anything is
@@ -111,6 +116,36 @@ def check_card(card, bundle=HERE):
             bundle_file(card, key, bundle)
     if card.get("tensorrt") is not None and not isinstance(card["tensorrt"], dict):
         raise BundleError("%s: tensorrt %r is not an object" % (where, card["tensorrt"]))
+    entries = card.get("variants")
+    if entries is not None:
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise BundleError("%s: variants is not a list of objects (%s)" % (where, HINT))
+        seen = set()
+        for e in entries:
+            name = e.get("variant")
+            if not isinstance(name, str) or not name or name in seen or name == "all" or "," in name:
+                raise BundleError("%s: variants holds %r, not a unique variant name (%s)" % (where, name, HINT))
+            seen.add(name)
+            if not isinstance(e.get("precision"), str) or not e["precision"]:
+                raise BundleError("%s: variant %r has no precision (%s)" % (where, name, HINT))
+            for key in ("model", "kv_model", "fused_model"):
+                if key == "model" or e.get(key) is not None:
+                    bundle_file(e, key, bundle)
+
+
+VARIANT_KEYS = ("variant", "role", "precision", "model", "kv_model", "fused_model", "params", "size_bytes", "measured_on_build_host")
+
+
+def variant_cards(card, chosen):
+    """The cards of the variants ``chosen`` names (``all``, or ``NAME,NAME``) among the card's ``variants``: the bundle's
+    card with that variant's model, decoder graphs and facts. Raises BundleError for a name the bundle does not carry."""
+    entries = card.get("variants") or [{k: card.get(k) for k in VARIANT_KEYS}]
+    by_name = {e["variant"]: e for e in entries}
+    names = list(by_name) if chosen == "all" else [n.strip() for n in chosen.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise BundleError("--variant %r: this bundle carries %s (or all)" % (chosen, ", ".join(by_name)))
+    return [dict(card, **{k: by_name[n].get(k) for k in VARIANT_KEYS}) for n in dict.fromkeys(names)]
 
 
 def bundle_file(card, key, bundle=HERE):
@@ -222,7 +257,7 @@ def trt_runtime(card):
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
     gpu = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in torch.cuda.get_device_name(0))
-    engine_path = HERE / ("model.%s.%s.engine" % (trt.__version__, gpu))
+    engine_path = bundle_file(card, "model").parent / ("model.%s.%s.engine" % (trt.__version__, gpu))  # one per variant
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes()) if engine_path.is_file() else None
     if engine is None:
         engine = _build_engine(trt, logger, runtime, card, spec, precision, engine_path)
@@ -345,9 +380,16 @@ def parse_args(card, argv=None):
     ap.add_argument("--measurement", choices=["measured", "emulated"], default="measured",
                     help="emulated: this Python runs under an emulator; timings are then the emulator's (detected by itself too: "
                          "measured is never written for an emulated Python)")
+    ap.add_argument("--variant", default=None, metavar="NAME|all",
+                    help="with a bundle of several variants: measure this one, NAME,NAME or all of them (one record each; "
+                         "default: the bundle's own, %s)" % card["variant"])
     ap.add_argument("--out", default="results.json")
     a = ap.parse_args(argv)
     a.batches = [int(b) for b in a.batches.split(",")]
+    if a.variant is not None:  # --generate is checked per variant: one without a decoder graph is measured without it
+        if a.prompt is not None and not a.generate:
+            ap.error("--prompt goes with --generate N")
+        return a
     if a.generate and not (card.get("fused_model") or card.get("kv_model")):
         ap.error("--generate needs a decoder graph (model.fused.onnx or model.kv.onnx), and this bundle has none (export with kv_cache: true)")
     if a.prompt is not None and not a.generate:
@@ -430,9 +472,91 @@ def main(argv=None):
         return 2
 
 
+MULTI_SCHEMA = "dsk-compress/variant-results"
+"""results.json of ``--variant`` with several variants: ``{"schema", "schema_version", "device", "records", "errors"}``."""
+
+
+def child_args(a, card):
+    """The options of this run for one variant's own process (``--variant``, ``--out`` added by the caller)."""
+    args = ["--runtime", a.runtime, "--warmup", str(a.warmup), "--runs", str(a.runs), "--batches", ",".join(map(str, a.batches)),
+            "--measurement", a.measurement]
+    for p in a.provider or ():
+        args += ["--provider", p]
+    if a.threads:
+        args += ["--threads", str(a.threads)]
+    if a.duration is not None:
+        args += ["--duration", str(a.duration)]
+    if a.no_eval:
+        args.append("--no-eval")
+    if a.generate and (card.get("fused_model") or card.get("kv_model")):
+        args += ["--generate", str(a.generate)] + (["--prompt", a.prompt] if a.prompt is not None else [])
+    return args
+
+
+def run_variants(cards, a):
+    """Each variant in its own process of this script, one after the other; their records in one results.json. A variant
+    that fails is named (stderr and the file's ``errors``) and the others are still measured; exit 0 when one was."""
+    import signal
+    import subprocess
+
+    doc = {"schema": MULTI_SCHEMA, "schema_version": 1, "device": cards[0].get("device"), "records": [], "errors": []}
+    part = Path(str(a.out) + ".variant.json")
+    child = None
+
+    def stop(signum, frame):  # the device's bench stops this process (or its group): stop the variant running now too
+        if child is not None and child.poll() is None:
+            child.terminate()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for c in cards:
+            print("variant %s (%s, %s)" % (c["variant"], c["precision"], c["model"]), flush=True)
+            if a.generate and not (c.get("fused_model") or c.get("kv_model")):
+                print("variant %s has no decoder graph: --generate skipped" % c["variant"], flush=True)
+            try:
+                part.unlink()
+            except OSError:
+                pass
+            child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--variant", c["variant"], "--out", str(part),
+                                      *child_args(a, c)], cwd=str(HERE))
+            rc = child.wait()
+            try:
+                with open(str(part), encoding="utf-8") as f:
+                    rec = json.load(f)
+            except (OSError, ValueError):
+                rec = None
+            if rc == 0 and isinstance(rec, dict):
+                doc["records"].append(rec)
+            else:
+                doc["errors"].append("variant %s: run.py exited %s%s" % (c["variant"], rc, "" if rec is None else " (partial results dropped)"))
+                print("error: " + doc["errors"][-1], file=sys.stderr, flush=True)
+            write(a.out, doc)
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait()
+        try:
+            part.unlink()
+        except OSError:
+            pass
+    write(a.out, doc)
+    return 0 if doc["records"] else 1
+
+
 def _main(argv=None):
     card = load_card()
     a = parse_args(card, argv)
+    if a.variant is not None:
+        cards = variant_cards(card, a.variant)
+        for c in cards:  # every variant's model is checked before any is measured
+            existing_file(c, "model", "variant %s's model" % c["variant"])
+        if len(cards) > 1:
+            load_windows(card)
+            return run_variants(cards, a)
+        card = cards[0]
+        if a.generate and not (card.get("fused_model") or card.get("kv_model")):
+            raise BundleError("--generate needs a decoder graph, and variant %s has none (export with kv_cache: true)" % card["variant"])
     windows = load_windows(card)  # every input is checked before anything is measured or written
     existing_file(card, "model", "the model")
     codec = prompt = None

@@ -91,3 +91,69 @@ def test_recipe_with_a_bench_device_of_another_architecture_is_refused_before_it
     code, _, err = run_main(["recipe", "quant-prune-distill", "--set", "stages.4.device=rpi5", "--dry-run"], capsys, cwd=tmp_path)
     line = one_line_error(code, err)
     assert "stages.4.device: bench.device rpi5 is an aarch64 device" in line and "dsk-compress bench RUN --device rpi5 --host" in line
+
+
+# --------------------------------------------------------------------------- several variants in one session (issue 24, item 6)
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the tiny run (same folder name: a bundle in it finds its run), so the host's records stay the module's."""
+    import shutil
+
+    dst = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("devices", "bundles"))
+    return dst
+
+
+def test_multi_variant_bundle_run_py_writes_one_record_per_variant_and_the_device_section_lists_them(run_copy, capsys):
+    from dsk_compress.export.bundle import make_bundle
+
+    host_rows = [v["name"] for v in json.loads((run_copy / "report.json").read_text())["variants"] if " [" not in v["name"]]
+    bundle = make_bundle(run_copy, "rpi4", run_copy / "bundles" / "rpi4+variants", variants="all")
+    card = json.loads((bundle / "model_card.json").read_text())
+    assert [e["variant"] for e in card["variants"]] == host_rows == ["teacher", "student-distill"]
+    shipped = next(e for e in card["variants"] if e["variant"] == card["variant"])
+    assert shipped["model"] == "model.onnx" and (bundle / "variants" / "teacher" / "model.onnx").is_file()
+    assert not (bundle / "variants" / card["variant"]).exists()  # the shipped graph is not copied twice
+
+    code, out, err = run_main(["bench", str(bundle), "--runs", "2", "--variants", "all"], capsys)
+    assert code == 0, err
+    results = run_copy / "devices" / socket.gethostname()
+    recs = json.loads((results / "results.json").read_text())["records"]
+    assert [(r["variant"], r["artifact"], r["provenance"]["tool"]) for r in recs] == \
+        [("teacher", "variants/teacher/model.onnx", "run.py"), ("student-distill", "model.onnx", "run.py")]
+    host = {r["variant"]: r for r in json.loads((run_copy / "bench" / "results.json").read_text())["records"]}
+    for r in recs:  # the same graph, windows and arithmetic on the same machine: the host's accuracy exactly
+        assert r["accuracy"]["metrics"]["accuracy"] == host[r["variant"]]["accuracy"]["metrics"]["accuracy"]
+    assert len({r["memory"]["peak_rss_mb"] for r in recs}) == 2  # each variant in its own process: its own peak
+    (section,) = [d for d in json.loads((run_copy / "report.json").read_text())["devices"] if d["name"] == socket.gethostname()]
+    assert [v["name"] for v in section["variants"]] == host_rows and section["pareto"]
+    assert all(v["accuracy_delta_vs_host"] == 0 for v in section["variants"])
+    md = (run_copy / "report.md").read_text()
+    device_md = md[md.index(f"Device: {socket.gethostname()}"):]
+    assert all(f"| {name} " in device_md for name in host_rows)
+    assert (results / "raw" / "rpi4+variants" / "run.log").is_file()
+    assert "2 result(s)" in out
+
+
+def test_run_py_refuses_a_variant_the_bundle_does_not_carry_in_one_line(run_copy):
+    import subprocess
+    import sys
+
+    from dsk_compress.export.bundle import make_bundle
+
+    bundle = make_bundle(run_copy, "rpi4", run_copy / "bundles" / "rpi4+variants", variants=["teacher"])
+    assert [e["variant"] for e in json.loads((bundle / "model_card.json").read_text())["variants"]] == ["teacher"]
+    r = subprocess.run([sys.executable, "run.py", "--variant", "teacher,nope"], cwd=bundle, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --variant 'teacher,nope': this bundle carries teacher (or all)"
+    assert not (bundle / "results.json").exists()
+
+
+def test_bench_variants_refusals_are_one_line(run_copy, capsys):
+    code, _, err = run_main(["bench", str(run_copy), "--variants", "all"], capsys)
+    assert "--variants goes with --host" in one_line_error(code, err)
+    code, _, err = run_main(["bench", str(run_copy), "--device", "rpi4", "--host", "pi@board", "--variants", "nope"], capsys)
+    assert "the run has no exported variant 'nope'" in one_line_error(code, err)
+    code, _, err = run_main(["bench", str(run_copy), "--device", "rpi4", "--host", "pi@board", "--variants", "a/b"], capsys)
+    assert "--variants: variant 'a/b' holds a path separator" in one_line_error(code, err)

@@ -167,3 +167,38 @@ def test_oldest_allowed_onnxruntime_runs_the_int8_bundle_on_the_board(emulated_d
     prompt = np.load(b / "eval_windows.npy")[0][: json.loads((b / "model_card.json").read_text())["seq_len"] // 2]
     assert dec["artifact"] == "model.fused.onnx" and dec["decode_tokens_per_s"] > 0
     assert dec["tokens"] == FusedDecoderSession(b / "model.fused.onnx").greedy(prompt, 9)[0].tolist()
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """The smallest run with two exported variants (teacher and an fp32 student: rpi4's bundle ships the student), 8 windows
+    of 32 bytes, no decoder graphs: the emulator runs each variant in seconds."""
+    from conftest import tiny_llama_recipe
+
+    from dsk_compress import run_recipe
+
+    d = tmp_path_factory.mktemp("small-run")
+    recipe = tiny_llama_recipe(d, "small", [{"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
+                                            {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
+                                            {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []}])
+    return run_recipe(str(recipe), out=d / "runs")
+
+
+def test_bench_over_ssh_variants_all_measures_every_variant_in_one_session(emulated_device, small_run):
+    out = _bench(emulated_device, small_run, "rpi4", "--variants", "all")
+    host_rows = [v["name"] for v in json.loads((small_run / "report.json").read_text())["variants"] if " [" not in v["name"]]
+    assert host_rows == ["teacher", "student-distill"]
+    recs = json.loads((small_run / "devices" / "rpi4" / "results.json").read_text())["records"]
+    assert [r["variant"] for r in recs] == host_rows
+    for r in recs:  # fp32 graphs, the same windows: the host's accuracy exactly, on the board, labelled emulated
+        assert r["accuracy"]["metrics"]["accuracy"] == _host_record(small_run, r["variant"])["accuracy"]["metrics"]["accuracy"]
+        p = r["provenance"]
+        assert (p["measurement"], p["machine"], p["ssh_host"], p["device_profile"]) == ("emulated", "aarch64", emulated_device.host, "rpi4")
+    (section,) = [d for d in json.loads((small_run / "report.json").read_text())["devices"] if d["name"] == "rpi4"]
+    assert [v["name"] for v in section["variants"]] == host_rows and set(section["pareto"]) <= set(host_rows) and section["pareto"]
+    assert "2 result(s)" in out and (small_run / "pareto-rpi4.png").is_file()
+    # one session: one bundle copy (the shipped graph at its top, the teacher under variants/) and one run.log
+    remote = emulated_device.root / "bundles" / f"{small_run.name}-rpi4+variants"
+    assert (remote / "model.onnx").is_file() and (remote / "variants" / "teacher" / "model.onnx").is_file()
+    log = (small_run / "devices" / "rpi4" / "raw" / "rpi4+variants" / "run.log").read_text()
+    assert "variant teacher" in log and "variant student-distill" in log

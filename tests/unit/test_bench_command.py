@@ -157,3 +157,17 @@ def test_bench_variants_refusals_are_one_line(run_copy, capsys):
     assert "the run has no exported variant 'nope'" in one_line_error(code, err)
     code, _, err = run_main(["bench", str(run_copy), "--device", "rpi4", "--host", "pi@board", "--variants", "a/b"], capsys)
     assert "--variants: variant 'a/b' holds a path separator" in one_line_error(code, err)
+
+
+def test_run_py_refuses_a_variant_entry_that_leaves_the_bundle_in_one_line(run_copy):
+    import subprocess
+    import sys
+
+    from dsk_compress.export.bundle import make_bundle
+
+    bundle = make_bundle(run_copy, "rpi4", run_copy / "bundles" / "rpi4+variants", variants="all")
+    card = json.loads((bundle / "model_card.json").read_text())
+    card["variants"][0]["model"] = "../../manifest.json"
+    (bundle / "model_card.json").write_text(json.dumps(card))
+    r = subprocess.run([sys.executable, "run.py", "--variant", "all"], cwd=bundle, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model '../../manifest.json' is outside the bundle" in r.stderr

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+log = Console()
+"""Where a stage's step lines go off a terminal: stdout, beside the stage headers (stderr keeps errors to one line)."""
 
 
 class _Bar:
@@ -69,8 +71,8 @@ class _Steps:
         if self.progress is not None:
             self.progress.update(self.task_id, completed=self.count - 1, label=f"step {self.count}: {label}")
         else:
-            console.print(f"[{self.desc}] step {self.count} at {time.monotonic() - self.t0:.0f} s: {label}", highlight=False,
-                          markup=False, soft_wrap=True)
+            log.print(f"[{self.desc}] step {self.count} at {time.monotonic() - self.t0:.0f} s: {label}", highlight=False,
+                      markup=False, soft_wrap=True)
 
 
 _active: list[_Steps] = []

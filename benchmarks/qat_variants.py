@@ -11,7 +11,8 @@
 RUN_DIR is a run of the default recipe with a prune stage. For each value the script runs a recipe of one qat stage
 (RUN_DIR's qat settings with ``--field`` set to the value, a dotted name reaching into ``int4``; ``steps`` set to
 ``--steps``; ``precisions`` to ``--precisions`` when given; RUN_DIR's teacher, task and seed) on RUN_DIR's pruned
-student, so every value and precision sees the same data in the same order. Without ``--field`` it runs once.
+student, so every value and precision sees the same data in the same order. Without ``--field`` it runs once. RUN_DIR's
+teacher-logit cache, when it has one, is hard-linked into each run (the same batches, not computed again).
 
 Each QAT student is scored on the validation windows in torch (fake quant, the stage's own metrics), as the export
 stage ships it in ONNX Runtime and as its fused decoder graph (what decodes): int8 as the Q/DQ graph, offline-optimized
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -177,6 +180,10 @@ def main() -> None:
             qat = set_field(base_qat, args.field, value) if args.field else base_qat
             name = f"qat-{args.field or 'precisions'}-{label}".replace("_", "-").replace(".", "-")
             spec = RecipeSpec.model_validate({**recipe, "name": name, "student": {"hf": str(student)}, "stages": [qat]})
+            cache = args.run_dir / "teacher_logits"
+            if spec.logit_cache.enabled and (cache / "cache.json").is_file():
+                (Path(tmp) / label).mkdir()
+                shutil.copytree(cache, Path(tmp) / label / "teacher_logits", copy_function=os.link)
             t0 = time.perf_counter()
             rd = run_recipe(spec, run_dir=Path(tmp) / label)
             entry = next(st for st in read_json(rd / "manifest.json")["stages"] if st["stage"] == "qat")

@@ -52,8 +52,14 @@ class CausalLMWrapper(nn.Module):
 
 
 def export_causal_lm(model: nn.Module, example: np.ndarray, path: str | Path, opset: int = 17) -> Path:
-    """Export ``model`` to ONNX with dynamic batch and sequence axes; atomically written to ``path``."""
-    model = model.eval()
+    """Export ``model`` to ONNX with dynamic batch and sequence axes; atomically written to ``path``.
+
+    MoE blocks switch to their exact dense routing first (:func:`~dsk_compress.compress.moe.densify_moe`): a trace of
+    data-dependent routing would bake in the experts the example happened to reach.
+    """
+    from dsk_compress.compress.moe import densify_moe
+
+    model = densify_moe(model.eval())
     wrapper = CausalLMWrapper(model).eval()
     x = torch.as_tensor(example, dtype=torch.long)
     return torch_export(wrapper, (x,), path, input_names=["input_ids"], output_names=["logits"],

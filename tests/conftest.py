@@ -143,7 +143,9 @@ def tiny_llama_recipe(d: Path, name: str, stages: list[dict]) -> Path:
     """A recipe YAML in ``d``: a saved tiny_llama teacher, a one-layer student cut from it, code-lm at seq 32."""
     import yaml
 
-    tiny_llama().save_pretrained(d / "teacher", safe_serialization=True)
+    from dsk_compress.models.hf import save_hf_dir
+
+    save_hf_dir(tiny_llama(), d / "teacher")  # quiet: tests read the CLI's stderr, where transformers 5 draws its bars
     data = {
         "name": name,
         "teacher": {"hf": str(d / "teacher")},
@@ -171,9 +173,9 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
     task = CodeLMTask(seq_len=64, eval_sequences=16)
     train(model, lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}), task.train_batch,
           TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup=5), desc="tiny teacher")
-    d = tmp_path_factory.mktemp("tiny-moe")
-    model.save_pretrained(d, safe_serialization=True)
-    return d
+    from dsk_compress.models.hf import save_hf_dir
+
+    return save_hf_dir(model, tmp_path_factory.mktemp("tiny-moe") / "teacher")
 
 
 

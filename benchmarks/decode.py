@@ -32,8 +32,11 @@ from the run directory into ``--work`` (default ``RUN_DIR/bench-decode``), so th
     python benchmarks/decode.py runs/quant-prune-distill-<time> --genai-python /work/genai-venv/bin/python --profile
 
 ``--genai-python``: a Python with onnxruntime-genai whose transformers has what genai's builder imports (0.18.0's needs
-transformers 5.x with Qwen3.5); without it, the builder rows are skipped and our ``@genai`` rows run in this Python when it
-has onnxruntime-genai.
+transformers 5.x with Qwen3.5: 5.17.0 has it, 5.25.0 does not); without it, the builder rows are skipped and our ``@genai``
+rows run in this Python when it has onnxruntime-genai. A light way to make one from this venv (seen working):
+``pip install --no-deps --target OVERLAY transformers==5.17.0 huggingface_hub==1.33.0 tokenizers==0.23.3 httpx httpcore h11``
+and a script ``#!/bin/sh`` / ``PYTHONPATH=OVERLAY exec .venv/bin/python "$@"`` given as ``--genai-python``; both loops then
+run the same onnxruntime (``onnxruntime_genai`` in the JSON names the versions).
 """
 
 from __future__ import annotations

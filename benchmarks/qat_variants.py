@@ -10,7 +10,8 @@
 
 RUN_DIR is a run of the default recipe with a prune stage. For each value the script runs a recipe of one qat stage
 (RUN_DIR's qat settings with ``--field`` set to the value, a dotted name reaching into ``int4``; ``steps`` set to
-``--steps``; ``precisions`` to ``--precisions`` when given; RUN_DIR's teacher, task and seed) on RUN_DIR's pruned
+``--steps``; ``precisions`` to ``--precisions`` and each ``--set FIELD=VALUE`` when given; RUN_DIR's teacher, task and
+seed) on RUN_DIR's pruned
 student, so every value and precision sees the same data in the same order. Without ``--field`` it runs once. RUN_DIR's
 teacher-logit cache, when it has one, is hard-linked into each run (the same batches, not computed again).
 
@@ -153,6 +154,8 @@ def main() -> None:
     ap.add_argument("--field", help="a qat stage field, e.g. activations, share_input_quantizers or int4.head_bits (default: one run)")
     ap.add_argument("--values", help="comma-separated values of --field; the first is the reference")
     ap.add_argument("--precisions", help="comma-separated qat precisions (int8, int4) for every value (default: RUN_DIR's)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a qat field fixed for every value, e.g. lr=1e-3 or int4.head_bits=4 (repeatable)")
     ap.add_argument("--steps", type=int, default=100, help="QAT steps per value (the default recipe's count)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -170,6 +173,9 @@ def main() -> None:
     base_qat = dict(stages["qat"], steps=args.steps)
     if args.precisions:
         base_qat["precisions"] = args.precisions.split(",")
+    for item in args.set:
+        field, _, value = item.partition("=")
+        base_qat = set_field(base_qat, field, parse_value(value))
     export_cfg = {"opset": 17, "optimization": "extended", "qdq_min_sqnr_db": 30.0, "parity_atol": 1e-3, **stages.get("export", {})}
     student = args.run_dir.resolve() / next(st["outputs"]["model"] for st in manifest["stages"] if st["stage"] == "prune")
     task = build_task(dict(recipe["task"]))
@@ -210,7 +216,8 @@ def main() -> None:
              for label, r in results.items() if label != first}
     tb = teacher_size(args.run_dir, manifest)
     out = {"version": 3, "run": args.run_dir.name, "student": str(student.relative_to(args.run_dir.resolve())), "field": args.field,
-           "qat_steps": args.steps, "qat": {k: v for k, v in base_qat.items() if k not in (args.field, "steps")}, "results": results}
+           "qat_steps": args.steps, "set": args.set, "qat": {k: v for k, v in base_qat.items() if k not in (args.field, "steps")},
+           "results": results}
     if base is not None:
         out["baselines"] = {**base, "teacher_size_bytes": tb}
         out["targets"] = {"thresholds": TARGETS, **{label: targets(r, base, tb) for label, r in results.items() if "int4" in r}}

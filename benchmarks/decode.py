@@ -63,19 +63,35 @@ GENAI_SCRIPT = Path(__file__).with_name("genai_decode.py")
 FINAL, PLAIN, FINAL_INT4 = "fused-int8", "plain-kv-int8", "final-int4"
 IN_GENAI = "@genai"
 """Suffix of our fused graphs decoded by onnxruntime-genai's loop (``fused-int8@genai``)."""
-COMPARED = ((FINAL, "fused-fp32"), ("fused-int4", "fused-fp32"), ("fused-fp32", "genai-fp32"), ("fused-int4", "genai-int4"),
-            (FINAL, "genai-int4"), (FINAL_INT4, FINAL), (FINAL, "fused-int4"), ("fused-int8-dynamic", FINAL), ("fused-int8-nbits", FINAL),
-            (FINAL, "fused-int8-separate"),
-            # the graphs alone, in genai's loop: ours against its builder's at the same precision (int8: against its best, int4)
-            ("fused-fp32" + IN_GENAI, "genai-fp32"), ("fused-int4" + IN_GENAI, "genai-int4"), (FINAL + IN_GENAI, "genai-int4"),
-            (FINAL_INT4 + IN_GENAI, "genai-int4"),
-            # the loops alone: the same graph in our loop against genai's
-            (FINAL, FINAL + IN_GENAI), ("fused-fp32", "fused-fp32" + IN_GENAI), ("fused-int4", "fused-int4" + IN_GENAI))
+COMPARED = (
+    (FINAL, "fused-fp32"),
+    ("fused-int4", "fused-fp32"),
+    ("fused-fp32", "genai-fp32"),
+    ("fused-int4", "genai-int4"),
+    (FINAL, "genai-int4"),
+    (FINAL_INT4, FINAL),
+    (FINAL, "fused-int4"),
+    ("fused-int8-dynamic", FINAL),
+    ("fused-int8-nbits", FINAL),
+    (FINAL, "fused-int8-separate"),
+    # the graphs alone, in genai's loop: ours against its builder's at the same precision (int8: against its best, int4)
+    ("fused-fp32" + IN_GENAI, "genai-fp32"),
+    ("fused-int4" + IN_GENAI, "genai-int4"),
+    (FINAL + IN_GENAI, "genai-int4"),
+    (FINAL_INT4 + IN_GENAI, "genai-int4"),
+    # the loops alone: the same graph in our loop against genai's
+    (FINAL, FINAL + IN_GENAI),
+    ("fused-fp32", "fused-fp32" + IN_GENAI),
+    ("fused-int4", "fused-int4" + IN_GENAI),
+)
 """Pairs (a, b) whose ratio ``a_vs_b`` the JSON gives besides the named ones (where both were timed), at each thread count."""
-NAMED = {"final_vs_onnxruntime_genai": (FINAL, "genai best"), "final_vs_plain_kv": (FINAL, PLAIN),
-         "final_int4_vs_onnxruntime_genai_int4": (FINAL_INT4, "genai-int4"),
-         "final_in_genai_loop_vs_onnxruntime_genai": (FINAL + IN_GENAI, "genai best"),
-         "final_int4_in_genai_loop_vs_onnxruntime_genai_int4": (FINAL_INT4 + IN_GENAI, "genai-int4")}
+NAMED = {
+    "final_vs_onnxruntime_genai": (FINAL, "genai best"),
+    "final_vs_plain_kv": (FINAL, PLAIN),
+    "final_int4_vs_onnxruntime_genai_int4": (FINAL_INT4, "genai-int4"),
+    "final_in_genai_loop_vs_onnxruntime_genai": (FINAL + IN_GENAI, "genai best"),
+    "final_int4_in_genai_loop_vs_onnxruntime_genai_int4": (FINAL_INT4 + IN_GENAI, "genai-int4"),
+}
 """The issue's ratios; ``genai best`` is the faster of genai's builds at that thread count."""
 
 
@@ -98,9 +114,17 @@ def _load_qat(path: Path):
     return model
 
 
-def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, task, threads: int | None,
-               int8_kernels: tuple[str, ...] = (), other_qat: dict[str, Path] | None = None,
-               graphs: dict[str, Path] | None = None) -> tuple[dict[str, Path], dict]:
+def build_ours(
+    run: Path,
+    work: Path,
+    parity_prompt: np.ndarray,
+    log,
+    task,
+    threads: int | None,
+    int8_kernels: tuple[str, ...] = (),
+    other_qat: dict[str, Path] | None = None,
+    graphs: dict[str, Path] | None = None,
+) -> tuple[dict[str, Path], dict]:
     """Export the fused graphs and find (or export) the plain KV graphs; return their paths and, per fused graph, its
     parity against torch (the model it was exported from) and its accuracy on the task (scored through the graph itself,
     batch prefills). ``other_qat``: ``{label: QAT model dir}`` also exported as ``fused-int8-<label>``. ``graphs``:
@@ -132,23 +156,33 @@ def build_ours(run: Path, work: Path, parity_prompt: np.ndarray, log, task, thre
         quant = name.startswith(FINAL)
         log(f"parity and task accuracy of {name} ({'torch fake quant' if quant else 'torch fp32'})")
         acc = task.evaluate(fused_predict(path, threads)).as_dict()
-        info[name] = {**check_fused_parity(source[name], path, parity_prompt, 16), "fused_ops": fused_ops(op_histogram(path)),
-                      "reference": "torch fake-quant QAT model" if quant else "torch fp32 student",
-                      "accuracy": round(acc["accuracy"], 3), "bits_per_byte": round(acc["bits_per_byte"], 4)}
+        info[name] = {
+            **check_fused_parity(source[name], path, parity_prompt, 16),
+            "fused_ops": fused_ops(op_histogram(path)),
+            "reference": "torch fake-quant QAT model" if quant else "torch fp32 student",
+            "accuracy": round(acc["accuracy"], 3),
+            "bits_per_byte": round(acc["bits_per_byte"], 4),
+        }
     arts = {}
     metrics = run / "export" / "metrics.json"
     if metrics.is_file():
         arts = json.loads(metrics.read_text()).get("artifacts", {})
     extra = dict(graphs or {})
-    int4_qat = [a for a in arts.values() if str(a.get("role") or "").startswith("final") and a.get("precision") == "int4" and a.get("fused_path")]
+    int4_qat = [
+        a for a in arts.values() if str(a.get("role") or "").startswith("final") and a.get("precision") == "int4" and a.get("fused_path")
+    ]
     if int4_qat and FINAL_INT4 not in extra and (run / int4_qat[0]["fused_path"]).is_file():
         extra[FINAL_INT4] = run / int4_qat[0]["fused_path"]
     for name, path in extra.items():
         log(f"task accuracy of {name} ({path})")
         acc = task.evaluate(fused_predict(path, threads)).as_dict()
         paths[name] = Path(path)
-        info[name] = {"graph": str(path), "fused_ops": fused_ops(op_histogram(path)), "accuracy": round(acc["accuracy"], 3),
-                      "bits_per_byte": round(acc["bits_per_byte"], 4)}
+        info[name] = {
+            "graph": str(path),
+            "fused_ops": fused_ops(op_histogram(path)),
+            "accuracy": round(acc["accuracy"], 3),
+            "bits_per_byte": round(acc["bits_per_byte"], 4),
+        }
     for name, art_name, model in (("plain-kv-int8", "final", q), ("plain-kv-fp32", fp_artifact(arts), fp)):
         rel = arts.get(art_name, {}).get("kv_cache_path") if art_name else None
         if rel and (run / rel).is_file():
@@ -217,8 +251,21 @@ def build_genai(python: str, student: Path, work: Path, precisions: list[str], l
         dst = work / f"genai-{prec}"
         shutil.rmtree(dst, ignore_errors=True)
         log(f"onnxruntime-genai builder: {prec}")
-        cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(dst), "-p", prec, "-e", "cpu",
-               "-c", str(work / "genai-cache")]
+        cmd = [
+            python,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf),
+            "-o",
+            str(dst),
+            "-p",
+            prec,
+            "-e",
+            "cpu",
+            "-c",
+            str(work / "genai-cache"),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -238,8 +285,16 @@ def build_ours_in_genai(paths: dict[str, Path], student: Path, work: Path, log) 
         if name not in paths:
             continue
         shape = decoder_shape(paths[name])
-        src = DecoderSource(variant=name, precision=name.rsplit("-", 1)[-1], kind="fused", graph=Path(paths[name]), config=config,
-                            shape=shape, run_name=student.parent.parent.name, byte_level=True)
+        src = DecoderSource(
+            variant=name,
+            precision=name.rsplit("-", 1)[-1],
+            kind="fused",
+            graph=Path(paths[name]),
+            config=config,
+            shape=shape,
+            run_name=student.parent.parent.name,
+            byte_level=True,
+        )
         dst = work / f"{name}{IN_GENAI}"
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
@@ -249,13 +304,28 @@ def build_ours_in_genai(paths: dict[str, Path], student: Path, work: Path, log) 
     return out
 
 
-def run_genai(python: str, model_dir: Path, prompt: np.ndarray, new_tokens: int, repeats: int, threads: int | None,
-              profile: str | None = None) -> dict:
+def run_genai(
+    python: str, model_dir: Path, prompt: np.ndarray, new_tokens: int, repeats: int, threads: int | None, profile: str | None = None
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="dsk-genai-") as tmp:
         p, out = Path(tmp) / "prompt.npy", Path(tmp) / "result.json"
         np.save(p, prompt)
-        cmd = [python, str(GENAI_SCRIPT), "--model-dir", str(model_dir), "--prompt", str(p), "--new-tokens", str(new_tokens),
-               "--repeats", str(repeats), "--warmup", "1", "--out", str(out)]
+        cmd = [
+            python,
+            str(GENAI_SCRIPT),
+            "--model-dir",
+            str(model_dir),
+            "--prompt",
+            str(p),
+            "--new-tokens",
+            str(new_tokens),
+            "--repeats",
+            str(repeats),
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
         if profile:
             cmd += ["--profile", profile]
         if threads:
@@ -297,10 +367,14 @@ def top_operators(trace: Path, new_tokens: int, top: int = 8) -> dict:
         n = max(len(idx), 1)
         total = sum(per_op[phase].values()) or 1.0
         rows = sorted(per_op[phase].items(), key=lambda kv: -kv[1])[:top]
-        out[phase] = {"runs": len(idx), "model_run_us": round(sum(runs[k][1] - runs[k][0] for k in idx) / n, 2),
-                      "kernel_us": round(total / n, 2),
-                      "operators": [{"op": op, "us": round(us / n, 2), "share": round(us / total, 3), "nodes": calls[phase][op] // n}
-                                    for op, us in rows]}
+        out[phase] = {
+            "runs": len(idx),
+            "model_run_us": round(sum(runs[k][1] - runs[k][0] for k in idx) / n, 2),
+            "kernel_us": round(total / n, 2),
+            "operators": [
+                {"op": op, "us": round(us / n, 2), "share": round(us / total, 3), "nodes": calls[phase][op] // n} for op, us in rows
+            ],
+        }
     return out
 
 
@@ -326,8 +400,11 @@ def profile_all(paths: dict, genai: dict, genai_best: str | None, prompt: np.nda
     warm-up, ``--profile-threads`` intra-op threads)."""
     log("profiling")
     t = args.profile_threads
-    prof = {name: top_operators(profile_ours(paths[name], prompt, args.new_tokens, t, work / f"profile-{name}"), args.new_tokens)
-            for name in (FINAL, "fused-fp32", "fused-int4") if name in paths}
+    prof = {
+        name: top_operators(profile_ours(paths[name], prompt, args.new_tokens, t, work / f"profile-{name}"), args.new_tokens)
+        for name in (FINAL, "fused-fp32", "fused-int4")
+        if name in paths
+    }
     if genai_best in genai:
         for old in work.glob(f"profile-{genai_best}_*.json"):
             old.unlink()
@@ -357,10 +434,13 @@ def summarize(tok_s: dict, step_p50: dict, prefill: dict, threads: list[int], ge
     med = {n: {t: _median(v, 2) for t, v in per.items() if v} for n, per in tok_s.items()}
     p50 = {n: {t: _median(v, 4) for t, v in per.items() if v} for n, per in step_p50.items()}
     pre = {n: {t: _median(v, 3) for t, v in per.items() if v} for n, per in prefill.items()}
-    out = {"decode_tokens_per_s_median": {n: {str(t): v for t, v in per.items()} for n, per in med.items()},
-           "decode_ms_p50_median": {n: {str(t): v for t, v in per.items()} for n, per in p50.items()},
-           "prefill_ms_p50": {n: {str(t): v for t, v in per.items()} for n, per in pre.items()},
-           "best_threads": {n: max(per, key=per.get) for n, per in med.items() if per}, "ratios_at": {}}
+    out = {
+        "decode_tokens_per_s_median": {n: {str(t): v for t, v in per.items()} for n, per in med.items()},
+        "decode_ms_p50_median": {n: {str(t): v for t, v in per.items()} for n, per in p50.items()},
+        "prefill_ms_p50": {n: {str(t): v for t, v in per.items()} for n, per in pre.items()},
+        "best_threads": {n: max(per, key=per.get) for n, per in med.items() if per},
+        "ratios_at": {},
+    }
     for t in threads:
         m = {n: per[t] for n, per in med.items() if t in per}
         m50 = {n: per[t] for n, per in p50.items() if t in per}
@@ -369,17 +449,31 @@ def summarize(tok_s: dict, step_p50: dict, prefill: dict, threads: list[int], ge
         pairs = {k: (a, g_best if b == "genai best" else b) for k, (a, b) in NAMED.items()}
         pairs.update({f"{a}_vs_{b}": (a, b) for a, b in COMPARED})
         prefill_pairs = {"fused_int8_vs_fused_fp32": (FINAL, "fused-fp32"), "plain_int8_vs_plain_fp32": (PLAIN, "plain-kv-fp32")}
-        out["ratios_at"][str(t)] = {"genai_best": g_best, "tokens_per_s": _ratios(m, True, pairs), "step_p50": _ratios(m50, False, pairs),
-                                    "prefill": _ratios(mpre, False, prefill_pairs)}
-    out["headline"] = {key: {str(t): {"step_p50": out["ratios_at"][str(t)]["step_p50"].get(key),
-                                      "tokens_per_s": out["ratios_at"][str(t)]["tokens_per_s"].get(key)} for t in threads}
-                       for key in NAMED if any(key in out["ratios_at"][str(t)]["step_p50"] for t in threads)}
+        out["ratios_at"][str(t)] = {
+            "genai_best": g_best,
+            "tokens_per_s": _ratios(m, True, pairs),
+            "step_p50": _ratios(m50, False, pairs),
+            "prefill": _ratios(mpre, False, prefill_pairs),
+        }
+    out["headline"] = {
+        key: {
+            str(t): {
+                "step_p50": out["ratios_at"][str(t)]["step_p50"].get(key),
+                "tokens_per_s": out["ratios_at"][str(t)]["tokens_per_s"].get(key),
+            }
+            for t in threads
+        }
+        for key in NAMED
+        if any(key in out["ratios_at"][str(t)]["step_p50"] for t in threads)
+    }
     return out
 
 
-RATIOS_BASIS = ("every ratio compares two variants timed at the same intra-op thread count (ratios_at.<threads>; headline: the "
-                "issue's ratios at each count), by tokens/s (a / b) and by step p50 (b / a: > 1 means a is faster); best_threads is "
-                "each variant's fastest count, for information only")
+RATIOS_BASIS = (
+    "every ratio compares two variants timed at the same intra-op thread count (ratios_at.<threads>; headline: the "
+    "issue's ratios at each count), by tokens/s (a / b) and by step p50 (b / a: > 1 means a is faster); best_threads is "
+    "each variant's fastest count, for information only"
+)
 
 
 def resummarize(data: dict) -> dict:
@@ -395,9 +489,11 @@ def resummarize(data: dict) -> dict:
     summary = summarize(rounds("decode_tokens_per_s_rounds"), rounds("decode_ms_p50_rounds"), rounds("prefill_ms_rounds"), threads, genai)
     out = {k: v for k, v in data.items() if k not in ("ratios", "ratios_from_step_p50", "prefill_speedup", "genai_best")}
     if data.get("version", 0) < 4:
-        out["resummarized"] = (f"version {data.get('version')} -> 4 by benchmarks/decode.py --resummarize: medians and ratios rebuilt "
-                               "from this run's stored rounds (no new timing); its ratios that compared variants at different thread "
-                               "counts are gone")
+        out["resummarized"] = (
+            f"version {data.get('version')} -> 4 by benchmarks/decode.py --resummarize: medians and ratios rebuilt "
+            "from this run's stored rounds (no new timing); its ratios that compared variants at different thread "
+            "counts are gone"
+        )
     out.update(summary, version=4, ratios_basis=RATIOS_BASIS)
     return out
 
@@ -407,8 +503,12 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path, nargs="?")
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     ap.add_argument("--work", type=Path, default=None, help="where the graphs are built (default RUN_DIR/bench-decode)")
-    ap.add_argument("--genai-python", default=None, help="a Python with onnxruntime-genai (0.18) whose transformers genai's builder "
-                    "imports (5.x with Qwen3.5); default: this Python for our @genai rows if it has onnxruntime-genai, no builder rows")
+    ap.add_argument(
+        "--genai-python",
+        default=None,
+        help="a Python with onnxruntime-genai (0.18) whose transformers genai's builder "
+        "imports (5.x with Qwen3.5); default: this Python for our @genai rows if it has onnxruntime-genai, no builder rows",
+    )
     ap.add_argument("--genai-precisions", default="fp32,int4")
     ap.add_argument("--no-genai-loop", action="store_true", help="do not time our fused graphs inside onnxruntime-genai's loop")
     ap.add_argument("--rounds", type=int, default=5)
@@ -420,16 +520,30 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile fused-int8/fp32/int4 and genai's best build (ORT's profiler)")
     ap.add_argument("--profile-threads", type=int, default=1)
     ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. that the machine was shared)")
-    ap.add_argument("--profile-only", action="store_true",
-                    help="no timing rounds: refresh parity, accuracy and the profile in the existing --out JSON")
-    ap.add_argument("--resummarize", action="store_true", help="no run: rebuild the medians and ratios of the existing --out JSON "
-                    "from its per-round figures (equal thread counts only)")
+    ap.add_argument(
+        "--profile-only", action="store_true", help="no timing rounds: refresh parity, accuracy and the profile in the existing --out JSON"
+    )
+    ap.add_argument(
+        "--resummarize",
+        action="store_true",
+        help="no run: rebuild the medians and ratios of the existing --out JSON from its per-round figures (equal thread counts only)",
+    )
     ap.add_argument("--int8-kernels", default="", help="also time int8 alternatives: dynamic and/or nbits (export.fused int8_kernel)")
-    ap.add_argument("--other-qat", action="append", default=[], metavar="LABEL=DIR",
-                    help="also time the fused int8 graph of another QAT model dir as fused-int8-LABEL (e.g. one trained with a "
-                         "quantizer per Linear); repeatable")
-    ap.add_argument("--graph", action="append", default=[], metavar="LABEL=PATH",
-                    help="also time this fused graph as LABEL (final-int4: an int4 QAT graph, compared with genai's int4); repeatable")
+    ap.add_argument(
+        "--other-qat",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also time the fused int8 graph of another QAT model dir as fused-int8-LABEL (e.g. one trained with a "
+        "quantizer per Linear); repeatable",
+    )
+    ap.add_argument(
+        "--graph",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also time this fused graph as LABEL (final-int4: an int4 QAT graph, compared with genai's int4); repeatable",
+    )
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",") if t]
 
@@ -460,9 +574,11 @@ def main() -> None:
     if args.genai_python and Path(args.genai_python).is_file():
         genai, genai_skipped = build_genai(args.genai_python, _float_student(run), work, args.genai_precisions.split(","), log)
     else:
-        genai_skipped = (f"--genai-python {args.genai_python!r} is not a file" if args.genai_python else "no --genai-python given") + \
-            ": onnxruntime-genai's builder skipped (give a Python with onnxruntime-genai==0.18.0, onnx_ir and a transformers 5.x " \
+        genai_skipped = (
+            (f"--genai-python {args.genai_python!r} is not a file" if args.genai_python else "no --genai-python given")
+            + ": onnxruntime-genai's builder skipped (give a Python with onnxruntime-genai==0.18.0, onnx_ir and a transformers 5.x "
             "that has what its builder imports)"
+        )
         log(genai_skipped)
         loop_python = sys.executable if importlib.util.find_spec("onnxruntime_genai") else None
     ours_in_genai = {} if args.no_genai_loop or loop_python is None else build_ours_in_genai(paths, _float_student(run), work, log)
@@ -492,12 +608,14 @@ def main() -> None:
     for r in range(args.rounds):  # interleaved: every variant at every thread count once per round, the order rotated
         load_rounds.append(round(os.getloadavg()[0], 2))
         log(f"round {r + 1}/{args.rounds} (load average {load_rounds[-1]})")
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for t in threads:
             for name in order:
                 path = variants[name]
                 if name in in_genai_loop:
-                    res = run_genai(loop_python if name in ours_in_genai else args.genai_python, path, prompt, args.new_tokens, args.repeats, t)
+                    res = run_genai(
+                        loop_python if name in ours_in_genai else args.genai_python, path, prompt, args.new_tokens, args.repeats, t
+                    )
                 else:
                     res = benchmark_decode(path, prompt, args.new_tokens, t, repeats=args.repeats, warmup=1)
                     pre = benchmark_decode(path, long_prompt, 0, t, repeats=args.repeats, warmup=1)
@@ -508,37 +626,68 @@ def main() -> None:
                 tokens[name] = res["tokens"][: args.new_tokens]
 
     summary = summarize(tok_s, step_p50, prefill, threads, genai)
-    same_pairs = [("fused-fp32", "genai-fp32"), ("fused-fp32", "plain-kv-fp32"), (FINAL, PLAIN),
-                  *((n[: -len(IN_GENAI)], n) for n in ours_in_genai)]
+    same_pairs = [
+        ("fused-fp32", "genai-fp32"),
+        ("fused-fp32", "plain-kv-fp32"),
+        (FINAL, PLAIN),
+        *((n[: -len(IN_GENAI)], n) for n in ours_in_genai),
+    ]
     same = {f"{a}=={b}": tokens[a] == tokens[b] for a, b in same_pairs if a in tokens and b in tokens}
     import onnxruntime
 
-    out = {"version": 4, "run": str(run), "machine": f"{os.cpu_count()} CPUs", "note": args.note,
-           "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)], "load_average_rounds": load_rounds,
-           "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": _genai_versions(args.genai_python, loop_python),
-           "batch_size": 1, "prompt_tokens": int(prompt.size), "new_tokens": args.new_tokens,
-           "prefill_tokens": int(long_prompt.size), "threads": threads, "rounds": args.rounds, "repeats_per_round": args.repeats,
-           "ratios_basis": RATIOS_BASIS, **summary, "nodes": nodes,
-           "decode_tokens_per_s_rounds": {n: {str(t): v for t, v in per.items()} for n, per in tok_s.items()},
-           "decode_ms_p50_rounds": {n: {str(t): v for t, v in per.items()} for n, per in step_p50.items()},
-           "prefill_ms_rounds": {n: {str(t): v for t, v in per.items()} for n, per in prefill.items()},
-           "genai_skipped": genai_skipped, "same_greedy_tokens": same, "parity": parity,
-           "artifacts": {n: str(p) for n, p in variants.items()}}
+    out = {
+        "version": 4,
+        "run": str(run),
+        "machine": f"{os.cpu_count()} CPUs",
+        "note": args.note,
+        "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)],
+        "load_average_rounds": load_rounds,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_genai": _genai_versions(args.genai_python, loop_python),
+        "batch_size": 1,
+        "prompt_tokens": int(prompt.size),
+        "new_tokens": args.new_tokens,
+        "prefill_tokens": int(long_prompt.size),
+        "threads": threads,
+        "rounds": args.rounds,
+        "repeats_per_round": args.repeats,
+        "ratios_basis": RATIOS_BASIS,
+        **summary,
+        "nodes": nodes,
+        "decode_tokens_per_s_rounds": {n: {str(t): v for t, v in per.items()} for n, per in tok_s.items()},
+        "decode_ms_p50_rounds": {n: {str(t): v for t, v in per.items()} for n, per in step_p50.items()},
+        "prefill_ms_rounds": {n: {str(t): v for t, v in per.items()} for n, per in prefill.items()},
+        "genai_skipped": genai_skipped,
+        "same_greedy_tokens": same,
+        "parity": parity,
+        "artifacts": {n: str(p) for n, p in variants.items()},
+    }
     if args.profile:
         out["profile_threads"] = args.profile_threads
         best = summary["ratios_at"].get(str(args.profile_threads), {}).get("genai_best")
         out["profile"] = profile_all(paths, genai, best, prompt, args, work, log)
     atomic_write_json(args.out, out)
-    print(json.dumps({k: out[k] for k in ("decode_tokens_per_s_median", "decode_ms_p50_median", "headline", "same_greedy_tokens",
-                                          "load_average_rounds")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: out[k]
+                for k in ("decode_tokens_per_s_median", "decode_ms_p50_median", "headline", "same_greedy_tokens", "load_average_rounds")
+            },
+            indent=2,
+        )
+    )
 
 
 def _genai_versions(*pythons: str | None) -> dict[str, str]:
     """``{python: "onnxruntime-genai X, onnxruntime Y"}`` of the Pythons that ran genai's loop."""
     out = {}
     for py in dict.fromkeys(p for p in pythons if p):
-        proc = subprocess.run([py, "-c", "import onnxruntime_genai as g, onnxruntime as o; print(g.__version__, o.__version__)"],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [py, "-c", "import onnxruntime_genai as g, onnxruntime as o; print(g.__version__, o.__version__)"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode == 0:
             g, o = proc.stdout.split()
             out[py] = f"onnxruntime-genai {g}, onnxruntime {o}"

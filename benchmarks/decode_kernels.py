@@ -79,7 +79,9 @@ def _chain(n: int) -> bytes:
     for i in range(n):
         nodes.append(helper.make_node("Mul", [prev, "c"], [f"y{i}"]))
         prev = f"y{i}"
-    return _model(nodes, [helper.make_tensor_value_info("x", 1, [1, 1, None])], [prev], [numpy_helper.from_array(np.ones(1, np.float32), "c")])
+    return _model(
+        nodes, [helper.make_tensor_value_info("x", 1, [1, 1, None])], [prev], [numpy_helper.from_array(np.ones(1, np.float32), "c")]
+    )
 
 
 def linear_kernels(w_int8: np.ndarray, w_scale: np.ndarray, a_scale: np.ndarray, a_zp: np.ndarray, threads: int) -> dict[str, Timed]:
@@ -91,9 +93,15 @@ def linear_kernels(w_int8: np.ndarray, w_scale: np.ndarray, a_scale: np.ndarray,
     x = np.random.default_rng(0).standard_normal((1, 1, k)).astype(np.float32)
     xin = [helper.make_tensor_value_info("x", 1, [1, 1, k])]
     q_inits = [numpy_helper.from_array(a_scale, "as"), numpy_helper.from_array(a_zp, "az")]
-    int8 = _model([helper.make_node("QuantizeLinear", ["x", "as", "az"], ["xq"]),
-                   helper.make_node("MatMulIntegerToFloat", ["xq", "w", "as", "ws", "az"], ["y"], domain="com.microsoft")],
-                  xin, ["y"], [numpy_helper.from_array(w_int8, "w"), numpy_helper.from_array(w_scale, "ws"), *q_inits])
+    int8 = _model(
+        [
+            helper.make_node("QuantizeLinear", ["x", "as", "az"], ["xq"]),
+            helper.make_node("MatMulIntegerToFloat", ["xq", "w", "as", "ws", "az"], ["y"], domain="com.microsoft"),
+        ],
+        xin,
+        ["y"],
+        [numpy_helper.from_array(w_int8, "w"), numpy_helper.from_array(w_scale, "ws"), *q_inits],
+    )
     quant = _model([helper.make_node("QuantizeLinear", ["x", "as", "az"], ["y"])], xin, ["y"], q_inits, out_type=2)  # uint8
     w_fp32 = w_int8.astype(np.float32) * w_scale[None, :]
     import onnx
@@ -102,8 +110,12 @@ def linear_kernels(w_int8: np.ndarray, w_scale: np.ndarray, a_scale: np.ndarray,
     q4 = MatMulNBitsQuantizer(onnx.load_from_string(fp32), block_size=32, is_symmetric=True, accuracy_level=4)
     q4.process()
     feed = {"x": x}
-    return {"int8 QuantizeLinear+MatMulIntegerToFloat": Timed(int8, feed, threads), "int4 MatMulNBits": Timed(q4.model.model.SerializeToString(), feed, threads),
-            "fp32 MatMul": Timed(fp32, feed, threads), "QuantizeLinear alone": Timed(quant, feed, threads)}
+    return {
+        "int8 QuantizeLinear+MatMulIntegerToFloat": Timed(int8, feed, threads),
+        "int4 MatMulNBits": Timed(q4.model.model.SerializeToString(), feed, threads),
+        "fp32 MatMul": Timed(fp32, feed, threads),
+        "QuantizeLinear alone": Timed(quant, feed, threads),
+    }
 
 
 def gqa_kernel(graph, positions: int, threads: int) -> Timed:
@@ -116,17 +128,31 @@ def gqa_kernel(graph, positions: int, threads: int) -> Timed:
     inits = {i.name: i for i in graph.initializer}
     heads, kv, head_dim = attrs["num_heads"], attrs["kv_num_heads"], numpy_helper.to_array(inits[node.input[7]]).shape[1] * 2
     width = (heads + 2 * kv) * head_dim
-    ins = [helper.make_tensor_value_info("qkv", 1, [1, 1, width]), helper.make_tensor_value_info("pk", 1, [1, kv, None, head_dim]),
-           helper.make_tensor_value_info("pv", 1, [1, kv, None, head_dim]), helper.make_tensor_value_info("seqlens_k", 6, [1]),
-           helper.make_tensor_value_info("total_sequence_length", 6, [])]
-    gqa = helper.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "seqlens_k", "total_sequence_length", node.input[7], node.input[8]],
-                           ["out", "k_out", "v_out"], domain="com.microsoft", **attrs)
+    ins = [
+        helper.make_tensor_value_info("qkv", 1, [1, 1, width]),
+        helper.make_tensor_value_info("pk", 1, [1, kv, None, head_dim]),
+        helper.make_tensor_value_info("pv", 1, [1, kv, None, head_dim]),
+        helper.make_tensor_value_info("seqlens_k", 6, [1]),
+        helper.make_tensor_value_info("total_sequence_length", 6, []),
+    ]
+    gqa = helper.make_node(
+        "GroupQueryAttention",
+        ["qkv", "", "", "pk", "pv", "seqlens_k", "total_sequence_length", node.input[7], node.input[8]],
+        ["out", "k_out", "v_out"],
+        domain="com.microsoft",
+        **attrs,
+    )
     model = _model([gqa], ins, ["out", "k_out", "v_out"], [inits[node.input[7]], inits[node.input[8]]])
     buf = positions + 32
     ov = ort.OrtValue.ortvalue_from_numpy
     k, v = ov(np.zeros((1, kv, buf, head_dim), np.float32)), ov(np.zeros((1, kv, buf, head_dim), np.float32))
-    feed = {"qkv": np.random.default_rng(0).standard_normal((1, 1, width)).astype(np.float32), "pk": k, "pv": v,
-            "seqlens_k": np.array([positions - 1], np.int32), "total_sequence_length": np.array(positions, np.int32)}
+    feed = {
+        "qkv": np.random.default_rng(0).standard_normal((1, 1, width)).astype(np.float32),
+        "pk": k,
+        "pv": v,
+        "seqlens_k": np.array([positions - 1], np.int32),
+        "total_sequence_length": np.array(positions, np.int32),
+    }
     return Timed(model, feed, threads, outputs={"k_out": k, "v_out": v})
 
 
@@ -140,9 +166,17 @@ def linear_shapes(graph) -> list[dict]:
         if n.op_type != "MatMulIntegerToFloat":
             continue
         w = numpy_helper.to_array(inits[n.input[1]])
-        e = out.setdefault(w.shape, {"name": n.name.split("/")[0].split(".", 2)[-1], "count": 0, "w": w,
-                                     "w_scale": numpy_helper.to_array(inits[n.input[3]]), "a_scale": numpy_helper.to_array(inits[n.input[2]]),
-                                     "a_zp": numpy_helper.to_array(inits[n.input[4]])})
+        e = out.setdefault(
+            w.shape,
+            {
+                "name": n.name.split("/")[0].split(".", 2)[-1],
+                "count": 0,
+                "w": w,
+                "w_scale": numpy_helper.to_array(inits[n.input[3]]),
+                "a_scale": numpy_helper.to_array(inits[n.input[2]]),
+                "a_zp": numpy_helper.to_array(inits[n.input[4]]),
+            },
+        )
         e["count"] += 1
     return list(out.values())
 
@@ -174,11 +208,15 @@ def main() -> None:
     graph = onnx.load(str(fused)).graph
     from onnx import helper
 
-    kernels: dict[str, Timed] = {"run (Identity)": Timed(_model([helper.make_node("Identity", ["x"], ["y"])],
-                                                                [helper.make_tensor_value_info("x", 1, [1, 1, None])], ["y"], []),
-                                                         {"x": np.ones((1, 1, 192), np.float32)}, a.threads),
-                                 "chain 1 Mul": Timed(_chain(1), {"x": np.ones((1, 1, 192), np.float32)}, a.threads, optimize=False),
-                                 "chain 61 Mul": Timed(_chain(61), {"x": np.ones((1, 1, 192), np.float32)}, a.threads, optimize=False)}
+    kernels: dict[str, Timed] = {
+        "run (Identity)": Timed(
+            _model([helper.make_node("Identity", ["x"], ["y"])], [helper.make_tensor_value_info("x", 1, [1, 1, None])], ["y"], []),
+            {"x": np.ones((1, 1, 192), np.float32)},
+            a.threads,
+        ),
+        "chain 1 Mul": Timed(_chain(1), {"x": np.ones((1, 1, 192), np.float32)}, a.threads, optimize=False),
+        "chain 61 Mul": Timed(_chain(61), {"x": np.ones((1, 1, 192), np.float32)}, a.threads, optimize=False),
+    }
     shapes = linear_shapes(graph)
     for s in shapes:
         for kind, t in linear_kernels(s["w"], s["w_scale"], s["a_scale"], s["a_zp"], a.threads).items():
@@ -211,21 +249,36 @@ def main() -> None:
     mid = 144  # the middle of a 32-token decode after a 128-token prompt
     gqa_mid = float(np.interp(mid, positions, [gqa[p] for p in positions]))
     out = {
-        "version": 1, "run": str(a.run_dir), "graph": str(fused), "onnxruntime": onnxruntime.__version__, "threads": a.threads,
-        "rounds": a.rounds, "runs_per_round": a.runs, "note": a.note,
-        "run_us": round(run, 2), "per_node_us": round(per_node, 3),
-        "linears_us": linears, "group_query_attention_us": {str(p): v for p, v in gqa.items()},
+        "version": 1,
+        "run": str(a.run_dir),
+        "graph": str(fused),
+        "onnxruntime": onnxruntime.__version__,
+        "threads": a.threads,
+        "rounds": a.rounds,
+        "runs_per_round": a.runs,
+        "note": a.note,
+        "run_us": round(run, 2),
+        "per_node_us": round(per_node, 3),
+        "linears_us": linears,
+        "group_query_attention_us": {str(p): v for p, v in gqa.items()},
         "group_query_attention_us_per_position": round(slope, 4),
-        "fused_int8_graph": {"nodes": n_nodes, "group_query_attention_nodes": n_gqa, "decode_step_p50_us": round(step, 1),
-                             "isolated_parts_us": {"session run": round(run, 1),
-                                                   f"dispatch of the {n_other} other nodes (x per_node_us)": round(n_other * per_node, 1),
-                                                   "int8 Linears (QuantizeLinear + MatMulIntegerToFloat)": round(int8_linears, 1),
-                                                   f"GroupQueryAttention at {mid} positions x {n_gqa}": round(n_gqa * gqa_mid, 1)},
-                             "same Linears as int4 MatMulNBits": round(int4_linears, 1)},
+        "fused_int8_graph": {
+            "nodes": n_nodes,
+            "group_query_attention_nodes": n_gqa,
+            "decode_step_p50_us": round(step, 1),
+            "isolated_parts_us": {
+                "session run": round(run, 1),
+                f"dispatch of the {n_other} other nodes (x per_node_us)": round(n_other * per_node, 1),
+                "int8 Linears (QuantizeLinear + MatMulIntegerToFloat)": round(int8_linears, 1),
+                f"GroupQueryAttention at {mid} positions x {n_gqa}": round(n_gqa * gqa_mid, 1),
+            },
+            "same Linears as int4 MatMulNBits": round(int4_linears, 1),
+        },
     }
     parts = out["fused_int8_graph"]["isolated_parts_us"]
     out["fused_int8_graph"]["rest of the step (norms, Split / QuickGelu / Mul, embedding, lm_head, caches)"] = round(
-        step - sum(parts.values()), 1)
+        step - sum(parts.values()), 1
+    )
     atomic_write_json(Path(a.out), out)
     print(json.dumps(out, indent=2))
 

@@ -60,24 +60,32 @@ def collect(run_dir: Path) -> dict:
         out["bits_per_byte"][cell] = row.get("bits_per_byte")
         out["torch_accuracy"][cell] = round(m["accuracy"], 3)
         t = m["train"]
-        out["training"][cell] = {k: t.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_s")} | {"init_accuracy": round(m["init"]["accuracy"], 3)}
+        out["training"][cell] = {k: t.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_s")} | {
+            "init_accuracy": round(m["init"]["accuracy"], 3)
+        }
         tokens.add(t["tokens"])
     if len(tokens) != 1:
         raise SystemExit(f"the four students saw different token counts {sorted(tokens)}: not an ablation at equal tokens")
     a = out["accuracy"]
     teacher = rows.get("teacher", {})
-    out.update({
-        "tokens": tokens.pop(),
-        "teacher_accuracy": teacher.get("accuracy"),
-        "margins": {"kd_gain_merge_init": round(a["merge-kd"] - a["merge-nokd"], 3),
-                    "kd_gain_random_init": round(a["random-kd"] - a["random-nokd"], 3),
-                    "merge_init_gain_with_kd": round(a["merge-kd"] - a["random-kd"], 3)},
-        "bar": {"merge-kd >= merge-nokd + 1.5": a["merge-kd"] >= a["merge-nokd"] + 1.5,
-                "merge-kd > random-kd > random-nokd": a["merge-kd"] > a["random-kd"] > a["random-nokd"]},
-        "recipe": manifest.get("recipe", {}).get("name", "distill-ablation"),
-        "distill": next((s for s in manifest.get("recipe", {}).get("stages", []) if s.get("stage") == "distill"), None),
-        "run_dir": str(run_dir),
-    })
+    out.update(
+        {
+            "tokens": tokens.pop(),
+            "teacher_accuracy": teacher.get("accuracy"),
+            "margins": {
+                "kd_gain_merge_init": round(a["merge-kd"] - a["merge-nokd"], 3),
+                "kd_gain_random_init": round(a["random-kd"] - a["random-nokd"], 3),
+                "merge_init_gain_with_kd": round(a["merge-kd"] - a["random-kd"], 3),
+            },
+            "bar": {
+                "merge-kd >= merge-nokd + 1.5": a["merge-kd"] >= a["merge-nokd"] + 1.5,
+                "merge-kd > random-kd > random-nokd": a["merge-kd"] > a["random-kd"] > a["random-nokd"],
+            },
+            "recipe": manifest.get("recipe", {}).get("name", "distill-ablation"),
+            "distill": next((s for s in manifest.get("recipe", {}).get("stages", []) if s.get("stage") == "distill"), None),
+            "run_dir": str(run_dir),
+        }
+    )
     return out
 
 
@@ -93,10 +101,16 @@ def main() -> None:
     t0 = time.time()
     if not args.collect_only:
         run_recipe(args.run_dir, args.overrides, args.threads)
-    out = {"version": 1, **collect(args.run_dir),
-           "measured": {"host": f"{platform.node()} {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
-                        "wall_seconds_this_process": round(time.time() - t0, 1),
-                        "note": "accuracy: each student's exported fp32 ONNX model in ONNX Runtime on the task's validation windows"}}
+    out = {
+        "version": 1,
+        **collect(args.run_dir),
+        "measured": {
+            "host": f"{platform.node()} {platform.machine()}",
+            "date": time.strftime("%Y-%m-%d"),
+            "wall_seconds_this_process": round(time.time() - t0, 1),
+            "note": "accuracy: each student's exported fp32 ONNX model in ONNX Runtime on the task's validation windows",
+        },
+    }
     from dsk_compress.io import atomic_write_json
 
     atomic_write_json(args.out, out)

@@ -43,20 +43,42 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         cache = TeacherLogitCache(Path(tmp) / "cache", teacher, task.fingerprint(), args.top_k)
-        modes = [("online", make_kd_loss_fn(teacher, 2.0, 0.8)),
-                 ("cache-build", make_kd_loss_fn(teacher, 2.0, 0.8, cache=cache)),
-                 ("cache-hit", make_kd_loss_fn(teacher, 2.0, 0.8, cache=cache)),
-                 ("no-kd", make_kd_loss_fn(teacher, 2.0, 0.0))]
+        modes = [
+            ("online", make_kd_loss_fn(teacher, 2.0, 0.8)),
+            ("cache-build", make_kd_loss_fn(teacher, 2.0, 0.8, cache=cache)),
+            ("cache-hit", make_kd_loss_fn(teacher, 2.0, 0.8, cache=cache)),
+            ("no-kd", make_kd_loss_fn(teacher, 2.0, 0.0)),
+        ]
         for name, loss_fn in modes:
-            student, _ = build_student(teacher, layers=ft.layers, keep_every=ft.keep_every, intermediate_size=ft.intermediate_size,
-                                       ffn_init="top", calibration=task.calibration_batches(2))
+            student, _ = build_student(
+                teacher,
+                layers=ft.layers,
+                keep_every=ft.keep_every,
+                intermediate_size=ft.intermediate_size,
+                ffn_init="top",
+                calibration=task.calibration_batches(2),
+            )
             student.to(dev)
-            res = train(student, loss_fn, task.train_batch, TrainConfig(steps=args.steps, batch_size=args.batch_size, warmup=2),
-                        desc=f"distill {name}")
+            res = train(
+                student,
+                loss_fn,
+                task.train_batch,
+                TrainConfig(steps=args.steps, batch_size=args.batch_size, warmup=2),
+                desc=f"distill {name}",
+            )
             results[name] = {"tokens_per_s": round(res.tokens_per_s, 1), "seconds": round(res.seconds, 2), "tokens": res.tokens}
-    out = {"version": 1, "device": str(dev), "machine": platform.machine(), "threads": torch.get_num_threads(),
-           "steps": args.steps, "batch_size": args.batch_size, "seq_len": task.seq_len, "top_k": args.top_k, "modes": results,
-           "cache_hit_speedup_vs_online": round(results["cache-hit"]["tokens_per_s"] / results["online"]["tokens_per_s"], 3)}
+    out = {
+        "version": 1,
+        "device": str(dev),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": task.seq_len,
+        "top_k": args.top_k,
+        "modes": results,
+        "cache_hit_speedup_vs_online": round(results["cache-hit"]["tokens_per_s"] / results["online"]["tokens_per_s"], 3),
+    }
     atomic_write_json(args.out, out)
     print(json.dumps(out, indent=2))
 

@@ -20,8 +20,9 @@ import time
 import numpy as np
 
 
-def measure(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int, warmup: int, profile: str | None = None,
-            threads: int | None = None) -> dict:
+def measure(
+    model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int, warmup: int, profile: str | None = None, threads: int | None = None
+) -> dict:
     """Prefill ms (median), decode tokens/s (median over repeats) and the generated tokens of a greedy decode.
 
     ``profile``: a file prefix for ONNX Runtime's profiler (the trace is written when the model is released).
@@ -60,13 +61,23 @@ def measure(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int, w
             prefill_ms.append((t1 - t0) * 1000)
             step_ms += times
             tok_s.append(new_tokens / (sum(times) / 1000))
-            tokens = [int(t) for t in gen.get_sequence(0)[prompt.size:]]
+            tokens = [int(t) for t in gen.get_sequence(0)[prompt.size :]]
         del gen
     p50, p90 = (float(x) for x in np.percentile(step_ms, [50, 90]))
-    return {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "graph": "onnxruntime-genai",
-            "prefill_ms": round(float(np.median(prefill_ms)), 3), "decode_ms_p50": round(p50, 3), "decode_ms_p90": round(p90, 3),
-            "decode_tokens_per_s": round(float(np.median(tok_s)), 2), "decode_tokens_per_s_runs": [round(x, 2) for x in tok_s],
-            "runtime": f"onnxruntime-genai {og.__version__}, onnxruntime {_ort_version()}", "tokens": tokens}
+    return {
+        "prompt_tokens": int(prompt.size),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "threads": threads,
+        "graph": "onnxruntime-genai",
+        "prefill_ms": round(float(np.median(prefill_ms)), 3),
+        "decode_ms_p50": round(p50, 3),
+        "decode_ms_p90": round(p90, 3),
+        "decode_tokens_per_s": round(float(np.median(tok_s)), 2),
+        "decode_tokens_per_s_runs": [round(x, 2) for x in tok_s],
+        "runtime": f"onnxruntime-genai {og.__version__}, onnxruntime {_ort_version()}",
+        "tokens": tokens,
+    }
 
 
 def _ort_version() -> str:

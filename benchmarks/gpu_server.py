@@ -41,13 +41,18 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("error: benchmarks/gpu_server.py measures torch on a CUDA GPU, and torch.cuda.is_available() is False here "
-              "(hint: run it on a GPU server with a CUDA build of torch)", file=sys.stderr)
+        print(
+            "error: benchmarks/gpu_server.py measures torch on a CUDA GPU, and torch.cuda.is_available() is False here "
+            "(hint: run it on a GPU server with a CUDA build of torch)",
+            file=sys.stderr,
+        )
         return 2
     run_dir = args.run_dir or _latest_run()
     if run_dir is None or not (run_dir / "manifest.json").is_file():
-        print("error: no finished run of the default recipe (hint: pass RUN_DIR, or run dsk-compress recipe quant-prune-distill)",
-              file=sys.stderr)
+        print(
+            "error: no finished run of the default recipe (hint: pass RUN_DIR, or run dsk-compress recipe quant-prune-distill)",
+            file=sys.stderr,
+        )
         return 2
 
     from dsk_compress.io import atomic_write_json
@@ -61,12 +66,20 @@ def main() -> int:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     spec = RecipeSpec.model_validate(manifest["recipe"])
     task = build_task(spec.task.model_dump())
-    qat_from = next((st["outputs"].get("model") for st in manifest["stages"] if st["stage"] == "prune"), None) or \
-        next(st["outputs"]["model"] for st in manifest["stages"] if st["stage"] == "distill")
+    qat_from = next((st["outputs"].get("model") for st in manifest["stages"] if st["stage"] == "prune"), None) or next(
+        st["outputs"]["model"] for st in manifest["stages"] if st["stage"] == "distill"
+    )
     gpu = torch.cuda.get_device_name(0)
     cfg = BenchConfig(warmup=args.warmup, runs=args.runs, batch_size=BATCHES[0], throughput_batches=BATCHES[1:], seq_len=task.seq_len)
-    out = {"version": 1, "device": {"gpu": gpu, "cuda": torch.version.cuda, "torch": torch.__version__, **machine_facts()},
-           "run": run_dir.name, "dtype": args.dtype, "batches": list(BATCHES), "seq_len": task.seq_len, "models": {}}
+    out = {
+        "version": 1,
+        "device": {"gpu": gpu, "cuda": torch.version.cuda, "torch": torch.__version__, **machine_facts()},
+        "run": run_dir.name,
+        "dtype": args.dtype,
+        "batches": list(BATCHES),
+        "seq_len": task.seq_len,
+        "models": {},
+    }
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         teacher_dir = Path(tmp) / "teacher"
         load_model_source(spec.teacher.model_dump(exclude_none=True)).save_pretrained(teacher_dir, safe_serialization=True)
@@ -79,8 +92,11 @@ def main() -> int:
             for mode in ("eager", "compile"):
                 r = benchmark_torch(mdir, task.example_inputs(1), cfg, dtype=args.dtype, device="cuda", compile=mode == "compile")
                 entry[mode] = r.model_dump(mode="json")
-                print(f"{name} {mode}: " + ", ".join(f"batch {b.batch_size} p50 {b.p50:.3f} ms, {b.tokens_per_s:,.0f} tokens/s"
-                                                      for b in r.timing.batches), flush=True)
+                print(
+                    f"{name} {mode}: "
+                    + ", ".join(f"batch {b.batch_size} p50 {b.p50:.3f} ms, {b.tokens_per_s:,.0f} tokens/s" for b in r.timing.batches),
+                    flush=True,
+                )
     out["models"]["final-int8-onnx"] = _onnx_cuda(run_dir, manifest, task, cfg)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     path = args.out or Path("benchmarks/results") / f"gpu_server-{slug}.json"

@@ -31,8 +31,17 @@ from dsk_compress.recipes import load_recipe
 
 def _run(args, tmp: Path, cached: bool) -> dict:
     baselines = "[]" if cached else "[nokd,random-init]"
-    spec = load_recipe(args.recipe, [f"stages.0.steps={args.steps}", f"stages.0.baselines={baselines}", f"stages.1.steps={args.prune_steps}", f"stages.0.eval_every={max(1, args.steps // 5)}",
-                                      f"logit_cache.enabled={str(cached).lower()}", f"logit_cache.top_k={args.top_k}"])
+    spec = load_recipe(
+        args.recipe,
+        [
+            f"stages.0.steps={args.steps}",
+            f"stages.0.baselines={baselines}",
+            f"stages.1.steps={args.prune_steps}",
+            f"stages.0.eval_every={max(1, args.steps // 5)}",
+            f"logit_cache.enabled={str(cached).lower()}",
+            f"logit_cache.top_k={args.top_k}",
+        ],
+    )
     spec = spec.model_copy(update={"stages": spec.stages[:2]})  # distill + prune
     rd = run_recipe(spec, out=tmp / ("cached" if cached else "online"))
     man = json.loads((rd / "manifest.json").read_text())
@@ -40,12 +49,24 @@ def _run(args, tmp: Path, cached: bool) -> dict:
 
     def summary(m: dict) -> dict:
         t = m["train"]
-        return {"accuracy": round(m["accuracy"], 3), "init_accuracy": round(m["init"]["accuracy"], 3) if "init" in m else None,
-                "tokens": t["tokens"], "seconds": t["seconds"], "tokens_per_s": t["tokens_per_s"], "kd": t.get("kd"),
-                "validation_curve": [[h["step"], round(h["accuracy"], 3)] for h in t["history"] if "accuracy" in h]}
+        return {
+            "accuracy": round(m["accuracy"], 3),
+            "init_accuracy": round(m["init"]["accuracy"], 3) if "init" in m else None,
+            "tokens": t["tokens"],
+            "seconds": t["seconds"],
+            "tokens_per_s": t["tokens_per_s"],
+            "kd": t.get("kd"),
+            "validation_curve": [[h["step"], round(h["accuracy"], 3)] for h in t["history"] if "accuracy" in h],
+        }
 
-    out = {"distill": summary(dm), "prune": {"accuracy": round(pm["accuracy"], 3), "accuracy_after_prune": pm["iterations"][-1]["accuracy_after_prune"],
-                                             **{k: pm["iterations"][-1]["train"][k] for k in ("tokens", "seconds", "tokens_per_s", "kd")}}}
+    out = {
+        "distill": summary(dm),
+        "prune": {
+            "accuracy": round(pm["accuracy"], 3),
+            "accuracy_after_prune": pm["iterations"][-1]["accuracy_after_prune"],
+            **{k: pm["iterations"][-1]["train"][k] for k in ("tokens", "seconds", "tokens_per_s", "kd")},
+        },
+    }
     for b in ("nokd", "random-init"):
         if f"baseline_{b}" in dm:
             out[f"distill_{b}"] = summary(dm[f"baseline_{b}"])
@@ -65,18 +86,32 @@ def main() -> None:
         cached = _run(args, Path(tmp), cached=True)
     merge, rnd, nokd = online["distill"]["accuracy"], online["distill_random-init"]["accuracy"], online["distill_nokd"]["accuracy"]
     out = {
-        "version": 1, "host": f"{platform.node()} {platform.machine()}", "threads": torch.get_num_threads(),
-        "recipe": args.recipe, "distill_steps": args.steps, "prune_steps": args.prune_steps, "top_k": args.top_k,
-        "online": online, "cached": cached,
-        "ordering": {"kd_merge_init": merge, "kd_random_init": rnd, "no_kd": nokd,
-                     "merge_minus_random": round(merge - rnd, 3), "random_minus_nokd": round(rnd - nokd, 3),
-                     "merge_minus_nokd": round(merge - nokd, 3), "holds": merge > rnd > nokd},
-        "cache": {"distill_accuracy_delta": round(cached["distill"]["accuracy"] - merge, 3),
-                  "prune_accuracy_delta": round(cached["prune"]["accuracy"] - online["prune"]["accuracy"], 3),
-                  "build_speedup_vs_online": round(cached["distill"]["tokens_per_s"] / online["distill"]["tokens_per_s"], 3),
-                  "hit_speedup_vs_online": round(cached["prune"]["tokens_per_s"] / online["prune"]["tokens_per_s"], 3),
-                  "within_0_5_points": abs(cached["distill"]["accuracy"] - merge) <= 0.5
-                  and abs(cached["prune"]["accuracy"] - online["prune"]["accuracy"]) <= 0.5},
+        "version": 1,
+        "host": f"{platform.node()} {platform.machine()}",
+        "threads": torch.get_num_threads(),
+        "recipe": args.recipe,
+        "distill_steps": args.steps,
+        "prune_steps": args.prune_steps,
+        "top_k": args.top_k,
+        "online": online,
+        "cached": cached,
+        "ordering": {
+            "kd_merge_init": merge,
+            "kd_random_init": rnd,
+            "no_kd": nokd,
+            "merge_minus_random": round(merge - rnd, 3),
+            "random_minus_nokd": round(rnd - nokd, 3),
+            "merge_minus_nokd": round(merge - nokd, 3),
+            "holds": merge > rnd > nokd,
+        },
+        "cache": {
+            "distill_accuracy_delta": round(cached["distill"]["accuracy"] - merge, 3),
+            "prune_accuracy_delta": round(cached["prune"]["accuracy"] - online["prune"]["accuracy"], 3),
+            "build_speedup_vs_online": round(cached["distill"]["tokens_per_s"] / online["distill"]["tokens_per_s"], 3),
+            "hit_speedup_vs_online": round(cached["prune"]["tokens_per_s"] / online["prune"]["tokens_per_s"], 3),
+            "within_0_5_points": abs(cached["distill"]["accuracy"] - merge) <= 0.5
+            and abs(cached["prune"]["accuracy"] - online["prune"]["accuracy"]) <= 0.5,
+        },
     }
     atomic_write_json(args.out, out)
     print(json.dumps({k: out[k] for k in ("ordering", "cache")}, indent=2))

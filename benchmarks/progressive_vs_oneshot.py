@@ -40,26 +40,47 @@ def main() -> None:
     if student is None:
         raise SystemExit("no distilled student: run `make demo` first or pass --student DIR")
     base = load_recipe("quant-prune-distill").model_dump()
-    prune = {**next(s for s in base["stages"] if s["stage"] == "prune"), "ffn_ratio": args.ffn_ratio, "head_ratio": args.head_ratio,
-             "iterations": args.iterations, "steps": args.steps, "baselines": ["oneshot"]}
+    prune = {
+        **next(s for s in base["stages"] if s["stage"] == "prune"),
+        "ffn_ratio": args.ffn_ratio,
+        "head_ratio": args.head_ratio,
+        "iterations": args.iterations,
+        "steps": args.steps,
+        "baselines": ["oneshot"],
+    }
     bench = next(s for s in base["stages"] if s["stage"] == "bench")
-    spec = RecipeSpec.model_validate({**base, "name": "progressive-vs-oneshot", "student": {"hf": str(Path(student).resolve())},
-                                      "stages": [prune, {"stage": "export", "ptq_baselines": False}, bench]})
+    spec = RecipeSpec.model_validate(
+        {
+            **base,
+            "name": "progressive-vs-oneshot",
+            "student": {"hf": str(Path(student).resolve())},
+            "stages": [prune, {"stage": "export", "ptq_baselines": False}, bench],
+        }
+    )
     rd = run_recipe(spec, out=args.out_dir)
     report = json.loads((rd / "report.json").read_text())
     by_role = {v["role"]: v for v in report["variants"]}
     pm = json.loads((rd / "prune" / "metrics.json").read_text())
     prog, one = by_role["student"], by_role["pruned-oneshot"]
     out = {
-        "version": 1, "host": f"{platform.node()} {platform.machine()}", "run": str(rd), "student": student,
-        "ffn_ratio": args.ffn_ratio, "head_ratio": args.head_ratio, "iterations": args.iterations,
+        "version": 1,
+        "host": f"{platform.node()} {platform.machine()}",
+        "run": str(rd),
+        "student": student,
+        "ffn_ratio": args.ffn_ratio,
+        "head_ratio": args.head_ratio,
+        "iterations": args.iterations,
         "fine_tune_steps": {"progressive": args.steps * args.iterations, "oneshot": args.steps * args.iterations},
-        "structure_after": pm["structure_after"]["layers"][0], "params_before": pm["params_before"], "params_after": pm["params_after"],
+        "structure_after": pm["structure_after"]["layers"][0],
+        "params_before": pm["params_before"],
+        "params_after": pm["params_after"],
         "accuracy_before_torch": round(pm["accuracy_before"], 3),
-        "progressive_accuracy_onnx": prog["accuracy"], "oneshot_accuracy_onnx": one["accuracy"],
+        "progressive_accuracy_onnx": prog["accuracy"],
+        "oneshot_accuracy_onnx": one["accuracy"],
         "progressive_minus_oneshot": round(prog["accuracy"] - one["accuracy"], 3),
-        "progressive_after_each_slice": [{"accuracy_after_prune": it["accuracy_after_prune"], "after_fine_tune": round(it["accuracy"], 3)}
-                                         for it in pm["iterations"]],
+        "progressive_after_each_slice": [
+            {"accuracy_after_prune": it["accuracy_after_prune"], "after_fine_tune": round(it["accuracy"], 3)} for it in pm["iterations"]
+        ],
         "oneshot_after_prune": pm["baseline_oneshot"]["iterations"][0]["accuracy_after_prune"],
         "latency_p50_ms": {"progressive": prog["latency_ms"]["p50"], "oneshot": one["latency_ms"]["p50"]},
     }

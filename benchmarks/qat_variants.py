@@ -50,15 +50,27 @@ def score_int8(model_dir: Path, work: Path, task, export_cfg: dict) -> dict:
 
     q = load_qat_model(model_dir)
     freeze_for_export(q)
-    ex = export_int8_lm(q, task.example_inputs(2), work / "int8.qdq.onnx", work / "int8.onnx", export_cfg["opset"],
-                        export_cfg["optimization"], min_sqnr_db=export_cfg["qdq_min_sqnr_db"])
+    ex = export_int8_lm(
+        q,
+        task.example_inputs(2),
+        work / "int8.qdq.onnx",
+        work / "int8.onnx",
+        export_cfg["opset"],
+        export_cfg["optimization"],
+        min_sqnr_db=export_cfg["qdq_min_sqnr_db"],
+    )
     fused = export_fused(q, work / "int8.fused.onnx", "int8")
     hist = op_histogram(fused)
-    return {"shared_groups": len(shared_input_groups(q)),
-            "onnxruntime_int8": task.evaluate(ort_predict(work / "int8.onnx")).as_dict(),
-            "fused_int8": task.evaluate(fused_predict(fused)).as_dict(),
-            "integer_matmuls": ex["integer_matmuls"], "sqnr_db_vs_fake_quant": ex["sqnr_db_vs_fake_quant"],
-            "size_bytes": graph_files.size(work / "int8.onnx"), "fused_nodes": sum(hist.values()), "fused_ops": hist}
+    return {
+        "shared_groups": len(shared_input_groups(q)),
+        "onnxruntime_int8": task.evaluate(ort_predict(work / "int8.onnx")).as_dict(),
+        "fused_int8": task.evaluate(fused_predict(fused)).as_dict(),
+        "integer_matmuls": ex["integer_matmuls"],
+        "sqnr_db_vs_fake_quant": ex["sqnr_db_vs_fake_quant"],
+        "size_bytes": graph_files.size(work / "int8.onnx"),
+        "fused_nodes": sum(hist.values()),
+        "fused_ops": hist,
+    }
 
 
 def score_int4(model_dir: Path, work: Path, task, export_cfg: dict) -> dict:
@@ -79,12 +91,19 @@ def score_int4(model_dir: Path, work: Path, task, export_cfg: dict) -> dict:
     fused = export_fused_checked(q, work / "int4.fused.onnx", "int4", example, parity_atol=export_cfg["parity_atol"], min_sqnr_db=floor)
     hist = op_histogram(fused["path"])
     parity = ("tokens_match", "step_logits_sqnr_db", "step_logits_max_abs_diff")
-    return {"onnxruntime_int4": task.evaluate(ort_predict(full["path"])).as_dict(),
-            "fused_int4": task.evaluate(fused_predict(fused["path"])).as_dict(),
-            "sqnr_db_vs_fake_quant": full["sqnr_db_vs_fake_quant"], "kv_parity": {k: kv.get(k) for k in parity},
-            "fused_parity": {k: fused[k] for k in parity}, "matmul_nbits": full["matmul_nbits"], "int8_embeddings": full["int8_embeddings"],
-            "size_bytes": graph_files.size(full["path"]), "fused_size_bytes": graph_files.size(fused["path"]),
-            "fused_nodes": sum(hist.values()), "fused_ops": hist}
+    return {
+        "onnxruntime_int4": task.evaluate(ort_predict(full["path"])).as_dict(),
+        "fused_int4": task.evaluate(fused_predict(fused["path"])).as_dict(),
+        "sqnr_db_vs_fake_quant": full["sqnr_db_vs_fake_quant"],
+        "kv_parity": {k: kv.get(k) for k in parity},
+        "fused_parity": {k: fused[k] for k in parity},
+        "matmul_nbits": full["matmul_nbits"],
+        "int8_embeddings": full["int8_embeddings"],
+        "size_bytes": graph_files.size(full["path"]),
+        "fused_size_bytes": graph_files.size(fused["path"]),
+        "fused_nodes": sum(hist.values()),
+        "fused_ops": hist,
+    }
 
 
 def baselines(student: Path, work: Path, task, export_cfg: dict) -> dict:
@@ -95,12 +114,24 @@ def baselines(student: Path, work: Path, task, export_cfg: dict) -> dict:
     from dsk_compress.models.source import load_hf_dir
 
     m = load_hf_dir(student)
-    fp32 = export_float(m, task.example_inputs(2), work / "fp32.onnx", export_cfg["opset"], export_cfg["optimization"],
-                        export_cfg["parity_atol"], keep_raw=True)
+    fp32 = export_float(
+        m,
+        task.example_inputs(2),
+        work / "fp32.onnx",
+        export_cfg["opset"],
+        export_cfg["optimization"],
+        export_cfg["parity_atol"],
+        keep_raw=True,
+    )
     ptq = quantize_int4(work / "fp32.raw.onnx", work / "int4-ptq.onnx")
-    return {"student_fp32": {**task.evaluate(ort_predict(fp32["path"])).as_dict(), "size_bytes": graph_files.size(fp32["path"])},
-            "int4_ptq_onnxruntime": {**task.evaluate(ort_predict(ptq)).as_dict(), "size_bytes": graph_files.size(ptq),
-                                     "how": "onnxruntime MatMulNBitsQuantizer RTN, block 32, symmetric, accuracy_level 4, every MatMul (LM head too)"}}
+    return {
+        "student_fp32": {**task.evaluate(ort_predict(fp32["path"])).as_dict(), "size_bytes": graph_files.size(fp32["path"])},
+        "int4_ptq_onnxruntime": {
+            **task.evaluate(ort_predict(ptq)).as_dict(),
+            "size_bytes": graph_files.size(ptq),
+            "how": "onnxruntime MatMulNBitsQuantizer RTN, block 32, symmetric, accuracy_level 4, every MatMul (LM head too)",
+        },
+    }
 
 
 def teacher_size(run_dir: Path, manifest: dict) -> int | None:
@@ -134,16 +165,22 @@ def set_field(qat: dict, field: str, value) -> dict:
 def targets(result: dict, base: dict, teacher_bytes: int | None) -> dict:
     """The issue's int4 targets on one value's result (ONNX Runtime accuracies, full-sequence graph sizes)."""
     int4 = result["int4"]["onnxruntime_int4"]["accuracy"]
-    out = {"int4_qat_accuracy": round(int4, 4), "int4_ptq_accuracy": round(base["int4_ptq_onnxruntime"]["accuracy"], 4),
-           "int4_minus_int4_ptq": round(int4 - base["int4_ptq_onnxruntime"]["accuracy"], 4)}
+    out = {
+        "int4_qat_accuracy": round(int4, 4),
+        "int4_ptq_accuracy": round(base["int4_ptq_onnxruntime"]["accuracy"], 4),
+        "int4_minus_int4_ptq": round(int4 - base["int4_ptq_onnxruntime"]["accuracy"], 4),
+    }
     out["int4_minus_int4_ptq_ok"] = out["int4_minus_int4_ptq"] >= TARGETS["int4_minus_int4_ptq_min"]
     if "int8" in result:
         int8 = result["int8"]["onnxruntime_int8"]["accuracy"]
         out.update(int8_qat_accuracy=round(int8, 4), int4_minus_int8=round(int4 - int8, 4))
         out["int4_minus_int8_ok"] = out["int4_minus_int8"] >= TARGETS["int4_minus_int8_min"]
     if teacher_bytes:
-        out.update(teacher_size_bytes=teacher_bytes, int4_size_bytes=result["int4"]["size_bytes"],
-                   teacher_over_int4_size=round(teacher_bytes / result["int4"]["size_bytes"], 2))
+        out.update(
+            teacher_size_bytes=teacher_bytes,
+            int4_size_bytes=result["int4"]["size_bytes"],
+            teacher_over_int4_size=round(teacher_bytes / result["int4"]["size_bytes"], 2),
+        )
         out["teacher_over_int4_size_ok"] = out["teacher_over_int4_size"] >= TARGETS["teacher_over_int4_size_min"]
     return out
 
@@ -154,8 +191,13 @@ def main() -> None:
     ap.add_argument("--field", help="a qat stage field, e.g. activations, share_input_quantizers or int4.head_bits (default: one run)")
     ap.add_argument("--values", help="comma-separated values of --field; the first is the reference")
     ap.add_argument("--precisions", help="comma-separated qat precisions (int8, int4) for every value (default: RUN_DIR's)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="a qat field fixed for every value, e.g. lr=1e-3 or int4.head_bits=4 (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a qat field fixed for every value, e.g. lr=1e-3 or int4.head_bits=4 (repeatable)",
+    )
     ap.add_argument("--steps", type=int, default=100, help="QAT steps per value (the default recipe's count)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -201,9 +243,13 @@ def main() -> None:
                 work.mkdir()
                 model_dir = rd / "qat" / ("model" if precision == "int8" else "int4/model")
                 score = score_int8 if precision == "int8" else score_int4
-                r[precision] = {"torch_fake_quant": {k: pm[k] for k in ("accuracy", "bits_per_byte")},
-                                "after_calibration": pm["after_calibration"], "final_loss": pm["train"].get("final_loss"),
-                                "train_seconds": pm["train"].get("seconds"), **score(model_dir, work, task, export_cfg)}
+                r[precision] = {
+                    "torch_fake_quant": {k: pm[k] for k in ("accuracy", "bits_per_byte")},
+                    "after_calibration": pm["after_calibration"],
+                    "final_loss": pm["train"].get("final_loss"),
+                    "train_seconds": pm["train"].get("seconds"),
+                    **score(model_dir, work, task, export_cfg),
+                }
             if "int4" in r and base is None:
                 work = Path(tmp) / "baselines"
                 work.mkdir()
@@ -212,12 +258,22 @@ def main() -> None:
             results[label] = r
             print(label, json.dumps({p: {k: r[p][k]["accuracy"] for k in SCORES[p]} for p in SCORES if p in r}), flush=True)
     first = next(iter(results))
-    delta = {label: {p: {k: round(r[p][k]["accuracy"] - results[first][p][k]["accuracy"], 4) for k in SCORES[p]} for p in SCORES if p in r}
-             for label, r in results.items() if label != first}
+    delta = {
+        label: {p: {k: round(r[p][k]["accuracy"] - results[first][p][k]["accuracy"], 4) for k in SCORES[p]} for p in SCORES if p in r}
+        for label, r in results.items()
+        if label != first
+    }
     tb = teacher_size(args.run_dir, manifest)
-    out = {"version": 3, "run": args.run_dir.name, "student": str(student.relative_to(args.run_dir.resolve())), "field": args.field,
-           "qat_steps": args.steps, "set": args.set, "qat": {k: v for k, v in base_qat.items() if k not in (args.field, "steps")},
-           "results": results}
+    out = {
+        "version": 3,
+        "run": args.run_dir.name,
+        "student": str(student.relative_to(args.run_dir.resolve())),
+        "field": args.field,
+        "qat_steps": args.steps,
+        "set": args.set,
+        "qat": {k: v for k, v in base_qat.items() if k not in (args.field, "steps")},
+        "results": results,
+    }
     if base is not None:
         out["baselines"] = {**base, "teacher_size_bytes": tb}
         out["targets"] = {"thresholds": TARGETS, **{label: targets(r, base, tb) for label, r in results.items() if "int4" in r}}

@@ -39,13 +39,29 @@ def _round(x: float, m: int) -> int:
 def shape(scale: float) -> dict:
     """The teacher's config at ``scale`` (1: a 1.16B Qwen3-MoE)."""
     heads, kv = 16, 4
-    head_dim = 128 if scale >= 1 else _round(128 * scale ** 0.5, 8)
-    return {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": _round(2048 * scale, 64),
-            "num_hidden_layers": 12 if scale >= 0.5 else 4, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
-            "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": _round(768 * scale, 16),
-            "intermediate_size": _round(6144 * scale, 16), "vocab_size": 32000 if scale >= 0.5 else 2000, "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "tie_word_embeddings": False, "decoder_sparse_step": 1,
-            "mlp_only_layers": [], "bos_token_id": 1, "eos_token_id": 2}
+    head_dim = 128 if scale >= 1 else _round(128 * scale**0.5, 8)
+    return {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": _round(2048 * scale, 64),
+        "num_hidden_layers": 12 if scale >= 0.5 else 4,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": _round(768 * scale, 16),
+        "intermediate_size": _round(6144 * scale, 16),
+        "vocab_size": 32000 if scale >= 0.5 else 2000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "tie_word_embeddings": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
 
 
 def corpus(out: Path, megabytes: float) -> tuple[Path, Path]:
@@ -81,10 +97,15 @@ def build_teacher(out: Path, cfg: dict, train_txt: Path) -> int:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train([str(train_txt)], trainers.BpeTrainer(vocab_size=cfg["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            model_max_length=4096).save_pretrained(out)
+    tok.train(
+        [str(train_txt)],
+        trainers.BpeTrainer(
+            vocab_size=cfg["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=4096
+    ).save_pretrained(out)
     # a few MB of text may not fill the asked vocabulary: the embedding gets the tokens it has, padded to 64 rows
     cfg["vocab_size"] = min(cfg["vocab_size"], -(-tok.get_vocab_size() // 64) * 64)
     conf = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
@@ -110,10 +131,17 @@ def recipe(d: Path, teacher: Path, train: Path, eval_: Path, cfg: dict, steps: i
 
     ffn = _round(4096 * (cfg["hidden_size"] / 2048), 16)
     data = {
-        "name": "scale", "teacher": {"hf": str(teacher)},
+        "name": "scale",
+        "teacher": {"hf": str(teacher)},
         "student": {"from_teacher": {"keep_every": 2, "intermediate_size": ffn, "calibration_batches": 1}},
-        "task": {"name": "text-lm", "train": [str(train)], "eval": [str(eval_)], "tokenizer": str(teacher), "seq_len": seq,
-                 "eval_sequences": 4},
+        "task": {
+            "name": "text-lm",
+            "train": [str(train)],
+            "eval": [str(eval_)],
+            "tokenizer": str(teacher),
+            "seq_len": seq,
+            "eval_sequences": 4,
+        },
         "logit_cache": {"enabled": True},
         "stages": [
             {"stage": "distill", "steps": steps, "batch_size": 1, "warmup": 0},
@@ -156,8 +184,9 @@ def run_measured(cmd: list[str], log: Path, marker: str | None = None) -> dict:
     """Run ``cmd``; return wall, exit code, peak tree RSS overall and per section (a section starts at each stdout line
     that starts with ``marker``, e.g. ``[2/5] prune:``)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     sections: list[dict] = [{"name": None, "peak": 0, "t0": t0}]
     done = threading.Event()
 
@@ -180,8 +209,12 @@ def run_measured(cmd: list[str], log: Path, marker: str | None = None) -> dict:
     rc = proc.wait()
     done.set()
     th.join()
-    return {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1), "peak": max(s["peak"] for s in sections),
-            "sections": [s for s in sections if s["name"]]}
+    return {
+        "rc": rc,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "peak": max(s["peak"] for s in sections),
+        "sections": [s for s in sections if s["name"]],
+    }
 
 
 def du(p: Path) -> int:
@@ -212,8 +245,12 @@ def main() -> None:
         tparams = 0
         for f in tdir.glob("*.safetensors"):
             with safe_open(str(f), "pt") as g:
-                tparams += sum(g.get_slice(k).get_shape().numel() if hasattr(g.get_slice(k).get_shape(), "numel") else
-                               __import__("math").prod(g.get_slice(k).get_shape()) for k in g.keys())
+                tparams += sum(
+                    g.get_slice(k).get_shape().numel()
+                    if hasattr(g.get_slice(k).get_shape(), "numel")
+                    else __import__("math").prod(g.get_slice(k).get_shape())
+                    for k in g.keys()
+                )
     build_s = round(time.perf_counter() - t0, 1)
     rfile = recipe(work, tdir, train, eval_, cfg, a.steps, a.seq_len)
 
@@ -236,25 +273,60 @@ def main() -> None:
     stages = []
     for i, e in enumerate(manifest["stages"]):
         sec = next((s for s in res["sections"] if s["name"] == e["stage"]), None)
-        stages.append({"name": e["stage"], "status": e.get("status"), "wall_s": e.get("seconds"),
-                       "peak_rss_gib": round(sec["peak"] / GIB, 2) if sec else None,
-                       "estimated_gib": round(est_by_index[i] / GIB, 2) if i in est_by_index else None,
-                       "disk_gib": round(du(rd / e["stage"]) / GIB, 3), **({"error": e["error"]} if e.get("error") else {})})
+        stages.append(
+            {
+                "name": e["stage"],
+                "status": e.get("status"),
+                "wall_s": e.get("seconds"),
+                "peak_rss_gib": round(sec["peak"] / GIB, 2) if sec else None,
+                "estimated_gib": round(est_by_index[i] / GIB, 2) if i in est_by_index else None,
+                "disk_gib": round(du(rd / e["stage"]) / GIB, 3),
+                **({"error": e["error"]} if e.get("error") else {}),
+            }
+        )
     if rd and manifest.get("status") == "done":
-        for name, cmd in (("report", [*cli, "report", str(rd)]),
-                          ("export --device rpi5", [*cli, "export", str(rd), "--device", "rpi5", "--out", str(work / "bundle-rpi5")])):
+        for name, cmd in (
+            ("report", [*cli, "report", str(rd)]),
+            ("export --device rpi5", [*cli, "export", str(rd), "--device", "rpi5", "--out", str(work / "bundle-rpi5")]),
+        ):
             r = run_measured(cmd, log)
-            stages.append({"name": name, "status": "done" if r["rc"] == 0 else f"failed (exit {r['rc']})", "wall_s": r["wall_s"],
-                           "peak_rss_gib": round(r["peak"] / GIB, 2), "estimated_gib": None,
-                           "disk_gib": round(du(work / "bundle-rpi5") / GIB, 3) if "export" in name else 0.0})
-    student = next((e.get("metrics", {}).get("params") or e.get("metrics", {}).get("student_params")
-                    for e in manifest["stages"] if e["stage"] == "distill"), None)
-    out = {"version": 1, "machine": f"{platform.node()} {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} GiB",
-           "date": time.strftime("%Y-%m-%d"), "scale": a.scale, "teacher_config": cfg, "teacher_params": tparams,
-           "student_params": student or est.get("student_params"), "student_params_estimated": est.get("student_params"),
-           "teacher_dtype": est.get("teacher_dtype"), "steps": a.steps, "seq_len": a.seq_len, "build_teacher_s": build_s,
-           "recipe_wall_s": res["wall_s"], "recipe_peak_rss_gib": round(res["peak"] / GIB, 2),
-           "run_dir_gib": round(du(rd) / GIB, 3) if rd else None, "teacher_dir_gib": round(du(tdir) / GIB, 3), "stages": stages}
+            stages.append(
+                {
+                    "name": name,
+                    "status": "done" if r["rc"] == 0 else f"failed (exit {r['rc']})",
+                    "wall_s": r["wall_s"],
+                    "peak_rss_gib": round(r["peak"] / GIB, 2),
+                    "estimated_gib": None,
+                    "disk_gib": round(du(work / "bundle-rpi5") / GIB, 3) if "export" in name else 0.0,
+                }
+            )
+    student = next(
+        (
+            e.get("metrics", {}).get("params") or e.get("metrics", {}).get("student_params")
+            for e in manifest["stages"]
+            if e["stage"] == "distill"
+        ),
+        None,
+    )
+    out = {
+        "version": 1,
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} GiB",
+        "date": time.strftime("%Y-%m-%d"),
+        "scale": a.scale,
+        "teacher_config": cfg,
+        "teacher_params": tparams,
+        "student_params": student or est.get("student_params"),
+        "student_params_estimated": est.get("student_params"),
+        "teacher_dtype": est.get("teacher_dtype"),
+        "steps": a.steps,
+        "seq_len": a.seq_len,
+        "build_teacher_s": build_s,
+        "recipe_wall_s": res["wall_s"],
+        "recipe_peak_rss_gib": round(res["peak"] / GIB, 2),
+        "run_dir_gib": round(du(rd) / GIB, 3) if rd else None,
+        "teacher_dir_gib": round(du(tdir) / GIB, 3),
+        "stages": stages,
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

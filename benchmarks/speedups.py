@@ -40,7 +40,9 @@ def main() -> None:
     manifest = json.loads((args.run_dir / "manifest.json").read_text())
     task = build_task({k: v for k, v in manifest["recipe"]["task"].items()})
     x = task.example_inputs(1)
-    arts = {v["name"]: args.run_dir / v["artifact"] for v in report["variants"] if v.get("artifact") and v["runtime"].startswith("onnxruntime")}
+    arts = {
+        v["name"]: args.run_dir / v["artifact"] for v in report["variants"] if v.get("artifact") and v["runtime"].startswith("onnxruntime")
+    }
     p50: dict[str, list[float]] = {n: [] for n in arts}
     for _ in range(args.rounds):  # interleave so drift in machine load hits every model alike
         for name, path in arts.items():
@@ -48,9 +50,18 @@ def main() -> None:
             p50[name].append(r.p50)
     med = {n: statistics.median(v) for n, v in p50.items()}
     ratios = {k: round(med[a] / med[b], 3) for k, (a, b) in PAIRS.items() if a in med and b in med}
-    out = {"version": 1, "run": str(args.run_dir), "batch_size": 1, "seq_len": task.seq_len, "threads": args.threads,
-           "rounds": args.rounds, "runs_per_round": args.runs, "p50_ms_median": {k: round(v, 3) for k, v in med.items()},
-           "p50_ms_rounds": p50, "speedup": ratios}
+    out = {
+        "version": 1,
+        "run": str(args.run_dir),
+        "batch_size": 1,
+        "seq_len": task.seq_len,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "runs_per_round": args.runs,
+        "p50_ms_median": {k: round(v, 3) for k, v in med.items()},
+        "p50_ms_rounds": p50,
+        "speedup": ratios,
+    }
     atomic_write_json(args.out, out)
     print(json.dumps({"p50_ms_median": out["p50_ms_median"], "speedup": ratios}, indent=2))
 

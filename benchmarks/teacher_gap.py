@@ -43,8 +43,9 @@ def student_alone(spec, zspec, task, tokens: int, work_dir: Path) -> dict:
     ft = spec.student.from_teacher
     torch.manual_seed(spec.seed)
     teacher_shape = build_model(zspec)  # random weights: only the architecture is used
-    student, _ = build_student(teacher_shape, layers=ft.layers, keep_every=ft.keep_every,
-                               intermediate_size=ft.intermediate_size, ffn_init="random", seed=spec.seed)
+    student, _ = build_student(
+        teacher_shape, layers=ft.layers, keep_every=ft.keep_every, intermediate_size=ft.intermediate_size, ffn_init="random", seed=spec.seed
+    )
     torch.manual_seed(spec.seed)
     for m in student.modules():  # re-initialise everything copied from the (random) teacher shape
         if hasattr(m, "reset_parameters"):
@@ -54,23 +55,42 @@ def student_alone(spec, zspec, task, tokens: int, work_dir: Path) -> dict:
     steps = max(1, tokens // (bs * task.seq_len))
     cfg = TrainConfig(steps=steps, batch_size=bs, lr=zspec.lr, warmup=zspec.warmup, ckpt_every=100, seed=spec.seed)
     t0 = time.time()
-    res = train(student, lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}), task.train_batch, cfg,
-                ckpt_dir=work_dir / f"tokens-{tokens}" / "checkpoint", desc=f"student alone, {tokens:,} tokens")
+    res = train(
+        student,
+        lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}),
+        task.train_batch,
+        cfg,
+        ckpt_dir=work_dir / f"tokens-{tokens}" / "checkpoint",
+        desc=f"student alone, {tokens:,} tokens",
+    )
     metrics = task.evaluate(torch_predict(student)).as_dict()
-    return {"layers": select_layers(teacher_shape.config.num_hidden_layers, ft.layers, ft.keep_every),
-            "intermediate_size": student.config.intermediate_size, "params": count_params(student),
-            "tokens": res.tokens, "steps": steps, "batch_size": bs, "lr": cfg.lr,
-            # seconds and tokens/s of this process; a resumed run's tokens/s covers only the part trained here
-            "tokens_per_s": round(res.tokens_per_s, 1), "seconds": round(time.time() - t0, 1),
-            "resumed_from_step": res.resumed_from, **metrics}
+    return {
+        "layers": select_layers(teacher_shape.config.num_hidden_layers, ft.layers, ft.keep_every),
+        "intermediate_size": student.config.intermediate_size,
+        "params": count_params(student),
+        "tokens": res.tokens,
+        "steps": steps,
+        "batch_size": bs,
+        "lr": cfg.lr,
+        # seconds and tokens/s of this process; a resumed run's tokens/s covers only the part trained here
+        "tokens_per_s": round(res.tokens_per_s, 1),
+        "seconds": round(time.time() - t0, 1),
+        "resumed_from_step": res.resumed_from,
+        **metrics,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="quant-prune-distill")
     ap.add_argument("--out", default="benchmarks/results/teacher_gap.json")
-    ap.add_argument("--tokens", type=int, nargs="+", default=None,
-                    help=f"token budgets, trained in this order (default: the recipe's distill budget, then {REFERENCE_TOKENS:,})")
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"token budgets, trained in this order (default: the recipe's distill budget, then {REFERENCE_TOKENS:,})",
+    )
     ap.add_argument("--work-dir", default="runs/teacher-gap", help="checkpoints, one folder per budget (an interrupted run resumes)")
     ap.add_argument("--update-card", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
@@ -97,9 +117,12 @@ def main() -> None:
             "recipe_distill_tokens": recipe_tokens,
             "teacher": teacher,
             "student_alone": points,
-            "measured": {"host": f"{platform.node()} {platform.machine()}", "torch_threads": torch.get_num_threads(),
-                         "date": time.strftime("%Y-%m-%d"),
-                         "note": "CPU fp32 training; seconds and tokens/s are wall-clock on a machine shared with other work"},
+            "measured": {
+                "host": f"{platform.node()} {platform.machine()}",
+                "torch_threads": torch.get_num_threads(),
+                "date": time.strftime("%Y-%m-%d"),
+                "note": "CPU fp32 training; seconds and tokens/s are wall-clock on a machine shared with other work",
+            },
         }
         atomic_write_json(args.out, out)
         if args.update_card and card:

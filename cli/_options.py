@@ -10,8 +10,12 @@ import typer
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Parent directory for run directories.")]
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option("--threads", min=1, help="torch CPU threads for training and evaluation (default: a recipe's threads field, "
-                 "else OMP_NUM_THREADS, else this machine's physical cores); printed and recorded."),
+    typer.Option(
+        "--threads",
+        min=1,
+        help="torch CPU threads for training and evaluation (default: a recipe's threads field, "
+        "else OMP_NUM_THREADS, else this machine's physical cores); printed and recorded.",
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,

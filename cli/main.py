@@ -21,8 +21,24 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-_COLUMN_KEYS = ("variant", "role", "params", "size", "accuracy", "bits-per-byte", "p50", "p99", "p50-range", "speedup", "size-ratio",
-                "delta-vs-host", "measured-on", "runtime", "throughput", "decode")
+_COLUMN_KEYS = (
+    "variant",
+    "role",
+    "params",
+    "size",
+    "accuracy",
+    "bits-per-byte",
+    "p50",
+    "p99",
+    "p50-range",
+    "speedup",
+    "size-ratio",
+    "delta-vs-host",
+    "measured-on",
+    "runtime",
+    "throughput",
+    "decode",
+)
 """dsk_compress.report.format.COLUMN_KEYS, spelled out so that --help imports no report code (a test keeps them equal)."""
 
 zoo_app = typer.Typer(help="Built-in zoo models: list them or train one.\n\nExample: dsk-compress zoo list", no_args_is_help=True)
@@ -82,8 +98,13 @@ def recipe_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run of this recipe under --out.")] = False,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Use (or, with --resume, continue) exactly this run directory.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, print the resolved plan and exit.")] = False,
-    rerun_from: Annotated[str | None, typer.Option("--rerun-from", help="With --resume: run this stage and every later one again "
-                                                   "(old directories kept as <stage>.replaced-<time>).")] = None,
+    rerun_from: Annotated[
+        str | None,
+        typer.Option(
+            "--rerun-from",
+            help="With --resume: run this stage and every later one again (old directories kept as <stage>.replaced-<time>).",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Run a compression recipe end to end and print where the report is.
@@ -110,12 +131,18 @@ def recipe_cmd(
         # plain lines, never wrapped by rich (a terminal wraps them itself; a log keeps one line per stage)
         c.print(f"[bold]{spec.name}[/bold] (recipe version {spec.version}, seed {spec.seed})", soft_wrap=True)
         c.print(choice.describe(), markup=False, soft_wrap=True)
-        c.print(f"teacher: {spec.teacher.model_dump(exclude_none=True)}  student: {spec.student.model_dump(exclude_none=True)}",
-                markup=False, soft_wrap=True)
+        c.print(
+            f"teacher: {spec.teacher.model_dump(exclude_none=True)}  student: {spec.student.model_dump(exclude_none=True)}",
+            markup=False,
+            soft_wrap=True,
+        )
         c.print(f"task: {spec.task.model_dump()}", markup=False, soft_wrap=True)
         for st in describe_plan(spec):
-            c.print(f"  {st['index']}. {st['stage']}: " + json.dumps({k: v for k, v in st.items() if k not in ('index', 'stage')}),
-                    markup=False, soft_wrap=True)
+            c.print(
+                f"  {st['index']}. {st['stage']}: " + json.dumps({k: v for k, v in st.items() if k not in ("index", "stage")}),
+                markup=False,
+                soft_wrap=True,
+            )
         c.print(describe_estimate(estimate), markup=False, soft_wrap=True)
         return
     from dsk_compress.errors import RunInterrupted
@@ -153,18 +180,33 @@ def devices_cmd() -> None:
 
     t = Table("device", "arch", "cores", "memory GB", "runtime", "precision", "peak GFLOP/s", "GB/s")
     for d in list_devices():
-        t.add_row(d.name, d.arch, str(d.cores), f"{d.memory_gb:g}", d.preferred_runtime, d.preferred_precision,
-                  f"{d.peak_gflops:g} ({d.peak_gflops_precision})", f"{d.memory_bandwidth_gbs:g}")
+        t.add_row(
+            d.name,
+            d.arch,
+            str(d.cores),
+            f"{d.memory_gb:g}",
+            d.preferred_runtime,
+            d.preferred_precision,
+            f"{d.peak_gflops:g} ({d.peak_gflops_precision})",
+            f"{d.memory_bandwidth_gbs:g}",
+        )
     _console().print(t)
 
 
 @app.command("report")
 def report_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="One run directory to show, or several to compare.")],
-    wide: Annotated[bool, typer.Option("--wide", help="Every column (role, bits/byte, p99, size ratio, runtime, throughput, "
-                                       "...), not only the summary's.")] = False,
-    columns: Annotated[str | None, typer.Option("--columns", help="Comma-separated columns to show, e.g. "
-                                                "variant,accuracy,p50,p99,runtime (any of: " + ", ".join(_COLUMN_KEYS) + ").")] = None,
+    wide: Annotated[
+        bool,
+        typer.Option("--wide", help="Every column (role, bits/byte, p99, size ratio, runtime, throughput, ...), not only the summary's."),
+    ] = False,
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            "--columns",
+            help="Comma-separated columns to show, e.g. variant,accuracy,p50,p99,runtime (any of: " + ", ".join(_COLUMN_KEYS) + ").",
+        ),
+    ] = None,
 ) -> None:
     """Show a run's report, or compare several runs side by side.
 
@@ -197,15 +239,29 @@ class ExportFormat(str, Enum):
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with report.json).")],
-    device: Annotated[str | None, typer.Option("--device", "-d", help="Target device profile (see `dsk-compress devices`) or a "
-                                               "profile YAML; needed for a bundle.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default RUN_DIR/bundles/DEVICE, or "
-                                             "RUN_DIR/bundles/FORMAT-VARIANT).")] = None,
-    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="bundle: deploy bundle for --device (run.py); genai: an "
-                                              "onnxruntime-genai model folder (og.Model); optimum: a Hugging Face Optimum folder "
-                                              "(ORTModelForCausalLM).")] = ExportFormat.bundle,
-    variant: Annotated[str | None, typer.Option("--variant", help="genai / optimum: which exported variant (default final, the QAT "
-                                                "student, else the last float student).")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", "-d", help="Target device profile (see `dsk-compress devices`) or a profile YAML; needed for a bundle."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (default RUN_DIR/bundles/DEVICE, or RUN_DIR/bundles/FORMAT-VARIANT).")
+    ] = None,
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="bundle: deploy bundle for --device (run.py); genai: an "
+            "onnxruntime-genai model folder (og.Model); optimum: a Hugging Face Optimum folder "
+            "(ORTModelForCausalLM).",
+        ),
+    ] = ExportFormat.bundle,
+    variant: Annotated[
+        str | None,
+        typer.Option(
+            "--variant", help="genai / optimum: which exported variant (default final, the QAT student, else the last float student)."
+        ),
+    ] = None,
 ) -> None:
     """Write a deploy bundle for a device (model, model card, run.py, requirements), or a model folder that
     onnxruntime-genai or Hugging Face Optimum loads and generates from.
@@ -215,7 +271,9 @@ def export_cmd(
     from dsk_compress.errors import RunError
 
     if out is not None and out.exists() and not out.is_dir():  # one line now, not after the run's checks
-        raise RunError(f"--out {out} is a file, not a folder", hint="give a folder for the " + ("bundle" if fmt is ExportFormat.bundle else "model"))
+        raise RunError(
+            f"--out {out} is a file, not a folder", hint="give a folder for the " + ("bundle" if fmt is ExportFormat.bundle else "model")
+        )
     if fmt is not ExportFormat.bundle:
         from dsk_compress.export.runtime_folders import export_runtime_folder
 
@@ -228,7 +286,9 @@ def export_cmd(
     from dsk_compress.export.bundle import make_bundle
 
     if device is None:
-        raise RunError("a bundle needs --device", hint="dsk-compress export RUN --device rpi5 (see dsk-compress devices), or --format genai / optimum")
+        raise RunError(
+            "a bundle needs --device", hint="dsk-compress export RUN --device rpi5 (see dsk-compress devices), or --format genai / optimum"
+        )
     if variant is not None:
         raise RunError("--variant goes with --format genai or optimum", hint="a bundle ships the variant its device's precision picks")
     dest = make_bundle(run_dir, device, out)  # never replaces a folder it did not write (see make_bundle)
@@ -240,37 +300,91 @@ def export_cmd(
 @app.command("bench")
 def bench_cmd(
     target: Annotated[Path | None, typer.Argument(help="A run directory, or a deploy bundle folder.")] = None,
-    device: Annotated[str | None, typer.Option("--device", "-d", help="Device profile: with --host and a RUN, whose bundle to send "
-                                               "(exported when missing); without --host, whose threads and execution providers "
-                                               "apply on this machine (another CPU architecture is refused).")] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Measure on this device over SSH: user@host[:port] (key "
-                                             "authentication, host key checked against known_hosts).")] = None,
-    identity: Annotated[Path | None, typer.Option("--identity", "-i", help="SSH private key (default: ssh-agent / ~/.ssh/config).",
-                                                  exists=True, dir_okay=False)] = None,
-    known_hosts: Annotated[Path | None, typer.Option("--known-hosts", help="known_hosts file to check the device's host key "
-                                                     "against (default: ssh's own files).")] = None,
-    accept_new_host_key: Annotated[bool, typer.Option("--accept-new-host-key", help="Trust the device's host key when seen for the "
-                                                      "first time (a changed key is still refused).")] = False,
-    wheelhouse: Annotated[Path | None, typer.Option("--wheelhouse", help="Folder of wheels for the device: its venv is installed "
-                                                    "offline from them (boards without internet).", exists=True, file_okay=False)] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            "-d",
+            help="Device profile: with --host and a RUN, whose bundle to send "
+            "(exported when missing); without --host, whose threads and execution providers "
+            "apply on this machine (another CPU architecture is refused).",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host", help="Measure on this device over SSH: user@host[:port] (key authentication, host key checked against known_hosts)."
+        ),
+    ] = None,
+    identity: Annotated[
+        Path | None,
+        typer.Option("--identity", "-i", help="SSH private key (default: ssh-agent / ~/.ssh/config).", exists=True, dir_okay=False),
+    ] = None,
+    known_hosts: Annotated[
+        Path | None,
+        typer.Option("--known-hosts", help="known_hosts file to check the device's host key against (default: ssh's own files)."),
+    ] = None,
+    accept_new_host_key: Annotated[
+        bool,
+        typer.Option(
+            "--accept-new-host-key", help="Trust the device's host key when seen for the first time (a changed key is still refused)."
+        ),
+    ] = False,
+    wheelhouse: Annotated[
+        Path | None,
+        typer.Option(
+            "--wheelhouse",
+            help="Folder of wheels for the device: its venv is installed offline from them (boards without internet).",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
     python: Annotated[str, typer.Option("--python", help="The device's Python (a name on its PATH or a path).")] = "python3",
-    remote_dir: Annotated[str | None, typer.Option("--remote-dir", help="Folder on the device for bundles and venvs "
-                                                   "(default ~/dsk-compress).")] = None,
-    runs: Annotated[int | None, typer.Option("--runs", help="Timed runs per batch size (default: the bundle's 30 / the bench stage's).",
-                                             min=1)] = None,
+    remote_dir: Annotated[
+        str | None, typer.Option("--remote-dir", help="Folder on the device for bundles and venvs (default ~/dsk-compress).")
+    ] = None,
+    runs: Annotated[
+        int | None, typer.Option("--runs", help="Timed runs per batch size (default: the bundle's 30 / the bench stage's).", min=1)
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads (default: the device profile's).", min=1)] = None,
-    generate: Annotated[int | None, typer.Option("--generate", help="Also time greedy decode of N tokens with the fused decoder graph "
-                                                 "(model.fused.onnx on a CPU; the plain KV-cache graph where there is no fused one).",
-                                                 min=1)] = None,
-    other_arch: Annotated[bool, typer.Option("--other-arch", help="Measure even when the device's CPU architecture is not the "
-                                             "profile's; results are recorded under the device's host name, never the profile's.")] = False,
-    variants: Annotated[str | None, typer.Option("--variants", metavar="all|NAME,...", help="With --host: measure every exported "
-                                                 "variant of the run (all) or those named, in one session on the device (one copy, "
-                                                 "one venv; the bundle RUN/bundles/DEVICE+variants carries them), so the device "
-                                                 "section has a table and a Pareto front. Default: the variant the profile ships.")] = None,
-    clean: Annotated[str | None, typer.Option("--clean", metavar="HOST", help="Remove what earlier benches left on this device "
-                                              "(bundles, venvs, wheelhouses under --remote-dir), listing their sizes; stops a "
-                                              "run.py still running there.")] = None,
+    generate: Annotated[
+        int | None,
+        typer.Option(
+            "--generate",
+            help="Also time greedy decode of N tokens with the fused decoder graph "
+            "(model.fused.onnx on a CPU; the plain KV-cache graph where there is no fused one).",
+            min=1,
+        ),
+    ] = None,
+    other_arch: Annotated[
+        bool,
+        typer.Option(
+            "--other-arch",
+            help="Measure even when the device's CPU architecture is not the "
+            "profile's; results are recorded under the device's host name, never the profile's.",
+        ),
+    ] = False,
+    variants: Annotated[
+        str | None,
+        typer.Option(
+            "--variants",
+            metavar="all|NAME,...",
+            help="With --host: measure every exported "
+            "variant of the run (all) or those named, in one session on the device (one copy, "
+            "one venv; the bundle RUN/bundles/DEVICE+variants carries them), so the device "
+            "section has a table and a Pareto front. Default: the variant the profile ships.",
+        ),
+    ] = None,
+    clean: Annotated[
+        str | None,
+        typer.Option(
+            "--clean",
+            metavar="HOST",
+            help="Remove what earlier benches left on this device "
+            "(bundles, venvs, wheelhouses under --remote-dir), listing their sizes; stops a "
+            "run.py still running there.",
+        ),
+    ] = None,
 ) -> None:
     """Measure a run where it runs (a device over SSH, or this machine) and add the numbers to the run's report.
 
@@ -284,11 +398,9 @@ def bench_cmd(
     On a GPU server: dsk-compress bench runs/quant-prune-distill-20261123-070000 --device gpu-server
     """
     from dsk_compress.benchmark import bench
-    from dsk_compress.report import load_report, render_summary_table
-
-    from dsk_compress.progress import step_progress
-
     from dsk_compress.errors import RunError
+    from dsk_compress.progress import step_progress
+    from dsk_compress.report import load_report, render_summary_table
 
     c = _console()
     if clean is not None:
@@ -296,16 +408,37 @@ def bench_cmd(
 
         if target is not None or host is not None:
             raise RunError("--clean HOST takes no run and no --host", hint="dsk-compress bench --clean pi@rpi5.local")
-        clean_device(clean, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key, python=python,
-                     remote_dir=remote_dir, log=lambda m: c.print(m, markup=False))
+        clean_device(
+            clean,
+            identity=identity,
+            known_hosts=known_hosts,
+            accept_new_host_key=accept_new_host_key,
+            python=python,
+            remote_dir=remote_dir,
+            log=lambda m: c.print(m, markup=False),
+        )
         return
     if target is None:
         raise RunError("bench needs a run directory or a bundle", hint="dsk-compress bench RUN --device rpi5 --host pi@rpi5.local")
     try:
         with step_progress("bench"):  # each measurement names itself as it starts (stderr), the results come on stdout
-            out = bench(target, device=device, host=host, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-                        wheelhouse=wheelhouse, python=python, remote_dir=remote_dir, runs=runs, threads=threads, generate=generate,
-                        other_arch=other_arch, variants=variants, log=lambda m: c.print(m, markup=False))
+            out = bench(
+                target,
+                device=device,
+                host=host,
+                identity=identity,
+                known_hosts=known_hosts,
+                accept_new_host_key=accept_new_host_key,
+                wheelhouse=wheelhouse,
+                python=python,
+                remote_dir=remote_dir,
+                runs=runs,
+                threads=threads,
+                generate=generate,
+                other_arch=other_arch,
+                variants=variants,
+                log=lambda m: c.print(m, markup=False),
+            )
     except KeyboardInterrupt as e:  # over SSH: what ran on the device has been stopped (RemoteInterrupted says what)
         typer.secho(getattr(e, "message", None) or "interrupted", err=True, fg="yellow")
         raise typer.Exit(130) from None
@@ -332,31 +465,60 @@ def zoo_list() -> None:
     for name in ZOO:
         card = zoo_card(name)
         v = (card or {}).get("validation", {})
-        t.add_row(name, ZOO.get(name).description, "yes" if card else "no",
-                  f"{v['accuracy']:.2f}" if v else "-", f"{v['bits_per_byte']:.3f}" if v else "-",
-                  f"{card['training']['tokens']:,}" if card else "-")
+        t.add_row(
+            name,
+            ZOO.get(name).description,
+            "yes" if card else "no",
+            f"{v['accuracy']:.2f}" if v else "-",
+            f"{v['bits_per_byte']:.3f}" if v else "-",
+            f"{card['training']['tokens']:,}" if card else "-",
+        )
     _console().print(t)
 
 
 @zoo_app.command("train")
 def zoo_train(
     name: Annotated[str, typer.Argument(help="Zoo model to train, e.g. code-lm-moe.")],
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps, the length of the cosine schedule (default: the model's own). "
-                                              "A resume may raise it: see below.", min=1)] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Optimizer steps, the length of the cosine schedule (default: the model's own). A resume may raise it: see below.", min=1
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step.", min=1)] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.", min=0)] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (default runs/zoo-NAME).")] = None,
-    ckpt_every: Annotated[int, typer.Option(help="Write a checkpoint every N steps (and at the end). Each one is the model, "
-                                            "its AdamW state and RNG (about 140 MB for code-lm-moe).", min=1)] = 500,
-    stdlib_root: Annotated[Path | None, typer.Option(help="Standard-library folder the code-lm corpus is read from (default: this "
-                                                     "interpreter's), e.g. a copy of another machine's lib/python3.11: the "
-                                                     "corpus fingerprint on the card then matches that machine's.",
-                                                     exists=True, file_okay=False)] = None,
+    ckpt_every: Annotated[
+        int,
+        typer.Option(
+            help="Write a checkpoint every N steps (and at the end). Each one is the model, "
+            "its AdamW state and RNG (about 140 MB for code-lm-moe).",
+            min=1,
+        ),
+    ] = 500,
+    stdlib_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Standard-library folder the code-lm corpus is read from (default: this "
+            "interpreter's), e.g. a copy of another machine's lib/python3.11: the "
+            "corpus fingerprint on the card then matches that machine's.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = True,
-    install: Annotated[bool, typer.Option("--install/--no-install", help="Write weights + card into the package's zoo "
-                                          "(--no-install: into WORK_DIR/final).")] = True,
-    force: Annotated[bool, typer.Option("--force", help="With --install: replace weights already in the zoo, such as the shipped "
-                                        "teacher (they are copied to WORK_DIR/replaced-<time>/ first). Without it that is refused.")] = False,
+    install: Annotated[
+        bool,
+        typer.Option("--install/--no-install", help="Write weights + card into the package's zoo (--no-install: into WORK_DIR/final)."),
+    ] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="With --install: replace weights already in the zoo, such as the shipped "
+            "teacher (they are copied to WORK_DIR/replaced-<time>/ first). Without it that is refused.",
+        ),
+    ] = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Train a zoo model on its task (bf16 autocast on CUDA, resumable; data-parallel under torchrun) and write its weights and card.
@@ -371,15 +533,29 @@ def zoo_train(
     from dsk_compress.compress import dist
     from dsk_compress.models.zoo import train_zoo
 
-    card = train_zoo(name, work_dir=work_dir, steps=steps, batch_size=batch_size, lr=lr, resume=resume, install=install,
-                     ckpt_every=ckpt_every, stdlib_root=stdlib_root, threads=threads, force=force)
+    card = train_zoo(
+        name,
+        work_dir=work_dir,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        resume=resume,
+        install=install,
+        ckpt_every=ckpt_every,
+        stdlib_root=stdlib_root,
+        threads=threads,
+        force=force,
+    )
     v = card["validation"]
     if dist.is_main():
         from dsk_compress.models.zoo import zoo_path
 
         where = zoo_path(name) if install else (work_dir or Path("runs") / f"zoo-{name}") / "final"
-        _console().print(f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after "
-                         f"{card['training']['tokens']:,} tokens; weights and card in {where}", markup=False)
+        _console().print(
+            f"{name}: accuracy {v['accuracy']:.2f}%, {v['bits_per_byte']:.3f} bits/byte after "
+            f"{card['training']['tokens']:,} tokens; weights and card in {where}",
+            markup=False,
+        )
 
 
 def main() -> None:

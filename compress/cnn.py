@@ -78,10 +78,12 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     hooks = []
     for m in model.modules():
         if not list(m.children()) and list(m.parameters(recurse=False)):
+
             def hook(mod, _inp, o):
                 if torch.is_tensor(o):
                     outs[id(o)] = mod
                     keep.append(o)
+
             hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -97,8 +99,13 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
 # pruning
 
 
-def prune_channels(model: nn.Module, widths: dict[str, int], example: torch.Tensor, importance: str = "l2",
-                   loss: Callable[[nn.Module], torch.Tensor] | None = None) -> dict[str, int]:
+def prune_channels(
+    model: nn.Module,
+    widths: dict[str, int],
+    example: torch.Tensor,
+    importance: str = "l2",
+    loss: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> dict[str, int]:
     """Prune the output channels of each Conv2d named in ``widths`` down to that many (in place).
 
     Channels are ranked by ``importance`` over the whole dependency group (the conv, its BatchNorm,
@@ -163,10 +170,12 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-5) 
         if type(m) is nn.Conv2d:
             hooks.append(m.register_forward_hook(lambda mod, i, o, name=name: produced.__setitem__(id(o), (name, o))))
         elif type(m) is nn.BatchNorm2d:
+
             def pre(mod, args, name=name):
                 hit = produced.get(id(args[0]))
                 if hit is not None and hit[1] is args[0]:
                     pairs.append((hit[0], name))
+
             hooks.append(m.register_forward_pre_hook(pre))
     try:
         ref = model(example)
@@ -195,7 +204,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-5) 
             if modules[cname].bias is not None and f"{cname}.bias" not in state:
                 modules[cname].bias = None
         model.load_state_dict(state)
-        raise RecipeError(f"folding BatchNorm into convs changed the outputs by {err:.2e}", hint="this model's conv -> BatchNorm pattern is not foldable")
+        raise RecipeError(
+            f"folding BatchNorm into convs changed the outputs by {err:.2e}", hint="this model's conv -> BatchNorm pattern is not foldable"
+        )
     return pairs
 
 
@@ -261,8 +272,7 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def make_classifier_kd_loss(teacher: nn.Module | None, temperature: float = 2.0, kd_weight: float = 0.8,
-                            hard_loss: Callable | None = None):
+def make_classifier_kd_loss(teacher: nn.Module | None, temperature: float = 2.0, kd_weight: float = 0.8, hard_loss: Callable | None = None):
     """A trainer ``loss_fn`` for batches ``(x, y)``: ``kd_weight * T^2 * KL(teacher_T || student_T) + (1 - kd_weight) * hard``.
 
     ``hard`` is cross-entropy of the logits ``[B, C]`` against the labels ``y``, or ``hard_loss(logits, batch)``

@@ -95,8 +95,10 @@ def init() -> DistEnv:
         raise RunError(f"WORLD_SIZE={e.world_size} but {', '.join(missing)} is not set", hint="launch with torchrun, which sets them")
     if torch.cuda.is_available():
         if e.local_rank >= torch.cuda.device_count():
-            raise RunError(f"LOCAL_RANK {e.local_rank} but this node has {torch.cuda.device_count()} GPUs",
-                           hint="use --nproc_per_node at most the number of GPUs")
+            raise RunError(
+                f"LOCAL_RANK {e.local_rank} but this node has {torch.cuda.device_count()} GPUs",
+                hint="use --nproc_per_node at most the number of GPUs",
+            )
         torch.cuda.set_device(e.local_rank)
         torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", e.local_rank))
     else:
@@ -244,8 +246,10 @@ def shard_size(batch_size: int, e: DistEnv) -> int:
     if batch_size % e.world_size:
         from dsk_compress.errors import RecipeError
 
-        raise RecipeError(f"batch_size {batch_size} is not divisible by WORLD_SIZE {e.world_size}",
-                          hint=f"set batch_size to a multiple of {e.world_size} (it is the global batch, split across processes)")
+        raise RecipeError(
+            f"batch_size {batch_size} is not divisible by WORLD_SIZE {e.world_size}",
+            hint=f"set batch_size to a multiple of {e.world_size} (it is the global batch, split across processes)",
+        )
     return batch_size // e.world_size
 
 
@@ -258,4 +262,4 @@ def shard(batch: Any, e: DistEnv) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(shard(v, e) for v in batch)
     n = shard_size(len(batch), e)
-    return batch[e.rank * n:(e.rank + 1) * n]
+    return batch[e.rank * n : (e.rank + 1) * n]

@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
-            temperature: float = 2.0, kd_weight: float = 0.8, reverse_kl: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    temperature: float = 2.0,
+    kd_weight: float = 0.8,
+    reverse_kl: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """``kd_weight * T^2 * [KL(teacher_T || student_T) + reverse_kl * KL(student_T || teacher_T)] + (1 - kd_weight) * CE``.
 
     Logits are ``[B, T, V]`` for causal LMs; position t predicts token t+1. The reverse (mode-seeking)
@@ -34,8 +40,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_id
     return loss, logs
 
 
-def topk_kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, input_ids: torch.Tensor,
-                 temperature: float = 2.0, kd_weight: float = 0.8) -> tuple[torch.Tensor, dict[str, float]]:
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    input_ids: torch.Tensor,
+    temperature: float = 2.0,
+    kd_weight: float = 0.8,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """KD against cached top-k teacher logits: the teacher distribution is renormalised over its top k."""
     s = student_logits[:, :-1].float()
     v = s.shape[-1]
@@ -56,8 +68,10 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     if not isinstance(layers, torch.nn.ModuleList):
         from dsk_compress.errors import ModelSourceError
 
-        raise ModelSourceError(f"{type(m).__name__} has no decoder layers at .model.layers for hidden-state distillation",
-                               hint="set hidden_mse: 0 for this model")
+        raise ModelSourceError(
+            f"{type(m).__name__} has no decoder layers at .model.layers for hidden-state distillation",
+            hint="set hidden_mse: 0 for this model",
+        )
     return layers
 
 
@@ -68,6 +82,7 @@ def capture_layer_outputs(model: torch.nn.Module, layers: list[int]):
     out: dict[int, torch.Tensor] = {}
     handles = []
     for i in sorted(set(layers)):
+
         def hook(_mod, _inp, o, i=i):
             out[i] = o[0] if isinstance(o, tuple) else o
 
@@ -117,12 +132,21 @@ def check_hidden_pairs(pairs: list[tuple[int, int]], n_student: int, n_teacher: 
 
     for s, t in pairs:
         if not (0 <= s < n_student and 0 <= t < n_teacher):
-            raise RecipeError(f"{field}: pair [{s}, {t}] is out of range (student layers 0..{n_student - 1}, teacher layers 0..{n_teacher - 1})",
-                              hint="give [[student_layer, teacher_layer], ...] with existing layer indices")
+            raise RecipeError(
+                f"{field}: pair [{s}, {t}] is out of range (student layers 0..{n_student - 1}, teacher layers 0..{n_teacher - 1})",
+                hint="give [[student_layer, teacher_layer], ...] with existing layer indices",
+            )
 
 
-def make_kd_loss_fn(teacher: torch.nn.Module, temperature: float, kd_weight: float, cache=None, reverse_kl: float = 0.0,
-                    hidden: HiddenStateMSE | None = None, hidden_weight: float = 0.0):
+def make_kd_loss_fn(
+    teacher: torch.nn.Module,
+    temperature: float,
+    kd_weight: float,
+    cache=None,
+    reverse_kl: float = 0.0,
+    hidden: HiddenStateMSE | None = None,
+    hidden_weight: float = 0.0,
+):
     """A trainer ``loss_fn``: the teacher runs online (no grad), or its top-k logits come from ``cache``.
 
     With ``hidden`` and ``hidden_weight > 0`` the loss adds ``hidden_weight * hidden(student, teacher)``
@@ -132,8 +156,10 @@ def make_kd_loss_fn(teacher: torch.nn.Module, temperature: float, kd_weight: flo
     if use_hidden and cache is not None:
         from dsk_compress.errors import RecipeError
 
-        raise RecipeError("hidden_mse needs the online teacher's hidden states, but the logit cache is on",
-                          hint="set logit_cache.enabled: false or hidden_mse: 0")
+        raise RecipeError(
+            "hidden_mse needs the online teacher's hidden states, but the logit cache is on",
+            hint="set logit_cache.enabled: false or hidden_mse: 0",
+        )
     s_layers = [s for s, _ in hidden.pairs] if use_hidden else []
     t_layers = [t for _, t in hidden.pairs] if use_hidden else []
 
@@ -197,39 +223,52 @@ def check_vocab(teacher_config, student_config=None, task_tokenizer=None, teache
     if student_config is not None:
         sv = getattr(student_config, "vocab_size", None)
         if sv != tv:
-            raise RecipeError(f"student vocab_size ({sv}) differs from the teacher's vocab_size ({tv})",
-                              hint="distill into a student with the teacher's vocabulary (student.from_teacher builds one)")
+            raise RecipeError(
+                f"student vocab_size ({sv}) differs from the teacher's vocab_size ({tv})",
+                hint="distill into a student with the teacher's vocabulary (student.from_teacher builds one)",
+            )
         for k, a in _special_ids(teacher_config).items():
             b = getattr(student_config, k, None)
             if not _same_id(a, b):
-                raise RecipeError(f"student {k} ({b}) differs from the teacher's {k} ({a})",
-                                  hint="student and teacher must share the tokenizer; fix the student's config.json")
+                raise RecipeError(
+                    f"student {k} ({b}) differs from the teacher's {k} ({a})",
+                    hint="student and teacher must share the tokenizer; fix the student's config.json",
+                )
     if task_tokenizer is not None and task_vocab is None:
         task_vocab = len(task_tokenizer)
     if task_vocab is not None and tv is not None and task_vocab > tv:
-        raise RecipeError(f"task.tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}",
-                          hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)")
+        raise RecipeError(
+            f"task.tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}",
+            hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)",
+        )
     if task_vocab is not None and tv is not None and tv - task_vocab > vocab_padding(tv):
         # embeddings are padded by a little (to a multiple of 64 or 128); a tokenizer far smaller is another tokenizer
-        raise RecipeError(f"task.tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}: {tv - task_vocab} embedding rows "
-                          f"would never be used, more than padding explains (at most {vocab_padding(tv)})",
-                          hint="use the tokenizer the teacher was trained with (task.tokenizer: the teacher's directory)")
+        raise RecipeError(
+            f"task.tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}: {tv - task_vocab} embedding rows "
+            f"would never be used, more than padding explains (at most {vocab_padding(tv)})",
+            hint="use the tokenizer the teacher was trained with (task.tokenizer: the teacher's directory)",
+        )
     if task_tokenizer is None:
         return
     for k, a in _special_ids(teacher_config).items():
         b = getattr(task_tokenizer, k, None)
         if not _same_id(a, b):
-            raise RecipeError(f"task.tokenizer {k} is {b} but the teacher's config has {k} {a}",
-                              hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)")
+            raise RecipeError(
+                f"task.tokenizer {k} is {b} but the teacher's config has {k} {a}",
+                hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)",
+            )
     if teacher_tokenizer is not None:
         for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
             a, b = getattr(teacher_tokenizer, k, None), getattr(task_tokenizer, k, None)
             if a != b:
-                raise RecipeError(f"task.tokenizer {k} is {b} but the teacher's tokenizer has {a}",
-                                  hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)")
+                raise RecipeError(
+                    f"task.tokenizer {k} is {b} but the teacher's tokenizer has {a}",
+                    hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)",
+                )
         if len(teacher_tokenizer) != len(task_tokenizer) or teacher_tokenizer.get_vocab() != task_tokenizer.get_vocab():
             ta, tb = teacher_tokenizer.get_vocab(), task_tokenizer.get_vocab()
             diff = sorted(set(ta.items()) ^ set(tb.items()), key=lambda kv: kv[1])[:3]
-            raise RecipeError(f"task.tokenizer maps tokens to other ids than the teacher's tokenizer "
-                              f"({len(tb)} vs {len(ta)} tokens; e.g. {diff})",
-                              hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)")
+            raise RecipeError(
+                f"task.tokenizer maps tokens to other ids than the teacher's tokenizer ({len(tb)} vs {len(ta)} tokens; e.g. {diff})",
+                hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)",
+            )

@@ -28,8 +28,15 @@ def teacher_hash(model: torch.nn.Module) -> str:
 class TeacherLogitCache:
     """Top-``k`` teacher logits per batch index under ``root``."""
 
-    def __init__(self, root: str | Path, teacher: torch.nn.Module, task_fingerprint: str, k: int = 32,
-                 online: torch.nn.Module | None = None, loader=None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        teacher: torch.nn.Module,
+        task_fingerprint: str,
+        k: int = 32,
+        online: torch.nn.Module | None = None,
+        loader=None,
+    ) -> None:
         """``teacher`` is hashed; ``online`` (default ``teacher``) computes the batches not yet cached, e.g. an
         FSDP-sharded copy whose forward is a collective: then every rank computes a batch when any rank must.
         ``loader()`` gives the teacher back after the run released it (``self.teacher = None``) and a batch misses."""
@@ -45,12 +52,16 @@ class TeacherLogitCache:
         if mpath.is_file():
             old = read_json(mpath)
             if old.get("teacher") != meta["teacher"]:
-                raise RunError(f"the logit cache {mpath} was made by another teacher (weights hash {old.get('teacher')}, this teacher {meta['teacher']})",
-                               hint=f"delete {self.root} to rebuild it with this teacher, or use --resume with the teacher it was made with")
+                raise RunError(
+                    f"the logit cache {mpath} was made by another teacher (weights hash {old.get('teacher')}, this teacher {meta['teacher']})",
+                    hint=f"delete {self.root} to rebuild it with this teacher, or use --resume with the teacher it was made with",
+                )
             if old != meta:
                 what = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in meta.items() if old.get(k) != v)
-                raise RunError(f"the logit cache {mpath} was made with other settings ({what})",
-                               hint=f"delete {self.root} to rebuild it, or use --resume with the recipe it was made with")
+                raise RunError(
+                    f"the logit cache {mpath} was made with other settings ({what})",
+                    hint=f"delete {self.root} to rebuild it, or use --resume with the recipe it was made with",
+                )
         else:
             from dsk_compress.compress import dist
 
@@ -90,7 +101,13 @@ class TeacherLogitCache:
         values, indices = logits.topk(self.k, dim=-1)
         idx_dtype = torch.int16 if logits.shape[-1] < 2**15 else torch.int32
         tmp = p.with_name(p.name + ".tmp")
-        save_file({"values": values.half().cpu().contiguous(), "indices": indices.to(idx_dtype).cpu().contiguous(),
-                   "input_ids": x.to(torch.int32 if logits.shape[-1] >= 2**15 else torch.int16).cpu().contiguous()}, str(tmp))
+        save_file(
+            {
+                "values": values.half().cpu().contiguous(),
+                "indices": indices.to(idx_dtype).cpu().contiguous(),
+                "input_ids": x.to(torch.int32 if logits.shape[-1] >= 2**15 else torch.int16).cpu().contiguous(),
+            },
+            str(tmp),
+        )
         tmp.replace(p)
         return values.half().float(), indices

@@ -24,8 +24,9 @@ graph. No code outside this module looks at how experts are stored.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,17 +62,17 @@ def transformers_major() -> int:
 class Family:
     """How one model family lays out its decoder FFNs and which dense student it distils into."""
 
-    student: str                                   # model_type of the dense student
-    sparse: Callable = _no_layer                   # (config, layer index) -> is that layer an MoE block
-    ffn: tuple[str, ...] = ("mlp",)                # decoder-layer attribute holding the FFN or MoE block (first present wins)
-    router: str = "gate"                           # block attribute of the router
-    shared: str | None = None                      # shared expert added to every token
-    shared_gate: str | None = None                 # its sigmoid gate (Qwen2-MoE), if any
-    grouped: bool = False                          # group-limited routing (n_group / topk_group): prune the same count per group
-    student_all_dense: bool = False                # the student is this family's own config with every layer dense (MLA etc.)
-    approx: str | None = None                      # what the student cut cannot carry over (None: attention and norms copy exactly)
-    fused_layout: str = "gate_up"                  # transformers 5 fused experts: "gate_up" ([E, 2I, H], chunked) | "gpt_oss"
-    needs_v5: bool = False                         # no transformers 4 support in this toolkit
+    student: str  # model_type of the dense student
+    sparse: Callable = _no_layer  # (config, layer index) -> is that layer an MoE block
+    ffn: tuple[str, ...] = ("mlp",)  # decoder-layer attribute holding the FFN or MoE block (first present wins)
+    router: str = "gate"  # block attribute of the router
+    shared: str | None = None  # shared expert added to every token
+    shared_gate: str | None = None  # its sigmoid gate (Qwen2-MoE), if any
+    grouped: bool = False  # group-limited routing (n_group / topk_group): prune the same count per group
+    student_all_dense: bool = False  # the student is this family's own config with every layer dense (MLA etc.)
+    approx: str | None = None  # what the student cut cannot carry over (None: attention and norms copy exactly)
+    fused_layout: str = "gate_up"  # transformers 5 fused experts: "gate_up" ([E, 2I, H], chunked) | "gpt_oss"
+    needs_v5: bool = False  # no transformers 4 support in this toolkit
 
 
 _DENSE = Family("llama")
@@ -85,13 +86,28 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family("deepseek_v3", _first_k_dense, shared="shared_experts", grouped=True, student_all_dense=True),
     "glm4_moe": Family("glm4_moe", _first_k_dense, shared="shared_experts", grouped=True, student_all_dense=True, needs_v5=True),
     "granitemoe": Family("granite", _all_layers, ffn=("block_sparse_moe",), router="router", needs_v5=True),
-    "olmoe": Family("llama", _all_layers, needs_v5=True,
-                    approx="OLMoE's q_norm/k_norm (RMSNorm over the whole query/key projection) and clip_qkv are dropped"),
-    "phimoe": Family("llama", _all_layers, router="router", needs_v5=True,
-                     approx="PhiMoE's LayerNorms become RMSNorms (their biases dropped) and the lm_head bias is dropped"),
-    "gpt_oss": Family("llama", _all_layers, router="router", fused_layout="gpt_oss", needs_v5=True,
-                      approx="gpt-oss's attention sinks and sliding-window layers are dropped and its clamped SwiGLU becomes "
-                             "SiLU (exact below the clamp limit)"),
+    "olmoe": Family(
+        "llama",
+        _all_layers,
+        needs_v5=True,
+        approx="OLMoE's q_norm/k_norm (RMSNorm over the whole query/key projection) and clip_qkv are dropped",
+    ),
+    "phimoe": Family(
+        "llama",
+        _all_layers,
+        router="router",
+        needs_v5=True,
+        approx="PhiMoE's LayerNorms become RMSNorms (their biases dropped) and the lm_head bias is dropped",
+    ),
+    "gpt_oss": Family(
+        "llama",
+        _all_layers,
+        router="router",
+        fused_layout="gpt_oss",
+        needs_v5=True,
+        approx="gpt-oss's attention sinks and sliding-window layers are dropped and its clamped SwiGLU becomes "
+        "SiLU (exact below the clamp limit)",
+    ),
     "llama": _DENSE,
     "mistral": Family("mistral"),
     "qwen2": Family("qwen2"),
@@ -109,14 +125,18 @@ def family(cfg) -> Family:
 
     mt = getattr(cfg, "model_type", None)
     if mt not in FAMILIES:
-        raise ModelSourceError(f"teacher: architecture {mt!r} is not supported for MoE routing / student.from_teacher",
-                               hint=f"supported: {', '.join(FAMILIES)}; or give a dense student with student: {{hf: DIR}}")
+        raise ModelSourceError(
+            f"teacher: architecture {mt!r} is not supported for MoE routing / student.from_teacher",
+            hint=f"supported: {', '.join(FAMILIES)}; or give a dense student with student: {{hf: DIR}}",
+        )
     fam = FAMILIES[mt]
     if fam.needs_v5 and transformers_major() < 5:
         import transformers
 
-        raise ModelSourceError(f"teacher: {mt} needs transformers 5 (installed: {transformers.__version__})",
-                               hint="pip install -c constraints.txt 'transformers>=5.25,<6'")
+        raise ModelSourceError(
+            f"teacher: {mt} needs transformers 5 (installed: {transformers.__version__})",
+            hint="pip install -c constraints.txt 'transformers>=5.25,<6'",
+        )
     return fam
 
 
@@ -287,9 +307,9 @@ def experts(block: nn.Module, fam: Family) -> Experts:
 
 
 class Routing(NamedTuple):
-    weights: torch.Tensor          # [N, k] routing weight of each chosen expert (the family's own normalisation and scaling)
-    indices: torch.Tensor          # [N, k] chosen experts
-    logits: torch.Tensor | None    # [N, E] router logits where the router gives them
+    weights: torch.Tensor  # [N, k] routing weight of each chosen expert (the family's own normalisation and scaling)
+    indices: torch.Tensor  # [N, k] chosen experts
+    logits: torch.Tensor | None  # [N, E] router logits where the router gives them
 
 
 def router_of(fam: Family, block: nn.Module) -> nn.Module:
@@ -374,8 +394,11 @@ def densify_moe(model: nn.Module) -> nn.Module:
         if getattr(cls, "_dsk_dense", False):
             continue
         if cls not in _DENSE_CLASSES:
-            _DENSE_CLASSES[cls] = type(f"Dense{cls.__name__}", (cls,), {"forward": _dense_block_forward, "_dsk_dense": True,
-                                                                        "_dsk_family": fam, "_dsk_returns": returns})
+            _DENSE_CLASSES[cls] = type(
+                f"Dense{cls.__name__}",
+                (cls,),
+                {"forward": _dense_block_forward, "_dsk_dense": True, "_dsk_family": fam, "_dsk_returns": returns},
+            )
         block.__class__ = _DENSE_CLASSES[cls]
     return model
 
@@ -396,9 +419,9 @@ def uses_sparse_grads(model: nn.Module) -> bool:
 class RouterStats:
     """Per MoE block, measured on calibration data."""
 
-    freq: torch.Tensor          # fraction of the top-k routing slots each routed expert receives (sums to 1)
-    mass: float                 # mean total routed weight per token (1 with renormalised top-k; DeepSeek: x routed_scaling_factor)
-    shared_gate: float | None   # mean shared-expert gate (1.0 ungated, mean sigmoid for Qwen2-MoE), None without one
+    freq: torch.Tensor  # fraction of the top-k routing slots each routed expert receives (sums to 1)
+    mass: float  # mean total routed weight per token (1 with renormalised top-k; DeepSeek: x routed_scaling_factor)
+    shared_gate: float | None  # mean shared-expert gate (1.0 ungated, mean sigmoid for Qwen2-MoE), None without one
 
 
 @torch.no_grad()
@@ -465,8 +488,11 @@ def experts_keep(cfg, ratio: float) -> int:
     reachable = keep_per * int(getattr(cfg, "topk_group", 1) or 1) if groups > 1 else keep
     if keep_per < (2 if groups > 1 else 1) or reachable < top_k:
         what = f"{n} experts" + (f" in {groups} routing groups" if groups > 1 else "")
-        raise RecipeError(f"expert_ratio {ratio} leaves {keep} experts per MoE layer, too few for the router "
-                          f"(num_experts_per_tok {top_k}; the model has {what})", hint="lower expert_ratio")
+        raise RecipeError(
+            f"expert_ratio {ratio} leaves {keep} experts per MoE layer, too few for the router "
+            f"(num_experts_per_tok {top_k}; the model has {what})",
+            hint="lower expert_ratio",
+        )
     return keep
 
 
@@ -506,7 +532,9 @@ def prune_experts(model: nn.Module, keep: int, batches) -> dict:
         if keep > n or keep % groups:
             raise ValueError(f"cannot keep {keep} of {n} experts in {groups} groups")
         per, f = n // groups, freqs[name].double()
-        idx = sorted(g * per + int(j) for g in range(groups) for j in torch.argsort(-f[g * per:(g + 1) * per], stable=True)[: keep // groups])
+        idx = sorted(
+            g * per + int(j) for g in range(groups) for j in torch.argsort(-f[g * per : (g + 1) * per], stable=True)[: keep // groups]
+        )
         sel = torch.as_tensor(idx, dtype=torch.long)
         ex.keep(idx)
         router = router_of(fam, block)
@@ -515,8 +543,7 @@ def prune_experts(model: nn.Module, keep: int, batches) -> dict:
             for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
                 if hasattr(obj, attr):
                     setattr(obj, attr, keep)
-        out[name] = {"kept": idx, "kept_routing_share": round(float(f[sel].sum()), 6),
-                     "frequencies": [round(float(x), 6) for x in f]}
+        out[name] = {"kept": idx, "kept_routing_share": round(float(f[sel].sum()), 6), "frequencies": [round(float(x), 6) for x in f]}
     for k in EXPERT_COUNT_KEYS:
         if getattr(model.config, k, None):
             setattr(model.config, k, keep)
@@ -536,8 +563,13 @@ def expert_structure(model: nn.Module) -> dict:
     ex = [Experts(b, fam) for _, b in blocks]
     top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
     inactive = sum((len(e) - top_k) * e.params_per_expert() for e in ex)
-    return {"moe_layers": len(blocks), "experts": [len(e) for e in ex], "experts_per_token": top_k,
-            "params": total, "active_params": total - inactive}
+    return {
+        "moe_layers": len(blocks),
+        "experts": [len(e) for e in ex],
+        "experts_per_token": top_k,
+        "params": total,
+        "active_params": total - inactive,
+    }
 
 
 def describe_layout(model: nn.Module) -> str:
@@ -558,8 +590,10 @@ def student_notes(cfg) -> list[str]:
     if fam.approx:
         notes.append(f"{mt} has no dense counterpart in transformers: the student is a Llama; {fam.approx}")
     if get("kv_lora_rank"):
-        notes.append(f"{mt} uses multi-head latent attention: its {fam.student} student keeps it, so attention heads are not pruned "
-                     "and no fused decoder graph is built (no per-head q/k/v/o projections)")
+        notes.append(
+            f"{mt} uses multi-head latent attention: its {fam.student} student keeps it, so attention heads are not pruned "
+            "and no fused decoder graph is built (no per-head q/k/v/o projections)"
+        )
     rope = get("rope_parameters") or {}
     partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or get("partial_rotary_factor")
     if partial not in (None, 1, 1.0):
@@ -567,6 +601,8 @@ def student_notes(cfg) -> list[str]:
     if any(get(k) not in (None, 1, 1.0) for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")):
         notes.append(f"{mt} scales embeddings, residuals and logits: no fused decoder graph (full-sequence and KV-cache graphs only)")
     if mt == "deepseek_v2":
-        notes.append("deepseek_v2's complex-valued rotary does not export to ONNX: measure the teacher with export.teacher: torch "
-                     "(its student is a DeepseekV3 with the same attention in real numbers, and exports)")
+        notes.append(
+            "deepseek_v2's complex-valued rotary does not export to ONNX: measure the teacher with export.teacher: torch "
+            "(its student is a DeepseekV3 with the same attention in real numbers, and exports)"
+        )
     return notes

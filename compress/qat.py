@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 ACTIVATION_MODES = ("asymmetric", "symmetric")
 QAT_INFO_VERSION = 3
 """Version of ``qat.json``: 3 adds ``scheme`` (``int8`` | ``int4``) and the int4 settings; 2 records ``shared_input_quantizers``;
@@ -109,8 +108,13 @@ class ActivationQuantizer(nn.Module):
         return f"a8 {self.activations}"
 
 
-_LEGACY_KEYS = {"act_scale": "scale", "act_zero_point": "zero_point", "act_min": "observed_min", "act_max": "observed_max",
-                "observing": "observing"}
+_LEGACY_KEYS = {
+    "act_scale": "scale",
+    "act_zero_point": "zero_point",
+    "act_min": "observed_min",
+    "act_max": "observed_max",
+    "observing": "observing",
+}
 """State-dict names of a layer's activation quantizer before it became the ``input_quantizer`` submodule (qat.json version 1)."""
 
 
@@ -196,8 +200,10 @@ class QuantConv2d(_FakeQuant):
         return F.conv2d(self.quantize_input(x), self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"w{self.weight_bits}(qmax={self.qmax})")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"w{self.weight_bits}(qmax={self.qmax})"
+        )
 
 
 _QUANT_WRAPPERS: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
@@ -382,8 +388,14 @@ def qat_scheme(model: nn.Module) -> str | None:
     return "int8" if quant_layers(model) else None
 
 
-def prepare_int4_qat(model: nn.Module, block_size: int = NBITS_BLOCK, scale_init: str = "mse", head_bits: int | None = 8,
-                     embedding_bits: int | None = 8, skip: list[str] | None = None) -> list[str]:
+def prepare_int4_qat(
+    model: nn.Module,
+    block_size: int = NBITS_BLOCK,
+    scale_init: str = "mse",
+    head_bits: int | None = 8,
+    embedding_bits: int | None = 8,
+    skip: list[str] | None = None,
+) -> list[str]:
     """Replace every ``nn.Linear`` of a causal LM not named in ``skip`` with a 4-bit :class:`BlockQuantLinear` (in place),
     the LM head with one of ``head_bits`` (8, 4, or None: left float) and the input embedding with a
     :class:`QuantEmbedding` when ``embedding_bits`` is 8 (None: left float). Returns the names of the quantized modules.
@@ -416,8 +428,14 @@ def prepare_int4_qat(model: nn.Module, block_size: int = NBITS_BLOCK, scale_init
     return names
 
 
-def prepare_qat(model: nn.Module, weight_bits: int = 8, avx2_safe: bool = True, skip: list[str] | None = None,
-                activations: str = "asymmetric", shared_inputs: list[list[str]] | None = None) -> list[str]:
+def prepare_qat(
+    model: nn.Module,
+    weight_bits: int = 8,
+    avx2_safe: bool = True,
+    skip: list[str] | None = None,
+    activations: str = "asymmetric",
+    shared_inputs: list[list[str]] | None = None,
+) -> list[str]:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` not named in ``skip`` with a QuantLinear / QuantConv2d (in place);
     return their names. Fold BatchNorm into the convs before (``dsk_compress.compress.cnn.fold_batchnorm``).
 
@@ -555,7 +573,7 @@ def calibrate(model: nn.Module, batches, forward=None, share_inputs: bool = True
     freeze_observers(model)
 
 
-def sqnr_db(reference: torch.Tensor | "np.ndarray", test) -> float:  # noqa: F821
+def sqnr_db(reference: torch.Tensor | np.ndarray, test) -> float:  # noqa: F821
     """Signal-to-quantization-noise ratio in dB of ``test`` against ``reference``."""
     import numpy as np
 
@@ -567,17 +585,38 @@ def sqnr_db(reference: torch.Tensor | "np.ndarray", test) -> float:  # noqa: F82
 def qat_info(model: nn.Module, weight_bits: int, avx2_safe: bool, activations: str, skip: list[str], names: list[str]) -> dict:
     """What ``qat.json`` (or a torch model's ``dsk_model.json``) records of a QAT model to rebuild it: its quantization
     settings, quantized layers and the groups sharing one activation quantizer."""
-    return {"version": QAT_INFO_VERSION, "scheme": "int8", "weight_bits": weight_bits, "activation_bits": 8, "activations": activations,
-            "avx2_safe": avx2_safe, "skip": list(skip), "quantized_layers": names,
-            "weight_qmax": quant_layers(model)[0].qmax if names else None, "shared_input_quantizers": shared_input_groups(model)}
+    return {
+        "version": QAT_INFO_VERSION,
+        "scheme": "int8",
+        "weight_bits": weight_bits,
+        "activation_bits": 8,
+        "activations": activations,
+        "avx2_safe": avx2_safe,
+        "skip": list(skip),
+        "quantized_layers": names,
+        "weight_qmax": quant_layers(model)[0].qmax if names else None,
+        "shared_input_quantizers": shared_input_groups(model),
+    }
 
 
-def int4_qat_info(block_size: int, scale_init: str, head_bits: int | None, embedding_bits: int | None, skip: list[str],
-                  names: list[str]) -> dict:
+def int4_qat_info(
+    block_size: int, scale_init: str, head_bits: int | None, embedding_bits: int | None, skip: list[str], names: list[str]
+) -> dict:
     """What ``qat.json`` records of an int4 QAT model (:func:`prepare_int4_qat`) to rebuild it."""
-    return {"version": QAT_INFO_VERSION, "scheme": "int4", "weight_bits": 4, "block_size": block_size, "scale_init": scale_init,
-            "head_bits": head_bits, "embedding_bits": embedding_bits, "activation_bits": 8, "activations": "dynamic-block",
-            "skip": list(skip), "quantized_layers": names, "shared_input_quantizers": []}
+    return {
+        "version": QAT_INFO_VERSION,
+        "scheme": "int4",
+        "weight_bits": 4,
+        "block_size": block_size,
+        "scale_init": scale_init,
+        "head_bits": head_bits,
+        "embedding_bits": embedding_bits,
+        "activation_bits": 8,
+        "activations": "dynamic-block",
+        "skip": list(skip),
+        "quantized_layers": names,
+        "shared_input_quantizers": [],
+    }
 
 
 def save_qat_model(model: nn.Module, path: Path, info: dict) -> Path:
@@ -606,8 +645,12 @@ def load_qat_model(path: Path) -> nn.Module:
     int4 = isinstance(info, dict) and info.get("scheme", "int8") == "int4"
     try:
         if int4:
-            int4_args = {"block_size": int(info["block_size"]), "head_bits": info["head_bits"], "embedding_bits": info["embedding_bits"],
-                         "skip": list(info["skip"])}
+            int4_args = {
+                "block_size": int(info["block_size"]),
+                "head_bits": info["head_bits"],
+                "embedding_bits": info["embedding_bits"],
+                "skip": list(info["skip"]),
+            }
         else:
             bits, avx2_safe, skip = int(info["weight_bits"]), bool(info["avx2_safe"]), list(info["skip"])
             shared = [[str(n) for n in g] for g in info.get("shared_input_quantizers", [])]
@@ -625,6 +668,8 @@ def load_qat_model(path: Path) -> nn.Module:
     try:
         model.load_state_dict(load_state_dict(path / "qat_state.safetensors"))
     except RuntimeError as e:
-        raise RunError(f"{Path(path) / 'qat_state.safetensors'} does not fit {Path(path) / 'qat.json'}: {str(e).splitlines()[0][:200]}",
-                       hint="re-run the qat stage") from None
+        raise RunError(
+            f"{Path(path) / 'qat_state.safetensors'} does not fit {Path(path) / 'qat.json'}: {str(e).splitlines()[0][:200]}",
+            hint="re-run the qat stage",
+        ) from None
     return model.eval()

@@ -36,8 +36,10 @@ def select_layers(n_layers: int, layers: list[int] | None, keep_every: int | Non
             raise RecipeError(f"{_FIELD}.layers: {bad} out of range", hint=f"the teacher has layers 0..{n_layers - 1}")
         dup = sorted({i for i in layers if layers.count(i) > 1})
         if dup or not layers:
-            raise RecipeError(f"{_FIELD}.layers: give distinct, non-empty layer indices (repeated: {dup})",
-                              hint="list each teacher layer to keep once, e.g. [0, 2, 5]")
+            raise RecipeError(
+                f"{_FIELD}.layers: give distinct, non-empty layer indices (repeated: {dup})",
+                hint="list each teacher layer to keep once, e.g. [0, 2, 5]",
+            )
         return sorted(layers)
     k = keep_every or 2
     keep = list(range(0, n_layers, k))
@@ -49,11 +51,15 @@ def select_layers(n_layers: int, layers: list[int] | None, keep_every: int | Non
 def _check_heads(t) -> None:
     heads, kv = t.num_attention_heads, getattr(t, "num_key_value_heads", None) or t.num_attention_heads
     if heads % kv:
-        raise ModelSourceError(f"teacher config: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}",
-                               hint="the student copies the teacher's attention; fix the teacher's config.json")
+        raise ModelSourceError(
+            f"teacher config: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}",
+            hint="the student copies the teacher's attention; fix the teacher's config.json",
+        )
     if not getattr(t, "head_dim", None) and t.hidden_size % heads:
-        raise ModelSourceError(f"teacher config: hidden_size {t.hidden_size} is not divisible by num_attention_heads {heads}",
-                               hint="set head_dim in the teacher's config.json or use a teacher whose heads divide its width")
+        raise ModelSourceError(
+            f"teacher config: hidden_size {t.hidden_size} is not divisible by num_attention_heads {heads}",
+            hint="set head_dim in the teacher's config.json or use a teacher whose heads divide its width",
+        )
 
 
 def _layer_types(t, keep: list[int]) -> list[str]:
@@ -112,8 +118,10 @@ def _copy_module(dst: nn.Module, src: nn.Module, approx: bool = False, where: st
     try:
         missing, unexpected = dst.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a shape the student config derived differently from the teacher's weights
-        raise ModelSourceError(f"cannot copy the teacher's {type(src).__name__}: {str(e).splitlines()[-1].strip()[:200]}",
-                               hint="check head_dim / num_key_value_heads in the teacher's config.json") from None
+        raise ModelSourceError(
+            f"cannot copy the teacher's {type(src).__name__}: {str(e).splitlines()[-1].strip()[:200]}",
+            hint="check head_dim / num_key_value_heads in the teacher's config.json",
+        ) from None
     if approx:
         missing = [k for k in missing if k.endswith("bias")]
     if unexpected or any(not k.endswith("bias") for k in missing):
@@ -167,8 +175,10 @@ def _channels(t_layer: nn.Module, fam, name: str, block, stats, ffn_init: str, i
 
 def _fill_ffn(s_mlp: nn.Module, ws, inter: int, ti: int) -> None:
     if ws[0].shape[0] < inter:
-        raise RecipeError(f"{_FIELD}.intermediate_size {inter} is wider than teacher layer {ti}'s FFN ({ws[0].shape[0]} channels)",
-                          hint=f"use at most {ws[0].shape[0]} or ffn_init: random")
+        raise RecipeError(
+            f"{_FIELD}.intermediate_size {inter} is wider than teacher layer {ti}'s FFN ({ws[0].shape[0]} channels)",
+            hint=f"use at most {ws[0].shape[0]} or ffn_init: random",
+        )
     # keep the channels with the largest down-projection norm when the student is narrower
     idx = ws[2].norm(dim=0).argsort(descending=True)[:inter].sort().values
     s_mlp.gate_proj.weight.copy_(ws[0][idx])
@@ -180,8 +190,15 @@ def _fill_ffn(s_mlp: nn.Module, ws, inter: int, ti: int) -> None:
             dst.zero_() if b is None else dst.copy_(b if proj == "down_proj" else b[idx])
 
 
-def build_student(teacher: nn.Module, layers: list[int] | None = None, keep_every: int | None = None,
-                  intermediate_size: int | None = None, ffn_init: str = "merge", calibration=None, seed: int = 0):
+def build_student(
+    teacher: nn.Module,
+    layers: list[int] | None = None,
+    keep_every: int | None = None,
+    intermediate_size: int | None = None,
+    ffn_init: str = "merge",
+    calibration=None,
+    seed: int = 0,
+):
     """Cut a dense student from ``teacher`` (any family in ``FAMILIES``).
 
     Attention, norms, embeddings and the LM head are copied from the kept teacher layers. Each dense
@@ -217,8 +234,11 @@ def build_student(teacher: nn.Module, layers: list[int] | None = None, keep_ever
     t_model, s_model = teacher.model, student.model
     approx, dropped = fam.approx is not None, []
     with torch.no_grad():
-        for dst, src, where in ((s_model.embed_tokens, t_model.embed_tokens, "model.embed_tokens"), (s_model.norm, t_model.norm, "model.norm"),
-                                (student.lm_head, teacher.lm_head, "lm_head")):
+        for dst, src, where in (
+            (s_model.embed_tokens, t_model.embed_tokens, "model.embed_tokens"),
+            (s_model.norm, t_model.norm, "model.norm"),
+            (student.lm_head, teacher.lm_head, "lm_head"),
+        ):
             _copy_module(dst, src, approx, where, dropped)
         for si, ti in enumerate(keep):
             sl, tl = s_model.layers[si], t_model.layers[ti]
@@ -229,10 +249,15 @@ def build_student(teacher: nn.Module, layers: list[int] | None = None, keep_ever
                 ws = _channels(tl, fam, name, blocks.get(name), stats, ffn_init, cfg.intermediate_size)
                 _fill_ffn(sl.mlp, ws, cfg.intermediate_size, ti)
     student.eval()
-    info = {"family": tcfg.model_type, "student": cfg.model_type, "layers": keep, "ffn_init": ffn_init,
-            "router_frequencies": {k: [round(float(x), 4) for x in v.freq] for k, v in stats.items()},
-            "routed_mass": {k: round(v.mass, 4) for k, v in stats.items()},
-            "shared_gate": {k: round(v.shared_gate, 4) for k, v in stats.items() if v.shared_gate is not None}}
+    info = {
+        "family": tcfg.model_type,
+        "student": cfg.model_type,
+        "layers": keep,
+        "ffn_init": ffn_init,
+        "router_frequencies": {k: [round(float(x), 4) for x in v.freq] for k, v in stats.items()},
+        "routed_mass": {k: round(v.mass, 4) for k, v in stats.items()},
+        "shared_gate": {k: round(v.shared_gate, 4) for k, v in stats.items() if v.shared_gate is not None},
+    }
     if approx:
         info["approximation"] = fam.approx
         info["dropped"] = sorted(set(dropped))

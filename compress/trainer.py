@@ -83,8 +83,9 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     if precision == "bf16":
         return torch.bfloat16, False, "bf16"
     if device.type != "cuda":
-        raise RecipeError(f"precision: fp16 needs a CUDA device (training runs on {device.type})",
-                          hint="use precision: bf16 or fp32 on CPU")
+        raise RecipeError(
+            f"precision: fp16 needs a CUDA device (training runs on {device.type})", hint="use precision: bf16 or fp32 on CPU"
+        )
     return torch.float16, True, "fp16"
 
 
@@ -98,8 +99,20 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def _save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, step: int, history: list, tokens: int, seconds: float,
-                     stopped: bool = False, scaler=None, aux: torch.nn.Module | None = None, skipped: int = 0) -> None:
+def _save_checkpoint(
+    ckpt_dir: Path,
+    model: torch.nn.Module,
+    opt,
+    sched,
+    step: int,
+    history: list,
+    tokens: int,
+    seconds: float,
+    stopped: bool = False,
+    scaler=None,
+    aux: torch.nn.Module | None = None,
+    skipped: int = 0,
+) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     save_state_dict(model.state_dict(), ckpt_dir / "model.safetensors")
     if aux is not None:
@@ -108,13 +121,19 @@ def _save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, step: i
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    blob = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
-            "scaler": scaler.state_dict() if scaler is not None else {}}
+    blob = {
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": rng,
+        "scaler": scaler.state_dict() if scaler is not None else {},
+    }
     torch.save(blob, tmp)
     commit(tmp, final)
     # state.json is written last: its presence means the checkpoint is complete
-    atomic_write_json(ckpt_dir / "state.json", {"step": step, "history": history, "tokens": tokens, "seconds": seconds, "stopped": stopped,
-                                                "skipped_steps": skipped})
+    atomic_write_json(
+        ckpt_dir / "state.json",
+        {"step": step, "history": history, "tokens": tokens, "seconds": seconds, "stopped": stopped, "skipped_steps": skipped},
+    )
 
 
 def remove_checkpoints(root: str | Path) -> int:
@@ -134,8 +153,9 @@ def remove_checkpoints(root: str | Path) -> int:
     return freed
 
 
-def _load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, scaler=None,
-                     aux: torch.nn.Module | None = None) -> tuple[int, list, int, float, bool, int]:
+def _load_checkpoint(
+    ckpt_dir: Path, model: torch.nn.Module, opt, sched, scaler=None, aux: torch.nn.Module | None = None
+) -> tuple[int, list, int, float, bool, int]:
     from dsk_compress.errors import RunError
 
     state = read_json(ckpt_dir / "state.json")
@@ -147,11 +167,15 @@ def _load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, scaler=
     try:
         model.load_state_dict(load_state_dict(ckpt_dir / "model.safetensors"))
     except RuntimeError as e:
-        raise RunError(f"checkpoint {ckpt_dir / 'model.safetensors'} does not fit the model: {str(e).splitlines()[0][:160]}", hint=fix) from None
+        raise RunError(
+            f"checkpoint {ckpt_dir / 'model.safetensors'} does not fit the model: {str(e).splitlines()[0][:160]}", hint=fix
+        ) from None
     if aux is not None:
         if not (ckpt_dir / "aux.safetensors").is_file():
-            raise RunError(f"{ckpt_dir} has no aux.safetensors for the trainable loss modules (e.g. hidden-state projections)",
-                           hint="delete that checkpoint directory to restart the stage")
+            raise RunError(
+                f"{ckpt_dir} has no aux.safetensors for the trainable loss modules (e.g. hidden-state projections)",
+                hint="delete that checkpoint directory to restart the stage",
+            )
         aux.load_state_dict(load_state_dict(ckpt_dir / "aux.safetensors"))
     try:
         # weights_only: a pickle that would run code is refused (UnpicklingError), never executed
@@ -160,12 +184,17 @@ def _load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt, sched, scaler=
         sched.load_state_dict(blob["scheduler"])
         rng = blob["rng"]["torch"]
     except Exception as e:  # truncated zip, refused pickle, missing keys, shapes that do not fit: all one answer
-        raise RunError(f"checkpoint {ckpt_dir / 'optim.pt'} is damaged or not one this trainer wrote "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", hint=fix) from None
+        raise RunError(
+            f"checkpoint {ckpt_dir / 'optim.pt'} is damaged or not one this trainer wrote "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+            hint=fix,
+        ) from None
     if scaler is not None and scaler.is_enabled():
         if not blob.get("scaler"):
-            raise RunError(f"{ckpt_dir / 'optim.pt'} has no gradient-scaler state but this run trains in fp16",
-                           hint="resume with the precision the checkpoint was made with, or delete the checkpoint")
+            raise RunError(
+                f"{ckpt_dir / 'optim.pt'} has no gradient-scaler state but this run trains in fp16",
+                hint="resume with the precision the checkpoint was made with, or delete the checkpoint",
+            )
         scaler.load_state_dict(blob["scaler"])
     torch.set_rng_state(rng)
     if "cuda" in blob["rng"] and torch.cuda.is_available():
@@ -250,8 +279,7 @@ def train(
 
         # an MoE's experts that no token of a rank's batch was routed to get no gradient there
         sparse = uses_sparse_grads(model)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=sparse)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=sparse)
     all_params = params + aux_params
     model.train()
     loss_val = float("nan")
@@ -284,9 +312,11 @@ def train(
                 if not use_scaler and not math.isfinite(float(step_loss)):  # fp16's scaler skips such steps itself
                     from dsk_compress.errors import TrainingError
 
-                    raise TrainingError(f"{desc}: the loss became {float(step_loss)} at step {step + 1} of {cfg.steps}; nothing of "
-                                        "this step was applied or saved",
-                                        hint="lower lr or temperature, or check the teacher and the data (a NaN in its weights or logits)")
+                    raise TrainingError(
+                        f"{desc}: the loss became {float(step_loss)} at step {step + 1} of {cfg.steps}; nothing of "
+                        "this step was applied or saved",
+                        hint="lower lr or temperature, or check the teacher and the data (a NaN in its weights or logits)",
+                    )
                 if cfg.grad_clip > 0:
                     scaler.unscale_(opt)  # clip the true gradients; a no-op without a scaler
                     torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)

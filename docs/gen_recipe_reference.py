@@ -149,7 +149,9 @@ keep_checkpoints: false""",
         "stage: export\nteacher: torch   # a teacher ONNX cannot export: measured in PyTorch eager, no speed-up against it",
     ],
     "TensorRTBuildSpec": ["build_engine: true\nworkspace_gb: 2\nmax_batch: 8\nopt_batch: 1\nmax_seq_len: 512"],
-    "BenchStageConfig": ["stage: bench\ndevice: host-cpu\nbatch_size: 1\nthroughput_batches: [8, 64]\nwarmup: 5\nruns: 30\nrounds: 3\nthreads: 2"],
+    "BenchStageConfig": [
+        "stage: bench\ndevice: host-cpu\nbatch_size: 1\nthroughput_batches: [8, 64]\nwarmup: 5\nruns: 30\nrounds: 3\nthreads: 2"
+    ],
     "LogitCacheSpec": ["enabled: true\ntop_k: 32"],
     "DistributedSpec": ["teacher: fsdp"],
     "ReportSpec": ["max_accuracy_drop: 3.0"],
@@ -328,8 +330,13 @@ def shared_bases(stage_classes: list[type[BaseModel]]) -> list[type[BaseModel]]:
     found: list[type[BaseModel]] = []
     for cls in stage_classes:
         for base in cls.__mro__[1:]:
-            if (_is_model(base) and base not in (BaseModel, schema.StageConfig) and base.model_fields
-                    and not issubclass(schema.StageConfig, base) and base not in found):
+            if (
+                _is_model(base)
+                and base not in (BaseModel, schema.StageConfig)
+                and base.model_fields
+                and not issubclass(schema.StageConfig, base)
+                and base not in found
+            ):
                 found.append(base)
     return found
 

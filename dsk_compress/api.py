@@ -12,8 +12,15 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None):
     return _load(name_or_path, overrides)
 
 
-def run_recipe(spec_or_name, out: str | Path = "runs", resume: bool | str | Path = False, run_dir: str | Path | None = None,
-               overrides: list[str] | None = None, rerun_from: str | None = None, threads: int | None = None) -> Path:
+def run_recipe(
+    spec_or_name,
+    out: str | Path = "runs",
+    resume: bool | str | Path = False,
+    run_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+    rerun_from: str | None = None,
+    threads: int | None = None,
+) -> Path:
     """Run a recipe (a RecipeSpec, a bundled name or a path) and return its run directory; ``rerun_from`` (with
     ``resume``) runs that stage and the later ones again; ``threads`` (``--threads``) sets torch's CPU threads above the
     recipe's ``threads`` field, ``OMP_NUM_THREADS`` and the physical cores."""

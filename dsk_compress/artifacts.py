@@ -85,20 +85,25 @@ def read_artifacts(data: Mapping[str, Any] | None, source: str = "manifest.json:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise RunError(f"{source} is a {type(data).__name__}, not a mapping of variant names to artifacts",
-                       hint="run the export stage again (--resume --rerun-from export)")
+        raise RunError(
+            f"{source} is a {type(data).__name__}, not a mapping of variant names to artifacts",
+            hint="run the export stage again (--resume --rerun-from export)",
+        )
     out: dict[str, Artifact] = {}
     for name, value in data.items():
         if not isinstance(value, (Mapping, Artifact)):
-            raise RunError(f"{source}: artifact {name!r} is a {type(value).__name__}, not a mapping",
-                           hint="run the export stage again (--resume --rerun-from export)")
+            raise RunError(
+                f"{source}: artifact {name!r} is a {type(value).__name__}, not a mapping",
+                hint="run the export stage again (--resume --rerun-from export)",
+            )
         try:
             out[str(name)] = Artifact.of(str(name), value)
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(x) for x in first["loc"]) or "entry"
-            raise RunError(f"{source}: artifact {name!r}: {where}: {first['msg']}",
-                           hint="run the export stage again (--resume --rerun-from export)") from None
+            raise RunError(
+                f"{source}: artifact {name!r}: {where}: {first['msg']}", hint="run the export stage again (--resume --rerun-from export)"
+            ) from None
     return out
 
 

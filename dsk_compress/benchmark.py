@@ -67,8 +67,12 @@ def read_card(bundle: Path) -> dict:
         raise RunError(f"cannot read {path}: {why}", hint=hint) from None
     if not isinstance(card, dict):
         raise RunError(f"{path} is not a model card (a JSON {type(card).__name__}, not an object)", hint=hint)
-    checks = (("variant", lambda v: check_component(v, "variant")), ("device", lambda v: check_name(v, "device name")),
-              ("precision", lambda v: check_component(v, "precision")), ("model", lambda v: inside(bundle, v, "model")))
+    checks = (
+        ("variant", lambda v: check_component(v, "variant")),
+        ("device", lambda v: check_name(v, "device name")),
+        ("precision", lambda v: check_component(v, "precision")),
+        ("model", lambda v: inside(bundle, v, "model")),
+    )
     for key, check in checks:
         if key not in card:
             raise RunError(f"{path}: field {key!r} is missing", hint=hint)
@@ -90,11 +94,24 @@ def _bundle_run_dir(bundle: Path, card: dict) -> Path | None:
     return run if (run / "report.json").is_file() and run.name == card.get("source_run") else None
 
 
-def bench(target: str | Path, device: str | None = None, host: str | None = None, identity: str | Path | None = None,
-          known_hosts: str | Path | None = None, accept_new_host_key: bool = False, wheelhouse: str | Path | None = None,
-          python: str = "python3", remote_dir: str | None = None, runs: int | None = None, threads: int | None = None,
-          generate: int | None = None, timeout: float = 3600, other_arch: bool = False, variants: str | None = None,
-          log=print) -> BenchOutcome:
+def bench(
+    target: str | Path,
+    device: str | None = None,
+    host: str | None = None,
+    identity: str | Path | None = None,
+    known_hosts: str | Path | None = None,
+    accept_new_host_key: bool = False,
+    wheelhouse: str | Path | None = None,
+    python: str = "python3",
+    remote_dir: str | None = None,
+    runs: int | None = None,
+    threads: int | None = None,
+    generate: int | None = None,
+    timeout: float = 3600,
+    other_arch: bool = False,
+    variants: str | None = None,
+    log=print,
+) -> BenchOutcome:
     """Measure a run or a bundle on a device over SSH (``host``) or on this machine, and merge the results into the run's report.
 
     Args:
@@ -126,8 +143,10 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
     """
     target = Path(target)
     if not target.is_dir() or not (_is_bundle(target) or _is_run(target)):
-        raise RunError(f"{target} is neither a run directory (manifest.json) nor a deploy bundle (model_card.json, run.py)",
-                       hint="pass runs/<recipe>-<time> or a folder written by dsk-compress export")
+        raise RunError(
+            f"{target} is neither a run directory (manifest.json) nor a deploy bundle (model_card.json, run.py)",
+            hint="pass runs/<recipe>-<time> or a folder written by dsk-compress export",
+        )
     chosen = parse_variants(variants)
     if chosen is not None and host is None and not _is_bundle(target):
         raise DeviceError("--variants goes with --host (or a bundle)", hint="on this machine bench RUN measures every variant already")
@@ -138,8 +157,24 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
             folder = confined(DEFAULT_REMOTE_DIR if remote_dir is None else remote_dir)
         except ValueError as e:
             raise DeviceError(str(e), hint="e.g. --remote-dir ~/dsk-compress (under the device user's home) or an absolute path") from None
-        return _bench_remote(target, device, host, identity, known_hosts, accept_new_host_key, wheelhouse, python,
-                             folder, runs, threads, generate, timeout, log, other_arch=other_arch, variants=chosen)
+        return _bench_remote(
+            target,
+            device,
+            host,
+            identity,
+            known_hosts,
+            accept_new_host_key,
+            wheelhouse,
+            python,
+            folder,
+            runs,
+            threads,
+            generate,
+            timeout,
+            log,
+            other_arch=other_arch,
+            variants=chosen,
+        )
     if other_arch:
         raise DeviceError("--other-arch goes with --host", hint="on this machine the architecture is checked against --device")
     if _is_bundle(target):
@@ -150,10 +185,28 @@ def bench(target: str | Path, device: str | None = None, host: str | None = None
 # --------------------------------------------------------------------------- over SSH
 
 
-_ARM_CORES = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72",
-              "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77",
-              "0xd41": "Cortex-A78", "0xd42": "Cortex-A78AE", "0xd4b": "Cortex-A78C", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510",
-              "0xd47": "Cortex-A710", "0xd48": "Cortex-X2", "0xd4d": "Cortex-A715", "0xd80": "Cortex-A520", "0xd81": "Cortex-A720"}
+_ARM_CORES = {
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1",
+    "0xd0d": "Cortex-A77",
+    "0xd41": "Cortex-A78",
+    "0xd42": "Cortex-A78AE",
+    "0xd4b": "Cortex-A78C",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd48": "Cortex-X2",
+    "0xd4d": "Cortex-A715",
+    "0xd80": "Cortex-A520",
+    "0xd81": "Cortex-A720",
+}
 
 
 def check_device_fits_profile(probe, profile, host) -> str | None:
@@ -165,15 +218,17 @@ def check_device_fits_profile(probe, profile, host) -> str | None:
 
     arch = _normalize_arch(probe.python_machine) or probe.python_machine
     if arch != profile.arch:
-        raise DeviceError(f"{host} is {arch} ({probe.cpu or 'unknown CPU'}), not {profile.arch} like the {profile.name} profile: "
-                          f"its numbers would be reported as {profile.name}'s", hint=f"bench a {profile.arch} device with --device "
-                          f"{profile.name}, or pass --other-arch to measure it anyway under its own name ({host.hostname})")
+        raise DeviceError(
+            f"{host} is {arch} ({probe.cpu or 'unknown CPU'}), not {profile.arch} like the {profile.name} profile: "
+            f"its numbers would be reported as {profile.name}'s",
+            hint=f"bench a {profile.arch} device with --device "
+            f"{profile.name}, or pass --other-arch to measure it anyway under its own name ({host.hostname})",
+        )
     m = re.search(r"part (0x[0-9a-f]+)", probe.cpu or "", re.I)
     core = _ARM_CORES.get(m.group(1).lower()) if m else None
     named = re.findall(r"Cortex-[AX]\d+\w*|Neoverse-\w+", profile.description)
     if core and named and core not in named:
-        return (f"{host}'s CPU is a {core}, not the {named[0]} of the {profile.name} profile: its numbers are that CPU's "
-                f"(recorded with it)")
+        return f"{host}'s CPU is a {core}, not the {named[0]} of the {profile.name} profile: its numbers are that CPU's (recorded with it)"
     return None
 
 
@@ -207,8 +262,10 @@ def _check_bundle_variants(bundle: Path, card: dict, chosen) -> None:
     carried = [e.get("variant") for e in card.get("variants") or [] if isinstance(e, dict)] or [card["variant"]]
     missing = [] if chosen == "all" else [n for n in chosen if n not in carried]
     if missing:
-        raise RunError(f"{bundle} carries {', '.join(carried)}, not {', '.join(missing)}",
-                       hint="bench the run instead (dsk-compress bench RUN --device DEVICE --host HOST --variants ...): it bundles them")
+        raise RunError(
+            f"{bundle} carries {', '.join(carried)}, not {', '.join(missing)}",
+            hint="bench the run instead (dsk-compress bench RUN --device DEVICE --host HOST --variants ...): it bundles them",
+        )
 
 
 def _records(data, source: str) -> tuple[list, list[str]]:
@@ -223,16 +280,34 @@ def _records(data, source: str) -> tuple[list, list[str]]:
     return [parse_record(data, source)], []
 
 
-def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheelhouse, python, remote_dir, runs, threads, generate,
-                  timeout, log, other_arch=False, variants=None):
+def _bench_remote(
+    target,
+    device,
+    host,
+    identity,
+    known_hosts,
+    accept_new,
+    wheelhouse,
+    python,
+    remote_dir,
+    runs,
+    threads,
+    generate,
+    timeout,
+    log,
+    other_arch=False,
+    variants=None,
+):
     from dsk_compress.runtimes.remote import Remote, parse_host
 
     h = parse_host(host)  # before anything is exported: a bad host is one line
     if _is_bundle(target):
         bundle, card = target, read_card(target)
         if device is not None and device != card["device"]:
-            raise DeviceError(f"{bundle} is a bundle for {card['device']}, not {device}", hint=f"drop --device, or export one: "
-                              f"dsk-compress export RUN --device {device}")
+            raise DeviceError(
+                f"{bundle} is a bundle for {card['device']}, not {device}",
+                hint=f"drop --device, or export one: dsk-compress export RUN --device {device}",
+            )
         run_dir = _bundle_run_dir(bundle, card)
         _check_bundle_variants(bundle, card, variants)
     else:
@@ -240,8 +315,15 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
             raise DeviceError("--host needs --device with a run: which device's bundle to send", hint="e.g. --device rpi5")
         run_dir, bundle = target, _ensure_bundle(target, device, log, variants)
         card = read_card(bundle)
-    skipped = [f"{s.get('variant')}: not bundled for {card['device']}: {s.get('why')}" for s in card.get("variants_skipped") or []
-               if isinstance(s, dict)] if variants is not None else []
+    skipped = (
+        [
+            f"{s.get('variant')}: not bundled for {card['device']}: {s.get('why')}"
+            for s in card.get("variants_skipped") or []
+            if isinstance(s, dict)
+        ]
+        if variants is not None
+        else []
+    )
     for line in skipped:
         log(f"warning: {line}")
     from dsk_compress.devices import load_device
@@ -252,8 +334,9 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
         profile = None
     name = card["device"]
     args = [a for flag, v in (("--runs", runs), ("--threads", threads), ("--generate", generate)) if v for a in (flag, str(v))]
-    with Remote(h, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new, python=python,
-                command_timeout=timeout) as dev:
+    with Remote(
+        h, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new, python=python, command_timeout=timeout
+    ) as dev:
         p = dev.probe()  # before anything is copied: a device that is not the profile's is refused here
         if profile is not None:
             try:
@@ -267,8 +350,10 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
                     name = check_component(h.hostname, "host name")
                 except ValueError:
                     name = "ssh-host"
-                warning = (f"{h} is {p.python_machine}, not {profile.arch}: measuring with the {profile.name} bundle, recorded "
-                           f"under {name} (--other-arch), never as {profile.name}")
+                warning = (
+                    f"{h} is {p.python_machine}, not {profile.arch}: measuring with the {profile.name} bundle, recorded "
+                    f"under {name} (--other-arch), never as {profile.name}"
+                )
             if warning:
                 log(f"warning: {warning}")
         elif not other_arch:
@@ -278,28 +363,61 @@ def _bench_remote(target, device, host, identity, known_hosts, accept_new, wheel
         measurement = "emulated" if p.emulated else "measured"
         if p.emulated:  # an emulator's timings say nothing of the device: batch 1 only, no throughput batches
             args += ["--batches", "1"]
-        what = (f"{card['variant']}, {card['precision']}" if variants is None else
-                ", ".join(e["variant"] for e in card.get("variants") or [card] if variants == "all" or e["variant"] in variants))
-        log(f"{h}: {p.python_machine} Python {p.python_version} ({p.cpu or 'unknown CPU'}){', emulated' if p.emulated else ''}; "
-            f"running {bundle.name} ({what})")
+        what = (
+            f"{card['variant']}, {card['precision']}"
+            if variants is None
+            else ", ".join(e["variant"] for e in card.get("variants") or [card] if variants == "all" or e["variant"] in variants)
+        )
+        log(
+            f"{h}: {p.python_machine} Python {p.python_version} ({p.cpu or 'unknown CPU'}){', emulated' if p.emulated else ''}; "
+            f"running {bundle.name} ({what})"
+        )
         suffix = "+variants" if variants is not None else ""  # the shipped bundle's folder on the device stays as it is
-        res = dev.run_bundle(bundle, out_dir=raw, run_args=[*args, *_variants_arg(variants), "--measurement", measurement],
-                             wheelhouse=wheelhouse, timeout=timeout,
-                             remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{card['device']}{suffix}",
-                             venvs_root=f"{remote_dir}/venvs", log=log)
+        res = dev.run_bundle(
+            bundle,
+            out_dir=raw,
+            run_args=[*args, *_variants_arg(variants), "--measurement", measurement],
+            wheelhouse=wheelhouse,
+            timeout=timeout,
+            remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{card['device']}{suffix}",
+            venvs_root=f"{remote_dir}/venvs",
+            log=log,
+        )
     recs, failed = _records(res["results"], f"{raw / 'results.json'} (from {h})")
     emulated = res["provenance"]["measurement"] == "emulated"
-    recs = [r.model_copy(update={"provenance": r.provenance.model_copy(update={
-        "ssh_host": str(h), "measurement": "emulated" if emulated or r.provenance.measurement == "emulated" else "measured"})})
-        for r in recs]
-    outcome = BenchOutcome(name=name, records=recs, run_dir=run_dir, errors=[*skipped, *failed, *(e for r in recs for e in r.errors)],
-                           measurement="emulated" if any(r.provenance.measurement == "emulated" for r in recs) else "measured")
+    recs = [
+        r.model_copy(
+            update={
+                "provenance": r.provenance.model_copy(
+                    update={
+                        "ssh_host": str(h),
+                        "measurement": "emulated" if emulated or r.provenance.measurement == "emulated" else "measured",
+                    }
+                )
+            }
+        )
+        for r in recs
+    ]
+    outcome = BenchOutcome(
+        name=name,
+        records=recs,
+        run_dir=run_dir,
+        errors=[*skipped, *failed, *(e for r in recs for e in r.errors)],
+        measurement="emulated" if any(r.provenance.measurement == "emulated" for r in recs) else "measured",
+    )
     outcome.results = _save(out, name, recs, run_dir, bundle_file=None if run_dir else out / f"{name}.json")
     return outcome
 
 
-def clean_device(host: str, identity: str | Path | None = None, known_hosts: str | Path | None = None, accept_new_host_key: bool = False,
-                 python: str = "python3", remote_dir: str | None = None, log=print) -> list[tuple[str, int]]:
+def clean_device(
+    host: str,
+    identity: str | Path | None = None,
+    known_hosts: str | Path | None = None,
+    accept_new_host_key: bool = False,
+    python: str = "python3",
+    remote_dir: str | None = None,
+    log=print,
+) -> list[tuple[str, int]]:
     """Remove what earlier benches left on a device: every entry of ``REMOTE_DIR/bundles`` and ``REMOTE_DIR/venvs`` (bundle
     copies, venvs, half-made ones, wheelhouses), after stopping a run.py still running in a bundle folder.
 
@@ -330,8 +448,11 @@ def clean_device(host: str, identity: str | Path | None = None, known_hosts: str
             dev.run(["rm", "-rf", "--", *(path for path, _ in found)], timeout=600)
         for path, size in found:
             log(f"removed {path} ({_size(size)})")
-        log(f"{h}: removed {len(found)} item(s), {_size(sum(n for _, n in found))} freed under {root}" if found
-            else f"{h}: nothing to remove under {root}")
+        log(
+            f"{h}: removed {len(found)} item(s), {_size(sum(n for _, n in found))} freed under {root}"
+            if found
+            else f"{h}: nothing to remove under {root}"
+        )
     return found
 
 
@@ -400,14 +521,20 @@ def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> Benc
     check_profile_fits_host(profile)
     stage = next((st for st in spec.stages if st.stage == "bench"), None) or BenchStageConfig()
     task = build_task(spec.task.model_dump())
-    bcfg = BenchConfig(warmup=stage.warmup, runs=runs or stage.runs, batch_size=stage.batch_size,
-                       throughput_batches=tuple(stage.throughput_batches), threads=threads or stage.threads or profile.threads,
-                       seq_len=getattr(task, "seq_len", None))
+    bcfg = BenchConfig(
+        warmup=stage.warmup,
+        runs=runs or stage.runs,
+        batch_size=stage.batch_size,
+        throughput_batches=tuple(stage.throughput_batches),
+        threads=threads or stage.threads or profile.threads,
+        seq_len=getattr(task, "seq_len", None),
+    )
     name = _host_name()
     out = run_dir / "devices" / name
     log(f"measuring {len(artifacts)} artifacts of {run_dir.name} on this machine ({name}, profile {profile.name}, {bcfg.threads} threads)")
-    records, errors = measure_artifacts(run_dir, artifacts, task, profile, bcfg, run_dir.name, out / "partial.json", device_name=name,
-                                        new_tokens=generate)
+    records, errors = measure_artifacts(
+        run_dir, artifacts, task, profile, bcfg, run_dir.name, out / "partial.json", device_name=name, new_tokens=generate
+    )
     (out / "partial.json").unlink(missing_ok=True)
     return BenchOutcome(name=name, records=records, results=_save(out, name, records, run_dir), run_dir=run_dir, errors=errors)
 
@@ -427,12 +554,24 @@ def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, l
     args = [a for flag, v in (("--runs", runs), ("--threads", threads), ("--generate", generate)) if v for a in (flag, str(v))]
     args += _variants_arg(variants)
     log(f"running {bundle}/run.py with {sys.executable}")
-    r = subprocess.run([sys.executable, str(bundle / "run.py"), "--out", str(raw / "results.json"), *args], cwd=bundle,
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, str(bundle / "run.py"), "--out", str(raw / "results.json"), *args],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     (raw / "run.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
-        raise RunError(f"run.py failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or ['no message'])[-1]}",
-                       hint=f"the full log is in {raw / 'run.log'}")
+        raise RunError(
+            f"run.py failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or ['no message'])[-1]}",
+            hint=f"the full log is in {raw / 'run.log'}",
+        )
     recs, failed = _records(json.loads((raw / "results.json").read_text()), str(raw / "results.json"))
-    return BenchOutcome(name=name, records=recs, run_dir=run_dir, errors=[*failed, *(e for r in recs for e in r.errors)],
-                        results=_save(out, name, recs, run_dir, bundle_file=None if run_dir else out / f"{name}.json"))
+    return BenchOutcome(
+        name=name,
+        records=recs,
+        run_dir=run_dir,
+        errors=[*failed, *(e for r in recs for e in r.errors)],
+        results=_save(out, name, recs, run_dir, bundle_file=None if run_dir else out / f"{name}.json"),
+    )

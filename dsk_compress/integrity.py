@@ -80,8 +80,12 @@ def verify_stage(run_dir: str | Path, manifest: dict, entry: dict, full: bool = 
         except OSError:
             raise RunError(f"{p} is missing (written by the {entry.get('stage')!r} stage)", hint=fix) from None
         if st.st_size != want.get("size"):
-            raise RunError(f"{p} is corrupt: {st.st_size:,} bytes, the {entry.get('stage')!r} stage wrote {want.get('size'):,}"
-                           if isinstance(want.get("size"), int) else f"{p} is corrupt (size differs from the record)", hint=fix)
+            raise RunError(
+                f"{p} is corrupt: {st.st_size:,} bytes, the {entry.get('stage')!r} stage wrote {want.get('size'):,}"
+                if isinstance(want.get("size"), int)
+                else f"{p} is corrupt (size differs from the record)",
+                hint=fix,
+            )
         if not full and isinstance(want.get("mtime_ns"), int) and want["mtime_ns"] == st.st_mtime_ns:
             continue  # size and mtime as recorded when the stage hashed it
         seen = _verified.get(str(p.resolve()))

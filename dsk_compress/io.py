@@ -174,8 +174,7 @@ def format_bytes(n: int | float) -> str:
     return f"{int(n)} bytes"
 
 
-def storage_error(exc: BaseException, where: str | os.PathLike, what: str, needed: int | str | None = None,
-                  hint: str | None = None):
+def storage_error(exc: BaseException, where: str | os.PathLike, what: str, needed: int | str | None = None, hint: str | None = None):
     """A one-line :class:`~dsk_compress.errors.RunError` for a write that failed on a full disk, a read-only filesystem or
     a permission (see :func:`storage_problem`), with the free space and, where known, the space ``needed`` (bytes, or a
     phrase such as ``"at least 12.0 MB more"``); None when ``exc`` is another failure.
@@ -197,8 +196,10 @@ def storage_error(exc: BaseException, where: str | os.PathLike, what: str, neede
     head = f"{what}: " if what else ""
     if kind == "full":
         need = "" if needed is None else f"; it needs {needed if isinstance(needed, str) else 'about ' + format_bytes(needed)}"
-        return RunError(f"{head}the disk is full: {format_bytes(free)} free of {format_bytes(total)} on {folder}{need}",
-                        hint=hint or "free some space (or choose a folder on another disk) and run the command again")
+        return RunError(
+            f"{head}the disk is full: {format_bytes(free)} free of {format_bytes(total)} on {folder}{need}",
+            hint=hint or "free some space (or choose a folder on another disk) and run the command again",
+        )
     target = filename or where
     if kind == "read-only":
         return RunError(f"{head}{target} is on a read-only filesystem", hint=hint or "choose a folder you can write to")

@@ -52,8 +52,10 @@ def check_name(value: object, what: str = "name", why: str = "") -> str:
         why: a note appended to the message, e.g. ``(runs are written to <out>/<name>-<time>)``.
     """
     if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value or _too_long(value):
-        raise ValueError(f"{shown(value)} is not a safe {what}: use 1-{NAME_CHARS} letters, digits, '.', '_', '-' or '+', starting "
-                         f"with a letter or digit, without '..'" + (f" {why}" if why else ""))
+        raise ValueError(
+            f"{shown(value)} is not a safe {what}: use 1-{NAME_CHARS} letters, digits, '.', '_', '-' or '+', starting "
+            f"with a letter or digit, without '..'" + (f" {why}" if why else "")
+        )
     return value
 
 
@@ -114,8 +116,10 @@ def remote_dir(value: object) -> str:
         raise ValueError(f"--remote-dir {shown(value)}: only ~ (the login user's home) is expanded, not ~user")
     p = PurePosixPath(value[2:] if value.startswith("~/") else "" if value == "~" else value)
     if ".." in p.parts:
-        raise ValueError(f"--remote-dir {shown(value)} climbs out with '..': give a folder under the device user's home "
-                         "(e.g. ~/dsk-compress) or an absolute path")
+        raise ValueError(
+            f"--remote-dir {shown(value)} climbs out with '..': give a folder under the device user's home "
+            "(e.g. ~/dsk-compress) or an absolute path"
+        )
     if any(part.startswith("-") for part in p.parts):
         raise ValueError(f"--remote-dir {shown(value)} has a part that starts with '-'")
     if any(_too_long(part) for part in p.parts):
@@ -125,5 +129,4 @@ def remote_dir(value: object) -> str:
     return "~" if str(p) == "." else f"~/{p}"
 
 
-__all__ = ["NAME_BYTES", "NAME_CHARS", "check_component", "check_name", "check_relative", "inside", "is_within", "remote_dir",
-           "shown"]
+__all__ = ["NAME_BYTES", "NAME_CHARS", "check_component", "check_name", "check_relative", "inside", "is_within", "remote_dir", "shown"]

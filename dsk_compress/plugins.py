@@ -18,6 +18,7 @@ def load_target(target: str, field: str = "torch", error: type[DskError] = Recip
     that project's modules (``python -m`` does the same). Raises ``error`` with one line naming
     ``field`` when the string is malformed, the import fails or the attribute is not callable.
     """
+
     def fail(message: str, hint: str):
         return error(message, hint=hint) if issubclass(error, DskError) else error(f"{message} ({hint})")
 
@@ -27,15 +28,19 @@ def load_target(target: str, field: str = "torch", error: type[DskError] = Recip
     try:
         mod = _import(mod_name)
     except Exception as e:  # ImportError, or anything the user's module raises while importing
-        raise fail(f"{field}: cannot import {mod_name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                    hint="check the module path; run from the directory that contains the package, or put it on PYTHONPATH") from None
+        raise fail(
+            f"{field}: cannot import {mod_name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+            hint="check the module path; run from the directory that contains the package, or put it on PYTHONPATH",
+        ) from None
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise fail(f"{field}: module {mod_name!r} has no attribute {attr!r}", hint="check the name after the ':'")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise fail(f"{field}: {target} is a {type(obj).__name__}, not a callable factory", hint="name a function or class that builds the object")
+        raise fail(
+            f"{field}: {target} is a {type(obj).__name__}, not a callable factory", hint="name a function or class that builds the object"
+        )
     return obj
 
 

@@ -54,7 +54,6 @@ def train_progress(desc: str, total: int, completed: int = 0):
         yield _Bar(p, tid, desc, total)
 
 
-
 class _Steps:
     """The steps of a stage that does not train (export's graphs, bench's measurements): a spinner with the current step
     and the time so far on a terminal, one log line per step elsewhere."""
@@ -71,8 +70,12 @@ class _Steps:
         if self.progress is not None:
             self.progress.update(self.task_id, completed=self.count - 1, label=f"step {self.count}: {label}")
         else:
-            log.print(f"[{self.desc}] step {self.count} at {time.monotonic() - self.t0:.0f} s: {label}", highlight=False,
-                      markup=False, soft_wrap=True)
+            log.print(
+                f"[{self.desc}] step {self.count} at {time.monotonic() - self.t0:.0f} s: {label}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
 
 
 _active: list[_Steps] = []

@@ -45,8 +45,11 @@ def read_owner(run_dir: str | Path) -> dict | None:
 def _describe(owner: dict | None) -> str:
     if not owner:
         return "another process"
-    return (f"pid {owner.get('pid')} on {owner.get('host')} (started {owner.get('started')}"
-            + (f": {owner['command']}" if owner.get("command") else "") + ")")
+    return (
+        f"pid {owner.get('pid')} on {owner.get('host')} (started {owner.get('started')}"
+        + (f": {owner['command']}" if owner.get("command") else "")
+        + ")"
+    )
 
 
 class RunLock:
@@ -68,25 +71,40 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunError(f"cannot create the lock file {self.path}: {e.strerror or e}",
-                           hint="choose a run directory you can write to (--out / --run-dir)") from None
+            raise RunError(
+                f"cannot create the lock file {self.path}: {e.strerror or e}",
+                hint="choose a run directory you can write to (--out / --run-dir)",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunError(f"{self.run_dir} is in use by {_describe(read_owner(self.run_dir))}",
-                           hint="wait for it to finish or stop it (Ctrl-C), then --resume; one process at a time per run") from None
+            raise RunError(
+                f"{self.run_dir} is in use by {_describe(read_owner(self.run_dir))}",
+                hint="wait for it to finish or stop it (Ctrl-C), then --resume; one process at a time per run",
+            ) from None
         except OSError:  # no flock on this filesystem: fall back to the recorded pid
             prev = read_owner(self.run_dir)
-            if prev and prev.get("host") == socket.gethostname() and isinstance(prev.get("pid"), int) and _pid_alive(prev["pid"]) \
-                    and prev["pid"] != os.getpid():
+            if (
+                prev
+                and prev.get("host") == socket.gethostname()
+                and isinstance(prev.get("pid"), int)
+                and _pid_alive(prev["pid"])
+                and prev["pid"] != os.getpid()
+            ):
                 os.close(fd)
-                raise RunError(f"{self.run_dir} is in use by {_describe(prev)}", hint="wait for it to finish or stop it, then --resume") from None
+                raise RunError(
+                    f"{self.run_dir} is in use by {_describe(prev)}", hint="wait for it to finish or stop it, then --resume"
+                ) from None
         prev = read_owner(self.run_dir)
         if prev and prev.get("pid") != os.getpid():
             self.took_over = prev  # its process is gone: the OS released its flock
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 "command": " ".join(sys.argv)[:500]}
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)[:500],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
         self._fd = fd

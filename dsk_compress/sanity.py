@@ -34,11 +34,15 @@ def teacher_warning(teacher_accuracy: float, chance: float | None, best_student:
     """A one-sentence warning when the teacher is near chance (below :data:`NEAR_CHANCE_FACTOR` x chance) or below a
     student measured on the same windows; None when it looks sound."""
     if chance is not None and teacher_accuracy < NEAR_CHANCE_FACTOR * chance:
-        return (f"WARNING: the teacher scores {teacher_accuracy:.2f}%, near chance ({chance:.2f}% for always predicting the most "
-                "frequent token): its weights, tokenizer or task do not match, and margins against it mean nothing")
+        return (
+            f"WARNING: the teacher scores {teacher_accuracy:.2f}%, near chance ({chance:.2f}% for always predicting the most "
+            "frequent token): its weights, tokenizer or task do not match, and margins against it mean nothing"
+        )
     if best_student is not None and teacher_accuracy < best_student:
-        return (f"WARNING: the teacher ({teacher_accuracy:.2f}%) scores below a student ({best_student:.2f}%) on the same windows: "
-                "check that the teacher's weights and tokenizer are the ones it was trained with")
+        return (
+            f"WARNING: the teacher ({teacher_accuracy:.2f}%) scores below a student ({best_student:.2f}%) on the same windows: "
+            "check that the teacher's weights and tokenizer are the ones it was trained with"
+        )
     return None
 
 

@@ -74,8 +74,9 @@ def _cpuinfo_cores(path: Path, cpus: set[int] | None) -> set[tuple[str, str]]:
     return cores
 
 
-def physical_cores(sysfs: str | os.PathLike = "/sys/devices/system/cpu", cpuinfo: str | os.PathLike = "/proc/cpuinfo",
-                   cpus: set[int] | None = None) -> int:
+def physical_cores(
+    sysfs: str | os.PathLike = "/sys/devices/system/cpu", cpuinfo: str | os.PathLike = "/proc/cpuinfo", cpus: set[int] | None = None
+) -> int:
     """Physical cores among the CPUs this process may run on: distinct (package, core) pairs.
 
     Read from Linux's ``sysfs`` topology, else ``/proc/cpuinfo`` (``physical id``, ``core id``); elsewhere, or where
@@ -172,5 +173,16 @@ def threads_in_effect(choice: ThreadChoice):
         restore_threads(before)
 
 
-__all__ = ["SOURCES", "ThreadChoice", "allowed_cpus", "apply_threads", "check_threads", "choose_threads", "logical_cpus",
-           "omp_num_threads", "physical_cores", "restore_threads", "threads_in_effect"]
+__all__ = [
+    "SOURCES",
+    "ThreadChoice",
+    "allowed_cpus",
+    "apply_threads",
+    "check_threads",
+    "choose_threads",
+    "logical_cpus",
+    "omp_num_threads",
+    "physical_cores",
+    "restore_threads",
+    "threads_in_effect",
+]

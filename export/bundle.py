@@ -42,12 +42,26 @@ TOKENIZERS_FLOOR = "0.20"
 BUNDLE_MARKER = ".dsk-bundle.json"
 """Written last into every bundle: the files ``export`` wrote there. A later export to the same folder replaces those files
 and no others (a venv, results or engines made in the bundle stay); a non-empty folder without it is refused."""
-LEGACY_FILES = ("model.onnx", "model.fused.onnx", "model.kv.onnx", "eval_windows.npy", "tokenizer.json", "dsk_measure.py",
-                "dsk_decoder.py", "dsk_trt.py", "run.py", "model_card.json", "requirements.txt", "README.md")
+LEGACY_FILES = (
+    "model.onnx",
+    "model.fused.onnx",
+    "model.kv.onnx",
+    "eval_windows.npy",
+    "tokenizer.json",
+    "dsk_measure.py",
+    "dsk_decoder.py",
+    "dsk_trt.py",
+    "run.py",
+    "model_card.json",
+    "requirements.txt",
+    "README.md",
+)
 """What a bundle written before :data:`BUNDLE_MARKER` existed holds (replaced in ``RUN/bundles/<device>`` only)."""
 DEVICE_VENV = "sudo apt install python3-venv"
-DEVICE_RECIPE = ("python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python run.py "
-                 f"(where python3 -m venv says ensurepip is missing: {DEVICE_VENV})")
+DEVICE_RECIPE = (
+    "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python run.py "
+    f"(where python3 -m venv says ensurepip is missing: {DEVICE_VENV})"
+)
 """What ``export`` prints for the device: Raspberry Pi OS Bookworm / Debian 12 (PEP 668) refuse a bare ``pip install``
 (externally-managed-environment), so the bundle's requirements go into a venv in its folder; JetPack's Ubuntu may lack
 python3-venv. The README's recipe is the same."""
@@ -57,8 +71,7 @@ SPARE_BYTES = 1 << 20
 """Room asked beyond the bundle's files (the scripts, card and README, filesystem blocks)."""
 
 _ROLE_FOR = {"int8": "final", "fp16": "student-fp16", "fp32": "student"}
-_HINT_FOR = {"int8": "run a recipe with qat, export and bench stages",
-             "fp32": "run a recipe with export and bench stages"}
+_HINT_FOR = {"int8": "run a recipe with qat, export and bench stages", "fp32": "run a recipe with export and bench stages"}
 
 
 def _pick_variant(report: dict, precision: str, manifest: dict, device: str) -> dict:
@@ -107,13 +120,18 @@ def _tensorrt_model(run_dir: Path, v: dict, art, device: str) -> tuple[Path, dic
 
     rel = (art.qdq_path if art is not None else None) if v.get("precision") == "int8" else v["artifact"]
     if not rel:
-        raise RunError(f"the run's {v['name']} has no TensorRT-portable ONNX (it predates portable exports)",
-                       hint=f"rerun the export stage with device: {device}")
+        raise RunError(
+            f"the run's {v['name']} has no TensorRT-portable ONNX (it predates portable exports)",
+            hint=f"rerun the export stage with device: {device}",
+        )
     path = _in_run(run_dir, rel, "manifest.json: the export stage's qdq_path")
     problems = check_tensorrt_onnx(path)
     if problems:
-        hint = ("retrain with the qat stage's activations: symmetric, then export with device: " + device
-                if any(p.kind in ("uint8", "zero_point") for p in problems) else "rerun the export stage with device: " + device)
+        hint = (
+            "retrain with the qat stage's activations: symmetric, then export with device: " + device
+            if any(p.kind in ("uint8", "zero_point") for p in problems)
+            else "rerun the export stage with device: " + device
+        )
         raise RunError(f"{v['name']} cannot run in TensorRT on {device}: {format_problems(problems, 3)}", hint=hint)
     return path, {"checked": "dsk_compress.export.trt_check: 0 problems"}
 
@@ -159,20 +177,32 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
     try:
         spec = RecipeSpec.model_validate(manifest["recipe"])
     except ValidationError as e:
-        raise RunError(f"{run_dir / 'manifest.json'}: its recipe does not validate ({e.error_count()} problem(s), first at "
-                       f"{'.'.join(str(x) for x in e.errors()[0]['loc'])})", hint="the manifest is damaged; rerun the recipe") from None
+        raise RunError(
+            f"{run_dir / 'manifest.json'}: its recipe does not validate ({e.error_count()} problem(s), first at "
+            f"{'.'.join(str(x) for x in e.errors()[0]['loc'])})",
+            hint="the manifest is damaged; rerun the recipe",
+        ) from None
     task = build_task(spec.task.model_dump())
     if getattr(task, "seq_len", None) is None or not hasattr(task, "eval_windows"):
-        raise RunError(f"bundles are written for language-model runs, and this run's task is {spec.task.model_dump().get('name', 'your own')}",
-                       hint="measure your own model's ONNX files with dsk-compress bench RUN on the machine itself")
+        raise RunError(
+            f"bundles are written for language-model runs, and this run's task is {spec.task.model_dump().get('name', 'your own')}",
+            hint="measure your own model's ONNX files with dsk-compress bench RUN on the machine itself",
+        )
     runtime = "tensorrt" if prof.preferred_runtime == "tensorrt" else "onnxruntime"
     model_src, trt_card = _in_run(run_dir, v["artifact"], f"report.json: variant {v['name']!r} artifact"), None
     if runtime == "tensorrt":
         model_src, trt_card = _tensorrt_model(run_dir, v, _export_artifacts(manifest).get(v["name"]), prof.name)
         exp = next((st for st in spec.stages if st.stage == "export"), None)
         t = exp.tensorrt if exp is not None else None
-        trt_card.update({"precision": precision, "workspace_gb": t.workspace_gb if t else 1.0, "max_batch": t.max_batch if t else 8,
-                         "opt_batch": t.opt_batch if t else 1, "max_seq_len": t.max_seq_len if t else None})
+        trt_card.update(
+            {
+                "precision": precision,
+                "workspace_gb": t.workspace_gb if t else 1.0,
+                "max_batch": t.max_batch if t else 8,
+                "opt_batch": t.opt_batch if t else 1,
+                "max_seq_len": t.max_seq_len if t else None,
+            }
+        )
     art = _export_artifacts(manifest).get(v["name"])
     copies = {"model.onnx": model_src}
     for key, name in (("fused_path", "model.fused.onnx"), ("kv_cache_path", "model.kv.onnx")):
@@ -187,19 +217,27 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
     windows = windows.astype(window_dtype(vocab))
     from dsk_compress.export import graph_files
 
-    needed = (sum(graph_files.size(f) for f in copies.values()) + windows.nbytes + SPARE_BYTES  # .data files included
-              + sum(graph_files.size(f) for _, files, _ in extra for f in files.values()))
+    needed = (
+        sum(graph_files.size(f) for f in copies.values())
+        + windows.nbytes
+        + SPARE_BYTES  # .data files included
+        + sum(graph_files.size(f) for _, files, _ in extra for f in files.values())
+    )
     check_fits_device(copies, prof, v["name"])
     free, total, folder = free_space(dest.parent)
     if total and free < needed:  # (a pseudo filesystem such as /proc has no size: writing there fails below, said as such)
-        raise RunError(f"export to {dest}: the disk is full: {format_bytes(free)} free on {folder}; the bundle needs about "
-                       f"{format_bytes(needed)}", hint="free some space or give --out a folder on another disk")
+        raise RunError(
+            f"export to {dest}: the disk is full: {format_bytes(free)} free on {folder}; the bundle needs about {format_bytes(needed)}",
+            hint="free some space or give --out a folder on another disk",
+        )
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as e:
-        raise (storage_error(e, dest.parent, f"export to {dest}", needed)
-               or RunError(f"export: cannot write the bundle to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")) from None
+        raise (
+            storage_error(e, dest.parent, f"export to {dest}", needed)
+            or RunError(f"export: cannot write the bundle to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")
+        ) from None
     try:
         for name, src in copies.items():
             graph_files.copy(src, tmp / name)  # a graph past 1 GiB brings its .data file, renamed after it
@@ -213,28 +251,67 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
 
             def at(name, sub=sub, files=files):
                 return None if name not in files else name if sub is None else f"{sub}/{name}"
-            listed.append({"variant": row["name"], "role": row.get("role"), "precision": row.get("precision") or precision,
-                           "model": at("model.onnx"), "kv_model": at("model.kv.onnx"), "fused_model": at("model.fused.onnx"),
-                           "params": row.get("params"), "size_bytes": row.get("size_bytes"), "tensorrt_check": trt,
-                           "measured_on_build_host": {"accuracy": row.get("accuracy"), "latency_ms": row.get("latency_ms"),
-                                                      "runtime": row.get("runtime")}})
+
+            listed.append(
+                {
+                    "variant": row["name"],
+                    "role": row.get("role"),
+                    "precision": row.get("precision") or precision,
+                    "model": at("model.onnx"),
+                    "kv_model": at("model.kv.onnx"),
+                    "fused_model": at("model.fused.onnx"),
+                    "params": row.get("params"),
+                    "size_bytes": row.get("size_bytes"),
+                    "tensorrt_check": trt,
+                    "measured_on_build_host": {
+                        "accuracy": row.get("accuracy"),
+                        "latency_ms": row.get("latency_ms"),
+                        "runtime": row.get("runtime"),
+                    },
+                }
+            )
         np.save(tmp / "eval_windows.npy", windows, allow_pickle=False)
         tokenizer = _save_tokenizer(task, tmp) if td["name"] == "text-lm" else None
-        for src, name in ((measure.__file__, "dsk_measure.py"), (decoder.__file__, "dsk_decoder.py"), (trt_compat.__file__, "dsk_trt.py"),
-                          (RUN_PY, "run.py")):
+        for src, name in (
+            (measure.__file__, "dsk_measure.py"),
+            (decoder.__file__, "dsk_decoder.py"),
+            (trt_compat.__file__, "dsk_trt.py"),
+            (RUN_PY, "run.py"),
+        ):
             atomic_write_text(tmp / name, Path(src).read_text())
         card = {
-            "version": CARD_VERSION, "model": "model.onnx", "variant": v["name"], "role": v.get("role"), "precision": v.get("precision") or precision,
-            "device": prof.name, "runtime": runtime, "execution_providers": list(prof.execution_providers), "threads": prof.threads,
-            "graph_optimization": "extended", "batches": list(BATCHES), "seq_len": task.seq_len, "task": td,
-            "eval_windows": "eval_windows.npy", "eval_batch_size": _eval_batch_size(task), "logits_dtype": np.dtype(task.logits_dtype).name,
-            "vocab_size": vocab, "tokenizer": tokenizer, "tensorrt": trt_card,
+            "version": CARD_VERSION,
+            "model": "model.onnx",
+            "variant": v["name"],
+            "role": v.get("role"),
+            "precision": v.get("precision") or precision,
+            "device": prof.name,
+            "runtime": runtime,
+            "execution_providers": list(prof.execution_providers),
+            "threads": prof.threads,
+            "graph_optimization": "extended",
+            "batches": list(BATCHES),
+            "seq_len": task.seq_len,
+            "task": td,
+            "eval_windows": "eval_windows.npy",
+            "eval_batch_size": _eval_batch_size(task),
+            "logits_dtype": np.dtype(task.logits_dtype).name,
+            "vocab_size": vocab,
+            "tokenizer": tokenizer,
+            "tensorrt": trt_card,
             "kv_model": "model.kv.onnx" if (tmp / "model.kv.onnx").is_file() else None,
             "fused_model": "model.fused.onnx" if (tmp / "model.fused.onnx").is_file() else None,
-            "params": v.get("params"), "size_bytes": v.get("size_bytes"),
-            "measured_on_build_host": {"accuracy": v.get("accuracy"), "metrics": v.get("metrics"), "latency_ms": v.get("latency_ms"),
-                                       "runtime": v.get("runtime"), "host": report.get("host")},
-            "source_run": run_dir.resolve().name, "recipe": spec.name,
+            "params": v.get("params"),
+            "size_bytes": v.get("size_bytes"),
+            "measured_on_build_host": {
+                "accuracy": v.get("accuracy"),
+                "metrics": v.get("metrics"),
+                "latency_ms": v.get("latency_ms"),
+                "runtime": v.get("runtime"),
+                "host": report.get("host"),
+            },
+            "source_run": run_dir.resolve().name,
+            "recipe": spec.name,
         }
         if variants is not None:  # a bundle of the shipped variant alone keeps the card it always had
             card.update(variants=listed, variants_skipped=skipped, variants_request=variants)
@@ -250,16 +327,19 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
         found = storage_error(e, dest.parent, f"export to {dest}", needed) if isinstance(e, Exception) else None
         if found is None and isinstance(e, OSError):
-            found = RunError(f"export: cannot write the bundle to {dest}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-                             hint="choose another --out")
+            found = RunError(
+                f"export: cannot write the bundle to {dest}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+                hint="choose another --out",
+            )
         if found is not None:
             raise found from None
         raise
     return dest
 
 
-def _variant_copies(run_dir: Path, report: dict, manifest: dict, prof, runtime: str, shipped: dict,
-                    variants: str | list[str] | None) -> tuple[list[tuple[dict, dict, dict | None]], list[dict]]:
+def _variant_copies(
+    run_dir: Path, report: dict, manifest: dict, prof, runtime: str, shipped: dict, variants: str | list[str] | None
+) -> tuple[list[tuple[dict, dict, dict | None]], list[dict]]:
     """The host rows ``variants`` selects (``"all"``: every row of the reference runtime with an ONNX artifact) as
     ``(row, {bundle file name: source}, TensorRT check)``, the shipped variant's files left for the caller (an empty
     dict is filled by it); and, for ``"all"``, the rows left out with why. A named variant that is missing or cannot
@@ -276,8 +356,10 @@ def _variant_copies(run_dir: Path, report: dict, manifest: dict, prof, runtime: 
         by_name = {r["name"]: r for r in rows}
         unknown = [n for n in names if n not in by_name]
         if unknown or not names:
-            raise RunError(f"the run has no exported variant {', '.join(map(repr, unknown)) or '(none named)'}",
-                           hint=f"name some of: {', '.join(by_name) or '(none)'}, or all")
+            raise RunError(
+                f"the run has no exported variant {', '.join(map(repr, unknown)) or '(none named)'}",
+                hint=f"name some of: {', '.join(by_name) or '(none)'}, or all",
+            )
         chosen = [by_name[n] for n in names]
     arts = _export_artifacts(manifest)
     out, skipped = [], []
@@ -309,9 +391,11 @@ def _variant_copies(run_dir: Path, report: dict, manifest: dict, prof, runtime: 
 
 def _variants_readme(listed: list[dict]) -> str:
     names = ", ".join(f"`{e['variant']}`" for e in listed)
-    return (f"\nThis bundle also carries the run's other variants ({names}; the others' graphs under `{VARIANTS_DIR}/`): "
-            "`.venv/bin/python run.py --variant all` measures each in its own process and writes one record per variant "
-            "into `results.json` (`--variant NAME,NAME` for some of them).\n")
+    return (
+        f"\nThis bundle also carries the run's other variants ({names}; the others' graphs under `{VARIANTS_DIR}/`): "
+        "`.venv/bin/python run.py --variant all` measures each in its own process and writes one record per variant "
+        "into `results.json` (`--variant NAME,NAME` for some of them).\n"
+    )
 
 
 def _in_run(run_dir: Path, rel, what: str) -> Path:
@@ -336,11 +420,15 @@ def _claim_checked(dest: Path, run_dir: Path, what: str) -> set[str]:
     if dest.exists() and not dest.is_dir():
         raise RunError(f"{what} {dest} is a file, not a folder", hint="give a folder for the bundle")
     if is_within(run_dir, dest):
-        raise RunError(f"{what} {dest} holds the run {run_dir}: a bundle never replaces a run or what is around it",
-                       hint=f"give a new folder, e.g. {bundles / dest.name if dest.name else 'BUNDLE'} or one outside the run")
+        raise RunError(
+            f"{what} {dest} holds the run {run_dir}: a bundle never replaces a run or what is around it",
+            hint=f"give a new folder, e.g. {bundles / dest.name if dest.name else 'BUNDLE'} or one outside the run",
+        )
     if is_within(dest, run_dir) and bundles.resolve() not in dest.resolve().parents:
-        raise RunError(f"{what} {dest} is inside the run {run_dir}, outside its bundles folder",
-                       hint=f"leave out --out (the bundle goes to {bundles}/<device>) or give a folder outside the run")
+        raise RunError(
+            f"{what} {dest} is inside the run {run_dir}, outside its bundles folder",
+            hint=f"leave out --out (the bundle goes to {bundles}/<device>) or give a folder outside the run",
+        )
     if not dest.exists():
         return set()
     try:
@@ -359,8 +447,11 @@ def _claim_checked(dest: Path, run_dir: Path, what: str) -> set[str]:
             return {f for f in files if _plain(f)}
     if bundles.resolve() in dest.resolve().parents and (dest / "model_card.json").is_file() and (dest / "run.py").is_file():
         return set(LEGACY_FILES)  # RUN/bundles/<device> from a dsk-compress that wrote no marker
-    raise RunError(f"{what} {dest} is not empty and was not written by dsk-compress export ({len(entries)} entries): nothing in it "
-                   "is replaced or deleted", hint=f"give a new or empty folder, e.g. {dest / 'bundle'}")
+    raise RunError(
+        f"{what} {dest} is not empty and was not written by dsk-compress export ({len(entries)} entries): nothing in it "
+        "is replaced or deleted",
+        hint=f"give a new or empty folder, e.g. {dest / 'bundle'}",
+    )
 
 
 def _plain(name) -> bool:
@@ -401,8 +492,10 @@ def requirements(runtime: str, tokenizer: bool) -> str:
     if tokenizer:
         reqs.append(f"tokenizers>={TOKENIZERS_FLOOR}")
     if runtime == "tensorrt":
-        reqs.append("# on Jetson: TensorRT and torch come with JetPack (onnxruntime-gpu from NVIDIA's Jetson wheels adds the CUDA and "
-                    "TensorRT providers); run.py falls back to onnxruntime on the CPU without them")
+        reqs.append(
+            "# on Jetson: TensorRT and torch come with JetPack (onnxruntime-gpu from NVIDIA's Jetson wheels adds the CUDA and "
+            "TensorRT providers); run.py falls back to onnxruntime on the CPU without them"
+        )
     return "\n".join(reqs) + "\n"
 
 
@@ -432,26 +525,35 @@ def check_fits_device(copies: dict[str, Path], prof, variant: str) -> None:
     """Refuse a bundle whose modelled runtime peak passes :data:`DEVICE_MEMORY_FRACTION` of the device's memory."""
     peak, mem = runtime_peak_bytes(copies), prof.memory_gb * 1024**3
     if peak > DEVICE_MEMORY_FRACTION * mem:
-        raise RunError(f"the {prof.name} bundle of {variant!r} needs about {peak / 1024**3:.1f} GiB at run time (its graphs "
-                       f"{', '.join(sorted(copies))} held open together) but {prof.name} has {prof.memory_gb:g} GB",
-                       hint="bundle an int8 variant (add a qat stage), prune or cut a smaller student, or use a device profile "
-                            "with more memory (memory_gb in devices/*.yaml)")
+        raise RunError(
+            f"the {prof.name} bundle of {variant!r} needs about {peak / 1024**3:.1f} GiB at run time (its graphs "
+            f"{', '.join(sorted(copies))} held open together) but {prof.name} has {prof.memory_gb:g} GB",
+            hint="bundle an int8 variant (add a qat stage), prune or cut a smaller student, or use a device profile "
+            "with more memory (memory_gb in devices/*.yaml)",
+        )
 
 
 def _save_tokenizer(task, dest: Path) -> str:
     """Write the text-lm task's tokenizer as ``tokenizer.json`` (the ``tokenizers`` format run.py reads)."""
     backend = getattr(task.tok, "backend_tokenizer", None)
     if backend is None:
-        raise RunError("text-lm bundles ship the tokenizer as a tokenizers tokenizer.json, and this teacher's tokenizer is a slow "
-                       "(Python) one", hint="give the teacher a fast tokenizer (tokenizer.json beside its config)")
+        raise RunError(
+            "text-lm bundles ship the tokenizer as a tokenizers tokenizer.json, and this teacher's tokenizer is a slow (Python) one",
+            hint="give the teacher a fast tokenizer (tokenizer.json beside its config)",
+        )
     backend.save(str(dest / "tokenizer.json"))
     return "tokenizer.json"
 
 
 def _decoder_files(fused: bool, kv: bool) -> str:
-    parts = (["`model.fused.onnx` is the same model as one decoder graph of ONNX Runtime's fused operators (GroupQueryAttention "
-              "appending to one preallocated KV buffer per layer, decoded with IO binding; used on the CPU)"] if fused else []) + \
-            (["`model.kv.onnx` is the same model with a plain KV cache" + (" (used with a GPU provider)" if fused else "")] if kv else [])
+    parts = (
+        [
+            "`model.fused.onnx` is the same model as one decoder graph of ONNX Runtime's fused operators (GroupQueryAttention "
+            "appending to one preallocated KV buffer per layer, decoded with IO binding; used on the CPU)"
+        ]
+        if fused
+        else []
+    ) + (["`model.kv.onnx` is the same model with a plain KV cache" + (" (used with a GPU provider)" if fused else "")] if kv else [])
     return "; ".join(parts)
 
 
@@ -463,7 +565,8 @@ def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, f
         f"# {recipe} for {prof.name}\n\n{prof.description}\n\n"
         f"Model: `{v['name']}` ({v['precision']}, {v.get('params') or 0:,} parameters, {(v.get('size_bytes') or 0) / 1e6:.2f} MB).\n"
         f"Measured on the build host ({v.get('runtime')}): accuracy {v.get('accuracy') or 0:.2f}%"
-        + (f", p50 {p50:.2f} ms at batch 1" if p50 is not None else "") + ".\n"
+        + (f", p50 {p50:.2f} ms at batch 1" if p50 is not None else "")
+        + ".\n"
         "These are not device figures: measure on the device. Raspberry Pi OS Bookworm and Debian 12 refuse `pip install` "
         "outside a virtual environment (externally-managed-environment), so make one in this folder:\n\n"
         f"```bash\n{DEVICE_VENV}        # if python3 -m venv says ensurepip is missing\n"
@@ -473,11 +576,20 @@ def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, f
         "where the model allows, peak memory, accuracy on the bundled evaluation windows and where it was measured "
         "(CPU, runtime and version, execution provider, threads). `dsk-compress bench RUN --device "
         f"{prof.name} --host user@board` does all of this over SSH and adds the numbers to the run's report.\n"
-        + (f"\n{_decoder_files(fused, kv)}: `.venv/bin/python run.py --generate 64 --prompt {prompt}` also "
-           "measures greedy decode (prefill ms, ms per token, tokens/s) and prints the continuation"
-           + (" (text through the bundled `tokenizer.json`)" if tokenizer else "") + ".\n" if fused or kv else "")
-        + ("\nWith TensorRT (JetPack) and torch present, the first run builds a TensorRT engine for this GPU "
-           f"({precision}, profile batch 1..{trt_card['max_batch']}) and caches it as `model.<trt version>.<gpu>.engine`; "
-           "later runs load it. Without them, run.py falls back to onnxruntime. onnxruntime's CUDA and TensorRT execution "
-           "providers are used when the installed onnxruntime has them.\n" if trt_card is not None else "")
+        + (
+            f"\n{_decoder_files(fused, kv)}: `.venv/bin/python run.py --generate 64 --prompt {prompt}` also "
+            "measures greedy decode (prefill ms, ms per token, tokens/s) and prints the continuation"
+            + (" (text through the bundled `tokenizer.json`)" if tokenizer else "")
+            + ".\n"
+            if fused or kv
+            else ""
+        )
+        + (
+            "\nWith TensorRT (JetPack) and torch present, the first run builds a TensorRT engine for this GPU "
+            f"({precision}, profile batch 1..{trt_card['max_batch']}) and caches it as `model.<trt version>.<gpu>.engine`; "
+            "later runs load it. Without them, run.py falls back to onnxruntime. onnxruntime's CUDA and TensorRT execution "
+            "providers are used when the installed onnxruntime has them.\n"
+            if trt_card is not None
+            else ""
+        )
     )

@@ -78,8 +78,17 @@ def load_card(bundle=HERE):
     return card
 
 
-_REQUIRED = (("model", str), ("variant", str), ("precision", str), ("runtime", str), ("seq_len", int), ("eval_windows", str),
-             ("eval_batch_size", int), ("logits_dtype", str), ("task", dict))
+_REQUIRED = (
+    ("model", str),
+    ("variant", str),
+    ("precision", str),
+    ("runtime", str),
+    ("seq_len", int),
+    ("eval_windows", str),
+    ("eval_batch_size", int),
+    ("logits_dtype", str),
+    ("task", dict),
+)
 
 
 def check_card(card, bundle=HERE):
@@ -225,9 +234,15 @@ def ort_runtime(card, threads, providers):
     def predict(x):
         return sess.run(None, {name: np.asarray(x).astype(np.int64)})[0]
 
-    info = {"name": "onnxruntime", "version": ort.__version__, "mode": card.get("graph_optimization", "extended"),
-            "execution_provider": used[0], "providers": used, "device": "cuda:0" if used[0] in GPU_PROVIDERS else "cpu",
-            "threads": threads}
+    info = {
+        "name": "onnxruntime",
+        "version": ort.__version__,
+        "mode": card.get("graph_optimization", "extended"),
+        "execution_provider": used[0],
+        "providers": used,
+        "device": "cuda:0" if used[0] in GPU_PROVIDERS else "cpu",
+        "threads": threads,
+    }
     return predict, predict, info
 
 
@@ -280,8 +295,13 @@ def trt_runtime(card):
             held.update(key=(id(x), x.shape), x=torch.as_tensor(np.asarray(x), device="cuda").to(dtype))
         return on_gpu(held["x"])
 
-    info = {"name": "tensorrt", "version": trt.__version__, "device": "cuda:0", "gpu": torch.cuda.get_device_name(0),
-            "engine_device_memory_mb": (dsk_trt.device_memory_bytes(engine) or 0) / (1 << 20)}
+    info = {
+        "name": "tensorrt",
+        "version": trt.__version__,
+        "device": "cuda:0",
+        "gpu": torch.cuda.get_device_name(0),
+        "engine_device_memory_mb": (dsk_trt.device_memory_bytes(engine) or 0) / (1 << 20),
+    }
     return (lambda x: on_gpu(x).cpu().numpy()), timed, info
 
 
@@ -364,25 +384,50 @@ def generate(card, threads, providers, prompt, new_tokens, repeats=5):
 def parse_args(card, argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", choices=["onnxruntime", "tensorrt"], default=card["runtime"])
-    ap.add_argument("--provider", action="append", default=None, metavar="NAME",
-                    help="onnxruntime execution provider, repeatable, in priority order (default: the device profile's that "
-                         "this onnxruntime has, e.g. TensorrtExecutionProvider, CUDAExecutionProvider; CPU last)")
+    ap.add_argument(
+        "--provider",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="onnxruntime execution provider, repeatable, in priority order (default: the device profile's that "
+        "this onnxruntime has, e.g. TensorrtExecutionProvider, CUDAExecutionProvider; CPU last)",
+    )
     ap.add_argument("--threads", type=int, default=card.get("threads"))
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--duration", type=float, default=None, help="time each batch size for this many seconds instead of --runs")
-    ap.add_argument("--batches", default=",".join(str(b) for b in card.get("batches", [1, 8, 64])),
-                    help="batch sizes, the first is the latency batch (default %(default)s)")
+    ap.add_argument(
+        "--batches",
+        default=",".join(str(b) for b in card.get("batches", [1, 8, 64])),
+        help="batch sizes, the first is the latency batch (default %(default)s)",
+    )
     ap.add_argument("--no-eval", action="store_true", help="skip the accuracy on the evaluation windows")
-    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also time greedy decode of N tokens with the bundle's decoder graph (model.fused.onnx on the CPU, else model.kv.onnx)")
-    ap.add_argument("--prompt", default=None, help="text to continue with --generate (default: half of the first evaluation window); "
-                                                   "the continuation is printed")
-    ap.add_argument("--measurement", choices=["measured", "emulated"], default="measured",
-                    help="emulated: this Python runs under an emulator; timings are then the emulator's (detected by itself too: "
-                         "measured is never written for an emulated Python)")
-    ap.add_argument("--variant", default=None, metavar="NAME|all",
-                    help="with a bundle of several variants: measure this one, NAME,NAME or all of them (one record each; "
-                         "default: the bundle's own, %s)" % card["variant"])
+    ap.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time greedy decode of N tokens with the bundle's decoder graph (model.fused.onnx on the CPU, else model.kv.onnx)",
+    )
+    ap.add_argument(
+        "--prompt",
+        default=None,
+        help="text to continue with --generate (default: half of the first evaluation window); the continuation is printed",
+    )
+    ap.add_argument(
+        "--measurement",
+        choices=["measured", "emulated"],
+        default="measured",
+        help="emulated: this Python runs under an emulator; timings are then the emulator's (detected by itself too: "
+        "measured is never written for an emulated Python)",
+    )
+    ap.add_argument(
+        "--variant",
+        default=None,
+        metavar="NAME|all",
+        help="with a bundle of several variants: measure this one, NAME,NAME or all of them (one record each; "
+        "default: the bundle's own, %s)" % card["variant"],
+    )
     ap.add_argument("--out", default="results.json")
     a = ap.parse_args(argv)
     a.batches = [int(b) for b in a.batches.split(",")]
@@ -391,14 +436,28 @@ def parse_args(card, argv=None):
             ap.error("--prompt goes with --generate N")
         return a
     if a.generate and not (card.get("fused_model") or card.get("kv_model")):
-        ap.error("--generate needs a decoder graph (model.fused.onnx or model.kv.onnx), and this bundle has none (export with kv_cache: true)")
+        ap.error(
+            "--generate needs a decoder graph (model.fused.onnx or model.kv.onnx), and this bundle has none (export with kv_cache: true)"
+        )
     if a.prompt is not None and not a.generate:
         ap.error("--prompt goes with --generate N")
     return a
 
 
-_FAMILY = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm", "arm64": "arm", "armv6l": "arm",
-           "armv7l": "arm", "armv8l": "arm", "riscv64": "riscv", "ppc64le": "power", "s390x": "s390"}
+_FAMILY = {
+    "x86_64": "x86",
+    "amd64": "x86",
+    "i386": "x86",
+    "i686": "x86",
+    "aarch64": "arm",
+    "arm64": "arm",
+    "armv6l": "arm",
+    "armv7l": "arm",
+    "armv8l": "arm",
+    "riscv64": "riscv",
+    "ppc64le": "power",
+    "s390x": "s390",
+}
 
 
 def _family(machine):
@@ -443,11 +502,29 @@ def record_base(card, a):
     facts = M.machine_facts()
     why = emulation()
     measurement = "emulated" if why or a.measurement == "emulated" else "measured"
-    return {"schema": M.SCHEMA, "schema_version": M.SCHEMA_VERSION, "variant": card["variant"], "role": card.get("role"),
-            "precision": card["precision"], "artifact": card["model"], "size_bytes": existing_file(card, "model", "the model").stat().st_size,
-            "provenance": dict(facts, measurement=measurement, location="device", device_profile=card.get("device"), gpu=None,
-                               source_run=card.get("source_run"), ssh_host=None, tool="run.py", created=M.now_utc()),
-            "memory": {}, "notes": ("emulated: %s; timings are the emulator's" % why) if why else "", "errors": []}
+    return {
+        "schema": M.SCHEMA,
+        "schema_version": M.SCHEMA_VERSION,
+        "variant": card["variant"],
+        "role": card.get("role"),
+        "precision": card["precision"],
+        "artifact": card["model"],
+        "size_bytes": existing_file(card, "model", "the model").stat().st_size,
+        "provenance": dict(
+            facts,
+            measurement=measurement,
+            location="device",
+            device_profile=card.get("device"),
+            gpu=None,
+            source_run=card.get("source_run"),
+            ssh_host=None,
+            tool="run.py",
+            created=M.now_utc(),
+        ),
+        "memory": {},
+        "notes": ("emulated: %s; timings are the emulator's" % why) if why else "",
+        "errors": [],
+    }
 
 
 def write(path, res):
@@ -478,8 +555,18 @@ MULTI_SCHEMA = "dsk-compress/variant-results"
 
 def child_args(a, card):
     """The options of this run for one variant's own process (``--variant``, ``--out`` added by the caller)."""
-    args = ["--runtime", a.runtime, "--warmup", str(a.warmup), "--runs", str(a.runs), "--batches", ",".join(map(str, a.batches)),
-            "--measurement", a.measurement]
+    args = [
+        "--runtime",
+        a.runtime,
+        "--warmup",
+        str(a.warmup),
+        "--runs",
+        str(a.runs),
+        "--batches",
+        ",".join(map(str, a.batches)),
+        "--measurement",
+        a.measurement,
+    ]
     for p in a.provider or ():
         args += ["--provider", p]
     if a.threads:
@@ -518,8 +605,10 @@ def run_variants(cards, a):
                 part.unlink()
             except OSError:
                 pass
-            child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--variant", c["variant"], "--out", str(part),
-                                      *child_args(a, c)], cwd=str(HERE))
+            child = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--variant", c["variant"], "--out", str(part), *child_args(a, c)],
+                cwd=str(HERE),
+            )
             rc = child.wait()
             try:
                 with open(str(part), encoding="utf-8") as f:
@@ -529,7 +618,9 @@ def run_variants(cards, a):
             if rc == 0 and isinstance(rec, dict):
                 doc["records"].append(rec)
             else:
-                doc["errors"].append("variant %s: run.py exited %s%s" % (c["variant"], rc, "" if rec is None else " (partial results dropped)"))
+                doc["errors"].append(
+                    "variant %s: run.py exited %s%s" % (c["variant"], rc, "" if rec is None else " (partial results dropped)")
+                )
                 print("error: " + doc["errors"][-1], file=sys.stderr, flush=True)
             write(a.out, doc)
     finally:
@@ -590,8 +681,13 @@ def _main(argv=None):
     if not a.no_eval:
         try:
             correct, nll, count = M.score_windows(predict, windows, card["eval_batch_size"], card["logits_dtype"])
-            res["accuracy"] = {"task": card["task"]["name"], "metrics": M.lm_metrics(card["task"]["name"], correct, nll, count),
-                               "windows": int(len(windows)), "tokens": int(count), "batch_size": card["eval_batch_size"]}
+            res["accuracy"] = {
+                "task": card["task"]["name"],
+                "metrics": M.lm_metrics(card["task"]["name"], correct, nll, count),
+                "windows": int(len(windows)),
+                "tokens": int(count),
+                "batch_size": card["eval_batch_size"],
+            }
         except Exception as e:  # keep the timing; say what failed
             res["errors"].append("accuracy: %s: %s" % (type(e).__name__, e))
         write(a.out, res)
@@ -611,8 +707,11 @@ def _main(argv=None):
         res["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / (1 << 20)
     write(a.out, res)
     summary = {k: res.get(k) for k in ("variant", "precision")}
-    summary.update(runtime=res["runtime"].get("execution_provider") or res["runtime"]["name"],
-                   p50_ms=round(timing["batches"][0]["p50"], 3), accuracy=(res.get("accuracy") or {}).get("metrics"))
+    summary.update(
+        runtime=res["runtime"].get("execution_provider") or res["runtime"]["name"],
+        p50_ms=round(timing["batches"][0]["p50"], 3),
+        accuracy=(res.get("accuracy") or {}).get("metrics"),
+    )
     if res.get("decode"):
         summary["decode_tokens_per_s"] = res["decode"].get("decode_tokens_per_s")
         if res["decode"].get("text") is not None:

@@ -29,12 +29,26 @@ def export_module(model: nn.Module, example: np.ndarray, path: str | Path, opset
     axes = {0: "batch"}
     from dsk_compress.export.onnx import torch_export
 
-    return torch_export(model, (x,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                        dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, opset_version=opset)
+    return torch_export(
+        model,
+        (x,),
+        path,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+        opset_version=opset,
+    )
 
 
-def export_float(model: nn.Module, example: np.ndarray, path: str | Path, opset: int = 17, optimization: str = "extended",
-                 parity_atol: float = 1e-3, keep_raw: bool = False) -> dict:
+def export_float(
+    model: nn.Module,
+    example: np.ndarray,
+    path: str | Path,
+    opset: int = 17,
+    optimization: str = "extended",
+    parity_atol: float = 1e-3,
+    keep_raw: bool = False,
+) -> dict:
     """The float ``model`` as an ORT-optimized ONNX file at ``path``, checked against torch on ``example``.
 
     ``keep_raw`` keeps the unoptimized graph (the PTQ baselines' input) at
@@ -62,9 +76,13 @@ def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path,
     qdq_path = Path(qdq_path)
     raw = export_module(model, example, qdq_path.with_name(qdq_path.stem + ".raw.onnx"), opset)
     simplify(raw)
-    info = {"folded_weights": fold_weight_quantizers(raw), "gemms_to_matmul": gemm_to_matmul(raw),
-            "weight_transposes_folded": fold_weight_transposes(raw), "activation_qdq_split": unshare_activation_qdq(raw),
-            "qdq_before_reshapes": quantize_before_reshapes(raw)}
+    info = {
+        "folded_weights": fold_weight_quantizers(raw),
+        "gemms_to_matmul": gemm_to_matmul(raw),
+        "weight_transposes_folded": fold_weight_transposes(raw),
+        "activation_qdq_split": unshare_activation_qdq(raw),
+        "qdq_before_reshapes": quantize_before_reshapes(raw),
+    }
     graph_files.move(raw, qdq_path)
     return info
 
@@ -94,8 +112,13 @@ def gemm_to_matmul(path: str | Path) -> int:
     for n in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         w = prod.get(n.input[1]) if n.op_type == "Gemm" else None
-        if (w is None or w.op_type != "DequantizeLinear" or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
-                or attrs.get("beta", 1.0) != 1.0):
+        if (
+            w is None
+            or w.op_type != "DequantizeLinear"
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             out.append(n)
             continue
         b = n.input[1]
@@ -192,8 +215,14 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     with graph_files.staged(dst) as tmp:
         named = tmp.with_name("named.onnx")
         _named(Path(src), named)
-        quantize_dynamic(str(named), str(tmp), op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True, reduce_range=True,
-                         weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(named),
+            str(tmp),
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            per_channel=True,
+            reduce_range=True,
+            weight_type=QuantType.QInt8,
+        )
         graph_files.remove(named)
     return Path(dst)
 
@@ -212,8 +241,17 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable
     with graph_files.staged(dst) as tmp:
         named = tmp.with_name("named.onnx")
         _named(Path(src), named)
-        quantize_static(str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(named),
+            str(tmp),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         graph_files.remove(named)
     return Path(dst)
 
@@ -228,11 +266,15 @@ def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> P
     from dsk_compress.runtimes.onnxruntime import make_session
 
     with graph_files.staged(dst) as tmp:
-        make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination", "MatMulAddFusion"])
+        make_session(
+            src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination", "MatMulAddFusion"]
+        )
     return Path(dst)
 
 
-def ptq_baselines(src: str | Path, out_dir: str | Path, calibration: Iterable[np.ndarray], optimization: str = "extended") -> dict[str, Path]:
+def ptq_baselines(
+    src: str | Path, out_dir: str | Path, calibration: Iterable[np.ndarray], optimization: str = "extended"
+) -> dict[str, Path]:
     """ORT dynamic and static INT8 of every Conv and Linear of the float graph ``src``
     (:func:`dsk_compress.export.ptq.ptq_baselines` with this module's quantizers and optimizer)."""
     from dsk_compress.export.ptq import ptq_baselines as _ptq

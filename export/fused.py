@@ -78,6 +78,8 @@ INT8_KERNELS = ("static", "dynamic", "nbits")
 bit-compatible with its fake quant); ``dynamic`` DynamicQuantizeMatMul and ``nbits`` 8-bit MatMulNBits quantize
 activations at run time (QAT's int8 weights, not its activation quantizers)."""
 NBITS_BLOCK = 32
+
+
 class _Graph:
     """A tiny ONNX graph writer: unique names, initializers from numpy, nodes in topological order."""
 
@@ -124,8 +126,10 @@ def _act_quantizer(m) -> tuple[float, int, np.dtype]:
     """
     q = m.input_quantizer
     if bool(q.observing.item()):
-        raise ExportError("a QuantLinear still observes activation ranges (calibration never froze it)",
-                          hint="run compress.qat.calibrate / freeze_observers before export")
+        raise ExportError(
+            "a QuantLinear still observes activation ranges (calibration never froze it)",
+            hint="run compress.qat.calibrate / freeze_observers before export",
+        )
     shift = -q.qmin  # 128 for int8 levels, 0 for uint8
     return float(np.float32(q.scale.item())), int(round(q.zero_point.item())) + shift, np.uint8
 
@@ -139,8 +143,10 @@ def _int8_weight(m) -> tuple[np.ndarray, np.ndarray]:
         fq = m.quantized_weight().to(torch.float32)
         q = torch.round(fq / scale[:, None]).clamp(-128, 127)
     if not torch.equal(q * scale[:, None], fq):
-        raise ExportError("a QuantLinear's fake-quantized weight is not an integer multiple of its scale",
-                          hint="freeze the weight scales (compress.qat.freeze_for_export) before export")
+        raise ExportError(
+            "a QuantLinear's fake-quantized weight is not an integer multiple of its scale",
+            hint="freeze the weight scales (compress.qat.freeze_for_export) before export",
+        )
     return q.to(torch.int8).numpy().T.copy(), _float(scale)
 
 
@@ -212,7 +218,6 @@ class _Builder:
         (y,) = g.node("MatMulIntegerToFloat", inputs, f"{name}/MatMulIntegerToFloat", domain="com.microsoft")
         return y
 
-
     def _nbits_matmul(self, x: str, mods: list, name: str) -> str:
         """An int4 QAT model's BlockQuantLinears (one input) as one MatMulNBits with their own integers and scales."""
         from dsk_compress.export.int4 import nbits_arrays
@@ -254,12 +259,18 @@ class _Builder:
         blocks = -(-k // NBITS_BLOCK)
         packed = np.full((n, blocks * NBITS_BLOCK), 128, np.uint8)  # stored unsigned, zero point 128 (the default for 8 bits)
         packed[:, :k] = (q.T.astype(np.int16) + 128).astype(np.uint8)
-        inputs = [x, g.init(f"{name}.weight_u8", packed.reshape(n, blocks, NBITS_BLOCK)),
-                  g.init(f"{name}.weight_scale", np.repeat(scale, blocks).astype(np.float32)), "", ""]
+        inputs = [
+            x,
+            g.init(f"{name}.weight_u8", packed.reshape(n, blocks, NBITS_BLOCK)),
+            g.init(f"{name}.weight_scale", np.repeat(scale, blocks).astype(np.float32)),
+            "",
+            "",
+        ]
         if bias is not None:
             inputs.append(g.init(f"{name}.bias", bias))
-        (y,) = g.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=8,
-                      block_size=NBITS_BLOCK, accuracy_level=4)
+        (y,) = g.node(
+            "MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=8, block_size=NBITS_BLOCK, accuracy_level=4
+        )
         return y
 
 
@@ -269,15 +280,21 @@ def _spec(model: nn.Module) -> dict:
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if base is None or layers is None or not hasattr(model, "lm_head"):
-        raise ExportError(f"{type(model).__name__} is not a Llama-family causal LM (model.model.layers, lm_head)",
-                          hint="fused export supports Llama, Mistral, Qwen2 and Qwen3 dense decoders")
+        raise ExportError(
+            f"{type(model).__name__} is not a Llama-family causal LM (model.model.layers, lm_head)",
+            hint="fused export supports Llama, Mistral, Qwen2 and Qwen3 dense decoders",
+        )
     for i, layer in enumerate(layers):
         mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
         if not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            raise ExportError(f"layer {i} of {type(model).__name__} has no dense gated MLP (an MoE block?)",
-                              hint="fused export supports dense students; use the KV-cache export for MoE")
+            raise ExportError(
+                f"layer {i} of {type(model).__name__} has no dense gated MLP (an MoE block?)",
+                hint="fused export supports dense students; use the KV-cache export for MoE",
+            )
         if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise ExportError(f"layer {i} of {type(model).__name__} has no q/k/v/o projections", hint="fused export supports Llama-family attention")
+            raise ExportError(
+                f"layer {i} of {type(model).__name__} has no q/k/v/o projections", hint="fused export supports Llama-family attention"
+            )
     act = getattr(cfg, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ExportError(f"fused export supports SiLU-gated MLPs, not hidden_act={act!r}")
@@ -288,13 +305,19 @@ def _spec(model: nn.Module) -> dict:
     rope_params = getattr(cfg, "rope_parameters", None) or {}
     partial = rope_params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) if isinstance(rope_params, dict) else 1.0
     if partial not in (None, 1, 1.0):  # e.g. GLM4-MoE students: rotary on half of each head
-        raise ExportError(f"fused export needs rotary on the whole head (partial_rotary_factor {partial})",
-                          hint="the full-sequence and KV-cache graphs stand")
-    scaled = [k for k in ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
-              if getattr(cfg, k, None) not in (None, 1, 1.0)]
+        raise ExportError(
+            f"fused export needs rotary on the whole head (partial_rotary_factor {partial})",
+            hint="the full-sequence and KV-cache graphs stand",
+        )
+    scaled = [
+        k
+        for k in ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+        if getattr(cfg, k, None) not in (None, 1, 1.0)
+    ]
     if scaled:  # Granite: scalings the fused graph does not apply
-        raise ExportError(f"fused export does not apply {', '.join(scaled)} ({cfg.model_type})",
-                          hint="the full-sequence and KV-cache graphs stand")
+        raise ExportError(
+            f"fused export does not apply {', '.join(scaled)} ({cfg.model_type})", hint="the full-sequence and KV-cache graphs stand"
+        )
     if any(getattr(layer.self_attn, "sinks", None) is not None for layer in layers):
         raise ExportError("fused export does not support attention sinks")
     from dsk_compress.export.kv_cache import _sliding_window
@@ -302,12 +325,23 @@ def _spec(model: nn.Module) -> dict:
     heads, kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     if head_dim % 16:  # ONNX Runtime's GroupQueryAttention kernel refuses it when the session runs
-        raise ExportError(f"fused export needs a head_dim that is a multiple of 16 (ONNX Runtime's GroupQueryAttention), not {head_dim}",
-                          hint="the full-sequence and KV-cache graphs stand")
+        raise ExportError(
+            f"fused export needs a head_dim that is a multiple of 16 (ONNX Runtime's GroupQueryAttention), not {head_dim}",
+            hint="the full-sequence and KV-cache graphs stand",
+        )
     scaling = getattr(layers[0].self_attn, "scaling", head_dim**-0.5)
-    return {"layers": len(layers), "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "eps": float(cfg.rms_norm_eps),
-            "vocab": int(cfg.vocab_size), "max_positions": int(cfg.max_position_embeddings), "window": _sliding_window(cfg),
-            "scaling": float(scaling), "qk_norm": hasattr(layers[0].self_attn, "q_norm")}
+    return {
+        "layers": len(layers),
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "eps": float(cfg.rms_norm_eps),
+        "vocab": int(cfg.vocab_size),
+        "max_positions": int(cfg.max_position_embeddings),
+        "window": _sliding_window(cfg),
+        "scaling": float(scaling),
+        "qk_norm": hasattr(layers[0].self_attn, "q_norm"),
+    }
 
 
 def _rope_caches(model: nn.Module, max_positions: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -348,8 +382,14 @@ def build_fused_graph(model: nn.Module, precision: str = "fp32", int8_kernel: st
 
     def head_norm(x: str, module, name: str) -> str:
         (y,) = g.node("Reshape", [x, g.init(f"{name}.heads_shape", np.array([0, 0, -1, hd], np.int64))], f"{name}/Reshape")
-        (y,) = g.node("SimplifiedLayerNormalization", [y, g.init(f"{name}.weight", _norm_weight(module))], f"{name}/SimplifiedLayerNormalization",
-                      epsilon=float(getattr(module, "variance_epsilon", eps)), axis=-1, stash_type=1)
+        (y,) = g.node(
+            "SimplifiedLayerNormalization",
+            [y, g.init(f"{name}.weight", _norm_weight(module))],
+            f"{name}/SimplifiedLayerNormalization",
+            epsilon=float(getattr(module, "variance_epsilon", eps)),
+            axis=-1,
+            stash_type=1,
+        )
         (y,) = g.node("Reshape", [y, g.init(f"{name}.flat_shape", np.array([0, 0, -1], np.int64))], f"{name}/Reshape_flat")
         return y
 
@@ -357,11 +397,18 @@ def build_fused_graph(model: nn.Module, precision: str = "fp32", int8_kernel: st
         nonlocal residual, pending
         w = g.init(f"{name}.weight", weight)
         if pending is None:
-            (h,) = g.node("SimplifiedLayerNormalization", [residual, w], f"{name}/SimplifiedLayerNormalization",
-                          epsilon=eps, axis=-1, stash_type=1)
+            (h,) = g.node(
+                "SimplifiedLayerNormalization", [residual, w], f"{name}/SimplifiedLayerNormalization", epsilon=eps, axis=-1, stash_type=1
+            )
             return h
-        h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w], f"{name}/SkipSimplifiedLayerNormalization",
-                                   outputs=[f"{name}/output", "", "", f"{name}/residual"], domain="com.microsoft", epsilon=eps)
+        h, _, _, residual = g.node(
+            "SkipSimplifiedLayerNormalization",
+            [pending, residual, w],
+            f"{name}/SkipSimplifiedLayerNormalization",
+            outputs=[f"{name}/output", "", "", f"{name}/residual"],
+            domain="com.microsoft",
+            epsilon=eps,
+        )
         pending = None
         return h
 
@@ -377,14 +424,22 @@ def build_fused_graph(model: nn.Module, precision: str = "fp32", int8_kernel: st
         q_in = qkv if len(qkv) == 3 else [qkv[0], "", ""]
         pk, pv = past_names(i)
         inputs = [*q_in, pk, pv, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, cos_name, sin_name]
-        (a, _, _) = g.node("GroupQueryAttention", inputs, f"{p}.attn/GroupQueryAttention", outputs=[f"{p}.attn/output", *present_names(i)],
-                           domain="com.microsoft", **gqa_attrs)
+        (a, _, _) = g.node(
+            "GroupQueryAttention",
+            inputs,
+            f"{p}.attn/GroupQueryAttention",
+            outputs=[f"{p}.attn/output", *present_names(i)],
+            domain="com.microsoft",
+            **gqa_attrs,
+        )
         (pending,) = b.project(a, [attn.o_proj], f"{p}.attn.o_proj")
         h = norm(_norm_weight(layer.post_attention_layernorm), f"{p}.post_attention_layernorm")
         gu = b.project(h, [mlp.gate_proj, mlp.up_proj], f"{p}.mlp.gate_up_proj")
         if len(gu) == 1:
             inter = mlp.gate_proj.out_features
-            gu = g.node("Split", [gu[0], g.init(f"{p}.mlp.split", np.array([inter, inter], np.int64))], f"{p}.mlp/Split", outputs=2, axis=-1)
+            gu = g.node(
+                "Split", [gu[0], g.init(f"{p}.mlp.split", np.array([inter, inter], np.int64))], f"{p}.mlp/Split", outputs=2, axis=-1
+            )
         (act,) = g.node("QuickGelu", [gu[0]], f"{p}.mlp/QuickGelu", domain="com.microsoft", alpha=1.0)
         (prod,) = g.node("Mul", [act, gu[1]], f"{p}.mlp/Mul")
         (pending,) = b.project(prod, [mlp.down_proj], f"{p}.mlp.down_proj")
@@ -395,9 +450,11 @@ def build_fused_graph(model: nn.Module, precision: str = "fp32", int8_kernel: st
     last.output[0] = LOGITS
 
     f = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
-              helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])]
+    inputs = [
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+    ]
     outputs = [helper.make_tensor_value_info(LOGITS, f, ["batch", "sequence", spec["vocab"]])]
     for i in range(spec["layers"]):
         for n in past_names(i):
@@ -405,8 +462,9 @@ def build_fused_graph(model: nn.Module, precision: str = "fp32", int8_kernel: st
         for n in present_names(i):
             outputs.append(helper.make_tensor_value_info(n, f, ["batch", kv, "max_sequence", hd]))
     graph = helper.make_graph(g.nodes, "fused_decoder", inputs, outputs, g.inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                          producer_name="dsk-compress")
+    m = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], producer_name="dsk-compress"
+    )
     m.ir_version = 10
     layout = FusedLayout(spec["layers"], kv, hd, spec["vocab"], spec["max_positions"], precision, spec["window"])
     helper.set_model_props(m, {METADATA_KEY: json.dumps(layout.__dict__)})
@@ -422,9 +480,9 @@ def quantize_int4(src: str | Path, dst: str | Path, block_size: int = 32, accura
 
 def _quantize_int4(m, block_size: int, accuracy_level: int | None):
     """Every MatMul with a constant weight as a blockwise symmetric int4 MatMulNBits (ONNX Runtime's quantizer)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=4)
     q = MatMulNBitsQuantizer(m, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, algo_config=cfg)
@@ -438,8 +496,15 @@ def _quantize_int4(m, block_size: int, accuracy_level: int | None):
     return q.model.model
 
 
-def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *, block_size: int = 32, accuracy_level: int | None = 4,
-                 int8_kernel: str = "static") -> Path:
+def export_fused(
+    model: nn.Module,
+    path: str | Path,
+    precision: str = "fp32",
+    *,
+    block_size: int = 32,
+    accuracy_level: int | None = 4,
+    int8_kernel: str = "static",
+) -> Path:
     """Write the fused decoder graph of ``model`` to ``path`` (atomically) and return the path.
 
     Args:
@@ -459,7 +524,9 @@ def export_fused(model: nn.Module, path: str | Path, precision: str = "fp32", *,
 
     scheme = qat_scheme(model)
     if precision == "int8" and scheme != "int8":
-        raise ExportError("int8 fused export needs a QAT model trained in int8 (QuantLinear layers)", hint="run the qat stage, or export fp32 / int4")
+        raise ExportError(
+            "int8 fused export needs a QAT model trained in int8 (QuantLinear layers)", hint="run the qat stage, or export fp32 / int4"
+        )
     if scheme is not None and precision != scheme:
         raise ExportError(f"{precision} fused export got an {scheme} QAT model", hint=f"export it as {scheme}")
     model = model.eval()
@@ -486,8 +553,9 @@ INT4_MIN_SQNR_DB = 15.0
 default run's pruned student)."""
 
 
-def export_fused_checked(model: nn.Module, path: str | Path, precision: str, example: np.ndarray, *, parity_atol: float,
-                         min_sqnr_db: float, new_tokens: int = 8) -> dict:
+def export_fused_checked(
+    model: nn.Module, path: str | Path, precision: str, example: np.ndarray, *, parity_atol: float, min_sqnr_db: float, new_tokens: int = 8
+) -> dict:
     """:func:`export_fused`, then :func:`check_fused_parity` on the first (up to) 16 tokens of ``example[0]``.
 
     Returns ``{"path", "precision", "prompt_tokens", "fused_ops", <check_fused_parity's numbers>}``, or ``{"error": message}``
@@ -505,17 +573,30 @@ def export_fused_checked(model: nn.Module, path: str | Path, precision: str, exa
         return {"error": e.message}
     path = export_fused(model, path, precision)
     prompt = np.asarray(example)[0, : min(16, np.asarray(example).shape[1])]
-    info = {"path": path, "precision": precision, "prompt_tokens": int(prompt.size), "fused_ops": fused_ops(op_histogram(path)),
-            **check_fused_parity(model, path, prompt, new_tokens=new_tokens)}
+    info = {
+        "path": path,
+        "precision": precision,
+        "prompt_tokens": int(prompt.size),
+        "fused_ops": fused_ops(op_histogram(path)),
+        **check_fused_parity(model, path, prompt, new_tokens=new_tokens),
+    }
     qat_int4 = precision == "int4" and qat_scheme(model) == "int4"
     floor = {"int8": min_sqnr_db, "int4": min_sqnr_db if qat_int4 else INT4_MIN_SQNR_DB}.get(precision)
     if qat_int4 and not info["tokens_match"]:
-        raise ExportError(f"{path.name}: fused int4 greedy tokens differ from the fake-quant model's after {info['matched_tokens']} "
-                          f"(step-logit SQNR {info['step_logits_sqnr_db']} dB)", hint="set stages.N.kv_cache: false and report a bug")
+        raise ExportError(
+            f"{path.name}: fused int4 greedy tokens differ from the fake-quant model's after {info['matched_tokens']} "
+            f"(step-logit SQNR {info['step_logits_sqnr_db']} dB)",
+            hint="set stages.N.kv_cache: false and report a bug",
+        )
     if floor is None and info["step_logits_max_abs_diff"] > parity_atol:
-        raise ExportError(f"{path.name}: fused decode-step logits differ from torch by {info['step_logits_max_abs_diff']:.2e} "
-                          f"(> parity_atol {parity_atol})", hint="set stages.N.kv_cache: false and report a bug")
+        raise ExportError(
+            f"{path.name}: fused decode-step logits differ from torch by {info['step_logits_max_abs_diff']:.2e} "
+            f"(> parity_atol {parity_atol})",
+            hint="set stages.N.kv_cache: false and report a bug",
+        )
     if floor is not None and info["step_logits_sqnr_db"] < floor:
-        raise ExportError(f"{path.name}: fused {precision} step-logit SQNR {info['step_logits_sqnr_db']} dB vs torch is below {floor} dB",
-                          hint="set stages.N.kv_cache: false and report a bug")
+        raise ExportError(
+            f"{path.name}: fused {precision} step-logit SQNR {info['step_logits_sqnr_db']} dB vs torch is below {floor} dB",
+            hint="set stages.N.kv_cache: false and report a bug",
+        )
     return info

@@ -96,8 +96,12 @@ class DecoderSource:
         """``tokenizer.json`` + ``tokenizer_config.json`` in the ``tokenizers`` format that genai and transformers 4.x and 5.x all
         read (``PreTrainedTokenizerFast``, written here rather than by the installed transformers so the folder does not
         depend on its version)."""
-        cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.context_length,
-                               "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": self.context_length,
+            "clean_up_tokenization_spaces": False,
+            "model_input_names": ["input_ids", "attention_mask"],
+        }
         if self.byte_level:
             byte_tokenizer_json(folder / "tokenizer.json")
         else:
@@ -106,8 +110,10 @@ class DecoderSource:
             tok = load_tokenizer(self.tokenizer_dir)
             backend = getattr(tok, "backend_tokenizer", None)
             if backend is None:
-                raise ExportError("the teacher's tokenizer is a slow (Python) one; genai and Optimum folders ship a tokenizers "
-                                  "tokenizer.json", hint="give the teacher a fast tokenizer (tokenizer.json beside its config)")
+                raise ExportError(
+                    "the teacher's tokenizer is a slow (Python) one; genai and Optimum folders ship a tokenizers tokenizer.json",
+                    hint="give the teacher a fast tokenizer (tokenizer.json beside its config)",
+                )
             backend.save(str(folder / "tokenizer.json"))
             cfg.update({k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)})
             for key in ("add_bos_token", "add_eos_token"):
@@ -131,8 +137,10 @@ def attention_mask_graph(fused_path: str | Path, *, position_ids: bool = False):
     g = m.graph
     names = [i.name for i in g.input]
     if SEQLENS_K not in names or TOTAL_SEQUENCE_LENGTH not in names:
-        raise ExportError(f"{Path(fused_path).name} is not a fused decoder graph (no {SEQLENS_K} / {TOTAL_SEQUENCE_LENGTH} inputs)",
-                          hint="export it with dsk_compress.export.fused")
+        raise ExportError(
+            f"{Path(fused_path).name} is not a fused decoder graph (no {SEQLENS_K} / {TOTAL_SEQUENCE_LENGTH} inputs)",
+            hint="export it with dsk_compress.export.fused",
+        )
     if ATTENTION_MASK in names:
         raise ExportError(f"{Path(fused_path).name} already has an {ATTENTION_MASK} input")
     kept = [i for i in g.input if i.name not in (SEQLENS_K, TOTAL_SEQUENCE_LENGTH)]
@@ -140,7 +148,7 @@ def attention_mask_graph(fused_path: str | Path, *, position_ids: bool = False):
     if position_ids:
         new.append(helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch", "sequence"]))
     ids = next(k for k, i in enumerate(kept) if i.name == INPUT_IDS)
-    kept[ids + 1:ids + 1] = new
+    kept[ids + 1 : ids + 1] = new
     for vi in kept:  # the cache length is genai's max_length (shared buffers) or the past length (growing cache)
         if vi.name.startswith("past_key_values."):
             vi.type.tensor_type.shape.dim[2].dim_param = "past_sequence_length"
@@ -155,8 +163,13 @@ def attention_mask_graph(fused_path: str | Path, *, position_ids: bool = False):
         helper.make_node("Cast", ["attention_mask/seqlens"], [SEQLENS_K], name="attention_mask/Cast_seqlens_k", to=TensorProto.INT32),
         helper.make_node("Shape", [ATTENTION_MASK], ["attention_mask/length"], name="attention_mask/Shape", start=1, end=2),
         helper.make_node("Squeeze", ["attention_mask/length"], ["attention_mask/total"], name="attention_mask/Squeeze"),
-        helper.make_node("Cast", ["attention_mask/total"], [TOTAL_SEQUENCE_LENGTH], name="attention_mask/Cast_total_sequence_length",
-                         to=TensorProto.INT32),
+        helper.make_node(
+            "Cast",
+            ["attention_mask/total"],
+            [TOTAL_SEQUENCE_LENGTH],
+            name="attention_mask/Cast_total_sequence_length",
+            to=TensorProto.INT32,
+        ),
     ]
     if position_ids:
         for n in g.node:
@@ -185,8 +198,10 @@ def decoder_shape(path: str | Path) -> dict[str, int]:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    dims = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-            for vi in [*m.graph.input, *m.graph.output]}
+    dims = {
+        vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        for vi in [*m.graph.input, *m.graph.output]
+    }
     n = 0
     while past_names(n)[0] in dims:
         n += 1
@@ -194,23 +209,36 @@ def decoder_shape(path: str | Path) -> dict[str, int]:
         raise ExportError(f"{Path(path).name} has no past_key_values.0.key input: it is not a decoder graph")
     shapes = {(dims[k][1], dims[k][3], dims[v][3]) for k, v in (past_names(i) for i in range(n))}
     if len(shapes) != 1 or None in next(iter(shapes)):
-        raise ExportError(f"{Path(path).name}: the cache's heads / widths differ between layers or are not static ({sorted(shapes, key=str)})",
-                          hint="onnxruntime-genai and Optimum size every layer's cache alike")
+        raise ExportError(
+            f"{Path(path).name}: the cache's heads / widths differ between layers or are not static ({sorted(shapes, key=str)})",
+            hint="onnxruntime-genai and Optimum size every layer's cache alike",
+        )
     kv, kdim, vdim = next(iter(shapes))
     if kdim != vdim:
-        raise ExportError(f"{Path(path).name}: keys ({kdim}) and values ({vdim}) differ in width (MLA attention)",
-                          hint="onnxruntime-genai and Optimum give keys and values one head size")
+        raise ExportError(
+            f"{Path(path).name}: keys ({kdim}) and values ({vdim}) differ in width (MLA attention)",
+            hint="onnxruntime-genai and Optimum give keys and values one head size",
+        )
     heads = {a.i for node in m.graph.node if node.op_type == "GroupQueryAttention" for a in node.attribute if a.name == "num_heads"}
-    return {"layers": n, "heads": heads.pop() if len(heads) == 1 else 0, "kv_heads": kv, "head_dim": kdim,
-            "vocab": dims.get("logits", [None, None, 0])[2] or 0}
+    return {
+        "layers": n,
+        "heads": heads.pop() if len(heads) == 1 else 0,
+        "kv_heads": kv,
+        "head_dim": kdim,
+        "vocab": dims.get("logits", [None, None, 0])[2] or 0,
+    }
 
 
 def genai_config(src: DecoderSource, filename: str, share_buffer: bool) -> dict[str, Any]:
     """The ``genai_config.json`` of a folder whose decoder graph is ``filename`` (search defaults: greedy, as genai's builder
     writes them; ``max_length`` = the model's positions)."""
     s = src.shape
-    inputs = {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "past_key_names": "past_key_values.%d.key",
-              "past_value_names": "past_key_values.%d.value"}
+    inputs = {
+        "input_ids": INPUT_IDS,
+        "attention_mask": ATTENTION_MASK,
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+    }
     outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
     return {
         "model": {
@@ -218,15 +246,35 @@ def genai_config(src: DecoderSource, filename: str, share_buffer: bool) -> dict[
             "context_length": src.context_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": filename, "head_size": s["head_dim"], "hidden_size": src.hidden_size, "inputs": inputs, "outputs": outputs,
-                "num_attention_heads": s["heads"], "num_hidden_layers": s["layers"], "num_key_value_heads": s["kv_heads"],
+                "filename": filename,
+                "head_size": s["head_dim"],
+                "hidden_size": src.hidden_size,
+                "inputs": inputs,
+                "outputs": outputs,
+                "num_attention_heads": s["heads"],
+                "num_hidden_layers": s["layers"],
+                "num_key_value_heads": s["kv_heads"],
             },
-            "eos_token_id": src.eos_token_id, "pad_token_id": src.pad_token_id, "type": MODEL_TYPE, "vocab_size": s["vocab"],
+            "eos_token_id": src.eos_token_id,
+            "pad_token_id": src.pad_token_id,
+            "type": MODEL_TYPE,
+            "vocab_size": s["vocab"],
         },
         "search": {
-            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0, "max_length": src.context_length,
-            "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-            "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": src.context_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": share_buffer,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 50,
+            "top_p": 1.0,
         },
     }
 
@@ -249,8 +297,12 @@ def write_genai(src: DecoderSource, folder: Path) -> list[str]:
 
 def _readme(src: DecoderSource) -> str:
     prompt = "def " if src.byte_level else "The "
-    enc = ("`tokenizer.encode(text)` gives the UTF-8 bytes of `text` as ids (this model reads bytes: vocabulary 256; byte 0, never "
-           "in its training text, stands for end-of-text)" if src.byte_level else "`tokenizer.json` is the teacher's tokenizer")
+    enc = (
+        "`tokenizer.encode(text)` gives the UTF-8 bytes of `text` as ids (this model reads bytes: vocabulary 256; byte 0, never "
+        "in its training text, stands for end-of-text)"
+        if src.byte_level
+        else "`tokenizer.json` is the teacher's tokenizer"
+    )
     return (
         f"# {src.variant} ({src.precision}) for onnxruntime-genai\n\n"
         f"Written by `dsk-compress export {src.run_name} --format genai` from the run's "
@@ -258,7 +310,7 @@ def _readme(src: DecoderSource) -> str:
         "the same model `run.py --generate` of a deploy bundle decodes, with the same greedy tokens.\n\n"
         f"```bash\npip install 'onnxruntime-genai>={GENAI_FLOOR}'   # tested with {GENAI_TESTED}\n```\n\n"
         "```python\nimport onnxruntime_genai as og\n\n"
-        "model = og.Model(\"path/to/this/folder\")\ntokenizer = og.Tokenizer(model)\n"
+        'model = og.Model("path/to/this/folder")\ntokenizer = og.Tokenizer(model)\n'
         "params = og.GeneratorParams(model)\nparams.set_search_options(do_sample=False, max_length=96)\n"
         f"gen = og.Generator(model, params)\ngen.append_tokens(tokenizer.encode({prompt!r}))\n"
         "while not gen.is_done():\n    gen.generate_next_token()\nprint(tokenizer.decode(gen.get_sequence(0)))\n```\n\n"

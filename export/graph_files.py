@@ -119,8 +119,14 @@ def _save_proto(model, path: Path, external: bool) -> None:
     import onnx
 
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_path(path).name,
-                        size_threshold=_SMALL_TENSOR)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_path(path).name,
+            size_threshold=_SMALL_TENSOR,
+        )
     else:
         onnx.save_model(model, str(path))
 
@@ -205,5 +211,7 @@ def remove(path: str | os.PathLike) -> None:
 def ort_session_config(dst: str | os.PathLike) -> dict[str, str]:
     """ONNX Runtime session config entries that make an optimized-model save of a large graph write its weights to
     ``dst``'s ``.data`` file (one file, large tensors only)."""
-    return {"session.optimized_model_external_initializers_file_name": Path(dst).name + ".data",
-            "session.optimized_model_external_initializers_min_size_in_bytes": str(_SMALL_TENSOR)}
+    return {
+        "session.optimized_model_external_initializers_file_name": Path(dst).name + ".data",
+        "session.optimized_model_external_initializers_min_size_in_bytes": str(_SMALL_TENSOR),
+    }

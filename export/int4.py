@@ -79,9 +79,16 @@ def nbits_arrays(mods: list) -> dict:
     scales = np.concatenate([x.numpy() for x in ss], axis=0).astype(np.float32)
     bias = None
     if any(m.bias is not None for m in mods):
-        bias = np.concatenate([m.bias.detach().float().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32) for m in mods])
-    attrs = {"K": first.in_features, "N": int(q.shape[0]), "bits": first.weight_bits, "block_size": first.block_size,
-             "accuracy_level": ACCURACY_LEVEL}
+        bias = np.concatenate(
+            [m.bias.detach().float().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32) for m in mods]
+        )
+    attrs = {
+        "K": first.in_features,
+        "N": int(q.shape[0]),
+        "bits": first.weight_bits,
+        "block_size": first.block_size,
+        "accuracy_level": ACCURACY_LEVEL,
+    }
     return {"B": pack_nbits(q, first.weight_bits, first.block_size), "scales": scales, "bias": bias, "attrs": attrs}
 
 
@@ -207,16 +214,25 @@ def to_matmul_nbits(path: str | Path, found: dict) -> dict:
             if mod is not None and not isinstance(mod, QuantEmbedding):
                 arrays = nbits_arrays([mod])
                 stem = node.name or "matmul"
-                inputs = [node.input[0], add_init(f"{stem}.weight_q{arrays['attrs']['bits']}", arrays["B"]),
-                          add_init(f"{stem}.weight_scale", arrays["scales"])]
+                inputs = [
+                    node.input[0],
+                    add_init(f"{stem}.weight_q{arrays['attrs']['bits']}", arrays["B"]),
+                    add_init(f"{stem}.weight_scale", arrays["scales"]),
+                ]
                 add_node("MatMulNBits", inputs, f"{stem}/MatMulNBits", node.output[0], domain="com.microsoft", **arrays["attrs"])
                 counts["matmul_nbits"] += 1
                 continue
         if node.op_type == "Gather" and node.input[0] in inits:
             mod = found.get(fp(node.input[0]))
             if isinstance(mod, QuantEmbedding):
-                embedding_nodes(add_init, lambda op, i, n, o, **a: add_node(op, i, n, o, **a), mod, node.input[1],
-                                node.name or "embed_tokens", node.output[0])
+                embedding_nodes(
+                    add_init,
+                    lambda op, i, n, o, **a: add_node(op, i, n, o, **a),
+                    mod,
+                    node.input[1],
+                    node.name or "embed_tokens",
+                    node.output[0],
+                )
                 counts["int8_embeddings"] += 1
                 continue
         out_nodes.append(node)
@@ -241,13 +257,16 @@ def _expected(model: nn.Module) -> dict:
 def _check_counts(got: dict, model: nn.Module, what: str) -> None:
     want = _expected(model)
     if got != want:
-        raise ExportError(f"{what}: {got['matmul_nbits']} of {want['matmul_nbits']} int4 QAT Linears became MatMulNBits and "
-                          f"{got['int8_embeddings']} of {want['int8_embeddings']} int8 embeddings were found in the traced graph",
-                          hint="report a bug (the traced weights no longer match the fake quant's)")
+        raise ExportError(
+            f"{what}: {got['matmul_nbits']} of {want['matmul_nbits']} int4 QAT Linears became MatMulNBits and "
+            f"{got['int8_embeddings']} of {want['int8_embeddings']} int8 embeddings were found in the traced graph",
+            hint="report a bug (the traced weights no longer match the fake quant's)",
+        )
 
 
-def export_int4_lm(model: nn.Module, example: np.ndarray, path: str | Path, opset: int = 17, optimization: str = "extended", *,
-                   min_sqnr_db: float) -> dict:
+def export_int4_lm(
+    model: nn.Module, example: np.ndarray, path: str | Path, opset: int = 17, optimization: str = "extended", *, min_sqnr_db: float
+) -> dict:
     """The full-sequence graph of an int4 QAT causal LM at ``path`` (ORT-optimized), checked against its fake quant on ``example``.
 
     Returns ``{"path", "precision", "sqnr_db_vs_fake_quant", "max_abs_diff_vs_fake_quant", "matmul_nbits", "int8_embeddings",
@@ -270,12 +289,26 @@ def export_int4_lm(model: nn.Module, example: np.ndarray, path: str | Path, opse
     sqnr = round(sqnr_db(ref, got), 2)
     if sqnr < min_sqnr_db:
         raise ExportError(f"{path.name}: int4 ONNX vs torch fake-quant SQNR {sqnr} dB is below {min_sqnr_db} dB", hint="report a bug")
-    return {"path": path, "precision": "int4", "sqnr_db_vs_fake_quant": sqnr, "max_abs_diff_vs_fake_quant": float(np.abs(got - ref).max()),
-            **counts, "fused_ops": fused_ops(op_histogram(path))}
+    return {
+        "path": path,
+        "precision": "int4",
+        "sqnr_db_vs_fake_quant": sqnr,
+        "max_abs_diff_vs_fake_quant": float(np.abs(got - ref).max()),
+        **counts,
+        "fused_ops": fused_ops(op_histogram(path)),
+    }
 
 
-def export_int4_kv(model: nn.Module, path: str | Path, example: np.ndarray, opset: int = 17, optimization: str = "extended", *,
-                   min_sqnr_db: float, new_tokens: int = 8) -> dict:
+def export_int4_kv(
+    model: nn.Module,
+    path: str | Path,
+    example: np.ndarray,
+    opset: int = 17,
+    optimization: str = "extended",
+    *,
+    min_sqnr_db: float,
+    new_tokens: int = 8,
+) -> dict:
     """The KV-cache graph of an int4 QAT decoder at ``path``, checked by greedy decoding against its fake quant
     (:func:`~dsk_compress.export.kv_cache.check_kv_parity` on the first (up to) 16 tokens of ``example[0]``).
 
@@ -300,6 +333,9 @@ def export_int4_kv(model: nn.Module, path: str | Path, example: np.ndarray, opse
     prompt = np.asarray(example)[0, : min(16, np.asarray(example).shape[1])]
     info = {"path": path, "prompt_tokens": int(prompt.size), **check_kv_parity(model, path, prompt, new_tokens=new_tokens), **counts}
     if info["step_logits_sqnr_db"] < min_sqnr_db or not info["tokens_match"]:
-        raise ExportError(f"{path.name}: int4 KV step-logit SQNR {info['step_logits_sqnr_db']} dB vs torch fake-quant (min {min_sqnr_db}), "
-                          f"greedy tokens {'equal' if info['tokens_match'] else 'differ'}", hint="set stages.N.kv_cache: false and report a bug")
+        raise ExportError(
+            f"{path.name}: int4 KV step-logit SQNR {info['step_logits_sqnr_db']} dB vs torch fake-quant (min {min_sqnr_db}), "
+            f"greedy tokens {'equal' if info['tokens_match'] else 'differ'}",
+            hint="set stages.N.kv_cache: false and report a bug",
+        )
     return info

@@ -28,13 +28,24 @@ def _compare(reference: np.ndarray, qdq_path: Path, path: Path, inputs: np.ndarr
     qdq_sqnr = sqnr_db(reference, session_predict(make_session(qdq_path, optimization="disable"))(inputs))
     if sqnr < min_sqnr_db:
         raise ExportError(f"INT8 ONNX vs torch fake-quant SQNR {sqnr:.1f} dB is below {min_sqnr_db} dB")
-    numbers = {"sqnr_db_vs_fake_quant": round(sqnr, 2), "max_abs_diff_vs_fake_quant": float(np.abs(got - reference).max()),
-               "qdq_graph_sqnr_db": round(qdq_sqnr, 2)}
+    numbers = {
+        "sqnr_db_vs_fake_quant": round(sqnr, 2),
+        "max_abs_diff_vs_fake_quant": float(np.abs(got - reference).max()),
+        "qdq_graph_sqnr_db": round(qdq_sqnr, 2),
+    }
     return numbers, op_histogram(path)
 
 
-def export_int8_lm(model: nn.Module, example: np.ndarray, qdq_path: str | Path, path: str | Path, opset: int = 17,
-                   optimization: str = "extended", *, min_sqnr_db: float) -> dict:
+def export_int8_lm(
+    model: nn.Module,
+    example: np.ndarray,
+    qdq_path: str | Path,
+    path: str | Path,
+    opset: int = 17,
+    optimization: str = "extended",
+    *,
+    min_sqnr_db: float,
+) -> dict:
     """A frozen QAT causal LM as INT8 Q/DQ ONNX (``qdq_path``) and ORT-optimized (``path``), checked on ``example``.
 
     Also runs the static TensorRT check on the Q/DQ graph (its problems are counted, not raised). Returns
@@ -55,12 +66,30 @@ def export_int8_lm(model: nn.Module, example: np.ndarray, qdq_path: str | Path, 
     if n_int != n_q:
         raise ExportError(f"only {n_int} of {n_q} quantized Linears became integer ops in ONNX Runtime")
     problems = check_tensorrt_onnx(qdq_path)
-    return {"path": out, "qdq_path": qdq_path, **numbers, "integer_matmuls": n_int, "quantized_linears": n_q, "folded_weights": folded,
-            "tensorrt_problems": len(problems), "tensorrt_problem_examples": [str(p) for p in problems[:3]], "fused_ops": fused_ops(hist)}
+    return {
+        "path": out,
+        "qdq_path": qdq_path,
+        **numbers,
+        "integer_matmuls": n_int,
+        "quantized_linears": n_q,
+        "folded_weights": folded,
+        "tensorrt_problems": len(problems),
+        "tensorrt_problem_examples": [str(p) for p in problems[:3]],
+        "fused_ops": fused_ops(hist),
+    }
 
 
-def export_int8_module(model: nn.Module, example: np.ndarray, inputs: np.ndarray, qdq_path: str | Path, path: str | Path,
-                       opset: int = 17, optimization: str = "extended", *, min_sqnr_db: float) -> dict:
+def export_int8_module(
+    model: nn.Module,
+    example: np.ndarray,
+    inputs: np.ndarray,
+    qdq_path: str | Path,
+    path: str | Path,
+    opset: int = 17,
+    optimization: str = "extended",
+    *,
+    min_sqnr_db: float,
+) -> dict:
     """Your own frozen QAT ``model(x) -> logits`` (BatchNorm folded) as INT8 Q/DQ ONNX (``qdq_path``) and
     ORT-optimized (``path``): traced on ``example``, checked on ``inputs``.
 
@@ -81,6 +110,14 @@ def export_int8_module(model: nn.Module, example: np.ndarray, inputs: np.ndarray
     n_int, n_q = integer_ops(hist), len(layers)
     if n_int != n_q:
         raise ExportError(f"only {n_int} of {n_q} quantized layers became integer ops in ONNX Runtime ({fused_ops(hist)})")
-    return {"path": out, "qdq_path": qdq_path, **numbers, "integer_ops": n_int,
-            "integer_convs": sum(v for k, v in hist.items() if k in INTEGER_CONVS), "quantized_layers": n_q,
-            "quantized_convs": sum(1 for m in layers if isinstance(m, QuantConv2d)), **info, "fused_ops": fused_ops(hist)}
+    return {
+        "path": out,
+        "qdq_path": qdq_path,
+        **numbers,
+        "integer_ops": n_int,
+        "integer_convs": sum(v for k, v in hist.items() if k in INTEGER_CONVS),
+        "quantized_layers": n_q,
+        "quantized_convs": sum(1 for m in layers if isinstance(m, QuantConv2d)),
+        **info,
+        "fused_ops": fused_ops(hist),
+    }

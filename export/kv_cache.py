@@ -78,12 +78,16 @@ def kv_layout(model: nn.Module) -> KVLayout:
         with torch.no_grad():
             out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), past_key_values=DynamicCache(), use_cache=True)
     except Exception as e:  # a model without input_ids / past_key_values: not a decoder this exporter handles
-        raise ExportError(f"{type(model).__name__} cannot run with a DynamicCache: {str(e).splitlines()[0][:200]}",
-                          hint="KV-cache export supports transformers causal LMs") from e
+        raise ExportError(
+            f"{type(model).__name__} cannot run with a DynamicCache: {str(e).splitlines()[0][:200]}",
+            hint="KV-cache export supports transformers causal LMs",
+        ) from e
     cache = out.past_key_values
     if cache is None or not hasattr(cache, "layers"):
-        raise ExportError(f"{type(model).__name__} returned no DynamicCache with use_cache=True",
-                          hint="KV-cache export supports transformers decoders that use DynamicCache")
+        raise ExportError(
+            f"{type(model).__name__} returned no DynamicCache with use_cache=True",
+            hint="KV-cache export supports transformers decoders that use DynamicCache",
+        )
     ks = [layer.keys for layer in cache.layers]
     vs = [layer.values for layer in cache.layers]
     return KVLayout(len(ks), tuple(k.shape[1] for k in ks), tuple(k.shape[-1] for k in ks), tuple(v.shape[-1] for v in vs))
@@ -118,8 +122,10 @@ def _sliding_window(config) -> int | None:
         return int(window)
     if set(types) == {"full_attention"}:
         return None
-    raise ExportError(f"KV-cache export of {config.model_type} with mixed sliding and full attention layers is not supported",
-                      hint="set stages.N.kv_cache: false")
+    raise ExportError(
+        f"KV-cache export of {config.model_type} with mixed sliding and full attention layers is not supported",
+        hint="set stages.N.kv_cache: false",
+    )
 
 
 class KVCacheLMWrapper(nn.Module):
@@ -149,10 +155,11 @@ class KVCacheLMWrapper(nn.Module):
             allowed = allowed & (q_pos[:, None] - k_pos[None, :] < self.window)
         allowed = allowed[None, None] & keep[:, None, None, :]  # [B, 1, S, total]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(~keep, 1)[:, total - s:]
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(~keep, 1)[:, total - s :]
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                         cache_position=q_pos, use_cache=True)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, cache_position=q_pos, use_cache=True
+        )
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
@@ -166,8 +173,9 @@ def export_causal_lm_with_past(model: nn.Module, path: str | Path, opset: int = 
     tokens; batch, sequence and past length are dynamic axes.
     """
     if not is_decoder_lm(model):
-        raise ExportError(f"{type(model).__name__} is not a transformers causal LM: no KV-cache export",
-                          hint="KV-cache export is for decoder students")
+        raise ExportError(
+            f"{type(model).__name__} is not a transformers causal LM: no KV-cache export", hint="KV-cache export is for decoder students"
+        )
     model = model.eval()
     layout = kv_layout(model)
     wrapper = KVCacheLMWrapper(model).eval()
@@ -190,8 +198,16 @@ def export_causal_lm_with_past(model: nn.Module, path: str | Path, opset: int = 
             axes[name] = {0: "batch", 2: "total_sequence"}
     from dsk_compress.export.onnx import torch_export
 
-    return torch_export(wrapper, (ids, mask, *past), path, what="KV-cache ONNX export", input_names=in_names, output_names=out_names,
-                        dynamic_axes=axes, opset_version=opset)
+    return torch_export(
+        wrapper,
+        (ids, mask, *past),
+        path,
+        what="KV-cache ONNX export",
+        input_names=in_names,
+        output_names=out_names,
+        dynamic_axes=axes,
+        opset_version=opset,
+    )
 
 
 def export_int8_qdq_with_past(model: nn.Module, qdq_path: str | Path, opset: int = 17) -> dict:
@@ -206,8 +222,11 @@ def export_int8_qdq_with_past(model: nn.Module, qdq_path: str | Path, opset: int
     qdq_path = Path(qdq_path)
     raw = export_causal_lm_with_past(model, qdq_path.with_name(qdq_path.stem + ".raw.onnx"), opset)
     simplify(raw)
-    info = {"folded_weights": fold_weight_quantizers(raw), "weight_transposes_folded": fold_weight_transposes(raw),
-            "activation_qdq_split": unshare_activation_qdq(raw)}
+    info = {
+        "folded_weights": fold_weight_quantizers(raw),
+        "weight_transposes_folded": fold_weight_transposes(raw),
+        "activation_qdq_split": unshare_activation_qdq(raw),
+    }
     graph_files.move(raw, qdq_path)
     return info
 
@@ -246,8 +265,7 @@ def torch_greedy(model: nn.Module, prompt: np.ndarray, new_tokens: int) -> tuple
     return np.asarray(toks, np.int64), np.stack(logits)
 
 
-def check_kv_parity(model: nn.Module, kv_path: str | Path, prompt: np.ndarray, new_tokens: int = 8,
-                    threads: int | None = None) -> dict:
+def check_kv_parity(model: nn.Module, kv_path: str | Path, prompt: np.ndarray, new_tokens: int = 8, threads: int | None = None) -> dict:
     """Greedy-decode ``new_tokens`` after ``prompt`` in torch and with the ONNX KV graph; compare (:func:`greedy_parity`)."""
     from dsk_compress.runtimes.decoder import KVCacheSession
 
@@ -268,13 +286,27 @@ def greedy_parity(model: nn.Module, session, prompt: np.ndarray, new_tokens: int
     got_tokens, _ = session.greedy(prompt, new_tokens)
     forced = session.step_logits(prompt, ref_tokens[:-1])
     matched = int(np.argmin(np.append(got_tokens == ref_tokens, False)))
-    return {"tokens_match": bool((got_tokens == ref_tokens).all()), "matched_tokens": matched, "new_tokens": new_tokens,
-            "step_logits_max_abs_diff": float(np.abs(forced - ref_logits).max()),
-            "step_logits_sqnr_db": round(sqnr_db(ref_logits, forced), 2)}
+    return {
+        "tokens_match": bool((got_tokens == ref_tokens).all()),
+        "matched_tokens": matched,
+        "new_tokens": new_tokens,
+        "step_logits_max_abs_diff": float(np.abs(forced - ref_logits).max()),
+        "step_logits_sqnr_db": round(sqnr_db(ref_logits, forced), 2),
+    }
 
 
-def export_kv_cache(model: nn.Module, path: str | Path, example: np.ndarray, opset: int = 17, optimization: str = "extended", *,
-                    parity_atol: float, min_sqnr_db: float, int8: bool = False, new_tokens: int = 8) -> dict:
+def export_kv_cache(
+    model: nn.Module,
+    path: str | Path,
+    example: np.ndarray,
+    opset: int = 17,
+    optimization: str = "extended",
+    *,
+    parity_atol: float,
+    min_sqnr_db: float,
+    int8: bool = False,
+    new_tokens: int = 8,
+) -> dict:
     """The ORT-optimized KV-cache graph of a decoder student at ``path``, checked by greedy decoding against torch.
 
     MoE blocks switch to their exact dense routing first (routing must not be baked into the trace). ``int8``:
@@ -307,10 +339,14 @@ def export_kv_cache(model: nn.Module, path: str | Path, example: np.ndarray, ops
     if int8:
         info["integer_matmuls"] = sum(v for k, v in op_histogram(path).items() if k in INTEGER_MATMULS)
         if info["integer_matmuls"] != len(quant_layers(model)) or info["step_logits_sqnr_db"] < min_sqnr_db:
-            raise ExportError(f"{path.name}: {info['integer_matmuls']} of {len(quant_layers(model))} quantized Linears are integer ops, "
-                              f"step-logit SQNR {info['step_logits_sqnr_db']} dB vs torch fake-quant (min {min_sqnr_db})",
-                              hint="set stages.N.kv_cache: false and report a bug")
+            raise ExportError(
+                f"{path.name}: {info['integer_matmuls']} of {len(quant_layers(model))} quantized Linears are integer ops, "
+                f"step-logit SQNR {info['step_logits_sqnr_db']} dB vs torch fake-quant (min {min_sqnr_db})",
+                hint="set stages.N.kv_cache: false and report a bug",
+            )
     elif info["step_logits_max_abs_diff"] > parity_atol:
-        raise ExportError(f"{path.name}: decode-step logits differ from torch by {info['step_logits_max_abs_diff']:.2e} "
-                          f"(> parity_atol {parity_atol})", hint="set stages.N.kv_cache: false and report a bug")
+        raise ExportError(
+            f"{path.name}: decode-step logits differ from torch by {info['step_logits_max_abs_diff']:.2e} (> parity_atol {parity_atol})",
+            hint="set stages.N.kv_cache: false and report a bug",
+        )
     return info

@@ -24,10 +24,26 @@ from dsk_compress.errors import ExportError
 from dsk_compress.export import graph_files
 
 FUSED_OPS = {
-    "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm",
-    "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
-    "SkipLayerNormalization", "FusedMatMul", "FusedGemm", "Attention", "MultiHeadAttention", "GroupQueryAttention",
-    "RotaryEmbedding", "BiasGelu", "FastGelu", "QuickGelu", "Gelu", "MatMulNBits",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "DynamicQuantizeMatMul",
+    "MatMulInteger",
+    "QGemm",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "FusedMatMul",
+    "FusedGemm",
+    "Attention",
+    "MultiHeadAttention",
+    "GroupQueryAttention",
+    "RotaryEmbedding",
+    "BiasGelu",
+    "FastGelu",
+    "QuickGelu",
+    "Gelu",
+    "MatMulNBits",
 }
 INTEGER_MATMULS = {"MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm"}
 
@@ -62,8 +78,15 @@ def export_causal_lm(model: nn.Module, example: np.ndarray, path: str | Path, op
     model = densify_moe(model.eval())
     wrapper = CausalLMWrapper(model).eval()
     x = torch.as_tensor(example, dtype=torch.long)
-    return torch_export(wrapper, (x,), path, input_names=["input_ids"], output_names=["logits"],
-                        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}, opset_version=opset)
+    return torch_export(
+        wrapper,
+        (x,),
+        path,
+        input_names=["input_ids"],
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}},
+        opset_version=opset,
+    )
 
 
 def torch_export(module: nn.Module, args: tuple, path: str | Path, what: str = "ONNX export", **kwargs) -> Path:
@@ -313,8 +336,13 @@ def convert_fp16(src: str | Path, dst: str | Path) -> dict:
                 if u.op_type in ("Add", "Div"):
                     keep_nodes.append(u.name)
     try:
-        m16 = convert_float_to_float16(m, keep_io_types=True, disable_shape_infer=large, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
-                                       node_block_list=keep_nodes)
+        m16 = convert_float_to_float16(
+            m,
+            keep_io_types=True,
+            disable_shape_infer=large,
+            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
+            node_block_list=keep_nodes,
+        )
     except Exception as e:  # the converter raises assorted types on graphs it cannot type
         raise ExportError(f"float16 conversion of {Path(src).name} failed: {str(e).splitlines()[0][:300]}") from e
     toposort(m16.graph)  # the converter appends its Cast nodes at the end
@@ -352,8 +380,9 @@ def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> P
 
     config = graph_files.ort_session_config(dst) if graph_files.is_large(src) else None
     with graph_files.staged(dst) as tmp:
-        make_session(src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination"],
-                     config=config)
+        make_session(
+            src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination"], config=config
+        )
     return Path(dst)
 
 
@@ -368,8 +397,11 @@ def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path,
     qdq_path = Path(qdq_path)
     raw = export_causal_lm(model, example, qdq_path.with_name(qdq_path.stem + ".raw.onnx"), opset)
     simplify(raw)
-    info = {"folded_weights": fold_weight_quantizers(raw), "weight_transposes_folded": fold_weight_transposes(raw),
-            "activation_qdq_split": unshare_activation_qdq(raw)}
+    info = {
+        "folded_weights": fold_weight_quantizers(raw),
+        "weight_transposes_folded": fold_weight_transposes(raw),
+        "activation_qdq_split": unshare_activation_qdq(raw),
+    }
     graph_files.move(raw, qdq_path)
     return info
 
@@ -386,8 +418,16 @@ def lm_logits(model: nn.Module, example: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.as_tensor(example), use_cache=False).logits.numpy()
 
 
-def optimize_and_check(raw: Path, path: Path, reference: np.ndarray, example: np.ndarray, optimization: str, parity_atol: float,
-                       keep_raw: bool = False, optimize=None) -> dict:
+def optimize_and_check(
+    raw: Path,
+    path: Path,
+    reference: np.ndarray,
+    example: np.ndarray,
+    optimization: str,
+    parity_atol: float,
+    keep_raw: bool = False,
+    optimize=None,
+) -> dict:
     """Simplify the exported float graph ``raw``, ORT-optimize it to ``path`` (with ``optimize``, default
     :func:`ort_optimize`) and check its outputs on ``example`` against the torch ``reference``.
 
@@ -400,13 +440,22 @@ def optimize_and_check(raw: Path, path: Path, reference: np.ndarray, example: np
         graph_files.remove(raw)
     diff = float(np.abs(ort_predict(out)(example) - reference).max())
     if diff > parity_atol:
-        raise ExportError(f"{Path(path).name.removesuffix('.onnx')}: ONNX output differs from torch by {diff:.2e} (> parity_atol {parity_atol})",
-                          hint="raise stages.N.parity_atol or report a bug")
+        raise ExportError(
+            f"{Path(path).name.removesuffix('.onnx')}: ONNX output differs from torch by {diff:.2e} (> parity_atol {parity_atol})",
+            hint="raise stages.N.parity_atol or report a bug",
+        )
     return {"path": out, "precision": "fp32", "parity_max_abs_diff": diff, "fused_ops": fused_ops(op_histogram(out))}
 
 
-def export_float(model: nn.Module, example: np.ndarray, path: str | Path, opset: int = 17, optimization: str = "extended",
-                 parity_atol: float = 1e-3, keep_raw: bool = False) -> dict:
+def export_float(
+    model: nn.Module,
+    example: np.ndarray,
+    path: str | Path,
+    opset: int = 17,
+    optimization: str = "extended",
+    parity_atol: float = 1e-3,
+    keep_raw: bool = False,
+) -> dict:
     """A float causal LM as an ORT-optimized ONNX file at ``path``, checked against torch on ``example``.
 
     Export (dynamic batch and sequence), simplify, optimize; ``keep_raw`` keeps the unoptimized graph at
@@ -430,8 +479,11 @@ def export_fp16(model: nn.Module, src: str | Path, path: str | Path, example: np
     diff = float(np.abs(ort_predict(path)(example) - ref).max())
     rel = diff / max(float(np.abs(ref).max()), 1e-12)
     if rel > max_rel_err:
-        raise ExportError(f"{path.name.removesuffix('.onnx')}: fp16 ONNX logits differ from torch fp32 by {diff:.3g} ({rel:.2e} of max |logit|, "
-                          f"> fp16_max_rel_err {max_rel_err})", hint="raise stages.N.fp16_max_rel_err or export fp32 only")
+        raise ExportError(
+            f"{path.name.removesuffix('.onnx')}: fp16 ONNX logits differ from torch fp32 by {diff:.3g} ({rel:.2e} of max |logit|, "
+            f"> fp16_max_rel_err {max_rel_err})",
+            hint="raise stages.N.fp16_max_rel_err or export fp32 only",
+        )
     return {"parity_max_abs_diff": diff, "parity_rel_err": rel, "kept_fp32": kept}
 
 

@@ -36,8 +36,27 @@ from dsk_compress.export.genai import DecoderSource, attention_mask_graph
 OPTIMUM_TESTED = "optimum-onnx 0.1.0 (optimum 2.1.0, transformers 4.57.6)"
 HEAD_DIM_TYPES = frozenset({"gemma", "gemma3_text", "gpt_oss", "nemotron"})
 """Model types whose empty cache optimum-onnx 0.1.0 sizes with ``config.head_dim`` (every other: hidden_size // heads)."""
-KV_HEAD_TYPES = frozenset({"arcee", "deepseek_v3", "cohere", "gemma", "gemma3_text", "glm", "granite", "gpt_oss", "helium", "mistral",
-                           "llama", "nemotron", "qwen2", "qwen3", "qwen3_moe", "smollm3", "stablelm"})
+KV_HEAD_TYPES = frozenset(
+    {
+        "arcee",
+        "deepseek_v3",
+        "cohere",
+        "gemma",
+        "gemma3_text",
+        "glm",
+        "granite",
+        "gpt_oss",
+        "helium",
+        "mistral",
+        "llama",
+        "nemotron",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "smollm3",
+        "stablelm",
+    }
+)
 """Model types whose cache heads optimum-onnx 0.1.0 reads from ``num_key_value_heads`` (every other: num_attention_heads)."""
 
 
@@ -61,7 +80,8 @@ def check_optimum(src: DecoderSource) -> None:
             f"({'num_key_value_heads' if mt in KV_HEAD_TYPES else 'num_attention_heads'}, "
             f"{'head_dim' if mt in HEAD_DIM_TYPES else 'hidden_size // num_attention_heads'}), and this student's cache is "
             f"{want[0]} heads x {want[1]} (head pruning keeps head_dim and hidden_size)",
-            hint="--format genai has no such limit; or prune with head_ratio: 0")
+            hint="--format genai has no such limit; or prune with head_ratio: 0",
+        )
 
 
 def optimum_config(src: DecoderSource) -> dict[str, Any]:
@@ -98,11 +118,15 @@ def _readme(src: DecoderSource) -> str:
         f"{'fused decoder graph' if src.kind == 'fused' else 'KV-cache decoder graph'}: the same model `run.py --generate` of a "
         f"deploy bundle decodes, with the same greedy tokens. Tested with {OPTIMUM_TESTED}.\n\n"
         "```python\nfrom optimum.onnxruntime import ORTModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-        "model = ORTModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n"
-        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n"
-        f"ids = tokenizer({prompt!r}, return_tensors=\"pt\")\n"
+        'model = ORTModelForCausalLM.from_pretrained("path/to/this/folder")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n'
+        f'ids = tokenizer({prompt!r}, return_tensors="pt")\n'
         "out = model.generate(**ids, max_new_tokens=64, do_sample=False)\nprint(tokenizer.decode(out[0]))\n```\n\n"
-        + ("The tokenizer maps each UTF-8 byte to its own id (this model reads bytes: vocabulary 256; byte 0, never in its "
-           "training text, stands for end-of-text). " if src.byte_level else "")
+        + (
+            "The tokenizer maps each UTF-8 byte to its own id (this model reads bytes: vocabulary 256; byte 0, never in its "
+            "training text, stands for end-of-text). "
+            if src.byte_level
+            else ""
+        )
         + "Batch 1, or prompts of equal length without padding: the graph's attention takes each row's token count from the mask.\n"
     )

@@ -29,8 +29,7 @@ def _weight_matmuls(src: Path, dst: Path) -> list[str]:
             n.name = f"{n.op_type}_{i}"
     consts = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
     outputs = {o.name for o in m.graph.output}
-    names = [n.name for n in m.graph.node
-             if n.op_type == "MatMul" and n.input[1] in consts and not (set(n.output) & outputs)]
+    names = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in consts and not (set(n.output) & outputs)]
     graph_files.save(m, dst)
     return names
 
@@ -42,8 +41,16 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     with graph_files.staged(dst) as tmp:
         named = tmp.with_name("named.onnx")
         nodes = _weight_matmuls(Path(src), named)
-        quantize_dynamic(str(named), str(tmp), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=graph_files.is_large(named))
+        quantize_dynamic(
+            str(named),
+            str(tmp),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+            use_external_data_format=graph_files.is_large(named),
+        )
         graph_files.remove(named)
     return Path(dst)
 
@@ -62,15 +69,26 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable
     with graph_files.staged(dst) as tmp:
         named = tmp.with_name("named.onnx")
         nodes = _weight_matmuls(Path(src), named)
-        quantize_static(str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=nodes, use_external_data_format=graph_files.is_large(named))
+        quantize_static(
+            str(named),
+            str(tmp),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+            use_external_data_format=graph_files.is_large(named),
+        )
         graph_files.remove(named)
     return Path(dst)
 
 
-def ptq_baselines(src: str | Path, out_dir: str | Path, calibration: Iterable[np.ndarray], optimization: str = "extended",
-                  quantizers=None, optimize=None) -> dict[str, Path]:
+def ptq_baselines(
+    src: str | Path, out_dir: str | Path, calibration: Iterable[np.ndarray], optimization: str = "extended", quantizers=None, optimize=None
+) -> dict[str, Path]:
     """Dynamic and static INT8 of the float graph ``src`` (the same graph QAT starts from), each ORT-optimized:
     ``{"ptq-dynamic": out_dir/ptq-dynamic.onnx, "ptq-static": out_dir/ptq-static.onnx}``.
 

@@ -47,14 +47,19 @@ def decoder_source(run_dir: str | Path, variant: str | None = None) -> DecoderSo
         raise RunError(f"{run_dir} has no export stage output", hint="run a recipe with an export stage (kv_cache: true)")
     name = variant or default_variant(arts)
     if name not in arts:
-        raise RunError(f"the run has no variant {name!r}", hint=f"valid: {', '.join(n for n, a in arts.items() if a.decoder_graph) or 'none'}")
+        raise RunError(
+            f"the run has no variant {name!r}", hint=f"valid: {', '.join(n for n, a in arts.items() if a.decoder_graph) or 'none'}"
+        )
     art = arts[name]
     rel, kind = (art.fused_path, "fused") if art.fused_path else (art.kv_cache_path, "kv")
     if not rel:
         why = (art.fused or {}).get("error") or (art.kv_cache or {}).get("error")
-        raise RunError(f"variant {name!r} has no decoder graph" + (f" ({why})" if why else ""),
-                       hint="export with kv_cache: true" if not why else f"choose another --variant: "
-                       f"{', '.join(n for n, a in arts.items() if a.decoder_graph) or 'none has one'}")
+        raise RunError(
+            f"variant {name!r} has no decoder graph" + (f" ({why})" if why else ""),
+            hint="export with kv_cache: true"
+            if not why
+            else f"choose another --variant: {', '.join(n for n, a in arts.items() if a.decoder_graph) or 'none has one'}",
+        )
     graph = _in_run(run_dir, rel, f"manifest.json: the export stage's {kind} graph of {name!r}")
     config = _model_config(run_dir, manifest, art)
     shape = decoder_shape(graph)
@@ -72,8 +77,18 @@ def decoder_source(run_dir: str | Path, variant: str | None = None) -> DecoderSo
         tok_dir = Path(task["tokenizer"])
         tok = load_tokenizer(tok_dir)
         special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    return DecoderSource(variant=name, precision=art.precision, kind=kind, graph=graph, config=config, shape=shape,
-                         run_name=run_dir.resolve().name, byte_level=tname == "code-lm", tokenizer_dir=tok_dir, special=special)
+    return DecoderSource(
+        variant=name,
+        precision=art.precision,
+        kind=kind,
+        graph=graph,
+        config=config,
+        shape=shape,
+        run_name=run_dir.resolve().name,
+        byte_level=tname == "code-lm",
+        tokenizer_dir=tok_dir,
+        special=special,
+    )
 
 
 def _model_config(run_dir: Path, manifest: dict, art) -> dict:
@@ -128,14 +143,18 @@ def export_runtime_folder(run_dir: str | Path, fmt: str, out: str | Path | None 
     needed = graph_files.size(src.graph) + (1 << 20)
     free, total, where = free_space(dest.parent if dest.parent.exists() else run_dir)
     if total and free < needed:
-        raise RunError(f"export to {dest}: the disk is full: {format_bytes(free)} free on {where}; the folder needs about "
-                       f"{format_bytes(needed)}", hint="free some space or give --out a folder on another disk")
+        raise RunError(
+            f"export to {dest}: the disk is full: {format_bytes(free)} free on {where}; the folder needs about {format_bytes(needed)}",
+            hint="free some space or give --out a folder on another disk",
+        )
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as e:
-        raise (storage_error(e, dest.parent, f"export to {dest}", needed)
-               or RunError(f"export: cannot write to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")) from None
+        raise (
+            storage_error(e, dest.parent, f"export to {dest}", needed)
+            or RunError(f"export: cannot write to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")
+        ) from None
     try:
         if fmt == "genai":
             from dsk_compress.export.genai import write_genai
@@ -145,15 +164,18 @@ def export_runtime_folder(run_dir: str | Path, fmt: str, out: str | Path | None 
             from dsk_compress.export.optimum import write_optimum
 
             written = write_optimum(src, tmp)
-        atomic_write_json(tmp / BUNDLE_MARKER, {"written_by": f"dsk-compress export --format {fmt}", "variant": src.variant,
-                                                "files": written})
+        atomic_write_json(
+            tmp / BUNDLE_MARKER, {"written_by": f"dsk-compress export --format {fmt}", "variant": src.variant, "files": written}
+        )
         _install(tmp, dest, owned, [*written, BUNDLE_MARKER])
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
         found = storage_error(e, dest.parent, f"export to {dest}", needed) if isinstance(e, Exception) else None
         if found is None and isinstance(e, OSError):
-            found = RunError(f"export: cannot write to {dest}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-                             hint="choose another --out")
+            found = RunError(
+                f"export: cannot write to {dest}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+                hint="choose another --out",
+            )
         if found is not None:
             raise found from None
         raise

@@ -23,7 +23,8 @@ import numpy as np
 # (https://github.com/onnx/onnx-tensorrt/blob/release/10.1-GA/docs/operators.md, the parser that ships
 # with TensorRT 10; "TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20").
 # Per-op restrictions that matter here (Q/DQ zero point must be 0) are checked separately below.
-TRT_SUPPORTED_OPS = frozenset("""
+TRT_SUPPORTED_OPS = frozenset(
+    """
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil
 Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace
 DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements
@@ -37,14 +38,25 @@ ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequen
 ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice
 Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
 Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+""".split()
+)
 
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (the ``axis`` attribute) needs opset 13
 INT8_CONSUMERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 # Problem kinds
 OPSET, ORDER, OP, UINT8, ZERO_POINT, DTYPE, SCALE, AXIS, WEIGHT_RANGE, PLACEMENT = (
-    "opset", "order", "op", "uint8", "zero_point", "dtype", "scale", "axis", "weight_range", "placement")
+    "opset",
+    "order",
+    "op",
+    "uint8",
+    "zero_point",
+    "dtype",
+    "scale",
+    "axis",
+    "weight_range",
+    "placement",
+)
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,11 @@ def check_tensorrt_onnx(model: str | os.PathLike | Any, min_opset: int = MIN_OPS
 
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < min_opset:
-        add(Problem(m.graph.name or "graph", OPSET, f"opset {opset} < {min_opset}: per-channel Q/DQ needs opset 13 (export with opset >= 13)"))
+        add(
+            Problem(
+                m.graph.name or "graph", OPSET, f"opset {opset} < {min_opset}: per-channel Q/DQ needs opset 13 (export with opset >= 13)"
+            )
+        )
 
     defined = {i.name for i in m.graph.input} | set(G.inits) | {""}
     for n in m.graph.node:  # the parser reads nodes in file order
@@ -156,8 +172,14 @@ def check_tensorrt_onnx(model: str | os.PathLike | Any, min_opset: int = MIN_OPS
     int8_ok_inputs: set[str] = set()  # int8 initializers that feed a DequantizeLinear (allowed)
     for n in m.graph.node:
         if n.domain not in ("", "ai.onnx"):
-            add(Problem(_name(n), OP, f"{n.domain}.{n.op_type} is not an ONNX operator TensorRT parses "
-                                      "(ship the graph from before ONNX Runtime's offline optimization)"))
+            add(
+                Problem(
+                    _name(n),
+                    OP,
+                    f"{n.domain}.{n.op_type} is not an ONNX operator TensorRT parses "
+                    "(ship the graph from before ONNX Runtime's offline optimization)",
+                )
+            )
         elif n.op_type not in TRT_SUPPORTED_OPS:
             add(Problem(_name(n), OP, f"{n.op_type} is not in TensorRT 10's ONNX operator support list"))
         if n.op_type == "Cast" and _attr(n, "to", None) == onnx.TensorProto.UINT8:
@@ -245,8 +267,14 @@ def _check_dequantize(G: _Graph, n, add) -> None:
         _check_scale(G, n, add, per_tensor=True, what="activation dequantizer")
         for r in readers:
             if r.op_type not in INT8_CONSUMERS:
-                add(Problem(_name(n), PLACEMENT, f"activation DequantizeLinear feeds {r.op_type} {_name(r)!r}; "
-                                                 f"TensorRT quantizes only the inputs of {'/'.join(INT8_CONSUMERS)} here"))
+                add(
+                    Problem(
+                        _name(n),
+                        PLACEMENT,
+                        f"activation DequantizeLinear feeds {r.op_type} {_name(r)!r}; "
+                        f"TensorRT quantizes only the inputs of {'/'.join(INT8_CONSUMERS)} here",
+                    )
+                )
         return
     if not paired and w.dtype == np.int8 and np.any(w == -128):
         add(Problem(_name(n), WEIGHT_RANGE, "int8 weight holds -128; TensorRT's INT8 weights are symmetric in [-127, 127]"))
@@ -255,7 +283,13 @@ def _check_dequantize(G: _Graph, n, add) -> None:
     axis = axis % w.ndim if w.ndim else 0
     if s is not None and s.size > 1:
         if s.ndim != 1 or s.size != w.shape[axis]:
-            add(Problem(_name(n), SCALE, f"per-channel scale of shape {list(s.shape)} does not match weight axis {axis} of shape {list(w.shape)}"))
+            add(
+                Problem(
+                    _name(n),
+                    SCALE,
+                    f"per-channel scale of shape {list(s.shape)} does not match weight axis {axis} of shape {list(w.shape)}",
+                )
+            )
     for r in readers:
         eff_axis, consumer, index = axis, r, None
         if r.op_type == "Transpose":  # DQ -> Transpose -> op: TensorRT moves the DQ past the transpose
@@ -263,19 +297,37 @@ def _check_dequantize(G: _Graph, n, add) -> None:
             eff_axis = perm.index(axis) if axis in perm else axis
             nxt = G.users.get(r.output[0], [])
             if len(nxt) != 1:
-                add(Problem(_name(n), PLACEMENT, f"weight DequantizeLinear -> Transpose {_name(r)!r} feeds {len(nxt)} ops, expected one MatMul/Gemm/Conv"))
+                add(
+                    Problem(
+                        _name(n),
+                        PLACEMENT,
+                        f"weight DequantizeLinear -> Transpose {_name(r)!r} feeds {len(nxt)} ops, expected one MatMul/Gemm/Conv",
+                    )
+                )
                 continue
             consumer = nxt[0]
             index = list(consumer.input).index(r.output[0])
         else:
             index = list(r.input).index(n.output[0])
         if consumer.op_type not in INT8_CONSUMERS:
-            add(Problem(_name(n), PLACEMENT, f"weight DequantizeLinear feeds {consumer.op_type} {_name(consumer)!r}, not {'/'.join(INT8_CONSUMERS)}"))
+            add(
+                Problem(
+                    _name(n),
+                    PLACEMENT,
+                    f"weight DequantizeLinear feeds {consumer.op_type} {_name(consumer)!r}, not {'/'.join(INT8_CONSUMERS)}",
+                )
+            )
             continue
         want = _weight_axis(consumer, index, w.ndim)
         if s is not None and s.size > 1 and want is not None and eff_axis != want:
-            add(Problem(_name(n), AXIS, f"per-channel weight scale on axis {eff_axis} as {consumer.op_type} {_name(consumer)!r} reads it; "
-                                        f"the output-channel axis is {want}"))
+            add(
+                Problem(
+                    _name(n),
+                    AXIS,
+                    f"per-channel weight scale on axis {eff_axis} as {consumer.op_type} {_name(consumer)!r} reads it; "
+                    f"the output-channel axis is {want}",
+                )
+            )
 
 
 def _check_partial(G: _Graph, n, add) -> None:
@@ -288,5 +340,11 @@ def _check_partial(G: _Graph, n, add) -> None:
         quantized.append(p is not None and p.op_type == "DequantizeLinear")
     if any(quantized) and not all(quantized):
         which = "input" if quantized[0] else "weight"
-        add(Problem(_name(n), PLACEMENT, f"only its {which} is quantized: TensorRT runs {n.op_type} in floating point "
-                                         "(put Q/DQ on both the activation and the weight)"))
+        add(
+            Problem(
+                _name(n),
+                PLACEMENT,
+                f"only its {which} is quantized: TensorRT runs {n.op_type} in floating point "
+                "(put Q/DQ on both the activation and the weight)",
+            )
+        )

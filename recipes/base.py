@@ -14,9 +14,9 @@ imports any of those, so there is no import cycle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
@@ -138,8 +138,14 @@ class RunContext:
         if self._cache is None:
             from dsk_compress.compress.logit_cache import TeacherLogitCache
 
-            self._cache = TeacherLogitCache(self.run_dir / "teacher_logits", self.teacher(), self.task.fingerprint(), self.spec.logit_cache.top_k,
-                                            online=self.kd_teacher() if self.teacher_sharded() else None, loader=self.kd_teacher)
+            self._cache = TeacherLogitCache(
+                self.run_dir / "teacher_logits",
+                self.teacher(),
+                self.task.fingerprint(),
+                self.spec.logit_cache.top_k,
+                online=self.kd_teacher() if self.teacher_sharded() else None,
+                loader=self.kd_teacher,
+            )
         return self._cache
 
     def stage_dir(self, name: str) -> Path:

@@ -26,6 +26,7 @@ MAX_WIDTH = 1_000_000
 THREADS_PER_CPU = 4
 """Thread counts may oversubscribe this machine's CPUs at most this many times."""
 
+
 def max_threads() -> int:
     """The most threads a recipe may ask for on this machine: :data:`THREADS_PER_CPU` x its CPUs."""
     return THREADS_PER_CPU * (os.cpu_count() or 1)
@@ -36,8 +37,10 @@ def threads_problem(n: int) -> str | None:
     ``bench.threads`` and ``--threads``, 1 to :func:`max_threads`."""
     if 1 <= n <= max_threads():
         return None
-    return (f"{n} is out of range: at least 1 and at most {THREADS_PER_CPU}x this machine's {max_threads() // THREADS_PER_CPU} CPUs; "
-            f"use 1 to {max_threads()}")
+    return (
+        f"{n} is out of range: at least 1 and at most {THREADS_PER_CPU}x this machine's {max_threads() // THREADS_PER_CPU} CPUs; "
+        f"use 1 to {max_threads()}"
+    )
 
 
 def check_threads_fit(n: int | None) -> int | None:

@@ -79,13 +79,15 @@ def machine_memory() -> int:
 
 def _read_config(path: Path, field: str) -> dict:
     if not (path / "config.json").is_file():
-        raise RecipeError(f"{field}: no Hugging Face model at {path} (config.json missing)",
-                          hint="point to a directory saved with save_pretrained")
+        raise RecipeError(
+            f"{field}: no Hugging Face model at {path} (config.json missing)", hint="point to a directory saved with save_pretrained"
+        )
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise RecipeError(f"{field}: cannot read {path / 'config.json'}: {str(e).splitlines()[0][:120]}",
-                          hint="give a valid config.json") from None
+        raise RecipeError(
+            f"{field}: cannot read {path / 'config.json'}: {str(e).splitlines()[0][:120]}", hint="give a valid config.json"
+        ) from None
     if not isinstance(cfg, dict):
         raise RecipeError(f"{field}: {path / 'config.json'} is not a JSON object")
     return cfg
@@ -141,8 +143,10 @@ def hf_config(src, field: str):
         return AutoConfig.from_pretrained(src.hf, trust_remote_code=False, local_files_only=True)
     except Exception as e:  # transformers raises ValueError / KeyError / OSError for a config it cannot read
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise RecipeError(f"{field}.hf: transformers cannot read {Path(src.hf) / 'config.json'}: {first}",
-                          hint="give the directory save_pretrained wrote (config.json with its model_type)") from None
+        raise RecipeError(
+            f"{field}.hf: transformers cannot read {Path(src.hf) / 'config.json'}: {first}",
+            hint="give the directory save_pretrained wrote (config.json with its model_type)",
+        ) from None
 
 
 def check_cut(spec, tconf) -> list[int]:
@@ -160,8 +164,10 @@ def check_cut(spec, tconf) -> list[int]:
         key = next((k for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(tconf, k, None) is not None), None)
         count, top_k = (getattr(tconf, key) if key else None), getattr(tconf, "num_experts_per_tok", 1) or 1
         if key is not None and (not isinstance(count, int) or count < max(1, top_k)):
-            raise RecipeError(f"teacher: config.json {key} is {count!r}, but its MoE layers route each token to "
-                              f"num_experts_per_tok={top_k} experts", hint="fix the teacher's config.json (or give another teacher)")
+            raise RecipeError(
+                f"teacher: config.json {key} is {count!r}, but its MoE layers route each token to num_experts_per_tok={top_k} experts",
+                hint="fix the teacher's config.json (or give another teacher)",
+            )
     ft = spec.student.from_teacher
     return select_layers(n, ft.layers, ft.keep_every)
 
@@ -195,10 +201,19 @@ def _shape(cfg: dict) -> dict[str, int]:
     experts = _int(cfg, "num_local_experts", "num_experts", "n_routed_experts")
     expert_width = _int(cfg, "moe_intermediate_size", "intermediate_size") if experts else 0
     shared = _int(cfg, "shared_expert_intermediate_size") or _int(cfg, "n_shared_experts") * _int(cfg, "moe_intermediate_size")
-    return {"vocab": _int(cfg, "vocab_size"), "hidden": hidden, "layers": _int(cfg, "num_hidden_layers", "n_layer"),
-            "heads": heads, "kv": kv, "head_dim": _int(cfg, "head_dim", default=hidden // heads if heads else 0),
-            "ffn": _int(cfg, "intermediate_size"), "experts": experts, "expert_width": expert_width, "shared": shared,
-            "tied": bool(cfg.get("tie_word_embeddings", False))}
+    return {
+        "vocab": _int(cfg, "vocab_size"),
+        "hidden": hidden,
+        "layers": _int(cfg, "num_hidden_layers", "n_layer"),
+        "heads": heads,
+        "kv": kv,
+        "head_dim": _int(cfg, "head_dim", default=hidden // heads if heads else 0),
+        "ffn": _int(cfg, "intermediate_size"),
+        "experts": experts,
+        "expert_width": expert_width,
+        "shared": shared,
+        "tied": bool(cfg.get("tie_word_embeddings", False)),
+    }
 
 
 def estimate_params(s: dict[str, int]) -> int:
@@ -280,8 +295,10 @@ def teacher_export_plan(spec, memory: int | None = None) -> tuple[str, str]:
         return "onnx", f"its fp32 ONNX export peaks near {_gib(peak)}, within half of this machine's {_gib(mem)}"
     resident = params * DTYPE_BYTES[teacher_dtype(spec)]
     if resident <= budget:
-        return "torch", (f"its fp32 ONNX export would peak near {_gib(peak)}, more than half of this machine's {_gib(mem)}; "
-                         f"PyTorch eager in {teacher_dtype(spec)} holds {_gib(resident)}")
+        return "torch", (
+            f"its fp32 ONNX export would peak near {_gib(peak)}, more than half of this machine's {_gib(mem)}; "
+            f"PyTorch eager in {teacher_dtype(spec)} holds {_gib(resident)}"
+        )
     return "skip", f"neither its fp32 ONNX export ({_gib(peak)}) nor its {teacher_dtype(spec)} weights ({_gib(resident)}) fit {_gib(mem)}"
 
 
@@ -305,12 +322,21 @@ def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int
         holds_teacher = STAGES.get(st.stage)(st).uses_teacher(spec)
         field = f"stages.{i}.batch_size"
         if st.stage in ("distill", "prune", "qat"):
-            acts = b * seq * student["layers"] * (ACTIVATIONS_PER_HIDDEN * student["hidden"] + 4 * student["ffn"]
-                                                  + 3 * student["heads"] * seq) * FLOAT_BYTES
+            acts = (
+                b
+                * seq
+                * student["layers"]
+                * (ACTIVATIONS_PER_HIDDEN * student["hidden"] + 4 * student["ffn"] + 3 * student["heads"] * seq)
+                * FLOAT_BYTES
+            )
             logits = b * seq * vocab * LOGIT_COPIES * FLOAT_BYTES
-            parts = {"student weights + grads + AdamW": ps * ADAMW_COPIES * FLOAT_BYTES,
-                     "student copies (cut, pruning graph, fake-quant)": TRAINING_EXTRA[st.stage] * ps * FLOAT_BYTES,
-                     f"teacher weights ({tdt})": t_bytes if holds_teacher else 0, "activations": acts, "logits": logits}
+            parts = {
+                "student weights + grads + AdamW": ps * ADAMW_COPIES * FLOAT_BYTES,
+                "student copies (cut, pruning graph, fake-quant)": TRAINING_EXTRA[st.stage] * ps * FLOAT_BYTES,
+                f"teacher weights ({tdt})": t_bytes if holds_teacher else 0,
+                "activations": acts,
+                "logits": logits,
+            }
             if st.stage == "distill" and teacher:  # the logit cache's weight hash and the expert merge: one more teacher
                 parts["teacher load, hash and expert merge"] = t_bytes
             if holds_teacher and teacher:
@@ -320,28 +346,45 @@ def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int
             # the teacher's step and the students' steps run one after the other (the teacher is released in between)
             teacher_step = onnx_export_peak(pt) if how == "onnx" else t_bytes if how == "torch" else 0
             student_step = ps * FLOAT_BYTES + onnx_export_peak(ps)  # one more student model (e.g. the QAT one) beside the export
-            parts = ({"teacher fp32 ONNX export (torch.onnx / onnxslim peak)": teacher_step} if teacher_step >= student_step
-                     else {"student ONNX export (torch.onnx / onnxslim peak)": onnx_export_peak(ps), "second student model": ps * FLOAT_BYTES})
+            parts = (
+                {"teacher fp32 ONNX export (torch.onnx / onnxslim peak)": teacher_step}
+                if teacher_step >= student_step
+                else {"student ONNX export (torch.onnx / onnxslim peak)": onnx_export_peak(ps), "second student model": ps * FLOAT_BYTES}
+            )
             field = f"stages.{i}.teacher" if teacher_step >= student_step else "student"
         elif st.stage == "bench":
-            how = next((STAGES.get(e.stage)(e).effective_config(spec).teacher for e in spec.stages if e.stage == "export"), "skip") \
-                if teacher else "skip"
+            how = (
+                next((STAGES.get(e.stage)(e).effective_config(spec).teacher for e in spec.stages if e.stage == "export"), "skip")
+                if teacher
+                else "skip"
+            )
             graph = max(ps, pt if how == "onnx" else 0) * FLOAT_BYTES
-            parts = {"largest graph in ONNX Runtime": int(BENCH_SESSION_PEAK * graph), "torch teacher": t_bytes if how == "torch" else 0,
-                     "logits": b * seq * vocab * 2 * FLOAT_BYTES,
-                     "activations": b * seq * max(student["hidden"], teacher["hidden"] if teacher else 0) * 8 * FLOAT_BYTES}
+            parts = {
+                "largest graph in ONNX Runtime": int(BENCH_SESSION_PEAK * graph),
+                "torch teacher": t_bytes if how == "torch" else 0,
+                "logits": b * seq * vocab * 2 * FLOAT_BYTES,
+                "activations": b * seq * max(student["hidden"], teacher["hidden"] if teacher else 0) * 8 * FLOAT_BYTES,
+            }
         else:
             continue
         parts["python, torch and libraries"] = PROCESS_BASE_BYTES
         total = sum(parts.values())
         stages.append({"index": i, "stage": st.stage, "bytes": total})
         if worst is None or total > worst["bytes"]:
-            worst = {"stage": f"stages.{i} ({st.stage}" + (f", batch_size {b})" if hasattr(st, "batch_size") else ")"), "bytes": total,
-                     "parts": parts, "field": field}
+            worst = {
+                "stage": f"stages.{i} ({st.stage}" + (f", batch_size {b})" if hasattr(st, "batch_size") else ")"),
+                "bytes": total,
+                "parts": parts,
+                "field": field,
+            }
     windows = getattr(spec.task, "eval_sequences", 0) * seq * 8  # int64 validation windows
     if worst is None or windows > worst["bytes"]:
-        worst = {"stage": f"task (eval_sequences {spec.task.eval_sequences})", "bytes": windows,
-                 "parts": {"validation windows": windows}, "field": "task.eval_sequences"}
+        worst = {
+            "stage": f"task (eval_sequences {spec.task.eval_sequences})",
+            "bytes": windows,
+            "parts": {"validation windows": windows},
+            "field": "task.eval_sequences",
+        }
     worst["student_params"], worst["teacher_params"], worst["teacher_dtype"] = ps, pt, tdt
     worst["stages"] = stages
     return worst
@@ -368,8 +411,10 @@ def preflight(spec) -> dict[str, Any]:
         check_cut(spec, tconf)
     teacher = _shape(tcfg) if tcfg else None
     if spec.logit_cache.enabled and teacher and teacher["vocab"] and spec.logit_cache.top_k > teacher["vocab"]:
-        raise RecipeError(f"logit_cache.top_k {spec.logit_cache.top_k} is more than the teacher's vocabulary ({teacher['vocab']} tokens)",
-                          hint=f"set logit_cache.top_k to at most {teacher['vocab']}")
+        raise RecipeError(
+            f"logit_cache.top_k {spec.logit_cache.top_k} is more than the teacher's vocabulary ({teacher['vocab']} tokens)",
+            hint=f"set logit_cache.top_k to at most {teacher['vocab']}",
+        )
     if getattr(spec.task, "name", None) == "text-lm":
         for key in ("train", "eval"):
             for f in getattr(spec.task, key):
@@ -397,8 +442,10 @@ def preflight(spec) -> dict[str, Any]:
     est["machine_bytes"] = mem
     if est["bytes"] > MEMORY_FRACTION * mem:
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in est["parts"].items() if v)
-        raise RecipeError(f"{est['stage']} needs about {_gib(est['bytes'])} ({parts}) but this machine has {_gib(mem)} of memory",
-                          hint=_memory_hint(spec, est, mem))
+        raise RecipeError(
+            f"{est['stage']} needs about {_gib(est['bytes'])} ({parts}) but this machine has {_gib(mem)} of memory",
+            hint=_memory_hint(spec, est, mem),
+        )
     return est
 
 
@@ -416,8 +463,10 @@ def _memory_hint(spec, est: dict[str, Any], mem: int) -> str:
     if not spec.logit_cache.enabled:
         fixes.append("enable logit_cache (the teacher then runs once per batch, in distill only, and is released after it)")
     gpus = max(1, -(-int(bf16 * 1.15) // int(80 * GIB)))
-    fixes.append(f"run the distill stage on GPUs holding the {_gib(bf16)} bf16 teacher: "
-                 + ("one 80 GB GPU" if gpus == 1 else f"{gpus}+ 80 GB GPUs under torchrun with distributed.teacher: fsdp"))
+    fixes.append(
+        f"run the distill stage on GPUs holding the {_gib(bf16)} bf16 teacher: "
+        + ("one 80 GB GPU" if gpus == 1 else f"{gpus}+ 80 GB GPUs under torchrun with distributed.teacher: fsdp")
+    )
     if bf16 > MEMORY_FRACTION * mem:
         fixes.append(f"on this machine ({_gib(mem)}) a teacher of {pt / 1e9:.1f}B parameters does not fit even in bf16")
     return "; ".join(fixes)
@@ -443,8 +492,10 @@ def describe_estimate(est: dict[str, Any]) -> str:
     notes = "".join(f"\nnote: {n}" for n in (est or {}).get("student_notes", []))
     if not est or "bytes" not in est:
         return "memory: not estimated (the model's shape is known only when it is loaded)" + notes
-    return (f"memory: about {_gib(est['bytes'])} at most, in {est['stage']} (student ~{est['student_params'] / 1e6:.1f}M params, "
-            f"teacher ~{est['teacher_params'] / 1e6:.1f}M); this machine has {_gib(est['machine_bytes'])}") + notes
+    return (
+        f"memory: about {_gib(est['bytes'])} at most, in {est['stage']} (student ~{est['student_params'] / 1e6:.1f}M params, "
+        f"teacher ~{est['teacher_params'] / 1e6:.1f}M); this machine has {_gib(est['machine_bytes'])}"
+    ) + notes
 
 
 __all__ = ["preflight", "describe_estimate", "estimate_memory", "estimate_params", "check_attention_shape", "machine_memory"]

@@ -50,8 +50,7 @@ from typing import Any
 
 from dsk_compress.errors import DskError, RunError, RunInterrupted
 from dsk_compress.integrity import read_manifest, record_files, verify_stage
-from dsk_compress.io import (atomic_write_json, ensure_dir, format_bytes, read_json, remove_temp_files, storage_error,
-                             write_json_in_place)
+from dsk_compress.io import atomic_write_json, ensure_dir, format_bytes, read_json, remove_temp_files, storage_error, write_json_in_place
 from dsk_compress.recipes.base import STAGES, RunContext, Stage
 
 MANIFEST_VERSION = 1
@@ -73,8 +72,13 @@ def _versions() -> dict[str, str]:
 def host_info() -> dict[str, Any]:
     import os
 
-    return {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
-            "processor": platform.processor(), "cpu_count": os.cpu_count()}
+    return {
+        "hostname": socket.gethostname(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def latest_run(out: Path, recipe: str) -> Path | None:
@@ -116,8 +120,10 @@ def resume_command(spec, rd: Path, rerun_from: str | None = None) -> str:
     origin = getattr(spec, "_origin", None) or (spec.name, ())
     sets = "".join(f" --set {shlex.quote(s)}" for s in origin[1])
     tail = f" --rerun-from {rerun_from}" if rerun_from else ""
-    return (f"dsk-compress recipe {shlex.quote(recipe_argument(origin[0]))}{sets} --run-dir {shlex.quote(str(Path(rd).absolute()))} "
-            f"--resume{tail}")
+    return (
+        f"dsk-compress recipe {shlex.quote(recipe_argument(origin[0]))}{sets} --run-dir {shlex.quote(str(Path(rd).absolute()))} "
+        f"--resume{tail}"
+    )
 
 
 def plan(spec) -> list[Stage]:
@@ -154,7 +160,7 @@ def _mark_for_rerun(rd: Path, manifest: dict[str, Any], stage: str) -> None:
     if stage not in names:
         raise RunError(f"--rerun-from {stage!r}: the run has no such stage", hint=f"choose one of: {', '.join(names)}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for entry in manifest["stages"][names.index(stage):]:
+    for entry in manifest["stages"][names.index(stage) :]:
         old = rd / entry["stage"]
         if old.exists():
             old.rename(rd / f"{entry['stage']}.replaced-{stamp}")
@@ -164,8 +170,17 @@ def _mark_for_rerun(rd: Path, manifest: dict[str, Any], stage: str) -> None:
     manifest["status"] = "running"
 
 
-def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool | str | Path,
-              run_dir: str | Path | None, world_size: int, rerun_from: str | None = None, threads: dict | None = None):
+def _open_run(
+    spec,
+    stages: list[Stage],
+    resolved: dict,
+    out: Path,
+    resume: bool | str | Path,
+    run_dir: str | Path | None,
+    world_size: int,
+    rerun_from: str | None = None,
+    threads: dict | None = None,
+):
     """The run directory, its manifest and the lock held on it: read for ``resume``, else created and written (rank 0 only)."""
     from dsk_compress.runlock import RunLock
 
@@ -182,16 +197,23 @@ def _open_run(spec, stages: list[Stage], resolved: dict, out: Path, resume: bool
             if rd.exists() and not rd.is_dir():
                 raise RunError(f"--run-dir {rd} is a file, not a run folder", hint="give the folder of the run to resume")
             if not (rd / "manifest.json").is_file():
-                raise RunError(f"{rd} holds no run to resume (no manifest.json)", hint="give the folder of an earlier run, or run without --resume")
+                raise RunError(
+                    f"{rd} holds no run to resume (no manifest.json)", hint="give the folder of an earlier run, or run without --resume"
+                )
         lock = RunLock(rd).acquire()  # before reading the manifest: a live run would be rewriting it
         try:
             manifest = read_manifest(rd)
             if not _same_recipe(manifest.get("recipe"), resolved):
-                raise RunError(f"the recipe differs from the one {rd} was started with", hint="resume with the same recipe and --set values, or start a new run")
+                raise RunError(
+                    f"the recipe differs from the one {rd} was started with",
+                    hint="resume with the same recipe and --set values, or start a new run",
+                )
             names = [s.config.stage for s in stages]
             if [e["stage"] for e in manifest["stages"]] != names:
-                raise RunError(f"{rd / 'manifest.json'} lists stages {[e['stage'] for e in manifest['stages']]}, the recipe {names}",
-                               hint="the manifest is damaged; start a new run")
+                raise RunError(
+                    f"{rd / 'manifest.json'} lists stages {[e['stage'] for e in manifest['stages']]}, the recipe {names}",
+                    hint="the manifest is damaged; start a new run",
+                )
             # what stays done is read by the stages that run now: check it before anything is moved aside
             keep = names.index(rerun_from) if rerun_from in names else len(names)
             for entry in manifest["stages"][:keep]:
@@ -273,8 +295,14 @@ def _wait_for_record(mpath: Path, index: int, seconds: float = 5.0) -> None:
         time.sleep(0.2)
 
 
-def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False, run_dir: str | Path | None = None,
-               rerun_from: str | None = None, threads: int | None = None):
+def run_recipe(
+    spec,
+    out: str | Path = "runs",
+    resume: bool | str | Path = False,
+    run_dir: str | Path | None = None,
+    rerun_from: str | None = None,
+    threads: int | None = None,
+):
     """Run a validated recipe end to end (in one process, or on every rank of a torchrun job).
 
     Args:
@@ -308,8 +336,9 @@ def run_recipe(spec, out: str | Path = "runs", resume: bool | str | Path = False
         held: dict[str, Any] = {}
 
         def open_run():
-            rd, manifest, held["lock"] = _open_run(spec, stages, resolved, out, resume, run_dir, denv.world_size, rerun_from,
-                                                   choice.as_dict())
+            rd, manifest, held["lock"] = _open_run(
+                spec, stages, resolved, out, resume, run_dir, denv.world_size, rerun_from, choice.as_dict()
+            )
             return rd, manifest
 
         rd, manifest = dist.on_main(open_run, "opening the run directory")
@@ -333,8 +362,10 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
     if denv.enabled:
         blind = [r for r, seen in enumerate(dist.all_gather_object((rd / "manifest.json").is_file())) if not seen]
         if blind:
-            raise RunError(f"rank(s) {blind} cannot see the run directory {rd} that rank 0 created",
-                           hint="multi-node runs need --out (or --run-dir) on a filesystem every node mounts")
+            raise RunError(
+                f"rank(s) {blind} cannot see the run directory {rd} that rank 0 created",
+                hint="multi-node runs need --out (or --run-dir) on a filesystem every node mounts",
+            )
     main = denv.is_main
     ctx = RunContext(rd, spec, resume=bool(resume))
     import torch
@@ -375,8 +406,10 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
 
             print(stage_header(i, len(stages), stage, spec, rd), flush=True)
         # what this stage reads from earlier ones must be what they wrote (hashes are cached, so each file is read once)
-        dist.on_main(lambda: [verify_stage(rd, manifest, e) for e in manifest["stages"][:i] if e.get("status") == "done"],
-                     "checking the earlier stages' files")
+        dist.on_main(
+            lambda: [verify_stage(rd, manifest, e) for e in manifest["stages"][:i] if e.get("status") == "done"],  # noqa: B023 (called now)
+            "checking the earlier stages' files",
+        )
         if main:
             remove_temp_files(rd / name)  # half-written by an attempt that was killed outright
         entry.pop("traceback", None)  # left by an earlier failed attempt
@@ -389,7 +422,7 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
         t0 = time.perf_counter()
         try:
             if denv.enabled and stage.ranks == "main":
-                result = dist.on_main(lambda: stage.run(ctx), f"stage {name!r}")
+                result = dist.on_main(lambda: stage.run(ctx), f"stage {name!r}")  # noqa: B023 (called now)
             else:
                 result = stage.run(ctx)
             files = None
@@ -402,8 +435,13 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
                         result.metrics.setdefault("checkpoints_removed_bytes", freed)
                 atomic_write_json(rd / name / "metrics.json", result.metrics)
                 files = record_files(rd, name)
-            entry.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.perf_counter() - t0, 2),
-                         outputs=result.outputs, metrics=result.metrics)
+            entry.update(
+                status="done",
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                seconds=round(time.perf_counter() - t0, 2),
+                outputs=result.outputs,
+                metrics=result.metrics,
+            )
             if files is not None:
                 entry["files"] = files
             record()
@@ -426,8 +464,11 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
             if not main and not isinstance(e, KeyboardInterrupt):
                 _wait_for_record(mpath, i)
             if isinstance(e, KeyboardInterrupt) and main:
-                raise RunInterrupted(f"stage {name!r} stopped by {signal_name(e)}; finished stages and the last checkpoint are kept "
-                                     f"in {rd}; continue with: {resume_command(spec, rd)}", exit_code(e)) from None
+                raise RunInterrupted(
+                    f"stage {name!r} stopped by {signal_name(e)}; finished stages and the last checkpoint are kept "
+                    f"in {rd}; continue with: {resume_command(spec, rd)}",
+                    exit_code(e),
+                ) from None
             if full_disk is not None:
                 raise RunError(full_disk.message + (f"; {unrecorded}" if unrecorded else ""), hint=full_disk.hint) from None
             if unrecorded and isinstance(e, DskError):

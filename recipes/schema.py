@@ -29,10 +29,29 @@ from dsk_compress.recipes.stages.export import ExportConfig, TensorRTBuildSpec
 from dsk_compress.recipes.stages.prune import PruneConfig, PruneTargetSpec
 from dsk_compress.recipes.stages.qat import QATConfig
 
-__all__ = ["RECIPE_VERSION", "RecipeSpec", "StageConfig", "DistillConfig", "PruneConfig", "PruneTargetSpec", "QATConfig",
-           "ExportConfig", "TensorRTBuildSpec", "BenchStageConfig", "ModelSourceSpec", "StudentSpec", "FromTeacherSpec",
-           "TaskSpec", "TextTaskSpec", "TorchTaskSpec", "LogitCacheSpec", "DistributedSpec", "ReportSpec", "stage_union",
-           "_TrainSettings"]
+__all__ = [
+    "RECIPE_VERSION",
+    "RecipeSpec",
+    "StageConfig",
+    "DistillConfig",
+    "PruneConfig",
+    "PruneTargetSpec",
+    "QATConfig",
+    "ExportConfig",
+    "TensorRTBuildSpec",
+    "BenchStageConfig",
+    "ModelSourceSpec",
+    "StudentSpec",
+    "FromTeacherSpec",
+    "TaskSpec",
+    "TextTaskSpec",
+    "TorchTaskSpec",
+    "LogitCacheSpec",
+    "DistributedSpec",
+    "ReportSpec",
+    "stage_union",
+    "_TrainSettings",
+]
 
 RECIPE_VERSION = 1
 _Strict = StrictModel
@@ -46,9 +65,11 @@ class ModelSourceSpec(_Strict):
     torch: str | None = Field(None, description="'pkg.module:factory' returning an nn.Module")
     checkpoint: str | None = Field(None, description="safetensors weights for a torch factory (must exist)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="teacher only: the dtype it is loaded and run in (no fp32 copy is made): auto is the checkpoint's dtype "
-                            "for bf16 / fp32 weights and fp32 for fp16 weights (fp16 matmuls on a CPU are slow and lose accuracy); "
-                            "zoo and torch models load in fp32 unless set")
+        "auto",
+        description="teacher only: the dtype it is loaded and run in (no fp32 copy is made): auto is the checkpoint's dtype "
+        "for bf16 / fp32 weights and fp32 for fp16 weights (fp16 matmuls on a CPU are slow and lose accuracy); "
+        "zoo and torch models load in fp32 unless set",
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -64,13 +85,18 @@ class FromTeacherSpec(_Strict):
     """A dense student cut from the teacher: its layers, width and FFN initialisation."""
 
     layers: list[Annotated[int, Field(ge=0, le=MAX_WIDTH)]] | None = Field(
-        None, min_length=1, description="teacher layer indices to keep, e.g. [0, 2, 5]; not with keep_every")
+        None, min_length=1, description="teacher layer indices to keep, e.g. [0, 2, 5]; not with keep_every"
+    )
     keep_every: int | None = Field(None, ge=1, le=MAX_WIDTH, description="keep every k-th teacher layer (and the last); not with layers")
     intermediate_size: int | None = Field(
-        None, gt=0, le=MAX_WIDTH, description="dense FFN width (default: one routed expert's; at most a layer's experts + shared expert side by side)"
+        None,
+        gt=0,
+        le=MAX_WIDTH,
+        description="dense FFN width (default: one routed expert's; at most a layer's experts + shared expert side by side)",
     )
     ffn_init: Literal["merge", "top", "random"] = Field(
-        "merge", description="router-frequency-weighted merge of all experts (+ shared expert), the most-used expert(s) (+ shared), or random"
+        "merge",
+        description="router-frequency-weighted merge of all experts (+ shared expert), the most-used expert(s) (+ shared), or random",
     )
     calibration_batches: int = Field(8, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches used to measure router frequencies")
 
@@ -114,8 +140,10 @@ class TextTaskSpec(_Strict):
     tokenizer: str = Field(description="local tokenizer directory, usually the teacher's")
     text_field: str = "text"
     format: Literal["auto", "text", "jsonl", "json"] = Field(
-        "auto", description="how the files are read: auto (by suffix, any case: .jsonl/.ndjson one JSON record per line, .json a list of "
-                            "records, anything else plain text, refused when it looks like JSON), text, jsonl or json")
+        "auto",
+        description="how the files are read: auto (by suffix, any case: .jsonl/.ndjson one JSON record per line, .json a list of "
+        "records, anything else plain text, refused when it looks like JSON), text, jsonl or json",
+    )
     encoding: str = Field("utf-8", description="text encoding of the files, e.g. latin-1")
     seq_len: int = Field(256, ge=8, le=8192)
     eval_sequences: int = Field(64, ge=1, le=MAX_EVAL_SEQUENCES)
@@ -168,8 +196,8 @@ class DistributedSpec(_Strict):
     teacher: Literal["replicate", "fsdp"] = Field(
         "replicate",
         description="replicate: every rank holds the whole teacher on its device; fsdp: the teacher's weights are sharded across "
-                    "the ranks' devices (FSDP2, one unit per decoder layer, gathered just in time for each forward), for a teacher "
-                    "that does not fit one device",
+        "the ranks' devices (FSDP2, one unit per decoder layer, gathered just in time for each forward), for a teacher "
+        "that does not fit one device",
     )
 
 
@@ -184,9 +212,13 @@ class RecipeSpec(_Strict):
     name: str = Field(description="run folders are named <name>-<time>: letters, digits, '.', '_', '-', '+', at most 100 characters")
     description: str = Field("", max_length=10_000)
     seed: int = Field(0, ge=0, le=MAX_SEED, description="torch and data seed, 0..2**32-1")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads for training and evaluation (default: OMP_NUM_THREADS if "
-                                "set, else this machine's physical cores; --threads overrides it); at most 4x this machine's CPUs; "
-                                "bench stages keep their own threads")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads for training and evaluation (default: OMP_NUM_THREADS if "
+        "set, else this machine's physical cores; --threads overrides it); at most 4x this machine's CPUs; "
+        "bench stages keep their own threads",
+    )
     teacher: ModelSourceSpec
     student: StudentSpec
     task: AnyTask = TaskSpec()
@@ -194,8 +226,11 @@ class RecipeSpec(_Strict):
     logit_cache: LogitCacheSpec = LogitCacheSpec()
     distributed: DistributedSpec = DistributedSpec()
     report: ReportSpec = ReportSpec()
-    keep_checkpoints: bool = Field(False, description="keep each training stage's last checkpoint (model copy + AdamW state, about "
-                                   "4x the student's fp32 weights) after the stage is done; by default it is deleted then")
+    keep_checkpoints: bool = Field(
+        False,
+        description="keep each training stage's last checkpoint (model copy + AdamW state, about "
+        "4x the student's fp32 weights) after the stage is done; by default it is deleted then",
+    )
     # (recipe name or path, --set values) as load_recipe read it: resume and rebuild hints repeat them
     _origin: tuple[str, tuple[str, ...]] | None = PrivateAttr(None)
 
@@ -227,11 +262,15 @@ class RecipeSpec(_Strict):
             if not torch_task:
                 raise ValueError("student.torch needs your own task too: task: {torch: 'pkg.module:make_task'}")
             if self.teacher.torch is None:
-                raise ValueError("student.torch distils from a teacher of the same kind: teacher: {torch: 'pkg.module:factory', checkpoint: ...} "
-                                 "(e.g. the unpruned model)")
+                raise ValueError(
+                    "student.torch distils from a teacher of the same kind: teacher: {torch: 'pkg.module:factory', checkpoint: ...} "
+                    "(e.g. the unpruned model)"
+                )
             for i, st in enumerate(self.stages):
                 if st.stage == "distill":
-                    raise ValueError(f"stages.{i}: distill cuts a student from a Hugging Face MoE teacher; a torch student starts at prune, qat or export")
+                    raise ValueError(
+                        f"stages.{i}: distill cuts a student from a Hugging Face MoE teacher; a torch student starts at prune, qat or export"
+                    )
                 if st.stage == "prune":
                     bad = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio", "target") if getattr(st, k)]
                     if bad:
@@ -239,15 +278,22 @@ class RecipeSpec(_Strict):
                     if st.importance == "activation":
                         raise ValueError(f"stages.{i}.importance: activation is not supported for torch students; use l1, l2 or taylor")
                 if st.stage == "qat" and "int4" in st.precisions:
-                    raise ValueError(f"stages.{i}.precisions: int4 QAT (MatMulNBits) applies to Hugging Face decoders; a torch student trains int8")
+                    raise ValueError(
+                        f"stages.{i}.precisions: int4 QAT (MatMulNBits) applies to Hugging Face decoders; a torch student trains int8"
+                    )
         else:
             if torch_task:
                 raise ValueError("task.torch needs your own model: student: {torch: 'pkg.module:factory', checkpoint: ...}")
             for i, st in enumerate(self.stages):
                 if st.stage == "prune" and st.channel_ratio is not None:
-                    raise ValueError(f"stages.{i}.channel_ratio applies to torch students; use ffn_ratio / head_ratio for Hugging Face models")
-        for field, target in (("task.torch", getattr(self.task, "torch", None)), ("student.torch", self.student.torch),
-                              ("teacher.torch", self.teacher.torch)):
+                    raise ValueError(
+                        f"stages.{i}.channel_ratio applies to torch students; use ffn_ratio / head_ratio for Hugging Face models"
+                    )
+        for field, target in (
+            ("task.torch", getattr(self.task, "torch", None)),
+            ("student.torch", self.student.torch),
+            ("teacher.torch", self.teacher.torch),
+        ):
             if target is not None:
                 load_target(target, field, ValueError)
         return self

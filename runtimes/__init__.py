@@ -8,10 +8,10 @@ is imported inside the functions that need it, and a missing optional backend ra
 from __future__ import annotations
 
 from dsk_compress.runtimes.base import BenchConfig, BenchmarkError, RuntimeBackendError, fit_batch, run_worker
-from dsk_compress.runtimes.result import BenchRecord, BenchResult, DeviceResults, parse_record
 from dsk_compress.runtimes.decode import benchmark_decode, measure_decode
 from dsk_compress.runtimes.decoder import KVCacheSession
 from dsk_compress.runtimes.onnxruntime import available_providers, benchmark_onnx, make_session, session_predict
+from dsk_compress.runtimes.result import BenchRecord, BenchResult, DeviceResults, parse_record
 from dsk_compress.runtimes.tensorrt import TensorRTSession, benchmark_tensorrt, build_engine, load_engine, trt_predict
 from dsk_compress.runtimes.torch import benchmark_torch, load_hf_model, torch_forward
 

@@ -102,8 +102,25 @@ def run_worker(
         in_path = Path(tmp) / "inputs.npy"
         out_path = Path(tmp) / "result.json"
         np.save(in_path, x, allow_pickle=False)
-        cmd = [sys.executable, "-m", WORKER_MODULE, "--kind", kind, "--model", str(model), "--inputs", str(in_path),
-               "--batches", ",".join(map(str, cfg.batches)), "--warmup", str(cfg.warmup), "--runs", str(cfg.runs), "--out", str(out_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            WORKER_MODULE,
+            "--kind",
+            kind,
+            "--model",
+            str(model),
+            "--inputs",
+            str(in_path),
+            "--batches",
+            ",".join(map(str, cfg.batches)),
+            "--warmup",
+            str(cfg.warmup),
+            "--runs",
+            str(cfg.runs),
+            "--out",
+            str(out_path),
+        ]
         for flag, value in (("--threads", cfg.threads), ("--duration", cfg.duration_s), ("--seq-len", cfg.seq_len)):
             if value is not None:
                 cmd += [flag, str(value)]

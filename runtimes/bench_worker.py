@@ -43,8 +43,15 @@ def _load_onnx(args) -> tuple[Callable[[np.ndarray], Any], dict]:
     providers = args.providers.split(",") if args.providers else None
     sess = make_session(args.model, threads=args.threads, optimization=args.optimization, providers=providers)
     used = list(sess.get_providers())
-    info = {"name": "onnxruntime", "version": onnxruntime.__version__, "mode": args.optimization, "execution_provider": used[0],
-            "providers": used, "device": device_of(used), "threads": args.threads}
+    info = {
+        "name": "onnxruntime",
+        "version": onnxruntime.__version__,
+        "mode": args.optimization,
+        "execution_provider": used[0],
+        "providers": used,
+        "device": device_of(used),
+        "threads": args.threads,
+    }
     return session_predict(sess), info
 
 
@@ -57,8 +64,14 @@ def _load_torch(args) -> tuple[Callable[[np.ndarray], Any], dict]:
         torch.set_num_threads(args.threads)
     model = load_hf_model(args.model, dtype=args.dtype, device=args.device)
     predict = torch_device_forward(model, args.device, compile=args.compile)
-    info = {"name": "torch", "version": torch.__version__.split("+")[0], "mode": "compile" if args.compile else "eager",
-            "device": "cuda:0" if args.device == "cuda" else "cpu", "dtype": args.dtype, "threads": torch.get_num_threads()}
+    info = {
+        "name": "torch",
+        "version": torch.__version__.split("+")[0],
+        "mode": "compile" if args.compile else "eager",
+        "device": "cuda:0" if args.device == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+    }
     return predict, info
 
 
@@ -70,8 +83,12 @@ def _load_tensorrt(args) -> tuple[Callable[[np.ndarray], Any], dict]:
     import tensorrt
 
     name = sess.input_names[0]
-    info = {"name": "tensorrt", "version": tensorrt.__version__, "device": f"cuda:{args.device_index}",
-            "extra_memory": {"engine_device_memory_mb": (sess.device_memory_bytes or 0) / (1 << 20)}}
+    info = {
+        "name": "tensorrt",
+        "version": tensorrt.__version__,
+        "device": f"cuda:{args.device_index}",
+        "extra_memory": {"engine_device_memory_mb": (sess.device_memory_bytes or 0) / (1 << 20)},
+    }
     return gpu_resident(lambda t: sess.infer_device({name: t}), sess.device), info
 
 

@@ -61,9 +61,16 @@ def decode_session(path: str | os.PathLike, threads: int | None = None, optimiza
     return decoder_for(make_session(path, threads=threads, optimization=optimization))
 
 
-def measure_decode(path: str | os.PathLike | None, prompt: np.ndarray, new_tokens: int = DEFAULT_NEW_TOKENS,
-                   threads: int | None = None, repeats: int = 5, warmup: int = 1, optimization: str = "extended",
-                   session=None) -> dict[str, Any]:
+def measure_decode(
+    path: str | os.PathLike | None,
+    prompt: np.ndarray,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    threads: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    optimization: str = "extended",
+    session=None,
+) -> dict[str, Any]:
     """Time greedy generation with the decoder graph at ``path`` (fused or plain KV, see :func:`decode_session`) in this process.
 
     Each repeat prefills ``prompt`` (batch 1) and then runs ``new_tokens`` single-token decode steps,
@@ -72,12 +79,21 @@ def measure_decode(path: str | os.PathLike | None, prompt: np.ndarray, new_token
     ``new_tokens / decode seconds`` as ``decode_tokens_per_s``. ``new_tokens = 0`` times the prefill only.
     ``session``: an already built session of either kind (e.g. one with ORT's profiler on) instead of ``path``.
     """
-    return measure_decodes([path], prompt, new_tokens, threads, repeats, warmup, optimization,
-                           sessions=None if session is None else [session])[0]
+    return measure_decodes(
+        [path], prompt, new_tokens, threads, repeats, warmup, optimization, sessions=None if session is None else [session]
+    )[0]
 
 
-def measure_decodes(paths: list, prompt: np.ndarray, new_tokens: int = DEFAULT_NEW_TOKENS, threads: int | None = None,
-                    repeats: int = 5, warmup: int = 1, optimization: str = "extended", sessions: list | None = None) -> list[dict[str, Any]]:
+def measure_decodes(
+    paths: list,
+    prompt: np.ndarray,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    threads: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    optimization: str = "extended",
+    sessions: list | None = None,
+) -> list[dict[str, Any]]:
     """:func:`measure_decode` of several decoder graphs in interleaved rounds (``measure.decode_rounds``): ``repeats``
     rounds, each one repeat of every graph, so the figures of the graphs compare. One result per path, in order."""
     if new_tokens < 0 or repeats < 1 or warmup < 0:
@@ -86,26 +102,46 @@ def measure_decodes(paths: list, prompt: np.ndarray, new_tokens: int = DEFAULT_N
 
     prompt = np.asarray(prompt, np.int64).reshape(-1)
     sessions = sessions or [decode_session(p, threads=threads, optimization=optimization) for p in paths]
-    rounds = decode_rounds([decode_steps(s, prompt, new_tokens) for s in sessions], prompt.size, new_tokens, rounds=repeats,
-                           warmup=warmup)  # the method run.py shares
+    rounds = decode_rounds(
+        [decode_steps(s, prompt, new_tokens) for s in sessions], prompt.size, new_tokens, rounds=repeats, warmup=warmup
+    )  # the method run.py shares
     results = []
     for sess, r in zip(sessions, rounds):
         pf = r["prefill_ms_runs"]
-        out = {"prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
-               "graph": "fused" if isinstance(sess, FusedDecoderSession) else "kv",
-               "prefill_ms": round(r["prefill_ms"], 3), "prefill_ms_runs": [round(x, 3) for x in pf],
-               **{f"prefill_ms_{k}": round(float(v), 3) for k, v in zip(("p90", "p99", "mean"), (*np.percentile(pf, [90, 99]), np.mean(pf)))},
-               "runtime": f"onnxruntime {onnxruntime.__version__} CPU, graph optimization {optimization}", "tokens": r["tokens"]}
+        out = {
+            "prompt_tokens": int(prompt.size),
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "threads": threads,
+            "graph": "fused" if isinstance(sess, FusedDecoderSession) else "kv",
+            "prefill_ms": round(r["prefill_ms"], 3),
+            "prefill_ms_runs": [round(x, 3) for x in pf],
+            **{f"prefill_ms_{k}": round(float(v), 3) for k, v in zip(("p90", "p99", "mean"), (*np.percentile(pf, [90, 99]), np.mean(pf)))},
+            "runtime": f"onnxruntime {onnxruntime.__version__} CPU, graph optimization {optimization}",
+            "tokens": r["tokens"],
+        }
         if "decode_ms_p50" in r:
-            out.update({"decode_ms_p50": round(r["decode_ms_p50"], 3), "decode_ms_p90": round(r["decode_ms_p90"], 3),
-                        "decode_tokens_per_s": round(r["decode_tokens_per_s"], 2),
-                        "decode_tokens_per_s_runs": [round(x, 2) for x in r["decode_tokens_per_s_runs"]]})
+            out.update(
+                {
+                    "decode_ms_p50": round(r["decode_ms_p50"], 3),
+                    "decode_ms_p90": round(r["decode_ms_p90"], 3),
+                    "decode_tokens_per_s": round(r["decode_tokens_per_s"], 2),
+                    "decode_tokens_per_s_runs": [round(x, 2) for x in r["decode_tokens_per_s_runs"]],
+                }
+            )
         results.append(out)
     return results
 
 
-def benchmark_decode(path: str | os.PathLike, prompt: np.ndarray, new_tokens: int = DEFAULT_NEW_TOKENS, threads: int | None = None,
-                     repeats: int = 5, warmup: int = 1, timeout_s: float | None = None) -> dict[str, Any]:
+def benchmark_decode(
+    path: str | os.PathLike,
+    prompt: np.ndarray,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    threads: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
     """:func:`measure_decode` in a fresh worker process; adds ``peak_memory_mb`` of that process.
 
     Raises :class:`~dsk_compress.runtimes.base.BenchmarkError` with the worker's stderr tail if it fails.
@@ -113,8 +149,15 @@ def benchmark_decode(path: str | os.PathLike, prompt: np.ndarray, new_tokens: in
     return benchmark_decodes([path], prompt, new_tokens, threads, repeats, warmup, timeout_s)[0]
 
 
-def benchmark_decodes(paths: list, prompt: np.ndarray, new_tokens: int = DEFAULT_NEW_TOKENS, threads: int | None = None,
-                      repeats: int = 5, warmup: int = 1, timeout_s: float | None = None) -> list[dict[str, Any]]:
+def benchmark_decodes(
+    paths: list,
+    prompt: np.ndarray,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    threads: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    timeout_s: float | None = None,
+) -> list[dict[str, Any]]:
     """:func:`measure_decodes` (interleaved rounds) in one fresh worker process; a single graph's result gets the
     process's ``peak_memory_mb`` (with several graphs loaded that figure is theirs together, so it is left out)."""
     paths = [Path(p) for p in paths]
@@ -124,8 +167,22 @@ def benchmark_decodes(paths: list, prompt: np.ndarray, new_tokens: int = DEFAULT
     with tempfile.TemporaryDirectory(prefix="dsk-decode-") as tmp:
         p, out = Path(tmp) / "prompt.npy", Path(tmp) / "result.json"
         np.save(p, np.asarray(prompt, np.int64).reshape(-1), allow_pickle=False)
-        cmd = [sys.executable, "-m", "dsk_compress.runtimes.decode", *(a for path in paths for a in ("--model", str(path))),
-               "--prompt", str(p), "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--warmup", str(warmup), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dsk_compress.runtimes.decode",
+            *(a for path in paths for a in ("--model", str(path))),
+            "--prompt",
+            str(p),
+            "--new-tokens",
+            str(new_tokens),
+            "--repeats",
+            str(repeats),
+            "--warmup",
+            str(warmup),
+            "--out",
+            str(out),
+        ]
         env = dict(os.environ)
         if threads is not None:
             cmd += ["--threads", str(threads)]
@@ -134,8 +191,9 @@ def benchmark_decodes(paths: list, prompt: np.ndarray, new_tokens: int = DEFAULT
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
         except subprocess.TimeoutExpired as e:
-            raise BenchmarkError(f"decode benchmark of {names} timed out after {timeout_s:g}s{_tail(e.stderr)}",
-                                 hint="lower new_tokens or repeats") from None
+            raise BenchmarkError(
+                f"decode benchmark of {names} timed out after {timeout_s:g}s{_tail(e.stderr)}", hint="lower new_tokens or repeats"
+            ) from None
         if proc.returncode != 0 or not out.is_file():
             raise BenchmarkError(f"decode benchmark worker for {names} failed (exit code {proc.returncode}){_tail(proc.stderr)}")
         return json.loads(out.read_text())

@@ -26,6 +26,7 @@ import numpy as np
 try:
     from dsk_compress.runtimes.base import RuntimeBackendError as DecoderError
 except ImportError:  # in a deploy bundle: no dsk_compress, the same (message, hint) error
+
     class DecoderError(RuntimeError):
         def __init__(self, message, hint=None):
             super().__init__(message if hint is None else "%s (%s)" % (message, hint))
@@ -69,8 +70,10 @@ class FusedLayout:
     def from_session(cls, session) -> FusedLayout:
         meta = session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
-            raise DecoderError("the ONNX model has no fused-decoder metadata: it was not written by export.fused",
-                               hint="export it with dsk_compress.export.fused")
+            raise DecoderError(
+                "the ONNX model has no fused-decoder metadata: it was not written by export.fused",
+                hint="export it with dsk_compress.export.fused",
+            )
         return cls(**json.loads(meta[METADATA_KEY]))
 
 
@@ -90,17 +93,18 @@ class KVCacheSession:
             device's providers); ``path``, ``threads`` and ``optimization`` are then ignored.
     """
 
-    def __init__(self, path: str | os.PathLike | None, threads: int | None = None, optimization: str = "extended",
-                 session=None) -> None:
+    def __init__(self, path: str | os.PathLike | None, threads: int | None = None, optimization: str = "extended", session=None) -> None:
         self.session = session if session is not None else _session(path, threads, optimization)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_inputs = [n for n in inputs if n.startswith("past_key_values.")]
         if "input_ids" not in inputs or "attention_mask" not in inputs or not self.past_inputs:
-            raise DecoderError("%s is not a KV-cache graph (inputs: %s)" % (path or "the session", ", ".join(inputs)),
-                               hint="export it with dsk_compress.export.kv_cache")
+            raise DecoderError(
+                "%s is not a KV-cache graph (inputs: %s)" % (path or "the session", ", ".join(inputs)),
+                hint="export it with dsk_compress.export.kv_cache",
+            )
         self.output_names = [o.name for o in self.session.get_outputs()]
         # present.{i}.key -> past_key_values.{i}.key
-        self.feedback = {o: "past_key_values." + o[len("present."):] for o in self.output_names if o.startswith("present.")}
+        self.feedback = {o: "past_key_values." + o[len("present.") :] for o in self.output_names if o.startswith("present.")}
         self.dtype = _NUMPY_TYPES.get(inputs[self.past_inputs[0]].type, np.float32)
         self.empty = {}
         for n in self.past_inputs:
@@ -114,8 +118,11 @@ class KVCacheSession:
         self._ortvalue = onnxruntime.OrtValue.ortvalue_from_numpy
 
     def _run(self, ids: np.ndarray, total: int, past: dict) -> tuple[np.ndarray, dict]:
-        feed = {"input_ids": self._ortvalue(np.ascontiguousarray(ids, np.int64).reshape(1, -1)),
-                "attention_mask": self._ortvalue(np.ones((1, total), np.int64)), **past}
+        feed = {
+            "input_ids": self._ortvalue(np.ascontiguousarray(ids, np.int64).reshape(1, -1)),
+            "attention_mask": self._ortvalue(np.ones((1, total), np.int64)),
+            **past,
+        }
         outs = self.session.run_with_ort_values(self.output_names, feed)
         res = dict(zip(self.output_names, outs))
         logits = res.pop("logits").numpy()
@@ -174,14 +181,22 @@ class FusedDecoderSession:
             ``path``, ``threads`` and ``optimization`` are then ignored.
     """
 
-    def __init__(self, path: str | os.PathLike | None, threads: int | None = None, optimization: str = "extended",
-                 max_sequence: int | None = None, session=None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        threads: int | None = None,
+        optimization: str = "extended",
+        max_sequence: int | None = None,
+        session=None,
+    ) -> None:
         import onnxruntime
 
         self.session = session if session is not None else _session(path, threads, optimization)
         if not is_fused_graph(self.session):
-            raise DecoderError("%s is not a fused decoder graph (no seqlens_k input)" % (path or "the session"),
-                                      hint="export it with dsk_compress.export.fused, or use KVCacheSession")
+            raise DecoderError(
+                "%s is not a fused decoder graph (no seqlens_k input)" % (path or "the session"),
+                hint="export it with dsk_compress.export.fused, or use KVCacheSession",
+            )
         self.layout = FusedLayout.from_session(self.session)
         self._ov = onnxruntime.OrtValue.ortvalue_from_numpy
         self.max_sequence = 0
@@ -199,8 +214,10 @@ class FusedDecoderSession:
         """(Re)allocate the cache buffers for ``max_sequence`` tokens and bind them as past and present."""
         lay = self.layout
         if max_sequence > lay.max_positions:
-            raise DecoderError(f"{max_sequence} tokens exceed the model's {lay.max_positions} positions",
-                                      hint="shorten the prompt or the number of new tokens")
+            raise DecoderError(
+                f"{max_sequence} tokens exceed the model's {lay.max_positions} positions",
+                hint="shorten the prompt or the number of new tokens",
+            )
         self._cache = []
         for i in range(lay.layers):
             for past, present in zip(past_names(i), present_names(i)):
@@ -265,8 +282,6 @@ class FusedDecoderSession:
         for t in forced:
             out.append(self.step(int(t)).copy())
         return np.stack(out)
-
-
 
 
 def decoder_for(session) -> FusedDecoderSession | KVCacheSession:

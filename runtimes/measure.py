@@ -83,8 +83,14 @@ def cpu_model():
 
 def machine_facts():
     """Where this process runs: hostname, machine, CPU model, CPU count, OS and Python."""
-    return {"hostname": socket.gethostname(), "machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "os": "%s %s" % (platform.system(), platform.release()), "python": platform.python_version()}
+    return {
+        "hostname": socket.gethostname(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "os": "%s %s" % (platform.system(), platform.release()),
+        "python": platform.python_version(),
+    }
 
 
 def now_utc():
@@ -108,9 +114,19 @@ def latency_stats(times_ms, batch_size, seq_len=None):
     p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
     mean = float(t.mean())
     items = batch_size * 1000.0 / mean if mean > 0 else float("inf")
-    return {"batch_size": int(batch_size), "runs": int(t.size), "p50": p50, "p90": p90, "p99": p99, "mean": mean,
-            "std": float(t.std()), "min": float(t.min()), "max": float(t.max()), "items_per_s": items,
-            "tokens_per_s": items * seq_len if seq_len else None}
+    return {
+        "batch_size": int(batch_size),
+        "runs": int(t.size),
+        "p50": p50,
+        "p90": p90,
+        "p99": p99,
+        "mean": mean,
+        "std": float(t.std()),
+        "min": float(t.min()),
+        "max": float(t.max()),
+        "items_per_s": items,
+        "tokens_per_s": items * seq_len if seq_len else None,
+    }
 
 
 def _first_line(e):
@@ -135,8 +151,17 @@ def _timed(predict, x, n, until_s, stop_after_s):
             return times
 
 
-def time_model(predict, x, batch_sizes=DEFAULT_BATCHES, warmup=5, runs=30, duration_s=None, max_batch_s=MAX_BATCH_SECONDS,
-               max_output_bytes=MAX_OUTPUT_BYTES, seq_len=None):
+def time_model(
+    predict,
+    x,
+    batch_sizes=DEFAULT_BATCHES,
+    warmup=5,
+    runs=30,
+    duration_s=None,
+    max_batch_s=MAX_BATCH_SECONDS,
+    max_output_bytes=MAX_OUTPUT_BYTES,
+    seq_len=None,
+):
     """Time ``predict`` on ``x`` (rows tiled to each batch size): steps 2 and 3 of the method above.
 
     Args:
@@ -168,7 +193,9 @@ def time_model(predict, x, batch_sizes=DEFAULT_BATCHES, warmup=5, runs=30, durat
     batches, skipped = [], []
     for i, b in enumerate(int(b) for b in batch_sizes):
         if per_item * b > max_output_bytes:
-            skipped.append({"batch_size": b, "reason": "its output would take %.1f GB (limit %.1f GB)" % (per_item * b / 1e9, max_output_bytes / 1e9)})
+            skipped.append(
+                {"batch_size": b, "reason": "its output would take %.1f GB (limit %.1f GB)" % (per_item * b / 1e9, max_output_bytes / 1e9)}
+            )
             continue
         xb = x0 if b == first else tile_batch(x, b)
         try:
@@ -181,9 +208,16 @@ def time_model(predict, x, batch_sizes=DEFAULT_BATCHES, warmup=5, runs=30, durat
             skipped.append({"batch_size": b, "reason": _first_line(e)})
             continue
         batches.append(latency_stats(times, b, seq_len))
-    return {"first_inference_ms": first_ms, "warmup": int(warmup), "runs": None if duration_s else int(runs),
-            "duration_s": duration_s, "input_shape": list(x0.shape[1:]), "output_shape": out_shape,
-            "batches": batches, "skipped": skipped}
+    return {
+        "first_inference_ms": first_ms,
+        "warmup": int(warmup),
+        "runs": None if duration_s else int(runs),
+        "duration_s": duration_s,
+        "input_shape": list(x0.shape[1:]),
+        "output_shape": out_shape,
+        "batches": batches,
+        "skipped": skipped,
+    }
 
 
 def _nbytes(y):
@@ -209,7 +243,7 @@ def score_windows(predict, windows, batch_size, logits_dtype="float64"):
     correct, nll, count = 0, 0.0, 0
     windows = np.asarray(windows)
     for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size].astype(np.int64)
+        x = windows[i : i + batch_size].astype(np.int64)
         logits = np.asarray(predict(x), dtype=logits_dtype)[:, :-1]
         target = x[:, 1:]
         m = logits.max(-1, keepdims=True)
@@ -286,11 +320,18 @@ def decode_rounds(decoders, prompt_tokens, new_tokens, rounds=5, warmup=1, settl
                 a["tokens"] = toks
     results = []
     for a in acc:
-        out = {"prompt_tokens": int(prompt_tokens), "new_tokens": int(new_tokens), "repeats": int(rounds),
-               "prefill_ms": float(np.median(a["prefill_ms"])), "prefill_ms_runs": a["prefill_ms"], "tokens": a["tokens"]}
+        out = {
+            "prompt_tokens": int(prompt_tokens),
+            "new_tokens": int(new_tokens),
+            "repeats": int(rounds),
+            "prefill_ms": float(np.median(a["prefill_ms"])),
+            "prefill_ms_runs": a["prefill_ms"],
+            "tokens": a["tokens"],
+        }
         if a["step_ms"]:
             p50, p90 = (float(v) for v in np.percentile(a["step_ms"], [50, 90]))
-            out.update(decode_ms_p50=p50, decode_ms_p90=p90, decode_tokens_per_s=float(np.median(a["rates"])),
-                       decode_tokens_per_s_runs=a["rates"])
+            out.update(
+                decode_ms_p50=p50, decode_ms_p90=p90, decode_tokens_per_s=float(np.median(a["rates"])), decode_tokens_per_s_runs=a["rates"]
+            )
         results.append(out)
     return results

@@ -64,7 +64,9 @@ def make_session(
     if not path.is_file():
         raise RuntimeBackendError(f"ONNX model not found: {path}", hint="export the model first")
     if optimization not in OPTIMIZATION_LEVELS:
-        raise RuntimeBackendError(f"unknown onnxruntime optimization level {optimization!r}", hint=f"valid: {', '.join(OPTIMIZATION_LEVELS)}")
+        raise RuntimeBackendError(
+            f"unknown onnxruntime optimization level {optimization!r}", hint=f"valid: {', '.join(OPTIMIZATION_LEVELS)}"
+        )
     if threads is not None and threads < 1:
         raise RuntimeBackendError(f"threads must be >= 1, got {threads}")
     providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -133,7 +135,9 @@ def benchmark_onnx(
     """Time the ONNX model at ``path`` on ``inputs`` in a fresh worker process (see ``bench_worker``)."""
     cfg = cfg or BenchConfig()
     if optimization not in OPTIMIZATION_LEVELS:
-        raise RuntimeBackendError(f"unknown onnxruntime optimization level {optimization!r}", hint=f"valid: {', '.join(OPTIMIZATION_LEVELS)}")
+        raise RuntimeBackendError(
+            f"unknown onnxruntime optimization level {optimization!r}", hint=f"valid: {', '.join(OPTIMIZATION_LEVELS)}"
+        )
     extra = ["--optimization", optimization]
     if providers:
         extra += ["--providers", ",".join(providers)]

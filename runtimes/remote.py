@@ -67,8 +67,20 @@ _USER = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _HOSTNAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _IPV6 = r"\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]"
 _HOST_RE = re.compile(rf"(?:(?P<user>{_USER})@)?(?P<host>{_HOSTNAME}|{_IPV6})(?::(?P<port>[0-9]{{1,5}}))?")
-_FAMILY = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm", "arm64": "arm",
-           "armv6l": "arm", "armv7l": "arm", "armv8l": "arm", "riscv64": "riscv", "ppc64le": "power", "s390x": "s390"}
+_FAMILY = {
+    "x86_64": "x86",
+    "amd64": "x86",
+    "i386": "x86",
+    "i686": "x86",
+    "aarch64": "arm",
+    "arm64": "arm",
+    "armv6l": "arm",
+    "armv7l": "arm",
+    "armv8l": "arm",
+    "riscv64": "riscv",
+    "ppc64le": "power",
+    "s390x": "s390",
+}
 
 # Native facts first (no Python needed), then the device's Python: one round trip. $1 = python, $2 = _PROBE_PY.
 # The marker line skips anything a login script may print before.
@@ -106,7 +118,9 @@ kill -KILL -"$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null; exit 0"""
 # Free bytes of the filesystem that holds $1 (its nearest existing folder): df -P's available 1K-blocks.
 _FREE_SH = r"""d=$1; while [ ! -d "$d" ]; do d=$(dirname -- "$d"); done; df -Pk -- "$d" | awk 'NR==2 {print $4 * 1024}'"""
 # Lists "KBYTES<TAB>PATH" of each entry of the folders given (du -sk), for --clean.
-_SIZES_SH = r"""for d in "$@"; do [ -d "$d" ] || continue; for e in "$d"/* "$d"/.[!.]*; do [ -e "$e" ] && du -sk -- "$e"; done; done; exit 0"""
+_SIZES_SH = (
+    r"""for d in "$@"; do [ -d "$d" ] || continue; for e in "$d"/* "$d"/.[!.]*; do [ -e "$e" ] && du -sk -- "$e"; done; done; exit 0"""
+)
 _NO_SPACE = re.compile(r"No space left on device|Errno 28|ENOSPC|Disk quota exceeded")
 _NO_PERMISSION = re.compile(r"Permission denied|Errno 13|Read-only file system|Operation not permitted")
 _WRITE_SH = 'mkdir -p -- "$(dirname -- "$1")" && exec cat > "$1"'
@@ -222,8 +236,9 @@ def parse_host(text: str) -> Host:
     port = int(m["port"]) if m and m["port"] else None
     if m is None or text.startswith("-") or (port is not None and not 0 < port < 65536):
         shown = text.encode("unicode_escape").decode() if isinstance(text, str) else repr(text)
-        raise RemoteError(f"not a valid SSH host: {shown!r}",
-                          hint="use user@host or user@host:port (letters, digits, '.', '-', '_'; IPv6 as [addr])")
+        raise RemoteError(
+            f"not a valid SSH host: {shown!r}", hint="use user@host or user@host:port (letters, digits, '.', '-', '_'; IPv6 as [addr])"
+        )
     return Host(m["host"].strip("[]"), m["user"], port)
 
 
@@ -283,21 +298,39 @@ class Remote:
         ssh_config: an ssh_config file to use instead of ``~/.ssh/config`` (``ssh -F``).
     """
 
-    def __init__(self, host: Host | str, *, identity: str | Path | None = None, known_hosts: str | Path | None = None,
-                 accept_new_host_key: bool = False, connect_timeout: float = 10, command_timeout: float = 600,
-                 python: str = "python3", ssh_config: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        host: Host | str,
+        *,
+        identity: str | Path | None = None,
+        known_hosts: str | Path | None = None,
+        accept_new_host_key: bool = False,
+        connect_timeout: float = 10,
+        command_timeout: float = 600,
+        python: str = "python3",
+        ssh_config: str | Path | None = None,
+    ) -> None:
         self.host = host if isinstance(host, Host) else parse_host(host)
         self.python = python
         self.command_timeout = command_timeout
         self.known_hosts = None if known_hosts is None else str(known_hosts)
         self._probe: Probe | None = None
         if shutil.which("ssh") is None:
-            raise RemoteError("the OpenSSH client (ssh) is not installed here",
-                              hint="install it (Debian/Ubuntu: sudo apt install openssh-client)")
+            raise RemoteError(
+                "the OpenSSH client (ssh) is not installed here", hint="install it (Debian/Ubuntu: sudo apt install openssh-client)"
+            )
         self._control_dir = tempfile.mkdtemp(prefix="dsk-ssh-")  # short path: unix sockets are limited to ~100 bytes
-        opts = {"BatchMode": "yes", "StrictHostKeyChecking": "accept-new" if accept_new_host_key else "yes",
-                "ConnectTimeout": str(max(1, round(connect_timeout))), "ServerAliveInterval": "15", "ServerAliveCountMax": "3",
-                "LogLevel": "ERROR", "ControlMaster": "auto", "ControlPath": f"{self._control_dir}/%C", "ControlPersist": "120"}
+        opts = {
+            "BatchMode": "yes",
+            "StrictHostKeyChecking": "accept-new" if accept_new_host_key else "yes",
+            "ConnectTimeout": str(max(1, round(connect_timeout))),
+            "ServerAliveInterval": "15",
+            "ServerAliveCountMax": "3",
+            "LogLevel": "ERROR",
+            "ControlMaster": "auto",
+            "ControlPath": f"{self._control_dir}/%C",
+            "ControlPersist": "120",
+        }
         if known_hosts is not None:
             opts["UserKnownHostsFile"] = _ssh_path(known_hosts)
             opts["GlobalKnownHostsFile"] = "none"
@@ -335,8 +368,9 @@ class Remote:
 
     # ------------------------------------------------------------------ commands
 
-    def run(self, args: Sequence[str], *, timeout: float | None = None, check: bool = True,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, args: Sequence[str], *, timeout: float | None = None, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run one command (a list of arguments, passed literally) on the device and return its output.
 
         Raises HostKeyError, AuthError or ConnectError when ssh cannot get there, RemoteTimeout after
@@ -345,8 +379,9 @@ class Remote:
         """
         return self._exec(args, timeout=timeout, check=check, input=input, text=True)
 
-    def _exec(self, args: Sequence[str], *, timeout: float | None, check: bool, input=None, text: bool = False,
-              stdin=None, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    def _exec(
+        self, args: Sequence[str], *, timeout: float | None, check: bool, input=None, text: bool = False, stdin=None, stdout=subprocess.PIPE
+    ) -> subprocess.CompletedProcess:
         argv = self.ssh_argv(args)
         limit = self.command_timeout if timeout is None else timeout
         if input is None and stdin is None:
@@ -355,14 +390,21 @@ class Remote:
             proc = subprocess.run(argv, input=input, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=text, timeout=limit)
         except subprocess.TimeoutExpired as e:
             out, err = (_text(s) for s in (e.stdout, e.stderr))
-            raise RemoteTimeout(f"`{_short(args)}` on {self.host} did not finish within {limit:g} s",
-                                hint="raise the timeout, or check the device is not overloaded", stdout=out, stderr=err) from None
+            raise RemoteTimeout(
+                f"`{_short(args)}` on {self.host} did not finish within {limit:g} s",
+                hint="raise the timeout, or check the device is not overloaded",
+                stdout=out,
+                stderr=err,
+            ) from None
         err = _text(proc.stderr)
         if proc.returncode == 255:
             self._raise_ssh_error(err)
         if check and proc.returncode != 0:
-            raise RemoteCommandError(f"`{_short(args)}` failed on {self.host} (exit {proc.returncode}): {_last_line(err)}",
-                                     returncode=proc.returncode, stderr=err)
+            raise RemoteCommandError(
+                f"`{_short(args)}` failed on {self.host} (exit {proc.returncode}): {_last_line(err)}",
+                returncode=proc.returncode,
+                stderr=err,
+            )
         return proc
 
     def _raise_ssh_error(self, err: str) -> None:
@@ -373,39 +415,60 @@ class Remote:
         scan = f"ssh-keyscan {'-p ' + str(h.port) + ' ' if h.port else ''}{shlex.quote(h.hostname)} >> {kh}"
         remove = f"ssh-keygen -R {shlex.quote(entry)}" + (f" -f {kh}" if self.known_hosts else "")
         if re.search(r"HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed", err):
-            raise HostKeyError(f"the host key of {h} differs from the one in known_hosts (refused: possible man-in-the-middle)",
-                               hint=f"if the device was reinstalled, check its fingerprint and remove the old key: {remove}")
+            raise HostKeyError(
+                f"the host key of {h} differs from the one in known_hosts (refused: possible man-in-the-middle)",
+                hint=f"if the device was reinstalled, check its fingerprint and remove the old key: {remove}",
+            )
         if re.search(r"No \S+ host key is known|Host key verification failed", err):
-            raise HostKeyError(f"the host key of {h} is not in known_hosts" + (f" ({self.known_hosts})" if self.known_hosts else ""),
-                               hint=f"check the device's fingerprint and add it ({scan}), or pass --accept-new-host-key to trust it on first use")
+            raise HostKeyError(
+                f"the host key of {h} is not in known_hosts" + (f" ({self.known_hosts})" if self.known_hosts else ""),
+                hint=f"check the device's fingerprint and add it ({scan}), or pass --accept-new-host-key to trust it on first use",
+            )
         if "Permission denied" in err or "Too many authentication failures" in err:
-            raise AuthError(f"{h} refused our SSH keys: {_last_line(err)}",
-                            hint="only key authentication is used: pass --identity KEY or load it into ssh-agent, "
-                                 "and install its .pub on the device (ssh-copy-id)")
-        if re.search(r"Could not resolve|timed out|Connection refused|No route to host|Network is unreachable|"
-                     r"Connection closed|Connection reset|kex_exchange_identification|ssh: connect to host", err):
-            raise ConnectError(f"cannot reach {h}: {_last_line(err)}",
-                               hint="check the address and port, that the device is on and sshd runs on it")
+            raise AuthError(
+                f"{h} refused our SSH keys: {_last_line(err)}",
+                hint="only key authentication is used: pass --identity KEY or load it into ssh-agent, "
+                "and install its .pub on the device (ssh-copy-id)",
+            )
+        if re.search(
+            r"Could not resolve|timed out|Connection refused|No route to host|Network is unreachable|"
+            r"Connection closed|Connection reset|kex_exchange_identification|ssh: connect to host",
+            err,
+        ):
+            raise ConnectError(
+                f"cannot reach {h}: {_last_line(err)}", hint="check the address and port, that the device is on and sshd runs on it"
+            )
 
     def probe(self) -> Probe:
         """Facts about the device (kernel and Python machine, Python version, CPU, home), fetched once."""
         if self._probe is None:
             r = self._exec(["sh", "-c", _PROBE_SH, "sh", self.python, _PROBE_PY], timeout=120, check=False, text=True)
             lines = r.stdout.splitlines()
-            lines = lines[lines.index(_PROBE_MARK) + 1:] if _PROBE_MARK in lines else []
+            lines = lines[lines.index(_PROBE_MARK) + 1 :] if _PROBE_MARK in lines else []
             if r.returncode != 0 or len(lines) < 5:
                 missing = r.returncode in (126, 127)
                 raise RemotePythonError(
                     f"{'no' if missing else 'a broken'} Python `{self.python}` on {self.host}: {_last_line(r.stderr)}",
                     hint="install Python 3 on the device (Debian / Pi OS: sudo apt install python3 python3-venv), "
-                         "or name another interpreter with --python")
+                    "or name another interpreter with --python",
+                )
             info = json.loads(lines[4])
             if tuple(info["major_minor"]) < (3, 8):
-                raise RemotePythonError(f"{self.host} runs Python {info['version']}; bundles need 3.8 or later",
-                                        hint="install a newer python3 on the device or name one with --python")
-            self._probe = Probe(uname_machine=lines[0].strip(), python_machine=info["machine"], python_version=info["version"],
-                                python_implementation=info["implementation"], os=lines[1].strip(), home=lines[2].strip(),
-                                cpu=info["cpu"], cpu_count=info["cpu_count"], has_timeout=bool(lines[3].strip()))
+                raise RemotePythonError(
+                    f"{self.host} runs Python {info['version']}; bundles need 3.8 or later",
+                    hint="install a newer python3 on the device or name one with --python",
+                )
+            self._probe = Probe(
+                uname_machine=lines[0].strip(),
+                python_machine=info["machine"],
+                python_version=info["version"],
+                python_implementation=info["implementation"],
+                os=lines[1].strip(),
+                home=lines[2].strip(),
+                cpu=info["cpu"],
+                cpu_count=info["cpu_count"],
+                has_timeout=bool(lines[3].strip()),
+            )
         return self._probe
 
     def path(self, remote: str | PurePosixPath) -> str:
@@ -427,8 +490,15 @@ class Remote:
         if not local_dir.is_dir():
             raise RemoteError(f"not a folder: {local_dir}", hint="pass the bundle's directory")
         files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
-        there = json.loads(self._exec([self.python, "-c", _HASH_PY, dest], timeout=timeout, check=True, text=True,
-                                      input=json.dumps({rel: p.stat().st_size for rel, p in files.items()})).stdout)
+        there = json.loads(
+            self._exec(
+                [self.python, "-c", _HASH_PY, dest],
+                timeout=timeout,
+                check=True,
+                text=True,
+                input=json.dumps({rel: p.stat().st_size for rel, p in files.items()}),
+            ).stdout
+        )
         send = [rel for rel, p in files.items() if there.get(rel) != _sha256(p)]
         if send:
             with tempfile.TemporaryFile() as buf:  # a file, not a pipe: ssh reads it at its own pace, no deadlock
@@ -442,10 +512,12 @@ class Remote:
                 self._remove_partial(dest, send, whole=not there)
                 need = sum(files[rel].stat().st_size for rel in send)
                 self.raise_storage_error(err, dest, need, f"copying {len(send)} file(s) to {dest}")
-                raise RemoteCommandError(f"copying files to {dest} on {self.host} failed (exit {r.returncode}): {_last_line(err)}",
-                                         returncode=r.returncode, stderr=err)
-        return Transfer(sent=send, skipped=[r for r in files if r not in send],
-                        bytes_sent=sum(files[r].stat().st_size for r in send))
+                raise RemoteCommandError(
+                    f"copying files to {dest} on {self.host} failed (exit {r.returncode}): {_last_line(err)}",
+                    returncode=r.returncode,
+                    stderr=err,
+                )
+        return Transfer(sent=send, skipped=[r for r in files if r not in send], bytes_sent=sum(files[r].stat().st_size for r in send))
 
     def _remove_partial(self, dest: str, rels: Sequence[str], whole: bool) -> None:
         """Remove ``dest`` (``whole``: the copy made it) or the files of ``rels`` in it, ignoring failures."""
@@ -462,8 +534,9 @@ class Remote:
         except (IndexError, ValueError):
             return None
 
-    def raise_storage_error(self, err: str, where: str, needed: int | None, doing: str, remove: Sequence[str] = (),
-                            by_free_space: bool = False) -> None:
+    def raise_storage_error(
+        self, err: str, where: str, needed: int | None, doing: str, remove: Sequence[str] = (), by_free_space: bool = False
+    ) -> None:
         """Raise DiskFullError (with the free space there and ``needed`` bytes) or RemotePermissionError when ``err`` says so.
 
         ``remove``: folders deleted first when the disk is full (what the failed step half-made), so the free space named is
@@ -479,14 +552,18 @@ class Remote:
             free = self.free_bytes(where)
             room = f"{_size(free)} free" if free is not None else "free space unknown"
             need = f", about {_size(needed)} needed" if needed else ""
-            raise DiskFullError(f"the disk of {self.host} is full: {doing} stopped ({room} under {where}{need})",
-                                hint=f"free space on the device (dsk-compress bench --clean {self.host} removes what earlier benches "
-                                     "left), or give a folder on a bigger disk with --remote-dir")
+            raise DiskFullError(
+                f"the disk of {self.host} is full: {doing} stopped ({room} under {where}{need})",
+                hint=f"free space on the device (dsk-compress bench --clean {self.host} removes what earlier benches "
+                "left), or give a folder on a bigger disk with --remote-dir",
+            )
         if _NO_PERMISSION.search(err):
             user = self.host.user or "the login user"
-            raise RemotePermissionError(f"permission denied on {self.host}: {doing} ({_last_line(err)})",
-                                        hint=f"give a folder {user} may write with --remote-dir (e.g. ~/dsk-compress), or make it theirs "
-                                             f"(sudo chown -R {user} FOLDER)")
+            raise RemotePermissionError(
+                f"permission denied on {self.host}: {doing} ({_last_line(err)})",
+                hint=f"give a folder {user} may write with --remote-dir (e.g. ~/dsk-compress), or make it theirs "
+                f"(sudo chown -R {user} FOLDER)",
+            )
 
     def get(self, remote_path: str, local_path: str | Path, *, timeout: float | None = None) -> Path:
         """Copy one file from the device to ``local_path`` (written atomically); returns the local path."""
@@ -507,13 +584,17 @@ class Remote:
         r = self._exec(["sh", "-c", _WRITE_SH, "sh", dest], timeout=timeout, check=False, input=data, text=True)
         if r.returncode != 0:
             self.raise_storage_error(r.stderr, dest, len(data.encode()), f"writing {dest}")
-            raise RemoteCommandError(f"writing {dest} on {self.host} failed (exit {r.returncode}): {_last_line(r.stderr)}",
-                                     returncode=r.returncode, stderr=r.stderr)
+            raise RemoteCommandError(
+                f"writing {dest} on {self.host} failed (exit {r.returncode}): {_last_line(r.stderr)}",
+                returncode=r.returncode,
+                stderr=r.stderr,
+            )
 
     # ------------------------------------------------------------------ venv and bundles
 
-    def ensure_venv(self, requirements: str | Path, *, root: str = DEFAULT_VENVS_ROOT, wheelhouse: str | Path | None = None,
-                    timeout: float = 1800) -> Venv:
+    def ensure_venv(
+        self, requirements: str | Path, *, root: str = DEFAULT_VENVS_ROOT, wheelhouse: str | Path | None = None, timeout: float = 1800
+    ) -> Venv:
         """Create, or reuse, a virtual environment on the device with ``requirements`` installed.
 
         The venv lives in ``root/<key>``, the key hashing the requirements, the device's Python version
@@ -529,7 +610,9 @@ class Remote:
         reqs, p = requirements.read_text(), self.probe()
         wheels = sorted(w.name for w in Path(wheelhouse).glob("*.whl")) if wheelhouse is not None else None
         if wheelhouse is not None and not wheels:
-            raise VenvError(f"no wheels in {wheelhouse}", hint="fill it with pip download --only-binary=:all: --platform ... -r requirements.txt")
+            raise VenvError(
+                f"no wheels in {wheelhouse}", hint="fill it with pip download --only-binary=:all: --platform ... -r requirements.txt"
+            )
         key = hashlib.sha256(json.dumps([reqs, p.python_version, p.python_machine, wheels]).encode()).hexdigest()[:16]
         root = self.path(root).rstrip("/")
         vdir = f"{root}/{key}"
@@ -546,12 +629,15 @@ class Remote:
             if made.returncode != 0:
                 out = made.stderr + made.stdout
                 self._exec(["rm", "-rf", "--", vdir], timeout=300, check=False)
-                self.raise_storage_error(out, vdir, needed, f"creating the venv {vdir}", remove=[d for d in (wdir,) if d],
-                                         by_free_space=True)
+                self.raise_storage_error(
+                    out, vdir, needed, f"creating the venv {vdir}", remove=[d for d in (wdir,) if d], by_free_space=True
+                )
                 if re.search(r"ensurepip is not available|No module named venv", out):
                     mm = ".".join(p.python_version.split(".")[:2])
-                    raise VenvError(f"`{self.python} -m venv` is not available on {self.host} (python3-venv is not installed)",
-                                    hint=f"install it on the device: sudo apt install python3-venv (or python{mm}-venv)")
+                    raise VenvError(
+                        f"`{self.python} -m venv` is not available on {self.host} (python3-venv is not installed)",
+                        hint=f"install it on the device: sudo apt install python3-venv (or python{mm}-venv)",
+                    )
                 raise VenvError(f"creating a venv on {self.host} failed: {_tail(made.stderr or made.stdout)}")
             self.write(f"{vdir}/requirements.txt", reqs)
             pip = [vpy, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-r", f"{vdir}/requirements.txt"]
@@ -561,11 +647,20 @@ class Remote:
             inst = self._exec(pip, timeout=timeout, check=False, text=True)
             if inst.returncode != 0:
                 self._exec(["rm", "-rf", "--", vdir], timeout=300, check=False)
-                self.raise_storage_error(inst.stderr + inst.stdout, vdir, needed, f"installing requirements.txt into {vdir}",
-                                         remove=[d for d in (wdir,) if d], by_free_space=True)
-                hint = (f"the wheelhouse needs wheels of every requirement for Python {p.python_version} on {p.python_machine} "
-                        "(pip download --only-binary=:all: --platform ... --python-version ...)" if wheelhouse is not None
-                        else "check the device's internet access, or pass --wheelhouse DIR to install offline")
+                self.raise_storage_error(
+                    inst.stderr + inst.stdout,
+                    vdir,
+                    needed,
+                    f"installing requirements.txt into {vdir}",
+                    remove=[d for d in (wdir,) if d],
+                    by_free_space=True,
+                )
+                hint = (
+                    f"the wheelhouse needs wheels of every requirement for Python {p.python_version} on {p.python_machine} "
+                    "(pip download --only-binary=:all: --platform ... --python-version ...)"
+                    if wheelhouse is not None
+                    else "check the device's internet access, or pass --wheelhouse DIR to install offline"
+                )
                 raise VenvError(f"pip install -r requirements.txt failed on {self.host}: {_tail(inst.stderr or inst.stdout)}", hint=hint)
         except BaseException as e:  # a failed or interrupted build leaves nothing behind (a full disk would stay full)
             gone = [vdir] + ([wdir] if wdir is not None and isinstance(e, DiskFullError) else [])
@@ -574,9 +669,17 @@ class Remote:
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
             raise
-        info = {"key": key, "python": p.python_version, "machine": p.python_machine, "requirements": reqs, "offline": wheels is not None,
-                "created_at": _now()}
-        done = self._exec([vpy, "-c", _WRITE_MARKER_PY, f"{vdir}/{VENV_MARKER}"], timeout=300, check=True, text=True, input=json.dumps(info))
+        info = {
+            "key": key,
+            "python": p.python_version,
+            "machine": p.python_machine,
+            "requirements": reqs,
+            "offline": wheels is not None,
+            "created_at": _now(),
+        }
+        done = self._exec(
+            [vpy, "-c", _WRITE_MARKER_PY, f"{vdir}/{VENV_MARKER}"], timeout=300, check=True, text=True, input=json.dumps(info)
+        )
         return Venv(vdir, vpy, key, created=True, packages=json.loads(done.stdout)["packages"])
 
     def stop_run(self, remote_dir: str) -> list[str]:
@@ -588,9 +691,18 @@ class Remote:
         r = self._exec(["sh", "-c", _STOP_SH, "sh", pidfile], timeout=60, check=False, text=True)
         return [line.strip() for line in r.stdout.splitlines() if line.strip()]
 
-    def run_bundle(self, bundle_dir: str | Path, *, out_dir: str | Path, remote_root: str | None = None,
-                   run_args: Sequence[str] = (), wheelhouse: str | Path | None = None, venvs_root: str = DEFAULT_VENVS_ROOT,
-                   timeout: float = 1800, log=None) -> dict:
+    def run_bundle(
+        self,
+        bundle_dir: str | Path,
+        *,
+        out_dir: str | Path,
+        remote_root: str | None = None,
+        run_args: Sequence[str] = (),
+        wheelhouse: str | Path | None = None,
+        venvs_root: str = DEFAULT_VENVS_ROOT,
+        timeout: float = 1800,
+        log=None,
+    ) -> dict:
         """Run a deploy bundle on the device and bring back its results, labelled with where they were measured.
 
         Copies the bundle to ``remote_root`` (default ``~/dsk-compress/bundles/<bundle name>``), makes or
@@ -607,10 +719,17 @@ class Remote:
         bundle, out = Path(bundle_dir), Path(out_dir)
         missing = [f for f in ("run.py", "model_card.json", "requirements.txt") if not (bundle / f).is_file()]
         if missing:
-            raise RemoteError(f"{bundle} is not a deploy bundle (no {', '.join(missing)})",
-                              hint="write one with: dsk-compress export RUN --device PROFILE")
-        remote_root, venvs_root = (confined(d, what) for d, what in ((remote_root or f"{DEFAULT_BUNDLES_ROOT}/{bundle.name}", "the bundle's folder"),
-                                                                     (venvs_root, "the venvs folder")))
+            raise RemoteError(
+                f"{bundle} is not a deploy bundle (no {', '.join(missing)})",
+                hint="write one with: dsk-compress export RUN --device PROFILE",
+            )
+        remote_root, venvs_root = (
+            confined(d, what)
+            for d, what in (
+                (remote_root or f"{DEFAULT_BUNDLES_ROOT}/{bundle.name}", "the bundle's folder"),
+                (venvs_root, "the venvs folder"),
+            )
+        )
         p = self.probe()
         rdir = self.path(remote_root).rstrip("/")
         stale = self.stop_run(rdir)  # an earlier bench's run.py (its ssh killed, say) would compete with this one
@@ -625,11 +744,23 @@ class Remote:
         pidfile = f"{rdir}/{PID_FILE}"
         argv = ["sh", "-c", _RUN_SH, "sh", pidfile, *argv]  # its PID on the device: Ctrl-C here stops it there
         out.mkdir(parents=True, exist_ok=True)
-        prov = {"host": str(self.host), "uname_machine": p.uname_machine, "python_machine": p.python_machine,
-                "emulated": p.emulated, "measurement": "emulated" if p.emulated else "measured", "os": p.os,
-                "cpu": p.cpu, "cpu_count": p.cpu_count, "python": p.python_version, "python_implementation": p.python_implementation,
-                "remote_dir": rdir, "venv": venv.path, "venv_created": venv.created, "packages": venv.packages,
-                "run_args": list(run_args)}
+        prov = {
+            "host": str(self.host),
+            "uname_machine": p.uname_machine,
+            "python_machine": p.python_machine,
+            "emulated": p.emulated,
+            "measurement": "emulated" if p.emulated else "measured",
+            "os": p.os,
+            "cpu": p.cpu,
+            "cpu_count": p.cpu_count,
+            "python": p.python_version,
+            "python_implementation": p.python_implementation,
+            "remote_dir": rdir,
+            "venv": venv.path,
+            "venv_created": venv.created,
+            "packages": venv.packages,
+            "run_args": list(run_args),
+        }
         t0 = time.perf_counter()
         timed_out = False
         try:
@@ -647,11 +778,16 @@ class Remote:
         (out / "run.log").write_text(log)
         (out / "provenance.json").write_text(json.dumps(prov, indent=2))
         if timed_out or (rc == 124 and p.has_timeout):
-            raise RemoteTimeout(f"run.py on {self.host} did not finish within {timeout:g} s", hint=f"its output is in {out / 'run.log'}",
-                                stdout=log)
+            raise RemoteTimeout(
+                f"run.py on {self.host} did not finish within {timeout:g} s", hint=f"its output is in {out / 'run.log'}", stdout=log
+            )
         if rc != 0:
-            raise RemoteCommandError(f"run.py failed on {self.host} (exit {rc}): {_last_line(err)}",
-                                     hint=f"the full log is in {out / 'run.log'}", returncode=rc, stderr=err)
+            raise RemoteCommandError(
+                f"run.py failed on {self.host} (exit {rc}): {_last_line(err)}",
+                hint=f"the full log is in {out / 'run.log'}",
+                returncode=rc,
+                stderr=err,
+            )
         results = json.loads(self.get(f"{rdir}/results.json", out / "results.json").read_text())
         return {"results": results, "provenance": prov, "transfer": asdict(transfer), "out_dir": str(out)}
 
@@ -664,7 +800,9 @@ def confined(folder: str, what: str = "--remote-dir") -> str:
     try:
         return remote_dir(folder)
     except ValueError as e:
-        raise RemoteError(f"{what}: {e}", hint="give a folder under the device user's home (e.g. ~/dsk-compress) or an absolute path") from None
+        raise RemoteError(
+            f"{what}: {e}", hint="give a folder under the device user's home (e.g. ~/dsk-compress) or an absolute path"
+        ) from None
 
 
 def _stop_master(argv: list[str], control_dir: str) -> None:
@@ -699,12 +837,12 @@ def _text(data) -> str:
 
 
 def _last_line(text: str) -> str:
-    lines = [l.strip() for l in _text(text).splitlines() if l.strip()]
+    lines = [ln.strip() for ln in _text(text).splitlines() if ln.strip()]
     return lines[-1] if lines else "no message"
 
 
 def _tail(text: str) -> str:
-    return " | ".join(l.strip() for l in _text(text).strip().splitlines()[-TAIL_LINES:] if l.strip()) or "no message"
+    return " | ".join(ln.strip() for ln in _text(text).strip().splitlines()[-TAIL_LINES:] if ln.strip()) or "no message"
 
 
 def _short(args: Sequence[str]) -> str:

@@ -55,8 +55,9 @@ class LatencyStats(_Strict):
     max: float
     items_per_s: float = Field(description="batch_size * 1000 / mean")
     tokens_per_s: float | None = Field(None, description="items_per_s * sequence length, for language models")
-    p50_rounds: list[float] | None = Field(None, description="the p50 of each interleaved timing round (fresh worker each); "
-                                           "p50 is then their median")
+    p50_rounds: list[float] | None = Field(
+        None, description="the p50 of each interleaved timing round (fresh worker each); p50 is then their median"
+    )
 
 
 class Skipped(_Strict):
@@ -120,8 +121,14 @@ class RuntimeInfo(_Strict):
     def label(self) -> str:
         """``onnxruntime 1.32.0 CPU``, ``torch 2.13.0 compile cuda:0 bfloat16``, ``tensorrt 10.3.0 cuda:0``."""
         ep = self.execution_provider.removesuffix("ExecutionProvider") if self.execution_provider else None
-        parts = [self.name, self.version, ep or "", self.mode if self.name == "torch" else "",
-                 self.device if self.device != "cpu" and self.name != "onnxruntime" else "", self.dtype or ""]
+        parts = [
+            self.name,
+            self.version,
+            ep or "",
+            self.mode if self.name == "torch" else "",
+            self.device if self.device != "cpu" and self.name != "onnxruntime" else "",
+            self.dtype or "",
+        ]
         return " ".join(p for p in parts if p)
 
 
@@ -240,12 +247,16 @@ def parse_record(data: Any, source: str = "result") -> BenchRecord:
     """
     if isinstance(data, dict):
         if data.get("schema") != SCHEMA:
-            raise RunError(f"{source} is not a dsk-compress bench result (schema {data.get('schema')!r})",
-                           hint="it must come from a bundle's run.py or the bench worker")
+            raise RunError(
+                f"{source} is not a dsk-compress bench result (schema {data.get('schema')!r})",
+                hint="it must come from a bundle's run.py or the bench worker",
+            )
         version = data.get("schema_version")
         if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise RunError(f"{source} has bench-result schema_version {version}, newer than the supported {SCHEMA_VERSION}",
-                           hint="upgrade dsk-compress on this machine")
+            raise RunError(
+                f"{source} has bench-result schema_version {version}, newer than the supported {SCHEMA_VERSION}",
+                hint="upgrade dsk-compress on this machine",
+            )
     try:
         return BenchRecord.model_validate(data)
     except ValidationError as e:

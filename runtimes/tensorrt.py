@@ -52,7 +52,9 @@ def _cuda_torch():
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeBackendError("TensorRT needs a CUDA GPU, but torch.cuda.is_available() is False", hint="run on a machine with an NVIDIA GPU")
+        raise RuntimeBackendError(
+            "TensorRT needs a CUDA GPU, but torch.cuda.is_available() is False", hint="run on a machine with an NVIDIA GPU"
+        )
     return torch
 
 
@@ -117,10 +119,14 @@ def build_engine(
     else:
         strong = bool(strongly_typed)
     if not strong and not has_flags:
-        raise ExportError(f"TensorRT {trt.__version__} has no precision flags (weak typing was removed)", hint="build with strongly_typed=True")
+        raise ExportError(
+            f"TensorRT {trt.__version__} has no precision flags (weak typing was removed)", hint="build with strongly_typed=True"
+        )
     if strong and not trt_compat.can_type_strongly(trt):
-        raise ExportError(f"TensorRT {trt.__version__} cannot build strongly typed networks (9.x or later can)",
-                          hint="build with strongly_typed=False (precision flags)")
+        raise ExportError(
+            f"TensorRT {trt.__version__} cannot build strongly typed networks (9.x or later can)",
+            hint="build with strongly_typed=False (precision flags)",
+        )
     if strong and precision == "fp16" and not _onnx_has_fp16(onnx_path):
         raise ExportError(
             f"{onnx_path.name} holds no float16 tensors, so a strongly typed TensorRT network builds it in fp32",
@@ -163,7 +169,9 @@ def build_engine(
 def lm_profiles(input_name: str, seq_len: int, max_batch: int = 8, opt_batch: int = 1) -> dict[str, tuple[Shape, Shape, Shape]]:
     """The optimization profile of a causal LM with ``input_ids [batch, sequence]`` both dynamic."""
     if not 1 <= opt_batch <= max_batch or seq_len < 1:
-        raise ExportError(f"bad TensorRT profile: need 1 <= opt_batch ({opt_batch}) <= max_batch ({max_batch}) and seq_len >= 1 ({seq_len})")
+        raise ExportError(
+            f"bad TensorRT profile: need 1 <= opt_batch ({opt_batch}) <= max_batch ({max_batch}) and seq_len >= 1 ({seq_len})"
+        )
     return {input_name: ((1, 1), (opt_batch, seq_len), (max_batch, seq_len))}
 
 
@@ -201,8 +209,7 @@ def _add_profile(builder, network, config, profiles: Mapping[str, tuple[Shape, S
     missing = [n for n in dynamic if n not in profiles]
     if missing:
         raise ExportError(
-            f"input(s) with dynamic dims need a (min, opt, max) shape profile: "
-            + ", ".join(f"{n}{list(inputs[n])}" for n in missing),
+            "input(s) with dynamic dims need a (min, opt, max) shape profile: " + ", ".join(f"{n}{list(inputs[n])}" for n in missing),
         )
     if not profiles:
         return
@@ -295,7 +302,9 @@ class TensorRTSession:
             for name in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
-                    raise RuntimeBackendError(f"output {name!r} has a data-dependent shape {list(shape)}, which this runtime does not support")
+                    raise RuntimeBackendError(
+                        f"output {name!r} has a data-dependent shape {list(shape)}, which this runtime does not support"
+                    )
                 addresses[name] = self._output_buffer(name, shape).data_ptr()
             try:
                 trt_compat.execute(self.context, addresses, shapes, self.stream.cuda_stream)

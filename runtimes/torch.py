@@ -30,7 +30,9 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: str = "float32", device: 
         import transformers
         from transformers import AutoModel, AutoModelForCausalLM
     except ImportError as e:
-        raise RuntimeBackendError(f"eager torch runtime unavailable: {e}", hint="reinstall dsk-compress; torch and transformers are core dependencies") from None
+        raise RuntimeBackendError(
+            f"eager torch runtime unavailable: {e}", hint="reinstall dsk-compress; torch and transformers are core dependencies"
+        ) from None
     from packaging.version import Version
 
     model_dir = Path(model_dir)
@@ -64,8 +66,10 @@ def _check(dtype: str, device: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise RuntimeBackendError("the torch CUDA runtime needs a CUDA GPU, but torch.cuda.is_available() is False",
-                                      hint="run on a machine with an NVIDIA GPU and a CUDA build of torch")
+            raise RuntimeBackendError(
+                "the torch CUDA runtime needs a CUDA GPU, but torch.cuda.is_available() is False",
+                hint="run on a machine with an NVIDIA GPU and a CUDA build of torch",
+            )
 
 
 def torch_forward(model) -> Callable[[np.ndarray], np.ndarray]:
@@ -135,5 +139,9 @@ def benchmark_torch(
     cfg = cfg or BenchConfig()
     _check(dtype, device)
     if not (Path(model_dir) / "config.json").is_file():
-        raise RuntimeBackendError(f"not a Hugging Face model directory (no config.json): {model_dir}", hint="save it with save_pretrained()")
-    return run_worker("torch", model_dir, inputs, cfg, extra_args=["--dtype", dtype, "--device", device] + (["--compile"] if compile else []))
+        raise RuntimeBackendError(
+            f"not a Hugging Face model directory (no config.json): {model_dir}", hint="save it with save_pretrained()"
+        )
+    return run_worker(
+        "torch", model_dir, inputs, cfg, extra_args=["--dtype", dtype, "--device", device] + (["--compile"] if compile else [])
+    )

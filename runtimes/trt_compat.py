@@ -32,8 +32,10 @@ def unsupported_reason(trt):
     """Why this TensorRT cannot run our engines, or None when it can."""
     v = version_tuple(trt)
     if v < MIN_VERSION:
-        return ("TensorRT %s predates the name-based tensor API (set_tensor_address / execute_async_v3, TensorRT 8.5); "
-                "install TensorRT 8.5 or later (JetPack 5.1+)" % trt.__version__)
+        return (
+            "TensorRT %s predates the name-based tensor API (set_tensor_address / execute_async_v3, TensorRT 8.5); "
+            "install TensorRT 8.5 or later (JetPack 5.1+)" % trt.__version__
+        )
     return None
 
 
@@ -65,8 +67,9 @@ def network_flags(trt, strongly_typed):
         flags |= 1 << int(kinds.EXPLICIT_BATCH)
     if strongly_typed:
         if not can_type_strongly(trt):
-            raise RuntimeError("TensorRT %s cannot build strongly typed networks (9.x or later can); build with precision "
-                               "flags instead" % trt.__version__)
+            raise RuntimeError(
+                "TensorRT %s cannot build strongly typed networks (9.x or later can); build with precision flags instead" % trt.__version__
+            )
         flags |= 1 << int(kinds.STRONGLY_TYPED)
     return flags
 

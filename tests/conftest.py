@@ -51,9 +51,21 @@ except ImportError:  # the dev extra is not installed
 def tiny_mixtral_config(**kw):
     from transformers import MixtralConfig
 
-    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     cfg.update(kw)
     return MixtralConfig(**cfg)
 
@@ -71,9 +83,20 @@ def kept_rows(orig, pruned) -> list[int]:
 def tiny_llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=4, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
-               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
@@ -95,6 +118,7 @@ def qat_llama(share_inputs: bool = True, train_steps: int = 0, activations: str 
     calibrate(m, [torch.randint(0, 256, (4, 32), generator=g) for _ in range(3)], share_inputs=share_inputs)
     res = None
     if train_steps:
+
         def loss_fn(model, x, step):
             return lm_loss(model(input_ids=x, use_cache=False).logits, x), {}
 
@@ -118,6 +142,7 @@ def int4_qat_llama(train_steps: int = 30, head_bits: int | None = 8, embedding_b
     m = tiny_llama(**kw)
     names = prepare_int4_qat(m, scale_init=scale_init, head_bits=head_bits, embedding_bits=embedding_bits)
     if train_steps:
+
         def loss_fn(model, x, step):
             return lm_loss(model(input_ids=x, use_cache=False).logits, x), {}
 
@@ -171,12 +196,16 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
     model = MixtralForCausalLM(tiny_mixtral_config())
     model.config._attn_implementation = "eager"
     task = CodeLMTask(seq_len=64, eval_sequences=16)
-    train(model, lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}), task.train_batch,
-          TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup=5), desc="tiny teacher")
+    train(
+        model,
+        lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}),
+        task.train_batch,
+        TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup=5),
+        desc="tiny teacher",
+    )
     from dsk_compress.models.hf import save_hf_dir
 
     return save_hf_dir(model, tmp_path_factory.mktemp("tiny-moe") / "teacher")
-
 
 
 def run_main(args: list[str], capsys, cwd: Path | None = None) -> tuple[int, str, str]:

@@ -30,6 +30,7 @@ def _group_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _weight_score(importance: str):
     """Elementwise importance of a weight: |w| (l1), w**2 (l2) or |w * grad| (taylor, needs gradients)."""
+
     def f(p: torch.Tensor) -> torch.Tensor:
         if importance == "l1":
             return p.detach().abs()
@@ -38,14 +39,14 @@ def _weight_score(importance: str):
         if p.grad is None:
             raise DskError("taylor importance needs gradients; none were computed", hint="use importance: l2 or give a loss")
         return (p.detach() * p.grad.detach()).abs()
+
     return f
 
 
 def ffn_channel_scores(mlp: nn.Module, importance: str) -> torch.Tensor:
     """Weight importance of each FFN channel: its gate and up rows and its down_proj column (l1, l2, taylor)."""
     f = _weight_score(importance)
-    return (f(mlp.gate_proj.weight).double().sum(1) + f(mlp.up_proj.weight).double().sum(1)
-            + f(mlp.down_proj.weight).double().sum(0))
+    return f(mlp.gate_proj.weight).double().sum(1) + f(mlp.up_proj.weight).double().sum(1) + f(mlp.down_proj.weight).double().sum(0)
 
 
 def kv_group_scores(attn: nn.Module, importance: str, act_heads: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,6 +117,7 @@ def block_influence(model: nn.Module, batches) -> list[float]:
             cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
             sums[i] += float((1 - cos).sum())
             counts[i] += cos.numel()
+
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -139,12 +141,14 @@ def activation_scores(model: nn.Module, batches) -> dict[str, list[torch.Tensor]
             x = args[0]
             ffn[i] += x.abs().double().reshape(-1, x.shape[-1]).sum(0)
             tokens[i] += x.numel() // x.shape[-1]
+
         return fn
 
     def head_hook(i, head_dim):
         def fn(mod, args):
             x = args[0].double()
             heads[i] += x.reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1).reshape(-1, heads[i].numel()).sum(0)
+
         return fn
 
     handles = []

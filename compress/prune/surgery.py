@@ -28,13 +28,27 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from dsk_compress.compress.prune.importance import IMPORTANCES, activation_scores, block_influence, ffn_channel_scores, kv_group_scores, tp_importance
+from dsk_compress.compress.prune.importance import (
+    IMPORTANCES,
+    activation_scores,
+    block_influence,
+    ffn_channel_scores,
+    kv_group_scores,
+    tp_importance,
+)
 from dsk_compress.compress.prune.targets import Shape, check_head_pruning, has_kv_heads, ratio_shape, shape_of, structure
 from dsk_compress.errors import DskError, RecipeError
 
 
-def prune_to(model: nn.Module, target: Shape, importance: str = "l2", timeout_s: float = 300, example_inputs=None,
-             calibration=None, loss_for_taylor=None) -> dict:
+def prune_to(
+    model: nn.Module,
+    target: Shape,
+    importance: str = "l2",
+    timeout_s: float = 300,
+    example_inputs=None,
+    calibration=None,
+    loss_for_taylor=None,
+) -> dict:
     """Prune ``model`` in place to ``target`` (uniform per layer). Returns the structure after pruning
     (plus ``removed_layers`` and ``block_influence`` when layers were removed).
 
@@ -48,7 +62,9 @@ def prune_to(model: nn.Module, target: Shape, importance: str = "l2", timeout_s:
     cur = shape_of(model)
     group = cur.heads // cur.kv_heads
     if not (1 <= target.layers <= cur.layers and 1 <= target.kv_heads <= cur.kv_heads and 1 <= target.ffn <= cur.ffn):
-        raise RecipeError(f"cannot prune {cur.as_dict()} to {target.as_dict()}", hint="targets must be smaller and leave at least one of each")
+        raise RecipeError(
+            f"cannot prune {cur.as_dict()} to {target.as_dict()}", hint="targets must be smaller and leave at least one of each"
+        )
     if target.heads != target.kv_heads * group:
         raise ValueError(f"target heads {target.heads} != kv_heads {target.kv_heads} x group {group}")
     batches = _batches(calibration, example_inputs)
@@ -60,7 +76,11 @@ def prune_to(model: nn.Module, target: Shape, importance: str = "l2", timeout_s:
         bi = block_influence(model, batches)
         order = sorted(range(len(bi)), key=lambda i: (bi[i], i))
         info = {"removed_layers": remove_layers(model, order[: cur.layers - target.layers]), "block_influence": [round(b, 8) for b in bi]}
-    acts = activation_scores(model, batches) if importance == "activation" and (target.kv_heads < cur.kv_heads or target.ffn < cur.ffn) else None
+    acts = (
+        activation_scores(model, batches)
+        if importance == "activation" and (target.kv_heads < cur.kv_heads or target.ffn < cur.ffn)
+        else None
+    )
     if target.kv_heads < cur.kv_heads:
         check_head_pruning(model.config, 1 - target.kv_heads / cur.kv_heads)
         _prune_heads(model, target.kv_heads, importance, acts, loss)
@@ -70,9 +90,18 @@ def prune_to(model: nn.Module, target: Shape, importance: str = "l2", timeout_s:
     return {**structure(model), **info}
 
 
-def prune_step(model: nn.Module, example_inputs: torch.Tensor, ffn_ratio: float, head_ratio: float,
-               importance: str = "l2", round_to: int = 8, timeout_s: float = 300,
-               loss_for_taylor=None, layers_removed: int = 0, calibration=None) -> dict:
+def prune_step(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    ffn_ratio: float,
+    head_ratio: float,
+    importance: str = "l2",
+    round_to: int = 8,
+    timeout_s: float = 300,
+    loss_for_taylor=None,
+    layers_removed: int = 0,
+    calibration=None,
+) -> dict:
     """Remove ``ffn_ratio`` of each layer's FFN channels, ``head_ratio`` of its KV groups (with their
     query heads) and ``layers_removed`` whole decoder layers.
 

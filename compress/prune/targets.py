@@ -70,8 +70,9 @@ def shape_of(model: nn.Module) -> Shape:
 
 def _config_shape(cfg) -> Shape:
     heads = cfg.num_attention_heads
-    return Shape(layers=cfg.num_hidden_layers, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, heads=heads,
-                 ffn=cfg.intermediate_size)
+    return Shape(
+        layers=cfg.num_hidden_layers, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, heads=heads, ffn=cfg.intermediate_size
+    )
 
 
 def ffn_keep(ffn: int, ratio: float, round_to: int) -> int:
@@ -118,22 +119,31 @@ def layers_to_remove(num_layers: int, layers_removed: int = 0, depth_ratio: floa
     if depth_ratio:
         n = int(num_layers * depth_ratio + 1e-9)
         if n < 1:
-            raise RecipeError(f"depth_ratio {depth_ratio} removes no layer of the model's {num_layers}",
-                              hint=f"use depth_ratio >= {1 / num_layers:.3g} or layers_removed: 1")
+            raise RecipeError(
+                f"depth_ratio {depth_ratio} removes no layer of the model's {num_layers}",
+                hint=f"use depth_ratio >= {1 / num_layers:.3g} or layers_removed: 1",
+            )
         if n >= num_layers:
-            raise RecipeError(f"depth_ratio {depth_ratio} removes every decoder layer (the model has {num_layers})", hint="lower depth_ratio")
+            raise RecipeError(
+                f"depth_ratio {depth_ratio} removes every decoder layer (the model has {num_layers})", hint="lower depth_ratio"
+            )
         return n
     if layers_removed >= num_layers:
-        raise RecipeError(f"layers_removed {layers_removed} removes every decoder layer (the model has {num_layers})",
-                          hint=f"remove at most {num_layers - 1}")
+        raise RecipeError(
+            f"layers_removed {layers_removed} removes every decoder layer (the model has {num_layers})",
+            hint=f"remove at most {num_layers - 1}",
+        )
     return layers_removed
 
 
 def check_head_pruning(cfg, head_ratio: float) -> None:
     """Multi-head latent attention (DeepSeek) shares low-rank key/value projections across heads: no head pruning."""
     if head_ratio > 0 and getattr(cfg, "kv_lora_rank", None):
-        raise RecipeError(f"head_ratio {head_ratio}: the student ({cfg.model_type}) has multi-head latent attention, whose heads "
-                          "share low-rank key/value projections and are not pruned", hint="set head_ratio: 0 and prune FFN channels or layers")
+        raise RecipeError(
+            f"head_ratio {head_ratio}: the student ({cfg.model_type}) has multi-head latent attention, whose heads "
+            "share low-rank key/value projections and are not pruned",
+            hint="set head_ratio: 0 and prune FFN channels or layers",
+        )
 
 
 def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, layers_removed: int = 0) -> None:
@@ -141,11 +151,15 @@ def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, laye
     s = _config_shape(cfg)
     check_head_pruning(cfg, head_ratio)
     if s.heads % s.kv_heads:
-        raise RecipeError(f"num_attention_heads {s.heads} is not a multiple of num_key_value_heads {s.kv_heads}", hint="a Llama-family config is needed")
+        raise RecipeError(
+            f"num_attention_heads {s.heads} is not a multiple of num_key_value_heads {s.kv_heads}", hint="a Llama-family config is needed"
+        )
     if head_ratio > 0 and kv_keep(s.kv_heads, head_ratio) < 1:
         what = f"{s.heads} heads" if s.kv_heads == s.heads else f"{s.kv_heads} KV groups of {s.heads // s.kv_heads} query heads"
-        raise RecipeError(f"head_ratio {head_ratio} leaves no attention heads (the model has {what}; heads go in whole KV groups)",
-                          hint="lower head_ratio")
+        raise RecipeError(
+            f"head_ratio {head_ratio} leaves no attention heads (the model has {what}; heads go in whole KV groups)",
+            hint="lower head_ratio",
+        )
     if head_ratio > 0:
         group = s.heads // s.kv_heads
         left = kv_keep(s.kv_heads, head_ratio) * group
@@ -153,9 +167,11 @@ def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, laye
             import transformers
 
             ok = [kv * group for kv in range(1, s.kv_heads + 1) if heads_allowed(cfg, kv * group)]
-            raise RecipeError(f"head_ratio {head_ratio} leaves {left} attention heads, which transformers {transformers.__version__} "
-                              f"refuses for hidden_size {cfg.hidden_size} (it must be a multiple of num_attention_heads)",
-                              hint=f"choose a head_ratio that leaves one of {ok} heads (of {s.heads})")
+            raise RecipeError(
+                f"head_ratio {head_ratio} leaves {left} attention heads, which transformers {transformers.__version__} "
+                f"refuses for hidden_size {cfg.hidden_size} (it must be a multiple of num_attention_heads)",
+                hint=f"choose a head_ratio that leaves one of {ok} heads (of {s.heads})",
+            )
     if ffn_ratio > 0 and s.ffn * (1 - ffn_ratio) < round_to:
         raise RecipeError(f"ffn_ratio {ffn_ratio} leaves fewer than round_to={round_to} FFN channels", hint="lower ffn_ratio or round_to")
     layers_to_remove(s.layers, layers_removed)
@@ -166,7 +182,9 @@ def ratio_shape(cfg, ffn_ratio: float, head_ratio: float, layers_removed: int, r
     check_prunable(cfg, ffn_ratio, head_ratio, round_to, layers_removed)
     s = _config_shape(cfg)
     kv = kv_keep(s.kv_heads, head_ratio)
-    return Shape(layers=s.layers - layers_removed, kv_heads=kv, heads=kv * (s.heads // s.kv_heads), ffn=ffn_keep(s.ffn, ffn_ratio, round_to))
+    return Shape(
+        layers=s.layers - layers_removed, kv_heads=kv, heads=kv * (s.heads // s.kv_heads), ffn=ffn_keep(s.ffn, ffn_ratio, round_to)
+    )
 
 
 def uniform_shape(start: Shape, ratio: float, structures, round_to: int, cfg=None) -> Shape:
@@ -245,8 +263,9 @@ def measure_cost(cfg, shape: Shape, seq_len: int) -> tuple[int, int]:
     return count_params(m), count_macs(m, seq_len)
 
 
-def solve_target(model: nn.Module, kind: str, fraction: float, structures, round_to: int, seq_len: int,
-                 max_ratio: float = 0.9) -> tuple[Shape, dict]:
+def solve_target(
+    model: nn.Module, kind: str, fraction: float, structures, round_to: int, seq_len: int, max_ratio: float = 0.9
+) -> tuple[Shape, dict]:
     """The least pruning (one common ratio over ``structures``) whose params or MACs are at most
     ``fraction`` of the model's. Raises a RecipeError naming ``target.<kind>`` when even ``max_ratio``
     does not get there."""
@@ -274,7 +293,8 @@ def solve_target(model: nn.Module, kind: str, fraction: float, structures, round
         raise RecipeError(
             f"target.{kind} {fraction} is unreachable by pruning {', '.join(structures)} up to target.max_ratio {max_ratio}: "
             f"the smallest candidate keeps {cost(smallest) / base:.3f} of the {kind}",
-            hint=f"raise target.{kind}, raise target.max_ratio or add structures (ffn, heads, layers)")
+            hint=f"raise target.{kind}, raise target.max_ratio or add structures (ffn, heads, layers)",
+        )
     lo, hi = 0.0, max_ratio
     for _ in range(40):  # the cost only falls as the ratio grows; find the first step that fits
         mid = (lo + hi) / 2
@@ -283,9 +303,18 @@ def solve_target(model: nn.Module, kind: str, fraction: float, structures, round
         else:
             lo = mid
     shape = uniform_shape(start, hi, structures, round_to, cfg)
-    info = {"kind": kind, "fraction": fraction, "structures": list(structures), "ratio": round(hi, 6), "solved": shape.as_dict(),
-            f"{kind}_before": base, f"{kind}_solved": cost(shape), "achieved_fraction": round(cost(shape) / base, 6),
-            "candidates_counted": len(costs), "seq_len": seq_len}
+    info = {
+        "kind": kind,
+        "fraction": fraction,
+        "structures": list(structures),
+        "ratio": round(hi, 6),
+        "solved": shape.as_dict(),
+        f"{kind}_before": base,
+        f"{kind}_solved": cost(shape),
+        "achieved_fraction": round(cost(shape) / base, 6),
+        "candidates_counted": len(costs),
+        "seq_len": seq_len,
+    }
     return shape, info
 
 
@@ -293,8 +322,9 @@ def solve_target(model: nn.Module, kind: str, fraction: float, structures, round
 # latency on this host
 
 
-def measure_latency(model: nn.Module, example, workdir: str | Path, threads: int | None = None, runs: int = 20, warmup: int = 3,
-                    parity_atol: float = 1e-3) -> dict:
+def measure_latency(
+    model: nn.Module, example, workdir: str | Path, threads: int | None = None, runs: int = 20, warmup: int = 3, parity_atol: float = 1e-3
+) -> dict:
     """Export ``model`` to ONNX (``export.onnx.export_causal_lm``), check it against torch, and time it
     with ONNX Runtime on this host (``runtimes.onnxruntime.benchmark_onnx``: a fresh worker process,
     extended graph optimizations, batch 1 at the example's sequence length)."""
@@ -320,5 +350,13 @@ def measure_latency(model: nn.Module, example, workdir: str | Path, threads: int
         raise ExportError(f"pruned candidate: ONNX output differs from torch by {diff:.2e} (> {parity_atol})", hint="report a bug")
     res = benchmark_onnx(path, x, BenchConfig(warmup=warmup, runs=runs, batch_size=1, threads=threads))
     path.unlink(missing_ok=True)
-    return {"p50_ms": res.p50, "p90_ms": res.p90, "mean_ms": res.mean, "runs": res.runs, "threads": threads,
-            "seq_len": int(x.shape[1]), "parity_max_abs_diff": diff, "runtime": f"onnxruntime-{res.device}"}
+    return {
+        "p50_ms": res.p50,
+        "p90_ms": res.p90,
+        "mean_ms": res.mean,
+        "runs": res.runs,
+        "threads": threads,
+        "seq_len": int(x.shape[1]),
+        "parity_max_abs_diff": diff,
+        "runtime": f"onnxruntime-{res.device}",
+    }

@@ -44,18 +44,22 @@ def check_config_fields(cfg: dict, where: str) -> None:
         return
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" not in cfg:
-        raise ModelSourceError(f"{where}: rope_parameters (written by transformers 5) is ignored by the installed transformers "
-                               f"{transformers.__version__}, which would fall back to rope_theta 10000",
-                               hint=f"install transformers>=5 (pip install -c constraints.txt 'transformers>=5.25,<6'), or set "
-                                    f"\"rope_theta\": {rope.get('rope_theta', '<value>')} in config.json")
+        raise ModelSourceError(
+            f"{where}: rope_parameters (written by transformers 5) is ignored by the installed transformers "
+            f"{transformers.__version__}, which would fall back to rope_theta 10000",
+            hint=f"install transformers>=5 (pip install -c constraints.txt 'transformers>=5.25,<6'), or set "
+            f'"rope_theta": {rope.get("rope_theta", "<value>")} in config.json',
+        )
     try:
         written = Version(str(cfg.get("transformers_version") or "0"))
     except InvalidVersion:
         return
     if written.major >= 5:
-        raise ModelSourceError(f"{where} was written by transformers {written}, whose fields the installed {transformers.__version__} "
-                               "misreads (rope_parameters, expert counts)",
-                               hint="install transformers>=5: pip install -c constraints.txt 'transformers>=5.25,<6'")
+        raise ModelSourceError(
+            f"{where} was written by transformers {written}, whose fields the installed {transformers.__version__} "
+            "misreads (rope_parameters, expert counts)",
+            hint="install transformers>=5: pip install -c constraints.txt 'transformers>=5.25,<6'",
+        )
 
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -119,27 +123,39 @@ def load_hf_dir(path: str | Path, config=None, dtype: str = "fp32"):
     p = Path(path)
     if config is None:
         if not (p / "config.json").is_file():
-            raise ModelSourceError(f"no Hugging Face model at {p} (config.json missing)", hint="point to a directory saved with save_pretrained")
+            raise ModelSourceError(
+                f"no Hugging Face model at {p} (config.json missing)", hint="point to a directory saved with save_pretrained"
+            )
         _refuse_quantized(p)
         _check_config_shape(p)
     try:
         with quiet_transformers():
             cfg = config if config is not None else AutoConfig.from_pretrained(p, trust_remote_code=False, local_files_only=True)
             model, info = AutoModelForCausalLM.from_pretrained(
-                p, config=cfg, use_safetensors=True, trust_remote_code=False, local_files_only=True,
-                attn_implementation="eager", dtype=torch_dtype, output_loading_info=True,
+                p,
+                config=cfg,
+                use_safetensors=True,
+                trust_remote_code=False,
+                local_files_only=True,
+                attn_implementation="eager",
+                dtype=torch_dtype,
+                output_loading_info=True,
             )
     except Exception as e:  # transformers / safetensors raise OSError, ValueError, SafetensorError, ...
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ModelSourceError(f"cannot load the model in {p}: {first}", hint="the directory needs config.json and valid *.safetensors weights") from None
+        raise ModelSourceError(
+            f"cannot load the model in {p}: {first}", hint="the directory needs config.json and valid *.safetensors weights"
+        ) from None
     # transformers only warns and initialises missing tensors at random: a model that is partly noise is refused
     missing = [k for k in info.get("missing_keys") or [] if not k.endswith("inv_freq")]
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or []]
     if missing or mismatched:
         bad, what = (missing, "lack") if missing else (mismatched, "have other shapes than config.json gives for")
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-        raise ModelSourceError(f"the weights in {p} {what} {len(bad)} tensor(s) of its config: {shown}",
-                               hint="the safetensors files are incomplete or belong to another model; re-save it with save_pretrained")
+        raise ModelSourceError(
+            f"the weights in {p} {what} {len(bad)} tensor(s) of its config: {shown}",
+            hint="the safetensors files are incomplete or belong to another model; re-save it with save_pretrained",
+        )
     return model.eval()
 
 
@@ -164,8 +180,10 @@ def _refuse_quantized(p: Path) -> None:
         return  # transformers reports an unreadable config below
     if qc:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        raise ModelSourceError(f"the model in {p} is quantized (config.json quantization_config.quant_method={method})",
-                               hint="dequantize it to bf16/fp32 safetensors (e.g. DeepSeek-V3's fp8_cast_bf16.py) and point to that directory")
+        raise ModelSourceError(
+            f"the model in {p} is quantized (config.json quantization_config.quant_method={method})",
+            hint="dequantize it to bf16/fp32 safetensors (e.g. DeepSeek-V3's fp8_cast_bf16.py) and point to that directory",
+        )
 
 
 def save_hf_dir(model, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

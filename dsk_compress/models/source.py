@@ -58,8 +58,10 @@ def _load_torch_factory(target: str, checkpoint: str | None):
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ModelSourceError(f"checkpoint {checkpoint} does not fit {target}: {str(e).splitlines()[0][:200]}",
-                                   hint="give the weights saved from this factory's model") from None
+            raise ModelSourceError(
+                f"checkpoint {checkpoint} does not fit {target}: {str(e).splitlines()[0][:200]}",
+                hint="give the weights saved from this factory's model",
+            ) from None
     model._dsk_source = {"torch": target}  # how save_model_dir rebuilds it
     return model.eval()
 
@@ -82,7 +84,9 @@ def save_torch_dir(model, path: str | Path, extra: dict[str, Any] | None = None)
 
     src = getattr(model, "_dsk_source", None)
     if not src:
-        raise ModelSourceError(f"cannot save a {type(model).__name__}: it was not loaded from a torch factory", hint="load it with load_model_source")
+        raise ModelSourceError(
+            f"cannot save a {type(model).__name__}: it was not loaded from a torch factory", hint="load it with load_model_source"
+        )
     final = Path(path)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,8 +114,14 @@ def load_torch_dir(path: str | Path):
     if q:
         from dsk_compress.compress.qat import prepare_qat
 
-        prepare_qat(model, q["weight_bits"], q["avx2_safe"], q["skip"], activations=q.get("activations", "asymmetric"),
-                    shared_inputs=q.get("shared_input_quantizers"))
+        prepare_qat(
+            model,
+            q["weight_bits"],
+            q["avx2_safe"],
+            q["skip"],
+            activations=q.get("activations", "asymmetric"),
+            shared_inputs=q.get("shared_input_quantizers"),
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -97,13 +97,16 @@ def load_zoo_model(name: str, dtype: str = "fp32"):
         with safe_open(str(weights), "pt"):
             pass
     except Exception as e:  # a truncated or foreign file: say so before transformers does, in one line
-        raise ModelSourceError(f"corrupt checkpoint {weights}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}",
-                               hint=f"re-create it with `dsk-compress zoo train {name}`") from None
+        raise ModelSourceError(
+            f"corrupt checkpoint {weights}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}",
+            hint=f"re-create it with `dsk-compress zoo train {name}`",
+        ) from None
     try:
         return load_hf_dir(zoo_path(name), config=build_config(spec), dtype=dtype)
     except ModelSourceError as e:
-        raise ModelSourceError(f"zoo weights for {name!r} do not match its config: {e.message}",
-                               hint=f"retrain it with `dsk-compress zoo train {name}`") from None
+        raise ModelSourceError(
+            f"zoo weights for {name!r} do not match its config: {e.message}", hint=f"retrain it with `dsk-compress zoo train {name}`"
+        ) from None
 
 
 def zoo_card(name: str) -> dict | None:
@@ -193,9 +196,11 @@ def train_zoo(
     if install and not force and (zoo_path(name) / "model.safetensors").is_file():  # the shipped teacher is never lost silently
         from dsk_compress.errors import RunError
 
-        raise RunError(f"installing would replace the weights in {zoo_path(name)}",
-                       hint=f"add --no-install to write them into {work / 'final'}, or --force to replace them "
-                            f"(the current ones are then copied to {work}/replaced-<time>/)")
+        raise RunError(
+            f"installing would replace the weights in {zoo_path(name)}",
+            hint=f"add --no-install to write them into {work / 'final'}, or --force to replace them "
+            f"(the current ones are then copied to {work}/replaced-<time>/)",
+        )
     task = build_task({"name": spec.task, **({"stdlib_root": str(stdlib_root)} if stdlib_root else {})})
     device = dist.device(dist.init(), default_device())
     torch.manual_seed(seed)
@@ -223,10 +228,13 @@ def train_zoo(
         if dist.is_main():  # on stdout: stderr holds progress and errors
             print(choice.describe(), flush=True)
         t0 = time.time()
-        result = train(model, loss_fn, task.train_batch, cfg, ckpt_dir=work / "checkpoint", resume=resume, evaluate=evaluate,
-                       desc=f"zoo train {name}")
-        return dist.on_main(lambda: _finish_zoo(name, spec, task, model, cfg, result, device, t0, work, install, legs, choice.as_dict()),
-                            f"zoo train {name}: scoring")
+        result = train(
+            model, loss_fn, task.train_batch, cfg, ckpt_dir=work / "checkpoint", resume=resume, evaluate=evaluate, desc=f"zoo train {name}"
+        )
+        return dist.on_main(
+            lambda: _finish_zoo(name, spec, task, model, cfg, result, device, t0, work, install, legs, choice.as_dict()),
+            f"zoo train {name}: scoring",
+        )
 
 
 def _schedule_legs(work: Path, cfg, resume: bool, lr_given: bool) -> list[dict]:
@@ -244,9 +252,11 @@ def _schedule_legs(work: Path, cfg, resume: bool, lr_given: bool) -> list[dict]:
         return [leg]
     at = int(read_json(state)["step"])
     if cfg.steps < at:
-        raise RunError(f"the checkpoint in {work / 'checkpoint'} is at step {at}; --steps {cfg.steps} cannot resume it",
-                       hint=f"give --steps {at} or more (the cosine schedule then runs over the new total from step {at}), "
-                            "or --no-resume to start over")
+        raise RunError(
+            f"the checkpoint in {work / 'checkpoint'} is at step {at}; --steps {cfg.steps} cannot resume it",
+            hint=f"give --steps {at} or more (the cosine schedule then runs over the new total from step {at}), "
+            "or --no-resume to start over",
+        )
     sched = work / "schedule.json"
     # a checkpoint written before schedule.json existed: its first leg's total is unknown
     legs = read_json(sched)["legs"] if sched.is_file() else [{"start": 0, "steps": None, "batch_size": None, "lr": None}]
@@ -254,9 +264,11 @@ def _schedule_legs(work: Path, cfg, resume: bool, lr_given: bool) -> list[dict]:
     last = legs[-1]
     if last["lr"] is not None and cfg.lr != last["lr"]:
         given = "--lr" if lr_given else "the model's default lr"
-        raise RunError(f"the checkpoint in {work / 'checkpoint'} was trained at peak lr {last['lr']}, {given} is {cfg.lr}: "
-                       "a resume keeps the checkpoint's peak lr",
-                       hint=f"resume with --lr {last['lr']}, or --no-resume to start over")
+        raise RunError(
+            f"the checkpoint in {work / 'checkpoint'} was trained at peak lr {last['lr']}, {given} is {cfg.lr}: "
+            "a resume keeps the checkpoint's peak lr",
+            hint=f"resume with --lr {last['lr']}, or --no-resume to start over",
+        )
     if last["steps"] != cfg.steps or last["batch_size"] != cfg.batch_size:
         legs.append({**leg, "start": at})
     return legs
@@ -284,8 +296,9 @@ def _device_name(device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, work: Path, install: bool, legs: list[dict],
-                threads: dict | None = None) -> dict:
+def _finish_zoo(
+    name: str, spec, task, model, cfg, result, device, t0: float, work: Path, install: bool, legs: list[dict], threads: dict | None = None
+) -> dict:
     """Score the fp16 weights that ship, and write them with their card (rank 0 alone under torchrun)."""
     import platform
 
@@ -327,8 +340,13 @@ def _finish_zoo(name: str, spec, task, model, cfg, result, device, t0: float, wo
             "history": result.history,
         },
         "validation": metrics,
-        "scored": {"host": platform.node(), "device": str(next(model.parameters()).device), "torch": torch.__version__,
-                   "transformers": transformers.__version__, "date": now},
+        "scored": {
+            "host": platform.node(),
+            "device": str(next(model.parameters()).device),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "date": now,
+        },
         "stored_dtype": "float16",
         "finished": now,
         "wall_seconds_this_session": round(time.time() - t0, 1),
@@ -360,25 +378,35 @@ def render_card_md(card: dict) -> str:
     if t.get("commit"):
         trainer += f", project commit {t['commit']}"
     lines = [
-        f"# {card['name']}", "", card["description"], "",
+        f"# {card['name']}",
+        "",
+        card["description"],
+        "",
         f"- Architecture: `{card['architecture']}`, {card['params']:,} parameters, stored as {card['stored_dtype']} safetensors",
         "- Config: " + ", ".join(f"{k}={val}" for k, val in card["config"].items() if val is not None),
         f"- Task: {corpus} ({task['train_bytes']:,} train bytes, {task['val_bytes']:,} validation bytes), seq {t['seq_len']}",
         f"- Training: {t['steps']} steps x {t['batch_size']} sequences = {t['tokens']:,} tokens on {where} "
         f"in {t['seconds'] / 60:.1f} min ({t['tokens_per_s']:,.0f} tokens/s), peak lr {t['lr']}"
-        + (f", warm-up {t['warmup']}" if t.get("warmup") else "") + (f", checkpoints every {t['ckpt_every']} steps" if t.get("ckpt_every") else "")
+        + (f", warm-up {t['warmup']}" if t.get("warmup") else "")
+        + (f", checkpoints every {t['ckpt_every']} steps" if t.get("ckpt_every") else "")
         + f"; {trainer}",
     ]
     schedule = t.get("schedule") or []
     if len(schedule) > 1:
-        lines.append("- Schedule (cosine, restarted on resume): " + "; ".join(
-            f"steps {g['first_step']}-{g['last_step']} under a {g['cosine_steps'] or '?'}-step schedule"
-            + (f" (resumed from the step-{g['resumed_from_step']} checkpoint)" if g.get("resumed_from_step") else "")
-            for g in schedule))
+        lines.append(
+            "- Schedule (cosine, restarted on resume): "
+            + "; ".join(
+                f"steps {g['first_step']}-{g['last_step']} under a {g['cosine_steps'] or '?'}-step schedule"
+                + (f" (resumed from the step-{g['resumed_from_step']} checkpoint)" if g.get("resumed_from_step") else "")
+                for g in schedule
+            )
+        )
     scored = card.get("scored") or {}
     at = f" on {scored['host']} ({scored['device']}, torch {scored['torch']}, {scored['date'][:10]})" if scored else ""
-    lines.append(f"- Validation ({int(v['eval_tokens']):,} tokens, measured on the stored weights{at}): **{v['accuracy']:.2f}%** "
-                 f"next-byte accuracy, **{v['bits_per_byte']:.3f}** bits/byte")
+    lines.append(
+        f"- Validation ({int(v['eval_tokens']):,} tokens, measured on the stored weights{at}): **{v['accuracy']:.2f}%** "
+        f"next-byte accuracy, **{v['bits_per_byte']:.3f}** bits/byte"
+    )
     baselines = card.get("baseline_student_alone") or []
     for b in [baselines] if isinstance(baselines, dict) else baselines:  # one point (older cards) or one per token budget
         lines.append(
@@ -391,14 +419,18 @@ def render_card_md(card: dict) -> str:
     lines += ["", "Reproduce:", ""]
     legs = schedule or [{"cosine_steps": t["steps"], "last_step": t["steps"]}]
     for i, g in enumerate(legs):
-        cmd = (f"dsk-compress zoo train {card['name']} --steps {g['cosine_steps'] or g['last_step']} --batch-size {t['batch_size']}"
-               + (f" --ckpt-every {t['ckpt_every']}" if t.get("ckpt_every") else ""))
+        cmd = f"dsk-compress zoo train {card['name']} --steps {g['cosine_steps'] or g['last_step']} --batch-size {t['batch_size']}" + (
+            f" --ckpt-every {t['ckpt_every']}" if t.get("ckpt_every") else ""
+        )
         stop = f"  # stopped after the step-{g['last_step']} checkpoint, then resumed:" if i + 1 < len(legs) else ""
         lines.append(f"    {cmd}{stop}")
     if task.get("corpus_fingerprint"):
         which = f"the Python {task['python']} standard library" if task.get("python") else "that standard library"
-        lines += ["", f"On a host with another Python, add `--stdlib-root DIR` with a copy of {which}: "
-                      f"the card's `task.corpus_fingerprint` must read `{task['corpus_fingerprint']}`."]
+        lines += [
+            "",
+            f"On a host with another Python, add `--stdlib-root DIR` with a copy of {which}: "
+            f"the card's `task.corpus_fingerprint` must read `{task['corpus_fingerprint']}`.",
+        ]
     lines.append("")
     return "\n".join(lines)
 

@@ -92,11 +92,13 @@ def _derive(v: Variant, teacher: Variant | None) -> Variant:
     acc, tacc = finite(v.accuracy), finite(teacher.accuracy)
     # a speed-up only against a teacher measured by the same runtime (e.g. never ONNX Runtime vs a PyTorch-eager teacher)
     same = (v.runtime or "").split("-")[0] == (teacher.runtime or "").split("-")[0]
-    return v.model_copy(update={
-        "speedup_vs_teacher": _ratio(teacher.p50, v.p50) if same else None,
-        "size_ratio_vs_teacher": _ratio(teacher.size_bytes, v.size_bytes),
-        "accuracy_delta_vs_teacher": None if acc is None or tacc is None else acc - tacc,
-    })
+    return v.model_copy(
+        update={
+            "speedup_vs_teacher": _ratio(teacher.p50, v.p50) if same else None,
+            "size_ratio_vs_teacher": _ratio(teacher.size_bytes, v.size_bytes),
+            "accuracy_delta_vs_teacher": None if acc is None or tacc is None else acc - tacc,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- recommendation
@@ -121,8 +123,9 @@ def _describe(v: Variant, with_teacher: bool) -> str:
     return ", ".join(parts)
 
 
-def _recommend(variants: list[Variant], teacher: Variant | None, final: Variant | None, max_drop: float,
-               chance: float | None = None) -> tuple[Variant | None, str]:
+def _recommend(
+    variants: list[Variant], teacher: Variant | None, final: Variant | None, max_drop: float, chance: float | None = None
+) -> tuple[Variant | None, str]:
     """:func:`_pick`, except that nothing near chance (below ``NEAR_CHANCE_FACTOR`` x ``chance``) is ever recommended: a
     teacher near chance means its students learned from noise, and a pick near chance is no model worth shipping."""
     from dsk_compress.sanity import NEAR_CHANCE_FACTOR
@@ -131,18 +134,20 @@ def _recommend(variants: list[Variant], teacher: Variant | None, final: Variant 
     tacc = finite(teacher.accuracy) if teacher else None
     near = f"near chance ({chance:.2f}% for always predicting the most frequent token)" if chance is not None else ""
     if bar is not None and tacc is not None and tacc < bar:
-        return None, (f"ship nothing: the teacher `{teacher.name}` scores {tacc:.2f}%, {near}, so no variant distilled from it "
-                      "is worth shipping. Check that the teacher's weights, tokenizer and task belong together, then run again.")
+        return None, (
+            f"ship nothing: the teacher `{teacher.name}` scores {tacc:.2f}%, {near}, so no variant distilled from it "
+            "is worth shipping. Check that the teacher's weights, tokenizer and task belong together, then run again."
+        )
     pick, why = _pick(variants, teacher, final, max_drop)
     acc = finite(pick.accuracy) if pick is not None else None
     if bar is not None and acc is not None and acc < bar:
-        return None, (f"ship nothing: the best candidate `{pick.name}` scores {acc:.2f}%, {near}. Train longer or prune "
-                      "less, then run again.")
+        return None, (
+            f"ship nothing: the best candidate `{pick.name}` scores {acc:.2f}%, {near}. Train longer or prune less, then run again."
+        )
     return pick, why
 
 
-def _pick(variants: list[Variant], teacher: Variant | None, final: Variant | None,
-          max_drop: float) -> tuple[Variant | None, str]:
+def _pick(variants: list[Variant], teacher: Variant | None, final: Variant | None, max_drop: float) -> tuple[Variant | None, str]:
     """Pick the variant to ship and say why, using only measured numbers.
 
     Rules: the ``final`` variant when its accuracy is within ``max_drop`` points of the
@@ -213,13 +218,22 @@ def distillation_margins(variants: list[Variant]) -> list[DistillationMargin]:
         va, vb = by_role.get(a), by_role.get(b)
         acc_a, acc_b = (finite(va.accuracy), finite(vb.accuracy)) if va and vb else (None, None)
         if va and vb and acc_a is not None and acc_b is not None:
-            out.append(DistillationMargin(variant=va.name, baseline=vb.name, compares=what, accuracy=acc_a,
-                                          baseline_accuracy=acc_b, margin=round(acc_a - acc_b, 4)))
+            out.append(
+                DistillationMargin(
+                    variant=va.name,
+                    baseline=vb.name,
+                    compares=what,
+                    accuracy=acc_a,
+                    baseline_accuracy=acc_b,
+                    margin=round(acc_a - acc_b, 4),
+                )
+            )
     return out
 
 
-def summarize(variants: list[Variant], max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-              chance_accuracy: float | None = None) -> Summary:
+def summarize(
+    variants: list[Variant], max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP, chance_accuracy: float | None = None
+) -> Summary:
     """Summary block of a report from variants that already carry the derived fields.
 
     Args:
@@ -272,7 +286,9 @@ def assemble_report(variants: list[dict], meta: dict, devices: Sequence[DeviceSe
             devices=list(devices),
         )
     except ValidationError as e:
-        raise RunError(f"report metadata: {describe_error(e, fields)}", hint="meta: run, recipe and task are strings, host a string or a mapping") from None
+        raise RunError(
+            f"report metadata: {describe_error(e, fields)}", hint="meta: run, recipe and task are strings, host a string or a mapping"
+        ) from None
 
 
 def make_report(variants: list[dict], meta: dict) -> dict:
@@ -330,8 +346,13 @@ def rebuild_report(run_dir: Path) -> dict:
     """
     run_dir = Path(run_dir)
     old = read_report(run_dir)
-    report = old.model_copy(update={"schema_version": REPORT_SCHEMA_VERSION, "devices": device_sections(run_dir, old.variants),
-                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    report = old.model_copy(
+        update={
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "devices": device_sections(run_dir, old.variants),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     return write_report(run_dir, report)
 
 

@@ -32,8 +32,9 @@ def _round(x: Any, n: int) -> Any:
     return None if x is None else round(x, n)
 
 
-def record_row(rec: BenchRecord, name: str | None = None, base: dict | None = None, device: str = HOST,
-               measured_on: str | None = None) -> dict:
+def record_row(
+    rec: BenchRecord, name: str | None = None, base: dict | None = None, device: str = HOST, measured_on: str | None = None
+) -> dict:
     """The report row (a :class:`~dsk_compress.report.model.Variant` dict) of one bench record.
 
     Args:
@@ -50,15 +51,28 @@ def record_row(rec: BenchRecord, name: str | None = None, base: dict | None = No
     p = rec.provenance
     where = measured_on or ("emulated" if p.measurement == "emulated" else (p.ssh_host or p.hostname))
     row = {
-        "name": name or rec.variant, "role": rec.role or base.get("role"), "stage": base.get("stage", rec.variant),
-        "params": base.get("params"), "size_bytes": rec.size_bytes if rec.size_bytes is not None else base.get("size_bytes"),
-        "accuracy": _round(metrics.get("accuracy"), 3), "bits_per_byte": _round(metrics.get("bits_per_byte"), 4),
+        "name": name or rec.variant,
+        "role": rec.role or base.get("role"),
+        "stage": base.get("stage", rec.variant),
+        "params": base.get("params"),
+        "size_bytes": rec.size_bytes if rec.size_bytes is not None else base.get("size_bytes"),
+        "accuracy": _round(metrics.get("accuracy"), 3),
+        "bits_per_byte": _round(metrics.get("bits_per_byte"), 4),
         "metrics": {k: round(v, 4) for k, v in metrics.items()} or None,
-        "latency_ms": ({k: round(getattr(lat, k), 3) for k in ("p50", "p90", "p99", "mean")}
-                       | ({"p50_rounds": [round(x, 3) for x in lat.p50_rounds]} if lat.p50_rounds else {})) if lat else None,
-        "throughput": round(lat.items_per_s, 2) if lat else None, "peak_memory_mb": _round(rec.memory.peak_rss_mb, 1),
-        "runtime": rec.runtime.short, "device": device, "precision": rec.precision or base.get("precision"),
-        "artifact": base.get("artifact", rec.artifact), "notes": base.get("notes", rec.notes), "measured_on": where,
+        "latency_ms": (
+            {k: round(getattr(lat, k), 3) for k in ("p50", "p90", "p99", "mean")}
+            | ({"p50_rounds": [round(x, 3) for x in lat.p50_rounds]} if lat.p50_rounds else {})
+        )
+        if lat
+        else None,
+        "throughput": round(lat.items_per_s, 2) if lat else None,
+        "peak_memory_mb": _round(rec.memory.peak_rss_mb, 1),
+        "runtime": rec.runtime.short,
+        "device": device,
+        "precision": rec.precision or base.get("precision"),
+        "artifact": base.get("artifact", rec.artifact),
+        "notes": base.get("notes", rec.notes),
+        "measured_on": where,
         "measurement": p.measurement,
         "throughput_by_batch": {str(b.batch_size): round(b.items_per_s, 2) for b in rec.timing.batches} if rec.timing else None,
         "session_ms": _round(rec.timing.session_ms, 1) if rec.timing else None,
@@ -101,13 +115,21 @@ def section(name: str, records: list[BenchRecord], host_rows: list[Variant], res
     runtimes = list(dict.fromkeys(r.runtime.label for r in records))
     front = pareto_front([(v.p50, finite(v.accuracy)) for v in rows])
     return DeviceSection(
-        name=name, measurement="emulated" if any(r.provenance.measurement == "emulated" for r in records) else "measured",
-        where=(latest.ssh_host or latest.hostname) if latest else None, machine=latest.machine if latest else None,
-        cpu=latest.cpu if latest else None, gpu=latest.gpu if latest else None, os=latest.os if latest else None,
-        python=latest.python if latest else None, runtime=", ".join(runtimes) or None,
+        name=name,
+        measurement="emulated" if any(r.provenance.measurement == "emulated" for r in records) else "measured",
+        where=(latest.ssh_host or latest.hostname) if latest else None,
+        machine=latest.machine if latest else None,
+        cpu=latest.cpu if latest else None,
+        gpu=latest.gpu if latest else None,
+        os=latest.os if latest else None,
+        python=latest.python if latest else None,
+        runtime=", ".join(runtimes) or None,
         measured_at=max((r.provenance.created or "" for r in records), default=None) or None,
         tool=", ".join(dict.fromkeys(r.provenance.tool for r in records)) or None,
-        results=results, variants=rows, pareto=[rows[i].name for i in front])
+        results=results,
+        variants=rows,
+        pareto=[rows[i].name for i in front],
+    )
 
 
 def device_sections(run_dir: str | Path, host_rows: list[Variant]) -> list[DeviceSection]:

@@ -78,6 +78,7 @@ DEVICE_SUMMARY_KEYS = ("variant", "params", "size", "accuracy", "p50", "delta-vs
 SHORT_TITLES = {"Size (MB)": "MB", "Accuracy (%)": "Accuracy %", "p50 (ms)": "p50 ms", "p99 (ms)": "p99 ms", DECODE_COLUMN: "Decode tok/s"}
 """Column titles in the summary table (narrower; the full table and report.md's "All columns" keep the long ones)."""
 
+
 def format_params(n: Any) -> str:
     """Human-readable parameter count: ``1234567`` -> ``"1.23M"``, ``None`` -> ``"—"``."""
     x = finite(n)
@@ -156,13 +157,16 @@ def parse_columns(text: str) -> tuple[str, ...]:
     keys = [k.strip().lower() for k in text.split(",") if k.strip()]
     unknown = [k for k in keys if k not in COLUMN_KEYS]
     if unknown or not keys:
-        raise RunError(f"--columns {text!r}: unknown column {', '.join(map(repr, unknown)) or '(none given)'}",
-                       hint=f"choose from {', '.join(COLUMN_KEYS)}")
+        raise RunError(
+            f"--columns {text!r}: unknown column {', '.join(map(repr, unknown)) or '(none given)'}",
+            hint=f"choose from {', '.join(COLUMN_KEYS)}",
+        )
     return tuple(dict.fromkeys(["variant", *keys]))
 
 
-def summary_columns(rows: Report | Mapping[str, Any] | list[Variant], device: bool = False,
-                    keys: tuple[str, ...] | None = None) -> tuple[str, ...]:
+def summary_columns(
+    rows: Report | Mapping[str, Any] | list[Variant], device: bool = False, keys: tuple[str, ...] | None = None
+) -> tuple[str, ...]:
     """Column titles of the summary table of ``rows``: ``keys`` (default :data:`SUMMARY_KEYS`, or
     :data:`DEVICE_SUMMARY_KEYS` with ``device``) that :func:`table_columns` has for these rows, in the order given."""
     present = set(table_columns(rows, device))
@@ -211,8 +215,9 @@ _CELLS = {
 }
 
 
-def table_rows(rows: Report | Mapping[str, Any] | list[Variant], device: bool = False,
-               columns: tuple[str, ...] | None = None) -> list[list[str]]:
+def table_rows(
+    rows: Report | Mapping[str, Any] | list[Variant], device: bool = False, columns: tuple[str, ...] | None = None
+) -> list[list[str]]:
     """Formatted cells of one row per variant, in ``columns`` (column titles; default :func:`table_columns`)."""
     vs = _variants(rows)
     cols = columns or table_columns(vs, device)
@@ -250,14 +255,18 @@ def device_note(section: DeviceSection) -> str:
     """What a device section's numbers are: where they were measured, how, and what an emulated row means."""
     what = [x for x in (section.machine, section.cpu, section.gpu, section.os, section.python and f"Python {section.python}") if x]
     if section.measurement == "emulated":
-        how = (f"Emulated: an {section.machine or 'emulated'} Python under QEMU user mode on another machine. Accuracy is that of "
-               "the artifact on this instruction set; timings are the emulator's, not the device's.")
+        how = (
+            f"Emulated: an {section.machine or 'emulated'} Python under QEMU user mode on another machine. Accuracy is that of "
+            "the artifact on this instruction set; timings are the emulator's, not the device's."
+        )
     else:
         how = f"Measured on {section.where or section.name}."
     by = {"run.py": "the bundle's run.py", "bench_worker": "the bench worker"}
     tools = ", ".join(by.get(t.strip(), t.strip()) for t in (section.tool or "").split(",") if t.strip()) or "dsk-compress"
-    return (f"{how} {', '.join(what)}. Runtime: {section.runtime or DASH}. Latencies at batch size 1, measured by {tools}; "
-            f"from {section.results}" + (f", {section.measured_at}." if section.measured_at else "."))
+    return (
+        f"{how} {', '.join(what)}. Runtime: {section.runtime or DASH}. Latencies at batch size 1, measured by {tools}; "
+        f"from {section.results}" + (f", {section.measured_at}." if section.measured_at else ".")
+    )
 
 
 def margin_text(m: DistillationMargin) -> str:
@@ -287,8 +296,10 @@ def variant_detail(v: Variant) -> str:
     if dec is not None:
         prompt = "?" if dec.prompt_tokens is None else dec.prompt_tokens
         graph = f" with `{dec.artifact}`" if dec.artifact else ""
-        dec_text = (f"greedy decode{graph} {fmt(dec.decode_ms_p50, 3)} ms/token p50, prefill of "
-                    f"{prompt} tokens {fmt(dec.prefill_ms, 2)} ms" + (f" (decoder ops: {_ops(dec.fused_ops)})" if dec.fused_ops else ""))
+        dec_text = (
+            f"greedy decode{graph} {fmt(dec.decode_ms_p50, 3)} ms/token p50, prefill of "
+            f"{prompt} tokens {fmt(dec.prefill_ms, 2)} ms" + (f" (decoder ops: {_ops(dec.fused_ops)})" if dec.fused_ops else "")
+        )
     return "; ".join(x for x in (v.notes or "", v.precision or "", fused, mem, dec_text) if x)
 
 

@@ -127,15 +127,22 @@ def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     if not pts:
-        ax.text(0.5, 0.5, "no variant has both a latency and an accuracy", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no variant has both a latency and an accuracy", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     else:
         front = [i for i, (v, _, _) in enumerate(pts) if v.name in pareto]
-        fx = sorted(((pts[i][1], pts[i][2]) for i in front))
+        fx = sorted((pts[i][1], pts[i][2]) for i in front)
         if len(fx) > 1:
-            ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color="#059669",
-                    linewidth=1.5, alpha=0.8, label="Pareto front", zorder=1)
+            ax.step(
+                [p[0] for p in fx],
+                [p[1] for p in fx],
+                where="post",
+                color="#059669",
+                linewidth=1.5,
+                alpha=0.8,
+                label="Pareto front",
+                zorder=1,
+            )
         ys = [y for _, _, y in pts]
         near_y = 0.05 * max(max(ys) - min(ys), 1e-9)
         placed: list[tuple[float, float]] = []
@@ -143,9 +150,16 @@ def _plot(rows: list[Variant], recommended: str | None, pareto: set[str], where:
         for i, (v, x, y) in sorted(enumerate(pts), key=lambda t: -t[1][2]):  # top down, so crowded labels step downwards
             colour = _ROLE_COLOURS.get(str(v.role), _OTHER_COLOUR)
             on_front = i in front
-            ax.scatter([x], [y], s=70 if on_front else 45, color=colour, zorder=3,
-                       marker="D" if on_front else "o",
-                       edgecolors="black" if v.name == recommended else "none", linewidths=1.2)
+            ax.scatter(
+                [x],
+                [y],
+                s=70 if on_front else 45,
+                color=colour,
+                zorder=3,
+                marker="D" if on_front else "o",
+                edgecolors="black" if v.name == recommended else "none",
+                linewidths=1.2,
+            )
             label = v.name.replace("$", r"\$")
             # a label near an earlier one (close in log latency and accuracy) steps down a line so they do not overprint
             crowd = sum(1 for px, py in placed if abs(math.log10(max(x, 1e-9) / max(px, 1e-9))) < 0.08 and abs(y - py) < near_y)
@@ -183,8 +197,13 @@ def _img(png: bytes, alt: str) -> str:
 def _table(rows: list[Variant], recommended: str | None, pareto: set[str], device: bool = False) -> list[str]:
     cols = table_columns(rows, device)
     numeric = numeric_columns(cols)
-    out = ["<table>", "<thead><tr>" + "".join(f'<th class="num">{_esc(c)}</th>' if i in numeric else f"<th>{_esc(c)}</th>"
-                                            for i, c in enumerate(cols)) + "</tr></thead>", "<tbody>"]
+    out = [
+        "<table>",
+        "<thead><tr>"
+        + "".join(f'<th class="num">{_esc(c)}</th>' if i in numeric else f"<th>{_esc(c)}</th>" for i, c in enumerate(cols))
+        + "</tr></thead>",
+        "<tbody>",
+    ]
     for v, row in zip(rows, table_rows(rows, device)):
         classes = [c for c, on in (("recommended", v.name == recommended), ("pareto", v.name in pareto)) if on]
         cls = f' class="{" ".join(classes)}"' if classes else ""

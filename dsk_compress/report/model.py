@@ -160,17 +160,23 @@ class Variant(BaseModel):
     precision: str | None = None
     artifact: str | None = Field(None, description="path of the artifact, relative to the run directory")
     notes: str | None = None
-    fused_ops: dict[str, StrictInt] | None = Field(None, description="fused / integer operators of the artifact (ONNX Runtime contrib ops, "
-                                                                     "QLinear*, MatMulInteger*), by count")
+    fused_ops: dict[str, StrictInt] | None = Field(
+        None, description="fused / integer operators of the artifact (ONNX Runtime contrib ops, QLinear*, MatMulInteger*), by count"
+    )
     decode_tokens_per_s: Number | None = None
     decode: Decode | None = None
     measured_on: str | None = Field(None, description="where the row was measured: the host's name, or the device (and how it was reached)")
-    measurement: Literal["measured", "emulated"] | None = Field(None, description="emulated: e.g. an arm64 Python under QEMU (accuracy "
-                                                                                 "is meaningful, timings are not)")
-    throughput_by_batch: dict[str, Number] | None = Field(None, description="items/s by batch size ('1', '8', '64') where the model allowed it")
+    measurement: Literal["measured", "emulated"] | None = Field(
+        None, description="emulated: e.g. an arm64 Python under QEMU (accuracy is meaningful, timings are not)"
+    )
+    throughput_by_batch: dict[str, Number] | None = Field(
+        None, description="items/s by batch size ('1', '8', '64') where the model allowed it"
+    )
     session_ms: Number | None = Field(None, description="session / engine creation time")
     first_inference_ms: Number | None = None
-    accuracy_delta_vs_host: Number | None = Field(None, description="device rows: accuracy - the host's accuracy of the same variant (points)")
+    accuracy_delta_vs_host: Number | None = Field(
+        None, description="device rows: accuracy - the host's accuracy of the same variant (points)"
+    )
     speedup_vs_teacher: Number | None = Field(None, description="teacher p50 / variant p50")
     size_ratio_vs_teacher: Number | None = Field(None, description="teacher size_bytes / variant size_bytes")
     accuracy_delta_vs_teacher: Number | None = Field(None, description="variant accuracy - teacher accuracy (points)")
@@ -225,8 +231,10 @@ class Summary(BaseModel):
     pareto: list[str] = Field(description="Pareto-optimal variant names (lowest p50, highest accuracy), in variant order")
     max_accuracy_drop: Number = Field(description="accuracy points the shipped variant may lose against the teacher")
     distillation: list[DistillationMargin] = Field(default_factory=list)
-    chance_accuracy: Number | None = Field(None, description="accuracy (%) of always predicting the most frequent token; nothing "
-                                                              "below NEAR_CHANCE_FACTOR times it is recommended")
+    chance_accuracy: Number | None = Field(
+        None,
+        description="accuracy (%) of always predicting the most frequent token; nothing below NEAR_CHANCE_FACTOR times it is recommended",
+    )
 
 
 class DeviceSection(BaseModel):
@@ -279,8 +287,9 @@ class Report(BaseModel):
         # the bench stage writes every host row with the role the export stage gave it (export picks the row to ship by role)
         for i, v in enumerate(rows):
             if not (isinstance(v.role, str) and v.role.strip()):
-                raise PydanticCustomError("role_missing", "row {i} ({name}) has no role (teacher, student, final, ...)",
-                                          {"i": i, "name": repr(v.name)})
+                raise PydanticCustomError(
+                    "role_missing", "row {i} ({name}) has no role (teacher, student, final, ...)", {"i": i, "name": repr(v.name)}
+                )
         return rows
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,9 +28,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
             clean.append((i, lat, acc))
     front = []
     for i, li, ai in clean:
-        dominated = any(
-            lj <= li and aj >= ai and (lj < li or aj > ai) for j, lj, aj in clean if j != i
-        )
+        dominated = any(lj <= li and aj >= ai and (lj < li or aj > ai) for j, lj, aj in clean if j != i)
         if not dominated:
             front.append(i)
     return front

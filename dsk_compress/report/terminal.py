@@ -72,8 +72,13 @@ def render_comparison(reports: Sequence[Report | Mapping[str, Any]], console: Co
 
     rows = comparison_rows(reports)
     names = [f"★ {r['variant']}" if r["recommended"] else str(r["variant"]) for r in rows]
-    table = Table(title="Run comparison", caption="★ recommended variant of its run; latencies at batch 1 where each row says",
-                  box=box.SIMPLE_HEAD, caption_justify="left", pad_edge=False)
+    table = Table(
+        title="Run comparison",
+        caption="★ recommended variant of its run; latencies at batch 1 where each row says",
+        box=box.SIMPLE_HEAD,
+        caption_justify="left",
+        pad_edge=False,
+    )
     # as in the summary table: variant names whole, everything else folds instead of ending in "…"
     table.add_column("Run", style="cyan", overflow="fold")
     table.add_column("Measured on", overflow="fold")
@@ -126,8 +131,7 @@ def _print_table(console: Console, heading, caption, rows, device: bool, recomme
     console.print(table)
 
 
-def render_summary_table(report: Report | Mapping[str, Any], console: Console,
-                         columns: str | tuple[str, ...] | None = None) -> None:
+def render_summary_table(report: Report | Mapping[str, Any], console: Console, columns: str | tuple[str, ...] | None = None) -> None:
     """Print the host's variant table and recommendation, then one table per device, with rich.
 
     Args:
@@ -149,5 +153,9 @@ def render_summary_table(report: Report | Mapping[str, Any], console: Console,
     for d in report.devices:
         _print_table(console, Text(f"Device: {d.label}"), Text(device_note(d)), d.variants, True, None, columns)
     if columns is None:
-        console.print("Every column: dsk-compress report RUN_DIR --wide; or choose them with --columns "
-                      f"{','.join(SUMMARY_KEYS[:4])},p99 (any of: {', '.join(COLUMN_KEYS)}).", style="dim", markup=False)
+        console.print(
+            "Every column: dsk-compress report RUN_DIR --wide; or choose them with --columns "
+            f"{','.join(SUMMARY_KEYS[:4])},p99 (any of: {', '.join(COLUMN_KEYS)}).",
+            style="dim",
+            markup=False,
+        )

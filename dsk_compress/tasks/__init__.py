@@ -20,7 +20,9 @@ def build_task(spec: dict[str, Any]) -> Task:
         try:
             return CodeLMTask(**spec)
         except TypeError as e:
-            raise TaskError(f"bad option for task code-lm: {e}", hint="options: seq_len, eval_sequences, val_percent, seed, stdlib_root") from None
+            raise TaskError(
+                f"bad option for task code-lm: {e}", hint="options: seq_len, eval_sequences, val_percent, seed, stdlib_root"
+            ) from None
     if name == "text-lm":
         from dsk_compress.tasks.text_lm import TextLMTask
 

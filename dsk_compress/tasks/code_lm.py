@@ -79,8 +79,10 @@ def build_corpus(root: str | Path | None = None, val_percent: int = 5) -> tuple[
     """Read (or load from cache) the byte corpus. Returns ``(train, val, fingerprint)``."""
     files = stdlib_files(root)
     if not files:
-        raise TaskError(f"code-lm: no .py files under {root}",
-                        hint="stdlib_root must be a Python standard-library folder, e.g. /usr/lib/python3.11 or a copy of one")
+        raise TaskError(
+            f"code-lm: no .py files under {root}",
+            hint="stdlib_root must be a Python standard-library folder, e.g. /usr/lib/python3.11 or a copy of one",
+        )
     listing = hashlib.sha256()
     for rel, p in files:
         listing.update(f"{rel}:{p.stat().st_size}\n".encode())
@@ -121,17 +123,20 @@ class CodeLMTask(WindowedLMTask):
     name = "code-lm"
     vocab_size = VOCAB_SIZE
 
-    def __init__(self, seq_len: int = 256, eval_sequences: int = 128, val_percent: int = 5, seed: int = 0,
-                 stdlib_root: str | Path | None = None) -> None:
+    def __init__(
+        self, seq_len: int = 256, eval_sequences: int = 128, val_percent: int = 5, seed: int = 0, stdlib_root: str | Path | None = None
+    ) -> None:
         self.seq_len = seq_len
         self.eval_sequences = eval_sequences
         self.seed = seed
         self.stdlib_root = Path(stdlib_root or own_stdlib()).resolve()
         self.train, self.val, self._fp = build_corpus(self.stdlib_root, val_percent)
         if len(self.val) < (seq_len + 1) * 2 or len(self.train) < (seq_len + 1) * 2:
-            raise TaskError(f"code-lm: the corpus under {self.stdlib_root} is too small for seq_len {seq_len} "
-                            f"({len(self.train):,} train and {len(self.val):,} validation bytes)",
-                            hint="use a full standard-library folder or a shorter seq_len")
+            raise TaskError(
+                f"code-lm: the corpus under {self.stdlib_root} is too small for seq_len {seq_len} "
+                f"({len(self.train):,} train and {len(self.val):,} validation bytes)",
+                hint="use a full standard-library folder or a shorter seq_len",
+            )
         n = len(self.val) - seq_len - 1
         self._eval_starts = np.linspace(0, n, eval_sequences).astype(np.int64)
 

@@ -28,8 +28,10 @@ def _decode(p: Path, encoding: str) -> str:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise TaskError(f"{p}:{line}: byte 0x{data[e.start]:02x} is not valid {encoding} ({e.reason})",
-                        hint="convert the file to UTF-8 or set task.encoding (e.g. latin-1, cp1252)") from None
+        raise TaskError(
+            f"{p}:{line}: byte 0x{data[e.start]:02x} is not valid {encoding} ({e.reason})",
+            hint="convert the file to UTF-8 or set task.encoding (e.g. latin-1, cp1252)",
+        ) from None
 
 
 def file_format(p: Path, fmt: str = "auto", text: str | None = None) -> str:
@@ -50,15 +52,19 @@ def file_format(p: Path, fmt: str = "auto", text: str | None = None) -> str:
                 json.loads(candidate)
             except ValueError:
                 continue
-            raise TaskError(f"{p} holds JSON but would be read as plain text (its suffix is {p.suffix or 'none'!r})",
-                            hint="set task.format: jsonl (one record per line) or json (a list of records), or task.format: text "
-                                 "to train on it as text")
+            raise TaskError(
+                f"{p} holds JSON but would be read as plain text (its suffix is {p.suffix or 'none'!r})",
+                hint="set task.format: jsonl (one record per line) or json (a list of records), or task.format: text "
+                "to train on it as text",
+            )
     return "text"
 
 
 def _record_text(rec, p: Path, where: str, text_field: str) -> str:
     if not isinstance(rec, dict):
-        raise TaskError(f"{p}:{where} is a JSON {type(rec).__name__}, not an object with a {text_field!r} field", hint="one object per record")
+        raise TaskError(
+            f"{p}:{where} is a JSON {type(rec).__name__}, not an object with a {text_field!r} field", hint="one object per record"
+        )
     if text_field not in rec:
         raise TaskError(f"{p}:{where} has no field {text_field!r}", hint="set task.text_field")
     return str(rec[text_field])
@@ -85,8 +91,10 @@ def read_documents(paths: list[str], text_field: str = "text", fmt: str = "auto"
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
-                raise TaskError(f"{p}:{e.lineno} is not valid JSON ({e.msg})",
-                                hint="a .json file holds a list of records; for one record per line use .jsonl or task.format: jsonl") from None
+                raise TaskError(
+                    f"{p}:{e.lineno} is not valid JSON ({e.msg})",
+                    hint="a .json file holds a list of records; for one record per line use .jsonl or task.format: jsonl",
+                ) from None
             records = data if isinstance(data, list) else [data]
             docs.extend(_record_text(rec, p, f"item {k}", text_field) for k, rec in enumerate(records))
         else:
@@ -129,9 +137,13 @@ def eval_window_starts(n_tokens: int, seq_len: int, eval_sequences: int) -> np.n
     fit = n_tokens // seq_len
     windows = min(eval_sequences, fit)
     if windows < eval_sequences:
-        warnings.warn(f"task.eval has {n_tokens:,} tokens: room for {fit} validation windows of seq_len {seq_len} that do not "
-                      f"overlap, fewer than eval_sequences = {eval_sequences}; scoring {fit} windows ({fit * (seq_len - 1):,} "
-                      "predictions). Add validation text, or lower task.seq_len, to score more.", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"task.eval has {n_tokens:,} tokens: room for {fit} validation windows of seq_len {seq_len} that do not "
+            f"overlap, fewer than eval_sequences = {eval_sequences}; scoring {fit} windows ({fit * (seq_len - 1):,} "
+            "predictions). Add validation text, or lower task.seq_len, to score more.",
+            UserWarning,
+            stacklevel=3,
+        )
     # k <= n_tokens // seq_len windows over n_tokens - seq_len starts: consecutive starts are >= seq_len apart
     return np.unique(np.linspace(0, n_tokens - seq_len, windows).astype(np.int64))
 
@@ -142,8 +154,18 @@ class TextLMTask(WindowedLMTask):
     name = "text-lm"
     logits_dtype = np.float32  # [B, T, vocab] in float64 would be large for real tokenizers
 
-    def __init__(self, train: list[str], eval: list[str], tokenizer: str, text_field: str = "text", seq_len: int = 256,
-                 eval_sequences: int = 64, seed: int = 0, format: str = "auto", encoding: str = "utf-8") -> None:
+    def __init__(
+        self,
+        train: list[str],
+        eval: list[str],
+        tokenizer: str,
+        text_field: str = "text",
+        seq_len: int = 256,
+        eval_sequences: int = 64,
+        seed: int = 0,
+        format: str = "auto",
+        encoding: str = "utf-8",
+    ) -> None:
         self.seq_len = seq_len
         self.seed = seed
         self.tok = load_tokenizer(tokenizer)
@@ -152,7 +174,9 @@ class TextLMTask(WindowedLMTask):
         self.val = tokenize(read_documents(eval, text_field, format, encoding), self.tok)
         for split, arr in (("train", self.train), ("eval", self.val)):
             if len(arr) < seq_len + 1:
-                raise TaskError(f"task.{split} has {len(arr)} tokens, fewer than seq_len + 1 = {seq_len + 1}", hint="add text or lower task.seq_len")
+                raise TaskError(
+                    f"task.{split} has {len(arr)} tokens, fewer than seq_len + 1 = {seq_len + 1}", hint="add text or lower task.seq_len"
+                )
         self._eval_starts = eval_window_starts(len(self.val), seq_len, eval_sequences)
         h = hashlib.sha256(self.train.tobytes() + self.val.tobytes()).hexdigest()[:16]
         self._fp = f"text-lm:{h}:L{seq_len}:E{len(self._eval_starts)}"
@@ -161,10 +185,18 @@ class TextLMTask(WindowedLMTask):
         return self._fp
 
     def describe(self) -> dict:
-        return {"name": self.name, "train_tokens": int(len(self.train)), "val_tokens": int(len(self.val)), "seq_len": self.seq_len,
-                "vocab_size": self.vocab_size, "eval_windows": int(len(self._eval_starts)),
-                "eval_tokens": int(len(self._eval_starts) * (self.seq_len - 1))}  # predictions scored, each token once
+        return {
+            "name": self.name,
+            "train_tokens": int(len(self.train)),
+            "val_tokens": int(len(self.val)),
+            "seq_len": self.seq_len,
+            "vocab_size": self.vocab_size,
+            "eval_windows": int(len(self._eval_starts)),
+            "eval_tokens": int(len(self._eval_starts) * (self.seq_len - 1)),
+        }  # predictions scored, each token once
 
     def evaluate(self, predict: PredictFn, batch_size: int = 4) -> Metrics:
         correct, nll, count = self.score(predict, batch_size)
-        return Metrics(accuracy=100.0 * correct / count, extra={"perplexity": math.exp(nll / count), "nll": nll / count, "eval_tokens": float(count)})
+        return Metrics(
+            accuracy=100.0 * correct / count, extra={"perplexity": math.exp(nll / count), "nll": nll / count, "eval_tokens": float(count)}
+        )

@@ -25,11 +25,15 @@ def load_torch_task(target: str, options: dict[str, Any] | None = None):
     try:
         task = factory(**(options or {}))
     except Exception as e:  # the user's factory: any error becomes one line naming it
-        raise TaskError(f"task.torch: {target}(**task.options) raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                        hint="check task.options against the factory's parameters") from None
+        raise TaskError(
+            f"task.torch: {target}(**task.options) raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+            hint="check task.options against the factory's parameters",
+        ) from None
     missing = [m for m in TASK_METHODS if not callable(getattr(task, m, None))]
     if missing or not isinstance(getattr(task, "name", None), str):
         missing += [] if isinstance(getattr(task, "name", None), str) else ["name (str attribute)"]
-        raise TaskError(f"task.torch: {target} returned a {type(task).__name__} without {', '.join(missing)}",
-                        hint="implement the Task protocol of dsk_compress.tasks.base (see examples/digits/task.py)")
+        raise TaskError(
+            f"task.torch: {target} returned a {type(task).__name__} without {', '.join(missing)}",
+            hint="implement the Task protocol of dsk_compress.tasks.base (see examples/digits/task.py)",
+        )
     return task

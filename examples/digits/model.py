@@ -12,9 +12,15 @@ class DigitsCNN(nn.Module):
         super().__init__()
         c1, c2, c3 = widths
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),
-            nn.Conv2d(c2, c3, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c3), nn.ReLU(),
+            nn.Conv2d(1, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.Conv2d(c2, c3, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(c3),
+            nn.ReLU(),
         )
         self.classifier = nn.Linear(c3 * 2 * 2, num_classes)
 

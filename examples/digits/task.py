@@ -44,7 +44,7 @@ class DigitsTask:
 
     def eval_batches(self, batch_size: int = 128) -> Iterator[np.ndarray]:
         for i in range(0, len(self.y_val), batch_size):
-            yield self.x_val[i:i + batch_size]
+            yield self.x_val[i : i + batch_size]
 
     def calibration_batches(self, n: int, batch_size: int = 8) -> Iterator[np.ndarray]:
         """Training images for activation calibration (never validation data)."""
@@ -58,7 +58,7 @@ class DigitsTask:
         """Accuracy (%) and mean cross-entropy (nats) of ``predict`` on the validation split."""
         correct, nll = 0, 0.0
         for i, x in enumerate(self.eval_batches(batch_size)):
-            y = self.y_val[i * batch_size:i * batch_size + len(x)]
+            y = self.y_val[i * batch_size : i * batch_size + len(x)]
             logits = np.asarray(predict(x), dtype=np.float64)
             m = logits.max(-1, keepdims=True)
             logz = np.log(np.exp(logits - m).sum(-1)) + m[:, 0]
@@ -71,8 +71,13 @@ class DigitsTask:
         return self._fp
 
     def describe(self) -> dict:
-        return {"name": self.name, "train_samples": int(len(self.y_train)), "eval_samples": int(len(self.y_val)),
-                "input_shape": list(self.x_val.shape[1:]), "classes": 10}
+        return {
+            "name": self.name,
+            "train_samples": int(len(self.y_train)),
+            "eval_samples": int(len(self.y_val)),
+            "input_shape": list(self.x_val.shape[1:]),
+            "classes": 10,
+        }
 
 
 def make_task(val_fraction: float = 0.2, seed: int = 0) -> DigitsTask:

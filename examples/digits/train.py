@@ -42,7 +42,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     m = train_base(args.out, steps=args.steps, seed=args.seed)
-    print(f"wrote {args.out}: validation accuracy {m['accuracy']:.2f}% ({int(m['eval_samples'])} images), cross-entropy {m['cross_entropy']:.4f}")
+    print(
+        f"wrote {args.out}: validation accuracy {m['accuracy']:.2f}% ({int(m['eval_samples'])} images), cross-entropy {m['cross_entropy']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -59,13 +59,15 @@ def check_profile_fits_host(profile) -> None:
             f"bench.device {profile.name} is an {profile.arch} device and this host is {here}: the bench stage measures this host, "
             "and its numbers must not carry a device's name",
             hint=f"use bench.device: host-cpu here, then measure the board where it is: dsk-compress bench RUN --device {profile.name} "
-                 "--host user@board")
+            "--host user@board",
+        )
 
 
 def wants_gpu(profile) -> bool:
     """A profile for a GPU machine: it prefers TensorRT or torch, or names a CUDA / TensorRT execution provider."""
     return profile.preferred_runtime in ("tensorrt", "torch") or any(
-        p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in profile.execution_providers)
+        p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in profile.execution_providers
+    )
 
 
 def runtime_plans(art: Artifact | dict, profile, available: list[str], machine: str, cuda: bool, tensorrt: bool) -> list[Plan]:
@@ -99,8 +101,16 @@ def host_provenance(profile_name: str, source_run: str | None, gpu: str | None =
     """The provenance of a measurement on this host (:class:`~dsk_compress.runtimes.result.Provenance` fields)."""
     from dsk_compress.runtimes.measure import machine_facts, now_utc
 
-    return {"measurement": "measured", "location": "host", "device_profile": profile_name, **machine_facts(), "gpu": gpu,
-            "source_run": source_run, "tool": "bench_worker", "created": now_utc()}
+    return {
+        "measurement": "measured",
+        "location": "host",
+        "device_profile": profile_name,
+        **machine_facts(),
+        "gpu": gpu,
+        "source_run": source_run,
+        "tool": "bench_worker",
+        "created": now_utc(),
+    }
 
 
 def _predict(plan: Plan, run_dir: Path, threads: int | None):
@@ -159,9 +169,19 @@ def measure_plan(run_dir: Path, name: str, art: Artifact, plan: Plan, task, bcfg
     n_tokens = metrics.pop("eval_tokens", None)
     acc = Accuracy(task=getattr(task, "name", None), metrics=metrics, tokens=None if n_tokens is None else int(n_tokens))
     prov = {**provenance, "gpu": timing.gpu or provenance.get("gpu")}
-    return BenchRecord(variant=name, role=art.role, precision=art.precision, artifact=plan.path,
-                       size_bytes=_size(run_dir / plan.path), runtime=timing.runtime, provenance=prov, timing=timing.timing,
-                       memory=timing.memory, accuracy=acc, notes=art.notes)
+    return BenchRecord(
+        variant=name,
+        role=art.role,
+        precision=art.precision,
+        artifact=plan.path,
+        size_bytes=_size(run_dir / plan.path),
+        runtime=timing.runtime,
+        provenance=prov,
+        timing=timing.timing,
+        memory=timing.memory,
+        accuracy=acc,
+        notes=art.notes,
+    )
 
 
 def measure_decodes(run_dir: Path, artifacts: dict[str, Artifact], task, bcfg, new_tokens: int | None = None) -> dict:
@@ -179,11 +199,28 @@ def measure_decodes(run_dir: Path, artifacts: dict[str, Artifact], task, bcfg, n
     from dsk_compress.runtimes.result import DecodeStats
 
     prompt = task.example_inputs(1)[0][: max(1, task.seq_len // 2)]
-    res = benchmark_decodes([run_dir / g for g in graphs.values()], prompt, new_tokens or DEFAULT_NEW_TOKENS, bcfg.threads,
-                            repeats=max(3, min(bcfg.runs, 10)), warmup=max(1, min(bcfg.warmup, 2)))
-    keep = ("prompt_tokens", "new_tokens", "repeats", "prefill_ms", "decode_ms_p50", "decode_ms_p90", "decode_tokens_per_s", "peak_memory_mb")
-    return {n: DecodeStats(**{k: r[k] for k in keep if k in r}, execution_provider="CPUExecutionProvider", artifact=g)
-            for (n, g), r in zip(graphs.items(), res)}
+    res = benchmark_decodes(
+        [run_dir / g for g in graphs.values()],
+        prompt,
+        new_tokens or DEFAULT_NEW_TOKENS,
+        bcfg.threads,
+        repeats=max(3, min(bcfg.runs, 10)),
+        warmup=max(1, min(bcfg.warmup, 2)),
+    )
+    keep = (
+        "prompt_tokens",
+        "new_tokens",
+        "repeats",
+        "prefill_ms",
+        "decode_ms_p50",
+        "decode_ms_p90",
+        "decode_tokens_per_s",
+        "peak_memory_mb",
+    )
+    return {
+        n: DecodeStats(**{k: r[k] for k in keep if k in r}, execution_provider="CPUExecutionProvider", artifact=g)
+        for (n, g), r in zip(graphs.items(), res)
+    }
 
 
 def host_rows(records, artifacts: dict[str, Artifact]) -> list[dict]:
@@ -194,8 +231,13 @@ def host_rows(records, artifacts: dict[str, Artifact]) -> list[dict]:
     rows = []
     for rec, name in zip(records, row_names(records)):
         art = artifacts.get(rec.variant) or Artifact(name=rec.variant)
-        base = {"role": art.role, "stage": art.stage or rec.variant, "params": art.params, "artifact": art.path or rec.artifact,
-                "notes": art.notes}
+        base = {
+            "role": art.role,
+            "stage": art.stage or rec.variant,
+            "params": art.params,
+            "artifact": art.path or rec.artifact,
+            "notes": art.notes,
+        }
         if art.fused_ops:
             base["fused_ops"] = art.fused_ops
         row = record_row(rec, name, base)
@@ -223,7 +265,7 @@ def latency_rounds(run_dir: Path, records: list, refs: dict[str, tuple[int, Plan
     names = list(refs)
     p50s = {n: [records[i].timing.batches[0].p50] for n, (i, _) in refs.items()}
     for r in range(1, rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             p50s[name].append(_time(refs[name][1], run_dir, task.example_inputs(1), latency_only).timing.batches[0].p50)
     out = list(records)
     for name, (i, _) in refs.items():
@@ -233,8 +275,18 @@ def latency_rounds(run_dir: Path, records: list, refs: dict[str, tuple[int, Plan
     return out
 
 
-def measure_artifacts(run_dir: Path, artifacts: dict[str, Artifact], task, profile, bcfg, source_run: str | None, results_path: Path,
-                      device_name: str = "host", new_tokens: int | None = None, rounds: int = 1) -> tuple[list, list[str]]:
+def measure_artifacts(
+    run_dir: Path,
+    artifacts: dict[str, Artifact],
+    task,
+    profile,
+    bcfg,
+    source_run: str | None,
+    results_path: Path,
+    device_name: str = "host",
+    new_tokens: int | None = None,
+    rounds: int = 1,
+) -> tuple[list, list[str]]:
     """Measure every artifact in every runtime of :func:`runtime_plans`, saving each record to ``results_path`` as it
     completes (an interrupted run keeps what it measured). A failing reference runtime (the first) raises; a failing
     extra runtime is reported and skipped. With ``rounds`` > 1 the reference runtimes' p50 latencies are medians of
@@ -290,19 +342,29 @@ def measure_artifacts(run_dir: Path, artifacts: dict[str, Artifact], task, profi
 
 class BenchStageConfig(StageConfig):
     stage: Literal["bench"] = "bench"
-    device: str = Field("host-cpu", description="device profile whose threads and execution providers apply on this host (see "
-                        "`dsk-compress devices`); rows are labelled with this host, and a profile of another CPU architecture is "
-                        "refused: measure a board with `dsk-compress bench RUN --device D --host H`")
+    device: str = Field(
+        "host-cpu",
+        description="device profile whose threads and execution providers apply on this host (see "
+        "`dsk-compress devices`); rows are labelled with this host, and a profile of another CPU architecture is "
+        "refused: measure a board with `dsk-compress bench RUN --device D --host H`",
+    )
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="the latency batch (p50/p90/p99 in the report)")
-    throughput_batches: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(default_factory=lambda: [8, 64], max_length=8,
-                                          description="further batch sizes timed for throughput (items/s) where the model allows; "
-                                                      "each stops after 10 s once it has 3 runs")
+    throughput_batches: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(
+        default_factory=lambda: [8, 64],
+        max_length=8,
+        description="further batch sizes timed for throughput (items/s) where the model allows; each stops after 10 s once it has 3 runs",
+    )
     warmup: int = Field(5, ge=0, le=MAX_RUNS)
     runs: int = Field(30, ge=1, le=MAX_RUNS)
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads (default: the device's); at most 4x this machine's CPUs")
-    rounds: int = Field(3, ge=1, le=20, description="latency rounds: each variant's p50 is the median over this many timings in "
-                        "interleaved rounds (a fresh worker each; the report shows their range), so a slow spell of the machine "
-                        "falls on every variant alike; 1 times each variant once")
+    rounds: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="latency rounds: each variant's p50 is the median over this many timings in "
+        "interleaved rounds (a fresh worker each; the report shows their range), so a slow spell of the machine "
+        "falls on every variant alike; 1 times each variant once",
+    )
 
     @field_validator("device")
     @classmethod
@@ -338,30 +400,49 @@ class BenchStage(Stage[BenchStageConfig]):
         check_profile_fits_host(profile)
         threads = c.threads or profile.threads
         artifacts = read_artifacts(ctx.latest_output("artifacts"), "the export stage's artifacts")
-        bcfg = BenchConfig(warmup=c.warmup, runs=c.runs, batch_size=c.batch_size, throughput_batches=tuple(c.throughput_batches),
-                           threads=threads, seq_len=getattr(ctx.task, "seq_len", None))
+        bcfg = BenchConfig(
+            warmup=c.warmup,
+            runs=c.runs,
+            batch_size=c.batch_size,
+            throughput_batches=tuple(c.throughput_batches),
+            threads=threads,
+            seq_len=getattr(ctx.task, "seq_len", None),
+        )
         with step_progress("bench"):  # minutes of measurements: say which one is under way
-            records, errors = measure_artifacts(ctx.run_dir, artifacts, ctx.task, profile, bcfg, ctx.run_dir.name,
-                                                ctx.stage_dir("bench") / RESULTS, rounds=c.rounds)
+            records, errors = measure_artifacts(
+                ctx.run_dir, artifacts, ctx.task, profile, bcfg, ctx.run_dir.name, ctx.stage_dir("bench") / RESULTS, rounds=c.rounds
+            )
         variants = host_rows(records, artifacts)
         td = ctx.task.describe()
         inputs = ctx.task.example_inputs(1)
         if getattr(ctx.task, "seq_len", None) is not None:
-            task_str, shape_str = f"{td['name']} (seq {td['seq_len']}, {td.get('eval_tokens', '?')} validation tokens)", f"seq {ctx.task.seq_len}"
+            task_str, shape_str = (
+                f"{td['name']} (seq {td['seq_len']}, {td.get('eval_tokens', '?')} validation tokens)",
+                f"seq {ctx.task.seq_len}",
+            )
         else:  # your own task: no sequence length
             shape_str = "input " + "x".join(str(n) for n in tuple(inputs.shape)[1:])
             task_str = f"{td['name']} ({td.get('eval_samples', '?')} validation samples, {shape_str})"
         facts = machine_facts()
-        meta = {"run": ctx.run_dir.name, "recipe": ctx.spec.name, "task": task_str,
-                "host": f"{facts['hostname']} ({facts['machine']}, {facts['cpu'] or 'unknown CPU'}): {threads} threads "
-                        f"(profile {profile.name}), batch {c.batch_size}, {shape_str}",
-                "max_accuracy_drop": ctx.spec.report.max_accuracy_drop}
+        meta = {
+            "run": ctx.run_dir.name,
+            "recipe": ctx.spec.name,
+            "task": task_str,
+            "host": f"{facts['hostname']} ({facts['machine']}, {facts['cpu'] or 'unknown CPU'}): {threads} threads "
+            f"(profile {profile.name}), batch {c.batch_size}, {shape_str}",
+            "max_accuracy_drop": ctx.spec.report.max_accuracy_drop,
+        }
         from dsk_compress.sanity import chance_accuracy, flag_teacher_rows
 
         meta["chance_accuracy"] = chance = chance_accuracy(ctx.task)  # the report recommends nothing near chance
         flag_teacher_rows(variants, chance)  # a teacher near chance or below a student is flagged in its row
         report = build_report(ctx.run_dir, variants, meta)
-        return StageResult(outputs={"report": "report.json", "results": f"bench/{RESULTS}"},
-                           metrics={"variants": variants, "summary": report.get("summary"), "runtime_errors": errors,
-                                    "onnxruntime_threads": {"threads": threads, "source": "bench.threads" if c.threads else
-                                                            f"device profile {profile.name}"}})
+        return StageResult(
+            outputs={"report": "report.json", "results": f"bench/{RESULTS}"},
+            metrics={
+                "variants": variants,
+                "summary": report.get("summary"),
+                "runtime_errors": errors,
+                "onnxruntime_threads": {"threads": threads, "source": "bench.threads" if c.threads else f"device profile {profile.name}"},
+            },
+        )

@@ -26,11 +26,14 @@ class _TrainSettings(StrictModel):
     warmup: int = Field(20, ge=0, le=MAX_STEPS)
     temperature: float = Field(2.0, gt=0, le=100, description="KD softmax temperature")
     kd_weight: float = Field(0.8, ge=0, le=1, description="weight of the KD term; the rest is hard-label CE")
-    reverse_kl: float = Field(0.0, ge=0, le=100, description="weight of the reverse KL(student || teacher) inside the KD term (online teacher only)")
+    reverse_kl: float = Field(
+        0.0, ge=0, le=100, description="weight of the reverse KL(student || teacher) inside the KD term (online teacher only)"
+    )
     eval_every: int = Field(0, ge=0, le=MAX_STEPS, description="validate every N steps (0: only at the end)")
     early_stop_patience: int = Field(0, ge=0, le=MAX_STEPS, description="stop after N validations without improvement (needs eval_every)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="training precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 autocast, fp16 autocast + gradient scaler (CUDA only)"
+        "auto",
+        description="training precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 autocast, fp16 autocast + gradient scaler (CUDA only)",
     )
 
 
@@ -64,9 +67,18 @@ def train_cfg(c, data_offset: int, seed: int, steps: int | None = None):
     """The trainer's config from a stage config ``c`` (``steps`` overrides ``c.steps``)."""
     from dsk_compress.compress.trainer import TrainConfig
 
-    return TrainConfig(steps=c.steps if steps is None else steps, batch_size=c.batch_size, lr=c.lr, warmup=min(c.warmup, max(0, (steps or c.steps) // 5)),
-                       eval_every=c.eval_every, ckpt_every=50, seed=seed, data_offset=data_offset,
-                       early_stop_patience=c.early_stop_patience, precision=c.precision)
+    return TrainConfig(
+        steps=c.steps if steps is None else steps,
+        batch_size=c.batch_size,
+        lr=c.lr,
+        warmup=min(c.warmup, max(0, (steps or c.steps) // 5)),
+        eval_every=c.eval_every,
+        ckpt_every=50,
+        seed=seed,
+        data_offset=data_offset,
+        early_stop_patience=c.early_stop_patience,
+        precision=c.precision,
+    )
 
 
 def stage_field(ctx: RunContext, stage: str, name: str) -> str:
@@ -81,15 +93,28 @@ def check_kd_settings(ctx: RunContext, c, stage: str) -> None:
 
     cached = ctx.spec.logit_cache.enabled and c.kd_weight > 0
     if cached and c.reverse_kl > 0:
-        raise RecipeError(f"{stage_field(ctx, stage, 'reverse_kl')} needs the full teacher distribution, but logit_cache is enabled",
-                          hint="set logit_cache.enabled: false or reverse_kl: 0")
+        raise RecipeError(
+            f"{stage_field(ctx, stage, 'reverse_kl')} needs the full teacher distribution, but logit_cache is enabled",
+            hint="set logit_cache.enabled: false or reverse_kl: 0",
+        )
     if getattr(c, "hidden_mse", 0.0) > 0 and ctx.spec.logit_cache.enabled:
-        raise RecipeError(f"{stage_field(ctx, stage, 'hidden_mse')} needs the online teacher's hidden states, but logit_cache is enabled",
-                          hint="set logit_cache.enabled: false or hidden_mse: 0")
+        raise RecipeError(
+            f"{stage_field(ctx, stage, 'hidden_mse')} needs the online teacher's hidden states, but logit_cache is enabled",
+            hint="set logit_cache.enabled: false or hidden_mse: 0",
+        )
 
 
-def kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | None = None, data_offset: int = 0, params=None,
-             hidden_pairs: list | None = None):
+def kd_train(
+    ctx: RunContext,
+    model,
+    c,
+    stage: str,
+    ckpt: Path,
+    steps: int | None = None,
+    data_offset: int = 0,
+    params=None,
+    hidden_pairs: list | None = None,
+):
     """Train ``model`` with KD from the run's teacher; ``hidden_pairs`` are the (student, teacher) layers for ``c.hidden_mse``."""
     from dsk_compress.compress import dist
     from dsk_compress.compress.distill import HiddenStateMSE, make_kd_loss_fn
@@ -110,7 +135,9 @@ def kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | Non
     hidden = None
     if hidden_w > 0:
         hidden = HiddenStateMSE(hidden_pairs, model.config.hidden_size, teacher.config.hidden_size, seed=ctx.spec.seed)
-    loss_fn = make_kd_loss_fn(teacher, c.temperature, c.kd_weight, cache=cache, reverse_kl=c.reverse_kl, hidden=hidden, hidden_weight=hidden_w)
+    loss_fn = make_kd_loss_fn(
+        teacher, c.temperature, c.kd_weight, cache=cache, reverse_kl=c.reverse_kl, hidden=hidden, hidden_weight=hidden_w
+    )
     ev = (lambda m: evaluate(ctx, m)) if c.eval_every else None
     hits0, misses0 = (cache.hits, cache.misses) if cache else (0, 0)
     # student and online teacher train on the GPU when there is one (each rank's own under torchrun), with precision
@@ -124,8 +151,9 @@ def kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | Non
     if not sharded and teacher is not None:  # a sharded teacher already lives on the training devices
         teacher.to(dev)
     try:
-        res = train(model, loss_fn, ctx.task.train_batch, cfg, ckpt_dir=ckpt, resume=ctx.resume, evaluate=ev, desc=stage, params=params,
-                    aux=hidden)
+        res = train(
+            model, loss_fn, ctx.task.train_batch, cfg, ckpt_dir=ckpt, resume=ctx.resume, evaluate=ev, desc=stage, params=params, aux=hidden
+        )
     finally:
         model.to(s_home)
         if not sharded and teacher is not None:
@@ -134,11 +162,18 @@ def kd_train(ctx: RunContext, model, c, stage: str, ckpt: Path, steps: int | Non
             cache.teacher.to(s_home)  # loaded on a miss and moved to the training device there
         if hidden is not None:
             hidden.to(s_home)
-    res.kd = {"teacher": "cached top-%d logits" % cache.k, "cache_hits": cache.hits - hits0, "cache_misses": cache.misses - misses0} if cache else \
-        {"teacher": "online" if c.kd_weight > 0 or hidden is not None else "none"}
+    res.kd = (
+        {"teacher": "cached top-%d logits" % cache.k, "cache_hits": cache.hits - hits0, "cache_misses": cache.misses - misses0}
+        if cache
+        else {"teacher": "online" if c.kd_weight > 0 or hidden is not None else "none"}
+    )
     if sharded and (cache is not None or res.kd["teacher"] == "online"):
-        res.kd["teacher_sharding"] = {"kind": "fsdp", "shards": dist.env().world_size, "params_on_rank0": dist.local_numel(teacher),
-                                      "params": sum(p.numel() for p in teacher.parameters())}
+        res.kd["teacher_sharding"] = {
+            "kind": "fsdp",
+            "shards": dist.env().world_size,
+            "params_on_rank0": dist.local_numel(teacher),
+            "params": sum(p.numel() for p in teacher.parameters()),
+        }
     if hidden is not None:
         res.kd.update(hidden_mse=hidden_w, hidden_pairs=[list(p) for p in hidden.pairs], final_hidden_mse=res.final_logs.get("hidden_mse"))
     return res
@@ -148,9 +183,17 @@ def train_summary(res) -> dict:
     """What ``metrics.json`` records of a fine-tune (``{"steps": 0}`` when there was none)."""
     if res is None:
         return {"steps": 0}
-    return {"steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 1), "tokens_per_s": round(res.tokens_per_s, 1),
-            "precision": res.precision, "world_size": res.world_size,
-            "final_loss": round(res.final_loss, 4), "kd": getattr(res, "kd", None), "history": res.history}
+    return {
+        "steps": res.steps,
+        "tokens": res.tokens,
+        "seconds": round(res.seconds, 1),
+        "tokens_per_s": round(res.tokens_per_s, 1),
+        "precision": res.precision,
+        "world_size": res.world_size,
+        "final_loss": round(res.final_loss, 4),
+        "kd": getattr(res, "kd", None),
+        "history": res.history,
+    }
 
 
 def student_model(ctx: RunContext, before: str):

@@ -22,14 +22,17 @@ from dsk_compress.recipes.stages.common import _TrainSettings, check_kd_settings
 
 class DistillConfig(StageConfig, _TrainSettings):
     stage: Literal["distill"] = "distill"
-    hidden_mse: float = Field(0.0, ge=0, le=1e6, description="weight of the hidden-state MSE (projected student layer vs teacher layer; online teacher only)")
+    hidden_mse: float = Field(
+        0.0, ge=0, le=1e6, description="weight of the hidden-state MSE (projected student layer vs teacher layer; online teacher only)"
+    )
     hidden_pairs: list[tuple[int, int]] | None = Field(
-        None, description="[[student_layer, teacher_layer], ...] for hidden_mse (default: each student layer and the teacher layer it was cut from)"
+        None,
+        description="[[student_layer, teacher_layer], ...] for hidden_mse (default: each student layer and the teacher layer it was cut from)",
     )
     baselines: list[Literal["nokd", "random-init", "random-init-nokd"]] = Field(
         default_factory=list,
         description="also train, on the same token budget: the same student without KD (nokd), a KD student with random FFN init "
-                    "(random-init), and a random-FFN student without KD (random-init-nokd)",
+        "(random-init), and a random-FFN student without KD (random-init-nokd)",
     )
 
 
@@ -63,8 +66,13 @@ class DistillStage(Stage[DistillConfig]):
         elif st.from_teacher is not None:
             ft = st.from_teacher
             student, info = build_student(
-                teacher, layers=ft.layers, keep_every=ft.keep_every, intermediate_size=ft.intermediate_size,
-                ffn_init=ft.ffn_init, calibration=ctx.task.calibration_batches(ft.calibration_batches), seed=ctx.spec.seed,
+                teacher,
+                layers=ft.layers,
+                keep_every=ft.keep_every,
+                intermediate_size=ft.intermediate_size,
+                ffn_init=ft.ffn_init,
+                calibration=ctx.task.calibration_batches(ft.calibration_batches),
+                seed=ctx.spec.seed,
             )
             if dist.is_main():
                 save_hf_dir(student, init_dir, extra=info)
@@ -75,8 +83,14 @@ class DistillStage(Stage[DistillConfig]):
         init_metrics = evaluate(ctx, student)
         teacher_check = self._check_teacher(ctx, teacher)
         res = kd_train(ctx, student, self.config, "distill", d / "checkpoint", hidden_pairs=pairs)
-        metrics = {"init": init_metrics, "student_init": info, "teacher": teacher_check, "params": count_params(student),
-                   "train": train_summary(res), **evaluate(ctx, student)}
+        metrics = {
+            "init": init_metrics,
+            "student_init": info,
+            "teacher": teacher_check,
+            "params": count_params(student),
+            "train": train_summary(res),
+            **evaluate(ctx, student),
+        }
         teacher_check["warning"] = teacher_warning(teacher_check["accuracy"], teacher_check["chance_accuracy"], metrics["accuracy"])
         if dist.is_main():
             save_hf_dir(student, d / "model")
@@ -107,7 +121,11 @@ class DistillStage(Stage[DistillConfig]):
         tok = getattr(ctx.task, "tok", None)
         teacher_tok = None
         tdir = ctx.spec.teacher.hf
-        if tok is not None and tdir and any((Path(tdir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if (
+            tok is not None
+            and tdir
+            and any((Path(tdir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        ):
             if Path(tdir).resolve() != Path(getattr(ctx.spec.task, "tokenizer", "")).resolve():
                 from dsk_compress.tasks.text_lm import load_tokenizer
 
@@ -128,8 +146,10 @@ class DistillStage(Stage[DistillConfig]):
         elif info.get("layers"):
             pairs = list(enumerate(info["layers"]))
         else:
-            raise RecipeError(f"{field} is needed for hidden_mse: the student was not cut from the teacher, so its layers have no teacher counterpart",
-                              hint="give hidden_pairs: [[student_layer, teacher_layer], ...]")
+            raise RecipeError(
+                f"{field} is needed for hidden_mse: the student was not cut from the teacher, so its layers have no teacher counterpart",
+                hint="give hidden_pairs: [[student_layer, teacher_layer], ...]",
+            )
         if not pairs:
             raise RecipeError(f"{field} is empty", hint="give at least one [student_layer, teacher_layer] pair or set hidden_mse: 0")
         check_hidden_pairs(pairs, student.config.num_hidden_layers, teacher.config.num_hidden_layers, field)
@@ -154,8 +174,14 @@ class DistillStage(Stage[DistillConfig]):
                 from dsk_compress.errors import RecipeError
 
                 raise RecipeError(f"the {name} baseline needs student.from_teacher")
-            model, binfo = build_student(ctx.teacher(), layers=ft.layers, keep_every=ft.keep_every,
-                                     intermediate_size=ft.intermediate_size, ffn_init="random", seed=ctx.spec.seed)
+            model, binfo = build_student(
+                ctx.teacher(),
+                layers=ft.layers,
+                keep_every=ft.keep_every,
+                intermediate_size=ft.intermediate_size,
+                ffn_init="random",
+                seed=ctx.spec.seed,
+            )
         cfg = c.model_copy(update={"kd_weight": 0.0, "hidden_mse": 0.0}) if name.endswith("nokd") else c
         init = evaluate(ctx, model)
         pairs = self._hidden_pairs(ctx, model, ctx.teacher(), binfo) if cfg.hidden_mse > 0 else None

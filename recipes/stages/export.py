@@ -20,9 +20,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from dsk_compress.export import graph_files
 from dsk_compress.artifacts import artifacts_json, read_artifacts
 from dsk_compress.errors import ExportError
+from dsk_compress.export import graph_files
 from dsk_compress.io import read_json
 from dsk_compress.progress import step, step_progress
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult, StrictModel
@@ -30,17 +30,23 @@ from dsk_compress.recipes.limits import MAX_BATCH, MAX_CALIBRATION_BATCHES, chec
 from dsk_compress.recipes.stages.common import is_torch_run, torch_student
 
 # (stage, baseline) -> (artifact role, note) of the comparison students earlier stages leave
-BASELINE_ROLES = {("distill", "nokd"): ("student-nokd", "same init and token budget, trained without KD (hard labels only)"),
-                  ("distill", "random-init"): ("student-random-init", "KD with a randomly initialised FFN, same token budget"),
-                  ("distill", "random-init-nokd"): ("student-random-init-nokd",
-                                                    "randomly initialised FFN, same token budget, trained without KD (hard labels only)"),
-                  ("prune", "oneshot"): ("pruned-oneshot", "pruned to the same size in one step, same total fine-tune budget")}
+BASELINE_ROLES = {
+    ("distill", "nokd"): ("student-nokd", "same init and token budget, trained without KD (hard labels only)"),
+    ("distill", "random-init"): ("student-random-init", "KD with a randomly initialised FFN, same token budget"),
+    ("distill", "random-init-nokd"): (
+        "student-random-init-nokd",
+        "randomly initialised FFN, same token budget, trained without KD (hard labels only)",
+    ),
+    ("prune", "oneshot"): ("pruned-oneshot", "pruned to the same size in one step, same total fine-tune budget"),
+}
 
 
 class TensorRTBuildSpec(StrictModel):
     """TensorRT engine settings for an export whose device prefers the tensorrt runtime."""
 
-    build_engine: bool = Field(True, description="build the engine at export when tensorrt and a CUDA GPU are there (else run.py builds it on the device)")
+    build_engine: bool = Field(
+        True, description="build the engine at export when tensorrt and a CUDA GPU are there (else run.py builds it on the device)"
+    )
     workspace_gb: float = Field(2.0, gt=0, le=1024, description="builder workspace memory pool limit in GiB")
     max_batch: int = Field(8, ge=1, le=MAX_BATCH, description="largest batch of the engine's optimization profile")
     opt_batch: int = Field(1, ge=1, le=MAX_BATCH, description="batch size the builder tunes kernels for")
@@ -56,30 +62,37 @@ class TensorRTBuildSpec(StrictModel):
 class ExportConfig(StageConfig):
     stage: Literal["export"] = "export"
     teacher: Literal["auto", "onnx", "torch", "skip"] = Field(
-        "auto", description="how the teacher is measured: onnx (fp32, dense MoE routing, exact; a failed export stops the run with its "
-                            "cause), torch (PyTorch eager in teacher.dtype; no speed-up is shown against it), skip (no teacher row), "
-                            "or auto: onnx when its fp32 export's modelled peak fits this machine's memory, else torch "
-                            "(else skip); the stage says which it chose and why"
+        "auto",
+        description="how the teacher is measured: onnx (fp32, dense MoE routing, exact; a failed export stops the run with its "
+        "cause), torch (PyTorch eager in teacher.dtype; no speed-up is shown against it), skip (no teacher row), "
+        "or auto: onnx when its fp32 export's modelled peak fits this machine's memory, else torch "
+        "(else skip); the stage says which it chose and why",
     )
     opset: int = Field(17, ge=13, le=21)
     optimization: Literal["basic", "extended"] = "extended"
     parity_atol: float = Field(1e-3, gt=0, le=1e3, description="max |torch - onnx| for float exports")
     qdq_min_sqnr_db: float = Field(30.0, ge=0, le=200, description="min SQNR of the INT8 ONNX vs the torch fake-quant model")
     ptq_baselines: bool = Field(True, description="also export ORT dynamic and static PTQ of the float student (report baselines)")
-    ptq_calibration_batches: int = Field(16, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 4 training windows for static PTQ calibration")
+    ptq_calibration_batches: int = Field(
+        16, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 4 training windows for static PTQ calibration"
+    )
     precisions: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(
         default_factory=lambda: ["fp32", "int8"],
         description="what to write: fp32 (every student stage, always), fp16 (the last float student), int8 (the INT8 QAT student) "
-                    "and int4 (the int4 QAT student with its trained scales, and the post-training MatMulNBits of the last float student: "
-                    "ONNX Runtime on CPUs and ARM boards)",
+        "and int4 (the int4 QAT student with its trained scales, and the post-training MatMulNBits of the last float student: "
+        "ONNX Runtime on CPUs and ARM boards)",
     )
-    fp16_max_rel_err: float = Field(0.01, gt=0, le=1e3, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|")
+    fp16_max_rel_err: float = Field(
+        0.01, gt=0, le=1e3, description="max |onnx fp16 - torch fp32| of the logits, relative to max |torch logits|"
+    )
     kv_cache: bool = Field(
-        True, description="also write a KV-cache graph (<name>.kv.onnx: past_key_values in, present out) of each fp32 student and the "
-                          "int8 QAT student, for token-by-token generation; bench measures its decode tokens/s"
+        True,
+        description="also write a KV-cache graph (<name>.kv.onnx: past_key_values in, present out) of each fp32 student and the "
+        "int8 QAT student, for token-by-token generation; bench measures its decode tokens/s",
     )
     device: str | None = Field(
-        None, description="target device profile: its preferred precision is exported too; a tensorrt device gets a TensorRT-checked graph (and an engine where tensorrt runs)"
+        None,
+        description="target device profile: its preferred precision is exported too; a tensorrt device gets a TensorRT-checked graph (and an engine where tensorrt runs)",
     )
     tensorrt: TensorRTBuildSpec = Field(default_factory=lambda: TensorRTBuildSpec(), description="TensorRT engine build settings")
 
@@ -146,18 +159,24 @@ class ExportStage(Stage[ExportConfig]):
         trt_target = target is not None and target.preferred_runtime == "tensorrt"
         float_stages = [st for st in ("distill", "prune") if ctx.outputs.get(st, {}).get("model")]
         if "fp16" in precisions and not float_stages:
-            raise ExportError("fp16 export needs a float student from a distill or prune stage, and this run has neither",
-                              hint="drop fp16 from stages.N.precisions (and export for a device that does not prefer fp16)")
+            raise ExportError(
+                "fp16 export needs a float student from a distill or prune stage, and this run has neither",
+                hint="drop fp16 from stages.N.precisions (and export for a device that does not prefer fp16)",
+            )
         qrel = ctx.latest_output("qat_model")
         if target is not None and target.preferred_precision == "int8" and qrel is None:
-            raise ExportError(f"{target.name} prefers int8, which needs a QAT student, and this run has no qat stage",
-                              hint="add a qat stage before export" + (" with activations: symmetric" if trt_target else ""))
+            raise ExportError(
+                f"{target.name} prefers int8, which needs a QAT student, and this run has no qat stage",
+                hint="add a qat stage before export" + (" with activations: symmetric" if trt_target else ""),
+            )
         acts = _qat_activations(ctx.path(qrel) / "qat.json") if qrel is not None else None
         if trt_target and target.preferred_precision == "int8" and acts != "symmetric":  # before any export work
             qi = next((i for i, st in enumerate(ctx.spec.stages) if st.stage == "qat"), "N")
-            raise ExportError(f"{target.name} runs int8 in TensorRT, which needs symmetric int8 activations (zero point 0), "
-                              f"but the QAT model was trained with {acts} (uint8) ones",
-                              hint=f"set stages.{qi}.activations: symmetric (qat.activations=symmetric) and rerun the qat stage")
+            raise ExportError(
+                f"{target.name} runs int8 in TensorRT, which needs symmetric int8 activations (zero point 0), "
+                f"but the QAT model was trained with {acts} (uint8) ones",
+                hint=f"set stages.{qi}.activations: symmetric (qat.activations=symmetric) and rerun the qat stage",
+            )
 
         # the teacher (dense routing, exact) and the baselines of earlier stages, fp32
         artifacts: dict[str, dict] = {}
@@ -169,8 +188,14 @@ class ExportStage(Stage[ExportConfig]):
             for bname, rel in ctx.outputs.get(stage, {}).get("baselines", {}).items():
                 m = load_hf_dir(ctx.path(rel))
                 role, note = BASELINE_ROLES[(stage, bname)]
-                artifacts[role] = {**self._float(ctx, m, role, d, example), "role": role, "params": count_params(m), "stage": stage,
-                                   "model_dir": rel, "notes": note}
+                artifacts[role] = {
+                    **self._float(ctx, m, role, d, example),
+                    "role": role,
+                    "params": count_params(m),
+                    "stage": stage,
+                    "model_dir": rel,
+                    "notes": note,
+                }
 
         # each float student: fp32 (+ KV cache), fp16 of the last one, PTQ baselines of the one QAT started from
         qat_input = ctx.latest_output("model", before="qat")
@@ -181,8 +206,14 @@ class ExportStage(Stage[ExportConfig]):
             name = f"student-{stage}"
             want_ptq = c.ptq_baselines and rel == qat_input and "qat" in ctx.outputs
             want_fp16 = "fp16" in precisions and stage == float_stages[-1]
-            artifacts[name] = {**self._float(ctx, m, name, d, example, keep_raw=want_ptq or want_fp16),
-                               "role": "student", "params": count_params(m), "stage": stage, "model_dir": rel, "notes": f"after {stage}"}
+            artifacts[name] = {
+                **self._float(ctx, m, name, d, example, keep_raw=want_ptq or want_fp16),
+                "role": "student",
+                "params": count_params(m),
+                "stage": stage,
+                "model_dir": rel,
+                "notes": f"after {stage}",
+            }
             if c.kv_cache:
                 artifacts[name].update(self._kv_cache(ctx, m, name, d, example))
                 artifacts[name].update(self._fused(ctx, m, name, d, example, "fp32"))
@@ -195,7 +226,8 @@ class ExportStage(Stage[ExportConfig]):
                 if trt_target and target.preferred_precision == "fp16":
                     ref = lm_logits(m, example).astype(np.float64)
                     metrics["tensorrt"] = artifacts["student-fp16"]["tensorrt"] = self._tensorrt(
-                        ctx, target, ctx.path(artifacts["student-fp16"]["path"]), "fp16", "student-fp16", ref, example)
+                        ctx, target, ctx.path(artifacts["student-fp16"]["path"]), "fp16", "student-fp16", ref, example
+                    )
             if want_ptq:
                 artifacts.update(self._ptq(ctx, d, raw, artifacts[name]["params"], name))  # removes raw
             else:
@@ -210,14 +242,23 @@ class ExportStage(Stage[ExportConfig]):
             qdq = d / "student-int8.qdq.onnx"  # portable Q/DQ graph: what TensorRT (or any ORT) loads
             step("final: INT8 Q/DQ graph of the QAT student, checked by SQNR")
             r = export_int8_lm(q, example, qdq, d / "student-int8.onnx", c.opset, c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
-            artifacts["final"] = {"path": ctx.rel(r.pop("path")), "role": "final", "precision": "int8", "params": count_params(q),
-                                  "qdq_path": ctx.rel(r.pop("qdq_path")), "activations": acts, **r,
-                                  "notes": f"INT8 Q/DQ (per-channel weights, per-tensor {acts} activations)"}
+            artifacts["final"] = {
+                "path": ctx.rel(r.pop("path")),
+                "role": "final",
+                "precision": "int8",
+                "params": count_params(q),
+                "qdq_path": ctx.rel(r.pop("qdq_path")),
+                "activations": acts,
+                **r,
+                "notes": f"INT8 Q/DQ (per-channel weights, per-tensor {acts} activations)",
+            }
             if c.kv_cache:
                 artifacts["final"].update(self._kv_cache(ctx, q, "student-int8", d, example, int8=True))
                 artifacts["final"].update(self._fused(ctx, q, "student-int8", d, example, "int8"))
             if trt_int8:
-                metrics["tensorrt"] = artifacts["final"]["tensorrt"] = self._tensorrt(ctx, target, qdq, "int8", "student-int8", ref, example)
+                metrics["tensorrt"] = artifacts["final"]["tensorrt"] = self._tensorrt(
+                    ctx, target, qdq, "int8", "student-int8", ref, example
+                )
         elif qrel is not None:
             metrics["int8_skipped"] = "int8 is not in stages.N.precisions"
         q4rel = ctx.latest_output("qat_int4_model")
@@ -247,9 +288,16 @@ class ExportStage(Stage[ExportConfig]):
         r = export_int4_lm(q, example, d / "student-int4-qat.onnx", c.opset, c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
         head = {None: "float", 4: "int4", 8: "int8"}[info.get("head_bits")]
         emb = "int8 per row" if info.get("embedding_bits") == 8 else "float"
-        art = {**r, "path": ctx.rel(r["path"]), "role": "final-int4", "params": params, "stage": "qat", "model_dir": rel,
-               "notes": f"int4 QAT: MatMulNBits (block {info.get('block_size')}, symmetric, trained scales; int8 activations per block, "
-                        f"accuracy_level 4), LM head {head}, embedding {emb}"}
+        art = {
+            **r,
+            "path": ctx.rel(r["path"]),
+            "role": "final-int4",
+            "params": params,
+            "stage": "qat",
+            "model_dir": rel,
+            "notes": f"int4 QAT: MatMulNBits (block {info.get('block_size')}, symmetric, trained scales; int8 activations per block, "
+            f"accuracy_level 4), LM head {head}, embedding {emb}",
+        }
         if c.kv_cache:
             step("final-int4: KV-cache graph, checked by greedy decoding")
             kv = export_int4_kv(q, d / "student-int4-qat.kv.onnx", example, c.opset, c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
@@ -300,21 +348,33 @@ class ExportStage(Stage[ExportConfig]):
 
             dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(teacher.parameters()).dtype, "fp32")
             tdir = save_hf_dir(teacher, d / "teacher-torch")
-            return {"path": None, "model_dir": ctx.rel(tdir), "role": "teacher", "params": count_params(teacher), "precision": dt,
-                    "notes": f"measured in PyTorch eager, {dt} (export.teacher: {self.config.teacher}{'; ' + why if why else ''}); "
-                             "the other rows run in ONNX Runtime"}
+            return {
+                "path": None,
+                "model_dir": ctx.rel(tdir),
+                "role": "teacher",
+                "params": count_params(teacher),
+                "precision": dt,
+                "notes": f"measured in PyTorch eager, {dt} (export.teacher: {self.config.teacher}{'; ' + why if why else ''}); "
+                "the other rows run in ONNX Runtime",
+            }
         if next(teacher.parameters()).dtype != __import__("torch").float32:
             teacher = teacher.float()  # the ONNX reference row is fp32 (in place: the run releases the teacher after export)
         routing = "dense" if is_moe(teacher) else "n/a"
         densify_moe(teacher)
         try:
-            return {**self._float(ctx, teacher, "teacher", d, example), "role": "teacher", "params": count_params(teacher),
-                    "notes": f"{type(teacher).__name__}, {routing} routing (exact)" + (f"; export.teacher: auto ({why})" if why else "")}
+            return {
+                **self._float(ctx, teacher, "teacher", d, example),
+                "role": "teacher",
+                "params": count_params(teacher),
+                "notes": f"{type(teacher).__name__}, {routing} routing (exact)" + (f"; export.teacher: auto ({why})" if why else ""),
+            }
         except ExportError as e:
             i = next((i for i, st in enumerate(ctx.spec.stages) if st.stage == "export"), "N")
-            raise ExportError(f"teacher ({type(teacher).__name__}): {e.message}",
-                              hint=f"set stages.{i}.teacher: torch to measure it in PyTorch eager (its speed-ups are then marked "
-                                   f"as against PyTorch), or stages.{i}.teacher: skip") from None
+            raise ExportError(
+                f"teacher ({type(teacher).__name__}): {e.message}",
+                hint=f"set stages.{i}.teacher: torch to measure it in PyTorch eager (its speed-ups are then marked "
+                f"as against PyTorch), or stages.{i}.teacher: skip",
+            ) from None
 
     def _float(self, ctx: RunContext, model, name: str, d: Path, example, keep_raw: bool = False) -> dict:
         """``<name>.onnx`` in fp32, checked against torch (a causal LM, or your own torch model)."""
@@ -339,8 +399,16 @@ class ExportStage(Stage[ExportConfig]):
         if not is_decoder_lm(model):  # e.g. an image classifier: nothing to decode
             return {}
         step(f"{name}: KV-cache graph, checked by greedy decoding")
-        info = export_kv_cache(model, d / f"{name}.kv.onnx", example, c.opset, c.optimization, parity_atol=c.parity_atol,
-                               min_sqnr_db=c.qdq_min_sqnr_db, int8=int8)
+        info = export_kv_cache(
+            model,
+            d / f"{name}.kv.onnx",
+            example,
+            c.opset,
+            c.optimization,
+            parity_atol=c.parity_atol,
+            min_sqnr_db=c.qdq_min_sqnr_db,
+            int8=int8,
+        )
         if "error" in info:
             return {"kv_cache": info}
         info["path"] = ctx.rel(info["path"])
@@ -357,8 +425,9 @@ class ExportStage(Stage[ExportConfig]):
         if not is_decoder_lm(model):
             return {}
         step(f"{name}: fused {precision} decoder graph, checked by greedy decoding")
-        info = export_fused_checked(model, d / f"{name}.fused.onnx", precision, example, parity_atol=c.parity_atol,
-                                    min_sqnr_db=c.qdq_min_sqnr_db)
+        info = export_fused_checked(
+            model, d / f"{name}.fused.onnx", precision, example, parity_atol=c.parity_atol, min_sqnr_db=c.qdq_min_sqnr_db
+        )
         if "error" in info:
             return {"fused": info}
         info["path"] = ctx.rel(info["path"])
@@ -376,11 +445,21 @@ class ExportStage(Stage[ExportConfig]):
         out = quantize_int4(ctx.path(fp32_art["path"]), d / "student-int4.onnx")
         sqnr = round(sqnr_db(lm_logits(model, example), ort_predict(out)(example)), 2)
         if sqnr < INT4_MIN_SQNR_DB:
-            raise ExportError(f"{out.name}: int4 logits SQNR {sqnr} dB vs torch fp32 is below {INT4_MIN_SQNR_DB} dB",
-                              hint="drop int4 from stages.N.precisions")
-        art = {"path": ctx.rel(out), "role": "student-int4", "precision": "int4", "params": fp32_art["params"], "stage": fp32_art["stage"],
-               "model_dir": fp32_art["model_dir"], "sqnr_db_vs_fp32": sqnr, "fused_ops": fused_ops(op_histogram(out)),
-               "notes": f"int4 weight-only of student-{fp32_art['stage']} (MatMulNBits, block 32, symmetric; int8 compute, accuracy_level 4)"}
+            raise ExportError(
+                f"{out.name}: int4 logits SQNR {sqnr} dB vs torch fp32 is below {INT4_MIN_SQNR_DB} dB",
+                hint="drop int4 from stages.N.precisions",
+            )
+        art = {
+            "path": ctx.rel(out),
+            "role": "student-int4",
+            "precision": "int4",
+            "params": fp32_art["params"],
+            "stage": fp32_art["stage"],
+            "model_dir": fp32_art["model_dir"],
+            "sqnr_db_vs_fp32": sqnr,
+            "fused_ops": fused_ops(op_histogram(out)),
+            "notes": f"int4 weight-only of student-{fp32_art['stage']} (MatMulNBits, block 32, symmetric; int8 compute, accuracy_level 4)",
+        }
         if self.config.kv_cache:
             art.update(self._fused(ctx, model, "student-int4", d, example, "int4"))
         return art
@@ -392,10 +471,17 @@ class ExportStage(Stage[ExportConfig]):
         step("student-fp16: fp16 graph")
         out = d / "student-fp16.onnx"
         check = export_fp16(model, raw, out, example, self.config.fp16_max_rel_err)
-        return {"path": ctx.rel(out), "role": "student-fp16", "precision": "fp16", "params": fp32_art["params"], "stage": fp32_art["stage"],
-                "model_dir": fp32_art["model_dir"], **check,
-                "notes": f"fp16 of student-{fp32_art['stage']} (normalization reductions and softmax in fp32, fp32 inputs/outputs); "
-                         "portable graph (no ORT offline optimization), also the TensorRT input"}
+        return {
+            "path": ctx.rel(out),
+            "role": "student-fp16",
+            "precision": "fp16",
+            "params": fp32_art["params"],
+            "stage": fp32_art["stage"],
+            "model_dir": fp32_art["model_dir"],
+            **check,
+            "notes": f"fp16 of student-{fp32_art['stage']} (normalization reductions and softmax in fp32, fp32 inputs/outputs); "
+            "portable graph (no ORT offline optimization), also the TensorRT input",
+        }
 
     def _ptq(self, ctx: RunContext, d: Path, raw: Path, params: int, source: str) -> dict:
         """ORT dynamic and static INT8 quantization of the float student: the baselines QAT must beat. Removes ``raw``."""
@@ -406,8 +492,17 @@ class ExportStage(Stage[ExportConfig]):
         paths = ptq_baselines(raw, d, ctx.task.calibration_batches(self.config.ptq_calibration_batches, 4), self.config.optimization)
         graph_files.remove(raw)
         how = {"ptq-dynamic": "ORT quantize_dynamic", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
-        return {name: {"path": ctx.rel(p), "role": name, "precision": "int8", "params": params, "fused_ops": fused_ops(op_histogram(p)),
-                       "notes": f"{how[name]} of {source}, per-channel int8 weights, no fine-tune"} for name, p in paths.items()}
+        return {
+            name: {
+                "path": ctx.rel(p),
+                "role": name,
+                "precision": "int8",
+                "params": params,
+                "fused_ops": fused_ops(op_histogram(p)),
+                "notes": f"{how[name]} of {source}, per-channel int8 weights, no fine-tune",
+            }
+            for name, p in paths.items()
+        }
 
     def _tensorrt(self, ctx: RunContext, device, onnx_path: Path, precision: str, name: str, ref, example) -> dict:
         """Check ``onnx_path`` for TensorRT and build ``<name>.<device>.engine`` where tensorrt and a GPU are present."""
@@ -415,9 +510,20 @@ class ExportStage(Stage[ExportConfig]):
 
         step(f"{name}: TensorRT check" + (" and engine build" if self.config.tensorrt.build_engine else ""))
         t = self.config.tensorrt
-        info = export_tensorrt(onnx_path, onnx_path.with_name(f"{name}.{device.name}.engine"), name=name, device=device.name,
-                               precision=precision, reference=ref, example=example, seq_len=t.max_seq_len or ctx.task.seq_len,
-                               max_batch=t.max_batch, opt_batch=t.opt_batch, workspace_gb=t.workspace_gb, build=t.build_engine)
+        info = export_tensorrt(
+            onnx_path,
+            onnx_path.with_name(f"{name}.{device.name}.engine"),
+            name=name,
+            device=device.name,
+            precision=precision,
+            reference=ref,
+            example=example,
+            seq_len=t.max_seq_len or ctx.task.seq_len,
+            max_batch=t.max_batch,
+            opt_batch=t.opt_batch,
+            workspace_gb=t.workspace_gb,
+            build=t.build_engine,
+        )
         info["onnx"] = ctx.rel(info["onnx"])
         if info["engine"] is not None:
             info["engine"] = ctx.rel(info["engine"])
@@ -438,39 +544,69 @@ def run_torch(stage: ExportStage, ctx: RunContext) -> StageResult:
     c = stage.config
     unsupported = [p for p in c.precisions if p in ("fp16", "int4")] + (["device"] if c.device else [])
     if unsupported:
-        raise ExportError(f"export {' and '.join(unsupported)} is not supported for torch students yet",
-                          hint="use precisions: [fp32, int8] and no device")
+        raise ExportError(
+            f"export {' and '.join(unsupported)} is not supported for torch students yet", hint="use precisions: [fp32, int8] and no device"
+        )
     d = ctx.stage_dir("export")
     example = ctx.task.example_inputs(2)
     artifacts: dict[str, dict] = {}
     teacher = ctx.teacher()
-    artifacts["teacher"] = {**stage._float(ctx, teacher, "teacher", d, example), "role": "teacher", "params": count_params(teacher),
-                            "notes": f"{type(teacher).__name__} from {ctx.spec.teacher.torch}, fp32"}
-    for bname, rel in ctx.outputs.get("prune", {}).get("baselines", {}).items():
+    artifacts["teacher"] = {
+        **stage._float(ctx, teacher, "teacher", d, example),
+        "role": "teacher",
+        "params": count_params(teacher),
+        "notes": f"{type(teacher).__name__} from {ctx.spec.teacher.torch}, fp32",
+    }
+    for rel in ctx.outputs.get("prune", {}).get("baselines", {}).values():
         m = load_model_dir(ctx.path(rel))
-        artifacts["pruned-oneshot"] = {**stage._float(ctx, m, "pruned-oneshot", d, example), "role": "pruned-oneshot",
-                                       "params": count_params(m), "stage": "prune", "model_dir": rel,
-                                       "notes": "pruned to the same widths in one step, same total fine-tune budget, fp32"}
+        artifacts["pruned-oneshot"] = {
+            **stage._float(ctx, m, "pruned-oneshot", d, example),
+            "role": "pruned-oneshot",
+            "params": count_params(m),
+            "stage": "prune",
+            "model_dir": rel,
+            "notes": "pruned to the same widths in one step, same total fine-tune budget, fp32",
+        }
     qrel = ctx.latest_output("qat_model")
     qat_input = ctx.latest_output("model", before="qat")
     rel = ctx.outputs.get("prune", {}).get("model")
     name, m = ("student-prune", load_model_dir(ctx.path(rel))) if rel else ("student", torch_student(ctx, "export"))
     want_ptq = c.ptq_baselines and qrel is not None and rel == qat_input
-    artifacts[name] = {**stage._float(ctx, m, name, d, example, keep_raw=want_ptq), "role": "student", "params": count_params(m),
-                       "stage": "prune" if rel else "input", "model_dir": rel,
-                       "notes": "after prune, fp32" if rel else "the student as given, fp32"}
+    artifacts[name] = {
+        **stage._float(ctx, m, name, d, example, keep_raw=want_ptq),
+        "role": "student",
+        "params": count_params(m),
+        "stage": "prune" if rel else "input",
+        "model_dir": rel,
+        "notes": "after prune, fp32" if rel else "the student as given, fp32",
+    }
     if want_ptq:
         artifacts.update(_torch_ptq(stage, ctx, d, raw_path(d / f"{name}.onnx"), artifacts[name]["params"], name))
     metrics: dict = {"precisions": list(c.precisions), "device": None}
     if qrel is not None and "int8" in c.precisions:
         q = load_model_dir(ctx.path(qrel))
         freeze_for_export(q)
-        r = export_int8_module(q, example, ctx.task.example_inputs(32), d / "student-int8.qdq.onnx", d / "student-int8.onnx", c.opset,
-                               c.optimization, min_sqnr_db=c.qdq_min_sqnr_db)
+        r = export_int8_module(
+            q,
+            example,
+            ctx.task.example_inputs(32),
+            d / "student-int8.qdq.onnx",
+            d / "student-int8.onnx",
+            c.opset,
+            c.optimization,
+            min_sqnr_db=c.qdq_min_sqnr_db,
+        )
         qi = read_json(ctx.path(qrel) / "dsk_model.json").get("qat", {})
-        artifacts["final"] = {"path": ctx.rel(r.pop("path")), "role": "final", "precision": "int8", "params": count_params(q),
-                              "qdq_path": ctx.rel(r.pop("qdq_path")), "activations": qi.get("activations"), **r,
-                              "notes": f"INT8 Q/DQ (BatchNorm folded, per-channel weights, per-tensor {qi.get('activations')} activations)"}
+        artifacts["final"] = {
+            "path": ctx.rel(r.pop("path")),
+            "role": "final",
+            "precision": "int8",
+            "params": count_params(q),
+            "qdq_path": ctx.rel(r.pop("qdq_path")),
+            "activations": qi.get("activations"),
+            **r,
+            "notes": f"INT8 Q/DQ (BatchNorm folded, per-channel weights, per-tensor {qi.get('activations')} activations)",
+        }
     elif qrel is not None:
         metrics["int8_skipped"] = "int8 is not in stages.N.precisions"
     if not want_ptq and c.ptq_baselines:
@@ -487,10 +623,22 @@ def _torch_ptq(stage: ExportStage, ctx: RunContext, d: Path, raw: Path, params: 
     c = stage.config
     paths = ptq_baselines(raw, d, ctx.task.calibration_batches(c.ptq_calibration_batches, 4), c.optimization)
     graph_files.remove(raw)
-    how = {"ptq-dynamic": "ORT quantize_dynamic (ConvInteger / dynamic MatMul)", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
-    return {name: {"path": ctx.rel(p), "role": name, "precision": "int8", "params": params, "fused_ops": fused_ops(op_histogram(p)),
-                   "integer_ops": integer_op_counts(op_histogram(p)), "notes": f"{how[name]} of {source}, per-channel 7-bit int8 weights, no fine-tune"}
-            for name, p in paths.items()}
+    how = {
+        "ptq-dynamic": "ORT quantize_dynamic (ConvInteger / dynamic MatMul)",
+        "ptq-static": "ORT quantize_static (QDQ, min/max calibration)",
+    }
+    return {
+        name: {
+            "path": ctx.rel(p),
+            "role": name,
+            "precision": "int8",
+            "params": params,
+            "fused_ops": fused_ops(op_histogram(p)),
+            "integer_ops": integer_op_counts(op_histogram(p)),
+            "notes": f"{how[name]} of {source}, per-channel 7-bit int8 weights, no fine-tune",
+        }
+        for name, p in paths.items()
+    }
 
 
 def _qat_activations(path: Path) -> str:

@@ -21,19 +21,37 @@ from pydantic import Field, model_validator
 from dsk_compress.io import read_json
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult, StrictModel
 from dsk_compress.recipes.limits import MAX_CALIBRATION_BATCHES, MAX_RUNS, MAX_STEPS, MAX_WIDTH
-from dsk_compress.recipes.stages.common import _TrainSettings, agreed, evaluate, kd_train, rank0, student_model, train_summary
-from dsk_compress.recipes.stages.common import is_torch_run, torch_evaluate, torch_kd_train, torch_student, torch_train_summary  # your own torch model
+from dsk_compress.recipes.stages.common import (  # your own torch model
+    _TrainSettings,
+    agreed,
+    evaluate,
+    is_torch_run,
+    kd_train,
+    rank0,
+    student_model,
+    torch_evaluate,
+    torch_kd_train,
+    torch_student,
+    torch_train_summary,
+    train_summary,
+)
 
 
 class PruneTargetSpec(StrictModel):
     """Prune to a budget instead of fixed ratios: exactly one of ``params``, ``macs`` or ``latency_ms``."""
 
     params: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of the parameters, e.g. 0.5")
-    macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of the MACs of one forward pass (batch 1, the task's seq_len)")
-    latency_ms: float | None = Field(None, gt=0, description="p50 latency budget in ms: ONNX Runtime on this host, batch 1, the task's seq_len")
+    macs: float | None = Field(
+        None, gt=0, lt=1, description="keep at most this fraction of the MACs of one forward pass (batch 1, the task's seq_len)"
+    )
+    latency_ms: float | None = Field(
+        None, gt=0, description="p50 latency budget in ms: ONNX Runtime on this host, batch 1, the task's seq_len"
+    )
     device: str = Field("host-cpu", description="where latency_ms is measured; only host-cpu (this machine) can be measured during pruning")
     structures: list[Literal["ffn", "heads", "layers"]] = Field(
-        default_factory=lambda: ["ffn"], min_length=1, description="what the target prunes, all by one common ratio (heads go in whole KV groups)"
+        default_factory=lambda: ["ffn"],
+        min_length=1,
+        description="what the target prunes, all by one common ratio (heads go in whole KV groups)",
     )
     max_ratio: float = Field(0.9, gt=0, lt=1, description="largest fraction of each structure the target may remove")
     step: float = Field(0.1, gt=0, lt=1, description="latency_ms: ratio added per progressive step (export + measure + fine-tune)")
@@ -46,8 +64,10 @@ class PruneTargetSpec(StrictModel):
         if len(given) != 1:
             raise ValueError(f"target: give exactly one of params, macs, latency_ms (got {', '.join(given) or 'none'})")
         if self.device != "host-cpu":
-            raise ValueError(f"target.device {self.device!r}: latency is measured on this host while pruning; use device: host-cpu "
-                             "(measure a device with `dsk-compress export RUN --device D` and its run.py)")
+            raise ValueError(
+                f"target.device {self.device!r}: latency is measured on this host while pruning; use device: host-cpu "
+                "(measure a device with `dsk-compress export RUN --device D` and its run.py)"
+            )
         if len(set(self.structures)) != len(self.structures):
             raise ValueError(f"target.structures {self.structures} names a structure twice")
         return self
@@ -56,23 +76,43 @@ class PruneTargetSpec(StrictModel):
 class PruneConfig(StageConfig, _TrainSettings):
     stage: Literal["prune"] = "prune"
     ffn_ratio: float | None = Field(
-        None, ge=0, lt=1, description="fraction of FFN channels removed (default 0.5 when nothing else is pruned; 0 when head_ratio, "
-                                      "layers_removed, depth_ratio, expert_ratio or target is given)"
+        None,
+        ge=0,
+        lt=1,
+        description="fraction of FFN channels removed (default 0.5 when nothing else is pruned; 0 when head_ratio, "
+        "layers_removed, depth_ratio, expert_ratio or target is given)",
     )
     head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed, in whole KV groups with their query heads")
     channel_ratio: float | None = Field(
         None, ge=0, lt=1, description="torch (non-Hugging Face) student: fraction of each conv's output channels removed (default 0.5)"
     )
-    layers_removed: int = Field(0, ge=0, le=MAX_WIDTH, description="decoder layers removed, lowest block influence (1 - cos(input, output) on calibration data) first")
-    depth_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of decoder layers removed (rounded down); alternative to layers_removed")
+    layers_removed: int = Field(
+        0,
+        ge=0,
+        le=MAX_WIDTH,
+        description="decoder layers removed, lowest block influence (1 - cos(input, output) on calibration data) first",
+    )
+    depth_ratio: float = Field(
+        0.0, ge=0, lt=1, description="fraction of decoder layers removed (rounded down); alternative to layers_removed"
+    )
     expert_ratio: float = Field(
-        0.0, ge=0, lt=1, description="MoE students: fraction of routed experts removed from every MoE layer, least used on calibration data first"
+        0.0,
+        ge=0,
+        lt=1,
+        description="MoE students: fraction of routed experts removed from every MoE layer, least used on calibration data first",
     )
     importance: Literal["l1", "l2", "taylor", "activation"] = Field(
         "l2", description="channel/head importance: weight magnitude (l1, l2), first-order Taylor, or mean |activation| on calibration data"
     )
-    calibration_batches: int = Field(8, ge=1, le=MAX_CALIBRATION_BATCHES, description="batches of 8 training windows for activation importance, layer block influence and expert router frequencies")
-    target: PruneTargetSpec | None = Field(None, description="prune to a budget instead of ratios: {params: F}, {macs: F} or {latency_ms: X, device: host-cpu}")
+    calibration_batches: int = Field(
+        8,
+        ge=1,
+        le=MAX_CALIBRATION_BATCHES,
+        description="batches of 8 training windows for activation importance, layer block influence and expert router frequencies",
+    )
+    target: PruneTargetSpec | None = Field(
+        None, description="prune to a budget instead of ratios: {params: F}, {macs: F} or {latency_ms: X, device: host-cpu}"
+    )
     iterations: int = Field(1, ge=1, le=1000, description="progressive pruning: prune a slice, fine-tune, repeat")
     round_to: int = Field(8, ge=1, le=4096, description="channel counts rounded to a multiple of this")
     steps: int = Field(100, ge=0, le=MAX_STEPS, description="KD fine-tune steps after each pruning step")
@@ -88,13 +128,16 @@ class PruneConfig(StageConfig, _TrainSettings):
         if self.expert_ratio:
             given = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio", "target") if getattr(self, k)]
             if given:
-                raise ValueError(f"expert_ratio prunes the experts of an MoE student and cannot be combined with {', '.join(given)}; "
-                                 "prune experts here and distill to a dense student for the rest")
+                raise ValueError(
+                    f"expert_ratio prunes the experts of an MoE student and cannot be combined with {', '.join(given)}; "
+                    "prune experts here and distill to a dense student for the rest"
+                )
         if self.target is not None:
             given = [k for k in ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio") if getattr(self, k)]
             if given:
-                raise ValueError(f"give either target or ratios, not both (got target and {', '.join(given)}); "
-                                 f"remove target or set {given[0]}: 0")
+                raise ValueError(
+                    f"give either target or ratios, not both (got target and {', '.join(given)}); remove target or set {given[0]}: 0"
+                )
             if self.target.latency_ms is not None and self.iterations != 1:
                 raise ValueError("target.latency_ms prunes in steps of target.step until the budget is met; remove iterations")
         return self
@@ -163,11 +206,20 @@ class PruneStage(Stage[PruneConfig]):
         macs1, params1 = macs(model), count_params(model)
         rank0(save_hf_dir, model, d / "model")
         metrics = {
-            "structure_before": before, "structure_after": describe(model), "accuracy_before": acc_before["accuracy"],
-            "params_before": int(params0), "params_after": int(params1), "macs_before": macs0, "macs_after": macs1,
+            "structure_before": before,
+            "structure_after": describe(model),
+            "accuracy_before": acc_before["accuracy"],
+            "params_before": int(params0),
+            "params_after": int(params1),
+            "macs_before": macs0,
+            "macs_after": macs1,
             "mac_reduction": round(1 - macs1 / macs0, 4) if macs0 else None,
-            "macs_counted": "not counted for an MoE student (its MACs depend on each input's routing)" if moe else f"torch FlopCounterMode over one forward pass, batch 1, seq {seq}: every matmul incl. attention scores, MACs = FLOPs / 2",
-            "importance": c.importance, "iterations": log, **evaluate(ctx, model),
+            "macs_counted": "not counted for an MoE student (its MACs depend on each input's routing)"
+            if moe
+            else f"torch FlopCounterMode over one forward pass, batch 1, seq {seq}: every matmul incl. attention scores, MACs = FLOPs / 2",
+            "importance": c.importance,
+            "iterations": log,
+            **evaluate(ctx, model),
         }
         if target_info is not None:
             metrics["target"] = target_info
@@ -175,7 +227,9 @@ class PruneStage(Stage[PruneConfig]):
         if "oneshot" in c.baselines:  # same final structure, one slice, the same total fine-tune budget
             one = student_model(ctx, "prune")
             one.load_state_dict(start_state)
-            one, one_log = self._schedule(ctx, one, 1, c.steps * n_steps, d / "baselines" / "oneshot", self._slices(ctx, start, final, example, calib))
+            one, one_log = self._schedule(
+                ctx, one, 1, c.steps * n_steps, d / "baselines" / "oneshot", self._slices(ctx, start, final, example, calib)
+            )
             rank0(save_hf_dir, one, d / "baselines" / "oneshot" / "model")
             baselines["oneshot"] = ctx.rel(d / "baselines" / "oneshot" / "model")
             metrics["baseline_oneshot"] = {"iterations": one_log, **evaluate(ctx, one)}
@@ -191,13 +245,17 @@ class PruneStage(Stage[PruneConfig]):
         c = self.config
         if not is_moe(model):
             if c.expert_ratio:
-                raise RecipeError(f"expert_ratio {c.expert_ratio}: the student ({type(model).__name__}) has no MoE layers",
-                                  hint="remove expert_ratio, or prune FFN channels, heads or layers of a dense student")
+                raise RecipeError(
+                    f"expert_ratio {c.expert_ratio}: the student ({type(model).__name__}) has no MoE layers",
+                    hint="remove expert_ratio, or prune FFN channels, heads or layers of a dense student",
+                )
             return None
         if not c.expert_ratio:
-            raise RecipeError(f"expert_ratio is needed: the student ({type(model).__name__}) is an MoE, whose experts this stage prunes "
-                              "(FFN channels, heads, layers and targets are for dense students)",
-                              hint="set expert_ratio (e.g. 0.5) and no other ratio, or distill to a dense student first")
+            raise RecipeError(
+                f"expert_ratio is needed: the student ({type(model).__name__}) is an MoE, whose experts this stage prunes "
+                "(FFN channels, heads, layers and targets are for dense students)",
+                hint="set expert_ratio (e.g. 0.5) and no other ratio, or distill to a dense student first",
+            )
         experts_keep(model.config, c.expert_ratio)
         return copy.deepcopy(model.config), None
 
@@ -239,8 +297,13 @@ class PruneStage(Stage[PruneConfig]):
             after = prune(model, it, iterations)
             pruned_acc = evaluate(ctx, model)
             res = kd_train(ctx, model, c, "prune", step_dir / "checkpoint", steps=steps, data_offset=it * 100_000)
-            entry = {"iteration": it, "structure": after, "accuracy_after_prune": pruned_acc["accuracy"],
-                     "train": train_summary(res), **evaluate(ctx, model)}
+            entry = {
+                "iteration": it,
+                "structure": after,
+                "accuracy_after_prune": pruned_acc["accuracy"],
+                "train": train_summary(res),
+                **evaluate(ctx, model),
+            }
             rank0(save_hf_dir, model, step_dir / "model")
             rank0(atomic_write_json, step_dir / "metrics.json", entry)
             log.append(entry)
@@ -259,10 +322,11 @@ class PruneStage(Stage[PruneConfig]):
                 keep = experts_keep(start, self.config.expert_ratio * (it + 1) / iterations)
                 routing = prune_experts(model, keep, calib) if keep < expert_structure(model)["experts"][0] else {}
                 return {**expert_structure(model), "routing": routing}
+
             return prune
-        return lambda model, it, iterations: self._prune(ctx, model, interpolate(start, final, (it + 1) / iterations, self.config.round_to,
-                                                                                 model.config),
-                                                         example, calib, it)
+        return lambda model, it, iterations: self._prune(
+            ctx, model, interpolate(start, final, (it + 1) / iterations, self.config.round_to, model.config), example, calib, it
+        )
 
     def _prune(self, ctx: RunContext, model, shape, example, calib, it: int) -> dict:
         import torch
@@ -295,17 +359,23 @@ class PruneStage(Stage[PruneConfig]):
         t = c.target
         threads = load_device("host-cpu").threads
         seq = int(example.shape[1])
-        info = {"kind": "latency_ms", "budget_ms": t.latency_ms, "device": t.device, "structures": list(t.structures),
-                "measured_on": f"this host ({platform.node()}, {platform.machine()}, {threads} threads), not the target device",
-                "how": f"ONNX export of each candidate, ONNX Runtime CPU (extended optimizations), batch 1, seq {seq}, "
-                       f"p50 of {t.runs} runs after {t.warmup} warm-up runs in a fresh process",
-                "steps": []}
+        info = {
+            "kind": "latency_ms",
+            "budget_ms": t.latency_ms,
+            "device": t.device,
+            "structures": list(t.structures),
+            "measured_on": f"this host ({platform.node()}, {platform.machine()}, {threads} threads), not the target device",
+            "how": f"ONNX export of each candidate, ONNX Runtime CPU (extended optimizations), batch 1, seq {seq}, "
+            f"p50 of {t.runs} runs after {t.warmup} warm-up runs in a fresh process",
+            "steps": [],
+        }
 
         def measure(m):  # timed on rank 0 alone under torchrun and shared, so every rank prunes the same way
             from dsk_compress.compress import dist
 
-            return dist.on_main(lambda: measure_latency(m, example, d / "latency", threads=threads, runs=t.runs, warmup=t.warmup),
-                                "latency measurement")
+            return dist.on_main(
+                lambda: measure_latency(m, example, d / "latency", threads=threads, runs=t.runs, warmup=t.warmup), "latency measurement"
+            )
 
         ref_file = d / "latency_before.json"
         if agreed(ref_file.is_file()):
@@ -339,16 +409,28 @@ class PruneStage(Stage[PruneConfig]):
                     lat = measure(model)
                     pruned_acc = evaluate(ctx, model)
                     res = kd_train(ctx, model, c, "prune", step_dir / "checkpoint", steps=c.steps, data_offset=k * 100_000)
-                    entry = {"step": k, "ratio": ratio, "structure": after, "latency": lat, "accuracy_after_prune": pruned_acc["accuracy"],
-                             "train": train_summary(res), **evaluate(ctx, model)}
+                    entry = {
+                        "step": k,
+                        "ratio": ratio,
+                        "structure": after,
+                        "latency": lat,
+                        "accuracy_after_prune": pruned_acc["accuracy"],
+                        "train": train_summary(res),
+                        **evaluate(ctx, model),
+                    }
                     rank0(save_hf_dir, model, step_dir / "model")
                     rank0(atomic_write_json, step_dir / "metrics.json", entry)
             if entry is not None:
                 log.append(entry)
                 layers = entry["structure"]["layers"]
-                info["steps"].append({"step": entry["step"], "ratio": entry["ratio"],
-                                      "structure": {**{kk: layers[0][kk] for kk in ("heads", "kv_heads", "ffn")}, "layers": len(layers)},
-                                      **{kk: entry["latency"][kk] for kk in ("p50_ms", "p90_ms", "parity_max_abs_diff")}})
+                info["steps"].append(
+                    {
+                        "step": entry["step"],
+                        "ratio": entry["ratio"],
+                        "structure": {**{kk: layers[0][kk] for kk in ("heads", "kv_heads", "ffn")}, "layers": len(layers)},
+                        **{kk: entry["latency"][kk] for kk in ("p50_ms", "p90_ms", "parity_max_abs_diff")},
+                    }
+                )
                 if entry["latency"]["p50_ms"] <= t.latency_ms:
                     info.update(met=True, stopped=f"budget met at step {entry['step']} (ratio {entry['ratio']})")
                     break
@@ -356,10 +438,14 @@ class PruneStage(Stage[PruneConfig]):
                 last = info["steps"][-1]["p50_ms"] if info["steps"] else ref["p50_ms"]
                 info.update(met=False, stopped=f"target.max_ratio {t.max_ratio} reached")
                 rank0(atomic_write_json, d / "latency.json", info)
-                raise self._field(ctx, RecipeError(
-                    f"target.latency_ms {t.latency_ms} ms is not met on this host even at target.max_ratio {t.max_ratio}: "
-                    f"p50 {last:.3f} ms after {len(info['steps'])} steps (unpruned {ref['p50_ms']:.3f} ms)",
-                    hint="raise target.latency_ms or target.max_ratio, or add structures (heads, layers); every step is in prune/latency.json"))
+                raise self._field(
+                    ctx,
+                    RecipeError(
+                        f"target.latency_ms {t.latency_ms} ms is not met on this host even at target.max_ratio {t.max_ratio}: "
+                        f"p50 {last:.3f} ms after {len(info['steps'])} steps (unpruned {ref['p50_ms']:.3f} ms)",
+                        hint="raise target.latency_ms or target.max_ratio, or add structures (heads, layers); every step is in prune/latency.json",
+                    ),
+                )
         rank0(atomic_write_json, d / "latency.json", info)
         return model, log, info
 
@@ -390,12 +476,20 @@ def run_torch(stage, ctx: RunContext) -> StageResult:
     save_model_dir(model, d / "model")
     after = {n: w for n, w in conv_widths(model).items() if n in start}
     metrics = {
-        "structure_before": {"conv_channels": start}, "structure_after": {"conv_channels": after}, "channel_ratio": ratio,
-        "round_to": c.round_to, "accuracy_before": acc_before["accuracy"],
-        "params_before": int(params0), "params_after": int(params1), "macs_before": int(macs0), "macs_after": int(macs1),
+        "structure_before": {"conv_channels": start},
+        "structure_after": {"conv_channels": after},
+        "channel_ratio": ratio,
+        "round_to": c.round_to,
+        "accuracy_before": acc_before["accuracy"],
+        "params_before": int(params0),
+        "params_after": int(params1),
+        "macs_before": int(macs0),
+        "macs_after": int(macs1),
         "mac_reduction": round(1 - macs1 / macs0, 4),
         "macs_counted": f"torch FlopCounterMode over one forward pass on one example input {list(example.shape)}, MACs = FLOPs / 2",
-        "importance": c.importance, "iterations": log, **torch_evaluate(ctx, model),
+        "importance": c.importance,
+        "iterations": log,
+        **torch_evaluate(ctx, model),
     }
     baselines = {}
     if "oneshot" in c.baselines:  # same final widths in one slice, the same total fine-tune budget
@@ -435,8 +529,13 @@ def _torch_schedule(stage, ctx: RunContext, model, start: dict, final: dict, ite
         after = prune_channels(model, widths, example, c.importance, taylor_loss)
         pruned_acc = torch_evaluate(ctx, model)
         res = torch_kd_train(ctx, model, c, "prune", step_dir / "checkpoint", steps=steps, data_offset=it * 100_000)
-        entry = {"iteration": it, "structure": {"conv_channels": after}, "accuracy_after_prune": pruned_acc["accuracy"],
-                 "train": torch_train_summary(res), **torch_evaluate(ctx, model)}
+        entry = {
+            "iteration": it,
+            "structure": {"conv_channels": after},
+            "accuracy_after_prune": pruned_acc["accuracy"],
+            "train": torch_train_summary(res),
+            **torch_evaluate(ctx, model),
+        }
         save_model_dir(model, step_dir / "model")
         atomic_write_json(step_dir / "metrics.json", entry)
         log.append(entry)

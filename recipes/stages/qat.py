@@ -25,15 +25,29 @@ from pydantic import Field, field_validator
 
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult, StrictModel
 from dsk_compress.recipes.limits import MAX_CALIBRATION_BATCHES
-from dsk_compress.recipes.stages.common import _TrainSettings, evaluate, kd_train, rank0, stage_field, student_model, train_summary
-from dsk_compress.recipes.stages.common import is_torch_run, torch_evaluate, torch_kd_train, torch_student, torch_train_summary  # your own torch model
+from dsk_compress.recipes.stages.common import (  # your own torch model
+    _TrainSettings,
+    evaluate,
+    is_torch_run,
+    kd_train,
+    rank0,
+    stage_field,
+    student_model,
+    torch_evaluate,
+    torch_kd_train,
+    torch_student,
+    torch_train_summary,
+    train_summary,
+)
 
 
 class Int4QATSettings(StrictModel):
     """How the ``int4`` precision quantizes (ONNX Runtime's MatMulNBits with accuracy_level 4)."""
 
     block_size: Literal[16, 32, 64, 128] = Field(32, description="input features per weight scale and per activation scale")
-    scale_init: Literal["mse", "absmax"] = Field("mse", description="initial block scales: least squared error, or absmax / 7; then learned (LSQ)")
+    scale_init: Literal["mse", "absmax"] = Field(
+        "mse", description="initial block scales: least squared error, or absmax / 7; then learned (LSQ)"
+    )
     head_bits: Literal[4, 8] | None = Field(8, description="the LM head's weight bits (MatMulNBits, same blocks); null keeps it float")
     embedding_bits: Literal[8] | None = Field(8, description="the token embedding: int8 per row (Gather + dequantize); null keeps it float")
 
@@ -41,10 +55,11 @@ class Int4QATSettings(StrictModel):
 class QATConfig(StageConfig, _TrainSettings):
     stage: Literal["qat"] = "qat"
     precisions: list[Literal["int8", "int4"]] = Field(
-        default_factory=lambda: ["int8"], min_length=1,
+        default_factory=lambda: ["int8"],
+        min_length=1,
         description="one QAT student per entry, each trained from the same float student with the same steps and data: int8 (per-channel "
-                    "weights, static per-tensor activations; Q/DQ graphs, TensorRT) and int4 (MatMulNBits: 4-bit block weights with "
-                    "learned scales, int8 activations per block at run time; ONNX Runtime)",
+        "weights, static per-tensor activations; Q/DQ graphs, TensorRT) and int4 (MatMulNBits: 4-bit block weights with "
+        "learned scales, int8 activations per block at run time; ONNX Runtime)",
     )
     int4: Int4QATSettings = Field(default_factory=lambda: Int4QATSettings(), description="the int4 precision's quantization")
     weight_bits: int = Field(8, ge=4, le=8, description="int8 precision: weight bits (7-bit range with avx2_safe)")
@@ -53,14 +68,18 @@ class QATConfig(StageConfig, _TrainSettings):
     activations: Literal["asymmetric", "symmetric"] = Field(
         "symmetric",
         description="activation quantizers: symmetric (int8, zero point 0: runs in ONNX Runtime and TensorRT, so one QAT model "
-                    "serves every device) or asymmetric (uint8 + zero point, ONNX Runtime only; the default for your own torch "
-                    "model when unset, as ONNX Runtime's x86 QLinearConv needs it)",
+        "serves every device) or asymmetric (uint8 + zero point, ONNX Runtime only; the default for your own torch "
+        "model when unset, as ONNX Runtime's x86 QLinearConv needs it)",
     )
     observer_steps: int = Field(20, ge=1, le=MAX_CALIBRATION_BATCHES, description="steps of min/max observation before scales are learned")
     share_input_quantizers: bool = Field(
-        True, description="one activation quantizer per input tensor: layers that read the same tensor (q/k/v, gate/up) share one "
-                          "learned scale, so the int8 graph packs them into one integer MatMul (TensorRT also wants one scale per tensor)")
-    skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module names kept in float (int4: the LM head follows int4.head_bits)")
+        True,
+        description="one activation quantizer per input tensor: layers that read the same tensor (q/k/v, gate/up) share one "
+        "learned scale, so the int8 graph packs them into one integer MatMul (TensorRT also wants one scale per tensor)",
+    )
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"], description="module names kept in float (int4: the LM head follows int4.head_bits)"
+    )
     lr: float = Field(2e-4, gt=0, le=1)
 
     @field_validator("precisions")
@@ -93,8 +112,11 @@ class QATStage(Stage[QATConfig]):
             from dsk_compress.errors import RecipeError
 
             qi = next(i for i, st in enumerate(ctx.spec.stages) if st.stage == "qat")
-            raise RecipeError(f"stages.{trt[0][0]}.device {trt[0][1]!r} runs int8 in TensorRT, which needs symmetric int8 activations, "
-                              f"but stages.{qi}.activations is {c.activations!r}", hint=f"set stages.{qi}.activations: symmetric")
+            raise RecipeError(
+                f"stages.{trt[0][0]}.device {trt[0][1]!r} runs int8 in TensorRT, which needs symmetric int8 activations, "
+                f"but stages.{qi}.activations is {c.activations!r}",
+                hint=f"set stages.{qi}.activations: symmetric",
+            )
         d = ctx.stage_dir("qat")
         model = student_model(ctx, "qat")
         metrics: dict = {"float": evaluate(ctx, model)}
@@ -122,7 +144,12 @@ def _train_int8(ctx: RunContext, c: QATConfig, model, d):
     ptq_metrics = evaluate(ctx, model)
     res = kd_train(ctx, model, c, "qat", d / "checkpoint")
     rank0(save_qat_model, model, d / "model", _qat_info(c, model, names))
-    return d / "model", {"after_calibration": ptq_metrics, "quantized_layers": len(names), "train": train_summary(res), **evaluate(ctx, model)}
+    return d / "model", {
+        "after_calibration": ptq_metrics,
+        "quantized_layers": len(names),
+        "train": train_summary(res),
+        **evaluate(ctx, model),
+    }
 
 
 def _train_int4(ctx: RunContext, c: QATConfig, model, d):
@@ -137,7 +164,12 @@ def _train_int4(ctx: RunContext, c: QATConfig, model, d):
     d.mkdir(parents=True, exist_ok=True)
     res = kd_train(ctx, model, c, "qat", d / "checkpoint")
     rank0(save_qat_model, model, d / "model", int4_qat_info(s.block_size, s.scale_init, s.head_bits, s.embedding_bits, c.skip, names))
-    return d / "model", {"after_calibration": ptq_metrics, "quantized_layers": len(names), "train": train_summary(res), **evaluate(ctx, model)}
+    return d / "model", {
+        "after_calibration": ptq_metrics,
+        "quantized_layers": len(names),
+        "train": train_summary(res),
+        **evaluate(ctx, model),
+    }
 
 
 def _qat_info(c: QATConfig, model, names: list[str]) -> dict:
@@ -180,7 +212,9 @@ def run_torch(stage: QATStage, ctx: RunContext) -> StageResult:
     if c.precisions != ["int8"]:  # the recipe schema refuses it first; a config built by hand gets the same words
         from dsk_compress.errors import RecipeError
 
-        raise RecipeError(f"{stage_field(ctx, 'qat', 'precisions')}: your own torch model trains int8 QAT only", hint="set precisions: [int8]")
+        raise RecipeError(
+            f"{stage_field(ctx, 'qat', 'precisions')}: your own torch model trains int8 QAT only", hint="set precisions: [int8]"
+        )
     d = ctx.stage_dir("qat")
     model = torch_student(ctx, "qat")
     float_metrics = torch_evaluate(ctx, model)
@@ -190,6 +224,12 @@ def run_torch(stage: QATStage, ctx: RunContext) -> StageResult:
     ptq_metrics = torch_evaluate(ctx, model)
     res = torch_kd_train(ctx, model, c, "qat", d / "checkpoint")
     save_model_dir(model, d / "model", extra={"bn_folded": [list(p) for p in pairs], "qat": _qat_info(c, model, names)})
-    metrics = {"float": float_metrics, "bn_folded": [b for _, b in pairs], "after_calibration": ptq_metrics,
-               "quantized_layers": len(names), "train": torch_train_summary(res), **torch_evaluate(ctx, model)}
+    metrics = {
+        "float": float_metrics,
+        "bn_folded": [b for _, b in pairs],
+        "after_calibration": ptq_metrics,
+        "quantized_layers": len(names),
+        "train": torch_train_summary(res),
+        **torch_evaluate(ctx, model),
+    }
     return StageResult(outputs={"qat_model": ctx.rel(d / "model")}, metrics=metrics)

@@ -26,10 +26,14 @@ BATCH = 4
 def tiny_recipe(tmp_path_factory):
     from conftest import tiny_llama_recipe
 
-    return tiny_llama_recipe(tmp_path_factory.mktemp("recipe-cuda"), "tiny-cuda", [
-        {"stage": "distill", "steps": 6, "batch_size": BATCH, "lr": 3e-3, "hidden_mse": 0.5},
-        {"stage": "prune", "ffn_ratio": 0.5, "iterations": 1, "steps": 2, "batch_size": BATCH},
-    ])
+    return tiny_llama_recipe(
+        tmp_path_factory.mktemp("recipe-cuda"),
+        "tiny-cuda",
+        [
+            {"stage": "distill", "steps": 6, "batch_size": BATCH, "lr": 3e-3, "hidden_mse": 0.5},
+            {"stage": "prune", "ffn_ratio": 0.5, "iterations": 1, "steps": 2, "batch_size": BATCH},
+        ],
+    )
 
 
 @needs_cuda
@@ -52,11 +56,25 @@ def test_recipe_trains_on_cuda_in_bf16_and_saves_from_the_cpu(tmp_path, tiny_rec
 def test_recipe_under_torchrun_on_two_gpus_matches_one_gpu(tmp_path, tiny_recipe, teacher):
     from dsk_compress import run_recipe
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dsk_compress.cli.main", "recipe", str(tiny_recipe), "--out", str(tmp_path / "ddp"),
-           "--set", f"distributed.teacher={teacher}"]
-    p = subprocess.Popen(cmd, env={**os.environ, "TERM": "dumb"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dsk_compress.cli.main",
+        "recipe",
+        str(tiny_recipe),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--set",
+        f"distributed.teacher={teacher}",
+    ]
+    p = subprocess.Popen(
+        cmd, env={**os.environ, "TERM": "dumb"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         log, _ = p.communicate(timeout=600)
     except subprocess.TimeoutExpired:

@@ -53,16 +53,31 @@ def optimum_python(log=print) -> Path:
     log(f"building the Optimum venv {venv} ({', '.join(PINS)})")
     try:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True, text=True, timeout=120)
-        own = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
-                                  capture_output=True, text=True, timeout=60).stdout.strip())
+        own = Path(
+            subprocess.run(
+                [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout.strip()
+        )
         (own / "dsk-borrowed.pth").write_text("".join(f"{p}\n" for p in _borrowed()))  # after its own site-packages
         # pip (borrowed too) installs into the new venv; the borrowed copies of transformers & co. stay untouched
-        proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-input", *PINS],
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-input", *PINS],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if proc.returncode != 0:
             raise Unavailable(f"pip cannot install {' '.join(PINS)}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-        check = subprocess.run([str(py), "-c", "import transformers, optimum.onnxruntime as o; o.ORTModelForCausalLM; "
-                                "print(transformers.__version__)"], capture_output=True, text=True, timeout=300)
+        check = subprocess.run(
+            [str(py), "-c", "import transformers, optimum.onnxruntime as o; o.ORTModelForCausalLM; print(transformers.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if check.returncode != 0 or not check.stdout.strip().startswith("4.57"):
             raise Unavailable(f"the Optimum venv does not import: {(check.stderr or check.stdout).strip().splitlines()[-1:]}")
     except (OSError, subprocess.SubprocessError) as e:

@@ -28,9 +28,17 @@ def digits_run(tmp_path_factory):
 
         ck = d / "cnn.safetensors"
         base = train_base(ck, steps=150)
-        spec = dsk_compress.load_recipe(str(REPO / "examples" / "digits" / "recipe.yaml"), [
-            f"teacher.checkpoint={ck}", f"student.checkpoint={ck}", "stages.0.steps=20", "stages.1.steps=30",
-            "stages.3.runs=10", "stages.3.warmup=2"])
+        spec = dsk_compress.load_recipe(
+            str(REPO / "examples" / "digits" / "recipe.yaml"),
+            [
+                f"teacher.checkpoint={ck}",
+                f"student.checkpoint={ck}",
+                "stages.0.steps=20",
+                "stages.1.steps=30",
+                "stages.3.runs=10",
+                "stages.3.warmup=2",
+            ],
+        )
         rd = dsk_compress.run_recipe(spec, out=d / "runs")
     finally:
         os.chdir(cwd)
@@ -43,8 +51,13 @@ def test_digits_report_has_every_variant_measured_in_onnxruntime(digits_run):
     rep = json.loads((rd / "report.json").read_text())
     by = {v["name"]: v for v in rep["variants"]}
     assert {n: v["role"] for n, v in by.items()} == {
-        "teacher": "teacher", "student-prune": "student", "pruned-oneshot": "pruned-oneshot",
-        "ptq-dynamic": "ptq-dynamic", "ptq-static": "ptq-static", "final": "final"}
+        "teacher": "teacher",
+        "student-prune": "student",
+        "pruned-oneshot": "pruned-oneshot",
+        "ptq-dynamic": "ptq-dynamic",
+        "ptq-static": "ptq-static",
+        "final": "final",
+    }
     for v in rep["variants"]:
         assert v["runtime"] == "onnxruntime-cpu" and v["metrics"]["eval_samples"] == 359
         assert 0 < v["latency_ms"]["p50"] <= v["latency_ms"]["p99"]
@@ -64,7 +77,9 @@ def test_digits_prune_counts_macs_and_progressive_schedule(digits_run):
     assert m["structure_before"]["conv_channels"] == {"features.0": 16, "features.3": 32, "features.6": 64}
     assert m["structure_after"]["conv_channels"] == {"features.0": 8, "features.3": 16, "features.6": 32}
     assert [it["structure"]["conv_channels"] for it in m["iterations"]] == [
-        {"features.0": 8, "features.3": 24, "features.6": 48}, {"features.0": 8, "features.3": 16, "features.6": 32}]
+        {"features.0": 8, "features.3": 24, "features.6": 48},
+        {"features.0": 8, "features.3": 16, "features.6": 32},
+    ]
     assert (m["macs_before"], m["macs_after"], m["mac_reduction"]) == (159_232, 42_752, 0.7315)
     assert m["baseline_oneshot"]["iterations"][0]["train"]["steps"] == 40  # same total fine-tune budget
 

@@ -19,13 +19,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import one_line_error, run_main, tiny_llama_recipe
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-STAGES = [{"stage": "distill", "steps": 6, "batch_size": 2}, {"stage": "prune", "ffn_ratio": 0.5, "steps": 2, "batch_size": 2},
-          {"stage": "qat", "steps": 2, "batch_size": 2, "observer_steps": 1}, {"stage": "export", "ptq_baselines": False, "kv_cache": False},
-          {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []}]
+STAGES = [
+    {"stage": "distill", "steps": 6, "batch_size": 2},
+    {"stage": "prune", "ffn_ratio": 0.5, "steps": 2, "batch_size": 2},
+    {"stage": "qat", "steps": 2, "batch_size": 2, "observer_steps": 1},
+    {"stage": "export", "ptq_baselines": False, "kv_cache": False},
+    {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
+]
 MODELS = ("distill/model/model.safetensors", "prune/model/model.safetensors", "qat/model/qat_state.safetensors")
 
 
@@ -44,15 +47,16 @@ def temp_files(root: Path) -> list[str]:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "dsk_compress.cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV
+    )
 
 
 def one_line(proc: subprocess.CompletedProcess) -> str:
     """The one ``error:`` line a refused or failed command ends with (a run's progress lines come before it), exit 2."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
     return errors[0]
 
@@ -179,10 +183,13 @@ def _enospc_in_distill(monkeypatch, exc: BaseException):
     monkeypatch.setattr(DistillStage, "run", run)
 
 
-@pytest.mark.parametrize("exc", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
+    ],
+)
 def test_enospc_in_a_stage_is_recorded_failed_temp_files_removed_one_line(tmp_path, tiny_recipe, monkeypatch, capsys, exc):
     _enospc_in_distill(monkeypatch, exc)
     rd = tmp_path / "run"
@@ -202,7 +209,9 @@ def test_a_write_failure_without_a_cause_counts_as_full_only_on_a_nearly_full_di
 
     from dsk_compress import io
 
-    torch_says = RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/3: file write failed")
+    torch_says = RuntimeError(
+        "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/3: file write failed"
+    )
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(io.shutil, "disk_usage", lambda p: usage(20 << 20, 20 << 20, 4096))
     err = io.storage_error(torch_says, tmp_path, "stage 'qat'")
@@ -236,10 +245,15 @@ def test_bundle_write_that_fills_the_disk_removes_its_temp_folder(tmp_path, monk
     """The space check passes, then the disk fills while the files are copied (another writer): one line, no leftovers."""
     from dsk_compress.export import bundle
 
-    recipe = tiny_llama_recipe(tmp_path, "tiny-bundle-full", [
-        {"stage": "distill", "steps": 2, "batch_size": 2},
-        {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
-        {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []}])
+    recipe = tiny_llama_recipe(
+        tmp_path,
+        "tiny-bundle-full",
+        [
+            {"stage": "distill", "steps": 2, "batch_size": 2},
+            {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
+            {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
+        ],
+    )
     from dsk_compress import run_recipe
 
     rd = run_recipe(str(recipe), run_dir=tmp_path / "run")

@@ -72,4 +72,9 @@ def test_dry_run_shows_both_precisions(tmp_path):
 
     plan = describe_plan(load_recipe(str(tiny_llama_recipe(tmp_path, "tiny-int4-plan", STAGES))))
     qat = next(st for st in plan if st["stage"] == "qat")
-    assert qat["precisions"] == ["int8", "int4"] and qat["int4"] == {"block_size": 32, "scale_init": "mse", "head_bits": 8, "embedding_bits": 8}
+    assert qat["precisions"] == ["int8", "int4"] and qat["int4"] == {
+        "block_size": 32,
+        "scale_init": "mse",
+        "head_bits": 8,
+        "embedding_bits": 8,
+    }

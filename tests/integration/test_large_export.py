@@ -19,8 +19,16 @@ pytestmark = pytest.mark.slow
 def big():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=131_072, hidden_size=2048, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=16,
-                      num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=131_072,
+        hidden_size=2048,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     m = LlamaForCausalLM(cfg).eval()
     for p in m.parameters():  # small weights: the logits stay in a range where fp32 sums agree closely

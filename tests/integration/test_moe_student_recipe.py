@@ -28,7 +28,11 @@ def _recipe(tmp_path, moe_dir, prune: dict, extra_stages=()):
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory, tiny_moe_dir):
     d = tmp_path_factory.mktemp("moe-student")
-    stages = [{"stage": "qat", "steps": 5, "batch_size": 8, "observer_steps": 2}, {"stage": "export"}, {"stage": "bench", "runs": 3, "warmup": 1}]
+    stages = [
+        {"stage": "qat", "steps": 5, "batch_size": 8, "observer_steps": 2},
+        {"stage": "export"},
+        {"stage": "bench", "runs": 3, "warmup": 1},
+    ]
     p = _recipe(d, tiny_moe_dir, {"expert_ratio": 0.5, "iterations": 2, "baselines": ["oneshot"]}, stages)
     return run_recipe(str(p), out=d / "runs")
 
@@ -60,10 +64,13 @@ def test_moe_student_exports_with_dense_routing_and_benches(moe_run):
     assert roles["final"]["accuracy"] > roles["student"]["accuracy"] - 5
 
 
-@pytest.mark.parametrize("prune,text", [
-    ({"ffn_ratio": 0.5}, "expert_ratio is needed"),
-    ({"expert_ratio": 0.75}, "too few for the router"),
-])
+@pytest.mark.parametrize(
+    "prune,text",
+    [
+        ({"ffn_ratio": 0.5}, "expert_ratio is needed"),
+        ({"expert_ratio": 0.75}, "too few for the router"),
+    ],
+)
 def test_moe_student_with_bad_prune_settings_names_the_field(tmp_path, tiny_moe_dir, prune, text):
     with pytest.raises(RecipeError, match="stages.0.expert_ratio") as e:
         run_recipe(str(_recipe(tmp_path, tiny_moe_dir, prune)), out=tmp_path / "runs")
@@ -92,8 +99,9 @@ def _family_teacher(kind: str, root):
 
     torch.manual_seed(0)
     wide = {"hidden_size": 64, **({"head_dim": 16} if kind in ("qwen3_moe", "glm4_moe", "gpt_oss") else {})}  # GQA kernels: head_dim 16
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size=256, max_position_embeddings=128, **wide),
-                                             attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(kind, vocab_size=256, max_position_embeddings=128, **wide), attn_implementation="eager"
+    )
     with torch.no_grad():
         for _, block in moe_blocks(model):
             router_of(family(model.config), block).weight.normal_(0, 0.3)
@@ -102,13 +110,23 @@ def _family_teacher(kind: str, root):
 
 
 # fused decoder graph (export.fused): which students it serves, and why not the others
-FUSED = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "phimoe": True, "gpt_oss": True,
-         "deepseek_v2": "no q/k/v/o projections", "deepseek_v3": "no q/k/v/o projections", "glm4_moe": "partial_rotary_factor",
-         "granitemoe": "does not apply embedding_multiplier"}
+FUSED = {
+    "mixtral": True,
+    "qwen2_moe": True,
+    "qwen3_moe": True,
+    "olmoe": True,
+    "phimoe": True,
+    "gpt_oss": True,
+    "deepseek_v2": "no q/k/v/o projections",
+    "deepseek_v3": "no q/k/v/o projections",
+    "glm4_moe": "partial_rotary_factor",
+    "granitemoe": "does not apply embedding_multiplier",
+}
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "granitemoe", "olmoe",
-                                  "phimoe", "gpt_oss"])
+@pytest.mark.parametrize(
+    "kind", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "granitemoe", "olmoe", "phimoe", "gpt_oss"]
+)
 def test_family_matrix_distills_prunes_quantizes_exports_and_benches(kind, tmp_path):
     """Load from a local folder, merge-init a dense student, distill, prune FFN channels, QAT, export (full, KV and fused where
     the attention allows) and bench; the report has every variant. Expert pruning of each family: tests/unit/test_moe_pruning."""
@@ -151,5 +169,7 @@ def test_family_matrix_distills_prunes_quantizes_exports_and_benches(kind, tmp_p
         assert by["teacher"]["runtime"].startswith("torch") and by["final"]["speedup_vs_teacher"] is None
     else:
         assert by["final"]["speedup_vs_teacher"] > 0
-    print(f"MATRIX {kind}: teacher {teacher_acc:.2f}% merge-init {init:.2f}% final {by['final']['accuracy']:.2f}% "
-          f"fused {fused if fused is not True else 'yes'}")
+    print(
+        f"MATRIX {kind}: teacher {teacher_acc:.2f}% merge-init {init:.2f}% final {by['final']['accuracy']:.2f}% "
+        f"fused {fused if fused is not True else 'yes'}"
+    )

@@ -38,12 +38,16 @@ def run(tmp_path_factory) -> Path:
     from dsk_compress import run_recipe
 
     d = tmp_path_factory.mktemp("runtime-folders")
-    recipe = tiny_llama_recipe(d, "tiny-folders", [
-        {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 1e-6},
-        {"stage": "qat", "steps": 2, "batch_size": 4, "lr": 1e-6},
-        {"stage": "export", "precisions": ["fp32", "int8"], "ptq_baselines": False, "kv_cache": True, "teacher": "skip"},
-        {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
-    ])
+    recipe = tiny_llama_recipe(
+        d,
+        "tiny-folders",
+        [
+            {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 1e-6},
+            {"stage": "qat", "steps": 2, "batch_size": 4, "lr": 1e-6},
+            {"stage": "export", "precisions": ["fp32", "int8"], "ptq_baselines": False, "kv_cache": True, "teacher": "skip"},
+            {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
+        ],
+    )
     return run_recipe(str(recipe), out=d / "runs")
 
 
@@ -54,8 +58,13 @@ def run_py_tokens(run) -> list[int]:
 
     bundle = make_bundle(run, "rpi5")
     out = bundle / "gen.json"
-    proc = subprocess.run([sys.executable, "run.py", "--generate", str(NEW), "--prompt", PROMPT, "--out", str(out)], cwd=bundle,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "run.py", "--generate", str(NEW), "--prompt", PROMPT, "--out", str(out)],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     dec = json.loads(out.read_text())["decode"]
     assert dec["artifact"] == "model.fused.onnx"
@@ -84,7 +93,7 @@ def _genai_tokens(folder: Path, prompt: str | list[int]) -> tuple[list[int], lis
     gen.append_tokens(ids)
     while not gen.is_done():
         gen.generate_next_token()
-    return [int(t) for t in ids], [int(t) for t in gen.get_sequence(0)[len(ids):]]
+    return [int(t) for t in ids], [int(t) for t in gen.get_sequence(0)[len(ids) :]]
 
 
 def _optimum_tokens(py: Path, folder: Path) -> dict:
@@ -108,8 +117,15 @@ def test_optimum_folder_of_a_run_generates_the_bundles_run_py_tokens(run, run_py
     code, _, err = run_main(["export", str(run), "--format", "optimum"], capsys)
     assert code == 0, err
     folder = run / "bundles" / "optimum-final"
-    assert sorted(p.name for p in folder.iterdir()) == [".dsk-bundle.json", "README.md", "config.json", "generation_config.json",
-                                                         "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".dsk-bundle.json",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.onnx",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     res = _optimum_tokens(optimum_python, folder)
     assert res["transformers"].startswith("4.57")
     assert res["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]

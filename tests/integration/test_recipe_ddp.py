@@ -44,11 +44,15 @@ def _launch(args: list[str], log: Path) -> tuple[int, str]:
 def tiny_recipe(tmp_path_factory) -> Path:
     from conftest import tiny_llama_recipe
 
-    return tiny_llama_recipe(tmp_path_factory.mktemp("recipe-ddp"), "tiny-ddp", [
-        {"stage": "distill", "steps": 6, "batch_size": BATCH, "lr": 3e-3},
-        {"stage": "prune", "ffn_ratio": 0.5, "iterations": 1, "steps": 2, "batch_size": BATCH},
-        {"stage": "export"},  # rank 0 alone; the other rank waits for its result
-    ])
+    return tiny_llama_recipe(
+        tmp_path_factory.mktemp("recipe-ddp"),
+        "tiny-ddp",
+        [
+            {"stage": "distill", "steps": 6, "batch_size": BATCH, "lr": 3e-3},
+            {"stage": "prune", "ffn_ratio": 0.5, "iterations": 1, "steps": 2, "batch_size": BATCH},
+            {"stage": "export"},  # rank 0 alone; the other rank waits for its result
+        ],
+    )
 
 
 def _only_run(out: Path) -> Path:
@@ -105,8 +109,9 @@ def test_recipe_under_torchrun_matches_one_process_fails_cleanly_and_resumes(tmp
     distill_started = m["stages"][0]["started"]
 
     # 3. --resume under torchrun: distill is skipped, prune runs, and the result is the uninterrupted run's
-    rc, log = _launch([__file__, str(tmp_path / "writes-b"), "recipe", str(tiny_recipe), "--out", str(crash), "--resume"],
-                      tmp_path / "resume.log")
+    rc, log = _launch(
+        [__file__, str(tmp_path / "writes-b"), "recipe", str(tiny_recipe), "--out", str(crash), "--resume"], tmp_path / "resume.log"
+    )
     assert rc == 0, log[-4000:]
     assert _only_run(crash) == run
     m = json.loads((run / "manifest.json").read_text())
@@ -140,6 +145,7 @@ def _worker(argv: list[str]) -> None:
             with open(log_dir / f"rank{rank}.txt", "a") as f:
                 f.write(f"{a[arg]}\n")
             return fn(*a, **k)
+
         return wrapper
 
     io.atomic_write_text = logged(io.atomic_write_text)  # every atomic_write_json

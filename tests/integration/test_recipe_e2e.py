@@ -39,10 +39,19 @@ def finished_run(tmp_path_factory, tiny_moe_dir):
 def test_e2e_report_has_all_variants_with_measured_numbers(finished_run):
     rep = json.loads((finished_run / "report.json").read_text())
     roles = {v["name"]: v["role"] for v in rep["variants"]}
-    assert roles == {"teacher": "teacher", "student-distill": "student", "student-prune": "student",
-                     "student-nokd": "student-nokd", "student-random-init": "student-random-init",
-                     "student-random-init-nokd": "student-random-init-nokd", "pruned-oneshot": "pruned-oneshot",
-                     "ptq-dynamic": "ptq-dynamic", "ptq-static": "ptq-static", "final": "final", "student-int4": "student-int4"}
+    assert roles == {
+        "teacher": "teacher",
+        "student-distill": "student",
+        "student-prune": "student",
+        "student-nokd": "student-nokd",
+        "student-random-init": "student-random-init",
+        "student-random-init-nokd": "student-random-init-nokd",
+        "pruned-oneshot": "pruned-oneshot",
+        "ptq-dynamic": "ptq-dynamic",
+        "ptq-static": "ptq-static",
+        "final": "final",
+        "student-int4": "student-int4",
+    }
     for v in rep["variants"]:
         assert v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
         assert v["size_bytes"] == (finished_run / v["artifact"]).stat().st_size
@@ -88,8 +97,12 @@ def test_e2e_report_states_the_distillation_margins(finished_run):
     rep = json.loads((finished_run / "report.json").read_text())
     acc = {v["name"]: v["accuracy"] for v in rep["variants"]}
     margins = {(m["variant"], m["baseline"]): m["margin"] for m in rep["summary"]["distillation"]}
-    assert set(margins) == {("student-distill", "student-nokd"), ("student-distill", "student-random-init"),
-                            ("student-random-init", "student-random-init-nokd"), ("student-distill", "student-random-init-nokd")}
+    assert set(margins) == {
+        ("student-distill", "student-nokd"),
+        ("student-distill", "student-random-init"),
+        ("student-random-init", "student-random-init-nokd"),
+        ("student-distill", "student-random-init-nokd"),
+    }
     for (a, b), margin in margins.items():
         assert margin == pytest.approx(acc[a] - acc[b], abs=1e-4)
     md = (finished_run / "report.md").read_text()
@@ -218,14 +231,15 @@ def test_failed_stage_keeps_earlier_artifacts(tmp_path, tiny_moe_dir):
     from dsk_compress.recipes.runner import run_recipe as _run
     from dsk_compress.recipes.schema import RecipeSpec
 
-    spec = RecipeSpec.model_validate({
-        "name": "tiny-fail",
-        "teacher": {"hf": str(tiny_moe_dir)},
-        "student": {"from_teacher": {"layers": [0], "ffn_init": "random"}},
-        "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
-        "stages": [{"stage": "distill", "steps": 2, "batch_size": 2},
-                   {"stage": "prune", "ffn_ratio": 0.99, "round_to": 8, "steps": 0}],
-    })
+    spec = RecipeSpec.model_validate(
+        {
+            "name": "tiny-fail",
+            "teacher": {"hf": str(tiny_moe_dir)},
+            "student": {"from_teacher": {"layers": [0], "ffn_init": "random"}},
+            "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
+            "stages": [{"stage": "distill", "steps": 2, "batch_size": 2}, {"stage": "prune", "ffn_ratio": 0.99, "round_to": 8, "steps": 0}],
+        }
+    )
     with pytest.raises(DskError, match="ffn_ratio"):
         _run(spec, run_dir=tmp_path / "r")
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
@@ -240,14 +254,29 @@ def test_bundle_run_py_reproduces_report_accuracy(finished_run, tmp_path):
     from dsk_compress.export.bundle import make_bundle
 
     b = make_bundle(finished_run, "rpi5", tmp_path / "rpi5")
-    assert {p.name for p in b.iterdir()} == {"model.onnx", "model.fused.onnx", "model.kv.onnx", "model_card.json", "run.py", "dsk_measure.py",
-                                             "dsk_decoder.py", "dsk_trt.py",
-                                             "requirements.txt", "README.md", "eval_windows.npy", ".dsk-bundle.json"}
+    assert {p.name for p in b.iterdir()} == {
+        "model.onnx",
+        "model.fused.onnx",
+        "model.kv.onnx",
+        "model_card.json",
+        "run.py",
+        "dsk_measure.py",
+        "dsk_decoder.py",
+        "dsk_trt.py",
+        "requirements.txt",
+        "README.md",
+        "eval_windows.npy",
+        ".dsk-bundle.json",
+    }
     card = json.loads((b / "model_card.json").read_text())
     assert card["precision"] == "int8" and card["runtime"] == "onnxruntime" and card["source_run"] == finished_run.name
     assert np.load(b / "eval_windows.npy").dtype == np.uint8  # code-lm: 256 byte values
-    r = subprocess.run([sys.executable, "run.py", "--runs", "3", "--generate", "4", "--prompt", "def f(", "--out", str(tmp_path / "res.json")],
-                       cwd=b, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "run.py", "--runs", "3", "--generate", "4", "--prompt", "def f(", "--out", str(tmp_path / "res.json")],
+        cwd=b,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     from dsk_compress.runtimes.result import parse_record
 
@@ -273,16 +302,20 @@ def test_logit_cache_is_built_once_and_reused_by_later_stages(tmp_path, tiny_moe
     from dsk_compress.recipes.runner import run_recipe as _run
     from dsk_compress.recipes.schema import RecipeSpec
 
-    spec = RecipeSpec.model_validate({
-        "name": "tiny-cache",
-        "teacher": {"hf": str(tiny_moe_dir)},
-        "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 2}},
-        "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
-        "logit_cache": {"enabled": True, "top_k": 16},
-        "stages": [{"stage": "distill", "steps": 8, "batch_size": 4},
-                   {"stage": "prune", "ffn_ratio": 0.5, "steps": 6, "batch_size": 4},
-                   {"stage": "qat", "steps": 4, "batch_size": 4, "observer_steps": 1}],
-    })
+    spec = RecipeSpec.model_validate(
+        {
+            "name": "tiny-cache",
+            "teacher": {"hf": str(tiny_moe_dir)},
+            "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 2}},
+            "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
+            "logit_cache": {"enabled": True, "top_k": 16},
+            "stages": [
+                {"stage": "distill", "steps": 8, "batch_size": 4},
+                {"stage": "prune", "ffn_ratio": 0.5, "steps": 6, "batch_size": 4},
+                {"stage": "qat", "steps": 4, "batch_size": 4, "observer_steps": 1},
+            ],
+        }
+    )
     rd = _run(spec, run_dir=tmp_path / "r")
     kd = {s: json.loads((rd / s / "metrics.json").read_text()) for s in ("distill", "prune", "qat")}
     assert kd["distill"]["train"]["kd"] == {"teacher": "cached top-16 logits", "cache_hits": 0, "cache_misses": 8}

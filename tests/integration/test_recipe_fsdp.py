@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_recipe_ddp import BPB_REL_TOL, WEIGHT_ATOL, _launch, _only_run, _weights
 
 BATCH = 4
@@ -101,7 +100,7 @@ def _cache_worker(out: Path) -> None:
     torch.manual_seed(0)
     teacher = MixtralForCausalLM(tiny_mixtral_config()).eval()
     sharded = dist.shard_frozen(copy.deepcopy(teacher), torch.device("cpu"))
-    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))[e.rank * 2:(e.rank + 1) * 2]
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))[e.rank * 2 : (e.rank + 1) * 2]
     root = out / "cache"
     if e.rank == 1:  # this rank alone already has batch 0 (a plain cache, whole teacher: no collective)
         TeacherLogitCache(root, teacher, "task", k=8).get(0, x)
@@ -112,9 +111,16 @@ def _cache_worker(out: Path) -> None:
         first = {"hits": cache.hits, "misses": cache.misses}
         cache.get(0, x)
         ref = teacher(input_ids=x, use_cache=False).logits.topk(8, dim=-1)
-    (out / f"rank{e.rank}.json").write_text(json.dumps({
-        "first": first, "second": {"hits": cache.hits, "misses": cache.misses},
-        "max_value_diff": float((values - ref.values).abs().max()), "indices_equal": bool(torch.equal(indices, ref.indices))}))
+    (out / f"rank{e.rank}.json").write_text(
+        json.dumps(
+            {
+                "first": first,
+                "second": {"hits": cache.hits, "misses": cache.misses},
+                "max_value_diff": float((values - ref.values).abs().max()),
+                "indices_equal": bool(torch.equal(indices, ref.indices)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

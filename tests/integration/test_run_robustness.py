@@ -19,15 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import one_line_error, run_main, tiny_llama_recipe
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "dsk_compress.cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def main_line(capsys, *args: str) -> str:
@@ -65,12 +65,24 @@ def test_interrupt_records_stage_prints_resume_command_and_exits_128_plus_signal
     rd = tmp_path / "run"
     # Ctrl-C as a terminal delivers it: a background job of a non-interactive shell (nohup, `cmd &` in a script) starts
     # with SIGINT ignored and Python keeps it ignored, so the child gets the default disposition back before it starts
-    p = subprocess.Popen([sys.executable, "-m", "dsk_compress.cli.main", "recipe", str(recipe), "--run-dir", str(rd)], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dsk_compress.cli.main", "recipe", str(recipe), "--run-dir", str(rd)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
-        wait_for(lambda: (rd / "manifest.json").is_file() and manifest(rd)["stages"][0]["status"] == "running"
-                 and (rd / "distill" / "init" / "config.json").is_file(), p)
+        wait_for(
+            lambda: (
+                (rd / "manifest.json").is_file()
+                and manifest(rd)["stages"][0]["status"] == "running"
+                and (rd / "distill" / "init" / "config.json").is_file()
+            ),
+            p,
+        )
         if sig == signal.SIGINT:
             # one run per folder: a second process (resume, rerun or a fresh run) is refused, naming the owner
             for extra in (["--resume"], ["--resume", "--rerun-from", "distill"], []):
@@ -98,8 +110,13 @@ def test_kill_9_mid_distill_then_resume_is_byte_identical_and_takes_over_the_sta
     ref = cli("recipe", str(recipe), "--run-dir", str(tmp_path / "ref"), cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     rd = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "dsk_compress.cli.main", "recipe", str(recipe), "--run-dir", str(rd)], cwd=tmp_path,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dsk_compress.cli.main", "recipe", str(recipe), "--run-dir", str(rd)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
     try:
         wait_for(lambda: (rd / "distill" / "checkpoint" / "state.json").is_file(), p)  # the first checkpoint (step 50)
         p.send_signal(signal.SIGKILL)
@@ -125,9 +142,16 @@ def test_kill_9_mid_distill_then_resume_is_byte_identical_and_takes_over_the_sta
 def finished(tmp_path_factory) -> tuple[Path, Path]:
     """(recipe, run) of a finished tiny distill -> prune -> qat -> export run, made through the CLI."""
     d = tmp_path_factory.mktemp("robust")
-    recipe = tiny_llama_recipe(d, "tiny-corrupt", [
-        {"stage": "distill", "steps": 6, "batch_size": 2}, {"stage": "prune", "ffn_ratio": 0.5, "steps": 2, "batch_size": 2},
-        {"stage": "qat", "steps": 2, "batch_size": 2, "observer_steps": 1}, {"stage": "export", "ptq_baselines": False, "kv_cache": False}])
+    recipe = tiny_llama_recipe(
+        d,
+        "tiny-corrupt",
+        [
+            {"stage": "distill", "steps": 6, "batch_size": 2},
+            {"stage": "prune", "ffn_ratio": 0.5, "steps": 2, "batch_size": 2},
+            {"stage": "qat", "steps": 2, "batch_size": 2, "observer_steps": 1},
+            {"stage": "export", "ptq_baselines": False, "kv_cache": False},
+        ],
+    )
     import yaml
 
     data = yaml.safe_load(recipe.read_text())
@@ -170,11 +194,16 @@ def _flip(p: Path) -> None:
     p.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, target, stage", [
-    ("flip", "distill/model/model.safetensors", "distill"), ("delete", "distill/model/config.json", "distill"),
-    ("truncate", "prune/model/model.safetensors", "prune"), ("flip", "qat/model/qat.json", "qat"),
-    ("delete", "qat/model/qat.json", "qat"),
-])
+@pytest.mark.parametrize(
+    "damage, target, stage",
+    [
+        ("flip", "distill/model/model.safetensors", "distill"),
+        ("delete", "distill/model/config.json", "distill"),
+        ("truncate", "prune/model/model.safetensors", "prune"),
+        ("flip", "qat/model/qat.json", "qat"),
+        ("delete", "qat/model/qat.json", "qat"),
+    ],
+)
 def test_corrupt_or_missing_file_names_it_and_the_rebuild_command(copy, damage, target, stage, capsys):
     recipe, rd = copy
     p = rd / target
@@ -256,8 +285,7 @@ def test_damaged_manifest_is_one_line_on_resume_export_and_report(copy, content,
         (rd / "manifest.json").unlink()
     else:
         (rd / "manifest.json").write_bytes(content)
-    for args in (["recipe", str(recipe), "--run-dir", str(rd), "--resume"], ["export", str(rd), "--device", "rpi5"],
-                 ["report", str(rd)]):
+    for args in (["recipe", str(recipe), "--run-dir", str(rd), "--resume"], ["export", str(rd), "--device", "rpi5"], ["report", str(rd)]):
         line = main_line(capsys, *args)
         assert "manifest" in line or "report.json" in line, line
 

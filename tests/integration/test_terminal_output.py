@@ -64,11 +64,12 @@ class _Capture:
 def test_report_table_at_100_columns_cuts_no_cell(two_runs):
     out, _ = two_runs[0]
     assert "…" not in out, out
-    table = out[out.index("Compression report"):out.index("Recommendation")]
+    table = out[out.index("Compression report") : out.index("Recommendation")]
     rows = [ln for ln in table.splitlines() if re.match(r"\s*(★ )?(teacher|student|ptq|final)", ln)]
     names = [ln.split()[1] if ln.split()[0] == "★" else ln.split()[0] for ln in rows]
-    assert {"teacher", "student-distill", "student-random-init-nokd", "student-prune", "ptq-dynamic", "ptq-static",
-            "final"} <= set(names), table
+    assert {"teacher", "student-distill", "student-random-init-nokd", "student-prune", "ptq-dynamic", "ptq-static", "final"} <= set(
+        names
+    ), table
     assert all(len(ln) <= 100 for ln in table.splitlines()), table
     for ln in rows:  # one line per variant: nothing folded onto a second line
         assert len(ln.split()) >= 6, ln
@@ -80,7 +81,7 @@ def test_run_directory_is_printed_when_the_run_opens(two_runs):
     opened = next(i for i, ln in enumerate(lines) if ln.startswith("run directory: "))
     first_header = next(i for i, ln in enumerate(lines) if ln.startswith("[1/5] distill: "))
     assert opened < first_header
-    assert lines[opened].split("run directory: ")[1] in out[out.index("report: "):]
+    assert lines[opened].split("run directory: ")[1] in out[out.index("report: ") :]
 
 
 def test_each_stage_prints_a_header_and_the_second_run_says_how_long_the_last_took(two_runs):

@@ -10,9 +10,9 @@ import torch
 
 @pytest.fixture(scope="module")
 def text_teacher(tmp_path_factory):
+    from conftest import bpe_tokenizer, tiny_mixtral_config
     from transformers import MixtralForCausalLM
 
-    from conftest import bpe_tokenizer, tiny_mixtral_config
     from dsk_compress.tasks.code_lm import stdlib_files
 
     d = tmp_path_factory.mktemp("text")
@@ -32,14 +32,23 @@ def test_text_lm_recipe_runs_end_to_end_with_the_teachers_tokenizer(text_teacher
     from dsk_compress.recipes.runner import run_recipe
     from dsk_compress.recipes.schema import RecipeSpec
 
-    spec = RecipeSpec.model_validate({
-        "name": "text",
-        "teacher": {"hf": str(text_teacher / "teacher")},
-        "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 1}},
-        "task": {"name": "text-lm", "train": [str(text_teacher / "train.jsonl")], "eval": [str(text_teacher / "eval.jsonl")],
-                 "tokenizer": str(text_teacher / "teacher"), "text_field": "body", "seq_len": 32, "eval_sequences": 8},
-        "stages": [{"stage": "distill", "steps": 6, "batch_size": 4}, {"stage": "export"}, {"stage": "bench", "runs": 3, "warmup": 1}],
-    })
+    spec = RecipeSpec.model_validate(
+        {
+            "name": "text",
+            "teacher": {"hf": str(text_teacher / "teacher")},
+            "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 1}},
+            "task": {
+                "name": "text-lm",
+                "train": [str(text_teacher / "train.jsonl")],
+                "eval": [str(text_teacher / "eval.jsonl")],
+                "tokenizer": str(text_teacher / "teacher"),
+                "text_field": "body",
+                "seq_len": 32,
+                "eval_sequences": 8,
+            },
+            "stages": [{"stage": "distill", "steps": 6, "batch_size": 4}, {"stage": "export"}, {"stage": "bench", "runs": 3, "warmup": 1}],
+        }
+    )
     rd = run_recipe(spec, run_dir=tmp_path / "r")
     _check_bundle(rd, tmp_path)
     rep = json.loads((rd / "report.json").read_text())
@@ -67,8 +76,12 @@ def _check_bundle(rd, tmp_path):
     card = json.loads((b / "model_card.json").read_text())
     assert card["vocab_size"] == 300 and windows.dtype == np.uint16 and windows.max() > 255  # uint8 would wrap these ids
     assert (b / "tokenizer.json").is_file() and "tokenizers>=" in (b / "requirements.txt").read_text()
-    r = subprocess.run([sys.executable, "run.py", "--runs", "2", "--generate", "4", "--prompt", "def main", "--out", str(tmp_path / "res.json")],
-                       cwd=b, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "run.py", "--runs", "2", "--generate", "4", "--prompt", "def main", "--out", str(tmp_path / "res.json")],
+        cwd=b,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     res = parse_record(json.loads((tmp_path / "res.json").read_text()))
     host = next(x for x in json.loads((rd / "bench" / "results.json").read_text())["records"] if x["variant"] == card["variant"])
@@ -85,5 +98,11 @@ def test_text_lm_rejects_missing_field(text_teacher):
     from dsk_compress.tasks import build_task
 
     with pytest.raises(TaskError, match="no field 'text'"):
-        build_task({"name": "text-lm", "train": [str(text_teacher / "train.jsonl")], "eval": [str(text_teacher / "eval.jsonl")],
-                    "tokenizer": str(text_teacher / "teacher")})
+        build_task(
+            {
+                "name": "text-lm",
+                "train": [str(text_teacher / "train.jsonl")],
+                "eval": [str(text_teacher / "eval.jsonl")],
+                "tokenizer": str(text_teacher / "teacher"),
+            }
+        )

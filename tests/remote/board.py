@@ -41,14 +41,31 @@ MIRROR = "http://deb.debian.org/debian"
 SECURITY = "http://deb.debian.org/debian-security bookworm-security main"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 DEB_PACKAGES = ("python3.11", "python3.11-venv", "libstdc++6")
-PIP_TAGS = ("--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64",
-            "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none")
+PIP_TAGS = (
+    "--only-binary=:all:",
+    "--platform",
+    "manylinux_2_28_aarch64",
+    "--platform",
+    "manylinux2014_aarch64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+    "--abi",
+    "abi3",
+    "--abi",
+    "none",
+)
 PINNED = ("numpy", "onnxruntime", "tokenizers", "huggingface_hub")  # at the constraints.txt versions, as on the host
 FLOOR = ("onnxruntime==1.18.1", "numpy==1.26.4")  # the oldest onnxruntime that loads the bundles, built for numpy 1.x
 REPO = Path(__file__).resolve().parents[2]
 QEMU = "qemu-aarch64-static"
-_CPU_BLOCK = ("processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
-              "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n")
+_CPU_BLOCK = (
+    "processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
+    "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n"
+)
 
 
 @dataclass(frozen=True)
@@ -105,8 +122,19 @@ def board(log=print) -> Board:
     _wheelhouse(tmp / "wheelhouse", log)
     shutil.rmtree(tmp / "apt")
     sysroot = tmp / "sysroot"  # the wrapper names the final paths: check the interpreter by calling QEMU directly
-    check = subprocess.run([shutil.which(QEMU), "-L", str(sysroot), str(sysroot / "usr/bin/python3.11"), "-c",
-                            "import platform, venv, ensurepip; print(platform.machine())"], capture_output=True, text=True, timeout=300)
+    check = subprocess.run(
+        [
+            shutil.which(QEMU),
+            "-L",
+            str(sysroot),
+            str(sysroot / "usr/bin/python3.11"),
+            "-c",
+            "import platform, venv, ensurepip; print(platform.machine())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check.stdout.strip() != "aarch64":
         raise RuntimeError(f"the board's python does not run: {check.stderr.strip()[-500:]}")
     (tmp / "ready").write_text(json.dumps({"key": board_key(), "built_s": round(time.perf_counter() - t0, 1)}))
@@ -135,10 +163,18 @@ def _sysroot(sysroot: Path, apt: Path, log) -> None:
     (apt / "status").write_text("")  # nothing is installed: apt fetches the whole dependency closure
     signed = f"[arch=arm64 signed-by={KEYRING}]"
     (apt / "sources.list").write_text("".join(f"deb {signed} {MIRROR} {s} main\n" for s in SUITES) + f"deb {signed} {SECURITY}\n")
-    conf = {"APT::Architecture": "arm64", "APT::Install-Recommends": "false",
-            "APT::Sandbox::User": "root" if os.geteuid() == 0 else "", "Dir::State": apt, "Dir::State::Lists": apt / "lists",
-            "Dir::State::status": apt / "status", "Dir::Cache": apt / "cache", "Dir::Etc::SourceList": apt / "sources.list",
-            "Dir::Etc::SourceParts": apt / "sources.list.d", "Dir::Etc::PreferencesParts": apt / "preferences.d"}
+    conf = {
+        "APT::Architecture": "arm64",
+        "APT::Install-Recommends": "false",
+        "APT::Sandbox::User": "root" if os.geteuid() == 0 else "",
+        "Dir::State": apt,
+        "Dir::State::Lists": apt / "lists",
+        "Dir::State::status": apt / "status",
+        "Dir::Cache": apt / "cache",
+        "Dir::Etc::SourceList": apt / "sources.list",
+        "Dir::Etc::SourceParts": apt / "sources.list.d",
+        "Dir::Etc::PreferencesParts": apt / "preferences.d",
+    }
     (apt / "apt.conf").write_text('APT::Architectures { "arm64"; };\n' + "".join(f'{k} "{v}";\n' for k, v in conf.items() if v))
     env = {**os.environ, "APT_CONFIG": str(apt / "apt.conf"), "DEBIAN_FRONTEND": "noninteractive"}
     log("aarch64 board: downloading Debian arm64 packages")
@@ -162,23 +198,27 @@ def _compile_stdlib(sysroot: Path) -> None:
         raise RuntimeError(f"building the board needs Python 3.11 to byte-compile its standard library, not {sys.version.split()[0]}")
     for lib in sorted((sysroot / "usr" / "lib").glob("python3*")):
         # -s/-p: the compiled code names /usr/lib/... as the emulated Python sees it; files that do not compile are test data
-        subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(sysroot), "-p", "/", str(lib)],
-                       capture_output=True, timeout=900)
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(sysroot), "-p", "/", str(lib)], capture_output=True, timeout=900
+        )
 
 
 def _wrapper(path: Path, sysroot: Path) -> None:
     qemu = shutil.which(QEMU)
     path.parent.mkdir(parents=True)
-    path.write_text(f'#!/bin/sh\n# arm64 CPython 3.11 under QEMU user mode (tests/remote/board.py)\n'
-                    f'exec {qemu} -L {sysroot} -0 "$0" {sysroot}/usr/bin/python3.11 "$@"\n')
+    path.write_text(
+        f"#!/bin/sh\n# arm64 CPython 3.11 under QEMU user mode (tests/remote/board.py)\n"
+        f'exec {qemu} -L {sysroot} -0 "$0" {sysroot}/usr/bin/python3.11 "$@"\n'
+    )
     path.chmod(0o755)
 
 
 def _wheelhouse(dest: Path, log) -> None:
     log("aarch64 board: downloading aarch64 wheels")
     for specs in (pinned_wheels(), FLOOR):  # resolved separately: each set brings its own numpy
-        _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "-d", str(dest), *PIP_TAGS, *specs],
-             timeout=900)
+        _run(
+            [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "-d", str(dest), *PIP_TAGS, *specs], timeout=900
+        )
 
 
 def main() -> int:

@@ -24,8 +24,15 @@ import pytest
 from . import board as board_mod
 from . import sshd
 
-APT_PACKAGE = {"qemu-aarch64-static": "qemu-user-static", "/usr/sbin/sshd": "openssh-server", "ssh": "openssh-client",
-               "ssh-keygen": "openssh-client", "ssh-keyscan": "openssh-client", "apt-get": "apt", "dpkg-deb": "dpkg"}
+APT_PACKAGE = {
+    "qemu-aarch64-static": "qemu-user-static",
+    "/usr/sbin/sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "ssh-keyscan": "openssh-client",
+    "apt-get": "apt",
+    "dpkg-deb": "dpkg",
+}
 
 
 def _skip_missing(what: str, missing: list[str]) -> None:
@@ -99,11 +106,14 @@ def tiny_bundle(tmp_path_factory) -> Path:
     from dsk_compress.export.bundle import make_bundle
 
     d = tmp_path_factory.mktemp("tiny-run")
-    recipe = tiny_llama_recipe(d, "tiny-remote", [
-        {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
-        {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
-        {"stage": "bench", "runs": 3, "warmup": 1},
-    ])
+    recipe = tiny_llama_recipe(
+        d,
+        "tiny-remote",
+        [
+            {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
+            {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
+            {"stage": "bench", "runs": 3, "warmup": 1},
+        ],
+    )
     run = run_recipe(str(recipe), out=d / "runs")
     return make_bundle(run, "rpi4", d / "bundle-rpi4")
-

@@ -53,19 +53,37 @@ class SshServer:
                 subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dsk-test", "-f", str(key)], check=True)
         shutil.copy(self.client_key.with_suffix(".pub"), self.dir / "authorized_keys")
         config = self.dir / "sshd_config"
-        config.write_text("\n".join([
-            f"HostKey {self.host_key}", f"PidFile {self.dir / 'sshd.pid'}", f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
-            "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "UsePAM no", "StrictModes no",  # keys under /tmp; no PAM: the test user needs no password
-            "PermitRootLogin prohibit-password", "Subsystem sftp internal-sftp", "MaxStartups 50", "MaxSessions 50", ""]))
+        config.write_text(
+            "\n".join(
+                [
+                    f"HostKey {self.host_key}",
+                    f"PidFile {self.dir / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",  # keys under /tmp; no PAM: the test user needs no password
+                    "PermitRootLogin prohibit-password",
+                    "Subsystem sftp internal-sftp",
+                    "MaxStartups 50",
+                    "MaxSessions 50",
+                    "",
+                ]
+            )
+        )
         if os.geteuid() == 0:  # privilege separation needs its empty directory
             Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
         with socket.socket() as s:  # a free port; sshd binds it right after, a race we accept in tests
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self._log_file = open(self.log, "wb")
-        self._proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config), "-p", str(self.port), "-o", "ListenAddress=127.0.0.1"],
-                                      stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(config), "-p", str(self.port), "-o", "ListenAddress=127.0.0.1"],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while b"Server listening" not in self.log.read_bytes():
             if self._proc.poll() is not None or time.monotonic() > deadline:

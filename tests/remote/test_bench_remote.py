@@ -19,18 +19,27 @@ from typer.testing import CliRunner
 
 pytestmark = pytest.mark.remote
 
-STAGES = [{"stage": "distill", "steps": 3, "batch_size": 4, "lr": 3e-3},
-          {"stage": "qat", "steps": 4, "batch_size": 4, "observer_steps": 2},
-          {"stage": "export", "ptq_baselines": False},  # with decoder graphs: the floor test decodes with the fused one
-          {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []}]
+STAGES = [
+    {"stage": "distill", "steps": 3, "batch_size": 4, "lr": 3e-3},
+    {"stage": "qat", "steps": 4, "batch_size": 4, "observer_steps": 2},
+    {"stage": "export", "ptq_baselines": False},  # with decoder graphs: the floor test decodes with the fused one
+    {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
+]
 
 
 def _run(d: Path, name: str, teacher: dict, task: dict, stages: list[dict]) -> Path:
     from dsk_compress.recipes.runner import run_recipe
     from dsk_compress.recipes.schema import RecipeSpec
 
-    spec = RecipeSpec.model_validate({"name": name, "teacher": teacher, "student": {"from_teacher": {"layers": [0], "ffn_init": "top",
-                                      "calibration_batches": 1}}, "task": task, "stages": stages})
+    spec = RecipeSpec.model_validate(
+        {
+            "name": name,
+            "teacher": teacher,
+            "student": {"from_teacher": {"layers": [0], "ffn_init": "top", "calibration_batches": 1}},
+            "task": task,
+            "stages": stages,
+        }
+    )
     return run_recipe(spec, run_dir=d / name)
 
 
@@ -48,9 +57,9 @@ def code_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory) -> Path:
     """A tiny text-lm run whose teacher has its own 300-token BPE tokenizer (as tests/integration/test_text_lm.py)."""
+    from conftest import bpe_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import bpe_tokenizer
     from dsk_compress.tasks.code_lm import stdlib_files
 
     d = tmp_path_factory.mktemp("text-run")
@@ -62,12 +71,28 @@ def text_run(tmp_path_factory) -> Path:
     import torch
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=None,
-                      eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     LlamaForCausalLM(cfg).save_pretrained(d / "teacher", safe_serialization=True)
-    task = {"name": "text-lm", "train": [str(d / "train.jsonl")], "eval": [str(d / "eval.jsonl")], "tokenizer": str(d / "teacher"),
-            "seq_len": 48, "eval_sequences": 32}
+    task = {
+        "name": "text-lm",
+        "train": [str(d / "train.jsonl")],
+        "eval": [str(d / "eval.jsonl")],
+        "tokenizer": str(d / "teacher"),
+        "seq_len": 48,
+        "eval_sequences": 32,
+    }
     return _run(d, "text", {"hf": str(d / "teacher")}, task, [STAGES[0], STAGES[2], STAGES[3]])
 
 
@@ -75,9 +100,27 @@ def _bench(device, run: Path, profile: str, *extra: str):
     """``dsk-compress bench RUN --device PROFILE --host ...`` against the board, through the CLI's entry point."""
     from dsk_compress.cli.main import app
 
-    args = ["bench", str(run), "--device", profile, "--host", device.host, "--identity", str(device.identity), "--known-hosts",
-            str(device.known_hosts), "--python", device.python, "--wheelhouse", str(device.wheelhouse), "--remote-dir",
-            str(device.root), "--runs", "1", *extra]
+    args = [
+        "bench",
+        str(run),
+        "--device",
+        profile,
+        "--host",
+        device.host,
+        "--identity",
+        str(device.identity),
+        "--known-hosts",
+        str(device.known_hosts),
+        "--python",
+        device.python,
+        "--wheelhouse",
+        str(device.wheelhouse),
+        "--remote-dir",
+        str(device.root),
+        "--runs",
+        "1",
+        *extra,
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     return res.output
@@ -101,8 +144,13 @@ def test_bench_over_ssh_fp32_equals_the_host_exactly_and_is_labelled_emulated(em
     assert rec["accuracy"]["metrics"]["accuracy"] == host["accuracy"]["metrics"]["accuracy"]  # same windows, same model: exactly
     assert rec["accuracy"]["metrics"]["bits_per_byte"] == pytest.approx(host["accuracy"]["metrics"]["bits_per_byte"], abs=1e-5)
     p = rec["provenance"]
-    assert (p["measurement"], p["location"], p["machine"], p["tool"], p["ssh_host"]) == \
-        ("emulated", "device", "aarch64", "run.py", emulated_device.host)
+    assert (p["measurement"], p["location"], p["machine"], p["tool"], p["ssh_host"]) == (
+        "emulated",
+        "device",
+        "aarch64",
+        "run.py",
+        emulated_device.host,
+    )
     assert p["cpu"] == "ARM implementer 0x41 part 0xd08" and p["device_profile"] == "rpi4" and p["source_run"] == code_run.name
     assert [b["batch_size"] for b in rec["timing"]["batches"]] == [1]  # emulated: no throughput batches (the emulator's timings)
     report = json.loads((code_run / "report.json").read_text())
@@ -154,8 +202,14 @@ def test_oldest_allowed_onnxruntime_runs_the_int8_bundle_on_the_board(emulated_d
     assert floors["onnxruntime"] == ".".join(pins["onnxruntime"].split(".")[:2])  # the floor is what the board installs here
     (b / "requirements.txt").write_text("\n".join(FLOOR) + "\n")
     with emulated_device.remote(command_timeout=1800) as dev:
-        out = dev.run_bundle(b, out_dir=tmp_path / "out", run_args=["--runs", "1", "--batches", "1", "--generate", "8"],
-                             remote_root=str(emulated_device.root / "bundles" / "floor-rpi5"), timeout=1800, **emulated_device.bundle_kwargs())
+        out = dev.run_bundle(
+            b,
+            out_dir=tmp_path / "out",
+            run_args=["--runs", "1", "--batches", "1", "--generate", "8"],
+            remote_root=str(emulated_device.root / "bundles" / "floor-rpi5"),
+            timeout=1800,
+            **emulated_device.bundle_kwargs(),
+        )
     assert out["provenance"]["packages"]["onnxruntime"] == pins["onnxruntime"]
     got, host = out["results"]["accuracy"]["metrics"]["accuracy"], _host_record(code_run, "final")["accuracy"]["metrics"]["accuracy"]
     assert abs(got - host) <= 0.05, (got, host)
@@ -178,9 +232,15 @@ def small_run(tmp_path_factory) -> Path:
     from dsk_compress import run_recipe
 
     d = tmp_path_factory.mktemp("small-run")
-    recipe = tiny_llama_recipe(d, "small", [{"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
-                                            {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
-                                            {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []}])
+    recipe = tiny_llama_recipe(
+        d,
+        "small",
+        [
+            {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
+            {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
+            {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
+        ],
+    )
     return run_recipe(str(recipe), out=d / "runs")
 
 

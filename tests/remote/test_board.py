@@ -21,10 +21,12 @@ pytestmark = pytest.mark.remote
 
 PINS = dict(spec.split("==") for spec in pinned_wheels())
 METRICS = {"accuracy", "bits_per_byte", "nll", "perplexity"}  # run.py's evaluation metric names
-LOGITS_PY = ("import sys, numpy as np, onnxruntime as ort\n"
-             "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
-             "x = np.load(sys.argv[2]).astype(np.int64)\n"
-             "np.save(sys.argv[3], s.run(None, {s.get_inputs()[0].name: x})[0])\n")
+LOGITS_PY = (
+    "import sys, numpy as np, onnxruntime as ort\n"
+    "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+    "x = np.load(sys.argv[2]).astype(np.int64)\n"
+    "np.save(sys.argv[3], s.run(None, {s.get_inputs()[0].name: x})[0])\n"
+)
 
 
 def _leaves(obj, path=()):
@@ -76,8 +78,13 @@ def test_ensure_venv_on_the_board_installs_offline_then_reuses(emulated_device, 
 
 def test_run_bundle_on_the_board_equals_the_host_and_is_labelled_emulated(emulated_device, tiny_bundle, board_venv, tmp_path):
     host = tmp_path / "host.json"
-    r = subprocess.run([sys.executable, "run.py", "--runs", "3", "--warmup", "1", "--out", str(host)], cwd=tiny_bundle,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "run.py", "--runs", "3", "--warmup", "1", "--out", str(host)],
+        cwd=tiny_bundle,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     host = json.loads(host.read_text())
     rdir = emulated_device.root / "bundles" / tiny_bundle.name
@@ -87,8 +94,10 @@ def test_run_bundle_on_the_board_equals_the_host_and_is_labelled_emulated(emulat
         # a re-run sends nothing, reuses the venv and never returns the previous results.json
         again = dev.run_bundle(tiny_bundle, out_dir=tmp_path / "dev2", run_args=["--runs", "1", "--warmup", "0", "--no-eval"], **kw)
         # the fp32 logits themselves, on the bundle's evaluation windows
-        dev.run([board_venv[0].python, "-c", LOGITS_PY, str(rdir / "model.onnx"), str(rdir / "eval_windows.npy"),
-                 str(rdir / "logits.npy")], timeout=600)
+        dev.run(
+            [board_venv[0].python, "-c", LOGITS_PY, str(rdir / "model.onnx"), str(rdir / "eval_windows.npy"), str(rdir / "logits.npy")],
+            timeout=600,
+        )
         arm_logits = np.load(dev.get(str(rdir / "logits.npy"), tmp_path / "arm_logits.npy"))
     res, prov = out["results"], out["provenance"]
     assert _machines(res) == {"aarch64"}  # what run.py itself saw
@@ -116,13 +125,37 @@ def test_run_py_run_directly_on_the_board_says_emulated_by_itself(tiny_bundle, b
     """Issue 24: a bundle's run.py run by hand on an emulated board (no dsk-compress bench, no --measurement flag) labels its
     results emulated: it detects the emulator itself (a native `uname -m` says x86_64 under its aarch64 Python)."""
     out = tmp_path / "results.json"
-    r = subprocess.run([board_venv[0].python, "run.py", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-eval", "--out", str(out)],
-                       cwd=tiny_bundle, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [board_venv[0].python, "run.py", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-eval", "--out", str(out)],
+        cwd=tiny_bundle,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert (res["provenance"]["machine"], res["provenance"]["measurement"]) == ("aarch64", "emulated")
     assert res["notes"].startswith(f"emulated: this aarch64 Python runs on a {platform.machine()} kernel")
     # the --measurement flag cannot make an emulated run "measured"
-    r = subprocess.run([board_venv[0].python, "run.py", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-eval", "--measurement",
-                        "measured", "--out", str(out)], cwd=tiny_bundle, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            board_venv[0].python,
+            "run.py",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--batches",
+            "1",
+            "--no-eval",
+            "--measurement",
+            "measured",
+            "--out",
+            str(out),
+        ],
+        cwd=tiny_bundle,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0 and json.loads(out.read_text())["provenance"]["measurement"] == "emulated"

@@ -50,8 +50,11 @@ json.dump({"schema": "dsk-compress/bench-result", "schema_version": 1, "variant"
 def _wheel(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     dist = "dsk_probe-1.0.dist-info"
-    files = {"dsk_probe.py": "VERSION = '1.0'\n", f"{dist}/METADATA": "Metadata-Version: 2.1\nName: dsk_probe\nVersion: 1.0\n",
-             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        "dsk_probe.py": "VERSION = '1.0'\n",
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: dsk_probe\nVersion: 1.0\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     files[f"{dist}/RECORD"] = "".join(f"{k},,\n" for k in files) + f"{dist}/RECORD,,\n"
     path = folder / "dsk_probe-1.0-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
@@ -73,8 +76,19 @@ def _stub_bundle(d: Path, device: str, sleep: float = 0) -> Path:
 
 
 def _bench_args(ssh_server, known_hosts: Path, remote: Path, *extra: str) -> list[str]:
-    return ["--host", ssh_server.host, "--identity", str(ssh_server.client_key), "--known-hosts", str(known_hosts),
-            "--python", sys.executable, "--remote-dir", str(remote), *extra]
+    return [
+        "--host",
+        ssh_server.host,
+        "--identity",
+        str(ssh_server.client_key),
+        "--known-hosts",
+        str(known_hosts),
+        "--python",
+        sys.executable,
+        "--remote-dir",
+        str(remote),
+        *extra,
+    ]
 
 
 def _cli(args: list[str]):
@@ -113,8 +127,9 @@ def test_bench_refuses_an_x86_device_under_an_arm_profile_before_copying(ssh_ser
 
 def test_bench_other_arch_records_under_the_device_host_name_never_the_profile(ssh_server, known_hosts, tmp_path):
     bundle, remote = _stub_bundle(tmp_path, "rpi5"), tmp_path / "device"
-    res = _cli(["bench", str(bundle), *_bench_args(ssh_server, known_hosts, remote, "--wheelhouse", str(tmp_path / "wheels"),
-                                                   "--other-arch")])
+    res = _cli(
+        ["bench", str(bundle), *_bench_args(ssh_server, known_hosts, remote, "--wheelhouse", str(tmp_path / "wheels"), "--other-arch")]
+    )
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     out = " ".join(res.output.split())
     assert "is x86_64, not aarch64" in out and "recorded under 127.0.0.1 (--other-arch), never as rpi5" in out
@@ -140,8 +155,14 @@ def test_check_device_fits_profile_names_another_arm_core():
 def test_ctrl_c_stops_run_py_on_the_device_and_exits_130(ssh_server, known_hosts, tmp_path):
     bundle, remote = _stub_bundle(tmp_path, "gpu-server", sleep=300), tmp_path / "device"
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
-    cmd = [sys.executable, "-m", "dsk_compress.cli.main", "bench", str(bundle),
-           *_bench_args(ssh_server, known_hosts, remote, "--wheelhouse", str(tmp_path / "wheels"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsk_compress.cli.main",
+        "bench",
+        str(bundle),
+        *_bench_args(ssh_server, known_hosts, remote, "--wheelhouse", str(tmp_path / "wheels")),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pidfile = remote / "bundles" / "bundle-gpu-server" / ".run.pid"
     deadline = time.monotonic() + 120
@@ -164,8 +185,22 @@ def test_a_later_bench_stops_a_run_py_an_earlier_one_left(ssh_server, known_host
     rdir.mkdir(parents=True)
     (rdir / "run.py").write_text("import time\ntime.sleep(600)\n")
     # what an earlier bench whose ssh died leaves: timeout + run.py, its PID in the file
-    stale = subprocess.Popen(["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh", str(rdir / ".run.pid"),
-                              "timeout", "-k", "10", "600", sys.executable, str(rdir / "run.py")], start_new_session=True)
+    stale = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            'echo $$ > "$1" && shift && exec "$@"',
+            "sh",
+            str(rdir / ".run.pid"),
+            "timeout",
+            "-k",
+            "10",
+            "600",
+            sys.executable,
+            str(rdir / "run.py"),
+        ],
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 10
         while not ((rdir / ".run.pid").is_file() and (rdir / ".run.pid").read_text().strip()) and time.monotonic() < deadline:
@@ -208,8 +243,19 @@ def test_export_recipe_runs_verbatim_over_ssh(ssh_server, known_hosts, tmp_path)
     (b / "run.py").write_text("import dsk_probe, sys\nprint('ran', dsk_probe.VERSION, sys.prefix)\n")
     cmd = DEVICE_RECIPE.split(" (")[0]
     with Remote(ssh_server.host, identity=ssh_server.client_key, known_hosts=known_hosts) as r:
-        out = r.run(["env", "PIP_NO_INDEX=1", f"PIP_FIND_LINKS={tmp_path / 'wheels'}", "PIP_DISABLE_PIP_VERSION_CHECK=1",
-                     "sh", "-c", f"cd {shlex.quote(str(b))} && {cmd}"], check=False, timeout=300)
+        out = r.run(
+            [
+                "env",
+                "PIP_NO_INDEX=1",
+                f"PIP_FIND_LINKS={tmp_path / 'wheels'}",
+                "PIP_DISABLE_PIP_VERSION_CHECK=1",
+                "sh",
+                "-c",
+                f"cd {shlex.quote(str(b))} && {cmd}",
+            ],
+            check=False,
+            timeout=300,
+        )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.split()[-3:] == ["ran", "1.0", str(b / ".venv")]
 
@@ -236,8 +282,13 @@ def test_full_device_disk_is_named_with_free_and_needed_space_and_nothing_half_m
     (bundle / "model.onnx").write_bytes(os.urandom(5_000_000))  # more than the disk holds
     with Remote(ssh_server.host, identity=ssh_server.client_key, known_hosts=known_hosts, python=sys.executable) as r:
         with pytest.raises(DiskFullError) as ei:
-            r.run_bundle(bundle, out_dir=tmp_path / "out", remote_root=str(tiny_fs / "bundles" / "b"), venvs_root=str(tiny_fs / "venvs"),
-                         wheelhouse=tmp_path / "wheels")
+            r.run_bundle(
+                bundle,
+                out_dir=tmp_path / "out",
+                remote_root=str(tiny_fs / "bundles" / "b"),
+                venvs_root=str(tiny_fs / "venvs"),
+                wheelhouse=tmp_path / "wheels",
+            )
         msg = str(ei.value)
         assert f"the disk of {ssh_server.host} is full" in msg and "free under" in msg and "about 5.0 MB needed" in msg, msg
         assert "--clean" in ei.value.hint
@@ -276,9 +327,11 @@ def test_missing_python3_venv_is_named_and_leaves_no_half_venv(ssh_server, known
     from dsk_compress.runtimes.remote import Remote, VenvError
 
     fake = tmp_path / "python3"  # Debian's python3 without python3-venv: `-m venv` makes the folder, then fails
-    fake.write_text('#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"\n'
-                    '  echo "The virtual environment was not created successfully because ensurepip is not available." >&2; exit 1\n'
-                    f'fi\nexec {sys.executable} "$@"\n')
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"\n'
+        '  echo "The virtual environment was not created successfully because ensurepip is not available." >&2; exit 1\n'
+        f'fi\nexec {sys.executable} "$@"\n'
+    )
     fake.chmod(0o755)
     req = tmp_path / "requirements.txt"
     req.write_text("numpy\n")
@@ -295,8 +348,19 @@ def test_bench_clean_removes_what_earlier_benches_left_listing_sizes(ssh_server,
     (remote / "venvs" / "0123abcd" / "bin").mkdir(parents=True)
     (remote / "venvs" / "wheelhouse-abc").mkdir()
     (remote / "keep.txt").write_text("not ours")
-    res = _cli(["bench", "--clean", ssh_server.host, "--identity", str(ssh_server.client_key), "--known-hosts", str(known_hosts),
-                "--remote-dir", str(remote)])
+    res = _cli(
+        [
+            "bench",
+            "--clean",
+            ssh_server.host,
+            "--identity",
+            str(ssh_server.client_key),
+            "--known-hosts",
+            str(known_hosts),
+            "--remote-dir",
+            str(remote),
+        ]
+    )
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     out = " ".join(res.output.split())
     assert f"removed {remote}/bundles/run-rpi5 (30" in out and f"removed {remote}/venvs/0123abcd" in out
@@ -350,11 +414,17 @@ def test_report_compare_tells_runs_of_one_name_apart_by_folder(tmp_path, monkeyp
     monkeypatch.setattr(model, "load_report", lambda d: {"run": "quant-prune-distill-20261123-070000", "variants": []})
     runs = [tmp_path / f / "quant-prune-distill-20261123-070000" for f in ("a", "b")]
     got = [r["run"] for r in model.compare_reports([*runs, runs[0]])]
-    assert got == [f"quant-prune-distill-20261123-070000 ({runs[0]}) #1", f"quant-prune-distill-20261123-070000 ({runs[1]})",
-                   f"quant-prune-distill-20261123-070000 ({runs[0]}) #2"]  # same folder names: the paths
+    assert got == [
+        f"quant-prune-distill-20261123-070000 ({runs[0]}) #1",
+        f"quant-prune-distill-20261123-070000 ({runs[1]})",
+        f"quant-prune-distill-20261123-070000 ({runs[0]}) #2",
+    ]  # same folder names: the paths
     runs[1] = tmp_path / "b" / "copy"
     got = [r["run"] for r in model.compare_reports(runs)]
-    assert got == ["quant-prune-distill-20261123-070000 (quant-prune-distill-20261123-070000)", "quant-prune-distill-20261123-070000 (copy)"]
+    assert got == [
+        "quant-prune-distill-20261123-070000 (quant-prune-distill-20261123-070000)",
+        "quant-prune-distill-20261123-070000 (copy)",
+    ]
 
 
 def test_plot_labels_never_overlap_when_points_crowd():

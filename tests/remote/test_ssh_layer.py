@@ -45,23 +45,48 @@ def remote(ssh_server, known_hosts):
 # --------------------------------------------------------------------------- host strings
 
 
-@pytest.mark.parametrize("text, host", [
-    ("rpi5", Host("rpi5")),
-    ("pi@rpi5.local", Host("rpi5.local", "pi")),
-    ("pi@10.0.0.7:2222", Host("10.0.0.7", "pi", 2222)),
-    ("jetson_1", Host("jetson_1")),
-    ("root@[fe80::1%eth0]:22", Host("fe80::1%eth0", "root", 22)),
-])
+@pytest.mark.parametrize(
+    "text, host",
+    [
+        ("rpi5", Host("rpi5")),
+        ("pi@rpi5.local", Host("rpi5.local", "pi")),
+        ("pi@10.0.0.7:2222", Host("10.0.0.7", "pi", 2222)),
+        ("jetson_1", Host("jetson_1")),
+        ("root@[fe80::1%eth0]:22", Host("fe80::1%eth0", "root", 22)),
+    ],
+)
 def test_parse_host_accepts_user_host_port(text, host):
     assert parse_host(text) == host
     assert str(parse_host(text)) == text
 
 
-@pytest.mark.parametrize("text", [
-    "-oProxyCommand=touch /tmp/pwned", "-oProxyCommand=sh", "-p2222", "pi@-oProxyCommand=sh", "pi@host -oProxyCommand=sh",
-    "pi@ho st", "pi@host\nid", "pi@host\r", "pi@host\t", "pi@host\x00", "pi@host;id", "pi@$(id)", "$(id)@host", "pi@`id`",
-    "pi@host:0", "pi@host:65536", "pi@host:22:1", "pi@@host", "", "pi@", "pi@host:", "'pi@host'",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-oProxyCommand=touch /tmp/pwned",
+        "-oProxyCommand=sh",
+        "-p2222",
+        "pi@-oProxyCommand=sh",
+        "pi@host -oProxyCommand=sh",
+        "pi@ho st",
+        "pi@host\nid",
+        "pi@host\r",
+        "pi@host\t",
+        "pi@host\x00",
+        "pi@host;id",
+        "pi@$(id)",
+        "$(id)@host",
+        "pi@`id`",
+        "pi@host:0",
+        "pi@host:65536",
+        "pi@host:22:1",
+        "pi@@host",
+        "",
+        "pi@",
+        "pi@host:",
+        "'pi@host'",
+    ],
+)
 def test_parse_host_rejects_options_spaces_and_control_characters(text):
     with pytest.raises(RemoteError, match="not a valid SSH host") as ei:
         parse_host(text)
@@ -129,8 +154,7 @@ def test_closed_port_is_a_connect_error(ssh_server, known_hosts):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with Remote(f"{ssh_server.user}@127.0.0.1:{port}", identity=ssh_server.client_key, known_hosts=known_hosts,
-                connect_timeout=5) as r:
+    with Remote(f"{ssh_server.user}@127.0.0.1:{port}", identity=ssh_server.client_key, known_hosts=known_hosts, connect_timeout=5) as r:
         with pytest.raises(ConnectError, match="cannot reach .*Connection refused"):
             r.run(["true"])
 
@@ -140,8 +164,28 @@ def test_closed_port_is_a_connect_error(ssh_server, known_hosts):
 
 def test_run_passes_every_argument_literally(remote, tmp_path):
     canary = tmp_path / "pwned"
-    args = ["a b", "it's", '"double"', f"$(touch {canary})", f"`touch {canary}`", f"; touch {canary}", "*", "~", "$HOME",
-            "back\\slash", "line1\nline2", "tab\there", "", "-n", "--", "ünïcödé", "&&", "|", ">x", "!"]
+    args = [
+        "a b",
+        "it's",
+        '"double"',
+        f"$(touch {canary})",
+        f"`touch {canary}`",
+        f"; touch {canary}",
+        "*",
+        "~",
+        "$HOME",
+        "back\\slash",
+        "line1\nline2",
+        "tab\there",
+        "",
+        "-n",
+        "--",
+        "ünïcödé",
+        "&&",
+        "|",
+        ">x",
+        "!",
+    ]
     out = remote.run([remote.python, "-c", ECHO_ARGV, *args])
     assert json.loads(out.stdout) == args
     assert not canary.exists() and not (Path.home() / ">x").exists()
@@ -225,9 +269,11 @@ def _tiny_wheel(folder: Path, name: str = "dsk_probe", version: str = "1.0") -> 
     """A minimal pure-Python wheel (module ``dsk_probe`` with ``VERSION``), made here: no index needed."""
     folder.mkdir(parents=True, exist_ok=True)
     dist = f"{name}-{version}.dist-info"
-    files = {f"{name}.py": f"VERSION = {version!r}\n",
-             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        f"{name}.py": f"VERSION = {version!r}\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     record = "".join(f"{k},,\n" for k in files) + f"{dist}/RECORD,,\n"
     path = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
@@ -267,9 +313,11 @@ def test_ensure_venv_reports_a_missing_requirement_with_the_pip_tail(remote, tmp
 def test_ensure_venv_names_the_apt_package_when_venv_is_missing(ssh_server, known_hosts, tmp_path):
     # Debian's python3 without python3-venv, reduced to what matters: `-m venv` fails with its message
     fake = tmp_path / "python3"
-    fake.write_text('#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = venv ]; then\n'
-                    '  echo "The virtual environment was not created successfully because ensurepip is not available." >&2; exit 1\n'
-                    f'fi\nexec {sys.executable} "$@"\n')
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = venv ]; then\n'
+        '  echo "The virtual environment was not created successfully because ensurepip is not available." >&2; exit 1\n'
+        f'fi\nexec {sys.executable} "$@"\n'
+    )
     fake.chmod(0o755)
     req = tmp_path / "requirements.txt"
     req.write_text("numpy\n")
@@ -310,8 +358,11 @@ def stub_bundle(tmp_path):
 def test_run_bundle_labels_a_native_device_measured_keeps_logs_and_never_returns_stale_results(remote, stub_bundle, tmp_path):
     import platform
 
-    kw = {"remote_root": str(tmp_path / "device" / "stub"), "venvs_root": str(tmp_path / "device" / "venvs"),
-          "wheelhouse": tmp_path / "wheels"}
+    kw = {
+        "remote_root": str(tmp_path / "device" / "stub"),
+        "venvs_root": str(tmp_path / "device" / "venvs"),
+        "wheelhouse": tmp_path / "wheels",
+    }
     ok = remote.run_bundle(stub_bundle, out_dir=tmp_path / "ok", **kw)
     assert ok["results"] == {"machine": platform.machine(), "probe": "1.0"}
     prov = ok["provenance"]

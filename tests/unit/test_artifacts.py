@@ -11,13 +11,30 @@ from dsk_compress.artifacts import Artifact, artifacts_json, read_artifacts
 from dsk_compress.errors import RunError
 
 # an entry as the export stage writes it into manifest.json (int8 QAT student with its decoder graphs and checks)
-FINAL = {"path": "export/student-int8.onnx", "role": "final", "precision": "int8", "params": 1234, "qdq_path": "export/student-int8.qdq.onnx",
-         "activations": "symmetric", "sqnr_db": 41.5, "fused_ops": {"MatMulIntegerToFloat": 28},
-         "notes": "INT8 Q/DQ (per-channel weights, per-tensor symmetric activations)", "kv_cache_path": "export/student-int8.kv.onnx",
-         "kv_cache": {"path": "export/student-int8.kv.onnx", "tokens_match": True}, "fused_path": "export/student-int8.fused.onnx",
-         "fused": {"fused_ops": {"GroupQueryAttention": 4}}, "tensorrt": {"ok": True, "engine": "export/student-int8.gpu-server.engine"}}
-TEACHER_TORCH = {"path": None, "model_dir": "export/teacher-torch", "role": "teacher", "params": 99, "precision": "fp32",
-                 "notes": "ONNX export failed (x); measured in PyTorch eager"}
+FINAL = {
+    "path": "export/student-int8.onnx",
+    "role": "final",
+    "precision": "int8",
+    "params": 1234,
+    "qdq_path": "export/student-int8.qdq.onnx",
+    "activations": "symmetric",
+    "sqnr_db": 41.5,
+    "fused_ops": {"MatMulIntegerToFloat": 28},
+    "notes": "INT8 Q/DQ (per-channel weights, per-tensor symmetric activations)",
+    "kv_cache_path": "export/student-int8.kv.onnx",
+    "kv_cache": {"path": "export/student-int8.kv.onnx", "tokens_match": True},
+    "fused_path": "export/student-int8.fused.onnx",
+    "fused": {"fused_ops": {"GroupQueryAttention": 4}},
+    "tensorrt": {"ok": True, "engine": "export/student-int8.gpu-server.engine"},
+}
+TEACHER_TORCH = {
+    "path": None,
+    "model_dir": "export/teacher-torch",
+    "role": "teacher",
+    "params": 99,
+    "precision": "fp32",
+    "notes": "ONNX export failed (x); measured in PyTorch eager",
+}
 
 
 def test_artifact_round_trips_the_manifest_mapping_exactly():
@@ -26,8 +43,12 @@ def test_artifact_round_trips_the_manifest_mapping_exactly():
     assert final.name == "final" and final.precision == "int8" and final.params == 1234
     assert final.decoder_graph == "export/student-int8.fused.onnx" and final.decoder_fused_ops == {"GroupQueryAttention": 4}
     assert final.engine == "export/student-int8.gpu-server.engine"
-    assert final.graphs() == {"full": "export/student-int8.onnx", "qdq": "export/student-int8.qdq.onnx",
-                              "kv": "export/student-int8.kv.onnx", "fused": "export/student-int8.fused.onnx"}
+    assert final.graphs() == {
+        "full": "export/student-int8.onnx",
+        "qdq": "export/student-int8.qdq.onnx",
+        "kv": "export/student-int8.kv.onnx",
+        "fused": "export/student-int8.fused.onnx",
+    }
     assert final.model_extra == {"sqnr_db": 41.5}  # the check's own numbers ride along
     back = artifacts_json(arts)
     assert back == {"final": FINAL, "teacher": TEACHER_TORCH}
@@ -40,16 +61,21 @@ def test_artifact_defaults_match_what_readers_assumed():
     assert (art.precision, art.notes, art.role, art.params) == ("fp32", "", None, None)
     assert art.to_json() == {"path": "export/x.onnx"}  # nothing added to the manifest
     assert Artifact.of("y", art).name == "y"
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         art.role = "final"  # frozen: readers never change what export wrote
 
 
-@pytest.mark.parametrize("data, words", [
-    ({"final": {**FINAL, "params": "many"}}, ["artifact 'final'", "params"]),
-    ({"final": {**FINAL, "fused_ops": ["MatMul"]}}, ["artifact 'final'", "fused_ops"]),
-    ({"final": "export/x.onnx"}, ["artifact 'final' is a str"]),
-    (["final"], ["is a list"]),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ({"final": {**FINAL, "params": "many"}}, ["artifact 'final'", "params"]),
+        ({"final": {**FINAL, "fused_ops": ["MatMul"]}}, ["artifact 'final'", "fused_ops"]),
+        ({"final": "export/x.onnx"}, ["artifact 'final' is a str"]),
+        (["final"], ["is a list"]),
+    ],
+)
 def test_damaged_manifest_entry_fails_in_one_line(data, words):
     with pytest.raises(RunError) as exc:
         read_artifacts(data, "runs/r/manifest.json: the export stage's artifacts")
@@ -65,5 +91,6 @@ def test_bench_reads_artifacts_through_the_type():
     cpu = ["CPUExecutionProvider"]
     plans = runtime_plans(read_artifacts({"final": FINAL})["final"], load_device("gpu-server"), cpu, "x86_64", cuda=True, tensorrt=True)
     assert plans[-1] == Plan("tensorrt", "export/student-int8.gpu-server.engine", device="cuda")
-    assert runtime_plans(Artifact.of("teacher", TEACHER_TORCH), load_device("host-cpu"), cpu, "x86_64", cuda=False,
-                         tensorrt=False) == [Plan("torch", "export/teacher-torch")]
+    assert runtime_plans(Artifact.of("teacher", TEACHER_TORCH), load_device("host-cpu"), cpu, "x86_64", cuda=False, tensorrt=False) == [
+        Plan("torch", "export/teacher-torch")
+    ]

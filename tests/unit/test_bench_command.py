@@ -6,7 +6,6 @@ import json
 import socket
 
 import pytest
-
 from conftest import one_line_error, run_main, tiny_llama_recipe
 
 
@@ -16,11 +15,15 @@ def tiny_run(tmp_path_factory):
     from dsk_compress import run_recipe
 
     d = tmp_path_factory.mktemp("bench-cmd")
-    recipe = tiny_llama_recipe(d, "tiny-bench", [
-        {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
-        {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
-        {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
-    ])
+    recipe = tiny_llama_recipe(
+        d,
+        "tiny-bench",
+        [
+            {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
+            {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": False},
+            {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
+        ],
+    )
     return run_recipe(str(recipe), out=d / "runs")
 
 
@@ -63,11 +66,14 @@ def test_bench_bundle_here_runs_its_run_py_and_merges_into_its_run(tiny_run, cap
     assert (tiny_run / "devices" / socket.gethostname() / "raw" / "student-distill" / "run.log").is_file()
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--host", "-oProxyCommand=touch x", "--device", "rpi5"], "not a valid SSH host"),
-    (["--host", "pi@board"], "--host needs --device with a run"),
-    (["--device", "rpi5"], "bench.device rpi5 is an aarch64 device and this host is x86_64"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--host", "-oProxyCommand=touch x", "--device", "rpi5"], "not a valid SSH host"),
+        (["--host", "pi@board"], "--host needs --device with a run"),
+        (["--device", "rpi5"], "bench.device rpi5 is an aarch64 device and this host is x86_64"),
+    ],
+)
 def test_bench_refusals_are_one_line(tiny_run, capsys, args, says):
     import platform
 
@@ -121,8 +127,10 @@ def test_multi_variant_bundle_run_py_writes_one_record_per_variant_and_the_devic
     assert code == 0, err
     results = run_copy / "devices" / socket.gethostname()
     recs = json.loads((results / "results.json").read_text())["records"]
-    assert [(r["variant"], r["artifact"], r["provenance"]["tool"]) for r in recs] == \
-        [("teacher", "variants/teacher/model.onnx", "run.py"), ("student-distill", "model.onnx", "run.py")]
+    assert [(r["variant"], r["artifact"], r["provenance"]["tool"]) for r in recs] == [
+        ("teacher", "variants/teacher/model.onnx", "run.py"),
+        ("student-distill", "model.onnx", "run.py"),
+    ]
     host = {r["variant"]: r for r in json.loads((run_copy / "bench" / "results.json").read_text())["records"]}
     for r in recs:  # the same graph, windows and arithmetic on the same machine: the host's accuracy exactly
         assert r["accuracy"]["metrics"]["accuracy"] == host[r["variant"]]["accuracy"]["metrics"]["accuracy"]
@@ -131,7 +139,7 @@ def test_multi_variant_bundle_run_py_writes_one_record_per_variant_and_the_devic
     assert [v["name"] for v in section["variants"]] == host_rows and section["pareto"]
     assert all(v["accuracy_delta_vs_host"] == 0 for v in section["variants"])
     md = (run_copy / "report.md").read_text()
-    device_md = md[md.index(f"Device: {socket.gethostname()}"):]
+    device_md = md[md.index(f"Device: {socket.gethostname()}") :]
     assert all(f"| {name} " in device_md for name in host_rows)
     assert (results / "raw" / "rpi4+variants" / "run.log").is_file()
     assert "2 result(s)" in out

@@ -18,8 +18,7 @@ HELP_TARGETS = [[], ["recipes"], ["recipe"], ["devices"], ["report"], ["zoo"], [
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     """Run the console script's ``main()`` in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -65,8 +64,7 @@ def test_recipe_dry_run_prints_five_stages_in_order():
     res = runner.invoke(app, ["recipe", "quant-prune-distill", "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "quant-prune-distill (recipe version 1, seed 0)" in res.output
-    positions = [res.output.index(f"{i}. {name}:") for i, name in
-                 enumerate(["distill", "prune", "qat", "export", "bench"])]
+    positions = [res.output.index(f"{i}. {name}:") for i, name in enumerate(["distill", "prune", "qat", "export", "bench"])]
     assert positions == sorted(positions)
 
 

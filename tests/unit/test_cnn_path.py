@@ -6,10 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import kept_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,8 +186,13 @@ def test_conv_qat_exports_to_integer_convs_with_high_sqnr(task, tmp_path):
 def _recipe(tmp_path, **over) -> Path:
     import yaml
 
-    data = {"name": "mine", "teacher": {"torch": FACTORY}, "student": {"torch": FACTORY}, "task": {"torch": TASK},
-            "stages": [{"stage": "qat", "steps": 1}, {"stage": "export"}]}
+    data = {
+        "name": "mine",
+        "teacher": {"torch": FACTORY},
+        "student": {"torch": FACTORY},
+        "task": {"torch": TASK},
+        "stages": [{"stage": "qat", "steps": 1}, {"stage": "export"}],
+    }
     data.update(over)
     p = tmp_path / "mine.yaml"
     p.write_text(yaml.safe_dump(data))
@@ -203,12 +206,15 @@ def test_recipe_with_torch_task_and_student_validates(tmp_path):
     assert spec.task.name == "torch" and spec.task.torch == TASK and spec.student.torch == FACTORY
 
 
-@pytest.mark.parametrize("task_target, message", [
-    ("nope:make", "task.torch: cannot import 'nope'"),
-    ("examples.digits.task:__doc__", "not a callable factory"),
-    ("examples.digits.task:missing", "has no attribute 'missing'"),
-    ("examples.digits.task", "is not 'package.module:factory'"),
-])
+@pytest.mark.parametrize(
+    "task_target, message",
+    [
+        ("nope:make", "task.torch: cannot import 'nope'"),
+        ("examples.digits.task:__doc__", "not a callable factory"),
+        ("examples.digits.task:missing", "has no attribute 'missing'"),
+        ("examples.digits.task", "is not 'package.module:factory'"),
+    ],
+)
 def test_bad_task_target_is_one_recipe_error(tmp_path, task_target, message):
     from dsk_compress import load_recipe
     from dsk_compress.errors import RecipeError
@@ -238,8 +244,13 @@ def test_task_factory_returning_an_incomplete_task_is_a_task_error():
 
 def test_cli_bad_task_target_prints_one_line_and_exits_2(tmp_path):
     p = _recipe(tmp_path, task={"torch": "nope:make"})
-    proc = subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", "recipe", str(p), "--dry-run"], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsk_compress.cli.main", "recipe", str(p), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -26,9 +26,20 @@ def _tiny_lm():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     m = LlamaForCausalLM(cfg)
     m.config._attn_implementation = "eager"
     return m
@@ -128,9 +139,21 @@ def _worker(out: Path) -> None:
     save_file({k: v.contiguous() for k, v in _run_hidden().items()}, str(out / f"hidden-rank{rank}.safetensors"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"full-rank{rank}.safetensors"))
     save_file({k: v.contiguous() for k, v in resumed.state_dict().items()}, str(out / f"resumed-rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "history": res.history, "rows": res.rows, "tokens": res.tokens, "world_size": res.world_size, "final_loss": res.final_loss, "final_logs": res.final_logs,
-        "resumed_from": rres.resumed_from, "resumed_history": rres.history, **_rank0_helpers(rank)}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "history": res.history,
+                "rows": res.rows,
+                "tokens": res.tokens,
+                "world_size": res.world_size,
+                "final_loss": res.final_loss,
+                "final_logs": res.final_logs,
+                "resumed_from": rres.resumed_from,
+                "resumed_history": rres.history,
+                **_rank0_helpers(rank),
+            }
+        )
+    )
 
 
 def _free_port() -> int:
@@ -143,8 +166,19 @@ def test_ddp_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TERM": "dumb"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), __file__, str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        str(tmp_path),
+    ]
     # own process group, so a timeout takes torchrun's workers down with it instead of orphaning them
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

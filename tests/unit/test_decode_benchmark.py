@@ -27,10 +27,18 @@ def _rounds(**per_variant):
 
 def test_ratios_compare_variants_at_the_same_thread_count_only(bench):
     # genai is fastest at 1 thread, ours at 2: the old headline compared ours@2 with genai@1
-    tok = _rounds(fused_int8=([100, 110, 90], [150, 160, 140]), genai_int4=([120, 120, 120], [60, 60, 60]),
-                  genai_fp32=([80, 80, 80], [50, 50, 50]), fused_int8_at_genai=([96, 96, 96], [144, 144, 144]))
-    p50 = _rounds(fused_int8=([10.0, 9.0, 11.0], [6.0, 6.5, 7.0]), genai_int4=([8.0, 8.0, 8.0], [16.0, 16.0, 16.0]),
-                  genai_fp32=([12.0, 12.0, 12.0], [20.0, 20.0, 20.0]), fused_int8_at_genai=([10.5, 10.5, 10.5], [7.0, 7.0, 7.0]))
+    tok = _rounds(
+        fused_int8=([100, 110, 90], [150, 160, 140]),
+        genai_int4=([120, 120, 120], [60, 60, 60]),
+        genai_fp32=([80, 80, 80], [50, 50, 50]),
+        fused_int8_at_genai=([96, 96, 96], [144, 144, 144]),
+    )
+    p50 = _rounds(
+        fused_int8=([10.0, 9.0, 11.0], [6.0, 6.5, 7.0]),
+        genai_int4=([8.0, 8.0, 8.0], [16.0, 16.0, 16.0]),
+        genai_fp32=([12.0, 12.0, 12.0], [20.0, 20.0, 20.0]),
+        fused_int8_at_genai=([10.5, 10.5, 10.5], [7.0, 7.0, 7.0]),
+    )
     out = bench.summarize(tok, p50, {}, [1, 2], ["genai-int4", "genai-fp32"])
     one, two = out["ratios_at"]["1"], out["ratios_at"]["2"]
     assert set(out["ratios_at"]) == {"1", "2"}  # no "best" entry mixing thread counts
@@ -40,8 +48,10 @@ def test_ratios_compare_variants_at_the_same_thread_count_only(bench):
     assert two["tokens_per_s"]["final_vs_onnxruntime_genai"] == round(150 / 60, 3)
     assert one["tokens_per_s"]["final_in_genai_loop_vs_onnxruntime_genai"] == round(96 / 120, 3)
     assert two["step_p50"]["fused-int8_vs_fused-int8@genai"] == round(7.0 / 6.5, 3)  # the loops alone
-    assert out["headline"]["final_vs_onnxruntime_genai"] == {"1": {"step_p50": 0.8, "tokens_per_s": 0.833},
-                                                              "2": {"step_p50": 2.462, "tokens_per_s": 2.5}}
+    assert out["headline"]["final_vs_onnxruntime_genai"] == {
+        "1": {"step_p50": 0.8, "tokens_per_s": 0.833},
+        "2": {"step_p50": 2.462, "tokens_per_s": 2.5},
+    }
     assert "final_int4_vs_onnxruntime_genai_int4" not in out["headline"]  # not timed: not reported
     assert out["best_threads"] == {"fused-int8": 2, "genai-int4": 1, "genai-fp32": 1, "fused-int8@genai": 2}
 

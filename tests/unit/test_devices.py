@@ -104,7 +104,9 @@ def test_load_device_custom_path_loads(tmp_path):
 
 def test_device_profile_is_frozen():
     d = load_device("rpi5")
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         d.cores = 99  # type: ignore[misc]
 
 

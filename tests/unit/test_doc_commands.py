@@ -66,7 +66,7 @@ def _cli_args(text: str) -> list[str] | None:
     if not tokens or tokens[0] not in ("dsk-compress", "torchrun"):
         return None
     idx = next((i for i, t in enumerate(tokens) if t in CLI_ENTRY), None)
-    return None if idx is None else tokens[idx + 1:]
+    return None if idx is None else tokens[idx + 1 :]
 
 
 def doc_commands() -> list[tuple[str, list[str]]]:
@@ -159,7 +159,8 @@ def test_recipe_reference_is_generated_from_the_schema():
     doc = gen.DOC.read_text()
     assert gen.BEGIN in doc and gen.END in doc
     assert gen.current_section(doc) == gen.generate(), (
-        "docs/recipes.md's field reference differs from recipes/schema.py: run `.venv/bin/python docs/gen_recipe_reference.py --write`")
+        "docs/recipes.md's field reference differs from recipes/schema.py: run `.venv/bin/python docs/gen_recipe_reference.py --write`"
+    )
 
 
 def test_recipe_reference_examples_use_every_field():
@@ -284,11 +285,11 @@ def test_doc_python_line_knows_its_options(args):
     target = args[:2] if args[0] == "-m" else args[:1]
     source = ROOT / (args[1].replace(".", "/") + ".py" if args[0] == "-m" else args[0])
     if source.is_file() and "argparse" not in source.read_text():  # no --help to ask: it would just run
-        assert not _options(args[len(target):]), f"{source.relative_to(ROOT)} parses no options"
+        assert not _options(args[len(target) :]), f"{source.relative_to(ROOT)} parses no options"
         return
     res = subprocess.run([sys.executable, *target, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"`python {' '.join(target)} --help` exited {res.returncode}: {res.stderr[-2000:]}"
-    missing = [o for o in _options(args[len(target):]) if o not in res.stdout]
+    missing = [o for o in _options(args[len(target) :]) if o not in res.stdout]
     assert not missing, f"`python {' '.join(target)}` has no option {missing}:\n{res.stdout}"
 
 
@@ -321,7 +322,7 @@ def test_links_between_pages_land_on_a_heading():
 
 def test_readme_lists_every_docs_page():
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Documentation"):]
+    table = readme[readme.index("## Documentation") :]
     missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{p.name})" not in table]
     assert not missing, f"add these pages to the README's documentation table: {missing}"
 
@@ -341,5 +342,7 @@ def test_benchmark_tables_name_their_date():
     """Every section of docs/benchmarks.md with a table of figures says when (and the intro where) it was measured."""
     doc = (ROOT / "docs" / "benchmarks.md").read_text()
     sections = re.split(r"^## ", doc, flags=re.M)[1:]
-    undated = [s.splitlines()[0] for s in sections if re.search(r"^\|.*\|$", s, re.M) and not re.search(r"\b20[0-9]{2}-[0-9]{2}-[0-9]{2}\b", s)]
+    undated = [
+        s.splitlines()[0] for s in sections if re.search(r"^\|.*\|$", s, re.M) and not re.search(r"\b20[0-9]{2}-[0-9]{2}-[0-9]{2}\b", s)
+    ]
     assert not undated, undated

@@ -46,8 +46,12 @@ def int8(tmp_path_factory):
     for kind, share in (("tied", True), ("separate", False)):
         m, names, _ = qat_llama(share, train_steps=6, num_key_value_heads=2)
         freeze_for_export(m)
-        out[kind] = {"model": m, "names": names, "quant": [mod for mod in m.modules() if isinstance(mod, QuantLinear)],
-                     "path": export_fused(m, d / f"q.{kind}.onnx", "int8")}
+        out[kind] = {
+            "model": m,
+            "names": names,
+            "quant": [mod for mod in m.modules() if isinstance(mod, QuantLinear)],
+            "path": export_fused(m, d / f"q.{kind}.onnx", "int8"),
+        }
     return out
 
 
@@ -74,7 +78,7 @@ def test_fused_greedy_decode_equals_torch_generate(fp32):
     from dsk_compress.runtimes.decoder import FusedDecoderSession
 
     with torch.no_grad():
-        ref = fp32["model"].generate(torch.as_tensor(PROMPT[None]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, PROMPT.size:]
+        ref = fp32["model"].generate(torch.as_tensor(PROMPT[None]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, PROMPT.size :]
     sess = FusedDecoderSession(fp32["fp32"])
     tokens, _ = sess.greedy(PROMPT, NEW)
     np.testing.assert_array_equal(tokens, ref.numpy())
@@ -181,7 +185,9 @@ def test_fused_int8_symmetric_activations_run_as_uint8_with_zero_point_128(tmp_p
     freeze_for_export(m)
     p = export_fused(m, tmp_path / "s.onnx", "int8")
     zps = [i for i in onnx.load(str(p)).graph.initializer if i.name.endswith("act_zero_point")]
-    assert len(zps) == 4 and all(z.data_type == onnx.TensorProto.UINT8 and numpy_helper.to_array(z).reshape(-1).tolist() == [128] for z in zps)
+    assert len(zps) == 4 and all(
+        z.data_type == onnx.TensorProto.UINT8 and numpy_helper.to_array(z).reshape(-1).tolist() == [128] for z in zps
+    )
     r = check_fused_parity(m, p, PROMPT, NEW)
     assert r["tokens_match"] and r["step_logits_sqnr_db"] > INT8_MIN_SQNR_DB
 
@@ -193,10 +199,23 @@ def test_fused_other_llama_families_decode_like_torch(tmp_path, family):
 
     from dsk_compress.export.fused import check_fused_parity, export_fused
 
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    cls, cfg = {"qwen2": (Qwen2ForCausalLM, Qwen2Config(**common)), "qwen3": (Qwen3ForCausalLM, Qwen3Config(head_dim=16, **common)),
-                "mistral": (MistralForCausalLM, MistralConfig(sliding_window=4, **common))}[family]
+    common = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    cls, cfg = {
+        "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common)),
+        "qwen3": (Qwen3ForCausalLM, Qwen3Config(head_dim=16, **common)),
+        "mistral": (MistralForCausalLM, MistralConfig(sliding_window=4, **common)),
+    }[family]
     torch.manual_seed(0)
     m = cls(cfg).eval()
     m.config._attn_implementation = "eager"
@@ -260,9 +279,9 @@ def test_decodes_of_several_graphs_run_in_interleaved_rounds_in_one_worker(fp32,
 
 
 def test_fused_export_refuses_moe_and_wrong_precisions(tmp_path, fp32):
+    from conftest import tiny_mixtral_config
     from transformers import MixtralForCausalLM
 
-    from conftest import tiny_mixtral_config
     from dsk_compress.errors import ExportError
     from dsk_compress.export.fused import export_fused
 
@@ -302,9 +321,9 @@ def test_fused_predict_scores_a_batch_like_the_torch_model(fp32):
 
 
 def test_export_fused_checked_reports_parity_and_raises_on_a_mismatch(tmp_path, fp32):
+    from conftest import tiny_mixtral_config
     from transformers import MixtralForCausalLM
 
-    from conftest import tiny_mixtral_config
     from dsk_compress.errors import ExportError
     from dsk_compress.export.fused import export_fused_checked
 
@@ -313,8 +332,14 @@ def test_export_fused_checked_reports_parity_and_raises_on_a_mismatch(tmp_path, 
     assert info["tokens_match"] and info["prompt_tokens"] == 16 and info["fused_ops"]["GroupQueryAttention"] == LAYERS
     with pytest.raises(ExportError, match="differ from torch"):
         export_fused_checked(fp32["model"], tmp_path / "m.onnx", "fp32", example, parity_atol=1e-12, min_sqnr_db=30.0)
-    moe = export_fused_checked(MixtralForCausalLM(tiny_mixtral_config(num_hidden_layers=1)), tmp_path / "moe.onnx", "fp32", example,
-                               parity_atol=1e-3, min_sqnr_db=30.0)
+    moe = export_fused_checked(
+        MixtralForCausalLM(tiny_mixtral_config(num_hidden_layers=1)),
+        tmp_path / "moe.onnx",
+        "fp32",
+        example,
+        parity_atol=1e-3,
+        min_sqnr_db=30.0,
+    )
     assert "no dense gated MLP" in moe["error"] and not (tmp_path / "moe.onnx").exists()
 
 
@@ -335,5 +360,7 @@ def test_quantize_int4_turns_a_full_sequence_export_into_matmulnbits(fp32):
 
     g = onnx.load(str(out)).graph
     weights = {i.name for i in g.initializer}
-    assert not [n.name for n in g.node if n.op_type in ("MatMul", "FusedMatMul") and n.input[1] in weights]  # only activation x activation left
+    assert not [
+        n.name for n in g.node if n.op_type in ("MatMul", "FusedMatMul") and n.input[1] in weights
+    ]  # only activation x activation left
     assert sqnr_db(lm_logits(fp32["model"], example), ort_predict(out)(example)) > INT4_MIN_SQNR_DB

@@ -21,8 +21,9 @@ def _source(graph: Path, model, kind: str, variant: str = "v", precision: str = 
     cfg = model.config.to_dict()
     shape = decoder_shape(graph)
     shape["heads"] = shape["heads"] or cfg["num_attention_heads"]
-    return DecoderSource(variant=variant, precision=precision, kind=kind, graph=graph, config=cfg, shape=shape, run_name="run",
-                         byte_level=True)
+    return DecoderSource(
+        variant=variant, precision=precision, kind=kind, graph=graph, config=cfg, shape=shape, run_name="run", byte_level=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,12 @@ def graphs(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings of transformers' cache code
         kv = export_float_with_past(m, d / "m.kv.onnx")
-    return {"fp32": (export_fused(m, d / "m.fused.onnx"), m, "fused"), "int4": (export_fused(m, d / "m.int4.onnx", "int4"), m, "fused"),
-            "int8": (export_fused(q, d / "q.fused.onnx", "int8"), q, "fused"), "kv": (kv, m, "kv")}
+    return {
+        "fp32": (export_fused(m, d / "m.fused.onnx"), m, "fused"),
+        "int4": (export_fused(m, d / "m.int4.onnx", "int4"), m, "fused"),
+        "int8": (export_fused(q, d / "q.fused.onnx", "int8"), q, "fused"),
+        "kv": (kv, m, "kv"),
+    }
 
 
 def _ours(path: Path, kind: str) -> list[int]:
@@ -59,7 +64,9 @@ def test_attention_mask_graph_swaps_seqlens_for_the_mask_and_nothing_else(graphs
     path = graphs["fp32"][0]
     src, m = onnx.load(str(path)), attention_mask_graph(path, position_ids=True)
     names = [i.name for i in m.graph.input]
-    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "seqlens_k" not in names and "total_sequence_length" not in names
+    assert (
+        names[:3] == ["input_ids", "attention_mask", "position_ids"] and "seqlens_k" not in names and "total_sequence_length" not in names
+    )
     assert [i.name for i in src.graph.input if i.name.startswith("past")] == [n for n in names if n.startswith("past")]
     added = [n.op_type for n in m.graph.node][: len(m.graph.node) - len(src.graph.node)]
     assert added == ["ReduceSum", "Sub", "Cast", "Shape", "Squeeze", "Cast"]
@@ -86,8 +93,20 @@ def test_attention_mask_graph_with_a_growing_cache_gives_the_fused_graphs_logits
     past = {i.name: np.zeros((1, 2, 0, 16), np.float32) for i in s.get_inputs() if i.name.startswith("past")}
     ids, total, toks, logits = PROMPT[None].astype(np.int64), PROMPT.size, [], []
     for _ in range(NEW):
-        r = dict(zip(outs, s.run(None, {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
-                                        "position_ids": np.arange(total - ids.shape[1], total)[None], **past})))
+        r = dict(
+            zip(
+                outs,
+                s.run(
+                    None,
+                    {
+                        "input_ids": ids,
+                        "attention_mask": np.ones((1, total), np.int64),
+                        "position_ids": np.arange(total - ids.shape[1], total)[None],
+                        **past,
+                    },
+                ),
+            )
+        )
         logits.append(r["logits"][0, -1])
         toks.append(int(np.argmax(logits[-1])))
         past = {k.replace("present.", "past_key_values."): v for k, v in r.items() if k.startswith("present.")}
@@ -115,7 +134,7 @@ def test_genai_loads_the_folder_and_its_greedy_tokens_equal_our_decoders(graphs,
     gen.append_tokens(PROMPT.astype(np.int32))
     while not gen.is_done():
         gen.generate_next_token()
-    got = [int(t) for t in gen.get_sequence(0)[PROMPT.size:]]
+    got = [int(t) for t in gen.get_sequence(0)[PROMPT.size :]]
     assert got == _ours(path, kind)
     assert len(set(got)) > 3  # a random model: not one repeated token (the comparison means something)
 
@@ -161,9 +180,18 @@ def test_text_lm_folder_ships_the_teachers_tokenizer_and_its_special_ids(tmp_pat
     tok.save_pretrained(tmp_path / "tok")
     m = tiny_llama(vocab_size=300)
     graph = export_fused(m, tmp_path / "m.onnx")
-    src = DecoderSource(variant="v", precision="fp32", kind="fused", graph=graph, config=m.config.to_dict(),
-                        shape={**decoder_shape(graph), "heads": 4}, run_name="run", byte_level=False, tokenizer_dir=tmp_path / "tok",
-                        special={"bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": None})
+    src = DecoderSource(
+        variant="v",
+        precision="fp32",
+        kind="fused",
+        graph=graph,
+        config=m.config.to_dict(),
+        shape={**decoder_shape(graph), "heads": 4},
+        run_name="run",
+        byte_level=False,
+        tokenizer_dir=tmp_path / "tok",
+        special={"bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": None},
+    )
     write_genai(src, tmp_path / "genai")
     cfg = json.loads((tmp_path / "genai" / "genai_config.json").read_text())["model"]
     assert cfg["eos_token_id"] == cfg["pad_token_id"] == tok.eos_token_id == 1 and cfg["vocab_size"] == 300

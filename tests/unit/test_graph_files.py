@@ -98,8 +98,12 @@ def test_external_data_decoders_decode_like_single_files(both):
 
     single, external, _ = both
     prompt = X[0, :8]
-    for kind, cls in (("kv", KVCacheSession), ("fused", FusedDecoderSession), ("int8-kv", KVCacheSession),
-                      ("int8-fused", FusedDecoderSession)):
+    for kind, cls in (
+        ("kv", KVCacheSession),
+        ("fused", FusedDecoderSession),
+        ("int8-kv", KVCacheSession),
+        ("int8-fused", FusedDecoderSession),
+    ):
         (a, la), (b, lb) = _greedy(cls(external[kind]), prompt, 6), _greedy(cls(single[kind]), prompt, 6)
         assert a == b, kind
         np.testing.assert_array_equal(la, lb, err_msg=kind)
@@ -121,8 +125,9 @@ def test_move_and_copy_carry_the_data_and_rewrite_its_name(both, tmp_path):
     moved = graph_files.move(copied, tmp_path / "b.onnx")
     assert not copied.exists() and not graph_files.data_path(copied).exists()
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["b.onnx", "b.onnx.data"]
-    locations = {e.value for t in onnx.load(str(moved), load_external_data=False).graph.initializer for e in t.external_data
-                 if e.key == "location"}
+    locations = {
+        e.value for t in onnx.load(str(moved), load_external_data=False).graph.initializer for e in t.external_data if e.key == "location"
+    }
     assert locations == {"b.onnx.data"}
     np.testing.assert_array_equal(_outputs(moved), want)
     assert external["full"].is_file() and graph_files.data_path(external["full"]).is_file()  # copy left the source
@@ -134,8 +139,9 @@ def test_per_tensor_files_are_gathered_into_one_data_file(both, tmp_path):
     single, _, _ = both
     m = onnx.load(str(single["full"]))
     with graph_files.staged(tmp_path / "g.onnx") as tmp:  # as torch.onnx writes a graph past 2 GB: one file per tensor
-        onnx.save_model(onnx.load(str(single["full"])), str(tmp), save_as_external_data=True, all_tensors_to_one_file=False,
-                        size_threshold=0)
+        onnx.save_model(
+            onnx.load(str(single["full"])), str(tmp), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0
+        )
         assert len(list(tmp.parent.iterdir())) > 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
     np.testing.assert_array_equal(_outputs(tmp_path / "g.onnx"), _outputs(single["full"]))
@@ -157,8 +163,12 @@ def test_invalid_external_graph_is_an_export_error(tmp_path):
     from onnx import TensorProto, helper
 
     node = helper.make_node("Add", ["a", "missing"], ["b"])
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])],
+    )
     with pytest.raises(ExportError, match="not a valid ONNX graph"):
         graph_files.save(helper.make_model(g), tmp_path / "bad.onnx", external=True)
     assert list(tmp_path.iterdir()) == []

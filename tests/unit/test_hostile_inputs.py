@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import one_line_error, run_main
+
 from dsk_compress.errors import DskError, ModelSourceError, RecipeError, TaskError
 
 
@@ -36,14 +36,26 @@ def test_unsafe_run_name_is_refused_at_dry_run(capsys, name):
     assert "name:" in line and ("safe run name" in line or "string" in line)
 
 
-@pytest.mark.parametrize("assignment, field", [
-    ("seed=4294967296", "seed"), ("seed=-1", "seed"), ("seed=1.0e+30", "seed"), ("version=0", "version"), ("version=-5", "version"),
-    ("stages.0.steps=10000001", "stages.0.steps"), ("stages.0.batch_size=10000000", "stages.0.batch_size"),
-    ("task.eval_sequences=10000000000", "task.eval_sequences"), ("student.from_teacher.intermediate_size=10000000", "intermediate_size"),
-    ("stages.4.threads=1000000", "stages.4.threads"), ("stages.0.temperature=.inf", "stages.0.temperature"),
-    ("stages.0.lr=.nan", "stages.0.lr"), ("stages.3.qdq_min_sqnr_db=.nan", "stages.3.qdq_min_sqnr_db"),
-    ("report.max_accuracy_drop=.inf", "report.max_accuracy_drop"), ("stages.1.ffn_ratio=-.inf", "stages.1.ffn_ratio"),
-])
+@pytest.mark.parametrize(
+    "assignment, field",
+    [
+        ("seed=4294967296", "seed"),
+        ("seed=-1", "seed"),
+        ("seed=1.0e+30", "seed"),
+        ("version=0", "version"),
+        ("version=-5", "version"),
+        ("stages.0.steps=10000001", "stages.0.steps"),
+        ("stages.0.batch_size=10000000", "stages.0.batch_size"),
+        ("task.eval_sequences=10000000000", "task.eval_sequences"),
+        ("student.from_teacher.intermediate_size=10000000", "intermediate_size"),
+        ("stages.4.threads=1000000", "stages.4.threads"),
+        ("stages.0.temperature=.inf", "stages.0.temperature"),
+        ("stages.0.lr=.nan", "stages.0.lr"),
+        ("stages.3.qdq_min_sqnr_db=.nan", "stages.3.qdq_min_sqnr_db"),
+        ("report.max_accuracy_drop=.inf", "report.max_accuracy_drop"),
+        ("stages.1.ffn_ratio=-.inf", "stages.1.ffn_ratio"),
+    ],
+)
 def test_out_of_range_or_non_finite_number_is_refused_naming_the_field(capsys, assignment, field):
     assert field in dry(capsys, assignment)
 
@@ -83,8 +95,12 @@ def test_bad_task_name_lists_the_tasks_not_the_stages(capsys):
 
 def test_checkpoint_of_a_zoo_teacher_is_refused_and_a_torch_checkpoint_must_exist(capsys, tmp_path):
     assert "checkpoint goes with torch" in dry(capsys, "teacher.checkpoint=weights.safetensors")
-    line = dry(capsys, f"teacher.checkpoint={tmp_path / 'missing.safetensors'}", f"student.checkpoint={tmp_path / 'missing.safetensors'}",
-               recipe=str(Path(__file__).resolve().parents[2] / "examples" / "digits" / "recipe.yaml"))
+    line = dry(
+        capsys,
+        f"teacher.checkpoint={tmp_path / 'missing.safetensors'}",
+        f"student.checkpoint={tmp_path / 'missing.safetensors'}",
+        recipe=str(Path(__file__).resolve().parents[2] / "examples" / "digits" / "recipe.yaml"),
+    )
     assert "teacher.checkpoint" in line and "does not exist" in line
 
 
@@ -110,16 +126,25 @@ def test_student_layer_the_teacher_lacks_is_refused_at_dry_run(capsys):
     assert "student.from_teacher.layers: [9] out of range" in dry(capsys, "student.from_teacher.layers=[0, 9]")
 
 
-@pytest.mark.parametrize("override", ["a.b.c=", "=5", "stages..steps=3", "stages.99999999999999999999.steps=1", "x" * 300 + "=1",
-                                      ".".join(["k"] * 40) + "=1", "stages.0.steps=" + "9" * 5000])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "a.b.c=",
+        "=5",
+        "stages..steps=3",
+        "stages.99999999999999999999.steps=1",
+        "x" * 300 + "=1",
+        ".".join(["k"] * 40) + "=1",
+        "stages.0.steps=" + "9" * 5000,
+    ],
+)
 def test_odd_overrides_give_one_line(capsys, override):
     dry(capsys, override)
 
 
 # ---- YAML limits ---------------------------------------------------------------------------------------------------
 
-BOMB = "\n".join([f"a0: &a0 [{', '.join(['lol'] * 9)}]"]
-                 + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\n"
+BOMB = "\n".join([f"a0: &a0 [{', '.join(['lol'] * 9)}]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\n"
 
 
 def test_alias_bomb_is_refused_in_milliseconds(capsys, tmp_path):
@@ -132,8 +157,9 @@ def test_alias_bomb_is_refused_in_milliseconds(capsys, tmp_path):
     assert "aliases" in line or "once its aliases are expanded" in line
 
 
-@pytest.mark.parametrize("text", ["[" * 50_000 + "]" * 50_000, "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 200)),
-                                  "{a: " * 30_000 + "1" + "}" * 30_000])
+@pytest.mark.parametrize(
+    "text", ["[" * 50_000 + "]" * 50_000, "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 200)), "{a: " * 30_000 + "1" + "}" * 30_000]
+)
 def test_deep_nesting_is_refused_without_recursion_error(capsys, tmp_path, text):
     p = tmp_path / "deep.yaml"
     p.write_text(text)
@@ -148,8 +174,9 @@ def test_safe_load_counts_expanded_aliases_and_keeps_ordinary_aliases():
         safe_load("a: &a [1]\nb: [" + ", ".join(["*a"] * 101) + "]")
     with pytest.raises(YAMLLimitError, match="4300 digits|cannot be read"):
         safe_load("a: " + "1" * 5000)
-    assert safe_load("a: '[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[['  # [[[[[[[[[[[[[[[[[") == \
-        {"a": "[" * 74}
+    assert safe_load("a: '[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[['  # [[[[[[[[[[[[[[[[[") == {
+        "a": "[" * 74
+    }
 
 
 def test_alias_bomb_in_a_set_value_is_refused(capsys):
@@ -187,14 +214,19 @@ def test_hf_config_whose_width_does_not_divide_into_heads_is_refused(tmp_path, c
 
     d = _save_llama(tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    for bad, msg in (({"hidden_size": 66, "head_dim": None}, "hidden_size 66 is not divisible by num_attention_heads 4"),
-                     ({"num_key_value_heads": 3}, "num_attention_heads 4 is not divisible by num_key_value_heads 3")):
+    for bad, msg in (
+        ({"hidden_size": 66, "head_dim": None}, "hidden_size 66 is not divisible by num_attention_heads 4"),
+        ({"num_key_value_heads": 3}, "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
+    ):
         (d / "config.json").write_text(json.dumps({**cfg, **bad}))
         with pytest.raises(ModelSourceError, match=msg):
             load_hf_dir(d)
         recipe = tmp_path / "r.yaml"
-        recipe.write_text(json.dumps({"name": "x", "teacher": {"zoo": "code-lm-moe"}, "student": {"hf": str(d)},
-                                      "stages": [{"stage": "distill", "steps": 1}]}))
+        recipe.write_text(
+            json.dumps(
+                {"name": "x", "teacher": {"zoo": "code-lm-moe"}, "student": {"hf": str(d)}, "stages": [{"stage": "distill", "steps": 1}]}
+            )
+        )
         assert msg in one_line_error(*run_main(["recipe", str(recipe), "--dry-run"], capsys)[::2])
 
 
@@ -278,8 +310,13 @@ def test_out_or_run_dir_that_is_a_file_gives_one_line(capsys, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "quant-prune-distill.yaml"
-    for args in (["--out", str(f)], ["--out", str(f / "sub")], ["--run-dir", str(f)], ["--run-dir", str(f), "--resume"],
-                 ["--out", str(f), "--resume"]):
+    for args in (
+        ["--out", str(f)],
+        ["--out", str(f / "sub")],
+        ["--run-dir", str(f)],
+        ["--run-dir", str(f), "--resume"],
+        ["--out", str(f), "--resume"],
+    ):
         line = one_line_error(*run_main(["recipe", str(recipe), *args], capsys)[::2])
         assert str(f) in line
 
@@ -310,8 +347,11 @@ def test_resume_without_manifest_names_the_run_dir(capsys, tmp_path):
 def test_resume_picks_its_run_by_manifest_name_not_prefix(tmp_path):
     from dsk_compress.recipes.runner import latest_run
 
-    for name, folder in (("tiny-edge", "tiny-edge-20261101-000000"), ("tiny-edge-jetson", "tiny-edge-jetson-20261201-000000"),
-                         ("other", "tiny-edge-20261102-000000")):
+    for name, folder in (
+        ("tiny-edge", "tiny-edge-20261101-000000"),
+        ("tiny-edge-jetson", "tiny-edge-jetson-20261201-000000"),
+        ("other", "tiny-edge-20261102-000000"),
+    ):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "manifest.json").write_text(json.dumps({"name": name, "stages": []}))
     assert latest_run(tmp_path, "tiny-edge") == tmp_path / "tiny-edge-20261101-000000"

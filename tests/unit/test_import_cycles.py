@@ -89,7 +89,7 @@ def import_graph(roots: dict[str, Path]) -> nx.DiGraph:
 
 def cycles(g: nx.DiGraph) -> list[str]:
     """One line per elementary cycle: ``a -> b -> a  (a.py:3, b.py:9)``, shortest first."""
-    found = [c[c.index(min(c)):] + c[: c.index(min(c))] for c in nx.simple_cycles(g)]  # start at the smallest name
+    found = [c[c.index(min(c)) :] + c[: c.index(min(c))] for c in nx.simple_cycles(g)]  # start at the smallest name
     found.sort(key=lambda c: (len(c), c))
     lines = []
     for c in found:
@@ -106,16 +106,19 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 
 def test_import_graph_sees_lazy_relative_and_from_imports(tmp_path):
-    _write(tmp_path, {
-        "pkg/__init__.py": "from dsk_compress.a import thing\n",  # a name, not a module: the edge goes to a
-        "pkg/a.py": "def thing():\n    from .sub import helper\n",  # lazy and relative
-        "pkg/b.py": "from dsk_compress import a\nimport dsk_compress.sub.deep as d\n",  # a module, not the package
-        "pkg/sub/__init__.py": "from . import deep\nfrom .. import b\n",  # level 1 of a package is itself
-        "pkg/sub/deep.py": "X = 1\n",
-        "pkg/loop.py": "import dsk_compress.ext.mod\n",
-        "other/ext/__init__.py": "",
-        "other/ext/mod.py": "def f():\n    from dsk_compress.loop import g\n",  # another mapped folder, lazily
-    })
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "from dsk_compress.a import thing\n",  # a name, not a module: the edge goes to a
+            "pkg/a.py": "def thing():\n    from .sub import helper\n",  # lazy and relative
+            "pkg/b.py": "from dsk_compress import a\nimport dsk_compress.sub.deep as d\n",  # a module, not the package
+            "pkg/sub/__init__.py": "from . import deep\nfrom .. import b\n",  # level 1 of a package is itself
+            "pkg/sub/deep.py": "X = 1\n",
+            "pkg/loop.py": "import dsk_compress.ext.mod\n",
+            "other/ext/__init__.py": "",
+            "other/ext/mod.py": "def f():\n    from dsk_compress.loop import g\n",  # another mapped folder, lazily
+        },
+    )
     g = import_graph({PACKAGE: tmp_path / "pkg", f"{PACKAGE}.ext": tmp_path / "other" / "ext"})
     assert set(g.edges) == {
         ("dsk_compress", "dsk_compress.a"),
@@ -137,8 +140,17 @@ def test_import_graph_sees_lazy_relative_and_from_imports(tmp_path):
 def test_package_import_graph_covers_every_mapped_folder():
     roots = package_roots(ROOT / "pyproject.toml")
     g = import_graph(roots)
-    assert {n.split(".")[1] for n in g if n.count(".")} >= {"compress", "export", "runtimes", "recipes", "devices", "cli",
-                                                           "models", "tasks", "report"}
+    assert {n.split(".")[1] for n in g if n.count(".")} >= {
+        "compress",
+        "export",
+        "runtimes",
+        "recipes",
+        "devices",
+        "cli",
+        "models",
+        "tasks",
+        "report",
+    }
     assert g.has_edge("dsk_compress.report.build", "dsk_compress.report.model")
     assert g.has_edge("dsk_compress.cli.main", "dsk_compress.report")  # a lazy import inside a command
 

@@ -25,15 +25,15 @@ def test_import_package_does_not_import_heavy_backends():
 
 
 def test_cli_help_exits_zero():
-    proc = subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "recipe" in proc.stdout
 
 
 def test_cli_help_does_not_import_onnxruntime():
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dsk_compress.cli.main", "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dsk_compress.cli.main", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "dsk_compress" in proc.stderr  # importtime output is there
     for name in HEAVY:
@@ -42,11 +42,7 @@ def test_cli_help_does_not_import_onnxruntime():
 
 def test_cli_help_in_process_does_not_import_heavy_backends():
     code = (
-        "from dsk_compress.cli.main import app\n"
-        "try:\n"
-        "    app(['--help'], standalone_mode=False)\n"
-        "except SystemExit:\n"
-        "    pass\n" + _CHECK
+        "from dsk_compress.cli.main import app\ntry:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n" + _CHECK
     )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
@@ -55,10 +51,7 @@ def test_cli_help_in_process_does_not_import_heavy_backends():
 
 
 def test_dry_run_does_not_import_heavy_backends():
-    code = (
-        "from dsk_compress.cli.main import app\n"
-        "app(['recipe', 'quant-prune-distill', '--dry-run'], standalone_mode=False)\n" + _CHECK
-    )
+    code = "from dsk_compress.cli.main import app\napp(['recipe', 'quant-prune-distill', '--dry-run'], standalone_mode=False)\n" + _CHECK
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"

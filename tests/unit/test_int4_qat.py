@@ -38,8 +38,13 @@ def _nbits_session(arrays: dict, k: int, accuracy_level: int):
     inits = [numpy_helper.from_array(arrays["B"], "B"), numpy_helper.from_array(arrays["scales"], "S")]
     if bias:
         inits.append(numpy_helper.from_array(arrays["bias"], "bias"))
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["m", k])],
-                          [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["m", attrs["N"]])], inits)
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["m", attrs["N"]])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
     return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -147,8 +152,11 @@ def test_int4_graphs_pack_every_linear_once_and_q_k_v_gate_up_together_in_the_fu
 def _nbits_nodes(path):
     g = onnx.load(str(path)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    return [({a.name: helper.get_attribute_value(a) for a in n.attribute}, inits[n.input[1]], inits[n.input[2]])
-            for n in g.node if n.op_type == "MatMulNBits"], inits
+    return [
+        ({a.name: helper.get_attribute_value(a) for a in n.attribute}, inits[n.input[1]], inits[n.input[2]])
+        for n in g.node
+        if n.op_type == "MatMulNBits"
+    ], inits
 
 
 def test_exported_weights_are_the_qat_integers_and_trained_scales_bit_exact(int4):
@@ -165,8 +173,16 @@ def test_exported_weights_are_the_qat_integers_and_trained_scales_bit_exact(int4
     fused, _ = _nbits_nodes(int4["fused"]["path"])
     qkv = next(s for a, _, s in fused if a["N"] == 3 * 64)
     attn = int4["model"].model.layers[0].self_attn
-    assert np.array_equal(qkv, np.concatenate([attn.q_proj.block_scales().detach().numpy(), attn.k_proj.block_scales().detach().numpy(),
-                                               attn.v_proj.block_scales().detach().numpy()]))
+    assert np.array_equal(
+        qkv,
+        np.concatenate(
+            [
+                attn.q_proj.block_scales().detach().numpy(),
+                attn.k_proj.block_scales().detach().numpy(),
+                attn.v_proj.block_scales().detach().numpy(),
+            ]
+        ),
+    )
 
 
 def test_int4_head_is_8_bit_and_embedding_an_int8_table(int4):
@@ -196,14 +212,26 @@ def test_int4_qwen2_with_qkv_bias_and_tied_embeddings_exports_every_graph(tmp_pa
     from dsk_compress.export.fused import export_fused_checked
 
     torch.manual_seed(0)
-    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    m = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     m.config._attn_implementation = "eager"
     prepare_int4_qat(m)
     ex = np.random.default_rng(0).integers(0, 256, (2, 24))
     assert export_int4_lm(m, ex, tmp_path / "q.onnx", min_sqnr_db=MIN_SQNR_DB)["int8_embeddings"] == 1
-    for info in (export_int4_kv(m, tmp_path / "q.kv.onnx", ex, min_sqnr_db=MIN_SQNR_DB),
-                 export_fused_checked(m, tmp_path / "q.fused.onnx", "int4", ex, parity_atol=1e-3, min_sqnr_db=MIN_SQNR_DB)):
+    for info in (
+        export_int4_kv(m, tmp_path / "q.kv.onnx", ex, min_sqnr_db=MIN_SQNR_DB),
+        export_fused_checked(m, tmp_path / "q.fused.onnx", "int4", ex, parity_atol=1e-3, min_sqnr_db=MIN_SQNR_DB),
+    ):
         assert info["tokens_match"] and info["step_logits_sqnr_db"] >= MIN_SQNR_DB
 
 

@@ -38,8 +38,8 @@ def test_hidden_mse_is_exactly_zero_for_a_copy_of_the_teacher_with_identity_proj
 def test_hidden_mse_matches_hand_computation_and_its_gradient_reaches_the_projections():
     from dsk_compress.compress.distill import HiddenStateMSE, kd_loss, make_kd_loss_fn
 
-    teacher = tiny_llama(num_hidden_layers=3)                     # hidden 64
-    student = _narrow_llama(num_hidden_layers=3)                  # hidden 32
+    teacher = tiny_llama(num_hidden_layers=3)  # hidden 64
+    student = _narrow_llama(num_hidden_layers=3)  # hidden 32
     pairs = [(0, 1), (1, 0)]
     hidden = HiddenStateMSE(pairs, 32, 64, seed=3)
     assert [tuple(p.weight.shape) for p in hidden.proj] == [(64, 32), (64, 32)]
@@ -193,9 +193,10 @@ def test_check_vocab_refuses_a_task_tokenizer_that_is_not_the_teachers(tmp_path)
         check_vocab(t, task_tokenizer=other_eos)
     # the distill stage compares the task tokenizer with the one in the teacher's directory
     teacher_tok.save_pretrained(tmp_path / "teacher")
-    ctx = SimpleNamespace(task=SimpleNamespace(tok=swapped, vocab_size=len(swapped)),
-                          spec=SimpleNamespace(teacher=SimpleNamespace(hf=str(tmp_path / "teacher")),
-                                               task=SimpleNamespace(tokenizer=str(tmp_path / "mine"))))
+    ctx = SimpleNamespace(
+        task=SimpleNamespace(tok=swapped, vocab_size=len(swapped)),
+        spec=SimpleNamespace(teacher=SimpleNamespace(hf=str(tmp_path / "teacher")), task=SimpleNamespace(tokenizer=str(tmp_path / "mine"))),
+    )
     with pytest.raises(RecipeError, match="task.tokenizer maps tokens to other ids") as e:
         DistillStage(None)._check_task_vocab(ctx, SimpleNamespace(config=t))
     assert "teacher's own tokenizer" in e.value.hint
@@ -329,27 +330,35 @@ def test_precision_fp16_on_cuda_uses_the_grad_scaler_and_resumes(tmp_path):
 
 
 def test_distill_stage_trains_hidden_projections_on_the_layers_the_student_was_cut_from(tmp_path):
+    from conftest import tiny_mixtral_config
     from safetensors.torch import load_file
     from transformers import MixtralForCausalLM
 
-    from conftest import tiny_mixtral_config
     from dsk_compress.recipes.runner import run_recipe
     from dsk_compress.recipes.schema import RecipeSpec
 
     torch.manual_seed(0)
     MixtralForCausalLM(tiny_mixtral_config()).save_pretrained(tmp_path / "teacher", safe_serialization=True)
-    spec = RecipeSpec.model_validate({
-        "name": "hidden", "teacher": {"hf": str(tmp_path / "teacher")},
-        "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 1}},
-        "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
-        "stages": [{"stage": "distill", "steps": 3, "batch_size": 2, "hidden_mse": 0.5, "baselines": ["nokd"]}],
-        "keep_checkpoints": True,  # the checkpoint's aux.safetensors is read below
-    })
+    spec = RecipeSpec.model_validate(
+        {
+            "name": "hidden",
+            "teacher": {"hf": str(tmp_path / "teacher")},
+            "student": {"from_teacher": {"layers": [0, 2], "ffn_init": "top", "calibration_batches": 1}},
+            "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
+            "stages": [{"stage": "distill", "steps": 3, "batch_size": 2, "hidden_mse": 0.5, "baselines": ["nokd"]}],
+            "keep_checkpoints": True,  # the checkpoint's aux.safetensors is read below
+        }
+    )
     rd = run_recipe(spec, run_dir=tmp_path / "run")
     m = json.loads((rd / "distill" / "metrics.json").read_text())
     kd = m["train"]["kd"]
     assert kd["teacher"] == "online" and kd["hidden_mse"] == 0.5 and kd["hidden_pairs"] == [[0, 0], [1, 2]]
     assert kd["final_hidden_mse"] > 0 and m["train"]["precision"] == "fp32" and m["train"]["world_size"] == 1
-    assert sorted(load_file(rd / "distill" / "checkpoint" / "aux.safetensors")) == ["proj.0.bias", "proj.0.weight", "proj.1.bias", "proj.1.weight"]
+    assert sorted(load_file(rd / "distill" / "checkpoint" / "aux.safetensors")) == [
+        "proj.0.bias",
+        "proj.0.weight",
+        "proj.1.bias",
+        "proj.1.weight",
+    ]
     assert not any(k.startswith("proj") for k in load_file(rd / "distill" / "model" / "model.safetensors"))
     assert "hidden_mse" not in m["baseline_nokd"]["train"]["kd"] and m["baseline_nokd"]["train"]["kd"]["teacher"] == "none"

@@ -53,8 +53,14 @@ def test_kv_graph_has_past_inputs_and_present_outputs_per_layer(fp32):
 
     g = onnx.load(str(fp32["kv"])).graph
     ins, outs = [i.name for i in g.input], [o.name for o in g.output]
-    assert ins == ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value",
-                   "past_key_values.1.key", "past_key_values.1.value"]
+    assert ins == [
+        "input_ids",
+        "attention_mask",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    ]
     assert outs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     past = [d.dim_param or d.dim_value for d in g.input[2].type.tensor_type.shape.dim]
     assert past == ["batch", 2, "past_sequence", 16]
@@ -65,7 +71,7 @@ def test_kv_greedy_decode_matches_torch_generate(fp32):
     from dsk_compress.runtimes.decoder import KVCacheSession
 
     with torch.no_grad():
-        ref = fp32["model"].generate(torch.as_tensor(PROMPT[None]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, PROMPT.size:]
+        ref = fp32["model"].generate(torch.as_tensor(PROMPT[None]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, PROMPT.size :]
     tokens, _ = KVCacheSession(fp32["kv"]).greedy(PROMPT, NEW)
     np.testing.assert_array_equal(tokens, ref.numpy())
 
@@ -86,7 +92,7 @@ def test_kv_prefill_with_empty_past_equals_full_sequence_graph(fp32):
     tokens, _ = sess.greedy(PROMPT, 6)
     cached = sess.step_logits(PROMPT, tokens[:-1])  # last-position logits after the prompt, then after each fed token
     seq = np.concatenate([PROMPT, tokens[:-1]])
-    full = ort_predict(fp32["full"])(seq[None])[0, PROMPT.size - 1:]
+    full = ort_predict(fp32["full"])(seq[None])[0, PROMPT.size - 1 :]
     assert cached.shape == full.shape == (6, 256)
     np.testing.assert_allclose(cached, full, rtol=0, atol=1e-5)
 
@@ -98,9 +104,19 @@ def test_kv_wrapper_pads_left_and_windows_like_the_model():
     from dsk_compress.export.kv_cache import KVCacheLMWrapper
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, sliding_window=4, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
-                        pad_token_id=None)
+    cfg = MistralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     m = MistralForCausalLM(cfg).eval()
     m.config._attn_implementation = "eager"
     w = KVCacheLMWrapper(m)
@@ -111,7 +127,7 @@ def test_kv_wrapper_pads_left_and_windows_like_the_model():
         ref = m(input_ids=x, use_cache=False).logits
         got, *present = w(x[:, :6], torch.ones(1, 6, dtype=torch.long), *empty)
         for t in range(6, PROMPT.size):  # the rest token by token, past the window
-            step, *present = w(x[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long), *present)
+            step, *present = w(x[:, t : t + 1], torch.ones(1, t + 1, dtype=torch.long), *present)
             got = torch.cat([got, step], 1)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
         # two pad slots on the left: same logits for the real tokens
@@ -154,7 +170,7 @@ def test_int8_kv_decode_matches_full_int8_graph_and_fake_quant_torch(int8):
     sess = KVCacheSession(int8["kv"])
     tokens, _ = sess.greedy(PROMPT, 6)
     seq = np.concatenate([PROMPT, tokens[:-1]])
-    full = ort_predict(int8["full"])(seq[None])[0, PROMPT.size - 1:]
+    full = ort_predict(int8["full"])(seq[None])[0, PROMPT.size - 1 :]
     # per-tensor static activation scales: a cached step quantizes the same values as the full graph (seen: 0.0)
     np.testing.assert_allclose(sess.step_logits(PROMPT, tokens[:-1]), full, rtol=0, atol=1e-5)
 
@@ -202,11 +218,28 @@ def test_report_table_has_decode_column_with_dash_when_unmeasured():
     from dsk_compress.report.format import DASH, DECODE_COLUMN, TABLE_COLUMNS, table_columns, table_rows
     from dsk_compress.report.html import render_html
 
-    base = {"role": "student", "stage": "distill", "params": 10, "size_bytes": 100, "accuracy": 50.0, "bits_per_byte": None,
-            "latency_ms": {"p50": 1.0, "p99": 2.0}, "throughput": 1.0, "peak_memory_mb": None, "runtime": "onnxruntime-cpu",
-            "device": "host-cpu", "precision": "fp32", "artifact": "a.onnx", "notes": ""}
-    kv = {**base, "name": "student-distill", "decode_tokens_per_s": 812.345,
-          "decode": {"prefill_ms": 1.5, "decode_ms_p50": 1.2, "prompt_tokens": 128}}
+    base = {
+        "role": "student",
+        "stage": "distill",
+        "params": 10,
+        "size_bytes": 100,
+        "accuracy": 50.0,
+        "bits_per_byte": None,
+        "latency_ms": {"p50": 1.0, "p99": 2.0},
+        "throughput": 1.0,
+        "peak_memory_mb": None,
+        "runtime": "onnxruntime-cpu",
+        "device": "host-cpu",
+        "precision": "fp32",
+        "artifact": "a.onnx",
+        "notes": "",
+    }
+    kv = {
+        **base,
+        "name": "student-distill",
+        "decode_tokens_per_s": 812.345,
+        "decode": {"prefill_ms": 1.5, "decode_ms_p50": 1.2, "prompt_tokens": 128},
+    }
     teacher = {**base, "name": "teacher", "role": "teacher"}
     rep = make_report([kv, teacher], {"run": "r"})
     assert table_columns(rep) == (*TABLE_COLUMNS, DECODE_COLUMN)
@@ -228,4 +261,3 @@ def test_kv_export_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
     with pytest.raises(ExportError, match="not a transformers causal LM"):
         export_causal_lm_with_past(torch.nn.Linear(4, 4), tmp_path / "x.kv.onnx")
     assert not (tmp_path / "x.kv.onnx").exists()
-

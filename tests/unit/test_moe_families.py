@@ -16,21 +16,52 @@ from dsk_compress.errors import DskError, ExportError, ModelSourceError, RecipeE
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "granitemoe", "olmoe", "phimoe", "gpt_oss"]
 V4 = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]  # the families this toolkit also reads under transformers 4.56-4.57
 DENSE = ["llama", "mistral", "qwen2", "qwen3"]
-STUDENT_CLASS = {"mixtral": "LlamaForCausalLM", "qwen2_moe": "Qwen2ForCausalLM", "qwen3_moe": "Qwen3ForCausalLM",
-                 "deepseek_v2": "DeepseekV3ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-                 "granitemoe": "GraniteForCausalLM", "olmoe": "LlamaForCausalLM", "phimoe": "LlamaForCausalLM", "gpt_oss": "LlamaForCausalLM",
-                 "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+STUDENT_CLASS = {
+    "mixtral": "LlamaForCausalLM",
+    "qwen2_moe": "Qwen2ForCausalLM",
+    "qwen3_moe": "Qwen3ForCausalLM",
+    "deepseek_v2": "DeepseekV3ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "granitemoe": "GraniteForCausalLM",
+    "olmoe": "LlamaForCausalLM",
+    "phimoe": "LlamaForCausalLM",
+    "gpt_oss": "LlamaForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 APPROX = ["olmoe", "phimoe", "gpt_oss"]  # no dense counterpart in transformers: a Llama student that drops what it cannot hold
 EXACT = [k for k in MOE if k not in APPROX]
 VOCAB = 96
 E, W, SHARED = 4, 16, 24  # routed experts, one expert's width, Qwen2-MoE shared expert width
 # the width of one layer's merged FFN: every routed expert plus the shared one
-MERGED = {**{k: E * W for k in MOE}, "qwen2_moe": E * W + SHARED, "deepseek_v2": E * W + W, "deepseek_v3": E * W + W,
-          "glm4_moe": E * W + W}
-SPARSE_LAYERS = {"mixtral": 3, "qwen2_moe": 2, "qwen3_moe": 1, "deepseek_v2": 2, "deepseek_v3": 2, "glm4_moe": 2, "granitemoe": 3,
-                 "olmoe": 3, "phimoe": 3, "gpt_oss": 3}
-BASE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+MERGED = {**{k: E * W for k in MOE}, "qwen2_moe": E * W + SHARED, "deepseek_v2": E * W + W, "deepseek_v3": E * W + W, "glm4_moe": E * W + W}
+SPARSE_LAYERS = {
+    "mixtral": 3,
+    "qwen2_moe": 2,
+    "qwen3_moe": 1,
+    "deepseek_v2": 2,
+    "deepseek_v3": 2,
+    "glm4_moe": 2,
+    "granitemoe": 3,
+    "olmoe": 3,
+    "phimoe": 3,
+    "gpt_oss": 3,
+}
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
 _MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 
 
@@ -42,31 +73,85 @@ def tiny_config(kind: str, all_sparse: bool = False, **kw):
     extra = {
         "mixtral": dict(intermediate_size=W, num_local_experts=E, num_experts_per_tok=2),
         # layer 1 dense through mlp_only_layers; norm_topk_prob left at its default (False)
-        "qwen2_moe": dict(intermediate_size=MERGED["qwen2_moe"], moe_intermediate_size=W, shared_expert_intermediate_size=SHARED,
-                          num_experts=E, num_experts_per_tok=2, mlp_only_layers=[] if all_sparse else [1], qkv_bias=True),
+        "qwen2_moe": dict(
+            intermediate_size=MERGED["qwen2_moe"],
+            moe_intermediate_size=W,
+            shared_expert_intermediate_size=SHARED,
+            num_experts=E,
+            num_experts_per_tok=2,
+            mlp_only_layers=[] if all_sparse else [1],
+            qkv_bias=True,
+        ),
         # decoder_sparse_step 2: only layer 1 sparse; head_dim 16 != hidden / heads
-        "qwen3_moe": dict(intermediate_size=MERGED["qwen3_moe"], moe_intermediate_size=W, num_experts=E, num_experts_per_tok=2,
-                          decoder_sparse_step=1 if all_sparse else 2, head_dim=16),
+        "qwen3_moe": dict(
+            intermediate_size=MERGED["qwen3_moe"],
+            moe_intermediate_size=W,
+            num_experts=E,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1 if all_sparse else 2,
+            head_dim=16,
+        ),
         # MLA attention, first layer dense, 2 groups of 2 experts with 1 group per token (softmax scores), 1 shared expert
-        "deepseek_v2": dict(intermediate_size=MERGED["deepseek_v2"], moe_intermediate_size=W, n_routed_experts=E, n_shared_experts=1,
-                            num_experts_per_tok=2, n_group=2, topk_group=1, topk_method="group_limited_greedy",
-                            first_k_dense_replace=first_dense, routed_scaling_factor=1.5, **_MLA),
+        "deepseek_v2": dict(
+            intermediate_size=MERGED["deepseek_v2"],
+            moe_intermediate_size=W,
+            n_routed_experts=E,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            topk_method="group_limited_greedy",
+            first_k_dense_replace=first_dense,
+            routed_scaling_factor=1.5,
+            **_MLA,
+        ),
         # MLA attention, first layer dense, 2 groups of 2 experts with 1 group per token (sigmoid + correction bias), 1 shared expert
-        "deepseek_v3": dict(intermediate_size=MERGED["deepseek_v3"], moe_intermediate_size=W, n_routed_experts=E, n_shared_experts=1,
-                            num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=first_dense,
-                            routed_scaling_factor=2.5, **_MLA),
+        "deepseek_v3": dict(
+            intermediate_size=MERGED["deepseek_v3"],
+            moe_intermediate_size=W,
+            n_routed_experts=E,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=first_dense,
+            routed_scaling_factor=2.5,
+            **_MLA,
+        ),
         # DeepSeek-V3 routing with GQA attention, q/k/v bias and half-rotary heads
-        "glm4_moe": dict(intermediate_size=MERGED["glm4_moe"], moe_intermediate_size=W, n_routed_experts=E, n_shared_experts=1,
-                         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=first_dense, head_dim=8,
-                         attention_bias=True),
+        "glm4_moe": dict(
+            intermediate_size=MERGED["glm4_moe"],
+            moe_intermediate_size=W,
+            n_routed_experts=E,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=first_dense,
+            head_dim=8,
+            attention_bias=True,
+        ),
         # Granite's embedding / attention / residual / logit multipliers
-        "granitemoe": dict(intermediate_size=W, num_local_experts=E, num_experts_per_tok=2, embedding_multiplier=2.0,
-                           residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0),
+        "granitemoe": dict(
+            intermediate_size=W,
+            num_local_experts=E,
+            num_experts_per_tok=2,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=2.0,
+        ),
         "olmoe": dict(intermediate_size=W, num_experts=E, num_experts_per_tok=2),
         "phimoe": dict(intermediate_size=W, num_local_experts=E, num_experts_per_tok=2),
         # attention sinks, biases everywhere, clamped SwiGLU, alternating sliding / full attention
-        "gpt_oss": dict(intermediate_size=W, num_local_experts=E, num_experts_per_tok=2, head_dim=8, sliding_window=32,
-                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "gpt_oss": dict(
+            intermediate_size=W,
+            num_local_experts=E,
+            num_experts_per_tok=2,
+            head_dim=8,
+            sliding_window=32,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
         "llama": dict(intermediate_size=48, head_dim=8),
         "mistral": dict(intermediate_size=48, head_dim=8, sliding_window=None),
         "qwen2": dict(intermediate_size=48),
@@ -135,8 +220,9 @@ def test_family_table_finds_exactly_the_sparse_layers(kind, tmp_path):
     assert found == built
     assert len(found) == SPARSE_LAYERS.get(kind, 0)
     assert is_moe(t) == (kind in MOE)
-    assert describe_layout(t) == ("dense" if kind in DENSE else "ModuleList" if _v4() else
-                                  "fused 3-D (gpt_oss)" if kind == "gpt_oss" else "fused 3-D (gate_up)")
+    assert describe_layout(t) == (
+        "dense" if kind in DENSE else "ModuleList" if _v4() else "fused 3-D (gpt_oss)" if kind == "gpt_oss" else "fused 3-D (gate_up)"
+    )
 
 
 def _v4() -> bool:
@@ -163,7 +249,9 @@ def test_expert_accessor_reads_what_the_family_computes(kind, tmp_path):
         with torch.no_grad():
             ref = ex.module(x, idx, w) if not ex.listed else ex.module[e](x)
             f = ex.silu_form(e)  # the same expert as a Llama MLP would compute it
-            h = torch.nn.functional.silu(torch.nn.functional.linear(x, f.gate, f.gate_bias)) * torch.nn.functional.linear(x, f.up, f.up_bias)
+            h = torch.nn.functional.silu(torch.nn.functional.linear(x, f.gate, f.gate_bias)) * torch.nn.functional.linear(
+                x, f.up, f.up_bias
+            )
             as_mlp = torch.nn.functional.linear(h, f.down, f.down_bias)
         assert (got - ref).abs().max().item() <= 1e-5
         assert (as_mlp - ref).abs().max().item() <= 1e-5
@@ -360,15 +448,18 @@ def qwen_teacher(tmp_path_factory):
     return make_teacher("qwen2_moe", tmp_path_factory.mktemp("q") / "t")
 
 
-@pytest.mark.parametrize("kwargs, field, text", [
-    (dict(layers=[0, 3]), "student.from_teacher.layers", r"\[3\] out of range"),
-    (dict(layers=[-1]), "student.from_teacher.layers", r"\[-1\] out of range"),
-    (dict(layers=[1, 1, 2]), "student.from_teacher.layers", r"repeated: \[1\]"),
-    (dict(layers=[]), "student.from_teacher.layers", "non-empty"),
-    (dict(intermediate_size=0), "student.from_teacher.intermediate_size", "must be positive"),
-    (dict(intermediate_size=MERGED["qwen2_moe"] + 1), "student.from_teacher.intermediate_size", "wider than teacher layer 0's FFN"),
-    (dict(ffn_init="average"), "student.from_teacher.ffn_init", "not one of merge, top, random"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field, text",
+    [
+        (dict(layers=[0, 3]), "student.from_teacher.layers", r"\[3\] out of range"),
+        (dict(layers=[-1]), "student.from_teacher.layers", r"\[-1\] out of range"),
+        (dict(layers=[1, 1, 2]), "student.from_teacher.layers", r"repeated: \[1\]"),
+        (dict(layers=[]), "student.from_teacher.layers", "non-empty"),
+        (dict(intermediate_size=0), "student.from_teacher.intermediate_size", "must be positive"),
+        (dict(intermediate_size=MERGED["qwen2_moe"] + 1), "student.from_teacher.intermediate_size", "wider than teacher layer 0's FFN"),
+        (dict(ffn_init="average"), "student.from_teacher.ffn_init", "not one of merge, top, random"),
+    ],
+)
 def test_bad_student_input_names_the_field(qwen_teacher, kwargs, field, text):
     from dsk_compress.compress.student import build_student
 
@@ -377,10 +468,13 @@ def test_bad_student_input_names_the_field(qwen_teacher, kwargs, field, text):
     assert str(e.value).startswith(field) and e.value.hint
 
 
-@pytest.mark.parametrize("kw, text", [
-    (dict(num_attention_heads=4, num_key_value_heads=3), "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
-    (dict(hidden_size=60, num_attention_heads=8, num_key_value_heads=8), "hidden_size 60 is not divisible by num_attention_heads 8"),
-])
+@pytest.mark.parametrize(
+    "kw, text",
+    [
+        (dict(num_attention_heads=4, num_key_value_heads=3), "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
+        (dict(hidden_size=60, num_attention_heads=8, num_key_value_heads=8), "hidden_size 60 is not divisible by num_attention_heads 8"),
+    ],
+)
 def test_teacher_whose_heads_do_not_divide_is_refused(kw, text):
     from transformers import MixtralConfig
 
@@ -401,10 +495,23 @@ def test_unsupported_architecture_lists_the_supported_families(tmp_path):
     gpt2 = save_load(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)), tmp_path / "g")
     with pytest.raises(ModelSourceError, match="architecture 'gpt2' is not supported") as e:
         build_student(gpt2, layers=[0])
-    assert "supported: mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, glm4_moe, granitemoe, olmoe, phimoe, gpt_oss" in e.value.hint
+    assert (
+        "supported: mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, glm4_moe, granitemoe, olmoe, phimoe, gpt_oss" in e.value.hint
+    )
     assert moe_blocks(gpt2) == [] and densify_moe(gpt2) is gpt2  # a dense model of any family exports as it is
-    jet = JetMoeForCausalLM(JetMoeConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
-                                         intermediate_size=W, num_local_experts=E, num_experts_per_tok=2, max_position_embeddings=64))
+    jet = JetMoeForCausalLM(
+        JetMoeConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            kv_channels=8,
+            intermediate_size=W,
+            num_local_experts=E,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+        )
+    )
     with pytest.raises(DskError, match="architecture 'jetmoe' is not supported"):
         densify_moe(jet)  # an MoE of an unknown family must not be exported with the wrong routing
     assert moe_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4))) == []  # a non-HF torch model has no MoE blocks
@@ -443,11 +550,21 @@ def test_quantized_checkpoint_is_refused_with_a_dequantize_hint(tmp_path):
     assert "dequantize" in e.value.hint
 
 
-@pytest.mark.parametrize("kind, says", [
-    ("mixtral", None), ("qwen2_moe", None), ("qwen3_moe", None), ("deepseek_v3", "multi-head latent attention"),
-    ("deepseek_v2", "does not export to ONNX"), ("glm4_moe", "no fused decoder graph"), ("granitemoe", "scales embeddings"),
-    ("olmoe", "q_norm/k_norm"), ("phimoe", "LayerNorms become RMSNorms"), ("gpt_oss", "attention sinks"),
-])
+@pytest.mark.parametrize(
+    "kind, says",
+    [
+        ("mixtral", None),
+        ("qwen2_moe", None),
+        ("qwen3_moe", None),
+        ("deepseek_v3", "multi-head latent attention"),
+        ("deepseek_v2", "does not export to ONNX"),
+        ("glm4_moe", "no fused decoder graph"),
+        ("granitemoe", "scales embeddings"),
+        ("olmoe", "q_norm/k_norm"),
+        ("phimoe", "LayerNorms become RMSNorms"),
+        ("gpt_oss", "attention sinks"),
+    ],
+)
 def test_student_notes_state_what_the_cut_cannot_serve(kind, says):
     """What `recipe --dry-run` prints and the report's student notes carry, from the teacher's config alone."""
     from dsk_compress.compress.moe import student_notes

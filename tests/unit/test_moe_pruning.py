@@ -17,8 +17,14 @@ from dsk_compress.errors import RecipeError
 
 # renormalised top-k (or softmax scores over the experts that remain), so removing never-chosen experts leaves every
 # routing weight unchanged; grouped routers with 8 experts in 2 groups (2 of 4 kept per group)
-KW = {"qwen2_moe": {"norm_topk_prob": True}, "qwen3_moe": {"norm_topk_prob": True}, "olmoe": {"norm_topk_prob": True},
-      "deepseek_v2": {"n_routed_experts": 8}, "deepseek_v3": {"n_routed_experts": 8}, "glm4_moe": {"n_routed_experts": 8}}
+KW = {
+    "qwen2_moe": {"norm_topk_prob": True},
+    "qwen3_moe": {"norm_topk_prob": True},
+    "olmoe": {"norm_topk_prob": True},
+    "deepseek_v2": {"n_routed_experts": 8},
+    "deepseek_v3": {"n_routed_experts": 8},
+    "glm4_moe": {"n_routed_experts": 8},
+}
 GROUPED = ("deepseek_v2", "deepseek_v3", "glm4_moe")
 
 
@@ -83,7 +89,7 @@ def test_pruned_model_equals_the_model_whose_removed_experts_are_unreachable(kin
         for g in range(groups):  # the kept experts of each group are its most used
             mine = [k - g * per for k in kept if g * per <= k < (g + 1) * per]
             assert len(mine) == keep // groups
-            f = freq[g * per:(g + 1) * per]
+            f = freq[g * per : (g + 1) * per]
             assert f[mine].min() >= f[[j for j in range(per) if j not in mine]].max()
         for new, old in enumerate(kept):
             assert torch.equal(router_of(fam, block).weight[new], router_of(fam, ob).weight[old])
@@ -95,8 +101,7 @@ def test_pruned_model_equals_the_model_whose_removed_experts_are_unreachable(kin
     assert torch.allclose(ref, logits(pruned, x), atol=1e-5, rtol=0)
     s0, s1 = expert_structure(orig), expert_structure(pruned)
     assert s1["experts"] == [keep] * s0["moe_layers"]
-    router_rows = sum((n - keep) * (p.shape[1] if p.ndim == 2 else 1) for _, b in moe_blocks(orig)
-                      for p in router_of(fam, b).parameters())
+    router_rows = sum((n - keep) * (p.shape[1] if p.ndim == 2 else 1) for _, b in moe_blocks(orig) for p in router_of(fam, b).parameters())
     assert s0["active_params"] - s1["active_params"] == router_rows  # per token only the router got smaller
     assert s0["params"] - s1["params"] == router_rows + sum((n - keep) * Experts(b, fam).params_per_expert() for _, b in moe_blocks(orig))
 
@@ -114,11 +119,14 @@ def test_pruned_moe_saves_and_reloads_as_its_family(kind, tmp_path):
     assert torch.allclose(logits(back, x), logits(pruned, x), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind,ratio,text", [
-    ("mixtral", 0.75, "leaves 1 experts per MoE layer, too few for the router (num_experts_per_tok 2"),
-    ("deepseek_v3", 0.5, "in 2 routing groups"),  # 4 experts in 2 groups: one per group cannot be scored by its top-2
-    ("glm4_moe", 0.5, "in 2 routing groups"),
-])
+@pytest.mark.parametrize(
+    "kind,ratio,text",
+    [
+        ("mixtral", 0.75, "leaves 1 experts per MoE layer, too few for the router (num_experts_per_tok 2"),
+        ("deepseek_v3", 0.5, "in 2 routing groups"),  # 4 experts in 2 groups: one per group cannot be scored by its top-2
+        ("glm4_moe", 0.5, "in 2 routing groups"),
+    ],
+)
 def test_too_few_experts_names_expert_ratio(kind, ratio, text, tmp_path):
     from dsk_compress.compress.moe import experts_keep
 

@@ -24,10 +24,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 import yaml
+from conftest import one_line_error, run_main, tiny_llama_recipe, tiny_mixtral_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import one_line_error, run_main, tiny_llama_recipe, tiny_mixtral_config
 
 DEVICE = "rpi4"  # an fp32 device profile: the tiny run's student ships to it
 
@@ -53,11 +52,15 @@ def tiny_run(tmp_path_factory) -> Path:
     from dsk_compress import run_recipe
 
     d = tmp_path_factory.mktemp("safety")
-    tiny_llama_recipe(d, "tiny-safety", [
-        {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
-        {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": True},
-        {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
-    ])
+    tiny_llama_recipe(
+        d,
+        "tiny-safety",
+        [
+            {"stage": "distill", "steps": 2, "batch_size": 4, "lr": 3e-3},
+            {"stage": "export", "precisions": ["fp32"], "ptq_baselines": False, "kv_cache": True},
+            {"stage": "bench", "runs": 2, "warmup": 1, "throughput_batches": []},
+        ],
+    )
     old = os.getcwd()
     os.chdir(d)
     try:
@@ -183,12 +186,22 @@ def _card(b: Path, **changes) -> None:
     (b / "model_card.json").write_text(json.dumps(card))
 
 
-@pytest.mark.parametrize("change, says", [
-    ({"variant": "../../../../x"}, "field 'variant'"), ({"variant": ".."}, "field 'variant'"), ({"variant": "/abs"}, "field 'variant'"),
-    ({"variant": None}, "field 'variant' is missing"), ({"variant": 3}, "field 'variant'"), ({"device": "../x"}, "field 'device'"),
-    ({"model": "/etc/passwd"}, "field 'model'"), ({"model": "../../model.onnx"}, "field 'model'"),
-    ({"source_run": "../.."}, "field 'source_run'"), ("truncated", "cannot read"), ("list", "not a model card"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"variant": "../../../../x"}, "field 'variant'"),
+        ({"variant": ".."}, "field 'variant'"),
+        ({"variant": "/abs"}, "field 'variant'"),
+        ({"variant": None}, "field 'variant' is missing"),
+        ({"variant": 3}, "field 'variant'"),
+        ({"device": "../x"}, "field 'device'"),
+        ({"model": "/etc/passwd"}, "field 'model'"),
+        ({"model": "../../model.onnx"}, "field 'model'"),
+        ({"source_run": "../.."}, "field 'source_run'"),
+        ("truncated", "cannot read"),
+        ("list", "not a model card"),
+    ],
+)
 def test_bench_of_a_tampered_bundle_is_one_line_and_writes_nothing(bundle, tmp_path, capsys, change, says):
     b = tmp_path / "deep" / "a" / "b" / "bundle"
     shutil.copytree(bundle, b)
@@ -213,8 +226,9 @@ def test_remote_dir_outside_the_device_users_home_is_refused_before_connecting(b
     assert tree_hash(tmp_path) == before
 
 
-@pytest.mark.parametrize("given, on_device", [("~/dsk", "~/dsk"), ("dsk/x", "~/dsk/x"), ("~", "~"), ("/opt/dsk", "/opt/dsk"),
-                                              ("./dsk//x/", "~/dsk/x")])
+@pytest.mark.parametrize(
+    "given, on_device", [("~/dsk", "~/dsk"), ("dsk/x", "~/dsk/x"), ("~", "~"), ("/opt/dsk", "/opt/dsk"), ("./dsk//x/", "~/dsk/x")]
+)
 def test_remote_dir_is_the_users_home_unless_absolute(given, on_device):
     from dsk_compress.paths import remote_dir
     from dsk_compress.runtimes.remote import confined
@@ -247,8 +261,9 @@ RUN_PY_CASES = {  # the 12 inputs the tester saw end in a traceback, and a few m
     "model climbs out": lambda b: _card(b, model="../../../../etc/passwd"),
     "model links out": _model_link_out,
     "eval_windows missing": lambda b: (b / "eval_windows.npy").unlink(),
-    "eval_windows pickled object array": lambda b: np.save(b / "eval_windows.npy", np.array([{"x": 1}, None], dtype=object),
-                                                           allow_pickle=True),
+    "eval_windows pickled object array": lambda b: np.save(
+        b / "eval_windows.npy", np.array([{"x": 1}, None], dtype=object), allow_pickle=True
+    ),
     "eval_windows a pickle": lambda b: (b / "eval_windows.npy").write_bytes(pickle.dumps([1, 2, 3])),
     "eval_windows 1-D": lambda b: np.save(b / "eval_windows.npy", np.arange(8)),
     "unknown graph_optimization": lambda b: _card(b, graph_optimization="ludicrous"),
@@ -280,8 +295,13 @@ def test_bundle_run_py_says_one_line_and_exits_2_for_every_damaged_input(bundle,
 def test_bundle_run_py_still_runs_an_intact_bundle_with_a_prompt(bundle, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(bundle, b)
-    proc = subprocess.run([sys.executable, "run.py", "--runs", "1", "--warmup", "0", "--generate", "2", "--prompt", "def "], cwd=b,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "run.py", "--runs", "1", "--warmup", "0", "--generate", "2", "--prompt", "def "],
+        cwd=b,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((b / "results.json").read_text())["decode"]["new_tokens"] == 2
 
@@ -289,12 +309,15 @@ def test_bundle_run_py_still_runs_an_intact_bundle_with_a_prompt(bundle, tmp_pat
 # ---- 5. a tampered report.json; the dry run refuses what the run refuses; hints that work anywhere -----------------------
 
 
-@pytest.mark.parametrize("variants, says", [
-    ([{"name": "x"}], "has no role"),
-    ([{"name": "../../x", "role": "student", "precision": "fp32", "artifact": "export/student-distill.onnx"}], "variants.0.name"),
-    ([{"name": "student", "role": "student", "precision": "fp32", "artifact": "/etc/passwd"}], "variants.0.artifact"),
-    ([{"name": "student", "role": "student", "precision": "fp32", "artifact": "../../elsewhere.onnx"}], "variants.0.artifact"),
-])
+@pytest.mark.parametrize(
+    "variants, says",
+    [
+        ([{"name": "x"}], "has no role"),
+        ([{"name": "../../x", "role": "student", "precision": "fp32", "artifact": "export/student-distill.onnx"}], "variants.0.name"),
+        ([{"name": "student", "role": "student", "precision": "fp32", "artifact": "/etc/passwd"}], "variants.0.artifact"),
+        ([{"name": "student", "role": "student", "precision": "fp32", "artifact": "../../elsewhere.onnx"}], "variants.0.artifact"),
+    ],
+)
 @pytest.mark.parametrize("command", [["report"], ["export", "--device", DEVICE]])
 def test_tampered_report_json_is_one_line_for_report_and_export(run, tmp_path, capsys, variants, says, command):
     rep = json.loads((run / "report.json").read_text())
@@ -324,21 +347,32 @@ def _teacher(mixtral_dir: Path, tmp_path: Path, change) -> Path:
     return t
 
 
-@pytest.mark.parametrize("change, layers, says", [
-    (lambda c: None, [0, 0], "give distinct, non-empty layer indices (repeated: [0])"),
-    (lambda c: c.pop("model_type"), [0, 2], "Should have a `model_type` key"),
-    (lambda c: c.update(model_type="bogus"), [0, 2], "model type `bogus`"),
-    (lambda c: c.update(quantization_config={"quant_method": "fp8"}), [0, 2], "is quantized"),
-    (lambda c: c.update(num_local_experts=0), [0, 2], "num_local_experts is 0"),
-    (lambda c: c.update(vocab_size=1000), [0, 2], "teacher's vocab_size is 1000"),
-    (lambda c: c.update(model_type="gpt2"), [0, 2], "is not supported"),
-])
+@pytest.mark.parametrize(
+    "change, layers, says",
+    [
+        (lambda c: None, [0, 0], "give distinct, non-empty layer indices (repeated: [0])"),
+        (lambda c: c.pop("model_type"), [0, 2], "Should have a `model_type` key"),
+        (lambda c: c.update(model_type="bogus"), [0, 2], "model type `bogus`"),
+        (lambda c: c.update(quantization_config={"quant_method": "fp8"}), [0, 2], "is quantized"),
+        (lambda c: c.update(num_local_experts=0), [0, 2], "num_local_experts is 0"),
+        (lambda c: c.update(vocab_size=1000), [0, 2], "teacher's vocab_size is 1000"),
+        (lambda c: c.update(model_type="gpt2"), [0, 2], "is not supported"),
+    ],
+)
 def test_dry_run_refuses_what_the_run_refuses_with_the_same_line(mixtral_dir, tmp_path, capsys, change, layers, says):
     t = _teacher(mixtral_dir, tmp_path, change)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "dry", "teacher": {"hf": str(t)}, "student": {"from_teacher": {"layers": layers, "ffn_init": "top", "calibration_batches": 1}},
-        "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 8}, "stages": [{"stage": "distill", "steps": 2, "batch_size": 2}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "dry",
+                "teacher": {"hf": str(t)},
+                "student": {"from_teacher": {"layers": layers, "ffn_init": "top", "calibration_batches": 1}},
+                "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 8},
+                "stages": [{"stage": "distill", "steps": 2, "batch_size": 2}],
+            }
+        )
+    )
     dry = refused(capsys, ["recipe", str(recipe), "--dry-run"])
     assert says in dry, dry
     real = refused(capsys, ["recipe", str(recipe), "--out", str(tmp_path / "runs")])
@@ -353,8 +387,17 @@ def test_dry_run_refuses_a_config_the_installed_transformers_would_misread(mixtr
         pytest.skip("transformers 5 reads configs of both lines")
     t = _teacher(mixtral_dir, tmp_path, lambda c: c.update(transformers_version="5.25.0"))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "dry", "teacher": {"hf": str(t)}, "student": {"from_teacher": {"layers": [0]}},
-                                      "task": {"name": "code-lm", "seq_len": 32}, "stages": [{"stage": "distill", "steps": 2}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "dry",
+                "teacher": {"hf": str(t)},
+                "student": {"from_teacher": {"layers": [0]}},
+                "task": {"name": "code-lm", "seq_len": 32},
+                "stages": [{"stage": "distill", "steps": 2}],
+            }
+        )
+    )
     dry = refused(capsys, ["recipe", str(recipe), "--dry-run"])
     assert dry.startswith("error: teacher.hf: ") and "was written by transformers 5.25.0" in dry, dry
     assert refused(capsys, ["recipe", str(recipe), "--out", str(tmp_path / "runs")]) == dry
@@ -367,8 +410,9 @@ def test_resume_hints_name_the_recipe_and_run_by_absolute_paths(tmp_path, monkey
     tiny_llama_recipe(tmp_path, "tiny-hint", [{"stage": "distill", "steps": 1}])
     monkeypatch.chdir(tmp_path)
     spec = load_recipe("tiny.yaml", ["seed=3"])
-    assert resume_command(spec, Path("runs/x")) == (f"dsk-compress recipe {tmp_path / 'tiny.yaml'} --set seed=3 --run-dir "
-                                                    f"{tmp_path / 'runs/x'} --resume")
+    assert resume_command(spec, Path("runs/x")) == (
+        f"dsk-compress recipe {tmp_path / 'tiny.yaml'} --set seed=3 --run-dir {tmp_path / 'runs/x'} --resume"
+    )
     bundled = load_recipe("quant-prune-distill")
     assert resume_command(bundled, tmp_path / "r").startswith("dsk-compress recipe quant-prune-distill --run-dir")
 
@@ -412,10 +456,42 @@ def test_gpu_server_hint_is_a_command_that_works(run, capsys):
 # ---- the property: every place a name or a path from a file becomes a path ------------------------------------------------
 
 
-NASTY = ["", ".", "..", "...", "../x", "a/../b", "/abs", "/", "//x", "~", "~/x", "~root", "a\\b", "C:\\x", "x\x00y", "x\ny", "-rf",
-         " ", "up", "up/x", "bundles/x", "bundles", "n" * 100, "n" * 101, "\u00e9" * 100, "\U0001d4b3" * 60, "a" * 255, "a" * 256, "ok-name", "model.onnx", "a/b/c"]
-names = st.one_of(st.sampled_from(NASTY), st.text(max_size=40), st.text(st.characters(blacklist_categories=("Cs",)), min_size=60,
-                                                                            max_size=300))
+NASTY = [
+    "",
+    ".",
+    "..",
+    "...",
+    "../x",
+    "a/../b",
+    "/abs",
+    "/",
+    "//x",
+    "~",
+    "~/x",
+    "~root",
+    "a\\b",
+    "C:\\x",
+    "x\x00y",
+    "x\ny",
+    "-rf",
+    " ",
+    "up",
+    "up/x",
+    "bundles/x",
+    "bundles",
+    "n" * 100,
+    "n" * 101,
+    "\u00e9" * 100,
+    "\U0001d4b3" * 60,
+    "a" * 255,
+    "a" * 256,
+    "ok-name",
+    "model.onnx",
+    "a/b/c",
+]
+names = st.one_of(
+    st.sampled_from(NASTY), st.text(max_size=40), st.text(st.characters(blacklist_categories=("Cs",)), min_size=60, max_size=300)
+)
 
 
 def _makes_one_folder(root: Path, name: str) -> None:

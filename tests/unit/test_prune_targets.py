@@ -17,9 +17,19 @@ V, HID, D = 256, 64, 16  # tiny_llama: vocab, hidden, head_dim
 def tiny_qwen2(**kw):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = dict(vocab_size=V, hidden_size=HID, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
-               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = dict(
+        vocab_size=V,
+        hidden_size=HID,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     m = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
@@ -105,11 +115,13 @@ def test_recipe_errors_for_conflicting_prune_fields_name_the_field():
     assert "stages.1" in e.value.message and "target and ffn_ratio" in e.value.message
     spec = load_recipe("quant-prune-distill", ["stages.1.ffn_ratio=0", "stages.1.target.params=0.5"])
     assert spec.stages[1].target.params == 0.5 and spec.stages[1].effective_ffn_ratio == 0.0
-    for sets, needle in ((["stages.1.layers_removed=1", "stages.1.depth_ratio=0.5"], "layers_removed or depth_ratio"),
-                         (["stages.1.ffn_ratio=0", "stages.1.target.params=0.5", "stages.1.target.macs=0.5"], "exactly one of params, macs, latency_ms"),
-                         (["stages.1.ffn_ratio=0", "stages.1.target.latency_ms=5", "stages.1.target.device=rpi5"], "target.device 'rpi5'"),
-                         (["stages.1.ffn_ratio=0", "stages.1.target.latency_ms=5", "stages.1.iterations=2"], "remove iterations"),
-                         (["stages.1.importance=fisher"], "stages.1.importance")):
+    for sets, needle in (
+        (["stages.1.layers_removed=1", "stages.1.depth_ratio=0.5"], "layers_removed or depth_ratio"),
+        (["stages.1.ffn_ratio=0", "stages.1.target.params=0.5", "stages.1.target.macs=0.5"], "exactly one of params, macs, latency_ms"),
+        (["stages.1.ffn_ratio=0", "stages.1.target.latency_ms=5", "stages.1.target.device=rpi5"], "target.device 'rpi5'"),
+        (["stages.1.ffn_ratio=0", "stages.1.target.latency_ms=5", "stages.1.iterations=2"], "remove iterations"),
+        (["stages.1.importance=fisher"], "stages.1.importance"),
+    ):
         with pytest.raises(RecipeError) as e:
             load_recipe("quant-prune-distill", sets)
         assert needle in e.value.message and "stages.1" in e.value.message
@@ -196,7 +208,7 @@ def test_gqa_head_pruning_removes_whole_kv_groups_and_equals_zeroed_o_proj(famil
             assert kv_rows == list(range(group * D, (group + 1) * D))  # one whole KV head
             gone = [h for h in range(4) if h // 2 != group]  # the other group's two query heads
             for h in gone:
-                lr.self_attn.o_proj.weight[:, h * D:(h + 1) * D] = 0
+                lr.self_attn.o_proj.weight[:, h * D : (h + 1) * D] = 0
     assert float((_logits(m, x) - _logits(ref, x)).abs().max()) <= 1e-5
     assert _cached_decode_matches(m, x) <= 1e-5
     save_hf_dir(m, tmp_path / "p")
@@ -291,11 +303,15 @@ def student_dir(tmp_path):
 def _spec(student_dir, prune: dict):
     from dsk_compress.recipes.schema import RecipeSpec
 
-    return RecipeSpec.model_validate({
-        "name": "prune-target", "teacher": {"hf": str(student_dir)}, "student": {"hf": str(student_dir)},
-        "task": {"name": "code-lm", "seq_len": 16, "eval_sequences": 4},
-        "stages": [{"stage": "prune", "steps": 0, "calibration_batches": 2, **prune}],
-    })
+    return RecipeSpec.model_validate(
+        {
+            "name": "prune-target",
+            "teacher": {"hf": str(student_dir)},
+            "student": {"hf": str(student_dir)},
+            "task": {"name": "code-lm", "seq_len": 16, "eval_sequences": 4},
+            "stages": [{"stage": "prune", "steps": 0, "calibration_batches": 2, **prune}],
+        }
+    )
 
 
 def test_stage_params_target_progressive_and_reports_mac_reduction(student_dir, tmp_path):
@@ -321,8 +337,16 @@ def test_stage_latency_target_stops_at_the_first_step_within_budget(student_dir,
     def fake(model, example, workdir, threads=None, runs=20, warmup=3, parity_atol=1e-3):
         ffn = model.model.layers[0].mlp.gate_proj.out_features
         calls.append(ffn)
-        return {"p50_ms": ffn / 10, "p90_ms": ffn / 10, "mean_ms": ffn / 10, "runs": runs, "threads": threads, "seq_len": 16,
-                "parity_max_abs_diff": 0.0, "runtime": "stand-in"}
+        return {
+            "p50_ms": ffn / 10,
+            "p90_ms": ffn / 10,
+            "mean_ms": ffn / 10,
+            "runs": runs,
+            "threads": threads,
+            "seq_len": 16,
+            "parity_max_abs_diff": 0.0,
+            "runtime": "stand-in",
+        }
 
     monkeypatch.setattr(prune, "measure_latency", fake)
     rd = run_recipe(_spec(student_dir, {"target": {"latency_ms": 7.0, "step": 0.1}}), run_dir=tmp_path / "r")
@@ -353,7 +377,9 @@ def test_stage_latency_target_measures_each_step_on_this_host(student_dir, tmp_p
 
     h1 = 3 if transformers.__version__.startswith("4.") else 2
     assert [(s["ratio"], s["structure"]) for s in lat["steps"]] == [
-        (0.25, {"heads": h1, "kv_heads": h1, "ffn": 96, "layers": 2}), (0.5, {"heads": 2, "kv_heads": 2, "ffn": 64, "layers": 1})]
+        (0.25, {"heads": h1, "kv_heads": h1, "ffn": 96, "layers": 2}),
+        (0.5, {"heads": 2, "kv_heads": 2, "ffn": 64, "layers": 1}),
+    ]
     for s in lat["steps"]:
         assert isinstance(s["p50_ms"], float) and s["p50_ms"] > 0 and s["p90_ms"] >= s["p50_ms"]
         assert s["parity_max_abs_diff"] < 1e-3  # the ONNX candidate that was timed is the pruned model

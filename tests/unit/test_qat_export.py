@@ -91,9 +91,9 @@ def test_fp32_export_parity_with_dynamic_shapes(tmp_path):
 
 
 def test_moe_teacher_exports_with_dense_routing(tmp_path):
+    from conftest import tiny_mixtral_config
     from transformers import MixtralForCausalLM
 
-    from conftest import tiny_mixtral_config
     from dsk_compress.compress.moe import densify_moe
     from dsk_compress.export.onnx import export_causal_lm, ort_predict
 
@@ -120,8 +120,11 @@ def test_calibrate_gives_linears_that_read_one_tensor_one_quantizer():
     from dsk_compress.compress.qat import activation_quantizers, shared_input_groups
 
     m, names, _ = qat_llama()
-    assert shared_input_groups(m) == [[f"model.layers.{i}.{p}" for p in ps] for i in range(2) for ps in
-                                      (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))]
+    assert shared_input_groups(m) == [
+        [f"model.layers.{i}.{p}" for p in ps]
+        for i in range(2)
+        for ps in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+    ]
     for i in range(2):
         q = _quantizer_of(m, i, "q_proj")
         assert _quantizer_of(m, i, "k_proj") is q and _quantizer_of(m, i, "v_proj") is q
@@ -176,16 +179,33 @@ def test_version_1_qat_model_still_loads_untied_with_the_same_outputs(tmp_path):
     d = tmp_path / "v1"
     d.mkdir()
     m.config.save_pretrained(d)
-    legacy = {"scale": "act_scale", "zero_point": "act_zero_point", "observed_min": "act_min", "observed_max": "act_max",
-              "observing": "observing"}
+    legacy = {
+        "scale": "act_scale",
+        "zero_point": "act_zero_point",
+        "observed_min": "act_min",
+        "observed_max": "act_max",
+        "observing": "observing",
+    }
     state = {}
     for k, v in m.state_dict().items():
         head, _, leaf = k.rpartition(".input_quantizer.")
         state[f"{head}.{legacy[leaf]}" if head else k] = v.detach().clone().contiguous()
     assert "model.layers.0.self_attn.k_proj.act_scale" in state and not any("input_quantizer" in k for k in state)
     save_file(state, str(d / "qat_state.safetensors"))
-    (d / "qat.json").write_text(json.dumps({"version": 1, "weight_bits": 8, "activation_bits": 8, "activations": "asymmetric",
-                                            "avx2_safe": True, "skip": ["lm_head"], "quantized_layers": names, "weight_qmax": 63}))
+    (d / "qat.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "weight_bits": 8,
+                "activation_bits": 8,
+                "activations": "asymmetric",
+                "avx2_safe": True,
+                "skip": ["lm_head"],
+                "quantized_layers": names,
+                "weight_qmax": 63,
+            }
+        )
+    )
     back = load_qat_model(d)
     assert shared_input_groups(back) == [] and len(activation_quantizers(back)) == 14
     x = np.random.default_rng(3).integers(0, 256, (2, 24))

@@ -21,10 +21,16 @@ def _saved(tmp_path, dtype):
     return tmp_path / "m"
 
 
-@pytest.mark.parametrize("stored, want, loaded", [
-    (torch.bfloat16, "auto", torch.bfloat16), (torch.bfloat16, "fp32", torch.float32),
-    (torch.float16, "auto", torch.float32), (torch.float32, "bf16", torch.bfloat16), (torch.float32, "auto", torch.float32),
-])
+@pytest.mark.parametrize(
+    "stored, want, loaded",
+    [
+        (torch.bfloat16, "auto", torch.bfloat16),
+        (torch.bfloat16, "fp32", torch.float32),
+        (torch.float16, "auto", torch.float32),
+        (torch.float32, "bf16", torch.bfloat16),
+        (torch.float32, "auto", torch.float32),
+    ],
+)
 def test_teacher_loads_in_the_checkpoint_dtype_when_auto(tmp_path, stored, want, loaded):
     d = _saved(tmp_path, stored)
     assert checkpoint_dtype(d) == {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[stored]
@@ -85,14 +91,43 @@ def test_recorded_files_are_trusted_by_size_and_mtime_and_rehashed_when_mtime_ch
         verify_stage(tmp_path, {}, entry)
 
 
-MIXTRAL_8X7B = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
-                "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
-                "rope_theta": 1e6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-QWEN3_MOE_1B = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048, "intermediate_size": 6144,
-                "moe_intermediate_size": 768, "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 4,
-                "head_dim": 128, "num_experts": 16, "num_experts_per_tok": 4, "vocab_size": 32000, "max_position_embeddings": 4096,
-                "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
+MIXTRAL_8X7B = {
+    "model_type": "mixtral",
+    "architectures": ["MixtralForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+QWEN3_MOE_1B = {
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": False,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
 
 
 def _spec(tmp_path, cfg, **extra):
@@ -101,8 +136,13 @@ def _spec(tmp_path, cfg, **extra):
     d = tmp_path / "teacher"
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
-    return RecipeSpec(name="big", teacher={"hf": str(d)}, student={"from_teacher": {"keep_every": 4, "intermediate_size": 4096}},
-                      stages=[{"stage": "distill", "steps": 1, "batch_size": 1}, {"stage": "export"}], **extra)
+    return RecipeSpec(
+        name="big",
+        teacher={"hf": str(d)},
+        student={"from_teacher": {"keep_every": 4, "intermediate_size": 4096}},
+        stages=[{"stage": "distill", "steps": 1, "batch_size": 1}, {"stage": "export"}],
+        **extra,
+    )
 
 
 def test_mixtral_8x7b_is_refused_with_a_fix_that_fits_not_a_smaller_batch(tmp_path, monkeypatch):

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_main, tiny_llama_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import run_main, tiny_llama_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = dict(deadline=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -56,10 +55,34 @@ def _stats():
 
 # ---- values a user (or an attacker) might type ------------------------------------------------------------------------
 
-EXTREME_NUMBERS = [0, -1, 1, 2**31, 2**32, 2**63, -(2**63), 10**30, 1e-300, 1e300, -0.0, 0.5, 1.0, 1e7, 1e10,
-                   math.nan, math.inf, -math.inf]
-NASTY_TEXT = ["", " ", "..", "../../escape", "a/b", "a\\b", "x\ny", "bad\x00name", "nope", "host-cpu", "rpi5", "code-lm", "text-lm",
-              "torch", "distill", "{", "[1, 2", "*alias", "&a", "!!python/object:os.system", "~", "null", "🙂", "é" * 200, "a" * 5000]
+EXTREME_NUMBERS = [0, -1, 1, 2**31, 2**32, 2**63, -(2**63), 10**30, 1e-300, 1e300, -0.0, 0.5, 1.0, 1e7, 1e10, math.nan, math.inf, -math.inf]
+NASTY_TEXT = [
+    "",
+    " ",
+    "..",
+    "../../escape",
+    "a/b",
+    "a\\b",
+    "x\ny",
+    "bad\x00name",
+    "nope",
+    "host-cpu",
+    "rpi5",
+    "code-lm",
+    "text-lm",
+    "torch",
+    "distill",
+    "{",
+    "[1, 2",
+    "*alias",
+    "&a",
+    "!!python/object:os.system",
+    "~",
+    "null",
+    "🙂",
+    "é" * 200,
+    "a" * 5000,
+]
 
 scalars = st.one_of(
     st.sampled_from(EXTREME_NUMBERS),
@@ -70,9 +93,13 @@ scalars = st.one_of(
     st.sampled_from(NASTY_TEXT),
     st.text(string.printable, max_size=20),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                        st.dictionaries(st.text(string.ascii_lowercase + "_", max_size=10), inner, max_size=4)),
-                      max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(string.ascii_lowercase + "_", max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def _paths(node, prefix=()):
@@ -207,17 +234,28 @@ def test_any_set_string_ends_in_a_plan_or_one_clean_line(capsys, key, raw):
 
 @pytest.mark.slow
 @settings(max_examples=6, deadline=None, suppress_health_check=COMMON["suppress_health_check"])
-@given(lr=st.sampled_from([1e-6, 1e-3, 1.0]), temperature=st.sampled_from([0.01, 1.0, 100.0]),
-       kd_weight=st.sampled_from([0.0, 0.5, 1.0]), steps=st.integers(0, 3), batch=st.integers(1, 3),
-       head_ratio=st.sampled_from([0.0, 0.5, 0.75]), ffn_ratio=st.sampled_from([None, 0.0, 0.5, 0.9]), seq=st.sampled_from([8, 16, 33]))
-def test_generated_tiny_runs_finish_or_stop_with_one_line(tmp_path_factory, capsys, lr, temperature, kd_weight, steps, batch, head_ratio,
-                                                         ffn_ratio, seq):
+@given(
+    lr=st.sampled_from([1e-6, 1e-3, 1.0]),
+    temperature=st.sampled_from([0.01, 1.0, 100.0]),
+    kd_weight=st.sampled_from([0.0, 0.5, 1.0]),
+    steps=st.integers(0, 3),
+    batch=st.integers(1, 3),
+    head_ratio=st.sampled_from([0.0, 0.5, 0.75]),
+    ffn_ratio=st.sampled_from([None, 0.0, 0.5, 0.9]),
+    seq=st.sampled_from([8, 16, 33]),
+)
+def test_generated_tiny_runs_finish_or_stop_with_one_line(
+    tmp_path_factory, capsys, lr, temperature, kd_weight, steps, batch, head_ratio, ffn_ratio, seq
+):
     d = tmp_path_factory.mktemp("fuzzrun")
     prune = {"stage": "prune", "head_ratio": head_ratio, "steps": steps, "batch_size": batch}
     if ffn_ratio is not None:
         prune["ffn_ratio"] = ffn_ratio
-    recipe = tiny_llama_recipe(d, "fuzz", [{"stage": "distill", "steps": steps, "batch_size": batch, "lr": lr, "temperature": temperature,
-                                            "kd_weight": kd_weight}, prune])
+    recipe = tiny_llama_recipe(
+        d,
+        "fuzz",
+        [{"stage": "distill", "steps": steps, "batch_size": batch, "lr": lr, "temperature": temperature, "kd_weight": kd_weight}, prune],
+    )
     code, out, err = run_main(["recipe", str(recipe), "--run-dir", str(d / "run"), "--set", f"task.seq_len={seq}"], capsys)
     outcome = check_run(code, err, d / "run")
     OUTCOMES[f"run: {outcome}"] += 1

@@ -347,10 +347,24 @@ def _old_report():
     """A version-1 report as the first report code wrote it: no summary.distillation, no metrics/decode per variant."""
     v = variant("teacher", "teacher", p50=10.0, acc=90.0, size=40_000_000)
     v.update(speedup_vs_teacher=1.0, size_ratio_vs_teacher=1.0, accuracy_delta_vs_teacher=0.0)
-    summary = {"teacher": "teacher", "final": None, "recommended": "teacher", "recommendation": "Ship `teacher`.",
-               "pareto": ["teacher"], "max_accuracy_drop": 3.0}
-    return {"schema_version": 1, "run": "old-run", "recipe": "r", "task": "code-lm", "host": "box",
-            "created": "2026-11-01T10:00:00+00:00", "variants": [v], "summary": summary}
+    summary = {
+        "teacher": "teacher",
+        "final": None,
+        "recommended": "teacher",
+        "recommendation": "Ship `teacher`.",
+        "pareto": ["teacher"],
+        "max_accuracy_drop": 3.0,
+    }
+    return {
+        "schema_version": 1,
+        "run": "old-run",
+        "recipe": "r",
+        "task": "code-lm",
+        "host": "box",
+        "created": "2026-11-01T10:00:00+00:00",
+        "variants": [v],
+        "summary": summary,
+    }
 
 
 def test_load_report_reads_an_old_report_without_optional_fields(tmp_path):
@@ -365,9 +379,21 @@ def test_load_report_reads_an_old_report_without_optional_fields(tmp_path):
 
 def test_load_report_reads_a_minimal_report(tmp_path):
     # what a hand-made run (or tests/unit/test_trt_export.py) writes: no summary, variants with a few keys
-    minimal = {"schema_version": 1, "host": "test",
-               "variants": [{"name": "final", "role": "final", "precision": "int8", "artifact": "export/x.onnx",
-                             "accuracy": 31.2, "latency_ms": {"p50": 1.0}, "runtime": "onnxruntime-cpu"}]}
+    minimal = {
+        "schema_version": 1,
+        "host": "test",
+        "variants": [
+            {
+                "name": "final",
+                "role": "final",
+                "precision": "int8",
+                "artifact": "export/x.onnx",
+                "accuracy": 31.2,
+                "latency_ms": {"p50": 1.0},
+                "runtime": "onnxruntime-cpu",
+            }
+        ],
+    }
     (tmp_path / "report.json").write_text(json.dumps(minimal))
     assert load_report(tmp_path) == minimal
     console = _console()
@@ -378,7 +404,10 @@ def test_load_report_reads_a_minimal_report(tmp_path):
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        (lambda r: r["variants"][0].update(accuracy="high"), "variants.0.accuracy (variant 'teacher'): Input should be a number, got 'high'"),
+        (
+            lambda r: r["variants"][0].update(accuracy="high"),
+            "variants.0.accuracy (variant 'teacher'): Input should be a number, got 'high'",
+        ),
         (lambda r: r["variants"][0].update(params=True), "variants.0.params (variant 'teacher'): Input should be a number"),
         (lambda r: r["variants"][0]["latency_ms"].update(p50=[1]), "variants.0.latency_ms.p50 (variant 'teacher')"),
         (lambda r: r["variants"][0].pop("name"), "variants.0.name: Field required"),
@@ -401,8 +430,9 @@ def test_report_command_prints_malformed_field_in_one_line_exit_2(tmp_path):
     rep = _old_report()
     rep["variants"][0]["accuracy"] = "high"
     (tmp_path / "report.json").write_text(json.dumps(rep))
-    proc = subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", "report", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsk_compress.cli.main", "report", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'report.json'}: variants.0.accuracy (variant 'teacher'): Input should be a number, got 'high' "
@@ -524,22 +554,41 @@ def test_recommendation_unchanged_when_chance_is_far_below(variants):
 
 # ----------------------------------------------------------------------------- a table a 100-column terminal shows
 
-LONG = ["teacher", "student-distill", "student-random-init-nokd", "student-prune", "ptq-dynamic", "ptq-static",
-        "student-int4", "student-fp16", "final"]
+LONG = [
+    "teacher",
+    "student-distill",
+    "student-random-init-nokd",
+    "student-prune",
+    "ptq-dynamic",
+    "ptq-static",
+    "student-int4",
+    "student-fp16",
+    "final",
+]
 
 
 def _long_report(devices: bool = False) -> dict:
     vs = []
     for i, name in enumerate(LONG):
-        v = variant(name, "teacher" if i == 0 else ("final" if name == "final" else name), p50=413.27 - 40 * i, acc=77.39 - i / 3,
-                    size=46_710_000 - 4_000_000 * i, params=11_610_000 - 1_000_000 * i, bpb=1.2134)
+        v = variant(
+            name,
+            "teacher" if i == 0 else ("final" if name == "final" else name),
+            p50=413.27 - 40 * i,
+            acc=77.39 - i / 3,
+            size=46_710_000 - 4_000_000 * i,
+            params=11_610_000 - 1_000_000 * i,
+            bpb=1.2134,
+        )
         v["decode_tokens_per_s"] = 3768.04 if i else None
         v["throughput_by_batch"] = {"1": 100.0, "8": 712.4}
         v["measured_on"] = "buildbox-with-a-rather-long-hostname.example.org"
         vs.append(v)
-    meta = {"run": "quant-prune-distill-20261207-043200", "recipe": "quant-prune-distill",
-            "task": "code-lm (seq 256, 32640 validation tokens)",
-            "host": "buildbox (x86_64, AMD EPYC 7B13): 2 threads (profile host-cpu), batch 1, seq 256"}
+    meta = {
+        "run": "quant-prune-distill-20261207-043200",
+        "recipe": "quant-prune-distill",
+        "task": "code-lm (seq 256, 32640 validation tokens)",
+        "host": "buildbox (x86_64, AMD EPYC 7B13): 2 threads (profile host-cpu), batch 1, seq 256",
+    }
     return make_report(vs, meta)
 
 

@@ -21,28 +21,74 @@ HOST_P50 = {"teacher": 10.0, "student": 4.0, "final": 2.5}
 HOST_ACC = {"teacher": 70.0, "student": 68.0, "final": 67.5}
 
 
-def record(variant, role, precision, acc, p50, *, measurement="measured", location="host", hostname="buildbox", ssh_host=None,
-           machine="x86_64", tool="bench_worker", ep="CPUExecutionProvider", created="2026-11-30T00:00:00+00:00") -> dict:
+def record(
+    variant,
+    role,
+    precision,
+    acc,
+    p50,
+    *,
+    measurement="measured",
+    location="host",
+    hostname="buildbox",
+    ssh_host=None,
+    machine="x86_64",
+    tool="bench_worker",
+    ep="CPUExecutionProvider",
+    created="2026-11-30T00:00:00+00:00",
+) -> dict:
     """A bench record as run.py or the bench worker writes it (plain JSON)."""
     return {
-        "schema": SCHEMA, "schema_version": 1, "variant": variant, "role": role, "precision": precision,
-        "artifact": f"export/{variant}.onnx", "size_bytes": 1000,
-        "runtime": {"name": "onnxruntime", "version": "1.32.0", "mode": "extended", "execution_provider": ep, "providers": [ep],
-                    "device": "cpu", "threads": 4},
-        "provenance": {"measurement": measurement, "location": location, "device_profile": "rpi5", "hostname": hostname,
-                       "machine": machine, "cpu": "ARM implementer 0x41 part 0xd08" if machine == "aarch64" else "AMD EPYC",
-                       "cpu_count": 4, "os": "Linux 6.1", "python": "3.11.2", "source_run": "run-a", "ssh_host": ssh_host, "tool": tool,
-                       "created": created},
-        "timing": {"session_ms": 12.5, "first_inference_ms": 3.0, "warmup": 5, "runs": 30, "input_shape": [256], "output_shape": [1, 256, 256],
-                   "batches": [latency_stats([p50] * 3, 1, 256), latency_stats([p50 * 5] * 3, 8, 256)],
-                   "skipped": [{"batch_size": 64, "reason": "its output would take 1.1 GB"}]},
+        "schema": SCHEMA,
+        "schema_version": 1,
+        "variant": variant,
+        "role": role,
+        "precision": precision,
+        "artifact": f"export/{variant}.onnx",
+        "size_bytes": 1000,
+        "runtime": {
+            "name": "onnxruntime",
+            "version": "1.32.0",
+            "mode": "extended",
+            "execution_provider": ep,
+            "providers": [ep],
+            "device": "cpu",
+            "threads": 4,
+        },
+        "provenance": {
+            "measurement": measurement,
+            "location": location,
+            "device_profile": "rpi5",
+            "hostname": hostname,
+            "machine": machine,
+            "cpu": "ARM implementer 0x41 part 0xd08" if machine == "aarch64" else "AMD EPYC",
+            "cpu_count": 4,
+            "os": "Linux 6.1",
+            "python": "3.11.2",
+            "source_run": "run-a",
+            "ssh_host": ssh_host,
+            "tool": tool,
+            "created": created,
+        },
+        "timing": {
+            "session_ms": 12.5,
+            "first_inference_ms": 3.0,
+            "warmup": 5,
+            "runs": 30,
+            "input_shape": [256],
+            "output_shape": [1, 256, 256],
+            "batches": [latency_stats([p50] * 3, 1, 256), latency_stats([p50 * 5] * 3, 8, 256)],
+            "skipped": [{"batch_size": 64, "reason": "its output would take 1.1 GB"}],
+        },
         "memory": {"peak_rss_mb": 120.0},
         "accuracy": {"task": "code-lm", "metrics": {"accuracy": acc, "bits_per_byte": 1.5}, "windows": 8, "tokens": 2040, "batch_size": 16},
     }
 
 
-ARTS = {n: {"role": r, "params": 1_000_000, "path": f"export/{n}.onnx", "notes": f"{n} notes"}
-        for n, r in (("teacher", "teacher"), ("student", "student"), ("final", "final"))}
+ARTS = {
+    n: {"role": r, "params": 1_000_000, "path": f"export/{n}.onnx", "notes": f"{n} notes"}
+    for n, r in (("teacher", "teacher"), ("student", "student"), ("final", "final"))
+}
 
 
 @pytest.fixture
@@ -53,12 +99,55 @@ def run(tmp_path) -> Path:
     recs = [parse_record(record(n, ARTS[n]["role"], "int8" if n == "final" else "fp32", HOST_ACC[n], HOST_P50[n])) for n in ARTS]
     rd = tmp_path / "run-a"
     build_report(rd, host_rows(recs, ARTS), {"run": "run-a", "recipe": "r", "task": "code-lm", "host": "buildbox (x86_64)"})
-    write_device(rd, "rpi5", [record("final", "final", "int8", 67.48, 40.0, measurement="emulated", location="device",
-                                     hostname="board", ssh_host="pi@127.0.0.1:2222", machine="aarch64", tool="run.py")])
-    write_device(rd, "jetson-orin-nano", [record("final", "final", "int8", 67.5, 7.0, location="device", hostname="orin",
-                                                 ssh_host="nvidia@orin", machine="aarch64", tool="run.py"),
-                                          record("student", "student", "fp32", 68.0, 9.0, location="device", hostname="orin",
-                                                 ssh_host="nvidia@orin", machine="aarch64", tool="run.py")])
+    write_device(
+        rd,
+        "rpi5",
+        [
+            record(
+                "final",
+                "final",
+                "int8",
+                67.48,
+                40.0,
+                measurement="emulated",
+                location="device",
+                hostname="board",
+                ssh_host="pi@127.0.0.1:2222",
+                machine="aarch64",
+                tool="run.py",
+            )
+        ],
+    )
+    write_device(
+        rd,
+        "jetson-orin-nano",
+        [
+            record(
+                "final",
+                "final",
+                "int8",
+                67.5,
+                7.0,
+                location="device",
+                hostname="orin",
+                ssh_host="nvidia@orin",
+                machine="aarch64",
+                tool="run.py",
+            ),
+            record(
+                "student",
+                "student",
+                "fp32",
+                68.0,
+                9.0,
+                location="device",
+                hostname="orin",
+                ssh_host="nvidia@orin",
+                machine="aarch64",
+                tool="run.py",
+            ),
+        ],
+    )
     rebuild_report(rd)
     return rd
 
@@ -74,7 +163,13 @@ def test_device_sections_hold_only_the_devices_own_numbers(run):
     assert rep.schema_version == 2 and [d.name for d in rep.devices] == ["jetson-orin-nano", "rpi5"]
     assert all(v.device == "host" and v.measured_on == "buildbox" and v.measurement == "measured" for v in rep.variants)
     rpi, jet = rep.devices[1], rep.devices[0]
-    assert (rpi.measurement, rpi.label, rpi.where, rpi.machine, rpi.tool) == ("emulated", "rpi5 (emulated)", "pi@127.0.0.1:2222", "aarch64", "run.py")
+    assert (rpi.measurement, rpi.label, rpi.where, rpi.machine, rpi.tool) == (
+        "emulated",
+        "rpi5 (emulated)",
+        "pi@127.0.0.1:2222",
+        "aarch64",
+        "run.py",
+    )
     (final,) = rpi.variants
     # the device's latency and accuracy, never the host's; role, stage and parameters come from the host's row
     assert (final.p50, final.accuracy, final.device, final.measured_on) == (40.0, 67.48, "rpi5", "rpi5 (emulated)")
@@ -103,12 +198,32 @@ def test_rebuild_is_idempotent_and_a_newer_record_replaces_the_older_one(run):
     assert {k: v for k, v in rebuild_report(run).items() if k != "created"} == {k: v for k, v in first.items() if k != "created"}
     path = run / "devices" / "rpi5" / "results.json"
     old = DeviceResults.model_validate_json(path.read_text())
-    newer = parse_record(record("final", "final", "int8", 67.4, 41.0, measurement="emulated", location="device", hostname="board",
-                                ssh_host="pi@127.0.0.1:2222", machine="aarch64", tool="run.py", created="2026-12-01T00:00:00+00:00"))
-    other = parse_record(record("final", "final", "int8", 67.4, 41.0, location="device", hostname="pi5b", ssh_host="pi@pi5b",
-                                machine="aarch64", tool="run.py"))
+    newer = parse_record(
+        record(
+            "final",
+            "final",
+            "int8",
+            67.4,
+            41.0,
+            measurement="emulated",
+            location="device",
+            hostname="board",
+            ssh_host="pi@127.0.0.1:2222",
+            machine="aarch64",
+            tool="run.py",
+            created="2026-12-01T00:00:00+00:00",
+        )
+    )
+    other = parse_record(
+        record(
+            "final", "final", "int8", 67.4, 41.0, location="device", hostname="pi5b", ssh_host="pi@pi5b", machine="aarch64", tool="run.py"
+        )
+    )
     merged = old.merged([newer]).merged([other])
-    assert [(r.accuracy.metrics["accuracy"], r.provenance.ssh_host) for r in merged.records] == [(67.4, "pi@127.0.0.1:2222"), (67.4, "pi@pi5b")]
+    assert [(r.accuracy.metrics["accuracy"], r.provenance.ssh_host) for r in merged.records] == [
+        (67.4, "pi@127.0.0.1:2222"),
+        (67.4, "pi@pi5b"),
+    ]
 
 
 def test_version_1_report_still_loads_and_renders(tmp_path):
@@ -172,14 +287,17 @@ def test_runtime_plans_per_artifact_and_host():
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     server, host = load_device("gpu-server"), load_device("host-cpu")
     student = {"path": "export/student.onnx", "model_dir": "distill/model", "precision": "fp32"}
-    assert runtime_plans(student, host, cpu, "x86_64", cuda=False, tensorrt=False) == [Plan("onnx", "export/student.onnx", ("CPUExecutionProvider",))]
+    assert runtime_plans(student, host, cpu, "x86_64", cuda=False, tensorrt=False) == [
+        Plan("onnx", "export/student.onnx", ("CPUExecutionProvider",))
+    ]
     plans = runtime_plans(student, server, gpu, "x86_64", cuda=True, tensorrt=True)
     assert [(p.kind, p.providers[:1], p.device, p.dtype, p.compile) for p in plans] == [
         ("onnx", ("CPUExecutionProvider",), "cpu", "float32", False),
         ("onnx", ("TensorrtExecutionProvider",), "cpu", "float32", False),
         ("onnx", ("CUDAExecutionProvider",), "cpu", "float32", False),
         ("torch", (), "cuda", "bfloat16", False),
-        ("torch", (), "cuda", "bfloat16", True)]
+        ("torch", (), "cuda", "bfloat16", True),
+    ]
     final = {"path": "export/student-int8.onnx", "precision": "int8", "tensorrt": {"engine": "export/student-int8.gpu-server.engine"}}
     assert [p.kind for p in runtime_plans(final, server, cpu, "x86_64", cuda=True, tensorrt=True)] == ["onnx", "tensorrt"]
     assert [p.kind for p in runtime_plans(final, server, cpu, "x86_64", cuda=True, tensorrt=False)] == ["onnx"]
@@ -190,8 +308,16 @@ def test_runtime_plans_per_artifact_and_host():
 # --------------------------------------------------------------------------- report.html in a real browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--virtual-time-budget=5000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--virtual-time-budget=5000",
+]
 # Added to a copy of the page only: reports what the browser made of each section once everything loaded.
 PROBE = """<script>
 window.addEventListener("load", () => {
@@ -243,9 +369,14 @@ def test_report_a_b_compares_runs_and_devices_row_by_row(run, tmp_path):
     assert len(rows) == 2 * (3 + 1 + 2)  # per run: 3 host rows, rpi5's one, the jetson's two
     first = [(r["run"], r["device"], r["variant"], r["measured_on"]) for r in rows[:6]]
     a = "run-a (run-a)"  # run-b is a copy of run-a (its report says run-a): the folder tells them apart (issue 24)
-    assert first == [(a, "host", "teacher", "buildbox"), (a, "host", "student", "buildbox"), (a, "host", "final", "buildbox"),
-                     (a, "jetson-orin-nano", "final", "jetson-orin-nano (nvidia@orin)"),
-                     (a, "jetson-orin-nano", "student", "jetson-orin-nano (nvidia@orin)"), (a, "rpi5", "final", "rpi5 (emulated)")]
+    assert first == [
+        (a, "host", "teacher", "buildbox"),
+        (a, "host", "student", "buildbox"),
+        (a, "host", "final", "buildbox"),
+        (a, "jetson-orin-nano", "final", "jetson-orin-nano (nvidia@orin)"),
+        (a, "jetson-orin-nano", "student", "jetson-orin-nano (nvidia@orin)"),
+        (a, "rpi5", "final", "rpi5 (emulated)"),
+    ]
     assert {r["run"] for r in rows[6:]} == {"run-a (run-b)"}
     assert [r["recommended"] for r in rows[:6]] == [False, False, True, False, False, False]  # only a host row is recommended
     console = Console(file=io.StringIO(), width=200, record=True, color_system=None)
@@ -261,14 +392,31 @@ def test_report_lists_the_fused_operators_of_each_artifact_and_its_decoder_graph
     from dsk_compress.report.html import render_html
 
     def decoded_with(graph):  # the bench stage's record names the decoder graph it decoded (measure_decodes)
-        return parse_record({**record("final", "final", "int8", 70.0, 1.0),
-                             "decode": {"prompt_tokens": 128, "new_tokens": 32, "repeats": 3, "prefill_ms": 4.0, "decode_ms_p50": 0.3,
-                                        "decode_ms_p90": 0.4, "decode_tokens_per_s": 3000.0, "artifact": graph}})
+        return parse_record(
+            {
+                **record("final", "final", "int8", 70.0, 1.0),
+                "decode": {
+                    "prompt_tokens": 128,
+                    "new_tokens": 32,
+                    "repeats": 3,
+                    "prefill_ms": 4.0,
+                    "decode_ms_p50": 0.3,
+                    "decode_ms_p90": 0.4,
+                    "decode_tokens_per_s": 3000.0,
+                    "artifact": graph,
+                },
+            }
+        )
 
     rec = decoded_with("export/student-int8.fused.onnx")
-    art = {"role": "final", "path": "export/student-int8.onnx", "fused_ops": {"MatMulIntegerToFloat": 28, "QuickGelu": 4},
-           "fused_path": "export/student-int8.fused.onnx", "kv_cache_path": "export/student-int8.kv.onnx",
-           "fused": {"fused_ops": {"GroupQueryAttention": 4, "MatMulIntegerToFloat": 16, "SkipSimplifiedLayerNormalization": 8}}}
+    art = {
+        "role": "final",
+        "path": "export/student-int8.onnx",
+        "fused_ops": {"MatMulIntegerToFloat": 28, "QuickGelu": 4},
+        "fused_path": "export/student-int8.fused.onnx",
+        "kv_cache_path": "export/student-int8.kv.onnx",
+        "fused": {"fused_ops": {"GroupQueryAttention": 4, "MatMulIntegerToFloat": 16, "SkipSimplifiedLayerNormalization": 8}},
+    }
     (row,) = host_rows([rec], {"final": art})
     assert row["fused_ops"] == {"MatMulIntegerToFloat": 28, "QuickGelu": 4}
     assert row["decode"]["artifact"] == "export/student-int8.fused.onnx" and row["decode"]["fused_ops"]["GroupQueryAttention"] == 4

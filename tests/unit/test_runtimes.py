@@ -157,7 +157,9 @@ def test_time_model_skips_a_batch_the_model_refuses_and_one_too_large(tmp_path):
     path = tmp_path / "fixed.onnx"  # a fixed batch axis of 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(torch.nn.Linear(8, 4).eval(), (torch.randn(1, 8),), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+        torch.onnx.export(
+            torch.nn.Linear(8, 4).eval(), (torch.randn(1, 8),), str(path), input_names=["x"], output_names=["y"], dynamo=False
+        )
     predict = session_predict(make_session(path, threads=1))
     t = time_model(predict, np.zeros((1, 8), np.float32), (1, 8), warmup=1, runs=3)
     assert [b["batch_size"] for b in t["batches"]] == [1] and t["batches"][0]["runs"] == 3
@@ -213,8 +215,24 @@ def test_bench_worker_writes_result_json(linear, tmp_path):
 
     inputs, out = tmp_path / "x.npy", tmp_path / "r.json"
     np.save(inputs, np.zeros((2, 8), np.float32))
-    rc = bench_worker.main(["--kind", "onnx", "--model", str(linear[1]), "--inputs", str(inputs), "--batches", "1,2", "--warmup", "1",
-                            "--runs", "3", "--out", str(out)])
+    rc = bench_worker.main(
+        [
+            "--kind",
+            "onnx",
+            "--model",
+            str(linear[1]),
+            "--inputs",
+            str(inputs),
+            "--batches",
+            "1,2",
+            "--warmup",
+            "1",
+            "--runs",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert [b["runs"] for b in data["timing"]["batches"]] == [3, 3] and data["memory"]["peak_rss_mb"] > 0
@@ -223,7 +241,9 @@ def test_bench_worker_writes_result_json(linear, tmp_path):
 
 
 def test_import_runtimes_does_not_import_backends():
-    code = "import sys, dsk_compress.runtimes, dsk_compress.devices; print(sorted(m for m in ('onnxruntime', 'tensorrt') if m in sys.modules))"
+    code = (
+        "import sys, dsk_compress.runtimes, dsk_compress.devices; print(sorted(m for m in ('onnxruntime', 'tensorrt') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -236,7 +256,15 @@ def test_benchmark_torch_runs_hf_model_dir(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m", safe_serialization=True)
     ids = np.random.default_rng(0).integers(0, 32, size=(1, 8), dtype=np.int64)
     r = benchmark_torch(tmp_path / "m", ids, BenchConfig(warmup=1, runs=3, threads=1))
@@ -349,8 +377,10 @@ def test_provider_sets_cpu_first_then_each_offered_profile_provider_with_its_fal
     ]
     # a CPU-only build on a GPU server: the CPU alone; XNNPACK only on ARM and only when the build has it
     assert provider_sets(gpu_profile, ["CPUExecutionProvider"], "x86_64") == [["CPUExecutionProvider"]]
-    assert provider_sets(["CPUExecutionProvider"], full, "aarch64") == [["CPUExecutionProvider"],
-                                                                        ["XnnpackExecutionProvider", "CPUExecutionProvider"]]
+    assert provider_sets(["CPUExecutionProvider"], full, "aarch64") == [
+        ["CPUExecutionProvider"],
+        ["XnnpackExecutionProvider", "CPUExecutionProvider"],
+    ]
     assert provider_sets(["CPUExecutionProvider"], ["CPUExecutionProvider"], "aarch64") == [["CPUExecutionProvider"]]
     assert [device_of(p) for p in provider_sets(gpu_profile, full, "x86_64")] == ["cpu", "cuda:0", "cuda:0"]
 
@@ -381,12 +411,20 @@ def test_benchmark_torch_cuda_bf16_eager_and_compiled(tmp_path, compile):
     _needs_cuda()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                      max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m", safe_serialization=True)
     ids = np.random.default_rng(0).integers(0, 32, size=(1, 8), dtype=np.int64)
-    r = benchmark_torch(tmp_path / "m", ids, BenchConfig(warmup=1, runs=3, throughput_batches=(64,)), dtype="bfloat16", device="cuda",
-                        compile=compile)
+    r = benchmark_torch(
+        tmp_path / "m", ids, BenchConfig(warmup=1, runs=3, throughput_batches=(64,)), dtype="bfloat16", device="cuda", compile=compile
+    )
     assert r.runtime.short == ("torch-compile-cuda-bf16" if compile else "torch-eager-cuda-bf16") and r.device == "cuda:0"
     assert [b.batch_size for b in r.timing.batches] == [1, 64] and r.memory.gpu_peak_mb > 0 and r.gpu
 
@@ -414,29 +452,50 @@ def fake_trt(version: str, strong: bool | None = None, flags: bool | None = None
     m.Logger = type("Logger", (), {"WARNING": 1, "VERBOSE": 0, "__init__": lambda self, level: None})
 
     class Config:
-        def set_memory_pool_limit(self, *a): pass
-        def set_flag(self, f): calls["flags"].append(f)
-        def add_optimization_profile(self, p): calls["profile"] = p.shapes
-        def create_timing_cache(self, blob): return None
-        def set_timing_cache(self, *a): pass
+        def set_memory_pool_limit(self, *a):
+            pass
+
+        def set_flag(self, f):
+            calls["flags"].append(f)
+
+        def add_optimization_profile(self, p):
+            calls["profile"] = p.shapes
+
+        def create_timing_cache(self, blob):
+            return None
+
+        def set_timing_cache(self, *a):
+            pass
 
     class Network:
         def __init__(self, f):
             self.creation_flags, self.num_layers, self.num_inputs = f, 0, 1
-        def get_input(self, i): return types.SimpleNamespace(name="x", shape=(-1, 8))
+
+        def get_input(self, i):
+            return types.SimpleNamespace(name="x", shape=(-1, 8))
 
     class Profile:
         shapes: dict = {}
-        def set_shape(self, name, *s): self.shapes[name] = s
+
+        def set_shape(self, name, *s):
+            self.shapes[name] = s
 
     class Builder:
-        def __init__(self, logger): pass
+        def __init__(self, logger):
+            pass
+
         def create_network(self, f):
             calls["networks"].append(f)
             return Network(f)
-        def create_builder_config(self): return Config()
-        def create_optimization_profile(self): return Profile()
-        def build_serialized_network(self, network, config): return b"plan"
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"plan"
 
     m.Builder = Builder
     m.OnnxParser = lambda network, logger: types.SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
@@ -501,7 +560,10 @@ def test_trt_compat_execute_sets_shapes_and_addresses_then_runs():
         def set_input_shape(self, n, s):
             log.append(("shape", n, s))
             return s[0] <= 8
-        def set_tensor_address(self, n, p): log.append(("addr", n, p))
+
+        def set_tensor_address(self, n, p):
+            log.append(("addr", n, p))
+
         def execute_async_v3(self, stream):
             log.append(("run", stream))
             return True

@@ -42,9 +42,25 @@ def test_unknown_zoo_model_lists_valid_names():
 def test_cli_corrupt_teacher_exits_2_without_traceback(tmp_path):
     save_hf_dir(tiny_llama(), tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00garbage")
-    r = subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", "recipe", "quant-prune-distill", "--out", str(tmp_path / "runs"),
-                        "--set", "teacher.zoo=null", "--set", f"teacher.hf={tmp_path / 'm'}",
-                        "--set", "student.from_teacher.layers=[0, 1]"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsk_compress.cli.main",
+            "recipe",
+            "quant-prune-distill",
+            "--out",
+            str(tmp_path / "runs"),
+            "--set",
+            "teacher.zoo=null",
+            "--set",
+            f"teacher.hf={tmp_path / 'm'}",
+            "--set",
+            "student.from_teacher.layers=[0, 1]",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr + r.stdout
     assert r.stderr.strip().splitlines()[-1].startswith("error: cannot load the model")

@@ -41,8 +41,10 @@ def test_last_comparable_takes_the_newest_finished_run_with_the_same_stage_confi
 def test_no_comparable_run_says_nothing_about_time(tmp_path):
     spec = dsk_compress.load_recipe("quant-prune-distill")
     header = stage_header(4, 5, plan(spec)[4], spec, tmp_path / "runs" / "x")
-    assert header == ("[5/5] bench: Measure every exported variant on this host: accuracy of the artifact in its runtime, "
-                      "latency, throughput, memory; 30 timed runs per variant.")
+    assert header == (
+        "[5/5] bench: Measure every exported variant on this host: accuracy of the artifact in its runtime, "
+        "latency, throughput, memory; 30 timed runs per variant."
+    )
 
 
 def test_format_seconds():

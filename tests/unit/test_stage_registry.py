@@ -7,9 +7,9 @@ import json
 from typing import Literal
 
 import pytest
+from conftest import tiny_llama_recipe
 from pydantic import Field
 
-from conftest import tiny_llama_recipe
 from dsk_compress.errors import RecipeError
 from dsk_compress.recipes import load_recipe
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult

@@ -120,8 +120,9 @@ def test_recipe_threads_field_is_bounded_like_bench_threads():
 
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory) -> Path:
-    return tiny_llama_recipe(tmp_path_factory.mktemp("threads"), "tiny-threads",
-                             [{"stage": "distill", "steps": 1, "batch_size": 2, "lr": 1e-3}])
+    return tiny_llama_recipe(
+        tmp_path_factory.mktemp("threads"), "tiny-threads", [{"stage": "distill", "steps": 1, "batch_size": 2, "lr": 1e-3}]
+    )
 
 
 def test_threads_out_of_bounds_is_a_one_line_error(tiny_recipe, capsys):
@@ -178,11 +179,30 @@ def test_zoo_train_records_its_threads_on_the_card(tmp_path, monkeypatch):
     import dsk_compress.models.zoo as zoo
     from dsk_compress.models.zoo import ZooSpec, train_zoo
 
-    tiny = ZooSpec(name="tiny-moe", description="a tiny Mixtral for tests", model_type="mixtral",
-                   config=dict(vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=256,
-                               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None),
-                   steps=1, batch_size=2, lr=2e-3, warmup=0)
+    tiny = ZooSpec(
+        name="tiny-moe",
+        description="a tiny Mixtral for tests",
+        model_type="mixtral",
+        config=dict(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        ),
+        steps=1,
+        batch_size=2,
+        lr=2e-3,
+        warmup=0,
+    )
     monkeypatch.setitem(zoo.ZOO._items, tiny.name, tiny)
     monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "zoo")
     monkeypatch.setenv("DSK_COMPRESS_CACHE", str(tmp_path / "cache"))
@@ -192,5 +212,9 @@ def test_zoo_train_records_its_threads_on_the_card(tmp_path, monkeypatch):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("".join(f"def f_{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40)))
     card = train_zoo("tiny-moe", work_dir=tmp_path / "w", steps=1, install=False, stdlib_root=stdlib, threads=1)
-    assert card["training"]["threads"] == {"torch_threads": 1, "source": "--threads", "physical_cores": physical_cores(),
-                                           "logical_cpus": logical_cpus()}
+    assert card["training"]["threads"] == {
+        "torch_threads": 1,
+        "source": "--threads",
+        "physical_cores": physical_cores(),
+        "logical_cpus": logical_cpus(),
+    }

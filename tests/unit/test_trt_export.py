@@ -209,8 +209,15 @@ def _bad_graph(opset: int = 17):
     w = np.ones((4, 3), np.int8)
     w[0, 0] = -128
     inits = [
-        f("s", 0.1), f("s_vec", [0.1, 0.2, 0.3, 0.4]), f("s_neg", -0.1), f("zp", 0, np.int8), f("zp7", 7, np.int8),
-        f("zp_u8", 3, np.uint8), f("W", w, np.int8), f("ws_bad_axis", [0.1, 0.1, 0.1, 0.1]), f("zp_w", [0, 0, 0, 0], np.int8),
+        f("s", 0.1),
+        f("s_vec", [0.1, 0.2, 0.3, 0.4]),
+        f("s_neg", -0.1),
+        f("zp", 0, np.int8),
+        f("zp7", 7, np.int8),
+        f("zp_u8", 3, np.uint8),
+        f("W", w, np.int8),
+        f("ws_bad_axis", [0.1, 0.1, 0.1, 0.1]),
+        f("zp_w", [0, 0, 0, 0], np.int8),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "s_vec", "zp"], ["xq"], name="q_vec_scale"),  # activation scale per-channel
@@ -229,8 +236,13 @@ def _bad_graph(opset: int = 17):
         helper.make_node("Identity", ["x"], ["late"], name="id"),
         helper.make_node("CustomThing", ["x"], ["c"], name="custom", domain="com.example"),
     ]
-    g = helper.make_graph(nodes, "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "y2", "r", "z", "c")], inits)
+    g = helper.make_graph(
+        nodes,
+        "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "y2", "r", "z", "c")],
+        inits,
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.example", 1)])
 
 
@@ -238,24 +250,26 @@ def test_trt_check_names_each_misplaced_dangling_or_malformed_qdq_node():
     from dsk_compress.export.trt_check import check_tensorrt_onnx
 
     got = sorted((p.node, p.kind) for p in check_tensorrt_onnx(_bad_graph(opset=12)))
-    assert got == sorted([
-        ("bad", "opset"),
-        ("reads_late", "order"),
-        ("custom", "op"),
-        ("q_vec_scale", "scale"),            # activation scale with 4 values
-        ("dq_x", "scale"),
-        ("q_zp7", "zero_point"),
-        ("dq_to_add", "placement"),          # feeds Add
-        ("q_no_zp", "uint8"),
-        ("q_dangling", "uint8"),
-        ("q_dangling", "scale"),             # -0.1
-        ("q_dangling", "placement"),         # nothing reads it
-        ("dq_u", "placement"),               # feeds Relu
-        ("dq_w", "weight_range"),            # holds -128
-        ("dq_w", "axis"),                    # axis 0 of MatMul's B [K, N]: N is axis 1
-        ("dq_w", "axis"),                    # once per reading MatMul
-        ("mm_float_input", "placement"),     # only the weight quantized
-    ])
+    assert got == sorted(
+        [
+            ("bad", "opset"),
+            ("reads_late", "order"),
+            ("custom", "op"),
+            ("q_vec_scale", "scale"),  # activation scale with 4 values
+            ("dq_x", "scale"),
+            ("q_zp7", "zero_point"),
+            ("dq_to_add", "placement"),  # feeds Add
+            ("q_no_zp", "uint8"),
+            ("q_dangling", "uint8"),
+            ("q_dangling", "scale"),  # -0.1
+            ("q_dangling", "placement"),  # nothing reads it
+            ("dq_u", "placement"),  # feeds Relu
+            ("dq_w", "weight_range"),  # holds -128
+            ("dq_w", "axis"),  # axis 0 of MatMul's B [K, N]: N is axis 1
+            ("dq_w", "axis"),  # once per reading MatMul
+            ("mm_float_input", "placement"),  # only the weight quantized
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- fp16
@@ -270,8 +284,13 @@ def test_fp16_export_matches_torch_fp32_on_a_trained_tiny_model(tmp_path):
 
     m = tiny_llama()
     task = CodeLMTask(seq_len=64, eval_sequences=32)
-    train(m, lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}), task.train_batch,
-          TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup=5), desc="tiny")
+    train(
+        m,
+        lambda m, x, s: (lm_loss(m(input_ids=x, use_cache=False).logits, x), {}),
+        task.train_batch,
+        TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup=5),
+        desc="tiny",
+    )
     m.eval()
     raw = export_causal_lm(m, task.example_inputs(1), tmp_path / "fp32.onnx")
     simplify(raw)
@@ -352,8 +371,15 @@ def _spec(tmp_path: Path, export: dict, qat: dict | None = None):
     if not (teacher / "config.json").is_file():
         tiny_llama().save_pretrained(teacher, safe_serialization=True)
     stages = ([{"stage": "qat", **(qat or {})}] if qat is not None else []) + [{"stage": "export", "ptq_baselines": False, **export}]
-    return RecipeSpec.model_validate({"name": "trt", "teacher": {"hf": str(teacher)}, "student": {"hf": str(teacher)},
-                                      "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4}, "stages": stages})
+    return RecipeSpec.model_validate(
+        {
+            "name": "trt",
+            "teacher": {"hf": str(teacher)},
+            "student": {"hf": str(teacher)},
+            "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
+            "stages": stages,
+        }
+    )
 
 
 def _ctx_with_qat(tmp_path: Path, spec, activations: str):
@@ -443,19 +469,37 @@ def fake_run(tmp_path_factory, int8):
 
     def row(name, role, precision, artifact):
         acc = task.evaluate(ort_predict(rd / artifact)).as_dict()
-        return {"name": name, "role": role, "precision": precision, "artifact": artifact, "params": 100, "size_bytes": 1000,
-                "accuracy": acc["accuracy"], "bits_per_byte": acc["bits_per_byte"], "latency_ms": {"p50": 1.0},
-                "runtime": "onnxruntime-cpu"}
+        return {
+            "name": name,
+            "role": role,
+            "precision": precision,
+            "artifact": artifact,
+            "params": 100,
+            "size_bytes": 1000,
+            "accuracy": acc["accuracy"],
+            "bits_per_byte": acc["bits_per_byte"],
+            "latency_ms": {"p50": 1.0},
+            "runtime": "onnxruntime-cpu",
+        }
 
     def write(acts):
-        variants = [row("student-distill", "student", "fp32", "export/student-distill.onnx"),
-                    row("student-fp16", "student-fp16", "fp16", "export/student-fp16.onnx"),
-                    row("final", "final", "int8", f"export/{acts}.onnx")]
+        variants = [
+            row("student-distill", "student", "fp32", "export/student-distill.onnx"),
+            row("student-fp16", "student-fp16", "fp16", "export/student-fp16.onnx"),
+            row("final", "final", "int8", f"export/{acts}.onnx"),
+        ]
         (rd / "report.json").write_text(json.dumps({"schema_version": REPORT_SCHEMA_VERSION, "variants": variants, "host": "test"}))
-        recipe = {"name": "trt", "teacher": {"hf": "t"}, "student": {"hf": "t"}, "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
-                  "stages": [{"stage": "qat", "activations": acts}, {"stage": "export", "tensorrt": {"max_batch": 4}}]}
+        recipe = {
+            "name": "trt",
+            "teacher": {"hf": "t"},
+            "student": {"hf": "t"},
+            "task": {"name": "code-lm", "seq_len": 32, "eval_sequences": 4},
+            "stages": [{"stage": "qat", "activations": acts}, {"stage": "export", "tensorrt": {"max_batch": 4}}],
+        }
         arts = {"final": {"path": f"export/{acts}.onnx", "qdq_path": f"export/{acts}.qdq.onnx"}}
-        (rd / "manifest.json").write_text(json.dumps({"recipe": recipe, "stages": [{"stage": "qat"}, {"stage": "export", "outputs": {"artifacts": arts}}]}))
+        (rd / "manifest.json").write_text(
+            json.dumps({"recipe": recipe, "stages": [{"stage": "qat"}, {"stage": "export", "outputs": {"artifacts": arts}}]})
+        )
         return rd
 
     return write
@@ -470,18 +514,32 @@ def test_bundle_for_jetson_ships_the_portable_symmetric_qdq_graph(fake_run, tmp_
     assert (b / "model.onnx").read_bytes() == (rd / "export" / "symmetric.qdq.onnx").read_bytes()
     card = json.loads((b / "model_card.json").read_text())
     assert card["runtime"] == "tensorrt" and card["precision"] == "int8"
-    assert {k: card["tensorrt"][k] for k in ("precision", "max_batch", "opt_batch")} == {"precision": "int8", "max_batch": 4, "opt_batch": 1}
-    r = subprocess.run([sys.executable, "run.py", "--runs", "2", "--runtime", "onnxruntime", "--out", str(tmp_path / "res.json")],
-                       cwd=b, capture_output=True, text=True)
+    assert {k: card["tensorrt"][k] for k in ("precision", "max_batch", "opt_batch")} == {
+        "precision": "int8",
+        "max_batch": 4,
+        "opt_batch": 1,
+    }
+    r = subprocess.run(
+        [sys.executable, "run.py", "--runs", "2", "--runtime", "onnxruntime", "--out", str(tmp_path / "res.json")],
+        cwd=b,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "res.json").read_text())
     # the portable Q/DQ graph scores what the ORT-optimized file scored on the build host
     assert res["accuracy"]["metrics"]["accuracy"] == pytest.approx(card["measured_on_build_host"]["accuracy"], abs=0.01)
     if not tensorrt_status()[0]:  # the default runtime falls back to onnxruntime where TensorRT cannot run
-        r = subprocess.run([sys.executable, "run.py", "--runs", "1", "--no-eval", "--out", str(tmp_path / "r2.json")],
-                           cwd=b, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "run.py", "--runs", "1", "--no-eval", "--out", str(tmp_path / "r2.json")],
+            cwd=b,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
-        assert "falling back to onnxruntime" in r.stdout and json.loads((tmp_path / "r2.json").read_text())["runtime"]["name"] == "onnxruntime"
+        assert (
+            "falling back to onnxruntime" in r.stdout and json.loads((tmp_path / "r2.json").read_text())["runtime"]["name"] == "onnxruntime"
+        )
 
 
 def test_bundle_for_jetson_refuses_asymmetric_int8_with_hint(fake_run, tmp_path):
@@ -502,7 +560,10 @@ def test_bundle_for_gpu_server_uses_its_preferred_fp16(fake_run, tmp_path):
     card = json.loads((b / "model_card.json").read_text())
     assert card["variant"] == "student-fp16" and card["precision"] == "fp16" and card["runtime"] == "tensorrt"
     assert (b / "model.onnx").read_bytes() == (rd / "export" / "student-fp16.onnx").read_bytes()
-    assert make_bundle(rd, "rpi4", tmp_path / "rpi4").joinpath("model.onnx").read_bytes() == (rd / "export" / "student-distill.onnx").read_bytes()
+    assert (
+        make_bundle(rd, "rpi4", tmp_path / "rpi4").joinpath("model.onnx").read_bytes()
+        == (rd / "export" / "student-distill.onnx").read_bytes()
+    )
 
 
 # --------------------------------------------------------------------------- TensorRT (GPU machines only)
@@ -522,8 +583,14 @@ def test_tensorrt_int8_engine_from_symmetric_qdq_matches_fake_quant(int8, tmp_pa
     from dsk_compress.runtimes.tensorrt import build_engine, lm_profiles, trt_predict
 
     sym = int8["symmetric"]
-    engine = build_engine(sym["qdq"], tmp_path / "int8.engine", precision="int8", workspace_gb=1.0,
-                          timing_cache_path=tmp_path / "timing.cache", profiles=lm_profiles("input_ids", 64, max_batch=4))
+    engine = build_engine(
+        sym["qdq"],
+        tmp_path / "int8.engine",
+        precision="int8",
+        workspace_gb=1.0,
+        timing_cache_path=tmp_path / "timing.cache",
+        profiles=lm_profiles("input_ids", 64, max_batch=4),
+    )
     assert (tmp_path / "timing.cache").stat().st_size > 0
     got = trt_predict(engine)(int8["x"])
     assert got.shape == sym["ref"].shape and sqnr_db(sym["ref"], got) > 25.0
@@ -545,8 +612,14 @@ def test_tensorrt_fp16_engine_from_fp16_onnx_matches_torch(tmp_path):
 
     # None: strongly typed (the fp16 ONNX decides); False: TensorRT 10's weak typing with the FP16 flag
     for strong in (None, False) if hasattr(trt.BuilderFlag, "FP16") else (None,):
-        engine = build_engine(tmp_path / "fp16.onnx", tmp_path / f"fp16-{strong}.engine", precision="fp16", workspace_gb=1.0,
-                              profiles=lm_profiles("input_ids", 32), strongly_typed=strong)
+        engine = build_engine(
+            tmp_path / "fp16.onnx",
+            tmp_path / f"fp16-{strong}.engine",
+            precision="fp16",
+            workspace_gb=1.0,
+            profiles=lm_profiles("input_ids", 32),
+            strongly_typed=strong,
+        )
         with torch.no_grad():
             ref = m(input_ids=torch.as_tensor(x)).logits.numpy()
         got = trt_predict(engine)(x)

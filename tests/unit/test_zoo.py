@@ -67,11 +67,28 @@ def test_load_zoo_model_rejects_corrupt_weights(tmp_path, monkeypatch):
 # ---- zoo train: checkpoint interval, corpus on the card, a given standard-library root, resume with new --steps ----
 
 TINY = ZooSpec(
-    name="tiny-moe", description="a tiny Mixtral for tests", model_type="mixtral",
-    config=dict(vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
-                bos_token_id=None, eos_token_id=None, pad_token_id=None),
-    steps=4, batch_size=2, lr=2e-3, warmup=1,
+    name="tiny-moe",
+    description="a tiny Mixtral for tests",
+    model_type="mixtral",
+    config=dict(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    ),
+    steps=4,
+    batch_size=2,
+    lr=2e-3,
+    warmup=1,
 )
 
 
@@ -174,7 +191,8 @@ def test_train_zoo_card_describes_the_corpus_from_a_given_stdlib_root(tiny_zoo, 
     assert t["corpus_fingerprint"] == CodeLMTask(stdlib_root=tiny_zoo).describe()["corpus_fingerprint"]  # the same corpus as the source
     assert card["training"]["python"] == platform.python_version()  # the trainer's interpreter, apart from the corpus
     assert card["training"]["precision"] == "fp32" and card["training"]["schedule"] == [
-        {"first_step": 1, "last_step": 2, "cosine_steps": 2, "batch_size": 2}]
+        {"first_step": 1, "last_step": 2, "cosine_steps": 2, "batch_size": 2}
+    ]
     assert "Python 3.9 standard library" in (tmp_path / "zoo" / "tiny-moe" / "README.md").read_text()
 
 
@@ -212,8 +230,24 @@ def test_zoo_train_cli_refuses_fewer_steps_than_the_checkpoint_in_one_line(tmp_p
     ckpt = tmp_path / "w" / "checkpoint"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"step": 10, "history": [], "tokens": 0, "seconds": 0.0}))
-    proc = subprocess.run([sys.executable, "-m", "dsk_compress.cli.main", "zoo", "train", "code-lm-moe", "--steps", "5",
-                           "--work-dir", str(tmp_path / "w"), "--no-install"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsk_compress.cli.main",
+            "zoo",
+            "train",
+            "code-lm-moe",
+            "--steps",
+            "5",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--no-install",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -4,6 +4,7 @@ a forward pass stays cheap. About 10 GB of memory at peak and a few minutes on 2
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -12,7 +13,13 @@ import torch
 
 from dsk_compress.export import graph_files
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("DSK_TEST_LARGE") != "1",
+        reason="about 10 GB of memory and several minutes: run with DSK_TEST_LARGE=1 (not in CI's time budget)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

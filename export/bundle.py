@@ -136,6 +136,26 @@ def _tensorrt_model(run_dir: Path, v: dict, art, device: str) -> tuple[Path, dic
     return path, {"checked": "dsk_compress.export.trt_check: 0 problems"}
 
 
+def staging_folder(dest: Path, needed: int, what: str, probe: Path | None = None) -> Path:
+    """A private temp folder beside ``dest`` for an export of about ``needed`` bytes (``what``: "the bundle", ...),
+    filled and then moved into place by :func:`_install`. A disk without that room (measured at ``probe``, default
+    ``dest``'s parent) or a folder that cannot be written is one RunError."""
+    free, total, folder = free_space(probe or dest.parent)
+    if total and free < needed:  # (a pseudo filesystem such as /proc has no size: writing there fails below, said as such)
+        raise RunError(
+            f"export to {dest}: the disk is full: {format_bytes(free)} free on {folder}; {what} needs about {format_bytes(needed)}",
+            hint="free some space or give --out a folder on another disk",
+        )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise (
+            storage_error(e, dest.parent, f"export to {dest}", needed)
+            or RunError(f"export: cannot write {what} to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")
+        ) from None
+
+
 def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None, variants: str | list[str] | None = None) -> Path:
     """Write a deploy bundle of a finished run for ``device`` and return its folder.
 
@@ -224,20 +244,7 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
         + sum(graph_files.size(f) for _, files, _ in extra for f in files.values())
     )
     check_fits_device(copies, prof, v["name"])
-    free, total, folder = free_space(dest.parent)
-    if total and free < needed:  # (a pseudo filesystem such as /proc has no size: writing there fails below, said as such)
-        raise RunError(
-            f"export to {dest}: the disk is full: {format_bytes(free)} free on {folder}; the bundle needs about {format_bytes(needed)}",
-            hint="free some space or give --out a folder on another disk",
-        )
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    except OSError as e:
-        raise (
-            storage_error(e, dest.parent, f"export to {dest}", needed)
-            or RunError(f"export: cannot write the bundle to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")
-        ) from None
+    tmp = staging_folder(dest, needed, "the bundle")
     try:
         for name, src in copies.items():
             graph_files.copy(src, tmp / name)  # a graph past 1 GiB brings its .data file, renamed after it

@@ -14,7 +14,6 @@ staged beside the destination and moved in whole, a marker naming the files writ
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from dsk_compress.errors import ExportError, RunError
@@ -125,8 +124,8 @@ def export_runtime_folder(run_dir: str | Path, fmt: str, out: str | Path | None 
             or the disk is full.
         ExportError: the model cannot be expressed in that runtime's folder (the message says why).
     """
-    from dsk_compress.export.bundle import BUNDLE_MARKER, _claim, _install
-    from dsk_compress.io import atomic_write_json, format_bytes, free_space, storage_error
+    from dsk_compress.export.bundle import BUNDLE_MARKER, _claim, _install, staging_folder
+    from dsk_compress.io import atomic_write_json, storage_error
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown folder format {fmt!r}", hint=f"valid: {', '.join(FORMATS)}")
@@ -141,20 +140,7 @@ def export_runtime_folder(run_dir: str | Path, fmt: str, out: str | Path | None 
     from dsk_compress.export import graph_files
 
     needed = graph_files.size(src.graph) + (1 << 20)
-    free, total, where = free_space(dest.parent if dest.parent.exists() else run_dir)
-    if total and free < needed:
-        raise RunError(
-            f"export to {dest}: the disk is full: {format_bytes(free)} free on {where}; the folder needs about {format_bytes(needed)}",
-            hint="free some space or give --out a folder on another disk",
-        )
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    except OSError as e:
-        raise (
-            storage_error(e, dest.parent, f"export to {dest}", needed)
-            or RunError(f"export: cannot write to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")
-        ) from None
+    tmp = staging_folder(dest, needed, "the folder", probe=dest.parent if dest.parent.exists() else run_dir)
     try:
         if fmt == "genai":
             from dsk_compress.export.genai import write_genai

@@ -11,7 +11,7 @@ load the student the earlier stages left and measure it; then for each precision
 * ``int4``: swap every Linear for the MatMulNBits scheme (4-bit weights per block of ``int4.block_size`` inputs with
   MSE-initialised scales, the LM head at ``int4.head_bits``, int8 activations per block at run time, the embedding
   int8 per row); measure (post-training, the scales' initial values); KD fine-tune weights and LSQ scales with the
-  same settings and data; save ``qat/int4/model``. Output ``qat_int4_model``.
+  same settings and data (``int4.steps`` of them when set); save ``qat/int4/model``. Output ``qat_int4_model``.
 
 Metrics: the int8 student's at the top level (as a single-precision stage always wrote them), the int4 student's
 under ``int4``.
@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from dsk_compress.recipes.base import STAGES, RunContext, Stage, StageConfig, StageResult, StrictModel
-from dsk_compress.recipes.limits import MAX_CALIBRATION_BATCHES
+from dsk_compress.recipes.limits import MAX_CALIBRATION_BATCHES, MAX_STEPS
 from dsk_compress.recipes.stages.common import (  # your own torch model
     _TrainSettings,
     evaluate,
@@ -50,6 +50,12 @@ class Int4QATSettings(StrictModel):
     )
     head_bits: Literal[4, 8] | None = Field(8, description="the LM head's weight bits (MatMulNBits, same blocks); null keeps it float")
     embedding_bits: Literal[8] | None = Field(8, description="the token embedding: int8 per row (Gather + dequantize); null keeps it float")
+    steps: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_STEPS,
+        description="optimizer steps of the int4 student (default: the stage's steps); its step costs about what an int8 one does",
+    )
 
 
 class QATConfig(StageConfig, _TrainSettings):
@@ -162,7 +168,7 @@ def _train_int4(ctx: RunContext, c: QATConfig, model, d):
     names = prepare_int4_qat(model, s.block_size, s.scale_init, s.head_bits, s.embedding_bits, c.skip)
     ptq_metrics = evaluate(ctx, model)
     d.mkdir(parents=True, exist_ok=True)
-    res = kd_train(ctx, model, c, "qat", d / "checkpoint")
+    res = kd_train(ctx, model, c, "qat", d / "checkpoint", steps=s.steps)
     rank0(save_qat_model, model, d / "model", int4_qat_info(s.block_size, s.scale_init, s.head_bits, s.embedding_bits, c.skip, names))
     return d / "model", {
         "after_calibration": ptq_metrics,

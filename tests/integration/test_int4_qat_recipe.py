@@ -77,4 +77,5 @@ def test_dry_run_shows_both_precisions(tmp_path):
         "scale_init": "mse",
         "head_bits": 8,
         "embedding_bits": 8,
+        "steps": None,
     }

@@ -144,7 +144,7 @@ keep_checkpoints: false""",
         "stage: qat\nsteps: 100\nprecisions: [int8, int4]   # one QAT student per precision, from the same float student\n"
         "int4: {block_size: 32, scale_init: mse, head_bits: 8, embedding_bits: 8}",
     ],
-    "Int4QATSettings": ["block_size: 32\nscale_init: mse\nhead_bits: 8\nembedding_bits: 8"],
+    "Int4QATSettings": ["block_size: 32\nscale_init: mse\nhead_bits: 8\nembedding_bits: 8\nsteps: 200"],
     "ExportConfig": [
         "stage: export\nopset: 17\noptimization: extended\nparity_atol: 1.0e-3\nqdq_min_sqnr_db: 30\nptq_baselines: true\n"
         "ptq_calibration_batches: 16\nprecisions: [fp32, fp16, int8]\nfp16_max_rel_err: 0.01\nkv_cache: true",

@@ -15,6 +15,7 @@ bundle's tokenizer).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -136,10 +137,12 @@ def _tensorrt_model(run_dir: Path, v: dict, art, device: str) -> tuple[Path, dic
     return path, {"checked": "dsk_compress.export.trt_check: 0 problems"}
 
 
-def staging_folder(dest: Path, needed: int, what: str, probe: Path | None = None) -> Path:
+@contextlib.contextmanager
+def staging_folder(dest: Path, needed: int, what: str, probe: Path | None = None):
     """A private temp folder beside ``dest`` for an export of about ``needed`` bytes (``what``: "the bundle", ...),
-    filled and then moved into place by :func:`_install`. A disk without that room (measured at ``probe``, default
-    ``dest``'s parent) or a folder that cannot be written is one RunError."""
+    which the block fills and moves into place (:func:`_install`). A disk without that room (measured at ``probe``,
+    default ``dest``'s parent), a folder that cannot be written, or a storage error inside the block is one RunError;
+    on any failure the temp folder is removed."""
     free, total, folder = free_space(probe or dest.parent)
     if total and free < needed:  # (a pseudo filesystem such as /proc has no size: writing there fails below, said as such)
         raise RunError(
@@ -148,12 +151,25 @@ def staging_folder(dest: Path, needed: int, what: str, probe: Path | None = None
         )
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as e:
         raise (
             storage_error(e, dest.parent, f"export to {dest}", needed)
             or RunError(f"export: cannot write {what} to {dest}: {e.strerror or e}", hint="give --out a folder you can write to")
         ) from None
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
+        found = storage_error(e, dest.parent, f"export to {dest}", needed) if isinstance(e, Exception) else None
+        if found is None and isinstance(e, OSError):
+            found = RunError(
+                f"export: cannot write {what} to {dest}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+                hint="choose another --out",
+            )
+        if found is not None:
+            raise found from None
+        raise
 
 
 def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None, variants: str | list[str] | None = None) -> Path:
@@ -244,8 +260,7 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
         + sum(graph_files.size(f) for _, files, _ in extra for f in files.values())
     )
     check_fits_device(copies, prof, v["name"])
-    tmp = staging_folder(dest, needed, "the bundle")
-    try:
+    with staging_folder(dest, needed, "the bundle") as tmp:
         for name, src in copies.items():
             graph_files.copy(src, tmp / name)  # a graph past 1 GiB brings its .data file, renamed after it
         listed = []
@@ -330,17 +345,6 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
         written = sorted(p.name for p in tmp.iterdir())
         atomic_write_json(tmp / BUNDLE_MARKER, {"written_by": "dsk-compress export", "files": written})
         _install(tmp, dest, owned, [*written, BUNDLE_MARKER])
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
-        found = storage_error(e, dest.parent, f"export to {dest}", needed) if isinstance(e, Exception) else None
-        if found is None and isinstance(e, OSError):
-            found = RunError(
-                f"export: cannot write the bundle to {dest}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-                hint="choose another --out",
-            )
-        if found is not None:
-            raise found from None
-        raise
     return dest
 
 

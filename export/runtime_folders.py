@@ -13,7 +13,6 @@ staged beside the destination and moved in whole, a marker naming the files writ
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from dsk_compress.errors import ExportError, RunError
@@ -125,7 +124,7 @@ def export_runtime_folder(run_dir: str | Path, fmt: str, out: str | Path | None 
         ExportError: the model cannot be expressed in that runtime's folder (the message says why).
     """
     from dsk_compress.export.bundle import BUNDLE_MARKER, _claim, _install, staging_folder
-    from dsk_compress.io import atomic_write_json, storage_error
+    from dsk_compress.io import atomic_write_json
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown folder format {fmt!r}", hint=f"valid: {', '.join(FORMATS)}")
@@ -140,8 +139,7 @@ def export_runtime_folder(run_dir: str | Path, fmt: str, out: str | Path | None 
     from dsk_compress.export import graph_files
 
     needed = graph_files.size(src.graph) + (1 << 20)
-    tmp = staging_folder(dest, needed, "the folder", probe=dest.parent if dest.parent.exists() else run_dir)
-    try:
+    with staging_folder(dest, needed, "the folder", probe=dest.parent if dest.parent.exists() else run_dir) as tmp:
         if fmt == "genai":
             from dsk_compress.export.genai import write_genai
 
@@ -154,15 +152,4 @@ def export_runtime_folder(run_dir: str | Path, fmt: str, out: str | Path | None 
             tmp / BUNDLE_MARKER, {"written_by": f"dsk-compress export --format {fmt}", "variant": src.variant, "files": written}
         )
         _install(tmp, dest, owned, [*written, BUNDLE_MARKER])
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
-        found = storage_error(e, dest.parent, f"export to {dest}", needed) if isinstance(e, Exception) else None
-        if found is None and isinstance(e, OSError):
-            found = RunError(
-                f"export: cannot write to {dest}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-                hint="choose another --out",
-            )
-        if found is not None:
-            raise found from None
-        raise
     return dest

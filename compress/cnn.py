@@ -10,14 +10,16 @@ architecture, each layer is resized to the shapes in the saved safetensors, then
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsk_compress.errors import RecipeError
+from dsk_compress.errors import InvalidArgument, ModelSourceError
 
-IMPORTANCES = ("l1", "l2", "taylor")
+if TYPE_CHECKING:
+    from dsk_compress.compress.prune.importance import Importance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def prune_channels(
     model: nn.Module,
     widths: dict[str, int],
     example: torch.Tensor,
-    importance: str = "l2",
+    importance: str | Importance = "l2",
     loss: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Prune the output channels of each Conv2d named in ``widths`` down to that many (in place).
@@ -114,17 +116,20 @@ def prune_channels(
     """
     import torch_pruning as tp
 
-    from dsk_compress.compress.prune.importance import tp_importance
+    from dsk_compress.compress.prune.importance import importance as criterion
 
-    imp = tp_importance(importance)
+    crit = criterion(importance)
+    imp = crit.torch_pruning()
+    if imp is None:
+        raise InvalidArgument(f"importance {crit.name} has no torch-pruning group importance", "importance", hint="use l1, l2 or taylor")
     example = torch.as_tensor(example)
     ignored = output_layers(model, example)
     names = {m: n for n, m in model.named_modules()}
     was = model.training
     model.eval()
-    if importance == "taylor":
+    if crit.needs_gradients:
         if loss is None:
-            raise RecipeError("taylor importance needs a loss (task data)", hint="use importance: l1 or l2")
+            raise InvalidArgument("importance taylor needs a loss (task data)", "importance", hint="use l1 or l2")
         model.zero_grad()
         loss(model).backward()
     try:
@@ -139,7 +144,9 @@ def prune_channels(
             idxs = torch.argsort(scores)[:n_remove].tolist()
             g = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=sorted(idxs))
             if not dg.check_pruning_group(g):
-                raise RecipeError(f"torch-pruning refuses to remove {n_remove} channels of {name}", hint="prune less (channel_ratio)")
+                raise InvalidArgument(
+                    f"widths: torch-pruning refuses to remove {n_remove} channels of {name}", "widths", hint="prune fewer channels"
+                )
             g.prune()
     finally:
         model.zero_grad(set_to_none=True)
@@ -204,7 +211,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-5) 
             if modules[cname].bias is not None and f"{cname}.bias" not in state:
                 modules[cname].bias = None
         model.load_state_dict(state)
-        raise RecipeError(
+        raise ModelSourceError(
             f"folding BatchNorm into convs changed the outputs by {err:.2e}", hint="this model's conv -> BatchNorm pattern is not foldable"
         )
     return pairs

@@ -244,10 +244,11 @@ def on_main(fn: Callable[[], T], what: str = "rank-0 work") -> T:
 def shard_size(batch_size: int, e: DistEnv) -> int:
     """Rows of each global batch one rank takes; the global batch must split evenly."""
     if batch_size % e.world_size:
-        from dsk_compress.errors import RecipeError
+        from dsk_compress.errors import InvalidArgument
 
-        raise RecipeError(
+        raise InvalidArgument(
             f"batch_size {batch_size} is not divisible by WORLD_SIZE {e.world_size}",
+            "batch_size",
             hint=f"set batch_size to a multiple of {e.world_size} (it is the global batch, split across processes)",
         )
     return batch_size // e.world_size

@@ -126,14 +126,15 @@ class HiddenStateMSE(torch.nn.Module):
         return torch.stack(terms).mean()
 
 
-def check_hidden_pairs(pairs: list[tuple[int, int]], n_student: int, n_teacher: int, field: str = "hidden_pairs") -> None:
+def check_hidden_pairs(pairs: list[tuple[int, int]], n_student: int, n_teacher: int) -> None:
     """Every pair names an existing student and teacher decoder layer."""
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     for s, t in pairs:
         if not (0 <= s < n_student and 0 <= t < n_teacher):
-            raise RecipeError(
-                f"{field}: pair [{s}, {t}] is out of range (student layers 0..{n_student - 1}, teacher layers 0..{n_teacher - 1})",
+            raise InvalidArgument(
+                f"hidden_pairs: pair [{s}, {t}] is out of range (student layers 0..{n_student - 1}, teacher layers 0..{n_teacher - 1})",
+                "hidden_pairs",
                 hint="give [[student_layer, teacher_layer], ...] with existing layer indices",
             )
 
@@ -154,11 +155,10 @@ def make_kd_loss_fn(
     """
     use_hidden = hidden is not None and hidden_weight > 0
     if use_hidden and cache is not None:
-        from dsk_compress.errors import RecipeError
+        from dsk_compress.errors import InvalidArgument
 
-        raise RecipeError(
-            "hidden_mse needs the online teacher's hidden states, but the logit cache is on",
-            hint="set logit_cache.enabled: false or hidden_mse: 0",
+        raise InvalidArgument(
+            "hidden_weight needs the online teacher's hidden states, but a logit cache is given", "hidden_weight", hint="pass cache=None"
         )
     s_layers = [s for s, _ in hidden.pairs] if use_hidden else []
     t_layers = [t for _, t in hidden.pairs] if use_hidden else []
@@ -217,58 +217,65 @@ def check_vocab(teacher_config, student_config=None, task_tokenizer=None, teache
     pad, unk) wherever both sides set them; and, when the teacher directory has its own tokenizer,
     the task tokenizer's full token -> id map.
     """
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     tv = getattr(teacher_config, "vocab_size", None)
     if student_config is not None:
         sv = getattr(student_config, "vocab_size", None)
         if sv != tv:
-            raise RecipeError(
+            raise InvalidArgument(
                 f"student vocab_size ({sv}) differs from the teacher's vocab_size ({tv})",
-                hint="distill into a student with the teacher's vocabulary (student.from_teacher builds one)",
+                "student",
+                hint="distill into a student with the teacher's vocabulary (a student cut from the teacher has it)",
             )
         for k, a in _special_ids(teacher_config).items():
             b = getattr(student_config, k, None)
             if not _same_id(a, b):
-                raise RecipeError(
+                raise InvalidArgument(
                     f"student {k} ({b}) differs from the teacher's {k} ({a})",
+                    "student",
                     hint="student and teacher must share the tokenizer; fix the student's config.json",
                 )
     if task_tokenizer is not None and task_vocab is None:
         task_vocab = len(task_tokenizer)
     if task_vocab is not None and tv is not None and task_vocab > tv:
-        raise RecipeError(
-            f"task.tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}",
-            hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)",
+        raise InvalidArgument(
+            f"task_tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}",
+            "task_tokenizer",
+            hint="use the teacher's own tokenizer (the teacher's directory)",
         )
     if task_vocab is not None and tv is not None and tv - task_vocab > vocab_padding(tv):
         # embeddings are padded by a little (to a multiple of 64 or 128); a tokenizer far smaller is another tokenizer
-        raise RecipeError(
-            f"task.tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}: {tv - task_vocab} embedding rows "
+        raise InvalidArgument(
+            f"task_tokenizer has {task_vocab} tokens but the teacher's vocab_size is {tv}: {tv - task_vocab} embedding rows "
             f"would never be used, more than padding explains (at most {vocab_padding(tv)})",
-            hint="use the tokenizer the teacher was trained with (task.tokenizer: the teacher's directory)",
+            "task_tokenizer",
+            hint="use the tokenizer the teacher was trained with (the teacher's directory)",
         )
     if task_tokenizer is None:
         return
     for k, a in _special_ids(teacher_config).items():
         b = getattr(task_tokenizer, k, None)
         if not _same_id(a, b):
-            raise RecipeError(
-                f"task.tokenizer {k} is {b} but the teacher's config has {k} {a}",
-                hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)",
+            raise InvalidArgument(
+                f"task_tokenizer {k} is {b} but the teacher's config has {k} {a}",
+                "task_tokenizer",
+                hint="use the teacher's own tokenizer (the teacher's directory)",
             )
     if teacher_tokenizer is not None:
         for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
             a, b = getattr(teacher_tokenizer, k, None), getattr(task_tokenizer, k, None)
             if a != b:
-                raise RecipeError(
-                    f"task.tokenizer {k} is {b} but the teacher's tokenizer has {a}",
-                    hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)",
+                raise InvalidArgument(
+                    f"task_tokenizer {k} is {b} but the teacher's tokenizer has {a}",
+                    "task_tokenizer",
+                    hint="use the teacher's own tokenizer (the teacher's directory)",
                 )
         if len(teacher_tokenizer) != len(task_tokenizer) or teacher_tokenizer.get_vocab() != task_tokenizer.get_vocab():
             ta, tb = teacher_tokenizer.get_vocab(), task_tokenizer.get_vocab()
             diff = sorted(set(ta.items()) ^ set(tb.items()), key=lambda kv: kv[1])[:3]
-            raise RecipeError(
-                f"task.tokenizer maps tokens to other ids than the teacher's tokenizer ({len(tb)} vs {len(ta)} tokens; e.g. {diff})",
-                hint="use the teacher's own tokenizer (task.tokenizer: the teacher's directory)",
+            raise InvalidArgument(
+                f"task_tokenizer maps tokens to other ids than the teacher's tokenizer ({len(tb)} vs {len(ta)} tokens; e.g. {diff})",
+                "task_tokenizer",
+                hint="use the teacher's own tokenizer (the teacher's directory)",
             )

@@ -24,20 +24,19 @@ import torch
 from torch import nn
 
 from dsk_compress.compress.moe import Experts, dense_mlp_weights, family, ffn_of, moe_blocks, router_stats
-from dsk_compress.errors import ModelSourceError, RecipeError
-
-_FIELD = "student.from_teacher"
+from dsk_compress.errors import InvalidArgument, ModelSourceError
 
 
 def select_layers(n_layers: int, layers: list[int] | None, keep_every: int | None) -> list[int]:
     if layers is not None:
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad:
-            raise RecipeError(f"{_FIELD}.layers: {bad} out of range", hint=f"the teacher has layers 0..{n_layers - 1}")
+            raise InvalidArgument(f"layers: {bad} out of range", "layers", hint=f"the teacher has layers 0..{n_layers - 1}")
         dup = sorted({i for i in layers if layers.count(i) > 1})
         if dup or not layers:
-            raise RecipeError(
-                f"{_FIELD}.layers: give distinct, non-empty layer indices (repeated: {dup})",
+            raise InvalidArgument(
+                f"layers: give distinct, non-empty layer indices (repeated: {dup})",
+                "layers",
                 hint="list each teacher layer to keep once, e.g. [0, 2, 5]",
             )
         return sorted(layers)
@@ -175,8 +174,9 @@ def _channels(t_layer: nn.Module, fam, name: str, block, stats, ffn_init: str, i
 
 def _fill_ffn(s_mlp: nn.Module, ws, inter: int, ti: int) -> None:
     if ws[0].shape[0] < inter:
-        raise RecipeError(
-            f"{_FIELD}.intermediate_size {inter} is wider than teacher layer {ti}'s FFN ({ws[0].shape[0]} channels)",
+        raise InvalidArgument(
+            f"intermediate_size {inter} is wider than teacher layer {ti}'s FFN ({ws[0].shape[0]} channels)",
+            "intermediate_size",
             hint=f"use at most {ws[0].shape[0]} or ffn_init: random",
         )
     # keep the channels with the largest down-projection norm when the student is narrower
@@ -215,9 +215,11 @@ def build_student(
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if ffn_init not in ("merge", "top", "random"):
-        raise RecipeError(f"{_FIELD}.ffn_init: {ffn_init!r} is not one of merge, top, random", hint="use ffn_init: merge")
+        raise InvalidArgument(f"ffn_init {ffn_init!r} is not one of merge, top, random", "ffn_init", hint="use ffn_init: merge")
     if intermediate_size is not None and intermediate_size <= 0:
-        raise RecipeError(f"{_FIELD}.intermediate_size: {intermediate_size} must be positive", hint="give a width > 0 or leave it out")
+        raise InvalidArgument(
+            f"intermediate_size {intermediate_size} must be positive", "intermediate_size", hint="give a width > 0 or leave it out"
+        )
     tcfg = teacher.config
     fam = family(tcfg)
     keep = select_layers(tcfg.num_hidden_layers, layers, keep_every)

@@ -72,10 +72,12 @@ def default_device() -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool, str]:
     """``(autocast dtype or None, use a gradient scaler, resolved name)`` for ``precision`` on ``device``."""
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     if precision not in PRECISIONS:
-        raise RecipeError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}", hint="use auto, fp32, bf16 or fp16")
+        raise InvalidArgument(
+            f"precision {precision!r} is not one of {', '.join(PRECISIONS)}", "precision", hint="use auto, fp32, bf16 or fp16"
+        )
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
@@ -83,8 +85,8 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     if precision == "bf16":
         return torch.bfloat16, False, "bf16"
     if device.type != "cuda":
-        raise RecipeError(
-            f"precision: fp16 needs a CUDA device (training runs on {device.type})", hint="use precision: bf16 or fp32 on CPU"
+        raise InvalidArgument(
+            f"precision fp16 needs a CUDA device (training runs on {device.type})", "precision", hint="use bf16 or fp32 on CPU"
         )
     return torch.float16, True, "fp16"
 

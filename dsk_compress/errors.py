@@ -19,6 +19,24 @@ class RecipeError(DskError):
     """A recipe that does not load, validate or plan."""
 
 
+class InvalidArgument(DskError):
+    """Library code given a value it cannot use for the model at hand (``ffn_ratio`` that leaves no
+    channel, an unknown importance). ``argument`` names the parameter; the message starts with it.
+    Library code knows nothing of recipes: the recipe layer (``recipes.stages.common.recipe_fields``)
+    maps ``argument`` to the recipe field, e.g. ``stages.2.ffn_ratio``.
+    """
+
+    def __init__(self, message: str, argument: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.argument = argument
+
+    def as_field(self, path: str) -> RecipeError:
+        """This error as a RecipeError about the recipe field ``path``."""
+        a = self.argument
+        rest = self.message[len(a) :] if self.message.startswith(a) else f": {self.message}"
+        return RecipeError(path + rest, hint=self.hint)
+
+
 class ModelSourceError(DskError):
     """A model source that cannot be resolved or loaded."""
 

@@ -478,12 +478,32 @@ def quantize_int4(src: str | Path, dst: str | Path, block_size: int = 32, accura
     return graph_files.save(_quantize_int4(onnx.load(str(src)), block_size, accuracy_level), dst)
 
 
+def _nbits_quantizer_module():
+    """``onnxruntime.quantization.matmul_nbits_quantizer``. Importing it calls ``logging.basicConfig(level=INFO)`` on the
+    root logger, after which every library's INFO lines (ONNX Runtime's static quantizer logs each tensor) reach the
+    user's terminal; the root logger's level and handlers are put back as they were."""
+    import logging
+    import sys
+
+    name = "onnxruntime.quantization.matmul_nbits_quantizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    import onnxruntime.quantization.matmul_nbits_quantizer as module
+
+    root.setLevel(level)
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+    return module
+
+
 def _quantize_int4(m, block_size: int, accuracy_level: int | None):
     """Every MatMul with a constant weight as a blockwise symmetric int4 MatMulNBits (ONNX Runtime's quantizer)."""
     import logging
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
+    nbits = _nbits_quantizer_module()
+    DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = nbits.DefaultWeightOnlyQuantConfig, nbits.MatMulNBitsQuantizer
     cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=4)
     q = MatMulNBitsQuantizer(m, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, algo_config=cfg)
     log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")

@@ -34,6 +34,7 @@ from torch import nn
 
 from dsk_compress.errors import ExportError
 from dsk_compress.export import graph_files
+from dsk_compress.models.common import cache_kwargs, output_cache
 from dsk_compress.runtimes.decoder import past_names, present_names  # one naming for every decoder graph
 
 INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
@@ -76,13 +77,13 @@ def kv_layout(model: nn.Module) -> KVLayout:
     dev = next(model.parameters()).device
     try:
         with torch.no_grad():
-            out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), past_key_values=DynamicCache(), use_cache=True)
+            out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), **cache_kwargs(model, DynamicCache()), use_cache=True)
     except Exception as e:  # a model without input_ids / past_key_values: not a decoder this exporter handles
         raise ExportError(
             f"{type(model).__name__} cannot run with a DynamicCache: {str(e).splitlines()[0][:200]}",
             hint="KV-cache export supports transformers causal LMs",
         ) from e
-    cache = out.past_key_values
+    cache = output_cache(out)
     if cache is None or not hasattr(cache, "layers"):
         raise ExportError(
             f"{type(model).__name__} returned no DynamicCache with use_cache=True",
@@ -158,10 +159,15 @@ class KVCacheLMWrapper(nn.Module):
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(~keep, 1)[:, total - s :]
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, cache_position=q_pos, use_cache=True
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            **cache_kwargs(self.model, cache),
+            cache_position=q_pos,
+            use_cache=True,
         )
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in output_cache(out).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
@@ -254,14 +260,14 @@ def torch_greedy(model: nn.Module, prompt: np.ndarray, new_tokens: int) -> tuple
     dev = next(model.parameters()).device
     ids = torch.as_tensor(np.asarray(prompt, np.int64).reshape(1, -1), device=dev)
     cache = DynamicCache()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
     toks, logits = [], []
     for _ in range(new_tokens):
         last = out.logits[0, -1].float()
         nxt = int(last.argmax())
         toks.append(nxt)
         logits.append(last.cpu().numpy())
-        out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[nxt]], device=dev), **cache_kwargs(model, output_cache(out)), use_cache=True)
     return np.asarray(toks, np.int64), np.stack(logits)
 
 

@@ -185,6 +185,10 @@ class Stage(Generic[C]):
     A stage that requires or consumes an output comes after every stage that provides it; that is the whole order rule.
     ``ranks`` says where it runs under torchrun: ``"all"`` (every rank, rank 0 alone writes files) or
     ``"main"`` (rank 0 alone, the other ranks wait for its result); see :mod:`dsk_compress.recipes.runner`.
+
+    Library code it calls raises :class:`~dsk_compress.errors.InvalidArgument` naming its own argument; the runner
+    says it as the recipe field (:func:`field_error`): a field of the stage's config of the same name, or the one
+    ``arguments`` maps it to (e.g. ``{"widths": "channel_ratio"}``), or a recipe-wide field (:data:`RUN_FIELDS`).
     """
 
     name: ClassVar[str]
@@ -194,6 +198,7 @@ class Stage(Generic[C]):
     requires: ClassVar[tuple[str, ...]] = ()
     consumes: ClassVar[tuple[str, ...]] = ()
     repeatable: ClassVar[bool] = False
+    arguments: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -213,10 +218,41 @@ class Stage(Generic[C]):
         online = kd > 0 and (not spec.logit_cache.enabled or spec.student.torch is not None)
         return online or getattr(c, "importance", None) == "taylor" or (getattr(c, "hidden_mse", 0) or 0) > 0
 
+    def budget(self, spec) -> str:
+        """What the stage header says this stage will spend; empty for the header's own (steps x batch, timed runs)."""
+        return ""
+
     def effective_config(self, spec) -> C:
         """The config as :meth:`run` will use it in recipe ``spec``: defaults that depend on the rest of the recipe filled
         in. ``--dry-run`` prints this, so the plan shows what will run."""
         return self.config
+
+
+# library arguments the recipe sets outside the stages: where (for InvalidArgument raised by library code)
+RUN_FIELDS = {
+    "student": "student",
+    "task_tokenizer": "task.tokenizer",
+    "layers": "student.from_teacher.layers",
+    "keep_every": "student.from_teacher.keep_every",
+    "intermediate_size": "student.from_teacher.intermediate_size",
+    "ffn_init": "student.from_teacher.ffn_init",
+}
+
+
+def field_error(e, stage: Stage | None = None, index: int | None = None):
+    """The library's InvalidArgument ``e`` as a RecipeError naming the recipe field the user edits: ``stages.<index>.``
+    and the field of ``stage``'s config it is about, else the recipe-wide field (:data:`RUN_FIELDS`), else ``e``'s own
+    words under the stage's name."""
+    from dsk_compress.errors import RecipeError
+
+    if stage is not None:
+        arg = stage.arguments.get(e.argument, e.argument)
+        if arg.split(".")[0] in type(stage.config).model_fields:
+            return e.as_field(f"stages.{index}.{arg}")
+    if e.argument in RUN_FIELDS:
+        return e.as_field(RUN_FIELDS[e.argument])
+    where = f"stages.{index} ({stage.name}): " if stage is not None else ""
+    return RecipeError(where + e.message, hint=e.hint)
 
 
 def _config_type(cls: type) -> type[StageConfig] | None:

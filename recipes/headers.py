@@ -68,7 +68,7 @@ def last_comparable(run_dir: Path, resolved: dict[str, Any], index: int) -> tupl
 def stage_header(index: int, total: int, stage, spec, run_dir: Path) -> str:
     """``[i/n] name: what it does; budget. Last comparable run: T (where)`` for the stage about to run."""
     cfg = stage.effective_config(spec)
-    budget = _budget(cfg)
+    budget = stage.budget(spec) or _budget(cfg)
     line = f"[{index + 1}/{total}] {cfg.stage}: {what_it_does(stage)}" + (f"; {budget}" if budget else "") + "."
     last = last_comparable(run_dir, spec.model_dump(mode="json"), index)
     if last is not None:

@@ -401,6 +401,16 @@ def preflight(spec) -> dict[str, Any]:
         RecipeError: a model source, task file or tokenizer folder that is missing or unusable, a student layer the
             teacher lacks, ``logit_cache.top_k`` above the vocabulary, or a memory need above this machine's.
     """
+    from dsk_compress.errors import InvalidArgument
+    from dsk_compress.recipes.base import field_error
+
+    try:
+        return _checks(spec)
+    except InvalidArgument as e:  # the run's own library checks, said naming the recipe field
+        raise field_error(e) from None
+
+
+def _checks(spec) -> dict[str, Any]:
     tcfg = source_config(spec.teacher, "teacher")
     scfg = None
     if spec.student.from_teacher is None:

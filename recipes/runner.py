@@ -48,10 +48,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from dsk_compress.errors import DskError, RunError, RunInterrupted
+from dsk_compress.errors import DskError, InvalidArgument, RunError, RunInterrupted
 from dsk_compress.integrity import read_manifest, record_files, verify_stage
 from dsk_compress.io import atomic_write_json, ensure_dir, format_bytes, read_json, remove_temp_files, storage_error, write_json_in_place
-from dsk_compress.recipes.base import STAGES, RunContext, Stage
+from dsk_compress.recipes.base import STAGES, RunContext, Stage, field_error
 
 MANIFEST_VERSION = 1
 
@@ -445,7 +445,9 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
             if files is not None:
                 entry["files"] = files
             record()
-        except (KeyboardInterrupt, Exception) as e:
+        except (KeyboardInterrupt, Exception) as raised:
+            # library code names its own argument; the user reads (and the manifest records) the recipe field
+            e = field_error(raised, stage, i) if isinstance(raised, InvalidArgument) else raised
             for k in ("finished", "outputs", "metrics", "files"):  # a finished stage whose record could not be written
                 entry.pop(k, None)
             partial = remove_temp_files(rd / name) if main else 0  # incomplete by definition; on a full disk, room to record
@@ -473,6 +475,8 @@ def _run_stages(spec, stages: list[Stage], rd: Path, manifest: dict[str, Any], d
                 raise RunError(full_disk.message + (f"; {unrecorded}" if unrecorded else ""), hint=full_disk.hint) from None
             if unrecorded and isinstance(e, DskError):
                 e.message = f"{e.message}; {unrecorded}"
+            if e is not raised:
+                raise e from None
             raise
         ctx.outputs[name] = result.outputs
         ctx.metrics[name] = result.metrics

@@ -1,11 +1,16 @@
-"""Importance measures: which channels, KV groups and decoder layers matter least.
+"""Importance criteria: which channels, KV groups and decoder layers matter least.
 
-- Weights: ``ffn_channel_scores`` and ``kv_group_scores`` sum |w| (l1), w**2 (l2) or |w * grad|
-  (taylor) over everything a channel or KV group owns; ``tp_importance`` is torch-pruning's group
-  importance for the same names (FFN channels of per-head-attention families, CNN channels).
-- Activations on calibration data: ``activation_scores`` (mean |activation| per FFN channel, mean
-  output norm per attention head) and ``block_influence`` (ShortGPT's ``1 - cos(input, output)``
-  per decoder layer).
+Each criterion is an object (as Torch-Pruning's importances are), looked up by name with
+:func:`importance`:
+
+- ``Magnitude(p)`` (``l1``, ``l2``) sums |w|**p, ``Taylor`` (``taylor``) sums |w * grad| over everything
+  an FFN channel or KV group owns; ``torch_pruning()`` gives torch-pruning's group importance for the same
+  criterion (FFN channels of per-head-attention families, CNN channels).
+- ``Activation`` (``activation``) ranks by measured activations on calibration data
+  (:func:`activation_scores`: mean |activation| per FFN channel, mean output norm per attention head).
+
+Decoder layers are ranked by ``block_influence`` (ShortGPT's ``1 - cos(input, output)``) whatever the criterion.
+A new criterion is one subclass and one entry in :data:`IMPORTANCES`.
 """
 
 from __future__ import annotations
@@ -13,14 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsk_compress.errors import DskError, RecipeError
+from dsk_compress.errors import InvalidArgument
 from dsk_compress.models.common import eval_mode
 
-IMPORTANCES = ("l1", "l2", "taylor", "activation")
-
-
 # ---------------------------------------------------------------------------------------------
-# weights
+# criteria
 
 
 def _group_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -28,61 +30,103 @@ def _group_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(groups, -1).sum(1)
 
 
-def _weight_score(importance: str):
-    """Elementwise importance of a weight: |w| (l1), w**2 (l2) or |w * grad| (taylor, needs gradients)."""
+class Importance:
+    """A pruning criterion. ``needs_gradients``: the caller fills the weights' ``.grad`` with a loss first;
+    ``needs_activations``: the scores come from :func:`activation_scores` on calibration data."""
 
-    def f(p: torch.Tensor) -> torch.Tensor:
-        if importance == "l1":
-            return p.detach().abs()
-        if importance == "l2":
-            return p.detach() ** 2
+    name = ""
+    needs_gradients = False
+    needs_activations = False
+
+    def weight(self, p: torch.Tensor) -> torch.Tensor:
+        """Elementwise importance of a weight tensor."""
+        raise InvalidArgument(f"importance {self.name} does not score weights", "importance", hint="use l1, l2 or taylor")
+
+    def ffn_channels(self, mlp: nn.Module, measured: torch.Tensor | None = None) -> torch.Tensor:
+        """Importance of each FFN channel: its gate and up rows and its down_proj column."""
+        f = self.weight
+        return f(mlp.gate_proj.weight).double().sum(1) + f(mlp.up_proj.weight).double().sum(1) + f(mlp.down_proj.weight).double().sum(0)
+
+    def kv_groups(self, attn: nn.Module, measured_heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Importance of each KV group of one attention module: its q, k, v rows (and biases) and o_proj columns."""
+        kv = attn.k_proj.out_features // attn.head_dim
+        score = torch.zeros(kv, dtype=torch.float64)
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            score += _group_rows(self.weight(lin.weight).double().sum(1), kv)
+            if lin.bias is not None:
+                score += _group_rows(self.weight(lin.bias).double(), kv)
+        return score + _group_rows(self.weight(attn.o_proj.weight).double().sum(0), kv)
+
+    def torch_pruning(self):
+        """torch-pruning's group importance for this criterion, or None: the channels are scored by hand
+        (:meth:`ffn_channels`), which every decoder family supports."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Magnitude(Importance):
+    """|w| (``p=1``, ``l1``) or w**2 (``p=2``, ``l2``)."""
+
+    def __init__(self, p: int) -> None:
+        self.p = p
+        self.name = f"l{p}"
+
+    def weight(self, p: torch.Tensor) -> torch.Tensor:
+        return p.detach().abs() if self.p == 1 else p.detach().abs() ** self.p
+
+    def torch_pruning(self):
+        import torch_pruning as tp
+
+        return tp.importance.GroupMagnitudeImportance(p=self.p, group_reduction="mean")
+
+
+class Taylor(Importance):
+    """First-order Taylor: |w * grad| (needs the gradients of a loss)."""
+
+    name = "taylor"
+    needs_gradients = True
+
+    def weight(self, p: torch.Tensor) -> torch.Tensor:
         if p.grad is None:
-            raise DskError("taylor importance needs gradients; none were computed", hint="use importance: l2 or give a loss")
+            raise InvalidArgument("importance taylor needs gradients; none were computed", "importance", hint="use l2 or give a loss")
         return (p.detach() * p.grad.detach()).abs()
 
-    return f
+    def torch_pruning(self):
+        import torch_pruning as tp
 
-
-def ffn_channel_scores(mlp: nn.Module, importance: str) -> torch.Tensor:
-    """Weight importance of each FFN channel: its gate and up rows and its down_proj column (l1, l2, taylor)."""
-    f = _weight_score(importance)
-    return f(mlp.gate_proj.weight).double().sum(1) + f(mlp.up_proj.weight).double().sum(1) + f(mlp.down_proj.weight).double().sum(0)
-
-
-def kv_group_scores(attn: nn.Module, importance: str, act_heads: torch.Tensor | None = None) -> torch.Tensor:
-    """Importance of each KV group of one attention module (the group's KV head and its query heads).
-
-    l1 / l2: sum of |w| / w**2 over the group's q, k, v rows (and biases) and o_proj columns;
-    taylor: sum of |w * grad| over the same weights (needs gradients); activation: sum of the group's
-    query heads' mean output norms (``act_heads``).
-    """
-    d = attn.head_dim
-    kv = attn.k_proj.out_features // d
-    if importance == "activation":
-        if act_heads is None:
-            raise ValueError("activation importance needs measured head outputs")
-        return _group_rows(act_heads.double(), kv)
-    f = _weight_score(importance)
-    score = torch.zeros(kv, dtype=torch.float64)
-    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
-        score += _group_rows(f(lin.weight).double().sum(1), kv)
-        if lin.bias is not None:
-            score += _group_rows(f(lin.bias).double(), kv)
-    score += _group_rows(f(attn.o_proj.weight).double().sum(0), kv)
-    return score
-
-
-def tp_importance(kind: str):
-    """torch-pruning's group importance for ``l1`` / ``l2`` (mean magnitude over the group) or ``taylor``."""
-    import torch_pruning as tp
-
-    if kind == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean")
-    if kind == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
-    if kind == "taylor":
         return tp.importance.GroupTaylorImportance()
-    raise RecipeError(f"importance {kind!r} is not a weight importance", hint="valid: l1, l2, taylor")
+
+
+class Activation(Importance):
+    """Mean |activation| per FFN channel, mean output norm per attention head, measured on calibration data."""
+
+    name = "activation"
+    needs_activations = True
+
+    def ffn_channels(self, mlp: nn.Module, measured: torch.Tensor | None = None) -> torch.Tensor:
+        if measured is None:
+            raise ValueError("activation importance needs measured FFN activations")
+        return measured.double()
+
+    def kv_groups(self, attn: nn.Module, measured_heads: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum of the group's query heads' mean output norms."""
+        if measured_heads is None:
+            raise ValueError("activation importance needs measured head outputs")
+        return _group_rows(measured_heads.double(), attn.k_proj.out_features // attn.head_dim)
+
+
+IMPORTANCES: dict[str, Importance] = {c.name: c for c in (Magnitude(1), Magnitude(2), Taylor(), Activation())}
+
+
+def importance(criterion: str | Importance) -> Importance:
+    """The criterion object for a name in :data:`IMPORTANCES` (an :class:`Importance` passes through)."""
+    if isinstance(criterion, Importance):
+        return criterion
+    if criterion not in IMPORTANCES:
+        raise InvalidArgument(f"importance {criterion!r} is unknown", "importance", hint=f"valid: {', '.join(IMPORTANCES)}")
+    return IMPORTANCES[criterion]
 
 
 # ---------------------------------------------------------------------------------------------

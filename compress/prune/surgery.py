@@ -28,22 +28,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from dsk_compress.compress.prune.importance import (
-    IMPORTANCES,
-    activation_scores,
-    block_influence,
-    ffn_channel_scores,
-    kv_group_scores,
-    tp_importance,
-)
+from dsk_compress.compress.prune.importance import Importance, activation_scores, block_influence
+from dsk_compress.compress.prune.importance import importance as criterion
 from dsk_compress.compress.prune.targets import Shape, check_head_pruning, has_kv_heads, ratio_shape, shape_of, structure
-from dsk_compress.errors import DskError, RecipeError
+from dsk_compress.errors import DskError, InvalidArgument
 
 
 def prune_to(
     model: nn.Module,
     target: Shape,
-    importance: str = "l2",
+    importance: str | Importance = "l2",
     timeout_s: float = 300,
     example_inputs=None,
     calibration=None,
@@ -57,13 +51,14 @@ def prune_to(
     attention; see the module's table). ``loss_for_taylor(model)`` gives the loss whose gradients
     Taylor importance uses (default: next-token cross-entropy on the first calibration batch).
     """
-    if importance not in IMPORTANCES:
-        raise RecipeError(f"unknown importance {importance!r}", hint=f"valid: {', '.join(IMPORTANCES)}")
+    imp = criterion(importance)
     cur = shape_of(model)
     group = cur.heads // cur.kv_heads
     if not (1 <= target.layers <= cur.layers and 1 <= target.kv_heads <= cur.kv_heads and 1 <= target.ffn <= cur.ffn):
-        raise RecipeError(
-            f"cannot prune {cur.as_dict()} to {target.as_dict()}", hint="targets must be smaller and leave at least one of each"
+        raise InvalidArgument(
+            f"target {target.as_dict()} is not reachable by pruning {cur.as_dict()}",
+            "target",
+            hint="targets must be smaller and leave at least one of each",
         )
     if target.heads != target.kv_heads * group:
         raise ValueError(f"target heads {target.heads} != kv_heads {target.kv_heads} x group {group}")
@@ -76,16 +71,12 @@ def prune_to(
         bi = block_influence(model, batches)
         order = sorted(range(len(bi)), key=lambda i: (bi[i], i))
         info = {"removed_layers": remove_layers(model, order[: cur.layers - target.layers]), "block_influence": [round(b, 8) for b in bi]}
-    acts = (
-        activation_scores(model, batches)
-        if importance == "activation" and (target.kv_heads < cur.kv_heads or target.ffn < cur.ffn)
-        else None
-    )
+    acts = activation_scores(model, batches) if imp.needs_activations and (target.kv_heads < cur.kv_heads or target.ffn < cur.ffn) else None
     if target.kv_heads < cur.kv_heads:
         check_head_pruning(model.config, 1 - target.kv_heads / cur.kv_heads)
-        _prune_heads(model, target.kv_heads, importance, acts, loss)
+        _prune_heads(model, target.kv_heads, imp, acts, loss)
     if target.ffn < cur.ffn:
-        _prune_ffn(model, target.ffn, importance, acts, loss, example, timeout_s)
+        _prune_ffn(model, target.ffn, imp, acts, loss, example, timeout_s)
     _rewrite_config(model)
     return {**structure(model), **info}
 
@@ -95,7 +86,7 @@ def prune_step(
     example_inputs: torch.Tensor,
     ffn_ratio: float,
     head_ratio: float,
-    importance: str = "l2",
+    importance: str | Importance = "l2",
     round_to: int = 8,
     timeout_s: float = 300,
     loss_for_taylor=None,
@@ -111,34 +102,35 @@ def prune_step(
     return prune_to(model, target, importance, timeout_s, example_inputs, calibration, loss_for_taylor)
 
 
-def _taylor_gradients(model: nn.Module, importance: str, loss) -> None:
-    """Fill the weights' gradients that Taylor importance reads (nothing for the other importances)."""
-    if importance == "taylor":
+def _gradients(model: nn.Module, imp: Importance, loss) -> None:
+    """Fill the weights' gradients for a criterion that reads them (Taylor); nothing for the others."""
+    if imp.needs_gradients:
         model.zero_grad()
         loss(model).backward()
 
 
-def _prune_heads(model: nn.Module, kv_heads: int, importance: str, acts, loss) -> None:
+def _prune_heads(model: nn.Module, kv_heads: int, imp: Importance, acts, loss) -> None:
     """Every layer to ``kv_heads`` KV groups, by hand (per-head q/k/v families; MLA was refused by ``check_head_pruning``)."""
-    _taylor_gradients(model, importance, loss)
+    _gradients(model, imp, loss)
     for i, layer in enumerate(model.model.layers):
-        scores = kv_group_scores(layer.self_attn, importance, acts["heads"][i] if acts else None)
+        scores = imp.kv_groups(layer.self_attn, acts["heads"][i] if acts else None)
         prune_kv_groups(layer.self_attn, _top(scores, kv_heads).tolist())
     model.zero_grad(set_to_none=True)
 
 
-def _prune_ffn(model: nn.Module, keep: int, importance: str, acts, loss, example: torch.Tensor, timeout_s: float) -> None:
-    """Every layer to ``keep`` FFN channels, the way the importance and the family's attention allow."""
-    if importance == "activation":  # every family: measured activations, by hand
-        for i, layer in enumerate(model.model.layers):
-            prune_ffn_channels(layer.mlp, _top(acts["ffn"][i], keep).tolist())
-    elif has_kv_heads(model.model.layers[0].self_attn):  # Llama, Mistral, Qwen2, Qwen3: torch-pruning's graph
-        _tp_prune_ffn(model, example, keep, importance, timeout_s, loss)
-    else:  # multi-head latent attention (DeepSeek): torch-pruning cannot trace MLA's splits, by hand from weight scores
-        _taylor_gradients(model, importance, loss)
-        for layer in model.model.layers:
-            prune_ffn_channels(layer.mlp, _top(ffn_channel_scores(layer.mlp, importance), keep).tolist())
-        model.zero_grad(set_to_none=True)
+def _prune_ffn(model: nn.Module, keep: int, imp: Importance, acts, loss, example: torch.Tensor, timeout_s: float) -> None:
+    """Every layer to ``keep`` FFN channels, the way the criterion and the family's attention allow: torch-pruning's graph
+    for a criterion with a torch-pruning group importance (l1, l2, taylor) on Llama, Mistral, Qwen2 and Qwen3; by hand
+    otherwise (measured activations, your own criterion) and for multi-head latent attention (DeepSeek: torch-pruning
+    cannot trace MLA's splits)."""
+    group_importance = imp.torch_pruning() if has_kv_heads(model.model.layers[0].self_attn) else None
+    if group_importance is not None:
+        _tp_prune_ffn(model, example, keep, imp, group_importance, timeout_s, loss)
+        return
+    _gradients(model, imp, loss)
+    for i, layer in enumerate(model.model.layers):
+        prune_ffn_channels(layer.mlp, _top(imp.ffn_channels(layer.mlp, acts["ffn"][i] if acts else None), keep).tolist())
+    model.zero_grad(set_to_none=True)
 
 
 def _batches(calibration, example_inputs) -> list[torch.Tensor]:
@@ -200,7 +192,7 @@ def remove_layers(model: nn.Module, drop) -> list[int]:
     if any(i < 0 or i >= n for i in drop):
         raise ValueError(f"layer indices {drop} out of range for {n} layers")
     if len(drop) >= n:
-        raise RecipeError(f"removing {len(drop)} layers leaves none (the model has {n})", hint="remove fewer layers")
+        raise InvalidArgument(f"drop: removing {len(drop)} layers leaves none (the model has {n})", "drop", hint="remove fewer layers")
     keep = [i for i in range(n) if i not in drop]
     model.model.layers = nn.ModuleList([model.model.layers[i] for i in keep])
     for new, layer in enumerate(model.model.layers):
@@ -278,7 +270,9 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def _tp_prune_ffn(model: nn.Module, example_inputs: torch.Tensor, keep: int, importance: str, timeout_s: float, loss) -> None:
+def _tp_prune_ffn(
+    model: nn.Module, example_inputs: torch.Tensor, keep: int, imp: Importance, group_importance, timeout_s: float, loss
+) -> None:
     """FFN channels to ``keep`` per layer with torch-pruning (attention and embeddings left alone)."""
     import torch_pruning as tp
 
@@ -295,13 +289,13 @@ def _tp_prune_ffn(model: nn.Module, example_inputs: torch.Tensor, keep: int, imp
             model,
             example_inputs=example_inputs,
             forward_fn=lambda m, x: m(input_ids=x, use_cache=False).logits,
-            importance=tp_importance(importance),
+            importance=group_importance,
             global_pruning=False,
             pruning_ratio=ratio,
             ignored_layers=ignored,
             round_to=None,
             unwrapped_parameters=unwrapped,
         )
-        _taylor_gradients(model, importance, loss)
+        _gradients(model, imp, loss)
         pruner.step()
     model.zero_grad(set_to_none=True)

@@ -3,7 +3,7 @@
 - ``Shape``: uniform per-layer widths (layers, KV groups, query heads, FFN channels); ``structure`` /
   ``shape_of`` read them off a model, ``ratio_shape`` / ``uniform_shape`` / ``interpolate`` compute
   the widths that ratios and progressive schedules lead to (``ffn_keep`` / ``kv_keep`` round them).
-- Checks that name the recipe field: ``check_prunable``, ``check_head_pruning``, ``layers_to_remove``.
+- Checks that raise an InvalidArgument naming the ratio at fault: ``check_prunable``, ``check_head_pruning``, ``layers_to_remove``.
 - Parameter and MAC targets: ``solve_target`` finds one common ratio over the chosen structures;
   candidates are built from the config and counted (``measure_cost``, MACs with
   ``torch.utils.flop_counter`` in ``count_macs``).
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsk_compress.errors import ExportError, RecipeError
+from dsk_compress.errors import ExportError, InvalidArgument, ModelSourceError
 from dsk_compress.models.common import count_params, eval_mode
 
 STRUCTURES = ("ffn", "heads", "layers")
@@ -115,22 +115,26 @@ def kv_keep(kv_heads: int, ratio: float) -> int:
 def layers_to_remove(num_layers: int, layers_removed: int = 0, depth_ratio: float = 0.0) -> int:
     """Decoder layers to remove for ``layers_removed`` or ``depth_ratio`` (rounded down); checked."""
     if layers_removed and depth_ratio:
-        raise RecipeError("give layers_removed or depth_ratio, not both", hint="keep one of them")
+        raise InvalidArgument("layers_removed and depth_ratio are both given", "layers_removed", hint="keep one of them")
     if depth_ratio:
         n = int(num_layers * depth_ratio + 1e-9)
         if n < 1:
-            raise RecipeError(
+            raise InvalidArgument(
                 f"depth_ratio {depth_ratio} removes no layer of the model's {num_layers}",
+                "depth_ratio",
                 hint=f"use depth_ratio >= {1 / num_layers:.3g} or layers_removed: 1",
             )
         if n >= num_layers:
-            raise RecipeError(
-                f"depth_ratio {depth_ratio} removes every decoder layer (the model has {num_layers})", hint="lower depth_ratio"
+            raise InvalidArgument(
+                f"depth_ratio {depth_ratio} removes every decoder layer (the model has {num_layers})",
+                "depth_ratio",
+                hint="lower depth_ratio",
             )
         return n
     if layers_removed >= num_layers:
-        raise RecipeError(
+        raise InvalidArgument(
             f"layers_removed {layers_removed} removes every decoder layer (the model has {num_layers})",
+            "layers_removed",
             hint=f"remove at most {num_layers - 1}",
         )
     return layers_removed
@@ -139,25 +143,28 @@ def layers_to_remove(num_layers: int, layers_removed: int = 0, depth_ratio: floa
 def check_head_pruning(cfg, head_ratio: float) -> None:
     """Multi-head latent attention (DeepSeek) shares low-rank key/value projections across heads: no head pruning."""
     if head_ratio > 0 and getattr(cfg, "kv_lora_rank", None):
-        raise RecipeError(
-            f"head_ratio {head_ratio}: the student ({cfg.model_type}) has multi-head latent attention, whose heads "
+        raise InvalidArgument(
+            f"head_ratio {head_ratio}: the model ({cfg.model_type}) has multi-head latent attention, whose heads "
             "share low-rank key/value projections and are not pruned",
+            "head_ratio",
             hint="set head_ratio: 0 and prune FFN channels or layers",
         )
 
 
 def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, layers_removed: int = 0) -> None:
-    """Raise a RecipeError naming the field when the ratios cannot be applied to a model with this config."""
+    """Raise an InvalidArgument naming the ratio that cannot be applied to a model with this config."""
     s = _config_shape(cfg)
     check_head_pruning(cfg, head_ratio)
     if s.heads % s.kv_heads:
-        raise RecipeError(
-            f"num_attention_heads {s.heads} is not a multiple of num_key_value_heads {s.kv_heads}", hint="a Llama-family config is needed"
+        raise ModelSourceError(
+            f"the model's num_attention_heads {s.heads} is not a multiple of num_key_value_heads {s.kv_heads}",
+            hint="a Llama-family config is needed",
         )
     if head_ratio > 0 and kv_keep(s.kv_heads, head_ratio) < 1:
         what = f"{s.heads} heads" if s.kv_heads == s.heads else f"{s.kv_heads} KV groups of {s.heads // s.kv_heads} query heads"
-        raise RecipeError(
+        raise InvalidArgument(
             f"head_ratio {head_ratio} leaves no attention heads (the model has {what}; heads go in whole KV groups)",
+            "head_ratio",
             hint="lower head_ratio",
         )
     if head_ratio > 0:
@@ -167,13 +174,16 @@ def check_prunable(cfg, ffn_ratio: float, head_ratio: float, round_to: int, laye
             import transformers
 
             ok = [kv * group for kv in range(1, s.kv_heads + 1) if heads_allowed(cfg, kv * group)]
-            raise RecipeError(
+            raise InvalidArgument(
                 f"head_ratio {head_ratio} leaves {left} attention heads, which transformers {transformers.__version__} "
                 f"refuses for hidden_size {cfg.hidden_size} (it must be a multiple of num_attention_heads)",
+                "head_ratio",
                 hint=f"choose a head_ratio that leaves one of {ok} heads (of {s.heads})",
             )
     if ffn_ratio > 0 and s.ffn * (1 - ffn_ratio) < round_to:
-        raise RecipeError(f"ffn_ratio {ffn_ratio} leaves fewer than round_to={round_to} FFN channels", hint="lower ffn_ratio or round_to")
+        raise InvalidArgument(
+            f"ffn_ratio {ffn_ratio} leaves fewer than round_to={round_to} FFN channels", "ffn_ratio", hint="lower ffn_ratio or round_to"
+        )
     layers_to_remove(s.layers, layers_removed)
 
 
@@ -267,13 +277,13 @@ def solve_target(
     model: nn.Module, kind: str, fraction: float, structures, round_to: int, seq_len: int, max_ratio: float = 0.9
 ) -> tuple[Shape, dict]:
     """The least pruning (one common ratio over ``structures``) whose params or MACs are at most
-    ``fraction`` of the model's. Raises a RecipeError naming ``target.<kind>`` when even ``max_ratio``
-    does not get there."""
+    ``fraction`` of the model's. Raises an InvalidArgument about ``kind`` (``params`` or ``macs``) when even
+    ``max_ratio`` does not get there."""
     if kind not in ("params", "macs"):
         raise ValueError(f"unknown target kind {kind!r}")
     bad = [s for s in structures if s not in STRUCTURES]
     if bad or not structures:
-        raise RecipeError(f"target.structures {list(structures)} is not a non-empty list of {', '.join(STRUCTURES)}")
+        raise InvalidArgument(f"structures {list(structures)} is not a non-empty list of {', '.join(STRUCTURES)}", "structures")
     start = shape_of(model)
     cfg = model.config
     if "heads" in structures:
@@ -290,10 +300,11 @@ def solve_target(
     budget = fraction * base
     smallest = uniform_shape(start, max_ratio, structures, round_to, cfg)
     if cost(smallest) > budget:
-        raise RecipeError(
-            f"target.{kind} {fraction} is unreachable by pruning {', '.join(structures)} up to target.max_ratio {max_ratio}: "
+        raise InvalidArgument(
+            f"{kind} {fraction} is unreachable by pruning {', '.join(structures)} up to max_ratio {max_ratio}: "
             f"the smallest candidate keeps {cost(smallest) / base:.3f} of the {kind}",
-            hint=f"raise target.{kind}, raise target.max_ratio or add structures (ffn, heads, layers)",
+            kind,
+            hint=f"raise {kind}, raise max_ratio or add structures (ffn, heads, layers)",
         )
     lo, hi = 0.0, max_ratio
     for _ in range(40):  # the cost only falls as the ratio grows; find the first step that fits

@@ -24,3 +24,17 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``cache`` as ``model``'s forward takes it: ``cache=`` where its signature has it (transformers 5.2x, which
+    deprecates ``past_key_values=``), else ``past_key_values=``."""
+    import inspect
+
+    forward = getattr(model, "forward", model)
+    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``out.cache`` in transformers 5.2x, ``out.past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values

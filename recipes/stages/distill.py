@@ -152,7 +152,7 @@ class DistillStage(Stage[DistillConfig]):
             )
         if not pairs:
             raise RecipeError(f"{field} is empty", hint="give at least one [student_layer, teacher_layer] pair or set hidden_mse: 0")
-        check_hidden_pairs(pairs, student.config.num_hidden_layers, teacher.config.num_hidden_layers, field)
+        check_hidden_pairs(pairs, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         return pairs
 
     def _baseline(self, ctx: RunContext, name: str, init_dir: Path, bdir: Path) -> tuple[str, dict]:

@@ -109,6 +109,14 @@ class ExportConfig(StageConfig):
         return check_device_name(v) if v is not None else v
 
 
+class _OnnxRuntimeHints:
+    """A root-logger filter for the export stage: ONNX Runtime's quantizers log their hints ("consider pre-processing",
+    a line per tensor without parameters) on the root logger; they are dropped below ERROR, everything else passes."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 40 or "onnxruntime" not in record.pathname
+
+
 @STAGES.register("export")
 class ExportStage(Stage[ExportConfig]):
     """ONNX for the teacher (dense routing), each student stage (fp32) and the QAT student (INT8 Q/DQ)."""
@@ -131,16 +139,19 @@ class ExportStage(Stage[ExportConfig]):
         import logging
         import warnings
 
+        import torch
+
+        quiet = _OnnxRuntimeHints()
         with warnings.catch_warnings():
-            # TracerWarnings for the constant quantizer scales and ORT's "consider pre-processing" hints are expected
-            warnings.simplefilter("ignore")
-            level = logging.getLogger().level
-            logging.getLogger().setLevel(logging.ERROR)
+            # expected while tracing: TracerWarnings for the constant quantizer scales, the exporters' own notices
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", module=r"(torch\.onnx|onnxruntime|onnx)(\.|$)")
+            logging.getLogger().addFilter(quiet)
             try:
                 with step_progress("export"):  # minutes of graphs and checks: say which one is under way
                     return self._run(ctx)
             finally:
-                logging.getLogger().setLevel(level)
+                logging.getLogger().removeFilter(quiet)
 
     def _run(self, ctx: RunContext) -> StageResult:
         if is_torch_run(ctx):  # your own torch model: model(x) -> logits, dynamic batch (below)

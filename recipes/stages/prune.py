@@ -158,6 +158,15 @@ class PruneStage(Stage[PruneConfig]):
     consumes = ("model",)  # the latest student (else the recipe's own)
     provides = ("model",)
     repeatable = True  # prune, then prune again (e.g. heads after FFN channels)
+    # library arguments that are this stage's fields under another name (what an InvalidArgument names)
+    arguments = {
+        "structures": "target.structures",
+        "params": "target.params",
+        "macs": "target.macs",
+        "max_ratio": "target.max_ratio",
+        "drop": "layers_removed",
+        "widths": "channel_ratio",
+    }
 
     def run(self, ctx: RunContext) -> StageResult:
         import torch
@@ -166,7 +175,6 @@ class PruneStage(Stage[PruneConfig]):
             return run_torch(self, ctx)
         from dsk_compress.compress.moe import expert_structure
         from dsk_compress.compress.prune import count_macs, layers_to_remove, ratio_shape, shape_of, solve_target, structure
-        from dsk_compress.errors import RecipeError
         from dsk_compress.models.source import count_params, save_hf_dir
 
         c = self.config
@@ -175,23 +183,17 @@ class PruneStage(Stage[PruneConfig]):
         model = student_model(ctx, "prune")
         example = torch.as_tensor(ctx.task.example_inputs(1))
         seq = int(example.shape[1])
-        try:
-            moe = self._moe_start(model)
-        except RecipeError as e:
-            raise self._field(ctx, e) from None
+        moe = self._moe_start(model)
         describe = expert_structure if moe else structure
         macs = (lambda m: None) if moe else (lambda m: count_macs(m, seq))  # MoE MACs depend on the routing of each input
         start, final = moe or (shape_of(model),) * 2
         target_info = None
-        try:
-            if not moe and t is None:
-                removed = layers_to_remove(start.layers, c.layers_removed, c.depth_ratio)
-                final = ratio_shape(model.config, c.effective_ffn_ratio, c.head_ratio, removed, c.round_to)
-            elif not moe and t.latency_ms is None:
-                kind = "params" if t.params is not None else "macs"
-                final, target_info = solve_target(model, kind, getattr(t, kind), t.structures, c.round_to, seq, t.max_ratio)
-        except RecipeError as e:
-            raise self._field(ctx, e) from None
+        if not moe and t is None:
+            removed = layers_to_remove(start.layers, c.layers_removed, c.depth_ratio)
+            final = ratio_shape(model.config, c.effective_ffn_ratio, c.head_ratio, removed, c.round_to)
+        elif not moe and t.latency_ms is None:
+            kind = "params" if t.params is not None else "macs"
+            final, target_info = solve_target(model, kind, getattr(t, kind), t.structures, c.round_to, seq, t.max_ratio)
         calib = self._calibration(ctx)
         macs0, params0 = macs(model), count_params(model)
         before = describe(model)
@@ -240,36 +242,26 @@ class PruneStage(Stage[PruneConfig]):
         import copy
 
         from dsk_compress.compress.moe import experts_keep, is_moe
-        from dsk_compress.errors import RecipeError
+        from dsk_compress.errors import InvalidArgument
 
         c = self.config
         if not is_moe(model):
             if c.expert_ratio:
-                raise RecipeError(
+                raise InvalidArgument(
                     f"expert_ratio {c.expert_ratio}: the student ({type(model).__name__}) has no MoE layers",
+                    "expert_ratio",
                     hint="remove expert_ratio, or prune FFN channels, heads or layers of a dense student",
                 )
             return None
         if not c.expert_ratio:
-            raise RecipeError(
+            raise InvalidArgument(
                 f"expert_ratio is needed: the student ({type(model).__name__}) is an MoE, whose experts this stage prunes "
                 "(FFN channels, heads, layers and targets are for dense students)",
+                "expert_ratio",
                 hint="set expert_ratio (e.g. 0.5) and no other ratio, or distill to a dense student first",
             )
         experts_keep(model.config, c.expert_ratio)
         return copy.deepcopy(model.config), None
-
-    def _field(self, ctx: RunContext, e):
-        """The RecipeError ``e`` (whose message starts with a field name) as ``stages.<i>.<field> ...``."""
-        from dsk_compress.errors import RecipeError
-
-        i = next((i for i, s in enumerate(ctx.spec.stages) if s is self.config), None)
-        if i is None:
-            i = next((i for i, s in enumerate(ctx.spec.stages) if s.stage == "prune"), None)
-        fields = ("ffn_ratio", "head_ratio", "layers_removed", "depth_ratio", "expert_ratio", "target.", "importance")
-        if i is None or not e.message.startswith(fields):
-            return e
-        return RecipeError(f"stages.{i}.{e.message}", hint=e.hint)
 
     def _calibration(self, ctx: RunContext):
         """Calibration batches for activation importance, block influence and router frequencies (None when unused)."""
@@ -351,7 +343,7 @@ class PruneStage(Stage[PruneConfig]):
         this host, fine-tune, and stop once the p50 meets ``target.latency_ms`` (error at ``target.max_ratio``)."""
         from dsk_compress.compress.prune import measure_latency, shape_of, uniform_shape
         from dsk_compress.devices import load_device
-        from dsk_compress.errors import RecipeError
+        from dsk_compress.errors import InvalidArgument
         from dsk_compress.io import atomic_write_json
         from dsk_compress.models.source import load_hf_dir, save_hf_dir
 
@@ -438,13 +430,11 @@ class PruneStage(Stage[PruneConfig]):
                 last = info["steps"][-1]["p50_ms"] if info["steps"] else ref["p50_ms"]
                 info.update(met=False, stopped=f"target.max_ratio {t.max_ratio} reached")
                 rank0(atomic_write_json, d / "latency.json", info)
-                raise self._field(
-                    ctx,
-                    RecipeError(
-                        f"target.latency_ms {t.latency_ms} ms is not met on this host even at target.max_ratio {t.max_ratio}: "
-                        f"p50 {last:.3f} ms after {len(info['steps'])} steps (unpruned {ref['p50_ms']:.3f} ms)",
-                        hint="raise target.latency_ms or target.max_ratio, or add structures (heads, layers); every step is in prune/latency.json",
-                    ),
+                raise InvalidArgument(
+                    f"target.latency_ms {t.latency_ms} ms is not met on this host even at target.max_ratio {t.max_ratio}: "
+                    f"p50 {last:.3f} ms after {len(info['steps'])} steps (unpruned {ref['p50_ms']:.3f} ms)",
+                    "target.latency_ms",
+                    hint="raise target.latency_ms or target.max_ratio, or add structures (heads, layers); every step is in prune/latency.json",
                 )
         rank0(atomic_write_json, d / "latency.json", info)
         return model, log, info

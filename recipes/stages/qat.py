@@ -109,6 +109,12 @@ class QATStage(Stage[QATConfig]):
             return c.model_copy(update={"activations": CONV_ACTIVATIONS})  # ONNX Runtime's x86 QLinearConv needs uint8
         return c
 
+    def budget(self, spec) -> str:
+        """What the stage header says it will train: each precision's steps (int4's own ``int4.steps`` when set)."""
+        c = self.effective_config(spec)
+        parts = [f"{p} {c.int4.steps if p == 'int4' and c.int4.steps is not None else c.steps} steps" for p in c.precisions]
+        return f"{' + '.join(parts)} x batch {c.batch_size}"
+
     def run(self, ctx: RunContext) -> StageResult:
         if is_torch_run(ctx):  # your own torch model: BatchNorm folded, Conv2d + Linear fake quant (below)
             return run_torch(self, ctx)

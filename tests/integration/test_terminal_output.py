@@ -100,3 +100,6 @@ def test_export_and_bench_announce_their_steps(two_runs):
     assert "final: INT8 Q/DQ graph" in out
     assert "[bench] step 1 at" in out and "accuracy and latency in" in out
     assert "[export] step" not in err
+    # libraries' own chatter stays out of the terminal: ONNX Runtime's quantizer hints, transformers' cache deprecation
+    assert "Quantization parameters" not in out + err and "pre-processing" not in out + err, err[-2000:]
+    assert "past_key_values" not in out + err, err[-2000:]

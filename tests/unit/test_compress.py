@@ -106,10 +106,10 @@ def test_build_student_rejects_out_of_range_layers():
     from transformers import MixtralForCausalLM
 
     from dsk_compress.compress.student import build_student
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     t = MixtralForCausalLM(tiny_mixtral_config()).eval()
-    with pytest.raises(RecipeError, match="out of range"):
+    with pytest.raises(InvalidArgument, match="out of range"):
         build_student(t, layers=[0, 7], ffn_init="random")
 
 
@@ -181,10 +181,10 @@ def test_prune_heads_exact_counts_and_reload(tmp_path):
 
 def test_prune_rejects_ratio_leaving_no_heads():
     from dsk_compress.compress.prune import check_prunable
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     m = tiny_llama()
-    with pytest.raises(RecipeError, match="leaves no attention heads"):
+    with pytest.raises(InvalidArgument, match="leaves no attention heads"):
         check_prunable(m.config, 0.0, 0.9, 8)
 
 

@@ -248,10 +248,10 @@ def test_ddp_batch_must_split_evenly_across_ranks():
     import pytest
 
     from dsk_compress.compress import dist
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     e = dist.DistEnv(rank=1, world_size=4, local_rank=1)
-    with pytest.raises(RecipeError, match="batch_size 6 is not divisible by WORLD_SIZE 4"):
+    with pytest.raises(InvalidArgument, match="batch_size 6 is not divisible by WORLD_SIZE 4"):
         dist.shard_size(6, e)
     x = torch.arange(8 * 3).reshape(8, 3)
     assert torch.equal(dist.shard(x, e), x[2:4])

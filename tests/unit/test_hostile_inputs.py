@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import one_line_error, run_main
 
-from dsk_compress.errors import DskError, ModelSourceError, RecipeError, TaskError
+from dsk_compress.errors import DskError, InvalidArgument, ModelSourceError, RecipeError, TaskError
 
 
 def dry(capsys, *sets: str, recipe: str = "quant-prune-distill") -> str:
@@ -236,7 +236,7 @@ def test_tokenizer_far_smaller_than_the_vocabulary_is_refused():
     from dsk_compress.compress.distill import check_vocab
 
     cfg = SimpleNamespace(vocab_size=2000)
-    with pytest.raises(RecipeError, match="1500 tokens but the teacher's vocab_size is 2000"):
+    with pytest.raises(InvalidArgument, match="1500 tokens but the teacher's vocab_size is 2000"):
         check_vocab(cfg, task_vocab=1500)
     check_vocab(cfg, task_vocab=1950)  # padding to a multiple of 64/128 is normal
     check_vocab(SimpleNamespace(vocab_size=151_936), task_vocab=151_665)  # Qwen2's padded embedding
@@ -397,5 +397,5 @@ def test_task_tokenizer_other_than_the_one_in_the_teachers_folder_is_refused():
     assert len(teachers) == len(other) == 300  # same size, other token -> id maps
     cfg = SimpleNamespace(vocab_size=len(teachers))
     check_vocab(cfg, task_tokenizer=teachers, teacher_tokenizer=teachers)
-    with pytest.raises(RecipeError, match="maps tokens to other ids than the teacher's tokenizer"):
+    with pytest.raises(InvalidArgument, match="maps tokens to other ids than the teacher's tokenizer"):
         check_vocab(cfg, task_tokenizer=other, teacher_tokenizer=teachers)

@@ -52,7 +52,9 @@ def _nbits_session(arrays: dict, k: int, accuracy_level: int):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_pack_nbits_round_trips_and_is_onnxruntimes_own_layout(bits):
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+    from dsk_compress.export.fused import _nbits_quantizer_module
+
+    DefaultWeightOnlyQuantizer = _nbits_quantizer_module().DefaultWeightOnlyQuantizer  # noqa: N806 (ONNX Runtime's class)
 
     rng = np.random.default_rng(bits)
     q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), size=(6, 96)).astype(np.int8)
@@ -278,3 +280,20 @@ def test_qat_config_precisions_are_checked():
     for bad in ({"precisions": []}, {"precisions": ["int2"]}, {"int4": {"block_size": 24}}, {"int4": {"head_bits": 2}}):
         with pytest.raises(ValidationError):
             QATConfig(**bad)
+
+
+def test_importing_onnxruntimes_nbits_quantizer_leaves_the_root_logger_alone():
+    """ONNX Runtime's module calls logging.basicConfig(level=INFO) on import; the export stage's import undoes that."""
+    import logging
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from dsk_compress.export.fused import _nbits_quantizer_module\n"
+        "_nbits_quantizer_module()\n"
+        "r = logging.getLogger()\n"
+        "print(r.level, len(r.handlers))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(logging.WARNING), "0"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from dsk_compress.errors import RecipeError, RunError
+from dsk_compress.errors import InvalidArgument, RecipeError, RunError
+from dsk_compress.recipes.base import field_error
 
 
 def _narrow_llama(**kw):
@@ -76,7 +77,7 @@ def test_hidden_mse_refuses_the_logit_cache_naming_the_field(tmp_path):
 
     teacher = tiny_llama(num_hidden_layers=1)
     cache = TeacherLogitCache(tmp_path / "c", teacher, "task", k=8)
-    with pytest.raises(RecipeError, match="hidden_mse"):
+    with pytest.raises(InvalidArgument, match="hidden_weight"):
         make_kd_loss_fn(teacher, 2.0, 0.8, cache=cache, hidden=HiddenStateMSE([(0, 0)], 64, 64), hidden_weight=1.0)
     spec = load_recipe("quant-prune-distill", ["logit_cache.enabled=true", "stages.0.hidden_mse=0.5"])
     with pytest.raises(RecipeError, match=r"stages\.0\.hidden_mse") as e:
@@ -97,8 +98,10 @@ def test_hidden_pairs_default_to_the_layers_the_student_was_cut_from_and_are_ran
         stage._hidden_pairs(ctx, student, teacher, {})  # a student not cut from the teacher
     spec = load_recipe("quant-prune-distill", ["stages.0.hidden_mse=0.5", "stages.0.hidden_pairs=[[0, 0], [2, 3]]"])
     assert spec.stages[0].hidden_pairs == [(0, 0), (2, 3)]
-    with pytest.raises(RecipeError, match=r"stages\.0\.hidden_pairs: pair \[2, 3\] is out of range"):
-        DistillStage(spec.stages[0])._hidden_pairs(SimpleNamespace(spec=spec), student, teacher, {"layers": [1, 3]})
+    stage = DistillStage(spec.stages[0])
+    with pytest.raises(InvalidArgument, match=r"hidden_pairs: pair \[2, 3\] is out of range") as e:
+        stage._hidden_pairs(SimpleNamespace(spec=spec), student, teacher, {"layers": [1, 3]})
+    assert field_error(e.value, stage, 0).message.startswith("stages.0.hidden_pairs: pair [2, 3] is out of range")  # as the run says it
     off = load_recipe("quant-prune-distill")
     assert off.stages[0].hidden_mse == 0.0 and DistillStage(off.stages[0])._hidden_pairs(ctx, student, teacher, {}) is None
 
@@ -165,11 +168,11 @@ def test_check_vocab_refuses_a_student_with_another_vocabulary_or_special_ids():
 
     t = tiny_llama().config
     check_vocab(t, tiny_llama().config)  # same vocabulary: fine
-    with pytest.raises(RecipeError, match=r"student vocab_size \(300\) differs from the teacher's vocab_size \(256\)"):
+    with pytest.raises(InvalidArgument, match=r"student vocab_size \(300\) differs from the teacher's vocab_size \(256\)"):
         check_vocab(t, tiny_llama(vocab_size=300).config)
     t2 = tiny_llama(eos_token_id=2).config
     check_vocab(t2, tiny_llama().config)  # the student does not set eos: nothing to compare
-    with pytest.raises(RecipeError, match=r"student eos_token_id \(3\) differs from the teacher's eos_token_id \(2\)"):
+    with pytest.raises(InvalidArgument, match=r"student eos_token_id \(3\) differs from the teacher's eos_token_id \(2\)"):
         check_vocab(t2, tiny_llama(eos_token_id=3).config)
     check_vocab(tiny_llama(eos_token_id=[2, 7]).config, tiny_llama(eos_token_id=7).config)  # one of several eos ids
 
@@ -184,12 +187,12 @@ def test_check_vocab_refuses_a_task_tokenizer_that_is_not_the_teachers(tmp_path)
     swapped = _word_tokenizer(words[:2] + words[3:] + words[2:3])  # same size and specials, other ids
     t = tiny_llama(vocab_size=32, eos_token_id=1).config
     check_vocab(t, task_tokenizer=same, teacher_tokenizer=teacher_tok)
-    with pytest.raises(RecipeError, match="task.tokenizer maps tokens to other ids"):
+    with pytest.raises(InvalidArgument, match="task_tokenizer maps tokens to other ids"):
         check_vocab(t, task_tokenizer=swapped, teacher_tokenizer=teacher_tok)
-    with pytest.raises(RecipeError, match=r"task.tokenizer has 40 tokens but the teacher's vocab_size is 32"):
+    with pytest.raises(InvalidArgument, match=r"task_tokenizer has 40 tokens but the teacher's vocab_size is 32"):
         check_vocab(t, task_tokenizer=_word_tokenizer(words + [f"x{i}" for i in range(8)]))
     other_eos = _word_tokenizer(["<unk>", "w0", "</s>"] + words[3:])
-    with pytest.raises(RecipeError, match=r"task.tokenizer eos_token_id is 2 but the teacher's config has eos_token_id 1"):
+    with pytest.raises(InvalidArgument, match=r"task_tokenizer eos_token_id is 2 but the teacher's config has eos_token_id 1"):
         check_vocab(t, task_tokenizer=other_eos)
     # the distill stage compares the task tokenizer with the one in the teacher's directory
     teacher_tok.save_pretrained(tmp_path / "teacher")
@@ -197,7 +200,7 @@ def test_check_vocab_refuses_a_task_tokenizer_that_is_not_the_teachers(tmp_path)
         task=SimpleNamespace(tok=swapped, vocab_size=len(swapped)),
         spec=SimpleNamespace(teacher=SimpleNamespace(hf=str(tmp_path / "teacher")), task=SimpleNamespace(tokenizer=str(tmp_path / "mine"))),
     )
-    with pytest.raises(RecipeError, match="task.tokenizer maps tokens to other ids") as e:
+    with pytest.raises(InvalidArgument, match="task_tokenizer maps tokens to other ids") as e:
         DistillStage(None)._check_task_vocab(ctx, SimpleNamespace(config=t))
     assert "teacher's own tokenizer" in e.value.hint
     ctx.task.tok = same
@@ -254,7 +257,7 @@ def test_precision_fp16_on_cpu_is_refused_naming_the_field():
     from dsk_compress.recipes import load_recipe
 
     loss_fn, batch, seen = _lm_setup()
-    with pytest.raises(RecipeError, match="precision: fp16 needs a CUDA device") as e:
+    with pytest.raises(InvalidArgument, match="precision fp16 needs a CUDA device") as e:
         train(_narrow_llama(), loss_fn, batch, TrainConfig(steps=1, batch_size=2, precision="fp16"))
     assert "bf16 or fp32" in e.value.hint and seen == []  # refused before any step
     with pytest.raises(RecipeError, match="precision"):

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from dsk_compress.errors import DskError, ExportError, ModelSourceError, RecipeError
+from dsk_compress.errors import DskError, ExportError, InvalidArgument, ModelSourceError
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "granitemoe", "olmoe", "phimoe", "gpt_oss"]
 V4 = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]  # the families this toolkit also reads under transformers 4.56-4.57
@@ -462,10 +462,12 @@ def qwen_teacher(tmp_path_factory):
 )
 def test_bad_student_input_names_the_field(qwen_teacher, kwargs, field, text):
     from dsk_compress.compress.student import build_student
+    from dsk_compress.recipes.base import field_error
 
-    with pytest.raises(RecipeError, match=text) as e:
+    with pytest.raises(InvalidArgument, match=text) as e:
         build_student(qwen_teacher, **{"calibration": [ids(1, 8)], **kwargs})
-    assert str(e.value).startswith(field) and e.value.hint
+    assert e.value.argument == field.rsplit(".", 1)[1] and e.value.hint
+    assert str(field_error(e.value)).startswith(field)  # what the recipe layer says
 
 
 @pytest.mark.parametrize(

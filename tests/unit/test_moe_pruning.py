@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from test_moe_families import MOE, ids, logits, make_teacher
 
-from dsk_compress.errors import RecipeError
+from dsk_compress.errors import InvalidArgument
 
 # renormalised top-k (or softmax scores over the experts that remain), so removing never-chosen experts leaves every
 # routing weight unchanged; grouped routers with 8 experts in 2 groups (2 of 4 kept per group)
@@ -131,7 +131,7 @@ def test_too_few_experts_names_expert_ratio(kind, ratio, text, tmp_path):
     from dsk_compress.compress.moe import experts_keep
 
     m = make_teacher(kind, tmp_path / "t", all_sparse=True)
-    with pytest.raises(RecipeError, match="expert_ratio") as e:
+    with pytest.raises(InvalidArgument, match="expert_ratio") as e:
         experts_keep(m.config, ratio)
     assert text in e.value.message
 
@@ -151,5 +151,5 @@ def test_deepseek_student_prunes_ffn_channels_and_layers_but_not_latent_attentio
     back = load_hf_dir(save_hf_dir(student, tmp_path / "s"))
     assert structure(back)["layers"] == info["layers"]
     assert torch.allclose(logits(back, x), logits(student, x), atol=1e-6, rtol=0)
-    with pytest.raises(RecipeError, match="head_ratio 0.5: the student \\(deepseek_v3\\) has multi-head latent attention"):
+    with pytest.raises(InvalidArgument, match="head_ratio 0.5: the model \\(deepseek_v3\\) has multi-head latent attention"):
         prune_step(student, x[:1], ffn_ratio=0.0, head_ratio=0.5)

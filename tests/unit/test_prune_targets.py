@@ -91,16 +91,18 @@ def test_depth_prune_removes_identity_layer_first_and_keeps_logits(family, tmp_p
     assert torch.allclose(_logits(r, x), ref, atol=1e-5, rtol=0)
 
 
-def test_depth_prune_errors_name_the_field():
+def test_depth_prune_errors_name_the_argument():
     from dsk_compress.compress.prune import layers_to_remove, prune_step
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     m = tiny_llama(num_hidden_layers=3)
-    with pytest.raises(RecipeError, match="layers_removed 3 removes every decoder layer"):
+    with pytest.raises(InvalidArgument, match="layers_removed 3 removes every decoder layer") as e:
         prune_step(m, torch.randint(0, V, (1, 8)), 0.0, 0.0, layers_removed=3, calibration=_calib())
-    with pytest.raises(RecipeError, match="depth_ratio 0.2 removes no layer"):
+    assert e.value.argument == "layers_removed"
+    with pytest.raises(InvalidArgument, match="depth_ratio 0.2 removes no layer") as e:
         layers_to_remove(3, depth_ratio=0.2)
-    with pytest.raises(RecipeError, match="give layers_removed or depth_ratio, not both"):
+    assert e.value.argument == "depth_ratio"
+    with pytest.raises(InvalidArgument, match="layers_removed and depth_ratio are both given"):
         layers_to_remove(3, layers_removed=1, depth_ratio=0.5)
     # rounded down, so a ratio below 1 always leaves a layer
     assert [layers_to_remove(n, depth_ratio=r) for n, r in ((4, 0.5), (3, 0.5), (3, 0.99))] == [2, 1, 2]
@@ -219,13 +221,13 @@ def test_gqa_head_pruning_removes_whole_kv_groups_and_equals_zeroed_o_proj(famil
 
 def test_gqa_heads_and_ffn_together_and_ratio_that_leaves_no_group():
     from dsk_compress.compress.prune import check_prunable, prune_step
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     m = tiny_llama(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
     after = prune_step(m, torch.randint(0, V, (1, 16)), ffn_ratio=0.25, head_ratio=0.5, importance="l2", timeout_s=60)
     assert [(s["heads"], s["kv_heads"], s["ffn"]) for s in after["layers"]] == [(4, 2, 96), (4, 2, 96)]
     assert m.config.head_dim == 8 and m.config.intermediate_size == 96
-    with pytest.raises(RecipeError, match="head_ratio 0.9 leaves no attention heads"):
+    with pytest.raises(InvalidArgument, match="head_ratio 0.9 leaves no attention heads"):
         check_prunable(tiny_llama(num_key_value_heads=2).config, 0.0, 0.9, 8)
 
 
@@ -255,7 +257,7 @@ def test_count_macs_matches_hand_count():
 
 def test_params_target_solves_the_least_pruning_within_budget():
     from dsk_compress.compress.prune import Shape, count_params, prune_to, solve_target
-    from dsk_compress.errors import RecipeError
+    from dsk_compress.errors import InvalidArgument
 
     m = tiny_llama()
     p0 = _params()
@@ -271,8 +273,57 @@ def test_params_target_solves_the_least_pruning_within_budget():
     assert _params(kv=1, heads=1, ffn=40) == 56_640 <= 0.5 * p0 < _params(kv=1, heads=1, ffn=48)
     prune_to(m, shape, "l2", example_inputs=torch.randint(0, V, (1, 16)))
     assert count_params(m) == 56_640
-    with pytest.raises(RecipeError, match=r"target.params 0.5 is unreachable by pruning ffn up to target.max_ratio 0.9: .* keeps 0.599"):
+    with pytest.raises(InvalidArgument, match=r"params 0.5 is unreachable by pruning ffn up to max_ratio 0.9: .* keeps 0.599") as e:
         solve_target(tiny_llama(), "params", 0.5, ["ffn"], 8, 16)
+    assert e.value.argument == "params"
+
+
+def test_a_criterion_object_decides_which_channels_and_kv_groups_stay():
+    """Importance criteria are objects: one of your own goes straight into prune_to and is scored by hand."""
+    from dsk_compress.compress.prune import IMPORTANCES, Importance, Shape, importance, prune_to
+    from dsk_compress.errors import InvalidArgument
+
+    class Highest(Importance):  # keeps the channels and KV groups with the highest indices
+        name = "highest"
+
+        def ffn_channels(self, mlp, measured=None):
+            return torch.arange(mlp.gate_proj.out_features, dtype=torch.float64)
+
+        def kv_groups(self, attn, measured_heads=None):
+            return torch.arange(attn.k_proj.out_features // attn.head_dim, dtype=torch.float64)
+
+    m = tiny_llama(num_attention_heads=4, num_key_value_heads=2)
+    gate, k = m.model.layers[1].mlp.gate_proj.weight.clone(), m.model.layers[1].self_attn.k_proj.weight.clone()
+    prune_to(m, Shape(layers=2, kv_heads=1, heads=2, ffn=40), Highest(), example_inputs=torch.randint(0, V, (1, 8)))
+    assert kept_rows(gate, m.model.layers[1].mlp.gate_proj.weight) == list(range(88, 128))
+    assert kept_rows(k, m.model.layers[1].self_attn.k_proj.weight) == list(range(16, 32))  # KV group 1 of 2
+    assert sorted(IMPORTANCES) == ["activation", "l1", "l2", "taylor"] and importance("l2") is IMPORTANCES["l2"]
+    with pytest.raises(InvalidArgument, match="importance 'fisher' is unknown") as e:
+        importance("fisher")
+    assert e.value.argument == "importance"
+
+
+def test_library_argument_errors_are_said_as_the_recipe_field():
+    """Library code names its own argument; the recipe layer names the field the user edits."""
+    from dsk_compress.errors import InvalidArgument
+    from dsk_compress.recipes.base import field_error
+    from dsk_compress.recipes.schema import PruneConfig
+    from dsk_compress.recipes.stages.prune import PruneStage
+
+    stage = PruneStage(PruneConfig(ffn_ratio=0.0, target={"params": 0.5}))
+    e = field_error(InvalidArgument("params 0.5 is unreachable", "params", hint="raise params"), stage, 1)
+    assert (e.message, e.hint) == ("stages.1.target.params 0.5 is unreachable", "raise params")
+    assert (
+        field_error(InvalidArgument("ffn_ratio 0.99 leaves nothing", "ffn_ratio"), stage, 3).message
+        == "stages.3.ffn_ratio 0.99 leaves nothing"
+    )
+    assert field_error(InvalidArgument("drop: too many", "drop"), stage, 1).message == "stages.1.layers_removed: too many"
+    assert (
+        field_error(InvalidArgument("layers [9] out of range", "layers"), stage, 1).message
+        == "student.from_teacher.layers [9] out of range"
+    )
+    assert field_error(InvalidArgument("task_tokenizer has 9 tokens", "task_tokenizer")).message == "task.tokenizer has 9 tokens"
+    assert field_error(InvalidArgument("odd value", "whatever"), stage, 2).message == "stages.2 (prune): odd value"
 
 
 def test_macs_target_solves_the_least_pruning_within_budget():

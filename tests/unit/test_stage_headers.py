@@ -47,5 +47,12 @@ def test_no_comparable_run_says_nothing_about_time(tmp_path):
     )
 
 
+def test_qat_header_gives_each_precisions_steps(tmp_path):
+    spec = dsk_compress.load_recipe("quant-prune-distill")  # precisions [int8, int4], steps 100, int4.steps 200
+    assert "; int8 100 steps + int4 200 steps x batch 16." in stage_header(2, 5, plan(spec)[2], spec, tmp_path / "x")
+    spec = dsk_compress.load_recipe("quant-prune-distill", ["stages.2.precisions=[int8]"])
+    assert "; int8 100 steps x batch 16." in stage_header(2, 5, plan(spec)[2], spec, tmp_path / "x")
+
+
 def test_format_seconds():
     assert [format_seconds(s) for s in (0.4, 49, 396, 3725)] == ["0 s", "49 s", "6 min 36 s", "1 h 02 min"]

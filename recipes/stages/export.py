@@ -119,7 +119,8 @@ class _OnnxRuntimeHints:
 
 @STAGES.register("export")
 class ExportStage(Stage[ExportConfig]):
-    """ONNX for the teacher (dense routing), each student stage (fp32) and the QAT student (INT8 Q/DQ)."""
+    """ONNX for the teacher (dense routing), each student stage (fp32) and the QAT students (INT8 Q/DQ, int4 MatMulNBits), each
+    student also as fused decoder graphs."""
 
     consumes = ("model", "qat_model", "qat_int4_model")  # every student stage's model, the QAT students there are
     provides = ("artifacts",)

@@ -407,6 +407,59 @@ class Remote:
             )
         return proc
 
+    def _exec_lines(self, args: Sequence[str], *, timeout: float, on_line) -> subprocess.CompletedProcess:
+        """:meth:`_exec` (text, unchecked) that hands each line of the command's stdout to ``on_line`` as it arrives."""
+        import queue
+        import threading
+
+        argv = self.ssh_argv(args)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        lines: queue.Queue = queue.Queue()
+        err: list[str] = []
+
+        def pump() -> None:
+            for ln in proc.stdout:
+                lines.put(ln)
+            lines.put(None)
+
+        readers = [threading.Thread(target=pump, daemon=True), threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]
+        for t in readers:
+            t.start()
+        out: list[str] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    proc.kill()
+                    proc.wait()
+                    raise RemoteTimeout(
+                        f"`{_short(args)}` on {self.host} did not finish within {timeout:g} s",
+                        hint="raise the timeout, or check the device is not overloaded",
+                        stdout="".join(out),
+                        stderr="".join(err),
+                    )
+                try:
+                    line = lines.get(timeout=min(left, 1.0))
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
+                out.append(line)
+                on_line(line.rstrip("\n"))
+            proc.wait()
+        except BaseException:  # Ctrl-C or a timeout: the ssh client goes with it
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        for t in readers:
+            t.join(timeout=5)
+        stderr = "".join(err)
+        if proc.returncode == 255:
+            self._raise_ssh_error(stderr)
+        return subprocess.CompletedProcess(argv, proc.returncode, "".join(out), stderr)
+
     def _raise_ssh_error(self, err: str) -> None:
         """Turn ssh's own failures (exit 255) into one-line errors with a hint; other 255s are the command's."""
         h = self.host
@@ -763,8 +816,9 @@ class Remote:
         }
         t0 = time.perf_counter()
         timed_out = False
-        try:
-            r = self._exec(argv, timeout=timeout + 30, check=False, text=True)
+        say = log or (lambda msg: None)
+        try:  # run.py says which variant it is on: passed on as it comes, minutes apart on a slow board
+            r = self._exec_lines(argv, timeout=timeout + 30, on_line=lambda ln: ln.startswith("variant ") and say(f"  {self.host}: {ln}"))
             log, rc, err = r.stdout + r.stderr, r.returncode, r.stderr
         except RemoteTimeout as e:  # keep what it printed
             timed_out, log, rc, err = True, e.stdout + e.stderr, None, e.stderr

@@ -262,3 +262,5 @@ def test_bench_over_ssh_variants_all_measures_every_variant_in_one_session(emula
     assert (remote / "model.onnx").is_file() and (remote / "variants" / "teacher" / "model.onnx").is_file()
     log = (small_run / "devices" / "rpi4" / "raw" / "rpi4+variants" / "run.log").read_text()
     assert "variant teacher" in log and "variant student-distill" in log
+    # and the user saw each variant start as it did, not only at the end
+    assert f"{emulated_device.host}: variant teacher" in out and f"{emulated_device.host}: variant student-distill" in out, out

@@ -420,8 +420,11 @@ def bench_cmd(
         return
     if target is None:
         raise RunError("bench needs a run directory or a bundle", hint="dsk-compress bench RUN --device rpi5 --host pi@rpi5.local")
+    from dsk_compress.interrupts import exit_code, terminate_as_interrupt
+
     try:
-        with step_progress("bench"):  # each measurement names itself as it starts (stderr), the results come on stdout
+        # SIGTERM (a scheduler, `kill`) ends it as Ctrl-C does: what runs on the device is stopped first
+        with terminate_as_interrupt(), step_progress("bench"):  # each measurement names itself as it starts (stderr)
             out = bench(
                 target,
                 device=device,
@@ -441,7 +444,7 @@ def bench_cmd(
             )
     except KeyboardInterrupt as e:  # over SSH: what ran on the device has been stopped (RemoteInterrupted says what)
         typer.secho(getattr(e, "message", None) or "interrupted", err=True, fg="yellow")
-        raise typer.Exit(130) from None
+        raise typer.Exit(exit_code(e.__context__ if isinstance(e.__context__, KeyboardInterrupt) else e)) from None
     for err in out.errors:
         c.print(f"[yellow]not measured:[/yellow] {err}")
     if out.run_dir is not None:

@@ -152,7 +152,8 @@ def test_check_device_fits_profile_names_another_arm_core():
 # --------------------------------------------------------------------------- 2. Ctrl-C
 
 
-def test_ctrl_c_stops_run_py_on_the_device_and_exits_130(ssh_server, known_hosts, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_run_py_on_the_device_and_exits_130(ssh_server, known_hosts, tmp_path, sig, code):
     bundle, remote = _stub_bundle(tmp_path, "gpu-server", sleep=300), tmp_path / "device"
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
     cmd = [
@@ -172,9 +173,9 @@ def test_ctrl_c_stops_run_py_on_the_device_and_exits_130(ssh_server, known_hosts
     pid = int(pidfile.read_text())
     time.sleep(0.5)  # run.py is running
     assert _alive(pid) and "run.py" in Path(f"/proc/{pid}/cmdline").read_text()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)  # Ctrl-C, or SIGTERM from a scheduler or `kill`: both stop what runs on the device
     out, err = proc.communicate(timeout=180)  # stopping it takes a second ssh session: slow on a loaded machine
-    assert proc.returncode == 130, (out, err)
+    assert proc.returncode == code, (out, err)
     assert f"interrupted: stopped on {ssh_server.host}: {pid} " in " ".join(err.split()) and "run.py" in err
     assert _gone(pid) and not pidfile.exists()
 

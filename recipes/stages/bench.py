@@ -251,8 +251,9 @@ def host_rows(records, artifacts: dict[str, Artifact]) -> list[dict]:
 def latency_rounds(run_dir: Path, records: list, refs: dict[str, tuple[int, Plan]], task, bcfg, rounds: int) -> list:
     """Time each variant's reference runtime ``rounds - 1`` more times at the latency batch, in interleaved rounds (each
     round starts one variant further along, every timing in a fresh worker), so a slow spell of the machine falls on
-    every variant alike. Each record's latency-batch p50 becomes the median of its rounds' p50s, which it keeps
-    (``p50_rounds``); the other statistics stay those of the first round.
+    every variant alike. Each record's latency-batch p50, p90 and p99 become the medians of its rounds' own (so
+    p50 <= p90 <= p99 still holds), min and max those over every round, mean the rounds' mean; the record keeps the
+    rounds' p50s (``p50_rounds``).
 
     Args:
         records: the bench records so far (the first round).
@@ -263,15 +264,27 @@ def latency_rounds(run_dir: Path, records: list, refs: dict[str, tuple[int, Plan
 
     latency_only = replace(bcfg, throughput_batches=())
     names = list(refs)
-    p50s = {n: [records[i].timing.batches[0].p50] for n, (i, _) in refs.items()}
+    stats = {n: [records[i].timing.batches[0]] for n, (i, _) in refs.items()}
     for r in range(1, rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            p50s[name].append(_time(refs[name][1], run_dir, task.example_inputs(1), latency_only).timing.batches[0].p50)
+            stats[name].append(_time(refs[name][1], run_dir, task.example_inputs(1), latency_only).timing.batches[0])
     out = list(records)
     for name, (i, _) in refs.items():
-        rec = out[i]
-        first = rec.timing.batches[0].model_copy(update={"p50": statistics.median(p50s[name]), "p50_rounds": p50s[name]})
-        out[i] = rec.model_copy(update={"timing": rec.timing.model_copy(update={"batches": [first, *rec.timing.batches[1:]]})})
+        rec, rs = out[i], stats[name]
+        first = rs[0]
+        mean = statistics.fmean(s.mean for s in rs)
+        merged = first.model_copy(
+            update={
+                **{k: statistics.median(getattr(s, k) for s in rs) for k in ("p50", "p90", "p99")},
+                "min": min(s.min for s in rs),
+                "max": max(s.max for s in rs),
+                "mean": mean,
+                "items_per_s": first.batch_size * 1000 / mean,
+                "tokens_per_s": None if first.tokens_per_s is None else first.tokens_per_s * first.mean / mean,
+                "p50_rounds": [s.p50 for s in rs],
+            }
+        )
+        out[i] = rec.model_copy(update={"timing": rec.timing.model_copy(update={"batches": [merged, *rec.timing.batches[1:]]})})
     return out
 
 

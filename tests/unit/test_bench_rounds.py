@@ -42,6 +42,10 @@ def test_p50_is_the_median_of_interleaved_rounds(monkeypatch, tmp_path):
     assert got["teacher"].p50 == 11.0 and got["teacher"].p50_rounds == [10.0, 30.0, 11.0]
     assert got["student"].p50 == 4.0 and got["student"].p50_rounds == [4.0, 1.0, 5.0]
     assert got["final"].p50 == 2.5
+    # every statistic merges the rounds: round 1's p99 (10.0) below the median p50 (11.0) was a report with p50 > p99
+    t = got["teacher"]
+    assert t.p50 <= t.p90 <= t.p99 and (t.p99, t.min, t.max, t.mean) == (11.0, 10.0, 30.0, 17.0)
+    assert t.items_per_s == pytest.approx(1000 / 17.0)
     assert [r.timing.batches[1] for r in out] == [r.timing.batches[1] for r in recs]  # throughput batches untouched
     assert recs[0].timing.batches[0].p50 == 10.0  # the input records are not changed
 

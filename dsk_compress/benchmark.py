@@ -363,6 +363,11 @@ def _bench_remote(
         measurement = "emulated" if p.emulated else "measured"
         if p.emulated:  # an emulator's timings say nothing of the device: batch 1 only, no throughput batches
             args += ["--batches", "1"]
+            want = threads or card.get("threads")
+            if not threads and want and p.cpu_count and want > p.cpu_count:
+                # the profile's threads on fewer emulated cores spin against each other: many times slower for no figure
+                args += ["--threads", str(p.cpu_count)]
+                log(f"{h} is emulated on {p.cpu_count} core(s): {p.cpu_count} thread(s), not the profile's {want}")
         what = (
             f"{card['variant']}, {card['precision']}"
             if variants is None

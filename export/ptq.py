@@ -16,7 +16,7 @@ from dsk_compress.export import graph_files
 
 
 def _weight_matmuls(src: Path, dst: Path) -> list[str]:
-    """Name every node, and list the MatMuls with a constant weight (the Linear layers) except the LM head.
+    """Name every node, and list the MatMuls with a constant 2-D weight (the Linear layers) except the LM head.
 
     Activation x activation MatMuls (attention scores) and the LM head stay float, as in QAT, so
     the baselines quantize exactly what QAT quantizes. Writes the named graph to ``dst``.
@@ -27,9 +27,14 @@ def _weight_matmuls(src: Path, dst: Path) -> list[str]:
     for i, n in enumerate(m.graph.node):
         if not n.name:
             n.name = f"{n.op_type}_{i}"
-    consts = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    rank = {i.name: len(i.dims) for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            rank[n.output[0]] = len(n.attribute[0].t.dims)
     outputs = {o.name for o in m.graph.output}
-    names = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in consts and not (set(n.output) & outputs)]
+    # 2-D weights only: an MoE graph's stacked experts ([E, in, out], one batched MatMul) stay float, as they do in QAT
+    # (and ONNX Runtime's MatMulIntegerToFloat refuses their per-channel zero points)
+    names = [n.name for n in m.graph.node if n.op_type == "MatMul" and rank.get(n.input[1]) == 2 and not (set(n.output) & outputs)]
     graph_files.save(m, dst)
     return names
 

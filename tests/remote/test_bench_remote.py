@@ -11,6 +11,7 @@ oldest onnxruntime the bundles allow (1.18.1, from the board's wheelhouse) loads
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -262,5 +263,11 @@ def test_bench_over_ssh_variants_all_measures_every_variant_in_one_session(emula
     assert (remote / "model.onnx").is_file() and (remote / "variants" / "teacher" / "model.onnx").is_file()
     log = (small_run / "devices" / "rpi4" / "raw" / "rpi4+variants" / "run.log").read_text()
     assert "variant teacher" in log and "variant student-distill" in log
+    # the profile's threads, capped at the cores the emulator has (more would spin against each other)
+    from dsk_compress.devices import load_device
+
+    cores, want = os.cpu_count() or 1, load_device("rpi4").threads
+    assert {r["runtime"]["threads"] for r in recs} == {min(cores, want)}
+    assert (f"emulated on {cores} core(s): {cores} thread(s), not the profile's {want}" in " ".join(out.split())) == (cores < want)
     # and the user saw each variant start as it did, not only at the end
     assert f"{emulated_device.host}: variant teacher" in out and f"{emulated_device.host}: variant student-distill" in out, out

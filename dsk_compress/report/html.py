@@ -36,12 +36,14 @@ _OTHER_COLOUR = "#0891b2"
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
-       margin: 2rem auto; max-width: 1100px; color: #111827; padding: 0 1rem; }
+       margin: 2rem auto; max-width: 1280px; color: #111827; padding: 0 1rem; }
 h1 { font-size: 1.5rem; margin-bottom: 0.5rem; }
 ul.meta { list-style: none; padding: 0; color: #374151; }
 ul.meta li { display: inline-block; margin-right: 1.5rem; }
-table { border-collapse: collapse; width: 100%; font-size: 0.9rem; margin: 1rem 0; }
-th, td { border-bottom: 1px solid #e5e7eb; padding: 0.4rem 0.6rem; text-align: left; }
+div.table { overflow-x: auto; margin: 1rem 0; }  /* a wide table scrolls inside the page instead of running off it */
+table { border-collapse: collapse; width: 100%; font-size: 0.8rem; }
+th, td { border-bottom: 1px solid #e5e7eb; padding: 0.3rem 0.45rem; text-align: left; }
+td { white-space: nowrap; }  /* one line per variant: names and ranges never break */
 th { background: #f3f4f6; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.recommended td { background: #ecfdf5; font-weight: 600; }
@@ -198,7 +200,7 @@ def _table(rows: list[Variant], recommended: str | None, pareto: set[str], devic
     cols = table_columns(rows, device)
     numeric = numeric_columns(cols)
     out = [
-        "<table>",
+        '<div class="table"><table>',
         "<thead><tr>"
         + "".join(f'<th class="num">{_esc(c)}</th>' if i in numeric else f"<th>{_esc(c)}</th>" for i, c in enumerate(cols))
         + "</tr></thead>",
@@ -209,7 +211,7 @@ def _table(rows: list[Variant], recommended: str | None, pareto: set[str], devic
         cls = f' class="{" ".join(classes)}"' if classes else ""
         cells = "".join(f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>" for i, c in enumerate(row))
         out.append(f"<tr{cls}>{cells}</tr>")
-    return out + ["</tbody></table>"]
+    return out + ["</tbody></table></div>"]
 
 
 def render_html(report: Report | Mapping[str, Any]) -> tuple[str, dict[str, bytes]]:

@@ -444,27 +444,6 @@ def parse_args(card, argv=None):
     return a
 
 
-_FAMILY = {
-    "x86_64": "x86",
-    "amd64": "x86",
-    "i386": "x86",
-    "i686": "x86",
-    "aarch64": "arm",
-    "arm64": "arm",
-    "armv6l": "arm",
-    "armv7l": "arm",
-    "armv8l": "arm",
-    "riscv64": "riscv",
-    "ppc64le": "power",
-    "s390x": "s390",
-}
-
-
-def _family(machine):
-    m = (machine or "").strip().lower()
-    return _FAMILY.get(m, m)
-
-
 def emulation():
     """Why this Python looks emulated (e.g. arm64 Python under qemu-user on an x86 machine), or None.
 
@@ -479,14 +458,14 @@ def emulation():
         native = subprocess.run(["uname", "-m"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         native = ""
-    if native and _family(native) != _family(mine):
+    if native and M.machine_family(native) != M.machine_family(mine):
         return "this %s Python runs on a %s kernel (an emulator)" % (mine, native)
     try:
         with open("/proc/cpuinfo", errors="replace") as f:
             cpuinfo = f.read()
     except OSError:
         cpuinfo = ""
-    if _family(mine) == "arm" and ("GenuineIntel" in cpuinfo or "AuthenticAMD" in cpuinfo):
+    if M.machine_family(mine) == "arm" and ("GenuineIntel" in cpuinfo or "AuthenticAMD" in cpuinfo):
         return "this %s Python sees an x86 CPU in /proc/cpuinfo (an emulator)" % mine
     try:  # qemu-user-binfmt registers handlers only for foreign machines: one for our own says we run under it
         with open("/proc/sys/fs/binfmt_misc/qemu-" + mine) as f:

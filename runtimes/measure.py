@@ -81,6 +81,28 @@ def cpu_model():
     return cpu or platform.processor() or None
 
 
+_FAMILY = {
+    "x86_64": "x86",
+    "amd64": "x86",
+    "i386": "x86",
+    "i686": "x86",
+    "aarch64": "arm",
+    "arm64": "arm",
+    "armv6l": "arm",
+    "armv7l": "arm",
+    "armv8l": "arm",
+    "riscv64": "riscv",
+    "ppc64le": "power",
+    "s390x": "s390",
+}
+
+
+def machine_family(machine):
+    """The CPU family of a machine name as ``uname -m`` or ``platform.machine()`` says it: x86, arm, ... (others as given)."""
+    m = (machine or "").strip().lower()
+    return _FAMILY.get(m, m)
+
+
 def machine_facts():
     """Where this process runs: hostname, machine, CPU model, CPU count, OS and Python."""
     return {

@@ -67,20 +67,6 @@ _USER = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _HOSTNAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _IPV6 = r"\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]"
 _HOST_RE = re.compile(rf"(?:(?P<user>{_USER})@)?(?P<host>{_HOSTNAME}|{_IPV6})(?::(?P<port>[0-9]{{1,5}}))?")
-_FAMILY = {
-    "x86_64": "x86",
-    "amd64": "x86",
-    "i386": "x86",
-    "i686": "x86",
-    "aarch64": "arm",
-    "arm64": "arm",
-    "armv6l": "arm",
-    "armv7l": "arm",
-    "armv8l": "arm",
-    "riscv64": "riscv",
-    "ppc64le": "power",
-    "s390x": "s390",
-}
 
 # Native facts first (no Python needed), then the device's Python: one round trip. $1 = python, $2 = _PROBE_PY.
 # The marker line skips anything a login script may print before.
@@ -259,8 +245,9 @@ class Probe:
     @property
     def emulated(self) -> bool:
         """True when Python runs under emulation (e.g. arm64 Python under qemu-user on an x86 kernel)."""
-        a, b = (_FAMILY.get(m.lower(), m.lower()) for m in (self.uname_machine, self.python_machine))
-        return a != b
+        from dsk_compress.runtimes.measure import machine_family
+
+        return machine_family(self.uname_machine) != machine_family(self.python_machine)
 
 
 @dataclass(frozen=True)
@@ -390,12 +377,7 @@ class Remote:
             proc = subprocess.run(argv, input=input, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=text, timeout=limit)
         except subprocess.TimeoutExpired as e:
             out, err = (_text(s) for s in (e.stdout, e.stderr))
-            raise RemoteTimeout(
-                f"`{_short(args)}` on {self.host} did not finish within {limit:g} s",
-                hint="raise the timeout, or check the device is not overloaded",
-                stdout=out,
-                stderr=err,
-            ) from None
+            raise self._timeout(args, limit, out, err) from None
         err = _text(proc.stderr)
         if proc.returncode == 255:
             self._raise_ssh_error(err)
@@ -406,6 +388,14 @@ class Remote:
                 stderr=err,
             )
         return proc
+
+    def _timeout(self, args: Sequence[str], limit: float, stdout: str, stderr: str) -> RemoteTimeout:
+        return RemoteTimeout(
+            f"`{_short(args)}` on {self.host} did not finish within {limit:g} s",
+            hint="raise the timeout, or check the device is not overloaded",
+            stdout=stdout,
+            stderr=stderr,
+        )
 
     def _exec_lines(self, args: Sequence[str], *, timeout: float, on_line) -> subprocess.CompletedProcess:
         """:meth:`_exec` (text, unchecked) that hands each line of the command's stdout to ``on_line`` as it arrives."""
@@ -433,12 +423,7 @@ class Remote:
                 if left <= 0:
                     proc.kill()
                     proc.wait()
-                    raise RemoteTimeout(
-                        f"`{_short(args)}` on {self.host} did not finish within {timeout:g} s",
-                        hint="raise the timeout, or check the device is not overloaded",
-                        stdout="".join(out),
-                        stderr="".join(err),
-                    )
+                    raise self._timeout(args, timeout, "".join(out), "".join(err))
                 try:
                     line = lines.get(timeout=min(left, 1.0))
                 except queue.Empty:

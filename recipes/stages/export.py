@@ -497,24 +497,11 @@ class ExportStage(Stage[ExportConfig]):
 
     def _ptq(self, ctx: RunContext, d: Path, raw: Path, params: int, source: str) -> dict:
         """ORT dynamic and static INT8 quantization of the float student: the baselines QAT must beat. Removes ``raw``."""
-        from dsk_compress.export.onnx import fused_ops, op_histogram
         from dsk_compress.export.ptq import ptq_baselines
 
         step(f"ptq-dynamic, ptq-static: ONNX Runtime PTQ of {source}")
-        paths = ptq_baselines(raw, d, ctx.task.calibration_batches(self.config.ptq_calibration_batches, 4), self.config.optimization)
-        graph_files.remove(raw)
         how = {"ptq-dynamic": "ORT quantize_dynamic", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
-        return {
-            name: {
-                "path": ctx.rel(p),
-                "role": name,
-                "precision": "int8",
-                "params": params,
-                "fused_ops": fused_ops(op_histogram(p)),
-                "notes": f"{how[name]} of {source}, per-channel int8 weights, no fine-tune",
-            }
-            for name, p in paths.items()
-        }
+        return ptq_artifacts(ctx, self.config, d, raw, params, source, ptq_baselines, how, "per-channel int8 weights")
 
     def _tensorrt(self, ctx: RunContext, device, onnx_path: Path, precision: str, name: str, ref, example) -> dict:
         """Check ``onnx_path`` for TensorRT and build ``<name>.<device>.engine`` where tensorrt and a GPU are present."""
@@ -630,15 +617,33 @@ def run_torch(stage: ExportStage, ctx: RunContext) -> StageResult:
 def _torch_ptq(stage: ExportStage, ctx: RunContext, d: Path, raw: Path, params: int, source: str) -> dict:
     """ORT dynamic and static INT8 quantization of every Conv and Linear of the float student: the baselines QAT must beat."""
     from dsk_compress.export.cnn import integer_op_counts, ptq_baselines
-    from dsk_compress.export.onnx import fused_ops, op_histogram
+    from dsk_compress.export.onnx import op_histogram
 
-    c = stage.config
-    paths = ptq_baselines(raw, d, ctx.task.calibration_batches(c.ptq_calibration_batches, 4), c.optimization)
-    graph_files.remove(raw)
     how = {
         "ptq-dynamic": "ORT quantize_dynamic (ConvInteger / dynamic MatMul)",
         "ptq-static": "ORT quantize_static (QDQ, min/max calibration)",
     }
+    return ptq_artifacts(
+        ctx,
+        stage.config,
+        d,
+        raw,
+        params,
+        source,
+        ptq_baselines,
+        how,
+        "per-channel 7-bit int8 weights",
+        extra=lambda p: {"integer_ops": integer_op_counts(op_histogram(p))},
+    )
+
+
+def ptq_artifacts(ctx: RunContext, c, d: Path, raw: Path, params: int, source: str, baselines, how: dict, weights: str, extra=None) -> dict:
+    """The artifacts of ONNX Runtime's PTQ baselines of the float graph ``raw`` (removed after): ``baselines(raw, d,
+    calibration, optimization)`` writes them, ``how`` names each method, ``extra(path)`` adds fields to an entry."""
+    from dsk_compress.export.onnx import fused_ops, op_histogram
+
+    paths = baselines(raw, d, ctx.task.calibration_batches(c.ptq_calibration_batches, 4), c.optimization)
+    graph_files.remove(raw)
     return {
         name: {
             "path": ctx.rel(p),
@@ -646,8 +651,8 @@ def _torch_ptq(stage: ExportStage, ctx: RunContext, d: Path, raw: Path, params: 
             "precision": "int8",
             "params": params,
             "fused_ops": fused_ops(op_histogram(p)),
-            "integer_ops": integer_op_counts(op_histogram(p)),
-            "notes": f"{how[name]} of {source}, per-channel 7-bit int8 weights, no fine-tune",
+            **(extra(p) if extra else {}),
+            "notes": f"{how[name]} of {source}, {weights}, no fine-tune",
         }
         for name, p in paths.items()
     }

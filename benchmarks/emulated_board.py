@@ -29,8 +29,10 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--device", default="rpi5", help="device profile (an arm64 one)")
     ap.add_argument("--remote-dir", type=Path, help="the board's working folder (default RUN/../emulated-board)")
-    ap.add_argument("bench_args", nargs="*", help="after --: more `dsk-compress bench` arguments, e.g. --variants all")
-    args = ap.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    args.bench_args = argv[cut + 1 :]  # after --: more `dsk-compress bench` arguments, e.g. --variants all
     sys.path.insert(0, str(ROOT / "tests" / "remote"))
     import board as board_mod
     import sshd

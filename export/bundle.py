@@ -338,7 +338,8 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
         if variants is not None:  # a bundle of the shipped variant alone keeps the card it always had
             card.update(variants=listed, variants_skipped=skipped, variants_request=variants)
         atomic_write_json(tmp / "model_card.json", card)
-        atomic_write_text(tmp / "requirements.txt", requirements(runtime, tokenizer is not None))
+        ort_floor = onnxruntime_floor(sorted(tmp.rglob("*.onnx")))
+        atomic_write_text(tmp / "requirements.txt", requirements(runtime, tokenizer is not None, ort_floor))
         atomic_write_text(tmp / "README.md", _readme(spec.name, prof, v, precision, trt_card, tmp, tokenizer is not None))
         if listed:
             atomic_write_text(tmp / "README.md", (tmp / "README.md").read_text() + _variants_readme(listed))
@@ -497,9 +498,45 @@ def window_dtype(vocab_size: int):
     return np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
-def requirements(runtime: str, tokenizer: bool) -> str:
-    """``requirements.txt`` of a bundle: floors that load its files (see :data:`ORT_FLOOR`)."""
-    reqs = [f"numpy>={NUMPY_FLOOR}", f"onnxruntime>={ORT_FLOOR}"]
+ORT_OPERATOR_FLOORS = (
+    ("MatMulNBits", lambda node: _attr(node, "bits", 4) != 4, "1.22"),
+    ("GatherBlockQuantized", lambda node: _attr(node, "bits", None) is not None, "1.23"),
+    ("MatMulNBits", lambda node: _attr(node, "weight_prepacked", None) is not None, "1.29"),
+)
+"""Operators that raise the floor above :data:`ORT_FLOOR`, each with the oldest onnxruntime that loads it (checked on
+x86-64 by loading a default run's graphs): 8-bit MatMulNBits (an int4 QAT model's LM head; 1.21.1 "Only 4b quantization is
+supported"), GatherBlockQuantized with a ``bits`` attribute (its int8 embedding; 1.22.0 "Unrecognized attribute: bits"),
+and a ``weight_prepacked`` attribute (written by ONNX Runtime 1.32's optimizer; 1.26.0 refuses it, 1.29.0 loads)."""
+
+
+def _attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+def onnxruntime_floor(graphs) -> str:
+    """The oldest onnxruntime that loads every ONNX file in ``graphs``: :data:`ORT_FLOOR`, raised by the operators of
+    :data:`ORT_OPERATOR_FLOORS` they use (read without their external data)."""
+    import onnx
+
+    floor = ORT_FLOOR
+    for path in graphs:
+        for node in onnx.load(str(path), load_external_data=False).graph.node:
+            for op, needs, version in ORT_OPERATOR_FLOORS:
+                if node.op_type == op and needs(node) and _version(version) > _version(floor):
+                    floor = version
+    return floor
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def requirements(runtime: str, tokenizer: bool, ort_floor: str = ORT_FLOOR) -> str:
+    """``requirements.txt`` of a bundle: floors that load its files (``ort_floor``: :func:`onnxruntime_floor` of them)."""
+    reqs = [f"numpy>={NUMPY_FLOOR}", f"onnxruntime>={ort_floor}"]
     if tokenizer:
         reqs.append(f"tokenizers>={TOKENIZERS_FLOOR}")
     if runtime == "tensorrt":

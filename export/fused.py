@@ -39,7 +39,7 @@ Linear layers by precision:
 - ``int4`` of an int4 QAT model (:func:`dsk_compress.compress.qat.prepare_int4_qat`): each BlockQuantLinear a
   ``MatMulNBits`` (accuracy_level 4) packed from its own integers and learned scales (:mod:`dsk_compress.export.int4`);
   q/k/v and gate/up share one MatMulNBits where their bits and blocks agree (the kernel quantizes the input per row and
-  block, independent of N, so packing along N is exact); the int8 embedding is Gather + Cast + Mul by its row scales.
+  block, independent of N, so packing along N is exact); the int8 embedding is one GatherBlockQuantized (8 bits, one scale per row).
 - ``int4`` of a float model (post-training): the fp32 graph's MatMuls through ONNX Runtime's ``MatMulNBitsQuantizer``
   (blockwise symmetric RTN, ``block_size`` along K, activations fp32 or int8 per ``accuracy_level``).
 
@@ -231,7 +231,7 @@ class _Builder:
         return y
 
     def embed(self, module, ids: str) -> str:
-        """The token embedding: a Gather of the float table, or of an int4 QAT model's int8 table (Gather + Cast + Mul)."""
+        """The token embedding: a Gather of the float table, or of an int4 QAT model's int8 table (GatherBlockQuantized)."""
         from dsk_compress.compress.qat import QuantEmbedding
         from dsk_compress.export.int4 import embedding_nodes
 

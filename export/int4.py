@@ -10,9 +10,10 @@ Layout (the contrib-op spec, as ``onnxruntime.quantization.matmul_nbits_quantize
     scales   float [N, k_blocks]
     (no zero_points input: the default, 2^(bits-1), i.e. 8 for int4 and 128 for 8 bits, so the stored value is q + 8)
 
-A :class:`~dsk_compress.compress.qat.QuantEmbedding` becomes an int8 table ``[V, H]`` and row scales ``[V, 1]``:
-``Gather`` of the rows, ``Cast`` to float, ``Mul`` by the gathered scales (what ``DequantizeLinear`` computes, applied
-to the rows looked up only).
+A :class:`~dsk_compress.compress.qat.QuantEmbedding` becomes one ``GatherBlockQuantized`` (com.microsoft, ``bits`` 8):
+the int8 table stored as uint8 ``[V, H]`` (q + 128, the operator's default zero point) and its row scales repeated
+per block of ``H`` (a power of two, see :func:`embedding_block`), so the lookup dequantizes the rows it gathers, in
+one kernel, to exactly the numbers the fake quant computes.
 
 Three graphs of one model (``export_int4_lm``, ``export_int4_kv``; the fused decoder graph is written by
 :mod:`dsk_compress.export.fused` with :func:`nbits_arrays` and :func:`embedding_nodes`): the full-sequence and KV-cache
@@ -92,25 +93,34 @@ def nbits_arrays(mods: list) -> dict:
     return {"B": pack_nbits(q, first.weight_bits, first.block_size), "scales": scales, "bias": bias, "attrs": attrs}
 
 
-def embedding_arrays(emb) -> tuple[np.ndarray, np.ndarray]:
-    """A QuantEmbedding's int8 table ``[V, H]`` and row scales ``[V, 1]`` (float32)."""
+def embedding_block(hidden: int) -> int:
+    """GatherBlockQuantized's block along the hidden axis for one scale per row: the largest power of two up to
+    ``hidden`` (the kernel takes powers of two from 16; a last, shorter block repeats the row's scale too)."""
+    if hidden < 16:
+        raise ExportError(f"an int8 embedding needs a hidden size of at least 16 (GatherBlockQuantized's block), got {hidden}")
+    return 1 << (hidden.bit_length() - 1)
+
+
+def embedding_arrays(emb) -> tuple[np.ndarray, np.ndarray, int]:
+    """A QuantEmbedding as GatherBlockQuantized's inputs: the uint8 table ``[V, H]`` (int8 + 128), the float32 scales
+    ``[V, ceil(H / block)]`` (each row's scale repeated) and the block."""
     table, scales = emb.integer_table()
-    return table.numpy(), scales.numpy().astype(np.float32)[:, None]
+    table, scales = table.numpy(), scales.numpy().astype(np.float32)
+    block = embedding_block(table.shape[1])
+    blocks = -(-table.shape[1] // block)
+    return (table.astype(np.int16) + 128).astype(np.uint8), np.repeat(scales[:, None], blocks, axis=1), block
 
 
 def embedding_nodes(add_init, add_node, emb, ids: str, name: str, output: str | None = None) -> str:
-    """The int8 embedding lookup: ``Gather`` int8 rows, ``Cast`` to float, ``Mul`` by the ``Gather``-ed row scales.
+    """The int8 embedding lookup: one ``GatherBlockQuantized`` of the uint8 table with per-row scales.
 
     ``add_init(name, array) -> name`` and ``add_node(op, inputs, name, output or None, **attrs) -> output`` write into the
     caller's graph; ``output`` names the result (default: a fresh name). Returns the output name.
     """
-    from onnx import TensorProto
-
-    table, scales = embedding_arrays(emb)
-    rows = add_node("Gather", [add_init(f"{name}.weight_int8", table), ids], f"{name}/Gather", None)
-    rows = add_node("Cast", [rows], f"{name}/Cast", None, to=TensorProto.FLOAT)
-    s = add_node("Gather", [add_init(f"{name}.row_scale", scales), ids], f"{name}/Gather_scale", None)
-    return add_node("Mul", [rows, s], f"{name}/Mul", output)
+    table, scales, block = embedding_arrays(emb)
+    inputs = [add_init(f"{name}.weight_q8", table), ids, add_init(f"{name}.weight_scale", scales)]
+    attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 8}
+    return add_node("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", output, domain="com.microsoft", **attrs)
 
 
 @contextlib.contextmanager

@@ -383,7 +383,26 @@ def ort_optimize(src: str | Path, dst: str | Path, level: str = "extended") -> P
         make_session(
             src, optimization=level, optimized_model_path=tmp, disabled_optimizers=["CommonSubexpressionElimination"], config=config
         )
+        _drop_unpacked_markers(tmp)
     return Path(dst)
+
+
+def _drop_unpacked_markers(path: Path) -> None:
+    """Remove the ``weight_prepacked = 0`` that recent ONNX Runtime (1.32) writes on every MatMulNBits it saves: it states the
+    default (the weights are stored as the contrib-op spec lays them out), and onnxruntime before 1.29 refuses the whole
+    graph for the unknown attribute (checked: 1.26.0 "Unrecognized attribute: weight_prepacked", 1.29.0 loads)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    hit = False
+    for node in m.graph.node:
+        keep = [a for a in node.attribute if not (a.name == "weight_prepacked" and a.i == 0)]
+        if len(keep) != len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+            hit = True
+    if hit:  # the tensors stay where they are (external data is referenced, not rewritten)
+        onnx.save(m, str(path))
 
 
 def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path, opset: int = 17) -> dict:

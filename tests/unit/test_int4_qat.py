@@ -192,9 +192,69 @@ def test_int4_head_is_8_bit_and_embedding_an_int8_table(int4):
     head = [a for a, _, _ in nodes if a["N"] == 256]
     assert [a["bits"] for a in head] == [8] and sum(a["bits"] == 4 for a, _, _ in nodes) == 14
     tables = [v for v in inits.values() if v.shape == (256, 64)]
-    assert len(tables) == 1 and tables[0].dtype == np.int8  # no float copy of the embedding
+    assert len(tables) == 1 and tables[0].dtype == np.uint8  # no float copy of the embedding
     q, s = int4["model"].model.embed_tokens.integer_table()
-    assert np.array_equal(tables[0], q.numpy())
+    assert np.array_equal(tables[0].astype(np.int16) - 128, q.numpy())
+    m = onnx.load(str(int4["full"]["path"]))
+    (gbq,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    attrs = {a.name: a.i for a in gbq.attribute}
+    assert attrs == {"gather_axis": 0, "quantize_axis": 1, "block_size": 64, "bits": 8}
+    np.testing.assert_array_equal(inits[gbq.input[2]], s.numpy()[:, None])  # one scale per row, the QAT's own
+
+
+@pytest.mark.parametrize("hidden", [48, 192])
+def test_int8_embedding_lookup_equals_the_fake_quant_with_a_short_last_block(hidden):
+    """GatherBlockQuantized's block is a power of two: a hidden size that is not one (192: blocks of 128 and 64) still
+    gives every row its one scale, bit for bit the fake quant's numbers."""
+    import onnxruntime as ort
+
+    from dsk_compress.compress.qat import QuantEmbedding
+    from dsk_compress.export.int4 import embedding_nodes
+
+    torch.manual_seed(hidden)
+    emb = QuantEmbedding(torch.nn.Embedding(300, hidden))
+    inits, nodes = [], []
+
+    def add_init(name, array):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def add_node(op, inputs, name, output, domain="", **attrs):
+        nodes.append(helper.make_node(op, inputs, [output or name + "/out"], name=name, domain=domain or None, **attrs))
+        return output or name + "/out"
+
+    embedding_nodes(add_init, add_node, emb, "ids", "embed", "rows")
+    g = helper.make_graph(
+        nodes,
+        "emb",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, [None, hidden])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    ids = np.array([0, 7, 299, 7, 150], np.int64)
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    with torch.no_grad():
+        want = emb(torch.from_numpy(ids)).numpy()
+    assert [n.op_type for n in nodes] == ["GatherBlockQuantized"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_saved_int4_graphs_load_in_the_onnxruntime_their_bundle_asks_for(int4):
+    """ONNX Runtime 1.32's optimizer marks each MatMulNBits ``weight_prepacked = 0``, which onnxruntime before 1.29 refuses:
+    the saved graphs drop it, and the bundle floor follows the operators (8-bit head 1.22, int8 embedding 1.23)."""
+    from dsk_compress.export.bundle import ORT_FLOOR, onnxruntime_floor
+
+    for kind in ("full", "kv", "fused"):
+        g = onnx.load(str(int4[kind]["path"])).graph
+        assert not [a for n in g.node for a in n.attribute if a.name == "weight_prepacked"], kind
+        assert onnxruntime_floor([int4[kind]["path"]]) == "1.23", kind
+    marked = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", bits=4, weight_prepacked=0)
+    plain = helper.make_node("MatMul", ["x", "w"], ["y"])
+    for nodes, floor in (([plain], ORT_FLOOR), ([marked], "1.29")):
+        path = int4["dir"] / f"floor-{floor}.onnx"
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], [])), str(path))
+        assert onnxruntime_floor([path]) == floor
 
 
 def test_int4_head_bits_4_and_float_head_and_embedding_export_too(tmp_path):

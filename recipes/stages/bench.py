@@ -212,9 +212,11 @@ def measure_decodes(run_dir: Path, artifacts: dict[str, Artifact], task, bcfg, n
         "new_tokens",
         "repeats",
         "prefill_ms",
+        "prefill_ms_runs",
         "decode_ms_p50",
         "decode_ms_p90",
         "decode_tokens_per_s",
+        "decode_tokens_per_s_runs",
         "peak_memory_mb",
     )
     return {

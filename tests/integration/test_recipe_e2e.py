@@ -151,6 +151,8 @@ def test_e2e_fused_decoder_graphs_are_checked_and_bench_decodes_with_them(finish
     assert rows["student-int4"]["precision"] == "int4" and 0 < rows["student-int4"]["accuracy"] <= 100
     for name in ("student-distill", "student-prune", "final", "student-int4"):
         assert rows[name]["decode"]["artifact"] == arts[name]["fused_path"] and rows[name]["decode_tokens_per_s"] > 0
+        dec = rows[name]["decode"]  # every repeat's figures travel with the medians
+        assert len(dec["prefill_ms_runs"]) == len(dec["decode_tokens_per_s_runs"]) == dec["repeats"] >= 3, name
 
 
 def test_e2e_int8_artifact_accuracy_close_to_qat_torch(finished_run):

@@ -25,6 +25,7 @@ measured or written.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -670,6 +671,8 @@ def _main(argv=None):
         except Exception as e:  # keep the timing; say what failed
             res["errors"].append("accuracy: %s: %s" % (type(e).__name__, e))
         write(a.out, res)
+    del predict, timed  # one session at a time: the full-sequence graph's goes before the decoder graph's loads
+    gc.collect()
     if a.generate:
         gen_providers = providers if a.runtime == "onnxruntime" else ort_providers(card, None)
         try:

@@ -49,7 +49,9 @@ class Int4QATSettings(StrictModel):
         "mse", description="initial block scales: least squared error, or absmax / 7; then learned (LSQ)"
     )
     head_bits: Literal[4, 8] | None = Field(8, description="the LM head's weight bits (MatMulNBits, same blocks); null keeps it float")
-    embedding_bits: Literal[8] | None = Field(8, description="the token embedding: int8 per row (one GatherBlockQuantized); null keeps it float")
+    embedding_bits: Literal[8] | None = Field(
+        8, description="the token embedding: int8 per row (one GatherBlockQuantized); null keeps it float"
+    )
     steps: int | None = Field(
         None,
         ge=0,

@@ -375,6 +375,23 @@ def bench_cmd(
             "section has a table and a Pareto front. Default: the variant the profile ships.",
         ),
     ] = None,
+    batches: Annotated[
+        str | None,
+        typer.Option(
+            "--batches",
+            metavar="N,N,...",
+            help="Batch sizes run.py times, the first the latency batch (default the bundle's 1,8,64; 1 for latency only "
+            "on a slow device).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            help="Seconds the device session may take, venv install included (default one hour per variant measured).",
+            min=1,
+        ),
+    ] = None,
     clean: Annotated[
         str | None,
         typer.Option(
@@ -440,6 +457,8 @@ def bench_cmd(
                 generate=generate,
                 other_arch=other_arch,
                 variants=variants,
+                batches=batches,
+                timeout=timeout,
                 log=lambda m: c.print(m, markup=False),
             )
     except KeyboardInterrupt as e:  # over SSH: what ran on the device has been stopped (RemoteInterrupted says what)

@@ -107,9 +107,10 @@ def bench(
     runs: int | None = None,
     threads: int | None = None,
     generate: int | None = None,
-    timeout: float = 3600,
+    timeout: float | None = None,
     other_arch: bool = False,
     variants: str | None = None,
+    batches: str | None = None,
     log=print,
 ) -> BenchOutcome:
     """Measure a run or a bundle on a device over SSH (``host``) or on this machine, and merge the results into the run's report.
@@ -125,13 +126,15 @@ def bench(
             default ``~/dsk-compress``.
         runs, threads: timed runs per batch size and intra-op threads (default: the bundle's / the profile's).
         generate: greedy decode steps (``run.py --generate N``; the bench stage's count on this machine).
-        timeout: seconds for the device's venv install and for ``run.py``.
+        timeout: seconds for the device's venv install and for ``run.py`` (default :data:`VARIANT_TIMEOUT_S` per variant
+            the session measures).
         other_arch: with ``host``, measure even when the device's CPU architecture is not the profile's; the results are
             then recorded under the device's own host name, never the profile's (without it such a device is refused).
         variants: ``all`` or ``NAME,NAME,...`` of the run's exported variants to measure in one session (one copy, one
             venv, one record each): a run's bundle for ``device`` is then written with them to ``RUN/bundles/<device>+variants``
             (:func:`~dsk_compress.export.bundle.make_bundle` with ``variants``); a bundle must carry them. Default: the
             variant the profile ships, alone.
+        batches: ``run.py --batches`` (e.g. ``"1"``: the latency batch only; default the bundle's 1, 8, 64).
         log: where progress lines go.
 
     Returns:
@@ -148,6 +151,7 @@ def bench(
             hint="pass runs/<recipe>-<time> or a folder written by dsk-compress export",
         )
     chosen = parse_variants(variants)
+    batches = parse_batches(batches)
     if chosen is not None and host is None and not _is_bundle(target):
         raise DeviceError("--variants goes with --host (or a bundle)", hint="on this machine bench RUN measures every variant already")
     if host is not None:
@@ -174,11 +178,12 @@ def bench(
             log,
             other_arch=other_arch,
             variants=chosen,
+            batches=batches,
         )
     if other_arch:
         raise DeviceError("--other-arch goes with --host", hint="on this machine the architecture is checked against --device")
     if _is_bundle(target):
-        return _bench_bundle_here(target, device, runs, threads, generate, timeout, log, variants=chosen)
+        return _bench_bundle_here(target, device, runs, threads, generate, timeout, log, variants=chosen, batches=batches)
     return _bench_run_here(target, device, runs, threads, generate, log)
 
 
@@ -251,6 +256,38 @@ def parse_variants(text: str | None) -> str | list[str] | None:
     return names
 
 
+VARIANT_TIMEOUT_S = 3600
+"""The default time a bench session gets on the device per variant it measures (venv install and run.py): a Pi 4 or an
+emulated board takes tens of minutes for a teacher's 1, 8 and 64-row batches."""
+
+
+def session_timeout(timeout: float | None, card: dict, chosen) -> float:
+    """``timeout``, or :data:`VARIANT_TIMEOUT_S` per variant the session measures (``chosen``: None, ``"all"`` or names)."""
+    if timeout is not None:
+        return float(timeout)
+    n = 1 if chosen is None else len(card.get("variants") or [card]) if chosen == "all" else len(chosen)
+    return float(VARIANT_TIMEOUT_S * max(n, 1))
+
+
+def parse_batches(text: str | None) -> str | None:
+    """``--batches``: ``N,N,...`` of positive batch sizes (the first is the latency batch), or None for the bundle's."""
+    if text is None:
+        return None
+    try:
+        sizes = [int(b) for b in text.split(",")]
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        raise RunError(f"--batches: {text!r} is not a list of positive batch sizes", hint="e.g. --batches 1 or --batches 1,8") from None
+    return ",".join(str(b) for b in sizes)
+
+
+def _run_args(runs, threads, generate, batches) -> list[str]:
+    """run.py's arguments for what the bench was asked (flags left out keep the bundle's defaults)."""
+    given = (("--runs", runs), ("--threads", threads), ("--generate", generate), ("--batches", batches))
+    return [a for flag, v in given if v for a in (flag, str(v))]
+
+
 def _variants_arg(chosen) -> list[str]:
     return [] if chosen is None else ["--variant", chosen if chosen == "all" else ",".join(chosen)]
 
@@ -297,6 +334,7 @@ def _bench_remote(
     log,
     other_arch=False,
     variants=None,
+    batches=None,
 ):
     from dsk_compress.runtimes.remote import Remote, parse_host
 
@@ -333,7 +371,8 @@ def _bench_remote(
     except DeviceError:  # a bundle written for a profile YAML that is not at hand: its architecture cannot be checked
         profile = None
     name = card["device"]
-    args = [a for flag, v in (("--runs", runs), ("--threads", threads), ("--generate", generate)) if v for a in (flag, str(v))]
+    args = _run_args(runs, threads, generate, batches)
+    timeout = session_timeout(timeout, card, variants)
     with Remote(
         h, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new, python=python, command_timeout=timeout
     ) as dev:
@@ -362,7 +401,7 @@ def _bench_remote(
         raw = out / "raw" / (bundle.name if variants is not None else card["variant"])
         measurement = "emulated" if p.emulated else "measured"
         if p.emulated:  # an emulator's timings say nothing of the device: batch 1 only, no throughput batches
-            args += ["--batches", "1"]
+            args += [] if batches else ["--batches", "1"]
             want = threads or card.get("threads")
             if not threads and want and p.cpu_count and want > p.cpu_count:
                 # the profile's threads on fewer emulated cores spin against each other: many times slower for no figure
@@ -544,7 +583,7 @@ def _bench_run_here(run_dir: Path, device, runs, threads, generate, log) -> Benc
     return BenchOutcome(name=name, records=records, results=_save(out, name, records, run_dir), run_dir=run_dir, errors=errors)
 
 
-def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, log, variants=None) -> BenchOutcome:
+def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, log, variants=None, batches=None) -> BenchOutcome:
     """The bundle's run.py with this Python (the way a device runs it); ``variants``: those it carries, one record each."""
     card = read_card(bundle)
     _check_bundle_variants(bundle, card, variants)
@@ -556,8 +595,8 @@ def _bench_bundle_here(bundle: Path, device, runs, threads, generate, timeout, l
     out = (run_dir / "devices" / name) if run_dir else (bundle / "results")
     raw = out / "raw" / (bundle.name if variants is not None else card["variant"])
     raw.mkdir(parents=True, exist_ok=True)
-    args = [a for flag, v in (("--runs", runs), ("--threads", threads), ("--generate", generate)) if v for a in (flag, str(v))]
-    args += _variants_arg(variants)
+    args = _run_args(runs, threads, generate, batches) + _variants_arg(variants)
+    timeout = session_timeout(timeout, card, variants)
     log(f"running {bundle}/run.py with {sys.executable}")
     r = subprocess.run(
         [sys.executable, str(bundle / "run.py"), "--out", str(raw / "results.json"), *args],

@@ -123,10 +123,11 @@ def test_multi_variant_bundle_run_py_writes_one_record_per_variant_and_the_devic
     assert shipped["model"] == "model.onnx" and (bundle / "variants" / "teacher" / "model.onnx").is_file()
     assert not (bundle / "variants" / card["variant"]).exists()  # the shipped graph is not copied twice
 
-    code, out, err = run_main(["bench", str(bundle), "--runs", "2", "--variants", "all"], capsys)
+    code, out, err = run_main(["bench", str(bundle), "--runs", "2", "--variants", "all", "--batches", "1,3"], capsys)
     assert code == 0, err
     results = run_copy / "devices" / socket.gethostname()
     recs = json.loads((results / "results.json").read_text())["records"]
+    assert all([b["batch_size"] for b in r["timing"]["batches"]] == [1, 3] for r in recs)
     assert [(r["variant"], r["artifact"], r["provenance"]["tool"]) for r in recs] == [
         ("teacher", "variants/teacher/model.onnx", "run.py"),
         ("student-distill", "model.onnx", "run.py"),
@@ -179,3 +180,13 @@ def test_run_py_refuses_a_variant_entry_that_leaves_the_bundle_in_one_line(run_c
     (bundle / "model_card.json").write_text(json.dumps(card))
     r = subprocess.run([sys.executable, "run.py", "--variant", "all"], cwd=bundle, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model '../../manifest.json' is outside the bundle" in r.stderr
+
+
+def test_a_device_session_gets_an_hour_per_variant_unless_told():
+    from dsk_compress.benchmark import VARIANT_TIMEOUT_S, session_timeout
+
+    card = {"variant": "final", "variants": [{"variant": v} for v in ("teacher", "final", "final-int4")]}
+    assert session_timeout(None, card, None) == VARIANT_TIMEOUT_S
+    assert session_timeout(None, card, "all") == 3 * VARIANT_TIMEOUT_S
+    assert session_timeout(None, card, ["teacher", "final"]) == 2 * VARIANT_TIMEOUT_S
+    assert session_timeout(90, card, "all") == 90

@@ -154,6 +154,10 @@ def bench(
     batches = parse_batches(batches)
     if chosen is not None and host is None and not _is_bundle(target):
         raise DeviceError("--variants goes with --host (or a bundle)", hint="on this machine bench RUN measures every variant already")
+    if batches is not None and host is None and not _is_bundle(target):
+        raise DeviceError(
+            "--batches goes with --host (or a bundle)", hint="on this machine the recipe's bench stage settings apply (throughput_batches)"
+        )
     if host is not None:
         from dsk_compress.paths import remote_dir as confined
 

@@ -72,6 +72,7 @@ def test_bench_bundle_here_runs_its_run_py_and_merges_into_its_run(tiny_run, cap
         (["--host", "-oProxyCommand=touch x", "--device", "rpi5"], "not a valid SSH host"),
         (["--host", "pi@board"], "--host needs --device with a run"),
         (["--device", "rpi5"], "bench.device rpi5 is an aarch64 device and this host is x86_64"),
+        (["--batches", "1,8"], "--batches goes with --host (or a bundle)"),
     ],
 )
 def test_bench_refusals_are_one_line(tiny_run, capsys, args, says):

@@ -321,6 +321,25 @@ def _records(data, source: str) -> tuple[list, list[str]]:
     return [parse_record(data, source)], []
 
 
+def _device_records(data, source: str, host, emulated: bool) -> tuple[list, list[str]]:
+    """:func:`_records` of a device's results.json, each labelled with the SSH host and as emulated where it was."""
+    recs, failed = _records(data, source)
+    labelled = [
+        r.model_copy(
+            update={
+                "provenance": r.provenance.model_copy(
+                    update={
+                        "ssh_host": str(host),
+                        "measurement": "emulated" if emulated or r.provenance.measurement == "emulated" else "measured",
+                    }
+                )
+            }
+        )
+        for r in recs
+    ]
+    return labelled, failed
+
+
 def _bench_remote(
     target,
     device,
@@ -340,7 +359,7 @@ def _bench_remote(
     variants=None,
     batches=None,
 ):
-    from dsk_compress.runtimes.remote import Remote, parse_host
+    from dsk_compress.runtimes.remote import Remote, RemoteInterrupted, RemoteTimeout, parse_host
 
     h = parse_host(host)  # before anything is exported: a bad host is one line
     if _is_bundle(target):
@@ -421,31 +440,24 @@ def _bench_remote(
             f"running {bundle.name} ({what})"
         )
         suffix = "+variants" if variants is not None else ""  # the shipped bundle's folder on the device stays as it is
-        res = dev.run_bundle(
-            bundle,
-            out_dir=raw,
-            run_args=[*args, *_variants_arg(variants), "--measurement", measurement],
-            wheelhouse=wheelhouse,
-            timeout=timeout,
-            remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{card['device']}{suffix}",
-            venvs_root=f"{remote_dir}/venvs",
-            log=log,
-        )
-    recs, failed = _records(res["results"], f"{raw / 'results.json'} (from {h})")
-    emulated = res["provenance"]["measurement"] == "emulated"
-    recs = [
-        r.model_copy(
-            update={
-                "provenance": r.provenance.model_copy(
-                    update={
-                        "ssh_host": str(h),
-                        "measurement": "emulated" if emulated or r.provenance.measurement == "emulated" else "measured",
-                    }
-                )
-            }
-        )
-        for r in recs
-    ]
+        try:
+            res = dev.run_bundle(
+                bundle,
+                out_dir=raw,
+                run_args=[*args, *_variants_arg(variants), "--measurement", measurement],
+                wheelhouse=wheelhouse,
+                timeout=timeout,
+                remote_root=f"{remote_dir}/bundles/{card.get('source_run') or 'bundle'}-{card['device']}{suffix}",
+                venvs_root=f"{remote_dir}/venvs",
+                log=log,
+            )
+        except (RemoteTimeout, RemoteInterrupted) as e:  # the variants finished before the stop are kept
+            if getattr(e, "partial", None):
+                recs, _ = _device_records(e.partial, f"{raw / 'results.json'} (from {h}, stopped)", h, p.emulated)
+                _save(out, name, recs, run_dir, bundle_file=None if run_dir else out / f"{name}.json")
+                log(f"kept the {len(recs)} variant(s) {h} finished before the stop: {', '.join(r.variant for r in recs)}")
+            raise
+    recs, failed = _device_records(res["results"], f"{raw / 'results.json'} (from {h})", h, res["provenance"]["measurement"] == "emulated")
     outcome = BenchOutcome(
         name=name,
         records=recs,

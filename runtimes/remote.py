@@ -192,8 +192,8 @@ class RemotePermissionError(RemoteError):
 class RemoteInterrupted(KeyboardInterrupt):
     """Ctrl-C during a remote run: what was running on the device has been stopped. ``stopped`` lists it ("PID ARGS")."""
 
-    def __init__(self, host: str, stopped: list[str]) -> None:
-        self.stopped = stopped
+    def __init__(self, host: str, stopped: list[str], partial: dict | None = None) -> None:
+        self.stopped, self.partial = stopped, partial
         what = "; ".join(stopped) if stopped else "nothing was running there any more"
         self.message = f"interrupted: stopped on {host}: {what}"
         super().__init__(self.message)
@@ -812,14 +812,16 @@ class Remote:
             stopped = self.stop_run(rdir)
             prov.update(wall_s=round(time.perf_counter() - t0, 3), finished_at=_now(), returncode=None, interrupted=True, stopped=stopped)
             (out / "provenance.json").write_text(json.dumps(prov, indent=2))
-            raise RemoteInterrupted(str(self.host), stopped) from None
+            raise RemoteInterrupted(str(self.host), stopped, self._finished_variants(rdir, out)) from None
         prov.update(wall_s=round(time.perf_counter() - t0, 3), finished_at=_now(), returncode=rc)
         (out / "run.log").write_text(log)
         (out / "provenance.json").write_text(json.dumps(prov, indent=2))
         if timed_out or (rc == 124 and p.has_timeout):
-            raise RemoteTimeout(
+            e = RemoteTimeout(
                 f"run.py on {self.host} did not finish within {timeout:g} s", hint=f"its output is in {out / 'run.log'}", stdout=log
             )
+            e.partial = self._finished_variants(rdir, out)
+            raise e
         if rc != 0:
             raise RemoteCommandError(
                 f"run.py failed on {self.host} (exit {rc}): {_last_line(err)}",
@@ -829,6 +831,15 @@ class Remote:
             )
         results = json.loads(self.get(f"{rdir}/results.json", out / "results.json").read_text())
         return {"results": results, "provenance": prov, "transfer": asdict(transfer), "out_dir": str(out)}
+
+    def _finished_variants(self, rdir: str, out: Path) -> dict | None:
+        """After a stopped ``run.py --variant``: its results.json with the variants it finished (it rewrites the file after
+        each), fetched into ``out``; None when there is none (a single variant's run keeps no partial record)."""
+        try:
+            data = json.loads(self.get(f"{rdir}/results.json", out / "results.json", timeout=120).read_text())
+        except (RemoteError, OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("records") else None
 
 
 def confined(folder: str, what: str = "--remote-dir") -> str:

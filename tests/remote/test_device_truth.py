@@ -180,6 +180,33 @@ def test_ctrl_c_stops_run_py_on_the_device_and_exits_130(ssh_server, known_hosts
     assert _gone(pid) and not pidfile.exists()
 
 
+def test_a_stopped_variants_session_keeps_the_variants_it_finished(ssh_server, known_hosts, tmp_path):
+    """run.py --variant rewrites results.json after each variant: a bench stopped (SIGTERM, Ctrl-C, --timeout) in the
+    middle of the second variant keeps the first one's record."""
+    bundle, remote = _stub_bundle(tmp_path, "gpu-server"), tmp_path / "device"
+    first = (
+        STUB_RUN_PY.replace("DEVICE", "gpu-server")
+        .replace("default=0)", "default=0.1)")
+        .replace(', open(a.out, "w"))', ", open(a.out + '.one', 'w'))")
+    )
+    (bundle / "run.py").write_text(
+        first
+        + "rec = json.load(open(a.out + '.one'))\n"
+        + "json.dump({'schema': 'dsk-compress/variant-results', 'schema_version': 1, 'records': [rec], 'errors': []}, open(a.out, 'w'))\n"
+        + "print('variant final-int4 (int4, variants/final-int4/model.onnx)', flush=True)\ntime.sleep(300)\n"
+    )
+    args = [
+        "bench",
+        str(bundle),
+        *_bench_args(ssh_server, known_hosts, remote, "--wheelhouse", str(tmp_path / "wheels"), "--timeout", "30"),
+    ]
+    res = _cli(args)
+    assert res.exit_code != 0 and "did not finish within 30 s" in str(res.exception), res.output
+    assert "kept the 1 variant(s)" in " ".join(res.output.split())
+    saved = json.loads((bundle / "results" / "gpu-server.json").read_text())
+    assert [r["variant"] for r in saved["records"]] == ["final"] and saved["records"][0]["provenance"]["ssh_host"] == ssh_server.host
+
+
 def test_a_later_bench_stops_a_run_py_an_earlier_one_left(ssh_server, known_hosts, tmp_path):
     bundle, remote = _stub_bundle(tmp_path, "gpu-server"), tmp_path / "device"
     rdir = remote / "bundles" / "bundle-gpu-server"

@@ -424,7 +424,8 @@ def _bench_remote(
         raw = out / "raw" / (bundle.name if variants is not None else card["variant"])
         measurement = "emulated" if p.emulated else "measured"
         if p.emulated:  # an emulator's timings say nothing of the device: batch 1 only, no throughput batches
-            args += [] if batches else ["--batches", "1"]
+            if not batches:
+                args += ["--batches", "1"]
             want = threads or card.get("threads")
             if not threads and want and p.cpu_count and want > p.cpu_count:
                 # the profile's threads on fewer emulated cores spin against each other: many times slower for no figure
@@ -457,7 +458,7 @@ def _bench_remote(
                 _save(out, name, recs, run_dir, bundle_file=None if run_dir else out / f"{name}.json")
                 log(f"kept the {len(recs)} variant(s) {h} finished before the stop: {', '.join(r.variant for r in recs)}")
             raise
-    recs, failed = _device_records(res["results"], f"{raw / 'results.json'} (from {h})", h, res["provenance"]["measurement"] == "emulated")
+    recs, failed = _device_records(res["results"], f"{raw / 'results.json'} (from {h})", h, p.emulated)
     outcome = BenchOutcome(
         name=name,
         records=recs,

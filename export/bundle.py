@@ -499,39 +499,31 @@ def window_dtype(vocab_size: int):
 
 
 ORT_OPERATOR_FLOORS = (
-    ("MatMulNBits", lambda node: _attr(node, "bits", 4) != 4, "1.22"),
-    ("GatherBlockQuantized", lambda node: _attr(node, "bits", None) is not None, "1.23"),
-    ("MatMulNBits", lambda node: _attr(node, "weight_prepacked", None) is not None, "1.29"),
+    ("MatMulNBits", lambda attrs: attrs.get("bits", 4) != 4, "1.22"),
+    ("GatherBlockQuantized", lambda attrs: "bits" in attrs, "1.23"),
+    ("MatMulNBits", lambda attrs: "weight_prepacked" in attrs, "1.29"),
 )
-"""Operators that raise the floor above :data:`ORT_FLOOR`, each with the oldest onnxruntime that loads it (checked on
-x86-64 by loading a default run's graphs): 8-bit MatMulNBits (an int4 QAT model's LM head; 1.21.1 "Only 4b quantization is
-supported"), GatherBlockQuantized with a ``bits`` attribute (its int8 embedding; 1.22.0 "Unrecognized attribute: bits"),
-and a ``weight_prepacked`` attribute (written by ONNX Runtime 1.32's optimizer; 1.26.0 refuses it, 1.29.0 loads)."""
-
-
-def _attr(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return default
+"""Operators that raise the floor above :data:`ORT_FLOOR`, each with a test of its attributes and the oldest onnxruntime
+that loads it (checked on x86-64 by loading a default run's graphs): 8-bit MatMulNBits (an int4 QAT model's LM head;
+1.21.1 "Only 4b quantization is supported"), GatherBlockQuantized with a ``bits`` attribute (its int8 embedding; 1.22.0
+"Unrecognized attribute: bits"), and a ``weight_prepacked`` attribute (written by ONNX Runtime 1.32's optimizer; 1.26.0
+refuses it, 1.29.0 loads)."""
 
 
 def onnxruntime_floor(graphs) -> str:
     """The oldest onnxruntime that loads every ONNX file in ``graphs``: :data:`ORT_FLOOR`, raised by the operators of
     :data:`ORT_OPERATOR_FLOORS` they use (read without their external data)."""
     import onnx
+    from packaging.version import Version
 
     floor = ORT_FLOOR
     for path in graphs:
         for node in onnx.load(str(path), load_external_data=False).graph.node:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             for op, needs, version in ORT_OPERATOR_FLOORS:
-                if node.op_type == op and needs(node) and _version(version) > _version(floor):
+                if node.op_type == op and needs(attrs) and Version(version) > Version(floor):
                     floor = version
     return floor
-
-
-def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split("."))
 
 
 def requirements(runtime: str, tokenizer: bool, ort_floor: str = ORT_FLOOR) -> str:

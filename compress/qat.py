@@ -382,10 +382,13 @@ def block_quant_layers(model: nn.Module) -> list[BlockQuantLinear]:
 
 
 def qat_scheme(model: nn.Module) -> str | None:
-    """``int4`` (MatMulNBits layers), ``int8`` (QuantLinear / QuantConv2d) or None (a float model)."""
-    if any(isinstance(m, (BlockQuantLinear, QuantEmbedding)) for m in model.modules()):
+    """``int4`` (MatMulNBits layers), ``int8`` (QuantLinear / QuantConv2d, with or without an int8 embedding) or None (a
+    float model)."""
+    if any(isinstance(m, BlockQuantLinear) for m in model.modules()):
         return "int4"
-    return "int8" if quant_layers(model) else None
+    if quant_layers(model):
+        return "int8"
+    return "int4" if any(isinstance(m, QuantEmbedding) for m in model.modules()) else None
 
 
 def prepare_int4_qat(
@@ -435,23 +438,31 @@ def prepare_qat(
     skip: list[str] | None = None,
     activations: str = "asymmetric",
     shared_inputs: list[list[str]] | None = None,
+    embedding_bits: int | None = None,
 ) -> list[str]:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` not named in ``skip`` with a QuantLinear / QuantConv2d (in place);
     return their names. Fold BatchNorm into the convs before (``dsk_compress.compress.cnn.fold_batchnorm``).
+    ``embedding_bits`` 8: a causal LM's input embedding becomes a :class:`QuantEmbedding` (int8 per row; its name among those returned).
 
     ``activations``: ``asymmetric`` (uint8 + zero point) or ``symmetric`` (int8, zero point 0, for TensorRT).
     ``shared_inputs``: groups of layer names that share one activation quantizer (:func:`share_input_quantizers`;
     a saved model's groups); :func:`calibrate` finds them for a new model.
     """
     activation_range(activations)  # validate before touching the model
+    if embedding_bits not in (None, 8):
+        raise ValueError(f"embedding_bits must be 8 or None, got {embedding_bits}")
     skip = skip or []
     names = []
+    emb = model.get_input_embeddings() if embedding_bits == 8 and hasattr(model, "get_input_embeddings") else None
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             wrap = _QUANT_WRAPPERS.get(type(child))
             if wrap is not None and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
                 setattr(module, child_name, wrap(child, weight_bits, avx2_safe, activations))
+                names.append(full)
+            elif child is emb and type(child) is nn.Embedding:
+                setattr(module, child_name, QuantEmbedding(child))
                 names.append(full)
     share_input_quantizers(model, shared_inputs or [])
     return names
@@ -582,7 +593,15 @@ def sqnr_db(reference: torch.Tensor | np.ndarray, test) -> float:  # noqa: F821
     return float(10 * np.log10((ref**2).mean() / max((err**2).mean(), 1e-30)))
 
 
-def qat_info(model: nn.Module, weight_bits: int, avx2_safe: bool, activations: str, skip: list[str], names: list[str]) -> dict:
+def qat_info(
+    model: nn.Module,
+    weight_bits: int,
+    avx2_safe: bool,
+    activations: str,
+    skip: list[str],
+    names: list[str],
+    embedding_bits: int | None = None,
+) -> dict:
     """What ``qat.json`` (or a torch model's ``dsk_model.json``) records of a QAT model to rebuild it: its quantization
     settings, quantized layers and the groups sharing one activation quantizer."""
     return {
@@ -593,8 +612,9 @@ def qat_info(model: nn.Module, weight_bits: int, avx2_safe: bool, activations: s
         "activations": activations,
         "avx2_safe": avx2_safe,
         "skip": list(skip),
+        "embedding_bits": embedding_bits,
         "quantized_layers": names,
-        "weight_qmax": quant_layers(model)[0].qmax if names else None,
+        "weight_qmax": quant_layers(model)[0].qmax if quant_layers(model) else None,
         "shared_input_quantizers": shared_input_groups(model),
     }
 
@@ -654,6 +674,7 @@ def load_qat_model(path: Path) -> nn.Module:
         else:
             bits, avx2_safe, skip = int(info["weight_bits"]), bool(info["avx2_safe"]), list(info["skip"])
             shared = [[str(n) for n in g] for g in info.get("shared_input_quantizers", [])]
+            embedding_bits = info.get("embedding_bits")  # absent before int8 QAT had an int8 embedding
     except (KeyError, TypeError, ValueError) as e:
         raise RunError(f"{Path(path) / 'qat.json'} is damaged ({type(e).__name__}: {e})", hint="re-run the qat stage") from None
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -662,7 +683,15 @@ def load_qat_model(path: Path) -> nn.Module:
         if int4:  # the saved state holds the trained scales: no MSE search here
             prepare_int4_qat(model, scale_init="absmax", **int4_args)
         else:
-            prepare_qat(model, bits, avx2_safe, skip, activations=info.get("activations", "asymmetric"), shared_inputs=shared)
+            prepare_qat(
+                model,
+                bits,
+                avx2_safe,
+                skip,
+                activations=info.get("activations", "asymmetric"),
+                shared_inputs=shared,
+                embedding_bits=embedding_bits,
+            )
     except ValueError as e:
         raise RunError(f"{Path(path) / 'qat.json'} does not fit the model: {e}", hint="re-run the qat stage") from None
     try:

@@ -140,7 +140,8 @@ keep_checkpoints: false""",
     ],
     "QATConfig": [
         "stage: qat\nsteps: 100\nlr: 2.0e-4\nweight_bits: 8\nactivation_bits: 8\navx2_safe: true\n"
-        "activations: symmetric\nobserver_steps: 20\nshare_input_quantizers: true\nskip: [lm_head]",
+        "activations: symmetric\nobserver_steps: 20\nshare_input_quantizers: true\nembedding_bits: 8\n"
+        "skip: [lm_head]   # keep the LM head float (default: int8 like every Linear)",
         "stage: qat\nsteps: 100\nprecisions: [int8, int4]   # one QAT student per precision, from the same float student\n"
         "int4: {block_size: 32, scale_init: mse, head_bits: 8, embedding_bits: 8}",
     ],

@@ -239,13 +239,8 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
                 "max_seq_len": t.max_seq_len if t else None,
             }
         )
-    art = _export_artifacts(manifest).get(v["name"])
-    copies = {"model.onnx": model_src}
-    for key, name in (("fused_path", "model.fused.onnx"), ("kv_cache_path", "model.kv.onnx")):
-        if art is not None and getattr(art, key):  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
-            src = _in_run(run_dir, getattr(art, key), f"manifest.json: the export stage's {key} of {v['name']!r}")
-            if src.is_file():
-                copies[name] = src
+    copies = graph_copies(run_dir, _export_artifacts(manifest).get(v["name"]), model_src, v["name"], prof, runtime)
+    model_name = next(iter(copies))
     extra, skipped = _variant_copies(run_dir, report, manifest, prof, runtime, v, variants)
     td = task.describe()
     windows = task.eval_windows()
@@ -279,7 +274,7 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
                     "variant": row["name"],
                     "role": row.get("role"),
                     "precision": row.get("precision") or precision,
-                    "model": at("model.onnx"),
+                    "model": at(next(iter(files))),
                     "kv_model": at("model.kv.onnx"),
                     "fused_model": at("model.fused.onnx"),
                     "params": row.get("params"),
@@ -303,7 +298,7 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
             atomic_write_text(tmp / name, Path(src).read_text())
         card = {
             "version": CARD_VERSION,
-            "model": "model.onnx",
+            "model": model_name,
             "variant": v["name"],
             "role": v.get("role"),
             "precision": v.get("precision") or precision,
@@ -385,12 +380,7 @@ def _variant_copies(
             src = _in_run(run_dir, row["artifact"], f"report.json: variant {row['name']!r} artifact")
             if runtime == "tensorrt":
                 src, trt = _tensorrt_model(run_dir, row, art, prof.name)
-            files = {"model.onnx": src}
-            for key, name in (("fused_path", "model.fused.onnx"), ("kv_cache_path", "model.kv.onnx")):
-                if art is not None and getattr(art, key):
-                    dec = _in_run(run_dir, getattr(art, key), f"manifest.json: the export stage's {key} of {row['name']!r}")
-                    if dec.is_file():
-                        files[name] = dec
+            files = graph_copies(run_dir, art, src, row["name"], prof, runtime)
             check_fits_device(files, prof, row["name"])
         except RunError as e:
             if variants != "all":
@@ -399,6 +389,26 @@ def _variant_copies(
             continue
         out.append((row, files, trt))
     return out, skipped
+
+
+def graph_copies(run_dir: Path, art, model_src: Path, name: str, prof, runtime: str) -> dict[str, Path]:
+    """The graphs a bundle ships for the variant ``name``, ``{bundle file name: source}``, the one run.py measures first.
+
+    One copy of the weights where the device allows it: on a CPU-only onnxruntime device, a variant with a fused decoder
+    graph ships that graph alone (``model.fused.onnx``): run.py scores and times it as a full-sequence model (each window
+    from an empty cache, :class:`~dsk_compress.runtimes.decoder.FusedFullSequence`) and decodes with it. Elsewhere
+    (TensorRT, GPU providers) the full-sequence graph ``model.onnx`` and the decoder graphs the run has.
+    """
+    decoders = {}
+    for key, fname in (("fused_path", "model.fused.onnx"), ("kv_cache_path", "model.kv.onnx")):
+        if art is not None and getattr(art, key):  # greedy decode runs on onnxruntime, whatever the full-sequence runtime
+            src = _in_run(run_dir, getattr(art, key), f"manifest.json: the export stage's {key} of {name!r}")
+            if src.is_file():
+                decoders[fname] = src
+    cpu_only = all(p == "CPUExecutionProvider" for p in prof.execution_providers)
+    if runtime == "onnxruntime" and cpu_only and "model.fused.onnx" in decoders:
+        return {"model.fused.onnx": decoders["model.fused.onnx"]}
+    return {"model.onnx": model_src, **decoders}
 
 
 def _variants_readme(listed: list[dict]) -> str:
@@ -547,18 +557,17 @@ def _eval_batch_size(task) -> int:
 
 
 SESSION_PEAK = 1.65
-"""Resident bytes of run.py over the bytes of the graphs it holds open at once: the rpi5 bundle of a 345M int8
-student (model.onnx and model.fused.onnx, 663 MB each, both sessions loaded) peaked at 2.05 GiB."""
+"""Resident bytes of run.py over the bytes of the graph it holds open (one session at a time): the rpi5 bundle of a 345M
+int8 student (model.onnx and model.fused.onnx, 663 MB each, both sessions loaded) peaked at 2.05 GiB."""
 DEVICE_MEMORY_FRACTION = 0.8
 """Share of a device's memory a bundle may plan to use (the OS and the application need the rest)."""
 
 
 def runtime_peak_bytes(copies: dict[str, Path]) -> int:
-    """Modelled peak of the bundle's run.py: the full-sequence graph and one decoder graph loaded together."""
+    """Modelled peak of the bundle's run.py, which holds one session at a time: its largest graph's."""
     from dsk_compress.export import graph_files
 
-    decoder = max((graph_files.size(copies[n]) for n in ("model.fused.onnx", "model.kv.onnx") if n in copies), default=0)
-    return int(SESSION_PEAK * (graph_files.size(copies["model.onnx"]) + decoder))
+    return int(SESSION_PEAK * max(graph_files.size(f) for f in copies.values()))
 
 
 def check_fits_device(copies: dict[str, Path], prof, variant: str) -> None:
@@ -566,8 +575,8 @@ def check_fits_device(copies: dict[str, Path], prof, variant: str) -> None:
     peak, mem = runtime_peak_bytes(copies), prof.memory_gb * 1024**3
     if peak > DEVICE_MEMORY_FRACTION * mem:
         raise RunError(
-            f"the {prof.name} bundle of {variant!r} needs about {peak / 1024**3:.1f} GiB at run time (its graphs "
-            f"{', '.join(sorted(copies))} held open together) but {prof.name} has {prof.memory_gb:g} GB",
+            f"the {prof.name} bundle of {variant!r} needs about {peak / 1024**3:.1f} GiB at run time (its largest graph of "
+            f"{', '.join(sorted(copies))} held open) but {prof.name} has {prof.memory_gb:g} GB",
             hint="bundle an int8 variant (add a qat stage), prune or cut a smaller student, or use a device profile "
             "with more memory (memory_gb in devices/*.yaml)",
         )
@@ -585,7 +594,13 @@ def _save_tokenizer(task, dest: Path) -> str:
     return "tokenizer.json"
 
 
-def _decoder_files(fused: bool, kv: bool) -> str:
+def _decoder_files(fused: bool, kv: bool, full: bool = True) -> str:
+    if fused and not full:
+        return (
+            "`model.fused.onnx` is the model, one decoder graph of ONNX Runtime's fused operators (GroupQueryAttention "
+            "appending to one preallocated KV buffer per layer): run.py scores and times it on whole windows from an empty "
+            "cache and decodes with it (IO binding), so the weights ship once"
+        )
     parts = (
         [
             "`model.fused.onnx` is the same model as one decoder graph of ONNX Runtime's fused operators (GroupQueryAttention "
@@ -599,7 +614,7 @@ def _decoder_files(fused: bool, kv: bool) -> str:
 
 def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, folder: Path, tokenizer: bool) -> str:
     p50 = (v.get("latency_ms") or {}).get("p50")
-    fused, kv = (folder / "model.fused.onnx").is_file(), (folder / "model.kv.onnx").is_file()
+    fused, kv, full = ((folder / f).is_file() for f in ("model.fused.onnx", "model.kv.onnx", "model.onnx"))
     prompt = "'The '" if tokenizer else "'def '"
     return (
         f"# {recipe} for {prof.name}\n\n{prof.description}\n\n"
@@ -617,7 +632,7 @@ def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, f
         "(CPU, runtime and version, execution provider, threads). `dsk-compress bench RUN --device "
         f"{prof.name} --host user@board` does all of this over SSH and adds the numbers to the run's report.\n"
         + (
-            f"\n{_decoder_files(fused, kv)}: `.venv/bin/python run.py --generate 64 --prompt {prompt}` also "
+            f"\n{_decoder_files(fused, kv, full)}: `.venv/bin/python run.py --generate 64 --prompt {prompt}` also "
             "measures greedy decode (prefill ms, ms per token, tokens/s) and prints the continuation"
             + (" (text through the bundled `tokenizer.json`)" if tokenizer else "")
             + ".\n"

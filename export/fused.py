@@ -35,7 +35,8 @@ Linear layers by precision:
   MatMulIntegerToFloat (integer GEMM, then ``a_scale * w_scale[col]``). Linears reading the same tensor
   share one QuantizeLinear and one packed MatMul when their activation quantizers are equal: QAT shares one
   quantizer per input tensor by default (q/k/v, gate/up); a model trained with separate ones (a version-1
-  ``qat.json``) keeps one MatMul per Linear. Linears QAT skipped stay fp32 MatMuls.
+  ``qat.json``) keeps one MatMul per Linear. Linears QAT skipped stay fp32 MatMuls. An int8 embedding is a Gather of
+  its int8 rows and one of their scales (Cast, Mul): standard operators, one float scale per row.
 - ``int4`` of an int4 QAT model (:func:`dsk_compress.compress.qat.prepare_int4_qat`): each BlockQuantLinear a
   ``MatMulNBits`` (accuracy_level 4) packed from its own integers and learned scales (:mod:`dsk_compress.export.int4`);
   q/k/v and gate/up share one MatMulNBits where their bits and blocks agree (the kernel quantizes the input per row and
@@ -231,13 +232,15 @@ class _Builder:
         return y
 
     def embed(self, module, ids: str) -> str:
-        """The token embedding: a Gather of the float table, or of an int4 QAT model's int8 table (GatherBlockQuantized)."""
+        """The token embedding: a Gather of the float table, or of a QAT model's int8 table (int4 graphs: one GatherBlockQuantized;
+        int8 graphs: Gather of int8 rows and of their scales, for any onnxruntime)."""
         from dsk_compress.compress.qat import QuantEmbedding
         from dsk_compress.export.int4 import embedding_nodes
 
         g = self.g
         if isinstance(module, QuantEmbedding):
-            return embedding_nodes(g.init, lambda op, i, n, o, **a: g.node(op, i, n, **a)[0], module, ids, "embed_tokens")
+            form = "block" if self.precision == "int4" else "rows"
+            return embedding_nodes(g.init, lambda op, i, n, o, **a: g.node(op, i, n, **a)[0], module, ids, "embed_tokens", form=form)
         (x,) = g.node("Gather", [g.init("embed_tokens.weight", _float(module.weight)), ids], "embed_tokens/Gather")
         return x
 

@@ -111,12 +111,25 @@ def embedding_arrays(emb) -> tuple[np.ndarray, np.ndarray, int]:
     return (table.astype(np.int16) + 128).astype(np.uint8), np.repeat(scales[:, None], blocks, axis=1), block
 
 
-def embedding_nodes(add_init, add_node, emb, ids: str, name: str, output: str | None = None) -> str:
-    """The int8 embedding lookup: one ``GatherBlockQuantized`` of the uint8 table with per-row scales.
+EMBEDDING_FORMS = ("block", "rows")
+"""How a graph looks up an int8 embedding: ``block``, one ``GatherBlockQuantized`` (com.microsoft, ``bits`` 8: onnxruntime
+1.23 and later; the int4 graphs, which need 1.22 anyway); ``rows``, standard operators that any onnxruntime runs (the int8
+graphs): Gather of the int8 rows, Gather of their scales, Cast, Mul. Both compute ``q * scale`` in float32, bit for bit the
+fake quant's numbers."""
+
+
+def embedding_nodes(add_init, add_node, emb, ids: str, name: str, output: str | None = None, form: str = "block") -> str:
+    """The int8 embedding lookup of a QuantEmbedding ``emb`` in one of :data:`EMBEDDING_FORMS`.
 
     ``add_init(name, array) -> name`` and ``add_node(op, inputs, name, output or None, **attrs) -> output`` write into the
     caller's graph; ``output`` names the result (default: a fresh name). Returns the output name.
     """
+    if form == "rows":
+        table, scales = (t.numpy() for t in emb.integer_table())
+        rows = add_node("Gather", [add_init(f"{name}.weight_int8", table), ids], f"{name}/Gather", None)
+        scale = add_node("Gather", [add_init(f"{name}.weight_scale", scales.astype(np.float32)[:, None]), ids], f"{name}/GatherScale", None)
+        rows = add_node("Cast", [rows], f"{name}/Cast", None, to=1)  # TensorProto.FLOAT
+        return add_node("Mul", [rows, scale], f"{name}/Mul", output)
     table, scales, block = embedding_arrays(emb)
     inputs = [add_init(f"{name}.weight_q8", table), ids, add_init(f"{name}.weight_scale", scales)]
     attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 8}
@@ -168,10 +181,11 @@ def _fingerprint(a: np.ndarray) -> tuple:
     return a.shape, hashlib.sha1(a.tobytes()).hexdigest()
 
 
-def to_matmul_nbits(path: str | Path, found: dict) -> dict:
-    """Rewrite the traced graph at ``path`` in place: each MatMul whose weight (an initializer, or a Transpose of one) is a
+def to_matmul_nbits(path: str | Path, found: dict, embedding: str = "block") -> dict:
+    """Rewrite the graph at ``path`` in place: each MatMul whose weight (an initializer, or a Transpose of one) is a
     BlockQuantLinear's dequantized weight becomes that layer's MatMulNBits; each Gather of a QuantEmbedding's dequantized
-    table its int8 lookup (:func:`embedding_nodes`). Returns ``{"matmul_nbits", "int8_embeddings"}`` (counts)."""
+    table its int8 lookup (:func:`embedding_nodes` in the ``embedding`` form). ``found`` is what :func:`dequantized`
+    yields. Returns ``{"matmul_nbits", "int8_embeddings"}`` (counts)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -242,6 +256,7 @@ def to_matmul_nbits(path: str | Path, found: dict) -> dict:
                     node.input[1],
                     node.name or "embed_tokens",
                     node.output[0],
+                    embedding,
                 )
                 counts["int8_embeddings"] += 1
                 continue

@@ -36,6 +36,26 @@ def _compare(reference: np.ndarray, qdq_path: Path, path: Path, inputs: np.ndarr
     return numbers, op_histogram(path)
 
 
+def int8_embedding(path: str | Path, model: nn.Module) -> int:
+    """Store ``model``'s int8 embedding (a QuantEmbedding) as int8 in the ONNX Runtime graph at ``path`` (in place): the Gather
+    of its dequantized float table (how :func:`~dsk_compress.export.onnx.export_int8_qdq` traces it) becomes the ``rows``
+    lookup of :func:`~dsk_compress.export.int4.embedding_nodes` (int8 rows, one float scale per row; the same numbers).
+    Returns how many lookups were rewritten (0 for a model with a float embedding); ExportError when the graph has none."""
+    from dsk_compress.compress.qat import QuantEmbedding
+    from dsk_compress.export.int4 import dequantized, to_matmul_nbits
+
+    with dequantized(model) as found:
+        tables = {k: m for k, m in found.items() if isinstance(m, QuantEmbedding)}
+    if not tables:
+        return 0
+    n = to_matmul_nbits(path, tables, embedding="rows")["int8_embeddings"]
+    if n == 0:
+        raise ExportError(
+            f"{Path(path).name}: no Gather reads the int8 embedding's table", hint="report a bug; or set qat embedding_bits: null"
+        )
+    return n
+
+
 def export_int8_lm(
     model: nn.Module,
     example: np.ndarray,
@@ -50,7 +70,8 @@ def export_int8_lm(
 
     Also runs the static TensorRT check on the Q/DQ graph (its problems are counted, not raised). Returns
     ``{"path", "qdq_path", "sqnr_db_vs_fake_quant", "max_abs_diff_vs_fake_quant", "qdq_graph_sqnr_db",
-    "integer_matmuls", "quantized_linears", "folded_weights", "tensorrt_problems", "tensorrt_problem_examples", "fused_ops"}``.
+    "integer_matmuls", "quantized_linears", "folded_weights", "int8_embeddings", "tensorrt_problems",
+    "tensorrt_problem_examples", "fused_ops"}``.
     """
     from dsk_compress.compress.qat import quant_layers
     from dsk_compress.export.onnx import INTEGER_MATMULS, export_int8_qdq, fused_ops, lm_logits, ort_optimize
@@ -60,6 +81,7 @@ def export_int8_lm(
     ref = lm_logits(model, example)
     folded = export_int8_qdq(model, example, qdq_path, opset)["folded_weights"]
     out = ort_optimize(qdq_path, path, optimization)
+    embeddings = int8_embedding(out, model)
     numbers, hist = _compare(ref, qdq_path, out, example, min_sqnr_db)
     n_int = sum(v for k, v in hist.items() if k in INTEGER_MATMULS)
     n_q = len(quant_layers(model))
@@ -73,6 +95,7 @@ def export_int8_lm(
         "integer_matmuls": n_int,
         "quantized_linears": n_q,
         "folded_weights": folded,
+        "int8_embeddings": embeddings,
         "tensorrt_problems": len(problems),
         "tensorrt_problem_examples": [str(p) for p in problems[:3]],
         "fused_ops": fused_ops(hist),

@@ -223,10 +223,12 @@ def export_int8_qdq_with_past(model: nn.Module, qdq_path: str | Path, opset: int
     one activation Q/DQ per Linear. The cache holds the dequantized (float) k/v projections, so a
     cached step quantizes exactly the activations the full-sequence graph does.
     """
+    from dsk_compress.export.int4 import dequantized
     from dsk_compress.export.onnx import fold_weight_quantizers, fold_weight_transposes, simplify, unshare_activation_qdq
 
     qdq_path = Path(qdq_path)
-    raw = export_causal_lm_with_past(model, qdq_path.with_name(qdq_path.stem + ".raw.onnx"), opset)
+    with dequantized(model):  # an int8 embedding is traced as its dequantized table
+        raw = export_causal_lm_with_past(model, qdq_path.with_name(qdq_path.stem + ".raw.onnx"), opset)
     simplify(raw)
     info = {
         "folded_weights": fold_weight_quantizers(raw),
@@ -326,6 +328,7 @@ def export_kv_cache(
     """
     from dsk_compress.compress.moe import densify_moe
     from dsk_compress.compress.qat import quant_layers
+    from dsk_compress.export.int8 import int8_embedding
     from dsk_compress.export.onnx import INTEGER_MATMULS, op_histogram, ort_optimize
 
     path = Path(path)
@@ -336,6 +339,7 @@ def export_kv_cache(
             export_int8_qdq_with_past(model, qdq, opset)
             ort_optimize(qdq, path, optimization)
             graph_files.remove(qdq)
+            int8_embedding(path, model)
         else:
             export_float_with_past(model, path, opset, optimization)
     except ExportError as e:

@@ -411,10 +411,15 @@ def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path,
     Export, simplify, fold the weight quantizers into int8 initializers stored ``[in, out]``, and
     give each Linear its own activation Q/DQ. The file holds only standard ONNX operators, so
     TensorRT parses it and ONNX Runtime fuses it at load; ``ort_optimize`` it for an offline-
-    optimized ORT file. Returns the counts of folded weights, removed transposes and split Q/DQ.
+    optimized ORT file. An int8 embedding (QuantEmbedding) is the float table of its dequantized
+    rows here (:func:`dsk_compress.export.int8.int8_embedding` makes it int8 in an ORT file).
+    Returns the counts of folded weights, removed transposes and split Q/DQ.
     """
+    from dsk_compress.export.int4 import dequantized
+
     qdq_path = Path(qdq_path)
-    raw = export_causal_lm(model, example, qdq_path.with_name(qdq_path.stem + ".raw.onnx"), opset)
+    with dequantized(model):  # an int8 embedding is traced as its dequantized table (int8_embedding stores it as int8)
+        raw = export_causal_lm(model, example, qdq_path.with_name(qdq_path.stem + ".raw.onnx"), opset)
     simplify(raw)
     info = {
         "folded_weights": fold_weight_quantizers(raw),

@@ -2,7 +2,8 @@
 
 They quantize the same float student QAT starts from, so the report can show what QAT buys.
 ``reduce_range`` (7-bit weights) keeps ORT's u8s8 kernels from saturating on CPUs without VNNI;
-exactly the Linear layers QAT quantizes are quantized (attention score MatMuls and the LM head stay float).
+exactly the Linear layers QAT quantizes are quantized (attention score MatMuls stay float; the LM head is quantized
+unless QAT kept it float: ``head``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import numpy as np
 from dsk_compress.export import graph_files
 
 
-def _weight_matmuls(src: Path, dst: Path) -> list[str]:
-    """Name every node, and list the MatMuls with a constant 2-D weight (the Linear layers) except the LM head.
+def _weight_matmuls(src: Path, dst: Path, head: bool = True) -> list[str]:
+    """Name every node, and list the MatMuls with a constant 2-D weight (the Linear layers), the LM head (the MatMul that
+    writes the graph's output) only with ``head``.
 
-    Activation x activation MatMuls (attention scores) and the LM head stay float, as in QAT, so
-    the baselines quantize exactly what QAT quantizes. Writes the named graph to ``dst``.
+    Activation x activation MatMuls (attention scores) stay float, as in QAT, so the baselines quantize exactly what QAT
+    quantizes. Writes the named graph to ``dst``.
     """
     import onnx
 
@@ -34,18 +36,20 @@ def _weight_matmuls(src: Path, dst: Path) -> list[str]:
     outputs = {o.name for o in m.graph.output}
     # 2-D weights only: an MoE graph's stacked experts ([E, in, out], one batched MatMul) stay float, as they do in QAT
     # (and ONNX Runtime's MatMulIntegerToFloat refuses their per-channel zero points)
-    names = [n.name for n in m.graph.node if n.op_type == "MatMul" and rank.get(n.input[1]) == 2 and not (set(n.output) & outputs)]
+    names = [
+        n.name for n in m.graph.node if n.op_type == "MatMul" and rank.get(n.input[1]) == 2 and (head or not (set(n.output) & outputs))
+    ]
     graph_files.save(m, dst)
     return names
 
 
-def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
-    """ORT dynamic quantization: int8 per-channel weights, activations quantized at run time."""
+def quantize_dynamic_int8(src: str | Path, dst: str | Path, head: bool = True) -> Path:
+    """ORT dynamic quantization: int8 per-channel weights, activations quantized at run time (the LM head too with ``head``)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with graph_files.staged(dst) as tmp:
         named = tmp.with_name("named.onnx")
-        nodes = _weight_matmuls(Path(src), named)
+        nodes = _weight_matmuls(Path(src), named, head)
         quantize_dynamic(
             str(named),
             str(tmp),
@@ -60,8 +64,11 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable[np.ndarray], input_name: str = "input_ids") -> Path:
-    """ORT static quantization (QDQ): per-channel int8 weights, uint8 activations calibrated (min/max) on ``calibration``."""
+def quantize_static_int8(
+    src: str | Path, dst: str | Path, calibration: Iterable[np.ndarray], input_name: str = "input_ids", head: bool = True
+) -> Path:
+    """ORT static quantization (QDQ): per-channel int8 weights, uint8 activations calibrated (min/max) on ``calibration``
+    (the LM head too with ``head``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -73,7 +80,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: Iterable
 
     with graph_files.staged(dst) as tmp:
         named = tmp.with_name("named.onnx")
-        nodes = _weight_matmuls(Path(src), named)
+        nodes = _weight_matmuls(Path(src), named, head)
         quantize_static(
             str(named),
             str(tmp),

@@ -284,6 +284,48 @@ class FusedDecoderSession:
         return np.stack(out)
 
 
+class FusedFullSequence:
+    """A fused decoder graph as a full-sequence model: ``predict(ids [B, S]) -> logits [B, S, V]``, each row run from an
+    empty cache (``seqlens_k`` = S - 1, ``total_sequence_length`` = S), so one graph serves accuracy, prefill latency and
+    decoding and a bundle ships its weights once. The cache buffers of the last batch shape are kept (prefill writes
+    positions 0..S-1 before attention reads them, so their old contents never matter) and bound as past and present.
+    """
+
+    def __init__(self, session) -> None:
+        import onnxruntime
+
+        if not is_fused_graph(session):
+            raise DecoderError("the session is not a fused decoder graph (no seqlens_k input)", hint="use the graph as it is")
+        self.session, self.layout = session, FusedLayout.from_session(session)
+        self._ov = onnxruntime.OrtValue.ortvalue_from_numpy
+        self._shape, self._cache = None, []
+
+    def _bind_cache(self, io, batch: int, seq: int) -> None:
+        lay = self.layout
+        if self._shape != (batch, seq):
+            self._cache = [self._ov(np.zeros((batch, lay.kv_heads, seq, lay.head_dim), np.float32)) for _ in range(2 * lay.layers)]
+            self._shape = (batch, seq)
+        for i in range(lay.layers):
+            for k, (past, present) in enumerate(zip(past_names(i), present_names(i))):
+                io.bind_ortvalue_input(past, self._cache[2 * i + k])
+                io.bind_ortvalue_output(present, self._cache[2 * i + k])
+
+    def __call__(self, ids) -> np.ndarray:
+        ids = np.ascontiguousarray(np.asarray(ids, np.int64))
+        batch, seq = ids.shape
+        if seq > self.layout.max_positions:
+            raise DecoderError(f"{seq} tokens exceed the model's {self.layout.max_positions} positions", hint="use shorter windows")
+        logits = np.empty((batch, seq, self.layout.vocab), np.float32)
+        io = self.session.io_binding()
+        io.bind_ortvalue_input(INPUT_IDS, self._ov(ids))
+        io.bind_ortvalue_input(SEQLENS_K, self._ov(np.full(batch, seq - 1, np.int32)))
+        io.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self._ov(np.array(seq, np.int32)))
+        io.bind_ortvalue_output(LOGITS, self._ov(logits))
+        self._bind_cache(io, batch, seq)
+        self.session.run_with_iobinding(io)
+        return logits
+
+
 def decoder_for(session) -> FusedDecoderSession | KVCacheSession:
     """The decoding session for an ``onnxruntime.InferenceSession``: :class:`FusedDecoderSession` for a fused graph, else
     :class:`KVCacheSession` (the plain KV-cache graph)."""

@@ -497,11 +497,18 @@ class ExportStage(Stage[ExportConfig]):
 
     def _ptq(self, ctx: RunContext, d: Path, raw: Path, params: int, source: str) -> dict:
         """ORT dynamic and static INT8 quantization of the float student: the baselines QAT must beat. Removes ``raw``."""
-        from dsk_compress.export.ptq import ptq_baselines
+        import functools
+
+        from dsk_compress.export.ptq import ptq_baselines, quantize_dynamic_int8, quantize_static_int8
 
         step(f"ptq-dynamic, ptq-static: ONNX Runtime PTQ of {source}")
         how = {"ptq-dynamic": "ORT quantize_dynamic", "ptq-static": "ORT quantize_static (QDQ, min/max calibration)"}
-        return ptq_artifacts(ctx, self.config, d, raw, params, source, ptq_baselines, how, "per-channel int8 weights")
+        head = _qat_quantizes_head(ctx.spec)  # the baselines quantize what QAT does
+        quantizers = (functools.partial(quantize_dynamic_int8, head=head), functools.partial(quantize_static_int8, head=head))
+        weights = "per-channel int8 weights" + ("" if head else ", LM head float")
+        return ptq_artifacts(
+            ctx, self.config, d, raw, params, source, functools.partial(ptq_baselines, quantizers=quantizers), how, weights
+        )
 
     def _tensorrt(self, ctx: RunContext, device, onnx_path: Path, precision: str, name: str, ref, example) -> dict:
         """Check ``onnx_path`` for TensorRT and build ``<name>.<device>.engine`` where tensorrt and a GPU are present."""
@@ -656,6 +663,16 @@ def ptq_artifacts(ctx: RunContext, c, d: Path, raw: Path, params: int, source: s
         }
         for name, p in paths.items()
     }
+
+
+def _qat_quantizes_head(spec) -> bool:
+    """Whether the recipe's int8 QAT quantizes the LM head (its ``skip`` does not name ``lm_head``; no qat stage: the
+    qat stage's default)."""
+    from dsk_compress.recipes.stages.qat import QATConfig
+
+    qat = next((st for st in spec.stages if st.stage == "qat"), None)
+    skip = qat.skip if qat is not None else QATConfig().skip
+    return not any(s == "lm_head" or s.endswith(".lm_head") or "lm_head".startswith(s + ".") for s in skip)
 
 
 def _qat_activations(path: Path) -> str:

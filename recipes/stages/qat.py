@@ -85,8 +85,15 @@ class QATConfig(StageConfig, _TrainSettings):
         description="one activation quantizer per input tensor: layers that read the same tensor (q/k/v, gate/up) share one "
         "learned scale, so the int8 graph packs them into one integer MatMul (TensorRT also wants one scale per tensor)",
     )
+    embedding_bits: Literal[8] | None = Field(
+        8,
+        description="int8 precision: the token embedding int8 per row (ONNX Runtime graphs store the int8 table and one scale "
+        "per row; the TensorRT Q/DQ graph keeps the dequantized table); null keeps it float",
+    )
     skip: list[str] = Field(
-        default_factory=lambda: ["lm_head"], description="module names kept in float (int4: the LM head follows int4.head_bits)"
+        default_factory=list,
+        description="module names kept in float, e.g. [lm_head] (int8: the LM head is quantized like every Linear unless named "
+        "here; int4: it follows int4.head_bits)",
     )
     lr: float = Field(2e-4, gt=0, le=1)
 
@@ -153,7 +160,7 @@ def _train_int8(ctx: RunContext, c: QATConfig, model, d):
     and the metrics."""
     from dsk_compress.compress.qat import calibrate, prepare_qat, save_qat_model
 
-    names = prepare_qat(model, c.weight_bits, c.avx2_safe, c.skip, activations=c.activations)
+    names = prepare_qat(model, c.weight_bits, c.avx2_safe, c.skip, activations=c.activations, embedding_bits=c.embedding_bits)
     calibrate(model, ctx.task.calibration_batches(c.observer_steps, c.batch_size), share_inputs=c.share_input_quantizers)
     ptq_metrics = evaluate(ctx, model)
     res = kd_train(ctx, model, c, "qat", d / "checkpoint")
@@ -188,9 +195,10 @@ def _train_int4(ctx: RunContext, c: QATConfig, model, d):
 
 def _qat_info(c: QATConfig, model, names: list[str]) -> dict:
     """What ``qat.json`` records of a QAT model: its quantization settings, quantized layers and shared quantizers."""
-    from dsk_compress.compress.qat import qat_info
+    from dsk_compress.compress.qat import QuantEmbedding, qat_info
 
-    return qat_info(model, c.weight_bits, c.avx2_safe, c.activations, c.skip, names)
+    emb = 8 if any(isinstance(m, QuantEmbedding) for m in model.modules()) else None
+    return qat_info(model, c.weight_bits, c.avx2_safe, c.activations, c.skip, names, embedding_bits=emb)
 
 
 def _tensorrt_int8_exports(spec) -> list[tuple[int, str]]:

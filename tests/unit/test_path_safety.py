@@ -117,7 +117,9 @@ def test_export_again_replaces_only_the_files_it_wrote(run, tmp_path, capsys):
     out = tmp_path / "b"
     assert run_main(["export", str(run), "--device", DEVICE, "--out", str(out)], capsys)[0] == 0
     written = json.loads((out / ".dsk-bundle.json").read_text())["files"]
-    assert {"model.onnx", "model_card.json", "run.py", "eval_windows.npy"} <= set(written)
+    model = json.loads((out / "model_card.json").read_text())["model"]
+    assert model == "model.fused.onnx"  # a CPU-only device gets the fused decoder graph alone: one copy of the weights
+    assert {model, "model_card.json", "run.py", "eval_windows.npy"} <= set(written) and "model.onnx" not in written
     (out / "results.json").write_text("{}")  # what run.py and a venv leave in a bundle on the device
     (out / ".venv" / "bin").mkdir(parents=True)
     (out / ".venv" / "bin" / "python").write_text("#!")
@@ -245,9 +247,13 @@ def _tokenizer_garbage(b):
     (b / "tokenizer.json").write_text("{garbage")
 
 
+def _model(b):
+    return b / json.loads((b / "model_card.json").read_text())["model"]
+
+
 def _model_link_out(b):
-    (b / "model.onnx").unlink()
-    (b / "model.onnx").symlink_to("/etc/passwd")
+    _model(b).unlink()
+    _model(b).symlink_to("/etc/passwd")
 
 
 RUN_PY_CASES = {  # the 12 inputs the tester saw end in a traceback, and a few more of the same kinds
@@ -255,8 +261,8 @@ RUN_PY_CASES = {  # the 12 inputs the tester saw end in a traceback, and a few m
     "card missing": lambda b: (b / "model_card.json").unlink(),
     "card without model": lambda b: _card(b, model=None),
     "card not an object": lambda b: (b / "model_card.json").write_text("[1]"),
-    "model missing": lambda b: (b / "model.onnx").unlink(),
-    "model truncated": lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes()[:500]),
+    "model missing": lambda b: _model(b).unlink(),
+    "model truncated": lambda b: _model(b).write_bytes(_model(b).read_bytes()[:500]),
     "model is /etc/passwd": lambda b: _card(b, model="/etc/passwd"),
     "model climbs out": lambda b: _card(b, model="../../../../etc/passwd"),
     "model links out": _model_link_out,

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -221,6 +222,32 @@ def du(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink()) if p.exists() else 0
 
 
+def _bundle_facts(folder: Path) -> dict:
+    """A bundle's bytes, the graphs it ships (external data counted with its graph) and its size over its largest graph."""
+    card = json.loads((folder / "model_card.json").read_text())
+    graphs = {p.name: p.stat().st_size for p in folder.rglob("*.onnx")}
+    for p in folder.rglob("*.onnx.data"):
+        graphs[p.name.removesuffix(".data")] += p.stat().st_size
+    total = du(folder)
+    return {
+        "variant": card["variant"],
+        "precision": card["precision"],
+        "bytes": total,
+        "graphs": graphs,
+        "over_largest_graph": round(total / max(graphs.values()), 3),
+    }
+
+
+def _run_dir_budget(rd: Path | None, manifest: dict) -> dict:
+    """The run folder against what it must keep: its final artifacts (the export stage's folder) plus the student's
+    weights (the last float student's model folder)."""
+    if rd is None or not (rd / "export").is_dir():
+        return {}
+    student = next((rd / e["stage"] / "model" for e in reversed(manifest["stages"]) if e["stage"] in ("prune", "distill")), None)
+    keep = du(rd / "export") + (du(student) if student is not None else 0)
+    return {"final_artifacts_and_student_gib": round(keep / GIB, 3), "run_dir_over_budget": round(du(rd) / keep, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0, help="1: a 1.16B teacher / ~345M student; 0.05 for a quick check")
@@ -264,8 +291,6 @@ def main() -> None:
     log = work / "log.txt"
     log.write_text("")
     runs = work / "runs"
-    import shutil
-
     shutil.rmtree(runs, ignore_errors=True)
     res = run_measured([*cli, "recipe", str(rfile), "--out", str(runs)], log, marker="[")
     rd = next(iter(sorted(runs.iterdir())), None) if runs.is_dir() else None
@@ -284,11 +309,16 @@ def main() -> None:
                 **({"error": e["error"]} if e.get("error") else {}),
             }
         )
+    bundles = {}
     if rd and manifest.get("status") == "done":
-        for name, cmd in (
-            ("report", [*cli, "report", str(rd)]),
-            ("export --device rpi5", [*cli, "export", str(rd), "--device", "rpi5", "--out", str(work / "bundle-rpi5")]),
+        for name, cmd, folder in (
+            ("report", [*cli, "report", str(rd)], None),
+            # rpi5 prefers int8 (the QAT student), rpi4 fp32 (the last float student): the int8 bundle against the fp32 one
+            ("export --device rpi5", [*cli, "export", str(rd), "--device", "rpi5", "--out", str(work / "bundle-rpi5")], "rpi5"),
+            ("export --device rpi4", [*cli, "export", str(rd), "--device", "rpi4", "--out", str(work / "bundle-rpi4")], "rpi4"),
         ):
+            if folder:
+                shutil.rmtree(work / f"bundle-{folder}", ignore_errors=True)
             r = run_measured(cmd, log)
             stages.append(
                 {
@@ -297,9 +327,11 @@ def main() -> None:
                     "wall_s": r["wall_s"],
                     "peak_rss_gib": round(r["peak"] / GIB, 2),
                     "estimated_gib": None,
-                    "disk_gib": round(du(work / "bundle-rpi5") / GIB, 3) if "export" in name else 0.0,
+                    "disk_gib": round(du(work / f"bundle-{folder}") / GIB, 3) if folder else 0.0,
                 }
             )
+            if folder and r["rc"] == 0:
+                bundles[folder] = _bundle_facts(work / f"bundle-{folder}")
     student = next(
         (
             e.get("metrics", {}).get("params") or e.get("metrics", {}).get("student_params")
@@ -324,6 +356,9 @@ def main() -> None:
         "recipe_wall_s": res["wall_s"],
         "recipe_peak_rss_gib": round(res["peak"] / GIB, 2),
         "run_dir_gib": round(du(rd) / GIB, 3) if rd else None,
+        **_run_dir_budget(rd, manifest),
+        "bundles": bundles,
+        "int8_over_fp32_bundle": round(bundles["rpi5"]["bytes"] / bundles["rpi4"]["bytes"], 3) if len(bundles) == 2 else None,
         "teacher_dir_gib": round(du(tdir) / GIB, 3),
         "stages": stages,
     }

@@ -77,6 +77,10 @@ class TeacherLogitCache:
         e = dist.env()
         return self.root / (f"b{index:08d}.safetensors" if not e.enabled else f"b{index:08d}-r{e.rank}of{e.world_size}.safetensors")
 
+    def cached(self, index: int) -> bool:
+        """Whether batch ``index`` has a file (``get`` still checks its tokens against the batch it is given)."""
+        return self._path(index).is_file()
+
     @torch.no_grad()
     def get(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values [B, T, k] float32, indices [B, T, k] int64) of the teacher's logits on batch ``index``."""

@@ -21,8 +21,8 @@ class _Bar:
         self.total = total
         self._last_log = 0.0
 
-    def update(self, completed: int, loss: float, tokens_per_s: float, extra: dict | None = None) -> None:
-        stats = f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s"
+    def update(self, completed: int, loss: float | None, tokens_per_s: float, extra: dict | None = None) -> None:
+        stats = (f"loss {loss:.4f} | " if loss is not None else "") + f"{tokens_per_s:,.0f} tok/s"
         if extra and "accuracy" in extra:
             stats += f" | val acc {extra['accuracy']:.2f}%"
         if self.progress is not None:

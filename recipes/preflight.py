@@ -341,6 +341,12 @@ def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int
                 parts["teacher load, hash and expert merge"] = t_bytes
             if holds_teacher and teacher:
                 parts["teacher activations"] = b * seq * teacher["hidden"] * 8 * FLOAT_BYTES * DTYPE_BYTES[tdt] // FLOAT_BYTES
+            if st.stage == "distill" and teacher and spec.logit_cache.enabled and getattr(st, "hidden_mse", 0) == 0:
+                # the teacher's pass fills the logit cache, then it is released (recipes.stages.common.fill_logit_cache):
+                # the cut and the training are two phases, and the stage peaks at the larger one
+                cut = {k: parts[k] for k in parts if k.startswith("teacher")} | {"student being cut (two copies)": 2 * ps * FLOAT_BYTES}
+                train = {k: v for k, v in parts.items() if not k.startswith("teacher")}
+                parts = cut if sum(cut.values()) > sum(train.values()) else train
         elif st.stage == "export":
             how = STAGES.get(st.stage)(st).effective_config(spec).teacher if teacher else "skip"
             # the teacher's step and the students' steps run one after the other (the teacher is released in between)
@@ -359,12 +365,15 @@ def estimate_memory(spec, teacher: dict[str, int] | None, student: dict[str, int
                 else "skip"
             )
             graph = max(ps, pt if how == "onnx" else 0) * FLOAT_BYTES
-            parts = {
-                "largest graph in ONNX Runtime": int(BENCH_SESSION_PEAK * graph),
-                "torch teacher": t_bytes if how == "torch" else 0,
+            io = {
                 "logits": b * seq * vocab * 2 * FLOAT_BYTES,
                 "activations": b * seq * max(student["hidden"], teacher["hidden"] if teacher else 0) * 8 * FLOAT_BYTES,
             }
+            # each variant is measured in its own worker process, one at a time: the torch teacher's and the largest
+            # graph's are two phases, and the stage peaks at the larger one
+            parts = {"largest graph in ONNX Runtime": int(BENCH_SESSION_PEAK * graph), **io}
+            if how == "torch" and t_bytes > parts["largest graph in ONNX Runtime"]:
+                parts = {"torch teacher": t_bytes, **io}
         else:
             continue
         parts["python, torch and libraries"] = PROCESS_BASE_BYTES

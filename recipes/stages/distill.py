@@ -82,6 +82,7 @@ class DistillStage(Stage[DistillConfig]):
         pairs = self._hidden_pairs(ctx, student, teacher, info)
         init_metrics = evaluate(ctx, student)
         teacher_check = self._check_teacher(ctx, teacher)
+        del teacher  # with the logit cache, kd_train releases it once its batches are cached: this reference must not keep it
         res = kd_train(ctx, student, self.config, "distill", d / "checkpoint", hidden_pairs=pairs)
         metrics = {
             "init": init_metrics,

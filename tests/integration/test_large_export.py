@@ -75,6 +75,24 @@ def test_student_over_2gb_exports_every_float_graph_and_runs_in_onnxruntime(big,
     assert graph_files.size(tmp_path / "s16.onnx") > 2**30  # half of fp32, still external
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {f.name for n in ("s.onnx", "s16.onnx", "s.kv.onnx", "s.fused.onnx") for f in graph_files.files(tmp_path / n)}
+    # a CPU bundle ships the fused graph alone (one copy of the weights), and it scores whole windows like the full graph
+    from dsk_compress.devices import load_device
+    from dsk_compress.export.bundle import graph_copies
+    from dsk_compress.runtimes.decoder import FusedFullSequence
+    from dsk_compress.runtimes.onnxruntime import make_session
+
+    class Art:
+        fused_path, kv_cache_path = "s.fused.onnx", "s.kv.onnx"
+
+    copies = graph_copies(tmp_path, Art(), tmp_path / "s.onnx", "student", load_device("rpi5"), "onnxruntime")
+    assert list(copies) == ["model.fused.onnx"]
+    bundle = tmp_path / "bundle"
+    graph_files.copy(copies["model.fused.onnx"], bundle / "model.fused.onnx")
+    assert sorted(p.name for p in bundle.iterdir()) == ["model.fused.onnx", "model.fused.onnx.data"]
+    assert graph_files.size(bundle / "model.fused.onnx") <= 1.01 * graph_files.size(tmp_path / "s.fused.onnx")
+    got = FusedFullSequence(make_session(bundle / "model.fused.onnx"))(X)
+    want = big(input_ids=torch.as_tensor(X)).logits.detach().numpy()
+    assert np.abs(got - want).max() <= 1e-3
 
 
 def test_student_over_2gb_exports_int8_and_int4(big, tmp_path):
@@ -91,10 +109,11 @@ def test_student_over_2gb_exports_int8_and_int4(big, tmp_path):
         ref = big(input_ids=torch.as_tensor(X)).logits.detach().numpy()
         got = ort_predict(int4)(X)
         assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
-        prepare_qat(big, 8, True, ["lm_head"])
+        prepare_qat(big, 8, True, [], embedding_bits=8)  # the qat stage's defaults: the LM head and the embedding too
         calibrate(big, [torch.as_tensor(X)])
         freeze_for_export(big)
         r = export_int8_lm(big, X, tmp_path / "q.qdq.onnx", tmp_path / "q.onnx", min_sqnr_db=25)
-    assert r["integer_matmuls"] == r["quantized_linears"] > 0
-    for p in (r["path"], r["qdq_path"]):
-        assert graph_files.data_path(p).is_file()
+    assert r["integer_matmuls"] == r["quantized_linears"] > 0 and r["int8_embeddings"] == 1
+    assert graph_files.data_path(r["qdq_path"]).is_file()  # the portable Q/DQ graph keeps the float table: past 2 GB
+    # the ORT graph: the 128k x 2048 table and head in int8, about a quarter of the fp32 weights
+    assert graph_files.size(r["path"]) < 0.3 * sum(p.numel() for p in big.parameters()) * 4

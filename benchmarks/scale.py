@@ -3,14 +3,14 @@ safetensors shards) and a dense student cut from it, run as a user would, each s
 process tree, preflight estimate and disk written to ``benchmarks/results/scale.json``.
 
 At ``--scale 1`` the teacher is a realistically shaped one: hidden 2048, 12 layers, 16 query / 4 KV heads of 128, 16 experts
-top-4 of width 768, vocabulary 32,000 (1.16B parameters, 2.2 GB in bf16, 3 shards); the student keeps every second layer
-with a merged FFN of 4096 (~345M). ``--scale 0.05`` builds the same shape family small (minutes on 2 cores), for testing.
+top-4 of width 768, vocabulary 32,000 (1.16B parameters, 2.2 GB in bf16, 4 shards); the student keeps every second layer
+with a merged FFN of 4096 (375M). ``--scale 0.05`` builds the same shape family small (minutes on 2 cores), for testing.
 
     .venv/bin/python benchmarks/scale.py --scale 0.05              # small, to check the chain
-    .venv/bin/python benchmarks/scale.py --scale 1 --steps 3        # the real size (an hour or more on 2 cores)
+    .venv/bin/python benchmarks/scale.py --scale 1 --steps 3        # the real size (about 10 minutes on 2 quiet cores)
 
 Chain: ``dsk-compress recipe`` (distill -> prune -> qat -> export -> bench, the logit cache on, a few steps each), then
-``dsk-compress report RUN`` and ``dsk-compress export RUN --device rpi5``, each a subprocess sampled every 0.2 s
+``dsk-compress report RUN`` and ``dsk-compress export RUN --device rpi5`` (int8) and ``--device rpi4`` (fp32), each a subprocess sampled every 0.2 s
 (RSS summed over its process tree from /proc). Stage boundaries come from the recipe's ``[i/n] stage:`` headers.
 No asserts on time (STYLE.md 10): this measures.
 """
@@ -250,7 +250,7 @@ def _run_dir_budget(rd: Path | None, manifest: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=1.0, help="1: a 1.16B teacher / ~345M student; 0.05 for a quick check")
+    ap.add_argument("--scale", type=float, default=1.0, help="1: a 1.16B teacher / 375M student; 0.05 for a quick check")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per training stage")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--text-mb", type=float, default=None, help="corpus size (default 4.7 MB at scale 1, 0.5 MB below)")

@@ -66,6 +66,8 @@ def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def commit(tmp: Path, final: Path) -> Path:
+    if tmp.is_file():  # some writers (safetensors, ONNX Runtime's external data) create 0600 files: readable like the rest
+        os.chmod(tmp, 0o644)
     os.replace(tmp, final)
     return final
 

@@ -619,7 +619,7 @@ def _readme(recipe: str, prof, v: dict, precision: str, trt_card: dict | None, f
     return (
         f"# {recipe} for {prof.name}\n\n{prof.description}\n\n"
         f"Model: `{v['name']}` ({v['precision']}, {v.get('params') or 0:,} parameters, {(v.get('size_bytes') or 0) / 1e6:.2f} MB).\n"
-        f"Measured on the build host ({v.get('runtime')}): accuracy {v.get('accuracy') or 0:.2f}%"
+        f"Measured on the build host ({v.get('runtime')}{'' if full else ', its full-sequence graph'}): accuracy {v.get('accuracy') or 0:.2f}%"
         + (f", p50 {p50:.2f} ms at batch 1" if p50 is not None else "")
         + ".\n"
         "These are not device figures: measure on the device. Raspberry Pi OS Bookworm and Debian 12 refuse `pip install` "

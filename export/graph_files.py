@@ -107,6 +107,7 @@ def _publish(tmp: Path, final: Path) -> None:
             p.unlink()
         _save_proto(model, tmp, external=True)
     if data_path(tmp).is_file():
+        os.chmod(data_path(tmp), 0o644)  # ONNX Runtime writes its external data 0600; the graph file is 0644
         os.replace(data_path(tmp), data_path(final))
     else:
         data_path(final).unlink(missing_ok=True)  # a graph that was large before and is small now

@@ -157,7 +157,7 @@ class ExportStage(Stage[ExportConfig]):
     def _run(self, ctx: RunContext) -> StageResult:
         if is_torch_run(ctx):  # your own torch model: model(x) -> logits, dynamic batch (below)
             return run_torch(self, ctx)
-        from dsk_compress.compress.qat import freeze_for_export, load_qat_model
+        from dsk_compress.compress.qat import QuantLinear, freeze_for_export, load_qat_model
         from dsk_compress.devices import load_device
         from dsk_compress.export.int8 import export_int8_lm
         from dsk_compress.export.onnx import lm_logits, raw_path
@@ -262,7 +262,9 @@ class ExportStage(Stage[ExportConfig]):
                 "qdq_path": ctx.rel(r.pop("qdq_path")),
                 "activations": acts,
                 **r,
-                "notes": f"INT8 Q/DQ (per-channel weights, per-tensor {acts} activations)",
+                "notes": f"INT8 Q/DQ (per-channel weights, per-tensor {acts} activations), LM head "
+                f"{'int8' if isinstance(q.get_output_embeddings(), QuantLinear) else 'float'}, embedding "
+                f"{'int8 per row' if r.get('int8_embeddings') else 'float'}",
             }
             if c.kv_cache:
                 artifacts["final"].update(self._kv_cache(ctx, q, "student-int8", d, example, int8=True))

@@ -132,8 +132,9 @@ def kd_train(
     # with a logit cache and no hidden-state term the teacher runs only on a cache miss, and the cache loads it then
     # (a run that released it after distill does not load it again for a stage the cache already covers)
     teacher = None if cache is not None and hidden_w == 0 and not sharded else ctx.kd_teacher()
+    filled = 0
     if teacher is None and cache is not None and not dist.env().enabled:
-        fill_logit_cache(ctx, cache, cfg, stage)  # the teacher's pass first, then released: it and the student are never resident together
+        filled = fill_logit_cache(ctx, cache, cfg, stage)  # the teacher's pass first, then released: never beside the student
     hidden = None
     if hidden_w > 0:
         hidden = HiddenStateMSE(hidden_pairs, model.config.hidden_size, teacher.config.hidden_size, seed=ctx.spec.seed)
@@ -166,6 +167,7 @@ def kd_train(
             hidden.to(s_home)
     res.kd = (
         {"teacher": "cached top-%d logits" % cache.k, "cache_hits": cache.hits - hits0, "cache_misses": cache.misses - misses0}
+        | ({"cache_filled_before_training": filled} if filled else {})
         if cache
         else {"teacher": "online" if c.kd_weight > 0 or hidden is not None else "none"}
     )
@@ -181,21 +183,22 @@ def kd_train(
     return res
 
 
-def fill_logit_cache(ctx: RunContext, cache, cfg, stage: str) -> None:
+def fill_logit_cache(ctx: RunContext, cache, cfg, stage: str) -> int:
     """Compute the teacher's cached logits of every batch ``cfg`` will train on (the trainer's batch indices), then release
     the teacher: training reads them all from the cache. The peak is the larger of the teacher's pass and the student's
     training, not their sum (a 1.16B bf16 teacher is 2.2 GB beside a 375M student's 6 GB of weights, gradients and AdamW
-    state). Batches already cached (a resumed run, a later stage) cost a file read; nothing is loaded when all are."""
+    state). Batches already cached (a resumed run, a later stage) cost a file read; nothing is loaded when all are.
+    Returns how many batches the teacher computed."""
     from dsk_compress.compress.trainer import default_device
     from dsk_compress.progress import train_progress
 
     indices = range(cfg.data_offset, cfg.data_offset + cfg.steps * cfg.grad_accum)
     if all(cache.cached(i) for i in indices):
-        return
+        return 0
     import time
 
     dev = default_device()
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, misses = time.perf_counter(), 0, cache.misses
     with train_progress(f"{stage}: teacher logits", total=len(indices)) as bar:
         for k, i in enumerate(indices):
             x = ctx.task.train_batch(i, cfg.batch_size)
@@ -209,6 +212,7 @@ def fill_logit_cache(ctx: RunContext, cache, cfg, stage: str) -> None:
     if cache.teacher is not None:
         cache.teacher.to("cpu")
     ctx.release_teacher()
+    return cache.misses - misses
 
 
 def train_summary(res) -> dict:

@@ -38,7 +38,7 @@ Linear layers by precision:
   ``qat.json``) keeps one MatMul per Linear. Linears QAT skipped stay fp32 MatMuls. An int8 embedding is a Gather of
   its int8 rows and one of their scales (Cast, Mul): standard operators, one float scale per row.
 - ``int4`` of an int4 QAT model (:func:`dsk_compress.compress.qat.prepare_int4_qat`): each BlockQuantLinear a
-  ``MatMulNBits`` (accuracy_level 4) packed from its own integers and learned scales (:mod:`dsk_compress.export.int4`);
+  ``MatMulNBits`` (accuracy_level 4) packed from its own integers and learned scales (:mod:`dsk_compress.export.qat_graphs`);
   q/k/v and gate/up share one MatMulNBits where their bits and blocks agree (the kernel quantizes the input per row and
   block, independent of N, so packing along N is exact); the int8 embedding is one GatherBlockQuantized (8 bits, one scale per row).
 - ``int4`` of a float model (post-training): the fp32 graph's MatMuls through ONNX Runtime's ``MatMulNBitsQuantizer``
@@ -221,7 +221,7 @@ class _Builder:
 
     def _nbits_matmul(self, x: str, mods: list, name: str) -> str:
         """An int4 QAT model's BlockQuantLinears (one input) as one MatMulNBits with their own integers and scales."""
-        from dsk_compress.export.int4 import nbits_arrays
+        from dsk_compress.export.qat_graphs import nbits_arrays
 
         g = self.g
         a = nbits_arrays(mods)
@@ -235,7 +235,7 @@ class _Builder:
         """The token embedding: a Gather of the float table, or of a QAT model's int8 table (int4 graphs: one GatherBlockQuantized;
         int8 graphs: Gather of int8 rows and of their scales, for any onnxruntime)."""
         from dsk_compress.compress.qat import QuantEmbedding
-        from dsk_compress.export.int4 import embedding_nodes
+        from dsk_compress.export.qat_graphs import embedding_nodes
 
         g = self.g
         if isinstance(module, QuantEmbedding):

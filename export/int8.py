@@ -39,10 +39,10 @@ def _compare(reference: np.ndarray, qdq_path: Path, path: Path, inputs: np.ndarr
 def int8_embedding(path: str | Path, model: nn.Module) -> int:
     """Store ``model``'s int8 embedding (a QuantEmbedding) as int8 in the ONNX Runtime graph at ``path`` (in place): the Gather
     of its dequantized float table (how :func:`~dsk_compress.export.onnx.export_int8_qdq` traces it) becomes the ``rows``
-    lookup of :func:`~dsk_compress.export.int4.embedding_nodes` (int8 rows, one float scale per row; the same numbers).
+    lookup of :func:`~dsk_compress.export.qat_graphs.embedding_nodes` (int8 rows, one float scale per row; the same numbers).
     Returns how many lookups were rewritten (0 for a model with a float embedding); ExportError when the graph has none."""
     from dsk_compress.compress.qat import QuantEmbedding
-    from dsk_compress.export.int4 import dequantized, to_matmul_nbits
+    from dsk_compress.export.qat_graphs import dequantized, to_matmul_nbits
 
     with dequantized(model) as found:
         tables = {k: m for k, m in found.items() if isinstance(m, QuantEmbedding)}

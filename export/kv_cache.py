@@ -223,8 +223,8 @@ def export_int8_qdq_with_past(model: nn.Module, qdq_path: str | Path, opset: int
     one activation Q/DQ per Linear. The cache holds the dequantized (float) k/v projections, so a
     cached step quantizes exactly the activations the full-sequence graph does.
     """
-    from dsk_compress.export.int4 import dequantized
     from dsk_compress.export.onnx import fold_weight_quantizers, fold_weight_transposes, simplify, unshare_activation_qdq
+    from dsk_compress.export.qat_graphs import dequantized
 
     qdq_path = Path(qdq_path)
     with dequantized(model):  # an int8 embedding is traced as its dequantized table

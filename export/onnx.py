@@ -415,7 +415,7 @@ def export_int8_qdq(model: nn.Module, example: np.ndarray, qdq_path: str | Path,
     rows here (:func:`dsk_compress.export.int8.int8_embedding` makes it int8 in an ORT file).
     Returns the counts of folded weights, removed transposes and split Q/DQ.
     """
-    from dsk_compress.export.int4 import dequantized
+    from dsk_compress.export.qat_graphs import dequantized
 
     qdq_path = Path(qdq_path)
     with dequantized(model):  # an int8 embedding is traced as its dequantized table (int8_embedding stores it as int8)

@@ -290,7 +290,8 @@ class ExportStage(Stage[ExportConfig]):
         full-sequence ``student-int4-qat.onnx`` (what bench scores and times) and, with ``kv_cache``, its KV-cache and fused
         decoder graphs; each checked against the fake-quant torch model (SQNR >= ``qdq_min_sqnr_db``; decoders: greedy tokens equal)."""
         from dsk_compress.compress.qat import load_qat_model
-        from dsk_compress.export.int4 import dequantized, export_int4_kv, export_int4_lm
+        from dsk_compress.export.int4 import export_int4_kv, export_int4_lm
+        from dsk_compress.export.qat_graphs import dequantized
         from dsk_compress.models.source import count_params
 
         c = self.config

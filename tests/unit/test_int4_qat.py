@@ -23,7 +23,8 @@ from dsk_compress.compress.qat import (
     sqnr_db,
 )
 from dsk_compress.errors import ExportError
-from dsk_compress.export.int4 import export_int4_kv, export_int4_lm, nbits_arrays, pack_nbits, unpack_nbits
+from dsk_compress.export.int4 import export_int4_kv, export_int4_lm
+from dsk_compress.export.qat_graphs import nbits_arrays, pack_nbits, unpack_nbits
 
 MIN_SQNR_DB = 40.0  # exported graph vs the fake-quant torch model, step logits (seen: 70-130 dB on the trained tiny Llamas)
 KERNEL_SQNR_DB = 100.0  # one MatMulNBits vs BlockQuantLinear: the same integers, only float summation order differs (seen: 135 dB)
@@ -209,7 +210,7 @@ def test_int8_embedding_lookup_equals_the_fake_quant_with_a_short_last_block(hid
     import onnxruntime as ort
 
     from dsk_compress.compress.qat import QuantEmbedding
-    from dsk_compress.export.int4 import embedding_nodes
+    from dsk_compress.export.qat_graphs import embedding_nodes
 
     torch.manual_seed(hidden)
     emb = QuantEmbedding(torch.nn.Embedding(300, hidden))

@@ -241,11 +241,12 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
         )
     copies = graph_copies(run_dir, _export_artifacts(manifest).get(v["name"]), model_src, v["name"], prof, runtime)
     model_name = next(iter(copies))
-    extra, skipped = _variant_copies(run_dir, report, manifest, prof, runtime, v, variants)
     td = task.describe()
     windows = task.eval_windows()
     vocab = max(int(td.get("vocab_size") or 256), int(windows.max()) + 1)
     windows = windows.astype(window_dtype(vocab))
+    scoring = {"eval_logits": _eval_batch_size(task) * task.seq_len * vocab, "logits_dtype": np.dtype(task.logits_dtype).name}
+    extra, skipped = _variant_copies(run_dir, report, manifest, prof, runtime, v, variants, scoring)
     from dsk_compress.export import graph_files
 
     needed = (
@@ -254,7 +255,7 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
         + SPARE_BYTES  # .data files included
         + sum(graph_files.size(f) for _, files, _ in extra for f in files.values())
     )
-    check_fits_device(copies, prof, v["name"])
+    check_fits_device(copies, prof, v["name"], v.get("precision") or precision, **scoring)
     with staging_folder(dest, needed, "the bundle") as tmp:
         for name, src in copies.items():
             graph_files.copy(src, tmp / name)  # a graph past 1 GiB brings its .data file, renamed after it
@@ -345,12 +346,12 @@ def make_bundle(run_dir: str | Path, device: str, out: str | Path | None = None,
 
 
 def _variant_copies(
-    run_dir: Path, report: dict, manifest: dict, prof, runtime: str, shipped: dict, variants: str | list[str] | None
+    run_dir: Path, report: dict, manifest: dict, prof, runtime: str, shipped: dict, variants: str | list[str] | None, scoring: dict
 ) -> tuple[list[tuple[dict, dict, dict | None]], list[dict]]:
     """The host rows ``variants`` selects (``"all"``: every row of the reference runtime with an ONNX artifact) as
     ``(row, {bundle file name: source}, TensorRT check)``, the shipped variant's files left for the caller (an empty
     dict is filled by it); and, for ``"all"``, the rows left out with why. A named variant that is missing or cannot
-    run on the device is a RunError."""
+    run on the device (``scoring``: :func:`check_fits_device`'s evaluation batch) is a RunError."""
     from dsk_compress.paths import check_component
 
     if variants is None:
@@ -381,7 +382,7 @@ def _variant_copies(
             if runtime == "tensorrt":
                 src, trt = _tensorrt_model(run_dir, row, art, prof.name)
             files = graph_copies(run_dir, art, src, row["name"], prof, runtime)
-            check_fits_device(files, prof, row["name"])
+            check_fits_device(files, prof, row["name"], row.get("precision") or "fp32", **scoring)
         except RunError as e:
             if variants != "all":
                 raise
@@ -556,23 +557,39 @@ def _eval_batch_size(task) -> int:
     return int(inspect.signature(task.evaluate).parameters["batch_size"].default)
 
 
-SESSION_PEAK = 1.65
-"""Resident bytes of run.py over the bytes of the graph it holds open (one session at a time): the rpi5 bundle of a 345M
-int8 student (model.onnx and model.fused.onnx, 663 MB each, both sessions loaded) peaked at 2.05 GiB."""
+SESSION_PEAK = {"fp32": 1.0, "fp16": 1.0}
+"""Resident bytes of an onnxruntime session over its graph's bytes, by precision; others (int8, int4) 1.65: ONNX Runtime
+prepacks their integer weights beside the stored ones. Measured with run.py on the full-size scale run's bundles
+(2026-12-07, x86-64, onnxruntime 1.32): the 375M student's int8 fused graph (333 MB) 1.68x, its fp32 one (1.32 GB)
+0.95x."""
+INT_SESSION_PEAK = 1.65
+EVAL_TEMPORARIES = 3
+"""Copies of one evaluation batch's logits ``score_windows`` makes beside the model's float32 output (shift, exp,
+reduction; in ``logits_dtype``): the int8 bundle above peaked 452 MiB higher when it also scored its windows (4 x 256
+tokens x 30,466 entries, float32: 4 x 125 MB)."""
+RUNTIME_BASE_BYTES = 64 << 20
+"""Python, numpy and onnxruntime before the model loads (run.py's ``rss_before_load_mb``: 65 MiB)."""
 DEVICE_MEMORY_FRACTION = 0.8
 """Share of a device's memory a bundle may plan to use (the OS and the application need the rest)."""
 
 
-def runtime_peak_bytes(copies: dict[str, Path]) -> int:
-    """Modelled peak of the bundle's run.py, which holds one session at a time: its largest graph's."""
+def runtime_peak_bytes(copies: dict[str, Path], precision: str = "int8", eval_logits: int = 0, logits_dtype: str = "float32") -> int:
+    """Modelled peak of the bundle's run.py, which holds one session at a time: its largest graph's session, one evaluation
+    batch's ``eval_logits`` (batch x sequence x vocabulary) with scoring's copies, and the interpreter. Within 1.4% (int8)
+    and 9% (fp32, above) of what run.py measured on the scale run's bundles."""
     from dsk_compress.export import graph_files
 
-    return int(SESSION_PEAK * max(graph_files.size(f) for f in copies.values()))
+    session = SESSION_PEAK.get(precision, INT_SESSION_PEAK) * max(graph_files.size(f) for f in copies.values())
+    scoring = eval_logits * (4 + EVAL_TEMPORARIES * np.dtype(logits_dtype).itemsize)
+    return int(session + scoring + RUNTIME_BASE_BYTES)
 
 
-def check_fits_device(copies: dict[str, Path], prof, variant: str) -> None:
-    """Refuse a bundle whose modelled runtime peak passes :data:`DEVICE_MEMORY_FRACTION` of the device's memory."""
-    peak, mem = runtime_peak_bytes(copies), prof.memory_gb * 1024**3
+def check_fits_device(
+    copies: dict[str, Path], prof, variant: str, precision: str = "int8", eval_logits: int = 0, logits_dtype: str = "float32"
+) -> None:
+    """Refuse a bundle whose modelled runtime peak (:func:`runtime_peak_bytes`) passes :data:`DEVICE_MEMORY_FRACTION` of
+    the device's memory."""
+    peak, mem = runtime_peak_bytes(copies, precision, eval_logits, logits_dtype), prof.memory_gb * 1024**3
     if peak > DEVICE_MEMORY_FRACTION * mem:
         raise RunError(
             f"the {prof.name} bundle of {variant!r} needs about {peak / 1024**3:.1f} GiB at run time (its largest graph of "

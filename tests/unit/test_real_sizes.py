@@ -181,8 +181,12 @@ def test_bundle_whose_runtime_peak_passes_the_device_memory_is_refused_with_the_
         with open(tmp_path / name, "wb") as f:  # sparse: only the sizes matter
             f.truncate(size)
         copies[name] = tmp_path / name
-    assert runtime_peak_bytes(copies) == int(1.65 * 2_200_000_000)  # run.py holds one session at a time: the largest graph's
-    check_fits_device(copies, load_device("rpi5"), "final-int8")  # 3.4 GiB of 8 GB
-    with pytest.raises(RunError, match="rpi4 bundle of 'final-int8' needs about 3.4 GiB") as e:
-        check_fits_device(copies, load_device("rpi4"), "final-int8")  # more than 80% of 4 GB
+    # run.py holds one session at a time: the largest graph's (int8 weights prepacked beside the stored ones: 1.65x),
+    # one evaluation batch's logits (float32) with scoring's three copies, the interpreter
+    logits = 4 * 256 * 32_000
+    assert runtime_peak_bytes(copies, "int8", logits) == int(1.65 * 2_200_000_000 + 16 * logits + (64 << 20))
+    assert runtime_peak_bytes(copies, "fp32", logits, "float64") == int(2_200_000_000 + 28 * logits + (64 << 20))
+    check_fits_device(copies, load_device("rpi5"), "final-int8", "int8", logits)  # 3.9 GiB of 8 GB
+    with pytest.raises(RunError, match="rpi4 bundle of 'final-int8' needs about 3.9 GiB") as e:
+        check_fits_device(copies, load_device("rpi4"), "final-int8", "int8", logits)  # more than 80% of 4 GB
     assert "int8" in e.value.hint and "memory_gb" in e.value.hint

@@ -224,10 +224,10 @@ def du(p: Path) -> int:
 
 def _bundle_facts(folder: Path) -> dict:
     """A bundle's bytes, the graphs it ships (external data counted with its graph) and its size over its largest graph."""
+    from dsk_compress.export import graph_files
+
     card = json.loads((folder / "model_card.json").read_text())
-    graphs = {p.name: p.stat().st_size for p in folder.rglob("*.onnx")}
-    for p in folder.rglob("*.onnx.data"):
-        graphs[p.name.removesuffix(".data")] += p.stat().st_size
+    graphs = {str(p.relative_to(folder)): graph_files.size(p) for p in folder.rglob("*.onnx")}
     total = du(folder)
     return {
         "variant": card["variant"],

@@ -391,6 +391,11 @@ def qat_scheme(model: nn.Module) -> str | None:
     return "int4" if any(isinstance(m, QuantEmbedding) for m in model.modules()) else None
 
 
+def skipped(name: str, skip: list[str]) -> bool:
+    """Whether the module ``name`` is one ``skip`` keeps in float: named exactly, by its last parts, or inside a named one."""
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+
+
 def prepare_int4_qat(
     model: nn.Module,
     block_size: int = NBITS_BLOCK,
@@ -418,7 +423,7 @@ def prepare_int4_qat(
             full = f"{name}.{child_name}" if name else child_name
             if child is head and head is not None:
                 bits = head_bits
-            elif type(child) is nn.Linear and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
+            elif type(child) is nn.Linear and not skipped(full, skip):
                 bits = 4
             else:
                 bits = None
@@ -458,7 +463,7 @@ def prepare_qat(
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             wrap = _QUANT_WRAPPERS.get(type(child))
-            if wrap is not None and not any(full == s or full.endswith("." + s) or full.startswith(s + ".") for s in skip):
+            if wrap is not None and not skipped(full, skip):
                 setattr(module, child_name, wrap(child, weight_bits, avx2_safe, activations))
                 names.append(full)
             elif child is emb and type(child) is nn.Embedding:
@@ -604,6 +609,7 @@ def qat_info(
 ) -> dict:
     """What ``qat.json`` (or a torch model's ``dsk_model.json``) records of a QAT model to rebuild it: its quantization
     settings, quantized layers and the groups sharing one activation quantizer."""
+    layers = quant_layers(model)
     return {
         "version": QAT_INFO_VERSION,
         "scheme": "int8",
@@ -614,7 +620,7 @@ def qat_info(
         "skip": list(skip),
         "embedding_bits": embedding_bits,
         "quantized_layers": names,
-        "weight_qmax": quant_layers(model)[0].qmax if quant_layers(model) else None,
+        "weight_qmax": layers[0].qmax if layers else None,
         "shared_input_quantizers": shared_input_groups(model),
     }
 

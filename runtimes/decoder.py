@@ -162,6 +162,22 @@ class KVCacheSession:
         return np.stack(out).astype(np.float32)
 
 
+def bind_cache(io, layout: FusedLayout, batch: int, length: int) -> list:
+    """Fresh zeroed KV buffers ``[batch, kv_heads, length, head_dim]``, one per layer and key / value, each bound on ``io`` as
+    that layer's past input and its present output (GroupQueryAttention appends in place). Returns their OrtValues, which
+    hold the numpy buffers."""
+    import onnxruntime
+
+    cache = []
+    for i in range(layout.layers):
+        for past, present in zip(past_names(i), present_names(i)):
+            ov = onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros((batch, layout.kv_heads, length, layout.head_dim), np.float32))
+            io.bind_ortvalue_input(past, ov)
+            io.bind_ortvalue_output(present, ov)
+            cache.append(ov)
+    return cache
+
+
 class FusedDecoderSession:
     """Greedy decoding with a fused decoder graph (:mod:`dsk_compress.export.fused`), batch 1, no per-token allocation.
 
@@ -218,14 +234,7 @@ class FusedDecoderSession:
                 f"{max_sequence} tokens exceed the model's {lay.max_positions} positions",
                 hint="shorten the prompt or the number of new tokens",
             )
-        self._cache = []
-        for i in range(lay.layers):
-            for past, present in zip(past_names(i), present_names(i)):
-                buf = np.zeros((1, lay.kv_heads, max_sequence, lay.head_dim), np.float32)
-                ov = self._ov(buf)
-                self._cache.append((buf, ov))
-                self.io.bind_ortvalue_input(past, ov)
-                self.io.bind_ortvalue_output(present, ov)
+        self._cache = bind_cache(self.io, lay, 1, max_sequence)
         self.max_sequence = max_sequence
 
     def _ensure(self, needed: int) -> None:
@@ -298,31 +307,22 @@ class FusedFullSequence:
             raise DecoderError("the session is not a fused decoder graph (no seqlens_k input)", hint="use the graph as it is")
         self.session, self.layout = session, FusedLayout.from_session(session)
         self._ov = onnxruntime.OrtValue.ortvalue_from_numpy
+        self.io = session.io_binding()
         self._shape, self._cache = None, []
-
-    def _bind_cache(self, io, batch: int, seq: int) -> None:
-        lay = self.layout
-        if self._shape != (batch, seq):
-            self._cache = [self._ov(np.zeros((batch, lay.kv_heads, seq, lay.head_dim), np.float32)) for _ in range(2 * lay.layers)]
-            self._shape = (batch, seq)
-        for i in range(lay.layers):
-            for k, (past, present) in enumerate(zip(past_names(i), present_names(i))):
-                io.bind_ortvalue_input(past, self._cache[2 * i + k])
-                io.bind_ortvalue_output(present, self._cache[2 * i + k])
 
     def __call__(self, ids) -> np.ndarray:
         ids = np.ascontiguousarray(np.asarray(ids, np.int64))
         batch, seq = ids.shape
         if seq > self.layout.max_positions:
             raise DecoderError(f"{seq} tokens exceed the model's {self.layout.max_positions} positions", hint="use shorter windows")
+        if self._shape != (batch, seq):
+            self._cache, self._shape = bind_cache(self.io, self.layout, batch, seq), (batch, seq)
         logits = np.empty((batch, seq, self.layout.vocab), np.float32)
-        io = self.session.io_binding()
-        io.bind_ortvalue_input(INPUT_IDS, self._ov(ids))
-        io.bind_ortvalue_input(SEQLENS_K, self._ov(np.full(batch, seq - 1, np.int32)))
-        io.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self._ov(np.array(seq, np.int32)))
-        io.bind_ortvalue_output(LOGITS, self._ov(logits))
-        self._bind_cache(io, batch, seq)
-        self.session.run_with_iobinding(io)
+        self.io.bind_ortvalue_input(INPUT_IDS, self._ov(ids))
+        self.io.bind_ortvalue_input(SEQLENS_K, self._ov(np.full(batch, seq - 1, np.int32)))
+        self.io.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self._ov(np.array(seq, np.int32)))
+        self.io.bind_ortvalue_output(LOGITS, self._ov(logits))
+        self.session.run_with_iobinding(self.io)
         return logits
 
 

@@ -671,11 +671,11 @@ def ptq_artifacts(ctx: RunContext, c, d: Path, raw: Path, params: int, source: s
 def _qat_quantizes_head(spec) -> bool:
     """Whether the recipe's int8 QAT quantizes the LM head (its ``skip`` does not name ``lm_head``; no qat stage: the
     qat stage's default)."""
+    from dsk_compress.compress.qat import skipped
     from dsk_compress.recipes.stages.qat import QATConfig
 
     qat = next((st for st in spec.stages if st.stage == "qat"), None)
-    skip = qat.skip if qat is not None else QATConfig().skip
-    return not any(s == "lm_head" or s.endswith(".lm_head") or "lm_head".startswith(s + ".") for s in skip)
+    return not skipped("lm_head", qat.skip if qat is not None else QATConfig().skip)
 
 
 def _qat_activations(path: Path) -> str:
